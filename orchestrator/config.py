@@ -1,0 +1,282 @@
+"""The job config: one YAML file, typed and validated at load.
+
+Unknown keys are rejected; every error names the field path and the bad value
+(``training.lr: must be > 0, got -0.1``). ``--set a.b=c`` overrides any field before validation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orchestrator.errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field(min_length=1)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class ColumnConfig(_Section):
+    column: str = Field(min_length=1)
+    dtype: Literal["float32", "float64", "int32", "int64"]
+    shape: list[int] | None = None
+
+    @field_validator("shape")
+    @classmethod
+    def _positive_shape(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(d <= 0 for d in v)):
+            raise ValueError(f"must be a non-empty list of positive sizes, got {v}")
+        return v
+
+
+class DataConfig(_Section):
+    dataset: str | None = None  # built-in data set name, prepared into `path` when missing
+    path: str | list[str]  # Parquet file(s) or folder(s)
+    features: ColumnConfig
+    label: ColumnConfig | None = None  # None: language modelling on shifted feature tokens
+    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    dataset_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def paths(self) -> list[str]:
+        return [self.path] if isinstance(self.path, str) else list(self.path)
+
+
+class TrainingConfig(_Section):
+    epochs: int | None = Field(default=None, gt=0)
+    max_steps: int | None = Field(default=None, gt=0)
+    global_batch_size: int = Field(default=128, gt=0)
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    warmup_steps: int = Field(default=0, ge=0)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    grad_accumulation: Literal["auto"] | int = "auto"
+    max_local_batch: int | None = Field(default=None, gt=0)
+    grad_clip: float | None = Field(default=None, gt=0)
+    seed: int = 0
+    log_every: int = Field(default=1, gt=0)
+    compile: bool = False
+
+    @field_validator("grad_accumulation")
+    @classmethod
+    def _positive_accumulation(cls, v: str | int) -> str | int:
+        if isinstance(v, int) and v <= 0:
+            raise ValueError(f"must be > 0 or 'auto', got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainingConfig:
+        if self.epochs is None and self.max_steps is None:
+            raise ValueError("set epochs or max_steps")
+        return self
+
+
+class CheckpointConfig(_Section):
+    every_steps: int = Field(default=100, gt=0)
+    keep_last: int = Field(default=3, gt=0)
+    storage_path: str = "runs"
+
+
+class WorkerRange(_Section):
+    min: int = Field(gt=0)
+    max: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> WorkerRange:
+        if self.min > self.max:
+            raise ValueError(f"min must be <= max, got min={self.min} max={self.max}")
+        return self
+
+
+class ResourcesConfig(_Section):
+    workers: Literal["auto"] | int | WorkerRange = "auto"
+    use_gpu: Literal["auto"] | bool = "auto"
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    max_failures: int = Field(default=3, ge=-1)
+    min_efficiency: float = Field(default=0.8, gt=0, le=1)
+    objective: Literal["max_throughput", "min_cost", "max_goodput"] = "max_throughput"
+    deadline_hours: float | None = Field(default=None, gt=0)
+    budget: float | None = Field(default=None, gt=0)
+    cluster: str | None = None  # ClusterSpec YAML; None: discovered from the live Ray cluster
+    autoscale_timeout_s: float | None = Field(default=None, ge=0)
+
+    @field_validator("workers")
+    @classmethod
+    def _positive_workers(cls, v: Any) -> Any:
+        if isinstance(v, int) and v <= 0:
+            raise ValueError(f"must be > 0, 'auto' or {{min, max}}, got {v}")
+        return v
+
+
+class TrackingConfig(_Section):
+    experiment: str = "default"
+    tracking_uri: str | None = None
+    registered_model: str | None = None
+    log_system_metrics: bool = True
+
+
+class RayConfig(_Section):
+    address: str | None = None  # None: an embedded local Ray (ray.init())
+
+
+class JobConfig(_Section):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    model: ModelConfig
+    data: DataConfig
+    training: TrainingConfig
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    ray: RayConfig = RayConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def digest(self) -> str:
+        """Stable hash of everything that changes what is trained (used for profile caching)."""
+        blob = json.dumps(
+            {k: self.to_dict()[k] for k in ("model", "data", "training")}, sort_keys=True
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def resolved_tracking_uri(self) -> str | None:
+        """`--set`/config, then MLFLOW_TRACKING_URI, then MLflow's default (None)."""
+        return self.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides, error messages
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    # pydantic puts union branch names ("int", "WorkerRange", "literal['auto']") into loc; the
+    # user wrote only field names and list indices.
+    parts = [str(p) for p in loc if isinstance(p, int) or p in _FIELD_NAMES]
+    return ".".join(parts) or "config"
+
+
+def _collect_field_names(model: type[BaseModel], into: set[str]) -> set[str]:
+    for name, field in model.model_fields.items():
+        into.add(name)
+        for arg in _model_types(field.annotation):
+            _collect_field_names(arg, into)
+    return into
+
+
+def _model_types(annotation: Any) -> list[type[BaseModel]]:
+    args = getattr(annotation, "__args__", None) or (annotation,)
+    return [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+
+
+_FIELD_NAMES = _collect_field_names(JobConfig, set())
+
+
+def _describe(error: dict[str, Any]) -> str:
+    where = _format_loc(error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"{where}: unknown key"
+    if error["type"] == "missing":
+        return f"{where}: required field is missing"
+    msg = error["msg"].removeprefix("Value error, ")
+    ctx = error.get("ctx") or {}
+    for bound, word in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+        if bound in ctx and error["type"].startswith(("greater", "less")):
+            msg = f"must be {word} {ctx[bound]}"
+    if error["type"] == "literal_error" and "expected" in ctx:
+        msg = f"must be one of {ctx['expected']}"
+    if "got" in msg:
+        return f"{where}: {msg}"
+    return f"{where}: {msg}, got {error.get('input')!r}"
+
+
+def _pick_error(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    # A bad value in a union field yields one error per branch; the branch the user meant is
+    # the one whose message is most specific (a value error or bound beats a type mismatch).
+    rank = {"value_error": 0, "extra_forbidden": 0, "missing": 1}
+    return min(errors, key=lambda e: rank.get(e["type"], 2 if "type" not in e["type"] else 3))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``training.lr=0.01`` -> (["training", "lr"], 0.01); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {text}: expected KEY=VALUE, e.g. training.lr=0.01")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each dotted key in a copy of the raw YAML mapping, creating sections as needed."""
+    data = json.loads(json.dumps(raw))
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(path[: i + 1])
+                raise UserError(f"--set {text}: {where} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def validate(raw: Any, *, source: str = "config") -> JobConfig:
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(_describe(_pick_error(exc.errors()))) from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise UserError(f"{path}: not valid YAML{where}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    raw = read_yaml(path)
+    if raw is None:
+        raise UserError(f"{path}: file is empty")
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    return validate(apply_overrides(raw, overrides or []), source=str(path))
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> {"training.lr": 0.01, ...} (lists kept as JSON), for MLflow params."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, (list, dict)) else value
+    return flat

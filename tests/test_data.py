@@ -1,0 +1,167 @@
+"""Built-in data sets and the Parquet column check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from orchestrator.config import ColumnConfig
+from orchestrator.errors import UserError
+from trainers.data import DATASETS, check_columns, ensure_prepared, prepare_dataset
+
+PIXELS = ColumnConfig(column="pixels", dtype="float32", shape=[1, 8, 8])
+LABEL = ColumnConfig(column="label", dtype="int64")
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return prepare_dataset("digits", tmp_path_factory.mktemp("data") / "digits")
+
+
+def _read(path: Path) -> pa.Table:
+    return pads.dataset(path, format="parquet").to_table()
+
+
+def test_registry_lists_data_sets() -> None:
+    assert DATASETS.names() == ["corpus", "digits", "synthetic"]
+    with pytest.raises(UserError, match="data.dataset: unknown data set 'mnist'; available: cor"):
+        prepare_dataset("mnist", "unused")
+
+
+def test_digits(digits_dir: Path) -> None:
+    assert len(list(digits_dir.glob("part-*.parquet"))) > 1
+    table = _read(digits_dir)
+    assert table.schema.field("pixels").type == pa.list_(pa.float32())
+    assert table.schema.field("label").type == pa.int64()
+    pixels = np.stack(table["pixels"].to_numpy(zero_copy_only=False))
+    assert pixels.shape == (1797, 64)
+    assert 0.0 <= pixels.min() and pixels.max() == 1.0
+    # Shuffled: the last 20 % (the validation split) holds every class.
+    assert set(table["label"].to_numpy()[-360:]) == set(range(10))
+
+
+def test_synthetic_is_deterministic_and_learnable(tmp_path: Path) -> None:
+    kwargs = {"rows": 300, "channels": 2, "size": 4, "num_classes": 3, "seed": 1}
+    first = _read(prepare_dataset("synthetic", tmp_path / "a", **kwargs))
+    assert first.schema.field("image").type == pa.list_(pa.float32())
+    assert first.schema.field("label").type == pa.int64()
+    assert first.num_rows == 300
+    assert first.equals(_read(prepare_dataset("synthetic", tmp_path / "b", **kwargs)))
+    images = np.stack(first["image"].to_numpy(zero_copy_only=False))
+    labels = first["label"].to_numpy()
+    assert images.shape == (300, 2 * 4 * 4)
+    means = np.stack([images[labels == c].mean(axis=0) for c in range(3)])
+    assert np.abs(means[0] - means[1]).max() > 0.5  # classes differ beyond the noise
+
+
+def test_corpus(tmp_path: Path) -> None:
+    table = _read(prepare_dataset("corpus", tmp_path / "c", seq_len=16, max_bytes=10_000))
+    assert table.schema.field("tokens").type == pa.list_(pa.int64())
+    tokens = np.stack(table["tokens"].to_numpy(zero_copy_only=False))
+    assert tokens.shape == (10_000 // 17, 17)
+    assert 0 <= tokens.min() and tokens.max() < 256
+
+
+def test_bad_dataset_kwargs(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="data.dataset_kwargs: synthetic.. got an unexpected"):
+        prepare_dataset("synthetic", tmp_path / "s", row=10)
+    with pytest.raises(UserError, match="data.dataset_kwargs.rows: must be > 0, got 0"):
+        prepare_dataset("synthetic", tmp_path / "s", rows=0)
+    with pytest.raises(UserError, match="data.dataset_kwargs.seq_len"):
+        prepare_dataset("corpus", tmp_path / "c", seq_len=100, max_bytes=50)
+
+
+def test_prepare_refuses_to_overwrite(digits_dir: Path) -> None:
+    with pytest.raises(UserError, match="already holds Parquet"):
+        prepare_dataset("digits", digits_dir)
+
+
+def test_ensure_prepared_is_idempotent(tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "syn"
+    assert ensure_prepared("synthetic", path, rows=20, size=2) == path
+    stamps = {p: p.stat().st_mtime_ns for p in path.iterdir()}
+    ensure_prepared("synthetic", path, rows=20, size=2)
+    assert {p: p.stat().st_mtime_ns for p in path.iterdir()} == stamps
+    assert [p.name for p in path.parent.iterdir()] == ["syn"]  # no temp folder left behind
+
+
+def test_ensure_prepared_leaves_nothing_on_failure(tmp_path: Path) -> None:
+    with pytest.raises(UserError):
+        ensure_prepared("synthetic", tmp_path / "syn", rows=-1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ensure_prepared_refuses_foreign_folder(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty but holds no Parquet"):
+        ensure_prepared("digits", tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# check_columns
+
+
+def test_check_columns_counts_rows(digits_dir: Path) -> None:
+    assert check_columns([str(digits_dir)], PIXELS, LABEL) == 1797
+    files = sorted(str(p) for p in digits_dir.glob("*.parquet"))[:2]
+    expected = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    assert check_columns(files, PIXELS, None) == expected
+
+
+def test_missing_column(digits_dir: Path) -> None:
+    features = ColumnConfig(column="image", dtype="float32")
+    with pytest.raises(UserError) as info:
+        check_columns([str(digits_dir)], features, LABEL)
+    assert str(info.value) == (
+        f"data.features.column: column 'image' not found in {digits_dir} (columns: pixels, label)"
+    )
+    with pytest.raises(UserError, match="data.label.column: column 'y' not found"):
+        check_columns([str(digits_dir)], PIXELS, ColumnConfig(column="y", dtype="int64"))
+
+
+def test_wrong_dtypes(digits_dir: Path) -> None:
+    features = ColumnConfig(column="pixels", dtype="float64")
+    with pytest.raises(UserError) as info:
+        check_columns([str(digits_dir)], features, LABEL)
+    assert str(info.value) == (
+        "data.features.dtype: column 'pixels' holds list<float32>, "
+        "expected list<float64> or float64"
+    )
+    label = ColumnConfig(column="label", dtype="int32")
+    with pytest.raises(UserError, match="data.label.dtype: column 'label' holds int64, expected"):
+        check_columns([str(digits_dir)], PIXELS, label)
+    with pytest.raises(UserError, match="data.label.dtype: column 'pixels' holds list<float32>"):
+        check_columns([str(digits_dir)], PIXELS, ColumnConfig(column="pixels", dtype="float32"))
+
+
+def test_wrong_shape(digits_dir: Path) -> None:
+    features = ColumnConfig(column="pixels", dtype="float32", shape=[3, 8, 8])
+    with pytest.raises(UserError, match=r"data.features.shape: \[3, 8, 8\] holds 192 .* has 64"):
+        check_columns([str(digits_dir)], features, LABEL)
+
+
+def test_fixed_size_list_and_scalar_features(tmp_path: Path) -> None:
+    values = pa.array(np.zeros(12, dtype=np.float32))
+    table = pa.table(
+        {"x": pa.FixedSizeListArray.from_arrays(values, 4), "s": pa.array([1.0, 2.0, 3.0])}
+    )
+    pq.write_table(table, tmp_path / "t.parquet")
+    square = ColumnConfig(column="x", dtype="float32", shape=[2, 2])
+    assert check_columns([str(tmp_path)], square, None) == 3
+    scalar = ColumnConfig(column="s", dtype="float64")
+    assert check_columns([str(tmp_path / "t.parquet")], scalar, None) == 3
+    with pytest.raises(UserError, match="data.features.shape"):
+        check_columns([str(tmp_path)], ColumnConfig(column="x", dtype="float32", shape=[5]), None)
+
+
+def test_missing_or_empty_path(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=f"data.path: {tmp_path / 'nope'} not found"):
+        check_columns([str(tmp_path / "nope")], PIXELS, LABEL)
+    (tmp_path / "_hidden.parquet").write_bytes(b"")
+    with pytest.raises(UserError, match="data.path: no Parquet files found in"):
+        check_columns([str(tmp_path)], PIXELS, LABEL)

@@ -1,0 +1,117 @@
+"""Training-state checkpoints: written atomically, checksummed, verified on load.
+
+A checkpoint folder holds ``state.pt`` (model, optimizer, scheduler, step, RNG state) and
+``manifest.json`` (step and the SHA-256 of ``state.pt``). Ray Train copies the folder into
+``<storage_path>/<job name>/checkpoint_<step>``; on resume the newest folder whose checksum holds
+is used, and a corrupt or truncated one is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+MANIFEST_FILE = "manifest.json"
+DIR_PREFIX = "checkpoint_"
+
+
+def dir_name(step: int) -> str:
+    return f"{DIR_PREFIX}{step:09d}"
+
+
+def rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write(folder: Path, state: dict[str, Any], *, step: int) -> Path:
+    """Write state + manifest into `folder`; each file lands under a temporary name first."""
+    folder.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    _atomic_write(folder / STATE_FILE, payload)
+    manifest = {"step": step, "sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload)}
+    _atomic_write(folder / MANIFEST_FILE, json.dumps(manifest).encode())
+    return folder
+
+
+def _atomic_write(path: Path, payload: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class CorruptCheckpoint(Exception):
+    pass
+
+
+def read(folder: Path) -> dict[str, Any]:
+    """Load and verify one checkpoint folder; CorruptCheckpoint says what is wrong."""
+    manifest_path, state_path = folder / MANIFEST_FILE, folder / STATE_FILE
+    if not manifest_path.is_file() or not state_path.is_file():
+        raise CorruptCheckpoint(f"{folder}: missing {MANIFEST_FILE} or {STATE_FILE}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptCheckpoint(f"{manifest_path}: unreadable ({exc})") from None
+    payload = state_path.read_bytes()
+    if len(payload) != manifest.get("bytes") or hashlib.sha256(payload).hexdigest() != manifest.get("sha256"):
+        raise CorruptCheckpoint(
+            f"{state_path}: checksum mismatch ({len(payload)} bytes, manifest says {manifest.get('bytes')})"
+        )
+    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Restored:
+    state: dict[str, Any]
+    folder: Path
+    skipped: tuple[str, ...]  # one message per newer checkpoint that failed verification
+
+
+def candidates(run_dir: Path) -> list[Path]:
+    """Checkpoint folders of one run, newest step first."""
+    if not run_dir.is_dir():
+        return []
+    return sorted((p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith(DIR_PREFIX)), reverse=True)
+
+
+def restore_latest(latest: Path) -> Restored | None:
+    """The newest verified checkpoint at or before `latest` (Ray's latest reported one)."""
+    skipped: list[str] = []
+    for folder in [p for p in candidates(latest.parent) if p.name <= latest.name] or [latest]:
+        try:
+            return Restored(read(folder), folder, tuple(skipped))
+        except CorruptCheckpoint as exc:
+            log.warning("checkpoint %s is corrupt, trying the previous one: %s", folder.name, exc)
+            skipped.append(str(exc))
+    return None

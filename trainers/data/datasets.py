@@ -1,0 +1,230 @@
+"""Built-in data sets, looked up by ``data.dataset`` and written as Parquet into ``data.path``.
+
+Each is split over several ``part-NNNN.parquet`` files so Ray Data can read them in parallel
+and hand different files to different workers. Rows are written in a fixed, shuffled order:
+the trainer takes its validation split from the end.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sysconfig
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from orchestrator.errors import UserError
+from trainers.registry import Registry, call_with_kwargs
+
+DATASETS: Registry[Callable[..., Path]] = Registry(kind="data set", field="data.dataset")
+
+# Enough files for 8 readers; the cap keeps each file (and each synthetic chunk) a few hundred MB.
+_MIN_FILES = 8
+_MAX_ROWS_PER_FILE = 16_384
+_CHUNK_ROWS = 1_024
+# Third-party code differs from machine to machine; the corpus must not.
+_CORPUS_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+
+
+def prepare_dataset(name: str, out_dir: str | Path, /, **kwargs: Any) -> Path:
+    """Write built-in data set ``name`` into ``out_dir`` (created); returns the folder."""
+    prepare = DATASETS.get(name)
+    out_dir = Path(out_dir)
+    if _has_parquet(out_dir):
+        raise UserError(f"data.path: {out_dir} already holds Parquet files; remove them first")
+    return call_with_kwargs(prepare, kwargs, field="data.dataset_kwargs", args=(out_dir,))
+
+
+def ensure_prepared(name: str, path: str | Path, /, **kwargs: Any) -> Path:
+    """Prepare ``name`` into ``path`` unless Parquet is already there.
+
+    Writes into a hidden sibling folder and renames it into place, so a crash never leaves
+    half a data set that a later run would take as complete.
+    """
+    path = Path(path)
+    if _has_parquet(path):
+        return path
+    if path.is_dir() and any(path.iterdir()):
+        raise UserError(f"data.path: {path} is not empty but holds no Parquet files")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Not tempfile.mkdtemp: its 0700 mode would stay on the renamed folder.
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
+    try:
+        prepare_dataset(name, tmp, **kwargs)
+        _move_into_place(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _move_into_place(tmp: Path, path: Path) -> None:
+    try:
+        os.replace(tmp, path)  # atomic; succeeds over a missing or empty folder
+    except OSError:
+        # Another process (a second worker, a second run) finished first: use its copy.
+        if not _has_parquet(path):
+            raise
+
+
+def _has_parquet(path: Path) -> bool:
+    if path.is_file():
+        return path.suffix == ".parquet"
+    return path.is_dir() and any(path.rglob("*.parquet"))
+
+
+def _require_positive(**values: int) -> None:
+    for key, value in values.items():
+        if value <= 0:
+            raise UserError(f"data.dataset_kwargs.{key}: must be > 0, got {value}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _file_ranges(rows: int) -> list[range]:
+    """Contiguous, non-empty row ranges, one per output file."""
+    files = min(rows, max(_MIN_FILES, math.ceil(rows / _MAX_ROWS_PER_FILE)))
+    bounds = [rows * i // files for i in range(files + 1)]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def _write_parts(out_dir: Path, parts: Iterable[Iterable[pa.Table]]) -> Path:
+    """Write each part (an iterable of same-schema tables) to its own ``part-NNNN.parquet``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i, chunks in enumerate(parts):
+        writer: pq.ParquetWriter | None = None
+        try:
+            for table in chunks:
+                path = out_dir / f"part-{i:04d}.parquet"
+                writer = writer or pq.ParquetWriter(path, table.schema)
+                writer.write_table(table)
+        finally:
+            if writer is not None:
+                writer.close()
+    return out_dir
+
+
+def _write_table(out_dir: Path, table: pa.Table) -> Path:
+    ranges = _file_ranges(table.num_rows)
+    return _write_parts(out_dir, ([table.slice(r.start, len(r))] for r in ranges))
+
+
+def _list_column(values: np.ndarray) -> pa.ListArray:
+    """A 2-D array ``[rows, n]`` as a ``list<...>`` column of length-n lists, without copying."""
+    rows, n = values.shape
+    offsets = pa.array(np.arange(0, rows * n + 1, n, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The data sets
+
+
+@DATASETS.register("digits")
+def digits(out_dir: Path, *, seed: int = 0) -> Path:
+    """scikit-learn's 1,797 8x8 digits: ``pixels`` list<float32>[64] in [0, 1], ``label`` int64."""
+    from sklearn.datasets import load_digits  # bundled with scikit-learn; no download
+
+    bunch = load_digits()
+    order = np.random.default_rng(seed).permutation(len(bunch.target))
+    pixels = (bunch.data[order] / 16.0).astype(np.float32)
+    labels = bunch.target[order].astype(np.int64)
+    table = pa.table({"pixels": _list_column(pixels), "label": pa.array(labels)})
+    return _write_table(out_dir, table)
+
+
+@DATASETS.register("synthetic")
+def synthetic(
+    out_dir: Path,
+    *,
+    rows: int = 4096,
+    channels: int = 3,
+    size: int = 32,
+    num_classes: int = 10,
+    seed: int = 0,
+) -> Path:
+    """Random images for throughput work: ``image`` list<float32>[C*H*W], ``label`` int64.
+
+    Each class has its own smooth mean pattern under unit noise, so models can learn it.
+    """
+    _require_positive(rows=rows, channels=channels, size=size, num_classes=num_classes)
+    ranges = _file_ranges(rows)
+    pattern_seed, *file_seeds = np.random.SeedSequence(seed).spawn(len(ranges) + 1)
+    patterns = _class_patterns(np.random.default_rng(pattern_seed), num_classes, channels, size)
+    parts = (
+        _synthetic_chunks(np.random.default_rng(s), patterns, len(r))
+        for s, r in zip(file_seeds, ranges)
+    )
+    return _write_parts(out_dir, parts)
+
+
+def _class_patterns(
+    rng: np.random.Generator, classes: int, channels: int, size: int
+) -> np.ndarray:
+    # A coarse 4x4 grid per class and channel, upsampled: structure a conv net can pick up.
+    coarse = rng.standard_normal((classes, channels, 4, 4), dtype=np.float32)
+    index = np.arange(size) * 4 // size
+    return coarse[:, :, index][:, :, :, index].reshape(classes, -1)
+
+
+def _synthetic_chunks(
+    rng: np.random.Generator, patterns: np.ndarray, rows: int
+) -> Iterator[pa.Table]:
+    for start in range(0, rows, _CHUNK_ROWS):
+        n = min(_CHUNK_ROWS, rows - start)
+        labels = rng.integers(0, len(patterns), n)
+        images = patterns[labels] + rng.standard_normal((n, patterns.shape[1]), dtype=np.float32)
+        yield pa.table({"image": _list_column(images), "label": pa.array(labels, pa.int64())})
+
+
+@DATASETS.register("corpus")
+def corpus(
+    out_dir: Path, *, seq_len: int = 128, max_bytes: int = 8_000_000, seed: int = 0
+) -> Path:
+    """Byte-level language modelling on the Python standard library's own source.
+
+    ``tokens`` list<int64>[seq_len + 1]: non-overlapping windows of bytes (vocabulary 256),
+    one token longer than the context so inputs and shifted targets come from one row.
+    """
+    _require_positive(seq_len=seq_len, max_bytes=max_bytes)
+    text = _stdlib_source(max_bytes)
+    windows = len(text) // (seq_len + 1)
+    if windows == 0:
+        raise UserError(
+            f"data.dataset_kwargs.seq_len: {seq_len} is longer than the {len(text)} bytes read; "
+            "lower seq_len or raise max_bytes"
+        )
+    tokens = np.frombuffer(text, dtype=np.uint8)[: windows * (seq_len + 1)]
+    tokens = tokens.astype(np.int64).reshape(windows, seq_len + 1)
+    tokens = tokens[np.random.default_rng(seed).permutation(windows)]
+    return _write_table(out_dir, pa.table({"tokens": _list_column(tokens)}))
+
+
+def _stdlib_source(max_bytes: int) -> bytes:
+    """Up to ``max_bytes`` of the stdlib's ``.py`` files, concatenated in sorted path order."""
+    chunks: list[bytes] = []
+    total = 0
+    for file in _stdlib_files(Path(sysconfig.get_paths()["stdlib"])):
+        data = file.read_bytes()[: max_bytes - total]
+        chunks.append(data)
+        total += len(data)
+        if total >= max_bytes:
+            break
+    return b"".join(chunks)
+
+
+def _stdlib_files(root: Path) -> Iterator[Path]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _CORPUS_SKIP_DIRS)
+        for name in sorted(filenames):
+            if name.endswith(".py"):
+                yield Path(dirpath) / name

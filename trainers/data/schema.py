@@ -1,0 +1,128 @@
+"""Check the configured columns against the Parquet files before any worker starts.
+
+Reads only footers and schemas (plus one row when a shape is given), so a typo in a column
+name costs a second on the driver, not a failed multi-GPU job.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import PurePosixPath
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+
+from orchestrator.config import ColumnConfig
+from orchestrator.errors import UserError
+
+
+def check_columns(paths: list[str], features: ColumnConfig, label: ColumnConfig | None) -> int:
+    """Raise UserError on a missing path or column, a wrong dtype or shape; return the row count."""
+    dataset = _open(paths)
+    where = ", ".join(paths)
+    feature_type = _column_type(dataset.schema, features, "data.features", where)
+    _check_feature_type(feature_type, features)
+    if label is not None:
+        _check_label_type(_column_type(dataset.schema, label, "data.label", where), label)
+    rows = dataset.count_rows()
+    if rows == 0:
+        raise UserError(f"data.path: {where} holds no rows")
+    if features.shape is not None:
+        _check_shape(dataset, feature_type, features.column, features.shape)
+    return rows
+
+
+def _open(paths: list[str]) -> pads.Dataset:
+    if not paths:
+        raise UserError("data.path: no path given")
+    filesystem, _ = _resolve(paths[0])
+    files = [f for path in paths for f in _parquet_files(path)]
+    return pads.dataset(files, format="parquet", filesystem=filesystem)
+
+
+def _resolve(path: str) -> tuple[pafs.FileSystem, str]:
+    # Local paths may be relative; URIs (s3://, gs://) go to pyarrow's matching filesystem.
+    if "://" not in path:
+        return pafs.LocalFileSystem(), os.path.abspath(path)
+    return pafs.FileSystem.from_uri(path)
+
+
+def _parquet_files(path: str) -> list[str]:
+    filesystem, root = _resolve(path)
+    info = filesystem.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise UserError(f"data.path: {path} not found")
+    if info.type == pafs.FileType.File:
+        return [root]
+    listing = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+    files = sorted(f.path for f in listing if _is_data_file(f, root))
+    if not files:
+        raise UserError(f"data.path: no Parquet files found in {path}")
+    return files
+
+
+def _is_data_file(info: pafs.FileInfo, root: str) -> bool:
+    # Same rule as pyarrow and Ray Data: names starting with "." or "_" are metadata or
+    # unfinished writes, not data.
+    parts = PurePosixPath(info.path).relative_to(PurePosixPath(root)).parts
+    hidden = any(p.startswith((".", "_")) for p in parts)
+    return info.type == pafs.FileType.File and info.path.endswith(".parquet") and not hidden
+
+
+def _column_type(schema: pa.Schema, column: ColumnConfig, field: str, where: str) -> pa.DataType:
+    if column.column not in schema.names:
+        raise UserError(
+            f"{field}.column: column {column.column!r} not found in {where} "
+            f"(columns: {', '.join(schema.names)})"
+        )
+    return schema.field(column.column).type
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def _describe(t: pa.DataType) -> str:
+    """Arrow types in the config's spelling: ``float32`` not ``float``, ``list<float32>``."""
+    if _is_list(t):
+        return f"list<{_describe(t.value_type)}>"
+    try:
+        return np.dtype(t.to_pandas_dtype()).name
+    except (NotImplementedError, TypeError):
+        return str(t)
+
+
+def _check_feature_type(found: pa.DataType, column: ColumnConfig) -> None:
+    want = pa.type_for_alias(column.dtype)
+    element = found.value_type if _is_list(found) else found
+    if element != want:
+        raise UserError(
+            f"data.features.dtype: column {column.column!r} holds {_describe(found)}, "
+            f"expected list<{column.dtype}> or {column.dtype}"
+        )
+
+
+def _check_label_type(found: pa.DataType, column: ColumnConfig) -> None:
+    if found != pa.type_for_alias(column.dtype):
+        raise UserError(
+            f"data.label.dtype: column {column.column!r} holds {_describe(found)}, "
+            f"expected {column.dtype}"
+        )
+
+
+def _check_shape(dataset: pads.Dataset, found: pa.DataType, name: str, shape: list[int]) -> None:
+    if pa.types.is_fixed_size_list(found):
+        length = found.list_size
+    elif _is_list(found):
+        first = dataset.head(1, columns=[name]).column(0)[0]
+        length = len(first) if first.is_valid else 0
+    else:
+        length = 1
+    if math.prod(shape) != length:
+        raise UserError(
+            f"data.features.shape: {shape} holds {math.prod(shape)} values but "
+            f"column {name!r} has {length} per row"
+        )

@@ -1,0 +1,354 @@
+"""`train_loop_per_worker` for Ray Train V2's TorchTrainer: the whole loop, top to bottom.
+
+Ray Train owns the worker group, the process group (DDP) and checkpoint persistence; this loop
+owns the model, the optimizer, the data order and what a step means. The global batch stays what
+the config says for any worker count: local batch and gradient accumulation are recomputed from
+the world size at every (re)start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from orchestrator.config import DataConfig, JobConfig, TrainingConfig
+from trainers import checkpoint as ckpt
+from trainers.batching import BatchSplit, split_global_batch
+from trainers.models import build_model
+
+log = logging.getLogger(__name__)
+
+# Ranks agree on "stop now" (SIGTERM/Ctrl-C on the driver) every this many optimizer steps.
+STOP_CHECK_EVERY = 5
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "int32": torch.int64, "int64": torch.int64}
+
+
+@dataclass(frozen=True, slots=True)
+class LoopArgs:
+    """What the driver hands every worker (sent as a plain dict through train_loop_config)."""
+
+    job: dict[str, Any]
+    steps_per_epoch: int
+    total_steps: int
+    run_id: str | None = None
+    tracking_uri: str | None = None
+    max_local_batch: int | None = None
+    progress: Any = None  # ActorHandle of the driver's progress actor
+    spill_dir: str = "."
+
+
+def device_for_worker() -> torch.device:
+    # Ray may assign a logical GPU on a machine whose torch has no CUDA: use the CPU then.
+    return ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, *, cfg: TrainingConfig, total_steps: int) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(total_steps - cfg.warmup_steps, 1)
+    if cfg.lr_schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    if cfg.lr_schedule == "linear":
+        return max(1.0 - progress, 0.0)
+    return 1.0
+
+
+def make_collate(data: DataConfig):
+    """numpy batch from Ray Data -> (inputs, targets) tensors; targets None for language models."""
+    feat, label = data.features, data.label
+
+    def collate(batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        column = batch[feat.column]
+        array = np.stack(column) if column.dtype == object else column
+        x = torch.as_tensor(array, dtype=_DTYPES[feat.dtype])
+        if feat.shape is not None:
+            x = x.reshape(len(x), *feat.shape)
+        y = torch.as_tensor(batch[label.column], dtype=torch.int64) if label else None
+        return x, y
+
+    return collate
+
+
+def compute_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(mean loss, number correct, count): classification, or next-token prediction when y is None."""
+    if y is None:
+        x, y = x[:, :-1], x[:, 1:]
+    logits = model(x)
+    logits = logits.reshape(-1, logits.shape[-1])
+    y = y.reshape(-1)
+    loss = F.cross_entropy(logits.float(), y)
+    correct = (logits.argmax(dim=-1) == y).sum()
+    return loss, correct, y.numel()
+
+
+def autocast_for(device: torch.device, precision: str):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches, *, device: torch.device, precision: str) -> dict[str, float]:
+    # The unwrapped model: DDP's forward would sync buffers, and shards may differ in length.
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64)
+    for x, y in batches:
+        x, y = x.to(device), None if y is None else y.to(device)
+        with autocast_for(device, precision):
+            loss, correct, count = compute_loss(model, x, y)
+        sums += torch.tensor([loss.item() * count, correct.item(), count], dtype=torch.float64)
+    model.train()
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    if sums[2] == 0:
+        return {}
+    return {"val/loss": float(sums[0] / sums[2]), "val/accuracy": float(sums[1] / sums[2])}
+
+
+class StopSignal:
+    """All ranks agree, at the same step, on whether the driver asked to stop (SIGTERM/Ctrl-C)."""
+
+    def __init__(self, progress: Any, rank: int) -> None:
+        self._progress, self._rank, self._pending = progress, rank, None
+
+    def should_stop(self, step: int) -> bool:
+        if self._progress is None or step % STOP_CHECK_EVERY:
+            return False
+        flag = torch.zeros(1)
+        if self._rank == 0:
+            # Ask without waiting; the answer of the previous check is used (at most one interval late).
+            ready, _ = ray.wait([self._pending], timeout=0) if self._pending else ([], None)
+            if ready and ray.get(ready[0]):
+                flag += 1
+            self._pending = self._progress.stop_requested.remote()
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+@dataclass
+class TrainState:
+    model: torch.nn.Module  # unwrapped
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    step: int = 0
+
+    def to_dict(self, extra: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "rng": ckpt.rng_state(),
+            **extra,
+        }
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        ckpt.restore_rng(state["rng"])
+
+
+def restore(state: TrainState) -> str | None:
+    """Load Ray's latest checkpoint (or the newest valid one before it); returns a note for the log."""
+    latest = ray.train.get_checkpoint()
+    if latest is None:
+        return None
+    if latest.filesystem.type_name != "local":
+        with latest.as_directory() as folder:
+            state.load(ckpt.read(Path(folder)))
+        return f"resumed from step {state.step}"
+    restored = ckpt.restore_latest(Path(latest.path))
+    if restored is None:
+        raise RuntimeError(f"no readable checkpoint under {Path(latest.path).parent}")
+    state.load(restored.state)
+    note = f"resumed from step {state.step} ({restored.folder.name})"
+    if restored.skipped:
+        note += "; skipped corrupt: " + " | ".join(restored.skipped)
+    return note
+
+
+def save_and_report(state: TrainState, metrics: dict[str, Any], *, rank: int, split: BatchSplit) -> None:
+    """Every rank reports (it is a barrier); rank 0 attaches the checkpoint."""
+    metrics = {**metrics, "step": state.step}
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        extra = {"local_batch": split.local_batch, "accumulation": split.accumulation, "workers": split.workers}
+        ckpt.write(Path(tmp), state.to_dict(extra), step=state.step)
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=ckpt.dir_name(state.step),
+        )
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    args = LoopArgs(**config)
+    job = JobConfig.model_validate(args.job)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    accumulation = None if job.training.grad_accumulation == "auto" else job.training.grad_accumulation
+    split = split_global_batch(
+        job.training.global_batch_size, workers=world, max_local_batch=args.max_local_batch, accumulation=accumulation
+    )
+    device = device_for_worker()
+    seed_everything(job.training.seed)
+
+    raw_model = build_model(job.model.name, job.model.kwargs).to(device)
+    optimizer = make_optimizer(raw_model, job.training)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg=job.training, total_steps=args.total_steps)
+    )
+    state = TrainState(raw_model, optimizer, scheduler)
+    note = restore(state)
+    seed_everything(job.training.seed * 1000 + rank + state.step)  # distinct dropout/shuffle per rank
+    model = ray.train.torch.prepare_model(raw_model, move_to_device=device)
+    if job.training.compile:
+        model = torch.compile(model)
+
+    sink = _metric_sink(args, rank, start_step=state.step)
+    if rank == 0:
+        log.info("worker group: %d workers, local batch %d x accumulation %d; %s",
+                 world, split.local_batch, split.accumulation, note or "fresh start")
+        _progress(args, state.step, {"event": note or "start", "workers": world,
+                                      "local_batch": split.local_batch, "accumulation": split.accumulation})
+    try:
+        _train(job, args, state, model, split=split, rank=rank, device=device, sink=sink)
+    finally:
+        if sink is not None:
+            sink.close()
+
+
+def _metric_sink(args: LoopArgs, rank: int, *, start_step: int):
+    if rank != 0 or args.run_id is None:
+        return None
+    from orchestrator.tracking import MetricBuffer, client
+
+    # Steps logged before a restart (past the checkpoint we resume from) are not logged again.
+    history = client(args.tracking_uri).get_metric_history(args.run_id, "train/loss")
+    last_logged = max((m.step for m in history), default=None)
+    return MetricBuffer(
+        tracking_uri=args.tracking_uri, run_id=args.run_id, skip_through_step=last_logged, spill_dir=args.spill_dir
+    )
+
+
+def _progress(args: LoopArgs, step: int, info: dict[str, Any]) -> None:
+    if args.progress is not None:
+        args.progress.update.remote(step, info)
+
+
+def _train(job: JobConfig, args: LoopArgs, state: TrainState, model, *, split: BatchSplit, rank: int,
+           device: torch.device, sink) -> None:
+    cfg = job.training
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    collate = make_collate(job.data)
+    stop = StopSignal(args.progress, rank)
+    micro_per_epoch = args.steps_per_epoch * split.accumulation
+    step_times: list[float] = []
+    last_metrics: dict[str, float] = {}
+
+    while state.step < args.total_steps:
+        epoch = state.step // args.steps_per_epoch
+        skip = (state.step % args.steps_per_epoch) * split.accumulation  # resumed mid-epoch
+        batches = train_shard.iter_torch_batches(
+            batch_size=split.local_batch, drop_last=True, collate_fn=collate,
+            local_shuffle_buffer_size=max(4 * split.local_batch, 256), local_shuffle_seed=cfg.seed + epoch,
+        )
+        tick = time.perf_counter()
+        loss_sum = 0.0
+        for i, (x, y) in enumerate(batches):
+            # Every rank reads the whole epoch so streaming shards stay in step; only the
+            # first steps_per_epoch * accumulation micro-batches are trained on.
+            if i < skip or i >= micro_per_epoch or state.step >= args.total_steps:
+                continue
+            x, y = x.to(device, non_blocking=True), None if y is None else y.to(device, non_blocking=True)
+            last_micro = (i + 1) % split.accumulation == 0
+            sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
+            with sync, autocast_for(device, cfg.precision):
+                loss, _, _ = compute_loss(model, x, y)
+                (loss / split.accumulation).backward()
+            loss_sum += loss.item() if rank == 0 and last_micro else 0.0
+            if not last_micro:
+                continue
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            state.optimizer.step()
+            state.scheduler.step()
+            state.optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            now = time.perf_counter()
+            step_times.append(now - tick)
+            tick = now
+            if rank == 0 and state.step % cfg.log_every == 0:
+                last_metrics = {
+                    "train/loss": loss_sum,
+                    "train/lr": state.scheduler.get_last_lr()[0],
+                    "train/samples_per_s": split.global_batch / step_times[-1],
+                    "train/step_time_s": step_times[-1],
+                    "train/epoch": epoch,
+                }
+                if sink is not None:
+                    sink.add(last_metrics, step=state.step)
+                _progress(args, state.step, last_metrics)
+            loss_sum = 0.0
+            stopping = stop.should_stop(state.step)
+            if stopping or state.step % job.checkpoint.every_steps == 0 or state.step == args.total_steps:
+                save_and_report(state, _summary(last_metrics, step_times), rank=rank, split=split)
+            if stopping:
+                _progress(args, state.step, {"event": "stopped"})
+                return
+        val = evaluate(_unwrap(model), val_shard.iter_torch_batches(batch_size=split.local_batch, collate_fn=collate),
+                       device=device, precision=cfg.precision)
+        if rank == 0 and val:
+            if sink is not None:
+                sink.add({**val, "epoch": epoch + 1}, step=state.step)
+            _progress(args, state.step, val)
+    if rank == 0:
+        _progress(args, state.step, {"event": "finished"})
+
+
+def _summary(last: dict[str, float], step_times: list[float]) -> dict[str, float]:
+    # Skip the first steps (warm-up, data pipeline start) in the observed step time.
+    timed = step_times[min(5, len(step_times) // 2):]
+    observed = {"observed_step_time_s": statistics.median(timed)} if timed else {}
+    return {**{k.replace("/", "_"): v for k, v in last.items()}, **observed}
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    return getattr(model, "module", model)  # DDP
