@@ -162,10 +162,13 @@ class JobConfig(_Section):
 # Loading, overrides, error messages
 
 
-def _format_loc(loc: tuple[Any, ...]) -> str:
+def _format_loc(loc: tuple[Any, ...], *, unknown_key: bool = False) -> str:
     # pydantic puts union branch names ("int", "WorkerRange", "literal['auto']") into loc; the
-    # user wrote only field names and list indices.
-    parts = [str(p) for p in loc if isinstance(p, int) or p in _FIELD_NAMES]
+    # user wrote only field names and list indices (and, for an unknown key, that key last).
+    known = loc[:-1] if unknown_key else loc
+    parts = [str(p) for p in known if isinstance(p, int) or p in _FIELD_NAMES]
+    if unknown_key:
+        parts.append(str(loc[-1]))
     return ".".join(parts) or "config"
 
 
@@ -186,7 +189,7 @@ _FIELD_NAMES = _collect_field_names(JobConfig, set())
 
 
 def _describe(error: dict[str, Any]) -> str:
-    where = _format_loc(error["loc"])
+    where = _format_loc(error["loc"], unknown_key=error["type"] == "extra_forbidden")
     if error["type"] == "extra_forbidden":
         return f"{where}: unknown key"
     if error["type"] == "missing":
@@ -195,7 +198,7 @@ def _describe(error: dict[str, Any]) -> str:
     ctx = error.get("ctx") or {}
     for bound, word in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
         if bound in ctx and error["type"].startswith(("greater", "less")):
-            msg = f"must be {word} {ctx[bound]}"
+            msg = f"must be {word} {ctx[bound]:g}"
     if error["type"] == "literal_error" and "expected" in ctx:
         msg = f"must be one of {ctx['expected']}"
     if "got" in msg:

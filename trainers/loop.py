@@ -286,7 +286,7 @@ def _train(job: JobConfig, args: LoopArgs, state: TrainState, model, *, split: B
         epoch = state.step // args.steps_per_epoch
         skip = (state.step % args.steps_per_epoch) * split.accumulation  # resumed mid-epoch
         batches = train_shard.iter_torch_batches(
-            batch_size=split.local_batch, drop_last=True, collate_fn=collate,
+            batch_size=split.local_batch, drop_last=True, collate_fn=collate, device=device,
             local_shuffle_buffer_size=max(4 * split.local_batch, 256), local_shuffle_seed=cfg.seed + epoch,
         )
         tick = time.perf_counter()
@@ -332,7 +332,7 @@ def _train(job: JobConfig, args: LoopArgs, state: TrainState, model, *, split: B
             if stopping:
                 _progress(args, state.step, {"event": "stopped"})
                 return
-        val = evaluate(_unwrap(model), val_shard.iter_torch_batches(batch_size=split.local_batch, collate_fn=collate),
+        val = evaluate(_unwrap(model), val_shard.iter_torch_batches(batch_size=split.local_batch, collate_fn=collate, device=device),
                        device=device, precision=cfg.precision)
         if rank == 0 and val:
             if sink is not None:

@@ -1,0 +1,62 @@
+"""Shared fixtures: one multi-node Ray cluster per test session (head + nodes with logical GPUs)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Before Ray is imported anywhere: no token auth prompt for local test clusters, no usage stats,
+# gloo over loopback, and short driver poll intervals.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+os.environ.setdefault("ORCH_PROGRESS_POLL_S", "0.2")
+os.environ.setdefault("ORCH_METRIC_FLUSH_S", "0.5")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[object]:
+    """A head (CPU only) and two worker nodes declaring one logical GPU each, on this machine.
+
+    Ray sets CUDA_VISIBLE_DEVICES for GPU workers while torch has no CUDA: the trainer must fall
+    back to the CPU and gloo, which is exactly what these tests exercise.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "num_gpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False}
+    )
+    nodes = [cluster.add_node(num_cpus=2, num_gpus=1, node_ip_address="127.0.0.1") for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    cluster.gpu_nodes = nodes  # type: ignore[attr-defined]
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from trainers.data import prepare_dataset
+
+    return prepare_dataset("digits", tmp_path_factory.mktemp("data") / "digits")
+
+
+@pytest.fixture()
+def job_overrides(tmp_path: Path, digits_data: Path) -> list[str]:
+    """Overrides that point a shipped config at per-test storage and MLflow store."""
+    return [
+        f"data.path={digits_data}",
+        f"checkpoint.storage_path={tmp_path / 'runs'}",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    ]

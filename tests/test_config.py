@@ -1,0 +1,119 @@
+"""Config validation: every error is one line that names the field and the bad value."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.config import apply_overrides, flatten, load_config
+from orchestrator.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "configs" / "digits.yaml"
+
+
+def write(tmp_path: Path, overrides: list[str], *, drop: str | None = None) -> Path:
+    raw = apply_overrides(yaml.safe_load(DIGITS.read_text()), overrides)
+    if drop:
+        section, key = drop.split(".")
+        del raw[section][key]
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["training.lr=-0.1"], "training.lr: must be > 0, got -0.1"),
+        (["training.global_batch_size=0"], "training.global_batch_size: must be > 0, got 0"),
+        (["training.epochs=abc"], "training.epochs: "),
+        (["training.optimizer=adamx"], "training.optimizer: must be one of"),
+        (["training.precision=fp8"], "training.precision: must be one of"),
+        (["training.grad_accumulation=-2"], "training.grad_accumulation: must be > 0 or 'auto', got -2"),
+        (["training.lr_typo=0.1"], "training.lr_typo: unknown key"),
+        (["bogus=1"], "bogus: unknown key"),
+        (["resources.workers=0"], "resources.workers: must be > 0"),
+        (["resources.workers={min: 4, max: 2}"], "resources.workers: min must be <= max, got min=4 max=2"),
+        (["resources.use_gpu=maybe"], "resources.use_gpu: "),
+        (["checkpoint.keep_last=0"], "checkpoint.keep_last: must be > 0, got 0"),
+        (["data.val_fraction=1.5"], "data.val_fraction: must be < 1"),
+        (["data.features.dtype=float16"], "data.features.dtype: must be one of"),
+        (["data.features.shape=[1, -8, 8]"], "data.features.shape: must be a non-empty list of positive sizes"),
+        (["name=bad name!"], "name: "),
+        (["training.epochs=null", "training.max_steps=null"], "training: set epochs or max_steps"),
+    ],
+)
+def test_bad_field_is_one_line_naming_it(tmp_path: Path, overrides: list[str], expected: str) -> None:
+    with pytest.raises(UserError) as err:
+        load_config(write(tmp_path, []), overrides)
+    message = str(err.value)
+    assert message.startswith(expected), message
+    assert "\n" not in message
+
+
+def test_missing_required_section(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"^data.path: required field is missing$"):
+        load_config(write(tmp_path, [], drop="data.path"))
+
+
+def test_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(UserError, match=r"bad.yaml: not valid YAML \(line \d+\)"):
+        load_config(bad)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n- 2\n")
+    with pytest.raises(UserError, match="expected a mapping"):
+        load_config(listed)
+    with pytest.raises(UserError, match="expected KEY=VALUE"):
+        load_config(DIGITS, ["training.lr"])
+
+
+def test_yaml_is_loaded_safely(tmp_path: Path) -> None:
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(evil)
+
+
+def test_overrides_and_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    job = load_config(DIGITS, ["training.lr=0.01", "resources.workers={min: 1, max: 2}"])
+    assert job.training.lr == 0.01
+    assert (job.resources.workers.min, job.resources.workers.max) == (1, 2)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert job.resolved_tracking_uri() is None  # MLflow's default
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert job.resolved_tracking_uri() == "http://127.0.0.1:5999"
+    job = load_config(DIGITS, ["tracking.tracking_uri=sqlite:///x.db"])
+    assert job.resolved_tracking_uri() == "sqlite:///x.db"
+
+
+def test_flatten_for_params() -> None:
+    flat = flatten(load_config(DIGITS).to_dict())
+    assert flat["training.lr"] == 0.003
+    assert flat["data.features.shape"] == "[1, 8, 8]"
+    assert flat["model.kwargs.width"] == 32
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")))
+def test_shipped_job_configs_validate(config: Path) -> None:
+    if not {"model", "training"} <= set(yaml.safe_load(config.read_text())):
+        pytest.skip(f"{config.name} is not a job config")
+    load_config(config)
+
+
+def test_cli_exits_2_with_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "validate", str(DIGITS), "--set", "training.lr=-0.1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: training.lr: must be > 0, got -0.1"
+    assert "Traceback" not in proc.stderr + proc.stdout

@@ -1,0 +1,107 @@
+"""The foundation end to end, on a real multi-node Ray cluster and a real MLflow sqlite store."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from orchestrator import launcher
+from orchestrator.config import load_config
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "configs" / "digits.yaml"
+
+
+def steps(client: MlflowClient, run_id: str, key: str = "train/loss") -> list[int]:
+    return [m.step for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)]
+
+
+def assert_unique_monotone(values: list[int]) -> None:
+    assert values, "no metric points logged"
+    assert all(a < b for a, b in zip(values, values[1:])), f"steps repeat or go back: {values}"
+
+
+def test_cli_two_workers_train_digits_and_register_model(ray_cluster, job_overrides, tmp_path: Path) -> None:
+    sets = [a for o in job_overrides + ["tracking.registered_model=digits-test"] for a in ("--set", o)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "run", str(DIGITS), "--workers", "2",
+         "--address", ray_cluster.address, *sets],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "registered model version: 1" in proc.stdout
+    assert "mlflow ui --backend-store-uri sqlite:///" in proc.stdout
+    run_id = proc.stdout.split("MLflow run: ")[1].split()[0]
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["training.global_batch_size"] == "64"
+    assert run.data.params["model.name"] == "cnn"
+    assert run.data.tags["workers"] == "2"
+    assert_unique_monotone(steps(client, run_id))
+    accuracy = client.get_metric_history(run_id, "val/accuracy")
+    assert len(accuracy) == 15  # one evaluation per epoch
+    assert max(m.value for m in accuracy) >= 0.95
+
+    # The registered model loads back with mlflow.pytorch and predicts the held-out digits.
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pytorch.load_model("models:/digits-test/1")
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = (digits.data[-300:] / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    import torch
+
+    with torch.no_grad():
+        predicted = model(torch.from_numpy(x)).argmax(dim=1).numpy()
+    assert (predicted == digits.target[-300:]).mean() >= 0.95
+
+
+def test_interrupted_job_resumes_same_run_without_duplicate_steps(ray_cluster, job_overrides) -> None:
+    job = load_config(DIGITS, job_overrides + ["training.epochs=3", "checkpoint.every_steps=10"])
+    stop = threading.Event()
+
+    def stop_after_step_25(step: int, total: int, info: dict) -> None:
+        if step >= 25:
+            stop.set()
+
+    first = launcher.run_job(launcher.prepare_launch(job, workers=2, config_path=None),
+                             on_progress=stop_after_step_25, stop_event=stop)
+    assert first.stopped
+    assert 25 <= first.final_step < 66
+    client = MlflowClient(first.tracking_uri)
+    assert client.get_run(first.run_id).info.status == "KILLED"
+
+    second_launch = launcher.prepare_launch(job, workers=2, config_path=None)
+    assert second_launch.run.resumed and second_launch.run.run_id == first.run_id
+    second = launcher.run_job(second_launch)
+    assert not second.stopped
+    assert second.final_step == 66  # 3 epochs x 22 steps: the count continued, not restarted
+    resumed = [e for _, e in second.events if str(e.get("event", "")).startswith("resumed from step")]
+    assert resumed and f"resumed from step {first.final_step}" in resumed[0]["event"]
+    logged = steps(client, first.run_id)
+    assert_unique_monotone(logged)
+    assert logged[-1] == 66
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+
+
+def test_missing_column_fails_before_any_worker(job_overrides, tmp_path: Path) -> None:
+    sets = [a for o in job_overrides + ["data.features.column=pixelz"] for a in ("--set", o)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "run", str(DIGITS), *sets],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "data.features.column: column 'pixelz' not found" in lines[0], proc.stderr
+    assert not (tmp_path / "runs").exists()  # nothing was launched
