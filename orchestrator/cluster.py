@@ -1,0 +1,279 @@
+"""The cluster the planner plans for: from a YAML file, from the live Ray cluster, or measured.
+
+A `ClusterSpec` (defined in `orchestrator.planner`, which stays free of Ray) holds the node and GPU
+counts, the spec bandwidths and optional measured all-reduce samples. On a CPU-only cluster every
+worker slot (``cpus_per_worker`` CPUs) counts as one "GPU", so the same planner decides how many
+CPU workers to run.
+
+Ray and torch are imported inside the functions that need them: reading a cluster file (the
+``orchestrator plan --cluster`` path) should not pay for either.
+"""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.errors import UserError
+from orchestrator.planner import AllReduceSample, ClusterSpec, Placement
+
+# Figures for a discovered cluster whose network nobody described: conservative guesses (PCIe
+# Gen3 x16 between GPUs, 10 GbE between nodes, gloo over TCP loopback between CPU workers). Pass
+# a cluster file's figures as `defaults`, or run `orchestrator probe-network`, to do better.
+GPU_DEFAULTS: dict[str, Any] = {
+    "intra_node_GBps": 16.0, "inter_node_GBps": 1.25, "latency_us": 10.0,
+}
+CPU_DEFAULTS: dict[str, Any] = {
+    "gpu": "cpu", "intra_node_GBps": 2.0, "inter_node_GBps": 1.25, "latency_us": 50.0,
+}
+# 1 KiB .. 64 MiB in 4x steps: latency-bound to bandwidth-bound, and DDP's 25 MiB buckets.
+DEFAULT_PROBE_SIZES = [4**k * 1024 for k in range(9)]
+
+
+def load_cluster(path: str | Path) -> ClusterSpec:
+    """Read a cluster YAML file; errors name the file and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: cluster file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise UserError(f"{path}: not valid YAML{where}") from None
+    if raw is None:
+        raise UserError(f"{path}: file is empty")
+    try:
+        return ClusterSpec.from_dict(raw)
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
+
+
+def save_cluster(cluster: ClusterSpec, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cluster.to_dict(), sort_keys=False))
+    return path
+
+
+def spec_from_nodes(
+    nodes: list[dict[str, Any]],
+    defaults: dict[str, Any] | None = None,
+    *,
+    use_gpu: bool | None = None,
+    cpus_per_worker: float = 1.0,
+) -> ClusterSpec:
+    """A ClusterSpec from `ray.nodes()` records (pure, for tests).
+
+    Counts alive nodes with at least one slot: GPUs, or on a CPU-only cluster (or use_gpu=False)
+    floor(CPU / cpus_per_worker) worker slots. Nodes may differ; the planner needs a uniform
+    shape, so this picks the (nodes, slots per node) that holds the most slots, fewer nodes on a
+    tie (8 + 4 GPUs -> 1 x 8, not 2 x 4). `defaults` supplies everything but the counts.
+    """
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
+    if use_gpu is None:
+        use_gpu = any(r.get("GPU", 0) >= 1 for r in alive)
+    if use_gpu:
+        slots = [int(r.get("GPU", 0)) for r in alive]
+    else:
+        slots = [int(r.get("CPU", 0) // cpus_per_worker) for r in alive]
+    slots = [s for s in slots if s > 0]
+    if not slots:
+        kind = "GPUs" if use_gpu else f"CPU slots of {cpus_per_worker:g} CPUs"
+        raise UserError(f"ray cluster: no alive node offers {kind}")
+    shape = max(
+        ((sum(1 for s in slots if s >= per), per) for per in set(slots)),
+        key=lambda nodes_per: (nodes_per[0] * nodes_per[1], -nodes_per[0]),
+    )
+    raw = {**(GPU_DEFAULTS if use_gpu else CPU_DEFAULTS), **(defaults or {})}
+    raw.update(nodes=shape[0], gpus_per_node=shape[1])
+    if use_gpu and "gpu" not in (defaults or {}):
+        raw["gpu"] = _accelerator(alive)
+    return ClusterSpec.from_dict({k: v for k, v in raw.items() if v is not None})
+
+
+def _accelerator(resources: list[dict[str, float]]) -> str | None:
+    # Ray advertises the GPU model as a resource named "accelerator_type:A100".
+    names = {k.split(":", 1)[1] for r in resources for k in r if k.startswith("accelerator_type:")}
+    return ",".join(sorted(names)) or None
+
+
+def discover_cluster(
+    defaults: dict[str, Any] | None = None,
+    *,
+    use_gpu: bool | None = None,
+    cpus_per_worker: float = 1.0,
+) -> ClusterSpec:
+    """The live Ray cluster's shape (Ray must be initialized), with `defaults` for the network."""
+    import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError("discover_cluster needs a connected Ray: call ray.init() first")
+    return spec_from_nodes(ray.nodes(), defaults, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker)
+
+
+def probe_network(
+    address: str | None,
+    sizes: list[int],
+    out: Path,
+    *,
+    use_gpu: bool | None = None,
+    cpus_per_worker: float = 1.0,
+    placements: list[Placement] | None = None,
+    repeats: int = 5,
+    warmup: int = 2,
+    timeout_s: float = 120.0,
+) -> ClusterSpec:
+    """Measure all-reduce time across the live cluster's workers and write it into `out`.
+
+    One worker per GPU (NCCL) or CPU slot (gloo) runs torch.distributed all-reduces of each size
+    in `sizes` (bytes); the median over `repeats` of the slowest rank is recorded per size. By
+    default the full placement is measured, or else each of `placements`. Figures already in `out`
+    (bandwidths, price, samples of other placements) are kept; a new file takes the discovered
+    shape and the default figures; the file is rewritten (its comments are lost). Connects to
+    `address` unless Ray is up (None: Ray's default, a running local cluster or a new one;
+    "local": always a new one).
+    """
+    import ray
+
+    if not sizes or any(s <= 0 for s in sizes):
+        raise UserError(f"sizes: must be a non-empty list of positive byte counts, got {sizes}")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address)
+    try:
+        existing = load_cluster(out).to_dict() if Path(out).is_file() else None
+        gpu = _has_gpus() if use_gpu is None else use_gpu
+        cluster = discover_cluster(existing, use_gpu=gpu, cpus_per_worker=cpus_per_worker)
+        todo = placements or [Placement(cluster.nodes, cluster.gpus_per_node)]
+        measured: list[AllReduceSample] = []
+        for placement in todo:
+            if placement.gpus > 1:
+                measured += _measure(placement, sizes, gpu=gpu, cpus_per_worker=cpus_per_worker,
+                                     repeats=repeats, warmup=warmup, timeout_s=timeout_s)
+        redone = {(p.nodes, p.gpus_per_node) for p in todo}
+        kept = [s for s in cluster.allreduce_samples if (s.nodes, s.gpus_per_node) not in redone]
+        spec = replace(cluster, allreduce_samples=tuple(kept + measured))
+        save_cluster(spec, out)
+        return spec
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def _measure(
+    placement: Placement,
+    sizes: list[int],
+    *,
+    gpu: bool,
+    cpus_per_worker: float,
+    repeats: int,
+    warmup: int,
+    timeout_s: float,
+) -> list[AllReduceSample]:
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    g = placement.gpus_per_node
+    bundle = {"CPU": g * cpus_per_worker, **({"GPU": g} if gpu else {})}
+    pg = placement_group([bundle] * placement.nodes,
+                         strategy="STRICT_SPREAD" if placement.nodes > 1 else "PACK")
+    if not pg.wait(timeout_seconds=timeout_s):
+        remove_placement_group(pg)
+        raise UserError(f"probe-network: the cluster cannot place {placement} workers "
+                        f"({bundle} per node) within {timeout_s:g} s")
+    worker_cls = ray.remote(_AllReduceWorker)
+    workers = [
+        worker_cls.options(
+            num_cpus=cpus_per_worker, num_gpus=1 if gpu else 0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                pg, placement_group_bundle_index=i // g
+            ),
+        ).remote()
+        for i in range(placement.gpus)
+    ]
+    try:
+        hosts = ray.get([w.host.remote() for w in workers], timeout=timeout_s)
+        master, port = ray.get(workers[0].free_port.remote(), timeout=timeout_s)
+        loopback = all(h.startswith("127.") for h in hosts)
+        ray.get([
+            w.setup.remote(master, port, rank, placement.gpus, gpu=gpu, loopback=loopback)
+            for rank, w in enumerate(workers)
+        ], timeout=timeout_s)
+        seconds = ray.get([w.run.remote(sizes, repeats, warmup) for w in workers])[0]
+    finally:
+        for w in workers:
+            ray.kill(w)
+        remove_placement_group(pg)
+    return [
+        AllReduceSample(
+            bytes=size, nodes=placement.nodes, gpus_per_node=g, seconds=float(f"{s:.4g}")
+        )
+        for size, s in zip(sizes, seconds)
+    ]
+
+
+class _AllReduceWorker:
+    """One rank of the probe (a Ray actor): times torch.distributed all-reduces."""
+
+    def host(self) -> str:
+        import ray
+
+        return ray.util.get_node_ip_address()
+
+    def free_port(self) -> tuple[str, int]:
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    def setup(
+        self, master: str, port: int, rank: int, world: int, *, gpu: bool, loopback: bool
+    ) -> None:
+        import os
+
+        import torch.distributed as dist
+
+        if loopback:
+            # gloo picks the interface of the host name, which may not reach 127.0.0.1 peers.
+            os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+        dist.init_process_group("nccl" if gpu else "gloo", init_method=f"tcp://{master}:{port}",
+                                rank=rank, world_size=world)
+        self.device = "cuda" if gpu else "cpu"
+        dist.barrier()  # connections open lazily: keep that out of the first size's timings
+
+    def run(self, sizes: list[int], repeats: int, warmup: int) -> list[float]:
+        import torch
+        import torch.distributed as dist
+
+        medians = []
+        for size in sizes:
+            x = torch.ones(max(1, size // 4), dtype=torch.float32, device=self.device)
+            times = []
+            for i in range(warmup + repeats):
+                dist.barrier()
+                start = time.perf_counter()
+                dist.all_reduce(x)
+                if self.device == "cuda":
+                    torch.cuda.synchronize()
+                elapsed = torch.tensor([time.perf_counter() - start], device=self.device)
+                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the step waits for the slowest
+                if i >= warmup:
+                    times.append(float(elapsed))
+            medians.append(statistics.median(times))
+        dist.destroy_process_group()
+        return medians

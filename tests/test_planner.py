@@ -1,0 +1,426 @@
+"""Unit tests of the performance model and planner: pure, no processes, milliseconds each."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.cluster import load_cluster, spec_from_nodes
+from orchestrator.errors import UserError
+from orchestrator.planner import (
+    BACKWARD_FRACTION,
+    DDP_BUCKET_BYTES,
+    ClusterSpec,
+    Placement,
+    Plan,
+    Profile,
+    placement_for,
+    placements,
+    plan,
+    predict,
+    ring_allreduce_s,
+    split_local_batch,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def profile_dict(**overrides: Any) -> dict[str, Any]:
+    data = {
+        "version": 1,
+        "model": "toy",
+        "device": "A100",
+        "param_count": 25_000_000,
+        "grad_bytes": 100_000_000,
+        "samples": [
+            {"local_batch": 32, "step_time_s": 0.040, "optimizer_s": 0.004},
+            {"local_batch": 64, "step_time_s": 0.070, "optimizer_s": 0.004},
+            {"local_batch": 128, "step_time_s": 0.130, "optimizer_s": 0.004},
+        ],
+        "max_local_batch": 128,
+    }
+    data.update(overrides)
+    return data
+
+
+def make_profile(**overrides: Any) -> Profile:
+    return Profile.from_dict(profile_dict(**overrides))
+
+
+def make_cluster(**overrides: Any) -> ClusterSpec:
+    data = {"nodes": 4, "gpus_per_node": 8, "intra_node_GBps": 300, "inter_node_GBps": 25,
+            "gpu_hour_cost": 2.0}
+    data.update(overrides)
+    return ClusterSpec.from_dict(data)
+
+
+def step(p: Profile, c: ClusterSpec, nodes: int, per_node: int, batch: int = 64) -> float:
+    return predict(p, c, nodes=nodes, gpus_per_node=per_node, local_batch=batch).step_time_s
+
+
+# --- the model: limits ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch", [32, 64, 128])
+def test_one_gpu_is_the_profile(batch: int) -> None:
+    profile = make_profile()
+    measured = next(s.step_time_s for s in profile.samples if s.local_batch == batch)
+    p = predict(profile, make_cluster(), nodes=1, gpus_per_node=1, local_batch=batch)
+    assert p.step_time_s == pytest.approx(measured, rel=1e-12)
+    assert p.comm_s == 0 and p.throughput == pytest.approx(batch / measured)
+    assert p.bound == "compute" and p.fits_memory
+
+
+@pytest.mark.parametrize("field", ["intra_node_GBps", "inter_node_GBps"])
+@pytest.mark.parametrize("value", [0, -5])
+def test_zero_or_negative_bandwidth_rejected(field: str, value: float) -> None:
+    with pytest.raises(UserError, match=rf"cluster\.{field}: must be > 0, got {value}"):
+        make_cluster(**{field: value})
+    # built in code, not from YAML, the spec checks itself all the same
+    with pytest.raises(UserError, match=rf"cluster\.{field}: must be > 0, got {value}"):
+        replace(make_cluster(), **{field: value})
+
+
+@pytest.mark.parametrize("placement", [(1, 2), (1, 8), (2, 1), (2, 8), (4, 4)])
+def test_more_bandwidth_is_never_slower(placement: tuple[int, int]) -> None:
+    profile = make_profile(grad_bytes=2_000_000_000)
+    slow = make_cluster()
+    for fast in (
+        replace(slow, intra_node_GBps=slow.intra_node_GBps * 2),
+        replace(slow, inter_node_GBps=slow.inter_node_GBps * 2),
+        replace(slow, latency_us=0.0),
+    ):
+        assert step(profile, fast, *placement) <= step(profile, slow, *placement)
+    assert step(profile, replace(slow, intra_node_GBps=1e6, inter_node_GBps=1e6, latency_us=0),
+                *placement) == pytest.approx(step(profile, slow, 1, 1), rel=1e-3)
+
+
+def test_step_time_interpolates_and_grows_with_batch() -> None:
+    profile, cluster = make_profile(), make_cluster()
+    times = [step(profile, cluster, 1, 1, b) for b in (8, 16, 32, 48, 64, 96, 128)]
+    assert times == sorted(times)
+    assert step(profile, cluster, 1, 1, 48) == pytest.approx((0.040 + 0.070) / 2)
+    # below the ladder: never faster per sample than the smallest rung, never slower than it
+    assert 0.040 * 8 / 32 <= step(profile, cluster, 1, 1, 8) <= 0.040
+
+
+def test_communication_grows_with_workers_and_nodes() -> None:
+    profile, cluster = make_profile(), make_cluster()
+    comm = [predict(profile, cluster, nodes=1, gpus_per_node=g, local_batch=64).comm_s
+            for g in (1, 2, 4, 8)]
+    assert comm[0] == 0 and comm == sorted(comm)
+    # crossing nodes over a 25 GB/s NIC costs more than staying on 300 GB/s NVLink
+    one_node = predict(profile, cluster, nodes=1, gpus_per_node=8, local_batch=64)
+    two_nodes = predict(profile, cluster, nodes=2, gpus_per_node=4, local_batch=64)
+    assert two_nodes.comm_s > one_node.comm_s
+    assert two_nodes.efficiency < one_node.efficiency <= 1
+
+
+def test_ring_allreduce_formula() -> None:
+    cluster = make_cluster(latency_us=0, link_efficiency=1.0)
+    assert ring_allreduce_s(cluster, nodes=1, gpus_per_node=8, nbytes=3e9) == pytest.approx(
+        2 * 7 / 8 * 3e9 / 300e9)
+    assert ring_allreduce_s(cluster, nodes=4, gpus_per_node=8, nbytes=3e9) == pytest.approx(
+        2 * 7 / 8 * 3e9 / 300e9 + 2 * 3 / 4 * 3e9 / 25e9)
+
+
+def test_throughput_scales_when_communication_is_cheap() -> None:
+    profile = make_profile(grad_bytes=1_000_000)
+    cluster = make_cluster()
+    rates = [predict(profile, cluster, nodes=n, gpus_per_node=8, local_batch=128).throughput
+             for n in (1, 2, 4)]
+    assert rates == sorted(rates) and rates[-1] > 3.8 * rates[0]
+
+
+def test_overlap_hides_communication_shorter_than_backward() -> None:
+    profile = make_profile()
+    cluster = make_cluster()
+    p = predict(profile, cluster, nodes=1, gpus_per_node=8, local_batch=128)
+    t_bwd = BACKWARD_FRACTION * (0.130 - 0.004)
+    assert p.comm_s < t_bwd
+    assert p.compute_s < p.step_time_s < p.compute_s + p.comm_s
+
+
+def test_measured_allreduce_samples_replace_the_spec() -> None:
+    profile = make_profile(grad_bytes=DDP_BUCKET_BYTES // 2)
+    samples = [{"bytes": b, "nodes": 1, "gpus_per_node": 4, "seconds": s}
+               for b, s in ((2**20, 0.001), (2**22, 0.004), (2**26, 0.050))]
+    cluster = make_cluster(allreduce_samples=samples)
+    at = predict(profile, cluster, nodes=1, gpus_per_node=4, local_batch=64)
+    assert 0.004 < at.comm_s < 0.050  # interpolated in log(bytes) between the two rungs
+    exact = predict(replace(profile, grad_bytes=2**22), cluster, nodes=1, gpus_per_node=4,
+                    local_batch=64)
+    assert exact.comm_s == pytest.approx(0.004)
+    # noise that makes a small message slower than a larger one is not believed
+    noisy = make_cluster(allreduce_samples=[{**samples[0], "seconds": 0.010}, *samples[1:]])
+    small = predict(replace(profile, grad_bytes=2**20), noisy, nodes=1, gpus_per_node=4,
+                    local_batch=64)
+    assert small.comm_s == pytest.approx(0.004)
+    # a placement without samples falls back to the spec figures
+    spec = predict(profile, make_cluster(), nodes=1, gpus_per_node=8, local_batch=64)
+    assert predict(profile, cluster, nodes=1, gpus_per_node=8, local_batch=64).comm_s == spec.comm_s
+
+
+def test_data_loading_bounds_the_step() -> None:
+    profile = make_profile(data_samples_per_s=500.0)
+    p = predict(profile, make_cluster(), nodes=1, gpus_per_node=8, local_batch=128)
+    assert p.bound == "data" and p.step_time_s == pytest.approx(128 / 500)
+    assert p.throughput == pytest.approx(8 * 500)
+
+
+def test_a_batch_too_large_for_memory_becomes_accumulation() -> None:
+    profile = make_profile()
+    p = predict(profile, make_cluster(), nodes=1, gpus_per_node=1, local_batch=384)
+    assert not p.fits_memory and (p.local_batch, p.accumulation) == (128, 3)
+    assert p.step_time_s == pytest.approx(3 * (0.130 - 0.004) + 0.004)
+    assert split_local_batch(100, 64) == (50, 2)
+    assert split_local_batch(97, 64) == (1, 97)  # a prime: only micro-batches of 1 divide it
+
+
+def test_statistical_efficiency_and_goodput() -> None:
+    profile = make_profile(gradient_noise_scale=1000.0)
+    p = predict(profile, make_cluster(), nodes=1, gpus_per_node=8, local_batch=128)
+    assert p.global_batch == 1024
+    assert p.statistical_efficiency == pytest.approx((1000 + 128) / (1000 + 1024))
+    assert p.goodput == pytest.approx(p.throughput * p.statistical_efficiency)
+    no_noise = predict(make_profile(), make_cluster(), nodes=1, gpus_per_node=8, local_batch=128)
+    assert no_noise.statistical_efficiency == 1.0 and no_noise.goodput == no_noise.throughput
+
+
+# --- the planner ---------------------------------------------------------------------------
+
+
+def test_placements_cover_every_uniform_shape() -> None:
+    cluster = make_cluster(nodes=128, gpus_per_node=8)
+    assert len(placements(cluster)) == 1024
+    assert all(p.gpus <= 12 for p in placements(cluster, max_gpus=12))
+    assert placement_for(cluster, 12) == Placement(2, 6)
+    assert placement_for(cluster, 8) == Placement(1, 8)
+    with pytest.raises(UserError, match="resources.workers"):
+        placement_for(cluster, 2000)
+
+
+def test_max_throughput_uses_every_gpu_when_communication_is_cheap() -> None:
+    result = plan(make_profile(grad_bytes=1_000_000), make_cluster())
+    assert result.workers == 32 and result.choice.local_batch == 128
+    assert "32 GPUs" in result.explanation and result.explanation.endswith(".")
+
+
+def test_max_throughput_stops_at_the_efficiency_floor() -> None:
+    profile = make_profile(grad_bytes=2_000_000_000)  # 500M fp32 parameters
+    cluster = make_cluster()
+    result = plan(profile, cluster, min_efficiency=0.8)
+    assert result.choice.nodes == 1 and result.efficiency >= 0.8
+    assert any(c.reason and "efficiency" in c.reason for c in result.candidates)
+    looser = plan(profile, cluster, min_efficiency=0.5)
+    assert looser.workers > result.workers and looser.throughput > result.throughput
+
+
+def test_min_cost_prefers_one_gpu_unless_scaling_is_free() -> None:
+    profile = make_profile(grad_bytes=2_000_000_000)
+    cheap = plan(profile, make_cluster(intra_node_GBps=10), objective="min_cost",
+                 total_samples=1_000_000)
+    assert cheap.workers == 1
+    assert cheap.cost == pytest.approx(cheap.time_to_finish_s / 3600 * 2.0)
+    # with negligible communication, all of one node costs about the same as one GPU: faster wins
+    free = plan(make_profile(grad_bytes=1000), make_cluster(), objective="min_cost")
+    assert free.workers > 1
+
+
+def test_min_cost_meets_the_deadline() -> None:
+    profile = make_profile(grad_bytes=2_000_000_000)
+    cluster = make_cluster()
+    alone = plan(profile, cluster, objective="min_cost", total_samples=10_000_000)
+    deadline = alone.time_to_finish_s / 3
+    rushed = plan(profile, cluster, objective="min_cost", total_samples=10_000_000,
+                  deadline_s=deadline)
+    assert rushed.time_to_finish_s <= deadline and rushed.workers >= 3
+    assert rushed.cost > alone.cost
+    with pytest.raises(UserError, match=r"^deadline: no placement finishes within"):
+        plan(profile, cluster, objective="min_cost", total_samples=10_000_000, deadline_s=1.0)
+
+
+def test_budget_caps_the_choice() -> None:
+    profile = make_profile(grad_bytes=2_000_000_000)  # scaling is costly: more GPUs, more money
+    cluster = make_cluster()
+    spend = plan(profile, cluster, total_samples=50_000_000, min_efficiency=0.1)
+    thrift = plan(profile, cluster, total_samples=50_000_000, objective="min_cost")
+    budget = (spend.cost + thrift.cost) / 2
+    capped = plan(profile, cluster, total_samples=50_000_000, min_efficiency=0.1, budget=budget)
+    assert capped.cost <= budget < spend.cost
+    assert thrift.workers <= capped.workers < spend.workers
+    with pytest.raises(UserError, match=r"^budget: no placement fits"):
+        plan(profile, cluster, total_samples=50_000_000, budget=1e-9)
+    with pytest.raises(UserError, match=r"plan\.total_samples: required"):
+        plan(profile, cluster, budget=10.0)
+    with pytest.raises(UserError, match=r"cluster\.gpu_hour_cost: required"):
+        plan(profile, make_cluster(gpu_hour_cost=None), total_samples=1000, budget=10.0)
+
+
+def test_max_goodput_trades_throughput_for_statistical_efficiency() -> None:
+    noisy_free = make_profile(grad_bytes=1_000_000, gradient_noise_scale=1e9)
+    cluster = make_cluster(nodes=16)
+    big = plan(noisy_free, cluster, objective="max_goodput")
+    assert big.workers == 128  # a huge noise scale: large batches lose nothing
+    small_noise = replace(noisy_free, gradient_noise_scale=64.0)
+    result = plan(small_noise, cluster, objective="max_goodput")
+    fastest = plan(small_noise, cluster, objective="max_throughput")
+    assert result.choice.global_batch < fastest.choice.global_batch
+    assert result.choice.goodput >= fastest.choice.goodput
+
+
+def test_a_global_batch_stays_constant() -> None:
+    profile = make_profile()
+    result = plan(profile, make_cluster(), global_batch=768)
+    batches = {c.prediction.global_batch for c in result.candidates}
+    assert batches == {768}
+    assert all(768 % c.prediction.gpus == 0 for c in result.candidates)
+    assert 5 not in {c.prediction.gpus for c in result.candidates}  # 768 / 5 is no integer
+    one = next(c.prediction for c in result.candidates if c.prediction.gpus == 1)
+    assert (one.local_batch, one.accumulation) == (128, 6)
+    # strong scaling: the baseline is one GPU training the same global batch
+    assert one.efficiency == pytest.approx(1.0)
+    assert all(c.prediction.efficiency <= 1 + 1e-12 for c in result.candidates)
+
+
+def test_bad_plan_arguments_name_the_argument() -> None:
+    with pytest.raises(UserError, match=r"^objective: must be one of"):
+        plan(make_profile(), make_cluster(), objective="fastest")
+    with pytest.raises(UserError, match=r"^plan\.min_efficiency: must be <= 1"):
+        plan(make_profile(), make_cluster(), min_efficiency=1.5)
+    with pytest.raises(UserError, match=r"^plan\.global_batch: must be > 0, got -4"):
+        plan(make_profile(), make_cluster(), global_batch=-4)
+
+
+def test_planning_1024_gpus_considers_every_placement() -> None:
+    result = plan(make_profile(), make_cluster(nodes=128, gpus_per_node=8),
+                  total_samples=100_000_000)
+    assert len(result.candidates) == 1024
+    assert {c.prediction.placement for c in result.candidates} == set(
+        placements(make_cluster(nodes=128, gpus_per_node=8)))
+
+
+# --- files and fields ----------------------------------------------------------------------
+
+
+def test_plan_json_round_trip(tmp_path: Path) -> None:
+    result = plan(make_profile(gradient_noise_scale=500.0), make_cluster(),
+                  total_samples=1_000_000, deadline_s=10_000.0)
+    again = Plan.from_dict(json.loads(json.dumps(result.to_dict())))
+    assert again == result
+    assert Plan.load(result.save(tmp_path / "plan.json")) == result
+    data = result.to_dict()
+    assert data["workers"] == result.workers and data["explanation"] == result.explanation
+    assert data["choice"]["gpus"] == result.choice.gpus
+
+
+def test_profile_round_trip(tmp_path: Path) -> None:
+    profile = make_profile(data_samples_per_s=3000.0, precision="bf16", meta={"oom_at": 256})
+    assert Profile.from_dict(json.loads(json.dumps(profile.to_dict()))) == profile
+    assert Profile.load(profile.save(tmp_path / "profile.json")) == profile
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"samples": [{"local_batch": 8, "step_time_s": 0.01},
+                      {"local_batch": 16, "step_time_s": 0.02},
+                      {"local_batch": 32, "step_time_s": -1}]},
+         r"^profile\.samples\[2\]\.step_time_s: must be > 0, got -1$"),
+        ({"grad_bytes": None}, r"^profile\.grad_bytes: required field is missing$"),
+        ({"param_count": "many"}, r"^profile\.param_count: must be an integer, got 'many'$"),
+        ({"samples": []}, r"^profile\.samples: must be a non-empty list, got \[\]$"),
+        ({"samples": [{"local_batch": 8, "step_time": 0.1}]},
+         r"^profile\.samples\[0\]\.step_time: unknown key"),
+        ({"max_local_batch": 4}, r"^profile\.max_local_batch: must be >= the smallest"),
+        ({"gradient_noise_scale": 0}, r"^profile\.gradient_noise_scale: must be > 0, got 0$"),
+        ({"batch": 3}, r"^profile\.batch: unknown key"),
+        ({"samples": [{"local_batch": 8, "step_time_s": 0.1},
+                      {"local_batch": 8, "step_time_s": 0.2}]},
+         r"^profile\.samples\[1\]\.local_batch: duplicate local batch 8$"),
+    ],
+)
+def test_bad_profile_fields_are_named(change: dict[str, Any], message: str) -> None:
+    raw = {k: v for k, v in profile_dict(**change).items() if v is not None}
+    with pytest.raises(UserError, match=message):
+        Profile.from_dict(raw)
+
+
+@pytest.mark.parametrize("version", [2, 0, None, "1"])
+def test_another_profile_version_is_refused(version: Any) -> None:
+    raw = profile_dict(version=version)
+    with pytest.raises(UserError, match=r"^profile\.version: this planner reads profile version 1"):
+        Profile.from_dict({k: v for k, v in raw.items() if v is not None})
+
+
+def test_a_newer_profile_reports_its_version_not_its_new_keys() -> None:
+    raw = {**profile_dict(version=2), "activation_bytes": 123}
+    with pytest.raises(UserError, match=r"^profile\.version: .* got version 2; re-run"):
+        Profile.from_dict(raw)
+
+
+def test_profile_file_errors_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "p.json"
+    with pytest.raises(UserError, match=r"p\.json: profile file not found"):
+        Profile.load(path)
+    path.write_text("{not json")
+    with pytest.raises(UserError, match=r"p\.json: not valid JSON \(line 1\)"):
+        Profile.load(path)
+    path.write_text(json.dumps(profile_dict(device="")))
+    with pytest.raises(UserError, match=r"p\.json: profile\.device: must be a non-empty string"):
+        Profile.load(path)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"nodes": 0}, r"cluster\.nodes: must be > 0, got 0"),
+        ({"gpus_per_node": 2.5}, r"cluster\.gpus_per_node: must be an integer, got 2\.5"),
+        ({"link_efficiency": 1.5}, r"cluster\.link_efficiency: must be <= 1, got 1\.5"),
+        ({"intra_node_bw": 5}, r"cluster\.intra_node_bw: unknown key"),
+        ({"allreduce_samples": [{"bytes": 1024, "nodes": 1, "gpus_per_node": 2, "seconds": 0}]},
+         r"cluster\.allreduce_samples\[0\]\.seconds: must be > 0, got 0"),
+    ],
+)
+def test_bad_cluster_fields_are_named(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        make_cluster(**change)
+
+
+def test_cluster_file_errors_name_the_file_and_field(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    with pytest.raises(UserError, match=r"c\.yaml: cluster file not found"):
+        load_cluster(path)
+    path.write_text("nodes: 2\ngpus_per_node: 8\nintra_node_GBps: 0\ninter_node_GBps: 25\n")
+    with pytest.raises(UserError, match=r"c\.yaml: cluster\.intra_node_GBps: must be > 0, got 0"):
+        load_cluster(path)
+    path.write_text("nodes: [1\n")
+    with pytest.raises(UserError, match=r"c\.yaml: not valid YAML"):
+        load_cluster(path)
+
+
+@pytest.mark.parametrize("name", ["cluster_cpu_local.yaml", "cluster_dgx_a100.yaml"])
+def test_shipped_cluster_files_load(name: str) -> None:
+    cluster = load_cluster(REPO / "configs" / name)
+    assert cluster.gpus >= 2
+    assert ClusterSpec.from_dict(cluster.to_dict()) == cluster
+
+
+def test_cluster_from_ray_nodes() -> None:
+    def node(alive: bool = True, **resources: float) -> dict[str, Any]:
+        return {"Alive": alive, "Resources": resources}
+
+    gpus = [node(CPU=16, GPU=8, **{"accelerator_type:A100": 1}), node(CPU=16, GPU=4),
+            node(alive=False, CPU=16, GPU=8), node(CPU=4)]
+    spec = spec_from_nodes(gpus, {"inter_node_GBps": 25})
+    assert (spec.nodes, spec.gpus_per_node, spec.gpu, spec.inter_node_GBps) == (1, 8, "A100", 25)
+    same = spec_from_nodes([node(CPU=8, GPU=4), node(CPU=8, GPU=4)])
+    assert (same.nodes, same.gpus_per_node) == (2, 4)
+    cpu = spec_from_nodes([node(CPU=2), node(CPU=3)], cpus_per_worker=1)
+    assert (cpu.nodes, cpu.gpus_per_node, cpu.gpu) == (2, 2, "cpu")
+    with pytest.raises(UserError, match="no alive node"):
+        spec_from_nodes([node(alive=False, CPU=8)])
