@@ -112,6 +112,7 @@ class ResourcesConfig(_Section):
     deadline_hours: float | None = Field(default=None, gt=0)
     budget: float | None = Field(default=None, gt=0)
     cluster: str | None = None  # ClusterSpec YAML; None: discovered from the live Ray cluster
+    profile: bool = True  # profile (cached) and log the prediction even for a fixed worker count
     autoscale_timeout_s: float | None = Field(default=None, ge=0)
 
     @field_validator("workers")
@@ -152,6 +153,16 @@ class JobConfig(_Section):
             {k: self.to_dict()[k] for k in ("model", "data", "training")}, sort_keys=True
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def localized(self) -> JobConfig:
+        """Local data and checkpoint paths made absolute, for processes with another cwd."""
+        def absolute(path: str) -> str:
+            return path if "://" in path else os.path.abspath(path)
+
+        data = self.data.model_copy(update={"path": [absolute(p) for p in self.data.paths]})
+        storage = absolute(self.checkpoint.storage_path)
+        checkpoint = self.checkpoint.model_copy(update={"storage_path": storage})
+        return self.model_copy(update={"data": data, "checkpoint": checkpoint})
 
     def resolved_tracking_uri(self) -> str | None:
         """`--set`/config, then MLFLOW_TRACKING_URI, then MLflow's default (None)."""

@@ -24,3 +24,20 @@ TRACKING_RETRY_MAX_S = _env_float("ORCH_TRACKING_RETRY_MAX_S", 30.0)
 AUTOSCALE_TIMEOUT_S = _env_float("ORCH_AUTOSCALE_TIMEOUT_S", 300.0)
 # Ray Jobs: poll interval while following a submitted job (seconds).
 JOB_POLL_S = _env_float("ORCH_JOB_POLL_S", 1.0)
+# Ray Jobs: how long to wait for a TCP answer from the dashboard before calling it unreachable (seconds).
+RAY_CONNECT_TIMEOUT_S = _env_float("ORCH_RAY_CONNECT_TIMEOUT_S", 5.0)
+# Ray Jobs: after `jobs stop`, the driver's time to write a final checkpoint before Ray kills it (seconds).
+JOB_STOP_GRACE_S = _env_float("ORCH_JOB_STOP_GRACE_S", 60.0)
+# Ray Jobs: how long `jobs stop` waits for the job to reach STOPPED before returning (seconds).
+JOB_STOP_WAIT_S = _env_float("ORCH_JOB_STOP_WAIT_S", 90.0)
+# MLflow metric buffer: one request to a tracking server may take this long (seconds); the buffer
+# retries on its own schedule, so MLflow's own retries (minutes, by default) are turned off for it.
+TRACKING_REQUEST_TIMEOUT_S = _env_float("ORCH_TRACKING_REQUEST_TIMEOUT_S", 10.0)
+# MLflow metric buffer: how long closing waits for a down server before spilling to a file (seconds).
+METRIC_CLOSE_TIMEOUT_S = _env_float("ORCH_METRIC_CLOSE_TIMEOUT_S", 30.0)
+# Ray Jobs: a head that just started refuses submissions until its job agent is up; retry this long (seconds).
+JOB_SUBMIT_RETRY_S = _env_float("ORCH_JOB_SUBMIT_RETRY_S", 60.0)
+# Profiler: stop climbing the batch-size ladder after this much time (seconds).
+PROFILE_BUDGET_S = _env_float("ORCH_PROFILE_BUDGET_S", 20.0)
+# Profiler: measure the Parquet pipeline's rate for this long (seconds).
+PROFILE_DATA_S = _env_float("ORCH_PROFILE_DATA_S", 2.0)

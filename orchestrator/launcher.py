@@ -17,9 +17,11 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from orchestrator import constants
-from orchestrator.config import JobConfig, flatten
+from orchestrator.config import JobConfig, WorkerRange, flatten
 from orchestrator.errors import UserError
+from orchestrator.planner import ClusterSpec, Plan, Prediction, Profile
 from orchestrator.tracking import JobRun, start_job_run
+from trainers.batching import split_global_batch
 
 log = logging.getLogger(__name__)
 
@@ -46,19 +48,8 @@ def connect_ray(address: str | None) -> None:
     # core hosts a training worker.
     global _EMBEDDED_EXTRA_CPUS
     _EMBEDDED_EXTRA_CPUS = 2
-    ray.init(num_cpus=(os.cpu_count() or 1) + _EMBEDDED_EXTRA_CPUS, include_dashboard=False,
+    ray.init(address="local", num_cpus=(os.cpu_count() or 1) + _EMBEDDED_EXTRA_CPUS, include_dashboard=False,
              runtime_env={"env_vars": env_vars}, log_to_driver=False)
-
-
-def cluster_slots(*, use_gpu: bool, cpus_per_worker: float) -> int:
-    resources = ray.cluster_resources()
-    if use_gpu:
-        return int(resources.get("GPU", 0))
-    cpus = resources.get("CPU", 1)
-    if _EMBEDDED_EXTRA_CPUS:
-        # The extra logical CPUs of an embedded Ray are for Ray Data, not for more workers.
-        cpus -= _EMBEDDED_EXTRA_CPUS
-    return max(int(cpus // cpus_per_worker), 1)
 
 
 def wants_gpu(job: JobConfig) -> bool:
@@ -188,60 +179,180 @@ def resolve_tracking_uri(job: JobConfig) -> str:
 
 
 @dataclass
+class Sizing:
+    """How many workers, and why: the plan (workers: auto) or the prediction for a fixed count."""
+
+    workers: int | tuple[int, int]
+    max_local_batch: int | None
+    profile: Profile | None = None
+    profile_cached: bool = False
+    cluster: ClusterSpec | None = None
+    plan: Plan | None = None
+    prediction: Prediction | None = None
+
+    @property
+    def explanation(self) -> str:
+        if self.plan is not None:
+            return self.plan.explanation
+        if self.prediction is not None:
+            p = self.prediction
+            return (f"{p.gpus} workers as configured: predicted {p.step_time_s * 1e3:.1f} ms/step, "
+                    f"{p.throughput:,.0f} samples/s, scaling efficiency {p.efficiency:.2f}.")
+        return "workers as configured (profiling off)."
+
+
+@dataclass
 class Launch:
     """Everything decided before the trainer starts."""
 
     job: JobConfig
-    workers: int | tuple[int, int]
+    sizing: Sizing
     use_gpu: bool
     data: Datasets
     steps_per_epoch: int
     total_steps: int
     run: JobRun
-    max_local_batch: int | None = None
+
+    @property
+    def workers(self) -> int | tuple[int, int]:
+        return self.sizing.workers
 
 
 def prepare_launch(job: JobConfig, *, workers: int | None, config_path: str | None) -> Launch:
+    job = job.localized()
     rows = check_data(job)  # fails before any Ray worker starts
     log.info("data: %d rows in %s", rows, ", ".join(job.data.paths))
     connect_ray(job.ray.address)
     use_gpu = wants_gpu(job)
-    n_workers = workers or _configured_workers(job, use_gpu=use_gpu)
     data = load_datasets(job)
     per_epoch = steps_per_epoch(data.train_rows, job.training.global_batch_size)
+    steps = total_steps(job, per_epoch)
+    sizing = size_job(job, workers=workers, use_gpu=use_gpu, total_samples=steps * job.training.global_batch_size)
     run = start_job_run(
         tracking_uri=resolve_tracking_uri(job), experiment=job.tracking.experiment,
         job_name=job.name, storage_path=job.checkpoint.storage_path,
     )
-    launch = Launch(job, n_workers, use_gpu, data, per_epoch, total_steps(job, per_epoch), run,
-                    job.training.max_local_batch)
+    launch = Launch(job, sizing, use_gpu, data, per_epoch, steps, run)
     _log_job(launch, config_path)
     return launch
 
 
-def _configured_workers(job: JobConfig, *, use_gpu: bool) -> int | tuple[int, int]:
-    w = job.resources.workers
-    if isinstance(w, int):
-        return w
-    if w == "auto":
-        return cluster_slots(use_gpu=use_gpu, cpus_per_worker=job.resources.cpus_per_worker)
-    return (w.min, w.max)
+# ---------------------------------------------------------------------------------------------
+# Sizing: profile, plan
+
+
+def live_cluster(job: JobConfig, *, use_gpu: bool) -> ClusterSpec:
+    """The cluster file if the config names one, else the live Ray cluster's shape."""
+    from orchestrator.cluster import CPU_DEFAULTS, GPU_DEFAULTS, discover_cluster, load_cluster, spec_from_nodes
+
+    if job.resources.cluster:
+        return load_cluster(job.resources.cluster)
+    defaults = GPU_DEFAULTS if use_gpu else CPU_DEFAULTS
+    if _EMBEDDED_EXTRA_CPUS and not use_gpu:
+        # An embedded Ray declares extra logical CPUs for Ray Data; plan for the real cores.
+        node = {"Alive": True, "Resources": {"CPU": os.cpu_count() or 1}}
+        return spec_from_nodes([node], defaults, use_gpu=False, cpus_per_worker=job.resources.cpus_per_worker)
+    return discover_cluster(defaults, use_gpu=use_gpu, cpus_per_worker=job.resources.cpus_per_worker)
+
+
+def size_job(job: JobConfig, *, workers: int | None, use_gpu: bool, total_samples: int) -> Sizing:
+    from orchestrator.planner import placement_for, plan, predict
+    from orchestrator.profiler import profile_job
+
+    configured = job.resources.workers
+    fixed = workers or (configured if isinstance(configured, int) else None)
+    if fixed and not job.resources.profile:
+        return Sizing(fixed, job.training.max_local_batch)
+    profile, cached = profile_job(job, use_gpu=use_gpu)
+    cluster = live_cluster(job, use_gpu=use_gpu)
+    if fixed:
+        placement = placement_for(cluster, fixed)
+        split = split_global_batch(job.training.global_batch_size, workers=fixed, max_local_batch=profile.max_local_batch)
+        prediction = predict(profile, cluster, nodes=placement.nodes, gpus_per_node=placement.gpus_per_node,
+                             local_batch=split.local_batch, accumulation=split.accumulation, total_samples=total_samples)
+        return Sizing(fixed, profile.max_local_batch, profile, cached, cluster, prediction=prediction)
+    r = job.resources
+    deadline = r.deadline_hours * 3600 if r.deadline_hours else None
+    max_gpus = configured.max if isinstance(configured, WorkerRange) else None
+    chosen = plan(profile, cluster, objective=r.objective, min_efficiency=r.min_efficiency,
+                  global_batch=job.training.global_batch_size, total_samples=total_samples,
+                  deadline_s=deadline, budget=r.budget, max_gpus=max_gpus)
+    count: int | tuple[int, int] = chosen.workers
+    if isinstance(configured, WorkerRange):
+        count = (configured.min, max(configured.min, chosen.workers))
+    return Sizing(count, chosen.choice.local_batch, profile, cached, cluster, plan=chosen, prediction=chosen.choice)
 
 
 def _log_job(launch: Launch, config_path: str | None) -> None:
     import torch
 
-    run, job = launch.run, launch.job
+    run, job, sizing = launch.run, launch.job, launch.sizing
     run.log_params(flatten(job.to_dict()))
     run.set_tags({
         "ray_version": ray.__version__, "torch_version": torch.__version__,
-        "workers": launch.workers, "use_gpu": launch.use_gpu,
-        "mlflow.note.content": f"`{job.name}`: {job.model.name} on {', '.join(job.data.paths)}",
+        "workers": _describe_workers(launch.workers), "use_gpu": launch.use_gpu,
+        **({"placement": str(sizing.prediction.placement)} if sizing.prediction else {}),
+        "mlflow.note.content": run_description(launch),
         **_git_tags(),
     })
     if config_path and not run.resumed:
         run.log_artifact(config_path, "config")
     run.log_dict(job.to_dict(), "config/resolved.json")
+    if not run.resumed:
+        run.log_dataset(name=job.data.dataset or Path(job.data.paths[0]).name, uri=job.data.paths[0],
+                        rows=launch.data.train_rows, schema=_data_schema(job))
+    _log_sizing(run, sizing)
+
+
+def _describe_workers(workers: int | tuple[int, int]) -> str:
+    return str(workers) if isinstance(workers, int) else f"{workers[0]}-{workers[1]} (elastic)"
+
+
+def _data_schema(job: JobConfig) -> dict[str, str]:
+    columns = {job.data.features.column: f"list<{job.data.features.dtype}>"}
+    if job.data.label:
+        columns[job.data.label.column] = job.data.label.dtype
+    return columns
+
+
+def _log_sizing(run: JobRun, sizing: Sizing) -> None:
+    """profile.json, plan.json and the scaling plot, plus the prediction as metrics."""
+    import tempfile
+
+    from orchestrator.plots import scaling_plot
+
+    if sizing.profile is not None:
+        run.log_dict(sizing.profile.to_dict(), "profile/profile.json")
+    if sizing.plan is not None:
+        run.log_dict(sizing.plan.to_dict(), "plan/plan.json")
+        with tempfile.TemporaryDirectory() as tmp:
+            run.log_artifact(scaling_plot(sizing.plan, Path(tmp) / "scaling.png"), "plan")
+    if sizing.prediction is not None:
+        p = sizing.prediction
+        run.log_metrics({"plan/predicted_step_time_s": p.step_time_s, "plan/predicted_samples_per_s": p.throughput,
+                         "plan/predicted_efficiency": p.efficiency}, step=0)
+
+
+def run_description(launch: Launch) -> str:
+    """Markdown shown at the top of the MLflow run page."""
+    job, sizing = launch.job, launch.sizing
+    lines = [
+        f"**{job.name}**: `{job.model.name}` on `{', '.join(job.data.paths)}` "
+        f"({launch.data.train_rows} training rows), global batch {job.training.global_batch_size}, "
+        f"{launch.total_steps} steps.",
+        "",
+        f"**Workers:** {_describe_workers(launch.workers)}. {sizing.explanation}",
+    ]
+    if sizing.plan is not None:
+        lines += ["", "| GPUs | placement | local batch x accum | step (ms) | samples/s | efficiency | note |",
+                  "|---:|---|---|---:|---:|---:|---|"]
+        for c in sizing.plan.best_per_gpu_count():
+            p = c.prediction
+            mark = "**chosen**" if p == sizing.plan.choice else (c.reason or "")
+            lines.append(f"| {p.gpus} | {p.placement} | {p.local_batch} x {p.accumulation} | "
+                         f"{p.step_time_s * 1e3:.2f} | {p.throughput:,.0f} | {p.efficiency:.2f} | {mark} |")
+        lines += ["", "Scaling plot: artifact `plan/scaling.png`; profile: `profile/profile.json`."]
+    return "\n".join(lines)
 
 
 def _git_tags() -> dict[str, str]:
@@ -260,10 +371,10 @@ def build_trainer(launch: Launch, progress: Any) -> TorchTrainer:
     job = launch.job
     args = LoopArgs(
         job=job.to_dict(), steps_per_epoch=launch.steps_per_epoch, total_steps=launch.total_steps,
-        run_id=launch.run.run_id, tracking_uri=launch.run.tracking_uri, max_local_batch=launch.max_local_batch,
-        progress=progress, spill_dir=os.path.abspath(job.checkpoint.storage_path),
+        run_id=launch.run.run_id, tracking_uri=launch.run.tracking_uri, max_local_batch=launch.sizing.max_local_batch,
+        progress=progress, spill_dir=job.checkpoint.storage_path,
     )
-    storage = os.path.abspath(job.checkpoint.storage_path) if "://" not in job.checkpoint.storage_path else job.checkpoint.storage_path
+    storage = job.checkpoint.storage_path
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=_asdict(args),
@@ -334,6 +445,12 @@ def _finish(launch: Launch, result: Any, *, events: list, stopped: bool) -> JobR
         final_step = int(state["step"])
         version = register_model(launch, state)
         run.set_tags({"checkpoint": checkpoint_path})
+    observed = metrics.get("observed_step_time_s")
+    if observed:
+        predicted = launch.sizing.prediction
+        run.log_metrics({"plan/observed_step_time_s": observed,
+                         **({"plan/observed_over_predicted": observed / predicted.step_time_s} if predicted else {})},
+                        step=final_step)
     run.log_dict(
         {"final_step": final_step, "metrics": metrics, "events": [e[1] | {"step": e[0]} for e in events]},
         "summary.json",

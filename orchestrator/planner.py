@@ -864,7 +864,7 @@ class _Goal:
     def reason(self, p: Prediction) -> str | None:
         """Why `p` breaks a constraint, or None."""
         if self.objective == "max_throughput" and p.efficiency < self.min_efficiency:
-            return f"efficiency {p.efficiency:.2f} < {self.min_efficiency:.2f}"
+            return f"efficiency {p.efficiency:.3f} < {self.min_efficiency:.3g}"
         if self.deadline_s is not None and p.time_to_finish_s > self.deadline_s:
             return (f"finishes in {_duration(p.time_to_finish_s)} > "
                     f"deadline {_duration(self.deadline_s)}")

@@ -14,7 +14,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,9 @@ RUN_KEY_TAG = "orchestrator.run_key"
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 # Metric keys MLflow stores per step; MLflow caps one log_batch at 1000 metrics.
 BATCH_LIMIT = 1000
+# Points rank 0 keeps in memory while the server is down; older ones go to the spill file.
+MAX_PENDING_POINTS = 500_000
+LOG_BATCH_ENDPOINT = "/api/2.0/mlflow/runs/log-batch"
 # Param names that may carry credentials; never written to MLflow.
 SECRET_HINTS = ("password", "secret", "token", "access_key", "credential")
 
@@ -77,6 +81,22 @@ class JobRun:
     def log_dict(self, data: Any, name: str) -> None:
         self.client.log_dict(self.run_id, data, name)
 
+    def log_dataset(self, *, name: str, uri: str, rows: int, schema: dict[str, str]) -> None:
+        """A dataset entry (MLflow's run inputs) for the Parquet data the job reads."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.types import ColSpec, Schema
+
+        spec = Schema([ColSpec(type="string", name=f"{col}: {dtype}") for col, dtype in schema.items()])
+        with warnings.catch_warnings():  # a local path matches two equivalent source types
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(uri)
+        dataset = MetaDataset(source, name=name, schema=spec)
+        entity = dataset._to_mlflow_entity()
+        tags = [InputTag("mlflow.data.context", "training"), InputTag("rows", str(rows))]
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(entity, tags=tags)])
+
     def last_step(self, key: str) -> int | None:
         history = self.client.get_metric_history(self.run_id, key)
         return max((m.step for m in history), default=None)
@@ -91,7 +111,9 @@ def start_job_run(
     """Resume the job's run (same name + storage) or create it."""
     mlflow_client = client(tracking_uri)
     exp = mlflow_client.get_experiment_by_name(experiment)
-    experiment_id = exp.experiment_id if exp else mlflow_client.create_experiment(experiment)
+    experiment_id = exp.experiment_id if exp else mlflow_client.create_experiment(
+        experiment, artifact_location=_artifacts_beside_db(tracking_uri)
+    )
     key = run_key(job_name, storage_path)
     found = mlflow_client.search_runs(
         [experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=1
@@ -107,12 +129,30 @@ def start_job_run(
     return JobRun(mlflow_client, run_id, experiment_id, resumed, uri)
 
 
+def _artifacts_beside_db(tracking_uri: str | None) -> str | None:
+    """A sqlite store keeps its artifacts in ./mlruns beside the database, wherever it runs from.
+
+    MLflow's own default is ./mlruns of the current directory, which differs between a driver,
+    a submitted job and `mlflow ui`; servers (http URIs) choose their own artifact root.
+    """
+    if not tracking_uri or not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = Path(tracking_uri.removeprefix("sqlite:///"))
+    return (db.parent / "mlruns").resolve().as_uri()
+
+
 # ---------------------------------------------------------------------------------------------
 # Rank 0: buffered, retried metric logging
 
 
 class MetricBuffer:
-    """Queue metric points and send them from a background thread; never raise into training."""
+    """Queue metric points and send them from one background thread; never raise into training.
+
+    Only that thread talks to MLflow, so a batch is neither sent twice nor dropped by a race with
+    `close`. Each request to a tracking server is bounded (TRACKING_REQUEST_TIMEOUT_S, without
+    MLflow's own retries, which last minutes), so a down server is noticed within seconds and
+    retried on this buffer's back-off; a warning says how many points wait.
+    """
 
     def __init__(
         self,
@@ -122,16 +162,20 @@ class MetricBuffer:
         skip_through_step: int | None = None,
         spill_dir: str | Path = ".",
         flush_every_s: float | None = None,
+        max_pending: int = MAX_PENDING_POINTS,
     ) -> None:
         self._client = client(tracking_uri)
+        self._send = _batch_sender(self._client)
         self._run_id = run_id
         self._skip_through = -1 if skip_through_step is None else skip_through_step
         self._spill_dir = Path(spill_dir)
         self._flush_every = constants.METRIC_FLUSH_S if flush_every_s is None else flush_every_s
+        self._max_pending = max_pending
         self._pending: list[Metric] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._stop = False
+        self._closing = threading.Event()
+        self._deadline = 0.0
         self._failures = 0
         self._warned_at = 0
         self.sent = 0
@@ -143,8 +187,17 @@ class MetricBuffer:
         if step <= self._skip_through:
             return
         now = int(time.time() * 1000)
+        points = []
+        for key, value in metrics.items():
+            try:
+                points.append(Metric(key, float(value), now, step))
+            except (TypeError, ValueError):
+                log.debug("metric %s=%r is not a number; not logged", key, value)
         with self._lock:
-            self._pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+            self._pending.extend(points)
+            overflow = len(self._pending) - self._max_pending
+        if overflow > 0:  # a server down for days must not exhaust rank 0's memory
+            self._spill(overflow)
 
     @property
     def pending(self) -> int:
@@ -152,63 +205,90 @@ class MetricBuffer:
             return len(self._pending)
 
     def _run(self) -> None:
-        while not self._stop:
-            self._wake.wait(self._backoff() if self._failures else self._flush_every)
-            self._wake.clear()
-            self._flush_once()
+        while True:
+            if not self._closing.is_set():
+                self._wake.wait(self._backoff() if self._failures else self._flush_every)
+                self._wake.clear()
+            sent_all = self._flush()
+            if self._closing.is_set():
+                left = self._deadline - time.monotonic()
+                if sent_all or left <= 0:
+                    return
+                time.sleep(min(self._backoff(), left))
 
     def _backoff(self) -> float:
-        return min(constants.TRACKING_RETRY_BASE_S * 2 ** (self._failures - 1), constants.TRACKING_RETRY_MAX_S)
+        return min(constants.TRACKING_RETRY_BASE_S * 2 ** max(self._failures - 1, 0), constants.TRACKING_RETRY_MAX_S)
 
-    def _flush_once(self) -> bool:
-        with self._lock:
-            batch = self._pending[:BATCH_LIMIT]
-        if not batch:
-            return True
-        try:
-            self._client.log_batch(self._run_id, metrics=batch)
-        except Exception as exc:  # noqa: BLE001 - any transport error means "retry later"
-            self._failures += 1
-            waiting = self.pending
-            if waiting >= 2 * max(self._warned_at, 1) or self._failures == 1:
-                log.warning("MLflow unreachable (%s); %d metric points wait to be sent", type(exc).__name__, waiting)
-                self._warned_at = waiting
-            return False
-        with self._lock:
-            del self._pending[: len(batch)]
-        self.sent += len(batch)
-        if self._failures:
-            log.warning("MLflow is back; sent %d buffered metric points", len(batch))
-        self._failures = 0
-        self._warned_at = 0
+    def _flush(self) -> bool:
+        """Send batches until none wait (True) or one fails (False)."""
+        sent = 0
+        while batch := self._next_batch():
+            try:
+                self._send(self._run_id, batch)
+            except Exception as exc:  # noqa: BLE001 - any transport or server error means "retry later"
+                self._note_failure(exc)
+                return False
+            with self._lock:
+                del self._pending[: len(batch)]
+            sent += len(batch)
+        self.sent += sent
+        if self._failures and sent:
+            log.warning("MLflow is back: sent %d buffered metric points", sent)
+        self._failures = self._warned_at = 0
         return True
 
-    def close(self, timeout_s: float = 30.0) -> Path | None:
-        """Send what waits; if the server stays down past `timeout_s`, spill to a local file."""
-        self._stop = True
-        self._wake.set()
-        self._thread.join(timeout=5)
-        deadline = time.monotonic() + timeout_s
-        while self.pending and time.monotonic() < deadline:
-            if not self._flush_once():
-                time.sleep(min(self._backoff(), max(deadline - time.monotonic(), 0)))
-        if not self.pending:
-            return None
-        return self._spill()
+    def _next_batch(self) -> list[Metric]:
+        with self._lock:
+            return self._pending[:BATCH_LIMIT]
 
-    def _spill(self) -> Path:
+    def _note_failure(self, exc: Exception) -> None:
+        self._failures += 1
+        waiting = self.pending
+        if self._failures == 1 or waiting >= 2 * max(self._warned_at, 1):
+            log.warning("MLflow unreachable (%s: %s); %d metric points wait to be sent (retrying)",
+                        type(exc).__name__, str(exc).strip().split("\n")[0][:160], waiting)
+            self._warned_at = waiting
+
+    def close(self, timeout_s: float | None = None) -> Path | None:
+        """Send what waits; if the server stays down past `timeout_s`, spill to a local file."""
+        timeout_s = constants.METRIC_CLOSE_TIMEOUT_S if timeout_s is None else timeout_s
+        self._deadline = time.monotonic() + timeout_s
+        self._closing.set()
+        self._wake.set()
+        self._thread.join(timeout_s + constants.TRACKING_REQUEST_TIMEOUT_S + 1)
+        return self._spill() if self.pending else None
+
+    def _spill(self, count: int | None = None) -> Path:
+        """Append the oldest `count` waiting points (all by default) to the run's spill file."""
         self._spill_dir.mkdir(parents=True, exist_ok=True)
         path = self._spill_dir / f"unsent-metrics-{self._run_id}.jsonl"
         with self._lock, open(path, "a") as f:
-            for m in self._pending:
+            points = self._pending[: len(self._pending) if count is None else count]
+            for m in points:
                 f.write(json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}) + "\n")
-            count = len(self._pending)
-            self._pending.clear()
-        log.warning(
-            "MLflow never came back: %d metric points written to %s "
-            "(replay with `orchestrator tracking replay %s`)", count, path, path,
-        )
+            del self._pending[: len(points)]
+        log.warning("MLflow did not take %d metric points; they are in %s "
+                    "(send them later with `orchestrator tracking replay %s`)", len(points), path, path)
         return path
+
+
+def _batch_sender(mlflow_client: MlflowClient) -> Callable[[str, list[Metric]], None]:
+    """log_batch; for a tracking server, one bounded request without MLflow's own retries."""
+    store = getattr(getattr(mlflow_client, "_tracking_client", None), "store", None)
+    host_creds = getattr(store, "get_host_creds", None)
+    if host_creds is None:  # a local store (sqlite, files), or an MLflow whose internals moved
+        return lambda run_id, metrics: mlflow_client.log_batch(run_id, metrics=metrics)
+    from mlflow.protos.service_pb2 import LogBatch
+    from mlflow.utils.proto_json_utils import message_to_json
+    from mlflow.utils.rest_utils import http_request, verify_rest_response
+
+    def send(run_id: str, metrics: list[Metric]) -> None:
+        body = message_to_json(LogBatch(run_id=run_id, metrics=[m.to_proto() for m in metrics]))
+        response = http_request(host_creds(), LOG_BATCH_ENDPOINT, "POST", max_retries=0,
+                                timeout=constants.TRACKING_REQUEST_TIMEOUT_S, json=json.loads(body))
+        verify_rest_response(response, LOG_BATCH_ENDPOINT)
+
+    return send
 
 
 def replay(path: str | Path, *, tracking_uri: str | None) -> int:

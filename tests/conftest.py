@@ -32,9 +32,9 @@ def ray_cluster() -> Iterator[object]:
 
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 2, "num_gpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False}
+        head_node_args={"num_cpus": 2, "num_gpus": 0, "include_dashboard": False},
     )
-    nodes = [cluster.add_node(num_cpus=2, num_gpus=1, node_ip_address="127.0.0.1") for _ in range(2)]
+    nodes = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
     cluster.gpu_nodes = nodes  # type: ignore[attr-defined]

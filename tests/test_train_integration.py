@@ -68,7 +68,7 @@ def test_cli_two_workers_train_digits_and_register_model(ray_cluster, job_overri
 
 
 def test_interrupted_job_resumes_same_run_without_duplicate_steps(ray_cluster, job_overrides) -> None:
-    job = load_config(DIGITS, job_overrides + ["training.epochs=3", "checkpoint.every_steps=10"])
+    job = load_config(DIGITS, job_overrides + ["training.epochs=3", "checkpoint.every_steps=10", "resources.profile=false"])
     stop = threading.Event()
 
     def stop_after_step_25(step: int, total: int, info: dict) -> None:

@@ -89,10 +89,10 @@ def make_collate(data: DataConfig):
     def collate(batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor | None]:
         column = batch[feat.column]
         array = np.stack(column) if column.dtype == object else column
-        x = torch.as_tensor(array, dtype=_DTYPES[feat.dtype])
+        x = torch.tensor(array, dtype=_DTYPES[feat.dtype])  # a copy: Arrow buffers are read-only
         if feat.shape is not None:
             x = x.reshape(len(x), *feat.shape)
-        y = torch.as_tensor(batch[label.column], dtype=torch.int64) if label else None
+        y = torch.tensor(batch[label.column], dtype=torch.int64) if label else None
         return x, y
 
     return collate

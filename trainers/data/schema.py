@@ -21,7 +21,7 @@ from orchestrator.errors import UserError
 
 def check_columns(paths: list[str], features: ColumnConfig, label: ColumnConfig | None) -> int:
     """Raise UserError on a missing path or column, a wrong dtype or shape; return the row count."""
-    dataset = _open(paths)
+    dataset = open_dataset(paths)
     where = ", ".join(paths)
     feature_type = _column_type(dataset.schema, features, "data.features", where)
     _check_feature_type(feature_type, features)
@@ -35,7 +35,8 @@ def check_columns(paths: list[str], features: ColumnConfig, label: ColumnConfig 
     return rows
 
 
-def _open(paths: list[str]) -> pads.Dataset:
+def open_dataset(paths: list[str]) -> pads.Dataset:
+    """The Parquet files under `paths` as one pyarrow dataset (UserError if none)."""
     if not paths:
         raise UserError("data.path: no path given")
     filesystem, _ = _resolve(paths[0])
