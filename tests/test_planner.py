@@ -403,7 +403,7 @@ def test_cluster_file_errors_name_the_file_and_field(tmp_path: Path) -> None:
         load_cluster(path)
 
 
-@pytest.mark.parametrize("name", ["cluster_cpu_local.yaml", "cluster_dgx_a100.yaml"])
+@pytest.mark.parametrize("name", ["clusters/cpu_local.yaml", "clusters/dgx_a100.yaml"])
 def test_shipped_cluster_files_load(name: str) -> None:
     cluster = load_cluster(REPO / "configs" / name)
     assert cluster.gpus >= 2
