@@ -114,6 +114,11 @@ class ResourcesConfig(_Section):
     cluster: str | None = None  # ClusterSpec YAML; None: discovered from the live Ray cluster
     profile: bool = True  # profile (cached) and log the prediction even for a fixed worker count
     autoscale_timeout_s: float | None = Field(default=None, ge=0)
+    # Ask the Ray autoscaler for the planned workers before launch: auto = only on a cluster whose
+    # autoscaler can add nodes (not an embedded or static cluster).
+    autoscale: Literal["auto"] | bool = "auto"
+    # Online re-planning: with an elastic range, resize at a checkpoint when the refit plan wins.
+    replan: bool = True
 
     @field_validator("workers")
     @classmethod
@@ -199,7 +204,16 @@ def _model_types(annotation: Any) -> list[type[BaseModel]]:
 _FIELD_NAMES = _collect_field_names(JobConfig, set())
 
 
-def _describe(error: dict[str, Any]) -> str:
+# What each pydantic type error says the value must be, in the user's YAML words.
+_EXPECTED = {
+    "int_parsing": "an integer", "int_type": "an integer", "int_from_float": "an integer",
+    "float_parsing": "a number", "float_type": "a number", "bool_parsing": "true or false",
+    "bool_type": "true or false", "string_type": "a string", "list_type": "a list",
+    "dict_type": "a mapping", "model_type": "a mapping", "model_attributes_type": "a mapping",
+}
+
+
+def _describe(error: dict[str, Any], alternatives: list[str]) -> str:
     where = _format_loc(error["loc"], unknown_key=error["type"] == "extra_forbidden")
     if error["type"] == "extra_forbidden":
         return f"{where}: unknown key"
@@ -210,11 +224,26 @@ def _describe(error: dict[str, Any]) -> str:
     for bound, word in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
         if bound in ctx and error["type"].startswith(("greater", "less")):
             msg = f"must be {word} {ctx[bound]:g}"
-    if error["type"] == "literal_error" and "expected" in ctx:
-        msg = f"must be one of {ctx['expected']}"
+    if error["type"] == "string_pattern_mismatch":
+        msg = "must use only letters, digits, '_', '.', '-' and start with a letter or digit"
+    if error["type"] in _EXPECTED or error["type"] == "literal_error":
+        msg = "must be " + " or ".join(alternatives)
     if "got" in msg:
         return f"{where}: {msg}"
     return f"{where}: {msg}, got {error.get('input')!r}"
+
+
+def _alternatives(errors: list[dict[str, Any]], where: str) -> list[str]:
+    """Everything a union field would accept, from its branches' errors at that location."""
+    found: list[str] = []
+    for e in errors:
+        if _format_loc(e["loc"]) != where:
+            continue
+        if e["type"] == "literal_error":
+            found.append((e.get("ctx") or {}).get("expected", ""))
+        elif e["type"] in _EXPECTED:
+            found.append(_EXPECTED[e["type"]])
+    return list(dict.fromkeys(found))
 
 
 def _pick_error(errors: list[dict[str, Any]]) -> dict[str, Any]:
@@ -260,7 +289,9 @@ def validate(raw: Any, *, source: str = "config") -> JobConfig:
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as exc:
-        raise UserError(_describe(_pick_error(exc.errors()))) from None
+        errors = exc.errors()
+        chosen = _pick_error(errors)
+        raise UserError(_describe(chosen, _alternatives(errors, _format_loc(chosen["loc"])))) from None
 
 
 def read_yaml(path: str | Path) -> Any:
