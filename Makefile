@@ -9,6 +9,7 @@ PIP_INSTALL := $(BIN)/pip install --quiet --disable-pip-version-check -c constra
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 export GLOO_SOCKET_IFNAME ?= lo
+export MLFLOW_DISABLE_TELEMETRY ?= true
 
 .PHONY: demo test bench install clean
 

@@ -41,3 +41,18 @@ JOB_SUBMIT_RETRY_S = _env_float("ORCH_JOB_SUBMIT_RETRY_S", 60.0)
 PROFILE_BUDGET_S = _env_float("ORCH_PROFILE_BUDGET_S", 20.0)
 # Profiler: measure the Parquet pipeline's rate for this long (seconds).
 PROFILE_DATA_S = _env_float("ORCH_PROFILE_DATA_S", 2.0)
+# Autoscaling: how often the driver re-counts arrived workers (and prints a line) while it waits (seconds).
+AUTOSCALE_POLL_S = _env_float("ORCH_AUTOSCALE_POLL_S", 2.0)
+# Online re-planning: optimizer steps a worker group runs before its observed step time is trusted
+# (the first steps include start-up); the refit and resize decision happen once per group after that.
+REPLAN_MIN_STEPS = int(_env_float("ORCH_REPLAN_MIN_STEPS", 20))
+# Online re-planning: resize only when the refit plan beats the current worker count by this fraction
+# of the objective (throughput, goodput or cost)...
+REPLAN_MARGIN = _env_float("ORCH_REPLAN_MARGIN", 0.10)
+# ...and the time it saves over the remaining steps exceeds what a restart costs (seconds).
+RESIZE_COST_S = _env_float("ORCH_RESIZE_COST_S", 60.0)
+# Online re-planning: at most this many resizes per job run (a guard against oscillation).
+MAX_RESIZES = int(_env_float("ORCH_MAX_RESIZES", 2))
+# Rank 0 waits at most this long at each checkpoint for its buffered metrics to reach MLflow, so a
+# job resuming from that checkpoint has every earlier step logged (seconds).
+METRIC_CHECKPOINT_FLUSH_S = _env_float("ORCH_METRIC_CHECKPOINT_FLUSH_S", 5.0)

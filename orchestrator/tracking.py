@@ -112,7 +112,9 @@ def start_job_run(
     mlflow_client = client(tracking_uri)
     exp = mlflow_client.get_experiment_by_name(experiment)
     experiment_id = exp.experiment_id if exp else mlflow_client.create_experiment(
-        experiment, artifact_location=_artifacts_beside_db(tracking_uri)
+        experiment, artifact_location=_artifacts_beside_db(tracking_uri),
+        # Open in the UI's "Model training" view (MLflow 3 defaults new experiments to GenAI).
+        tags={"mlflow.experimentKind": "custom_model_development"},
     )
     key = run_key(job_name, storage_path)
     found = mlflow_client.search_runs(
@@ -196,13 +198,24 @@ class MetricBuffer:
         with self._lock:
             self._pending.extend(points)
             overflow = len(self._pending) - self._max_pending
-        if overflow > 0:  # a server down for days must not exhaust rank 0's memory
-            self._spill(overflow)
+        if overflow > 0:  # a server down for days must not exhaust rank 0's memory: spill the older half
+            self._spill(overflow + self._max_pending // 2)
 
     @property
     def pending(self) -> int:
         with self._lock:
             return len(self._pending)
+
+    def flush(self, timeout_s: float) -> bool:
+        """Have the sender thread send what waits now; True once nothing waits (within timeout_s).
+
+        Rank 0 calls it before reporting a checkpoint, so that every step up to a checkpoint is in
+        MLflow when a failure makes the job resume from it (the steps after are trained again)."""
+        deadline = time.monotonic() + timeout_s
+        self._wake.set()
+        while self.pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return not self.pending
 
     def _run(self) -> None:
         while True:
@@ -229,7 +242,10 @@ class MetricBuffer:
                 self._note_failure(exc)
                 return False
             with self._lock:
-                del self._pending[: len(batch)]
+                # A spill (memory cap, or close giving up) may have taken these points meanwhile:
+                # then they are sent and in the file, never lost.
+                if self._pending and self._pending[0] is batch[0]:
+                    del self._pending[: len(batch)]
             sent += len(batch)
         self.sent += sent
         if self._failures and sent:

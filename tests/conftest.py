@@ -13,6 +13,7 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("ORCH_PROGRESS_POLL_S", "0.2")
 os.environ.setdefault("ORCH_METRIC_FLUSH_S", "0.5")
 
