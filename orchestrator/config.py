@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.errors import UserError
+from orchestrator.files import read_yaml
 
 
 class _Section(BaseModel):
@@ -294,20 +295,8 @@ def validate(raw: Any, *, source: str = "config") -> JobConfig:
         raise UserError(_describe(chosen, _alternatives(errors, _format_loc(chosen["loc"])))) from None
 
 
-def read_yaml(path: str | Path) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: config file not found")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise UserError(f"{path}: not valid YAML{where}") from None
-
-
 def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
-    raw = read_yaml(path)
+    raw = read_yaml(path, "config")
     if raw is None:
         raise UserError(f"{path}: file is empty")
     if not isinstance(raw, dict):

@@ -9,7 +9,6 @@ shape as the ones rendered here.
 
 from __future__ import annotations
 
-import json
 import math
 import posixpath
 import re
@@ -23,6 +22,7 @@ import yaml
 
 from orchestrator.config import JobConfig, WorkerRange, load_config
 from orchestrator.errors import UserError
+from orchestrator.files import read_json
 
 NAMESPACE = "ray-training"
 RAY_VERSION = "2.60.0"
@@ -406,13 +406,7 @@ def dump_manifests(objs: list[dict[str, Any]]) -> str:
 
 
 def load_plan(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: plan file not found")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON (line {exc.lineno})") from None
+    raw = read_json(path, "plan")
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     try:

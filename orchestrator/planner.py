@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import UserError
+from orchestrator.files import read_json
 
 PROFILE_VERSION = 1
 PLAN_VERSION = 1
@@ -165,16 +166,6 @@ def _drop_none(data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if v is not None}
 
 
-def _read_json(path: str | Path, what: str) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: {what} file not found")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON (line {exc.lineno})") from None
-
-
 # ---------------------------------------------------------------------------------------------
 # Inputs: the profile of one worker and the cluster. Each validates itself in __post_init__
 # (built from JSON/YAML or in code alike); samples are checked by their container, which knows
@@ -284,7 +275,7 @@ class Profile:
 
     @classmethod
     def load(cls, path: str | Path) -> Profile:
-        raw = _read_json(path, "profile")
+        raw = read_json(path, "profile")
         try:
             return cls.from_dict(raw)
         except UserError as exc:
@@ -557,7 +548,7 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
-        raw = _read_json(path, "plan")
+        raw = read_json(path, "plan")
         try:
             return cls.from_dict(raw)
         except UserError as exc:
@@ -1034,3 +1025,168 @@ def _duration(seconds: float) -> str:
     if seconds < 2 * 3600:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+# ---------------------------------------------------------------------------------------------
+# Online re-planning: refit the network from an observed step, then decide whether to resize
+
+from dataclasses import replace  # noqa: E402 - kept with the section that uses it
+
+# Bounds on the refit's scale of communication time: an observation further off than this says
+# something other than the network is wrong (a straggler, a mis-profiled device).
+REFIT_SCALE_LIMITS = (1e-6, 1e6)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Refit:
+    """The cluster's network figures scaled so that `predict` matches an observed step time."""
+
+    cluster: ClusterSpec
+    scale: float  # communication time, refit / before (1: nothing to learn, e.g. one worker)
+    placement: Placement
+    observed_step_s: float
+    predicted: Prediction  # at the observed placement, before the refit
+    comm_s: float  # the all-reduce time (before overlap) that explains the observation
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scale": self.scale, "placement": str(self.placement), "observed_step_s": self.observed_step_s,
+                "predicted_step_s": self.predicted.step_time_s, "predicted_comm_s": self.predicted.comm_s,
+                "refit_comm_s": self.comm_s}
+
+
+def scale_network(cluster: ClusterSpec, factor: float) -> ClusterSpec:
+    """`cluster` with every communication time multiplied by `factor` (bandwidths divided,
+    latency and measured all-reduce samples multiplied), so ring and table predictions alike
+    scale by exactly that factor at every placement."""
+    if not factor > 0:
+        raise UserError(f"scale_network.factor: must be > 0, got {factor}")
+    return replace(
+        cluster,
+        intra_node_GBps=cluster.intra_node_GBps / factor,
+        inter_node_GBps=cluster.inter_node_GBps / factor,
+        latency_us=cluster.latency_us * factor,
+        allreduce_samples=tuple(replace(s, seconds=s.seconds * factor) for s in cluster.allreduce_samples),
+    )
+
+
+def refit_network(
+    profile: Profile,
+    cluster: ClusterSpec,
+    *,
+    placement: Placement,
+    local_batch: int,
+    accumulation: int = 1,
+    observed_step_s: float,
+) -> Refit:
+    """Refit the network term from one observed step time at the actual placement.
+
+    The compute terms come from the profile and stay; the overlap formula is solved for the
+    all-reduce time t_c that yields the observation,
+        t_c = ((observed - compute + t_bwd)^gamma - t_bwd^gamma)^(1/gamma),
+    and every network figure is scaled by t_c / predicted t_c (within ``REFIT_SCALE_LIMITS``), so
+    ``predict`` on the returned cluster matches the observation here and the plan elsewhere moves
+    with it. One worker has no all-reduce: nothing to learn, scale 1. An observation faster than
+    compute alone means communication is fully hidden: the lower limit.
+    """
+    _number({"observed_step_s": observed_step_s}, "observed_step_s", "refit_network")
+    model = _Model(profile, cluster)
+    micro, extra = split_local_batch(local_batch, profile.max_local_batch)
+    accum = accumulation * extra
+    predicted = model.predict(placement, micro, accum, fits=extra == 1, total_samples=None,
+                              reference_batch=profile.max_local_batch)
+    comm = model.comm(placement)
+    if comm == 0:
+        return Refit(cluster=cluster, scale=1.0, placement=placement, observed_step_s=observed_step_s,
+                     predicted=predicted, comm_s=0.0)
+    t_fb = model.fwd_bwd(micro)
+    t_bwd = BACKWARD_FRACTION * t_fb
+    overlapped = max(observed_step_s - (accum * t_fb + model.optimizer_s) + t_bwd, t_bwd)
+    observed_comm = (overlapped**OVERLAP_GAMMA - t_bwd**OVERLAP_GAMMA) ** (1 / OVERLAP_GAMMA)
+    low, high = REFIT_SCALE_LIMITS
+    scale = min(max(observed_comm / comm, low), high)
+    return Refit(cluster=scale_network(cluster, scale), scale=scale, placement=placement,
+                 observed_step_s=observed_step_s, predicted=predicted, comm_s=comm * scale)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResizeDecision:
+    """Keep the running worker count or resize to another, and why (one sentence)."""
+
+    workers: int  # the count to run from here on (the current one when keeping)
+    current: Prediction  # at the running placement, on the refit cluster
+    proposed: Prediction  # the refit plan's choice within the allowed range
+    gain: float  # relative improvement of the objective, proposed over current
+    saved_s: float  # seconds (GPU-seconds for min_cost) saved over the remaining samples, net of the restart
+    reason: str
+
+    @property
+    def resize(self) -> bool:
+        return self.workers != self.current.gpus
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"workers": self.workers, "resize": self.resize, "current_workers": self.current.gpus,
+                "proposed_workers": self.proposed.gpus, "current_step_time_s": self.current.step_time_s,
+                "proposed_step_time_s": self.proposed.step_time_s, "gain": self.gain,
+                "saved_s": self.saved_s, "reason": self.reason}
+
+
+def decide_resize(
+    profile: Profile,
+    cluster: ClusterSpec,
+    *,
+    current: Placement,
+    min_workers: int,
+    max_workers: int,
+    global_batch: int,
+    remaining_samples: int,
+    objective: str = "max_throughput",
+    min_efficiency: float = 0.8,
+    margin: float = 0.1,
+    restart_cost_s: float = 0.0,
+) -> ResizeDecision:
+    """Re-plan on a (refit) cluster within [min_workers, max_workers] and decide whether moving
+    from the `current` placement pays: the objective must improve by more than `margin`, and the
+    time saved over `remaining_samples` (GPU-time for min_cost) must exceed a restart."""
+    now = predict(profile, cluster, nodes=current.nodes, gpus_per_node=current.gpus_per_node,
+                  local_batch=max(global_batch // current.gpus, 1), reference_batch=global_batch)
+    goal = _Goal(objective=objective, min_efficiency=min_efficiency, global_batch=global_batch,
+                 total_samples=None, deadline_s=None, budget=None)
+    try:
+        table = plan(profile, cluster, objective=objective, min_efficiency=min_efficiency,
+                     global_batch=global_batch, max_gpus=max_workers).candidates
+    except UserError as exc:
+        return _keep(now, f"keep {current.gpus} workers: the refit plan has no choice ({exc})")
+    allowed = [c for c in table if c.eligible and min_workers <= c.prediction.gpus <= max_workers]
+    if not allowed:
+        return _keep(now, f"keep {current.gpus} workers: no placement of {min_workers}-{max_workers} "
+                          f"workers meets the objective on the refit network")
+    new = _choose(goal, allowed).prediction
+    gain = (goal.score(new) - goal.score(now)) / abs(goal.score(now))
+    saved = _remaining_cost(now, remaining_samples, objective) - _remaining_cost(new, remaining_samples, objective)
+    saved -= restart_cost_s * (new.gpus if objective == "min_cost" else 1)
+    if new.gpus == current.gpus:
+        return _keep(now, f"keep {current.gpus} workers: the refit plan chooses the same count", new)
+    change = (f"{new.gpus} workers would give {gain:+.0%} {objective} ({new.throughput:,.0f} vs "
+              f"{now.throughput:,.0f} samples/s on the refit network)")
+    keep = f"keep {current.gpus} workers: {change}"
+    if gain <= margin:
+        return _keep(now, f"{keep}, within the {margin:.0%} margin", new, gain, saved)
+    if saved <= 0:
+        return _keep(now, f"{keep}, but over the remaining {remaining_samples:,} samples that does not "
+                          f"repay a {restart_cost_s:g} s restart", new, gain, saved)
+    unit = "GPU-s" if objective == "min_cost" else "s"
+    return ResizeDecision(workers=new.gpus, current=now, proposed=new, gain=gain, saved_s=saved,
+                          reason=f"resize {current.gpus} -> {new.gpus} workers: {change}, saving "
+                                 f"{saved:,.1f} {unit} net of a {restart_cost_s:g} s restart")
+
+
+def _keep(now: Prediction, reason: str, proposed: Prediction | None = None, gain: float = 0.0,
+          saved: float = 0.0) -> ResizeDecision:
+    return ResizeDecision(workers=now.gpus, current=now, proposed=proposed or now, gain=gain, saved_s=saved,
+                          reason=reason)
+
+
+def _remaining_cost(p: Prediction, samples: int, objective: str) -> float:
+    """Seconds to train `samples` at this prediction (GPU-seconds for min_cost)."""
+    rate = p.goodput if objective == "max_goodput" else p.throughput
+    return samples / rate * (p.gpus if objective == "min_cost" else 1)
