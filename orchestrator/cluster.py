@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from orchestrator.errors import UserError
+from orchestrator.files import read_yaml
 from orchestrator.planner import AllReduceSample, ClusterSpec, Placement
 
 # Figures for a discovered cluster whose network nobody described: conservative guesses (PCIe
@@ -38,15 +39,7 @@ DEFAULT_PROBE_SIZES = [4**k * 1024 for k in range(9)]
 
 def load_cluster(path: str | Path) -> ClusterSpec:
     """Read a cluster YAML file; errors name the file and the field."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: cluster file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise UserError(f"{path}: not valid YAML{where}") from None
+    raw = read_yaml(path, "cluster")
     if raw is None:
         raise UserError(f"{path}: file is empty")
     try:
@@ -277,3 +270,21 @@ class _AllReduceWorker:
             medians.append(statistics.median(times))
         dist.destroy_process_group()
         return medians
+
+
+def worker_slots(nodes: list[dict[str, Any]], *, use_gpu: bool, cpus_per_worker: float = 1.0) -> int:
+    """How many training workers the alive nodes of `ray.nodes()` records can host (pure).
+
+    A worker needs `cpus_per_worker` CPUs, and one GPU when `use_gpu`; unlike `spec_from_nodes`,
+    nodes of any shape count, as Ray Train places workers wherever they fit.
+    """
+    total = 0
+    for node in nodes:
+        if not node.get("Alive"):
+            continue
+        resources = node.get("Resources", {})
+        slots = int(resources.get("CPU", 0) // cpus_per_worker)
+        if use_gpu:
+            slots = min(slots, int(resources.get("GPU", 0)))
+        total += slots
+    return total

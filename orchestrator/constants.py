@@ -56,3 +56,10 @@ MAX_RESIZES = int(_env_float("ORCH_MAX_RESIZES", 2))
 # Rank 0 waits at most this long at each checkpoint for its buffered metrics to reach MLflow, so a
 # job resuming from that checkpoint has every earlier step logged (seconds).
 METRIC_CHECKPOINT_FLUSH_S = _env_float("ORCH_METRIC_CHECKPOINT_FLUSH_S", 5.0)
+# Autoscaling: the job's request outlives the wait by this long (seconds). The driver withdraws it
+# once the worker group runs (Ray Train keeps its own request then) or the job ends; the expiry
+# cleans up after a driver that died first.
+AUTOSCALE_REQUEST_TTL_S = _env_float("ORCH_AUTOSCALE_REQUEST_TTL_S", 600.0)
+# Autoscaling (resources.autoscale: auto): how long to wait for a just-started head's autoscaler to
+# report its node types before deciding the cluster has none (seconds).
+AUTOSCALE_DETECT_S = _env_float("ORCH_AUTOSCALE_DETECT_S", 15.0)

@@ -1,5 +1,6 @@
-"""The driver: connect to Ray, check the data, start or resume the MLflow run, launch the
-TorchTrainer, show progress, and register the trained model."""
+"""The driver: connect to Ray, check the data, size the job (and ask the autoscaler for it), start
+or resume the MLflow run, launch the TorchTrainer, follow it (restarts, re-planning, resizes), and
+register the trained model."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from orchestrator import constants
+from orchestrator import autoscale, constants
 from orchestrator.config import JobConfig, WorkerRange, flatten
 from orchestrator.errors import UserError
+from orchestrator.monitor import PROGRESS_NAMESPACE, FailureForwarder, JobMonitor, StatusCallback, progress_actor_name
 from orchestrator.planner import ClusterSpec, Plan, Prediction, Profile
 from orchestrator.tracking import JobRun, start_job_run
 from trainers.batching import split_global_batch
@@ -103,7 +105,7 @@ def load_datasets(job: JobConfig) -> Datasets:
     example_batch = val.take_batch(4, batch_format="numpy") if job.data.val_fraction else ds.take_batch(4, batch_format="numpy")
     x, _ = make_collate(job.data)(example_batch)
     if job.data.label is None:
-        x = x[:, :-1]
+        x = x[:, :-1].contiguous()  # the model sees tokens without the last target
     return Datasets(train, val, train.count(), np.asarray(x.numpy()))
 
 
@@ -128,24 +130,52 @@ def total_steps(job: JobConfig, per_epoch: int) -> int:
 
 @ray.remote(num_cpus=0)
 class ProgressActor:
+    """Rank 0 pushes steps, metrics and events; every rank registers its process and node; the
+    controller forwards failures; the driver polls and asks for a stop (SIGTERM, or a resize)."""
+
     def __init__(self) -> None:
-        self.step, self.info, self.events, self._stop = 0, {}, [], False
+        self.step, self.info, self.events, self.workers = 0, {}, [], {}
+        self._stop = False
+        self._group: dict[str, Any] | None = None  # the latest worker-group start event
 
     def update(self, step: int, info: dict[str, Any]) -> None:
+        # Events carry the wall time they arrived ("at"); a group's start event also gets the time
+        # its first step was reported ("first_step_at"): restart and recovery times, on one clock.
+        now = time.time()
         self.step = step
-        if "event" in info:
-            self.events.append((step, info))
-        else:
+        if "event" not in info:
             self.info.update(info)
+            if self._group is not None and "first_step_at" not in self._group:
+                self._group["first_step_at"] = now
+            return
+        info = {**info, "at": now}
+        self.events.append((step, info))
+        if "workers" in info:  # a new worker group: drop what the previous one reported
+            self._group, self.info = info, {}
+            self.workers = {r: w for r, w in self.workers.items() if r < info["workers"]}
 
-    def snapshot(self) -> tuple[int, dict[str, Any], list]:
-        return self.step, dict(self.info), list(self.events)
+    def register_worker(self, rank: int, pid: int, node_id: str) -> None:
+        self.workers[rank] = {"pid": pid, "node_id": node_id}
+
+    def record_failure(self, cause: str) -> None:
+        self.events.append((self.step, {"event": "failure", "cause": cause, "at": time.time()}))
+
+    def snapshot(self) -> tuple[int, dict[str, Any], list, dict[int, dict[str, Any]]]:
+        return self.step, dict(self.info), list(self.events), dict(self.workers)
 
     def request_stop(self) -> None:
         self._stop = True
 
+    def clear_stop(self) -> None:
+        self._stop = False
+
     def stop_requested(self) -> bool:
         return self._stop
+
+
+def progress_actor(run_id: str) -> Any:
+    """The progress actor of the job running for MLflow run `run_id` (for tools and tests)."""
+    return ray.get_actor(progress_actor_name(run_id), namespace=PROGRESS_NAMESPACE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,6 +194,9 @@ class JobResult:
     workers: int
     events: list = field(default_factory=list)
     stopped: bool = False
+    restarts: int = 0  # worker-group restarts after failures, over the whole run
+    resizes: int = 0  # resizes decided by online re-planning, over the whole run
+    replan: list = field(default_factory=list)  # this execution's re-planning decisions
 
 
 def resolve_tracking_uri(job: JobConfig) -> str:
@@ -201,6 +234,15 @@ class Sizing:
         return "workers as configured (profiling off)."
 
 
+@dataclass(frozen=True)
+class Autoscaled:
+    """What the autoscaler was asked for and delivered; `before` is the sizing it replaced."""
+
+    requester: str
+    arrival: autoscale.Arrival
+    before: Sizing | None = None
+
+
 @dataclass
 class Launch:
     """Everything decided before the trainer starts."""
@@ -212,13 +254,23 @@ class Launch:
     steps_per_epoch: int
     total_steps: int
     run: JobRun
+    autoscaled: Autoscaled | None = None  # a standing autoscaler request, released by run_job
+    released: bool = False
 
     @property
     def workers(self) -> int | tuple[int, int]:
         return self.sizing.workers
 
+    def release(self) -> None:
+        """Withdraw the autoscaler request: once Ray Train's worker group runs (Ray Train keeps its
+        own request from then on; both would ask for the workers twice), and when the job ends."""
+        if self.autoscaled is not None and not self.released:
+            autoscale.release(self.autoscaled.requester)
+            self.released = True
 
-def prepare_launch(job: JobConfig, *, workers: int | None, config_path: str | None) -> Launch:
+
+def prepare_launch(job: JobConfig, *, workers: int | None, config_path: str | None,
+                   on_status: StatusCallback | None = None) -> Launch:
     job = job.localized()
     rows = check_data(job)  # fails before any Ray worker starts
     log.info("data: %d rows in %s", rows, ", ".join(job.data.paths))
@@ -227,14 +279,87 @@ def prepare_launch(job: JobConfig, *, workers: int | None, config_path: str | No
     data = load_datasets(job)
     per_epoch = steps_per_epoch(data.train_rows, job.training.global_batch_size)
     steps = total_steps(job, per_epoch)
-    sizing = size_job(job, workers=workers, use_gpu=use_gpu, total_samples=steps * job.training.global_batch_size)
-    run = start_job_run(
-        tracking_uri=resolve_tracking_uri(job), experiment=job.tracking.experiment,
-        job_name=job.name, storage_path=job.checkpoint.storage_path,
-    )
-    launch = Launch(job, sizing, use_gpu, data, per_epoch, steps, run)
-    _log_job(launch, config_path)
+    samples = steps * job.training.global_batch_size
+    autoscaled = None
+    if autoscale_enabled(job):
+        sizing, autoscaled = autoscale_job(job, workers=workers, use_gpu=use_gpu, total_samples=samples,
+                                           on_status=on_status)
+    else:
+        sizing = size_job(job, workers=workers, use_gpu=use_gpu, total_samples=samples)
+    try:
+        run = start_job_run(
+            tracking_uri=resolve_tracking_uri(job), experiment=job.tracking.experiment,
+            job_name=job.name, storage_path=job.checkpoint.storage_path,
+        )
+        launch = Launch(job, sizing, use_gpu, data, per_epoch, steps, run, autoscaled)
+        _log_job(launch, config_path)
+    except BaseException:
+        if autoscaled is not None:
+            autoscale.release(autoscaled.requester)
+        raise
     return launch
+
+
+# ---------------------------------------------------------------------------------------------
+# Autoscaling: ask for the planned workers, wait, re-plan with what arrived
+
+
+def autoscale_enabled(job: JobConfig) -> bool:
+    """resources.autoscale: false never; true on any cluster Ray joins; auto where an autoscaler
+    can add nodes. An embedded Ray has nothing to scale."""
+    mode = job.resources.autoscale
+    if mode is False or _EMBEDDED_EXTRA_CPUS:  # set when connect_ray started an embedded Ray
+        return False
+    return mode is True or autoscale.autoscaler_present()
+
+
+def autoscale_job(job: JobConfig, *, workers: int | None, use_gpu: bool, total_samples: int,
+                  on_status: StatusCallback | None) -> tuple[Sizing, Autoscaled]:
+    """Request one bundle per wanted worker, wait for them, and size the job on what arrived.
+
+    Wanted: a fixed count; a range's max when no cluster file says what the cluster can grow to
+    (the live cluster may not have the nodes yet); else the plan's count (on the cluster file, or
+    the live cluster). The job is sized (profiled, planned) on what arrived, so the profile runs on
+    an arrived GPU; with fewer than planned it is re-planned. A fixed count cannot shrink (an
+    error). The request stands until `Launch.release`.
+    """
+    from orchestrator.tracking import run_key
+
+    r = job.resources
+    fixed = _fixed_workers(job, workers)
+    grows = isinstance(r.workers, WorkerRange) and not r.cluster
+    sizing = None if fixed or grows else size_job(job, workers=None, use_gpu=use_gpu, total_samples=total_samples)
+    wanted = fixed or (_most(sizing.workers) if sizing is not None else r.workers.max)  # type: ignore[union-attr]
+    timeout = constants.AUTOSCALE_TIMEOUT_S if r.autoscale_timeout_s is None else r.autoscale_timeout_s
+    requester = f"orchestrator-{run_key(job.name, job.checkpoint.storage_path)}"
+    autoscale.request(requester, autoscale.worker_bundles(wanted, use_gpu=use_gpu, cpus_per_worker=r.cpus_per_worker),
+                      ttl_s=timeout + constants.AUTOSCALE_REQUEST_TTL_S)
+    try:
+        arrival = autoscale.wait_for_workers(wanted, use_gpu=use_gpu, cpus_per_worker=r.cpus_per_worker,
+                                             timeout_s=timeout, on_status=on_status)
+        least = fixed or (r.workers.min if isinstance(r.workers, WorkerRange) else 1)
+        if arrival.arrived < least:
+            raise UserError(
+                f"resources.workers: {arrival.arrived} of the {wanted} workers wanted arrived within {timeout:g} s "
+                f"(resources.autoscale_timeout_s), fewer than the {least} the job needs"
+                + (" (a fixed count does not shrink: use workers: {min, max} or auto to run on what arrives)"
+                   if fixed else "")
+            )
+        if sizing is not None and not arrival.shortfall:
+            return sizing, Autoscaled(requester, arrival)
+        resized = size_job(job, workers=workers, use_gpu=use_gpu, total_samples=total_samples,
+                           max_workers=arrival.arrived)
+        if arrival.shortfall and on_status is not None:
+            on_status(f"autoscaler: {arrival.arrived} of {wanted} workers arrived; sized on those: "
+                      f"{_describe_workers(resized.workers)}. {resized.explanation}")
+        return resized, Autoscaled(requester, arrival, before=sizing)
+    except BaseException:
+        autoscale.release(requester)
+        raise
+
+
+def _most(workers: int | tuple[int, int]) -> int:
+    return workers if isinstance(workers, int) else workers[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,14 +380,25 @@ def live_cluster(job: JobConfig, *, use_gpu: bool) -> ClusterSpec:
     return discover_cluster(defaults, use_gpu=use_gpu, cpus_per_worker=job.resources.cpus_per_worker)
 
 
-def size_job(job: JobConfig, *, workers: int | None, use_gpu: bool, total_samples: int) -> Sizing:
+def _fixed_workers(job: JobConfig, workers: int | None) -> int | None:
+    configured = job.resources.workers
+    return workers or (configured if isinstance(configured, int) else None)
+
+
+def size_job(job: JobConfig, *, workers: int | None, use_gpu: bool, total_samples: int,
+             max_workers: int | None = None) -> Sizing:
+    """Profile and plan (workers: auto or a range) or predict (a fixed count); `max_workers` caps
+    the plan (the workers that arrived when the autoscaler delivered fewer)."""
     from orchestrator.planner import placement_for, plan, predict
     from orchestrator.profiler import profile_job
 
     configured = job.resources.workers
-    fixed = workers or (configured if isinstance(configured, int) else None)
+    fixed = _fixed_workers(job, workers)
     if fixed and not job.resources.profile:
         return Sizing(fixed, job.training.max_local_batch)
+    if isinstance(configured, WorkerRange) and not job.resources.profile:
+        top = min(configured.max, max_workers or configured.max)
+        return Sizing((configured.min, max(configured.min, top)), job.training.max_local_batch)
     profile, cached = profile_job(job, use_gpu=use_gpu)
     cluster = live_cluster(job, use_gpu=use_gpu)
     if fixed:
@@ -273,14 +409,17 @@ def size_job(job: JobConfig, *, workers: int | None, use_gpu: bool, total_sample
         return Sizing(fixed, profile.max_local_batch, profile, cached, cluster, prediction=prediction)
     r = job.resources
     deadline = r.deadline_hours * 3600 if r.deadline_hours else None
-    max_gpus = configured.max if isinstance(configured, WorkerRange) else None
+    caps = [c for c in (configured.max if isinstance(configured, WorkerRange) else None, max_workers) if c]
+    max_gpus = min(caps) if caps else None
     chosen = plan(profile, cluster, objective=r.objective, min_efficiency=r.min_efficiency,
                   global_batch=job.training.global_batch_size, total_samples=total_samples,
                   deadline_s=deadline, budget=r.budget, max_gpus=max_gpus)
     count: int | tuple[int, int] = chosen.workers
     if isinstance(configured, WorkerRange):
         count = (configured.min, max(configured.min, chosen.workers))
-    return Sizing(count, chosen.choice.local_batch, profile, cached, cluster, plan=chosen, prediction=chosen.choice)
+    # The memory limit, not the chosen micro-batch: the loop splits the global batch again for
+    # whatever worker count an elastic (re)start gets, and gives the plan's split at the plan's count.
+    return Sizing(count, profile.max_local_batch, profile, cached, cluster, plan=chosen, prediction=chosen.choice)
 
 
 def _log_job(launch: Launch, config_path: str | None) -> None:
@@ -302,6 +441,20 @@ def _log_job(launch: Launch, config_path: str | None) -> None:
         run.log_dataset(name=job.data.dataset or Path(job.data.paths[0]).name, uri=job.data.paths[0],
                         rows=launch.data.train_rows, schema=_data_schema(job))
     _log_sizing(run, sizing)
+    if launch.autoscaled is not None:
+        _log_autoscale(run, launch.autoscaled, sizing)
+
+
+def _log_autoscale(run: JobRun, autoscaled: Autoscaled, sizing: Sizing) -> None:
+    """What was asked of the autoscaler, what arrived, and the sizing it replaced, if any."""
+    arrival = autoscaled.arrival
+    run.set_tags({f"autoscale.{k}": v for k, v in arrival.to_dict().items()})
+    if arrival.shortfall:
+        run.set_tags({"autoscale.replan": f"{arrival.arrived} of {arrival.wanted} workers arrived: "
+                                          f"{_describe_workers(sizing.workers)}. {sizing.explanation}"})
+    before = autoscaled.before
+    if before is not None and before.plan is not None and arrival.shortfall:
+        run.log_dict(before.plan.to_dict(), "plan/plan_before_autoscale.json")
 
 
 def _describe_workers(workers: int | tuple[int, int]) -> str:
@@ -365,7 +518,9 @@ def _git_tags() -> dict[str, str]:
     return {"git_commit": commit.stdout.strip()}
 
 
-def build_trainer(launch: Launch, progress: Any) -> TorchTrainer:
+def build_trainer(launch: Launch, progress: Any, workers: int | tuple[int, int] | None = None) -> TorchTrainer:
+    """The job's TorchTrainer; the same RunConfig (name, storage) every time, so a new fit resumes
+    from the job's latest checkpoint."""
     from trainers.loop import LoopArgs, train_loop_per_worker
 
     job = launch.job
@@ -379,7 +534,7 @@ def build_trainer(launch: Launch, progress: Any) -> TorchTrainer:
         train_loop_per_worker,
         train_loop_config=_asdict(args),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=launch.workers, use_gpu=launch.use_gpu,
+            num_workers=workers or launch.workers, use_gpu=launch.use_gpu,
             resources_per_worker={"CPU": job.resources.cpus_per_worker, **({"GPU": 1} if launch.use_gpu else {})},
         ),
         torch_config=TorchConfig(backend=backend_for(launch.use_gpu)),
@@ -387,6 +542,7 @@ def build_trainer(launch: Launch, progress: Any) -> TorchTrainer:
             name=job.name, storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.checkpoint.keep_last),
             failure_config=ray.train.FailureConfig(max_failures=job.resources.max_failures),
+            callbacks=[FailureForwarder(progress)],
         ),
         datasets={"train": launch.data.train, "val": launch.data.val},
     )
@@ -402,10 +558,43 @@ ProgressCallback = Callable[[int, int, dict[str, Any]], None]
 
 
 def run_job(launch: Launch, *, on_progress: ProgressCallback | None = None,
-            stop_event: threading.Event | None = None) -> JobResult:
-    """Fit in a background thread while the caller's thread polls progress and stop requests."""
-    progress = ProgressActor.remote()
-    trainer = build_trainer(launch, progress)
+            stop_event: threading.Event | None = None, on_status: StatusCallback | None = None) -> JobResult:
+    """Fit in a background thread while the caller's thread polls progress and stop requests.
+
+    A resize decided by online re-planning stops the fit at a checkpoint and fits again with the
+    new worker count, resuming from it. The MLflow run ends FINISHED, KILLED (stopped: a final
+    checkpoint was written and the same command resumes) or FAILED; the autoscaler request, if
+    any, is withdrawn either way.
+    """
+    progress = ProgressActor.options(name=progress_actor_name(launch.run.run_id), namespace=PROGRESS_NAMESPACE).remote()
+    monitor = JobMonitor(launch, on_status=on_status)
+    workers = launch.workers
+    try:
+        while True:
+            result, stop = _fit(launch, progress, workers, monitor, on_progress, stop_event)
+            done = int((result.metrics or {}).get("step", 0)) >= launch.total_steps
+            if stop != "resize" or done:
+                break
+            workers = monitor.workers_after_resize()
+            monitor.resize_started(int(result.metrics.get("step", 0)))
+            ray.get(progress.clear_stop.remote())
+        _, _, events, _ = ray.get(progress.snapshot.remote())
+        return _finish(launch, result, events=events, stopped=stop == "user" and not done, monitor=monitor)
+    except KeyboardInterrupt:
+        launch.run.finish("KILLED")
+        raise
+    except BaseException:
+        launch.run.finish("FAILED")
+        raise
+    finally:
+        launch.release()
+        ray.kill(progress)
+
+
+def _fit(launch: Launch, progress: Any, workers: int | tuple[int, int], monitor: JobMonitor,
+         on_progress: ProgressCallback | None, stop_event: threading.Event | None) -> tuple[Any, str | None]:
+    """One TorchTrainer.fit; returns its result and why it was asked to stop ("user", "resize", None)."""
+    trainer = build_trainer(launch, progress, workers)
     outcome: dict[str, Any] = {}
 
     def fit() -> None:
@@ -416,23 +605,28 @@ def run_job(launch: Launch, *, on_progress: ProgressCallback | None = None,
 
     thread = threading.Thread(target=fit, name="trainer-fit", daemon=True)
     thread.start()
-    stop_sent = False
+    stop: str | None = None
     while thread.is_alive():
         thread.join(constants.PROGRESS_POLL_S)
-        step, info, _ = ray.get(progress.snapshot.remote())
+        step, info, events, ranks = ray.get(progress.snapshot.remote())
+        monitor.observe(step, info, events, ranks)
+        if monitor.groups_started:
+            launch.release()
         if on_progress:
             on_progress(step, launch.total_steps, info)
-        if stop_event is not None and stop_event.is_set() and not stop_sent:
+        if stop_event is not None and stop_event.is_set() and stop != "user":
+            stop = "user"  # overrides a pending resize
             progress.request_stop.remote()
-            stop_sent = True
+        elif monitor.resize_to is not None and stop is None:
+            stop = "resize"
+            progress.request_stop.remote()
+    monitor.observe(*ray.get(progress.snapshot.remote()))
     if "error" in outcome:
-        launch.run.finish("FAILED")
         raise outcome["error"]
-    _, info, events = ray.get(progress.snapshot.remote())
-    return _finish(launch, outcome["result"], events=events, stopped=stop_sent)
+    return outcome["result"], stop
 
 
-def _finish(launch: Launch, result: Any, *, events: list, stopped: bool) -> JobResult:
+def _finish(launch: Launch, result: Any, *, events: list, stopped: bool, monitor: JobMonitor) -> JobResult:
     from trainers import checkpoint as ckpt
 
     run = launch.run
@@ -448,17 +642,19 @@ def _finish(launch: Launch, result: Any, *, events: list, stopped: bool) -> JobR
     observed = metrics.get("observed_step_time_s")
     if observed:
         predicted = launch.sizing.prediction
-        run.log_metrics({"plan/observed_step_time_s": observed,
-                         **({"plan/observed_over_predicted": observed / predicted.step_time_s} if predicted else {})},
-                        step=final_step)
+        monitor.log_metrics({"plan/observed_step_time_s": observed,
+                             **({"plan/observed_over_predicted": observed / predicted.step_time_s} if predicted else {})},
+                            step=final_step)
     run.log_dict(
-        {"final_step": final_step, "metrics": metrics, "events": [e[1] | {"step": e[0]} for e in events]},
+        {"final_step": final_step, "metrics": metrics, "events": [e[1] | {"step": e[0]} for e in events],
+         "restarts": monitor.restarts, "resizes": monitor.resizes, "replan": monitor.decisions},
         "summary.json",
     )
     run.finish("KILLED" if stopped else "FINISHED")
+    workers = monitor.group.workers if monitor.group else _most(launch.workers)
     return JobResult(run.run_id, run.experiment_id, run.tracking_uri, final_step, metrics,
-                     checkpoint_path, version, launch.workers if isinstance(launch.workers, int) else launch.workers[1],
-                     events, stopped)
+                     checkpoint_path, version, workers, events, stopped, monitor.restarts, monitor.resizes,
+                     monitor.decisions)
 
 
 def _read_remote(checkpoint: Any) -> dict[str, Any]:

@@ -1155,20 +1155,20 @@ def decide_resize(
         table = plan(profile, cluster, objective=objective, min_efficiency=min_efficiency,
                      global_batch=global_batch, max_gpus=max_workers).candidates
     except UserError as exc:
-        return _keep(now, f"keep {current.gpus} workers: the refit plan has no choice ({exc})")
+        return _keep(now, f"keep {_workers(current.gpus)}: the refit plan has no choice ({exc})")
     allowed = [c for c in table if c.eligible and min_workers <= c.prediction.gpus <= max_workers]
     if not allowed:
-        return _keep(now, f"keep {current.gpus} workers: no placement of {min_workers}-{max_workers} "
+        return _keep(now, f"keep {_workers(current.gpus)}: no placement of {min_workers}-{max_workers} "
                           f"workers meets the objective on the refit network")
     new = _choose(goal, allowed).prediction
     gain = (goal.score(new) - goal.score(now)) / abs(goal.score(now))
     saved = _remaining_cost(now, remaining_samples, objective) - _remaining_cost(new, remaining_samples, objective)
     saved -= restart_cost_s * (new.gpus if objective == "min_cost" else 1)
     if new.gpus == current.gpus:
-        return _keep(now, f"keep {current.gpus} workers: the refit plan chooses the same count", new)
-    change = (f"{new.gpus} workers would give {gain:+.0%} {objective} ({new.throughput:,.0f} vs "
+        return _keep(now, f"keep {_workers(current.gpus)}: the refit plan chooses the same count", new)
+    change = (f"{_workers(new.gpus)} would give {gain:+.0%} {objective} ({new.throughput:,.0f} vs "
               f"{now.throughput:,.0f} samples/s on the refit network)")
-    keep = f"keep {current.gpus} workers: {change}"
+    keep = f"keep {_workers(current.gpus)}: {change}"
     if gain <= margin:
         return _keep(now, f"{keep}, within the {margin:.0%} margin", new, gain, saved)
     if saved <= 0:
@@ -1176,7 +1176,7 @@ def decide_resize(
                           f"repay a {restart_cost_s:g} s restart", new, gain, saved)
     unit = "GPU-s" if objective == "min_cost" else "s"
     return ResizeDecision(workers=new.gpus, current=now, proposed=new, gain=gain, saved_s=saved,
-                          reason=f"resize {current.gpus} -> {new.gpus} workers: {change}, saving "
+                          reason=f"resize {current.gpus} -> {_workers(new.gpus)}: {change}, saving "
                                  f"{saved:,.1f} {unit} net of a {restart_cost_s:g} s restart")
 
 
@@ -1184,6 +1184,10 @@ def _keep(now: Prediction, reason: str, proposed: Prediction | None = None, gain
           saved: float = 0.0) -> ResizeDecision:
     return ResizeDecision(workers=now.gpus, current=now, proposed=proposed or now, gain=gain, saved_s=saved,
                           reason=reason)
+
+
+def _workers(n: int) -> str:
+    return f"{n} worker{'s' if n != 1 else ''}"
 
 
 def _remaining_cost(p: Prediction, samples: int, objective: str) -> float:

@@ -1,9 +1,15 @@
 """Training-state checkpoints: written atomically, checksummed, verified on load.
 
 A checkpoint folder holds ``state.pt`` (model, optimizer, scheduler, step, RNG state) and
-``manifest.json`` (step and the SHA-256 of ``state.pt``). Ray Train copies the folder into
-``<storage_path>/<job name>/checkpoint_<step>``; on resume the newest folder whose checksum holds
-is used, and a corrupt or truncated one is reported and skipped.
+``manifest.json`` (step and the SHA-256 of ``state.pt``), each written under a temporary name and
+renamed. Ray Train copies the folder into ``<storage_path>/<job name>/checkpoint_<step>`` (a copy
+that is not atomic, hence the checksum) and keeps the last K; on resume the newest folder whose
+checksum holds is used, and a corrupt or truncated one is reported and skipped.
+
+The newest folder on disk may be newer than the one Ray Train hands back: the controller learns of
+a report when it next polls the workers (every couple of seconds), so a worker killed right after
+writing a checkpoint leaves one that Ray never registered. It is complete (the report copied it
+before returning) and verified like any other, so resuming from it loses less work.
 """
 
 from __future__ import annotations
@@ -30,6 +36,20 @@ DIR_PREFIX = "checkpoint_"
 
 def dir_name(step: int) -> str:
     return f"{DIR_PREFIX}{step:09d}"
+
+
+def fresh_dir_name(run_dir: Path | None, step: int) -> str:
+    """`dir_name(step)`, or ``checkpoint_<step>.<n>`` when a folder of that name exists: a job that
+    resumed from before a corrupt checkpoint reaches that step again. Ray Train keeps the corrupt
+    one registered, and evicting it later would delete a folder of the same name (the new one).
+    Names still sort by step, the later attempt after the earlier."""
+    name = dir_name(step)
+    if run_dir is None or not (run_dir / name).exists():
+        return name
+    attempt = 1
+    while (run_dir / f"{name}.{attempt}").exists():
+        attempt += 1
+    return f"{name}.{attempt}"
 
 
 def rng_state() -> dict[str, Any]:
@@ -105,10 +125,14 @@ def candidates(run_dir: Path) -> list[Path]:
     return sorted((p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith(DIR_PREFIX)), reverse=True)
 
 
-def restore_latest(latest: Path) -> Restored | None:
-    """The newest verified checkpoint at or before `latest` (Ray's latest reported one)."""
+def restore_newest(run_dir: Path) -> Restored | None:
+    """The newest verified checkpoint in a run folder, registered with Ray Train or not."""
+    return _first_valid(candidates(run_dir))
+
+
+def _first_valid(folders: list[Path]) -> Restored | None:
     skipped: list[str] = []
-    for folder in [p for p in candidates(latest.parent) if p.name <= latest.name] or [latest]:
+    for folder in folders:
         try:
             return Restored(read(folder), folder, tuple(skipped))
         except CorruptCheckpoint as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
 import statistics
 import tempfile
@@ -26,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from orchestrator import constants
 from orchestrator.config import DataConfig, JobConfig, TrainingConfig
 from trainers import checkpoint as ckpt
 from trainers.batching import BatchSplit, split_global_batch
@@ -33,8 +35,10 @@ from trainers.models import build_model
 
 log = logging.getLogger(__name__)
 
-# Ranks agree on "stop now" (SIGTERM/Ctrl-C on the driver) every this many optimizer steps.
+# Ranks agree on "stop now" (SIGTERM/Ctrl-C on the driver, or a resize) every this many optimizer steps.
 STOP_CHECK_EVERY = 5
+# The observed step time is the median of at most this many recent steps.
+OBSERVED_WINDOW = 50
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "int32": torch.int64, "int64": torch.int64}
 
 
@@ -181,38 +185,66 @@ class TrainState:
         ckpt.restore_rng(state["rng"])
 
 
-def restore(state: TrainState) -> str | None:
-    """Load Ray's latest checkpoint (or the newest valid one before it); returns a note for the log."""
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Where a (re)started worker group picked up: the step, the folder, and corrupt ones passed over."""
+
+    step: int
+    checkpoint: str
+    skipped: tuple[str, ...] = ()
+
+    @property
+    def note(self) -> str:
+        note = f"resumed from step {self.step} ({self.checkpoint})"
+        if self.skipped:
+            note += ("; the newer checkpoint failed verification, so the previous one was used: "
+                     + " | ".join(self.skipped))
+        return note
+
+
+def restore(state: TrainState, run_dir: Path | None) -> Resume | None:
+    """Load the newest verified checkpoint of the run: on local storage the newest folder that
+    holds its checksum (newer than Ray's latest when Ray had not registered it yet, older when the
+    newest is corrupt); on remote storage Ray's latest."""
     latest = ray.train.get_checkpoint()
-    if latest is None:
-        return None
-    if latest.filesystem.type_name != "local":
+    if latest is not None and latest.filesystem.type_name != "local":
         with latest.as_directory() as folder:
             state.load(ckpt.read(Path(folder)))
-        return f"resumed from step {state.step}"
-    restored = ckpt.restore_latest(Path(latest.path))
+        return Resume(state.step, Path(latest.path).name)
+    folder = Path(latest.path).parent if latest is not None else run_dir
+    restored = ckpt.restore_newest(folder) if folder is not None else None
     if restored is None:
-        raise RuntimeError(f"no readable checkpoint under {Path(latest.path).parent}")
+        if latest is not None:
+            raise RuntimeError(f"no readable checkpoint under {folder}")
+        return None
     state.load(restored.state)
-    note = f"resumed from step {state.step} ({restored.folder.name})"
-    if restored.skipped:
-        note += "; skipped corrupt: " + " | ".join(restored.skipped)
-    return note
+    return Resume(state.step, restored.folder.name, restored.skipped)
 
 
-def save_and_report(state: TrainState, metrics: dict[str, Any], *, rank: int, split: BatchSplit) -> None:
-    """Every rank reports (it is a barrier); rank 0 attaches the checkpoint."""
+def run_folder(job: JobConfig) -> Path | None:
+    """Where Ray Train keeps this job's checkpoints, when that is a local folder."""
+    storage = job.checkpoint.storage_path
+    return None if "://" in storage else Path(storage) / job.name
+
+
+def save_and_report(state: TrainState, metrics: dict[str, Any], *, rank: int, split: BatchSplit, sink,
+                    run_dir: Path | None) -> None:
+    """Every rank reports (it is a barrier); rank 0 attaches the checkpoint, once the metrics of the
+    steps it covers are in MLflow (a job resumed from it trains, and logs, only the later steps)."""
     metrics = {**metrics, "step": state.step}
     if rank != 0:
         ray.train.report(metrics)
         return
+    if sink is not None and not sink.flush(constants.METRIC_CHECKPOINT_FLUSH_S):
+        log.warning("checkpoint at step %d: %d metric points are not in MLflow yet; a failure before they "
+                    "are sent loses them", state.step, sink.pending)
     with tempfile.TemporaryDirectory() as tmp:
         extra = {"local_batch": split.local_batch, "accumulation": split.accumulation, "workers": split.workers}
         ckpt.write(Path(tmp), state.to_dict(extra), step=state.step)
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
-            checkpoint_dir_name=ckpt.dir_name(state.step),
+            checkpoint_dir_name=ckpt.fresh_dir_name(run_dir, state.step),
         )
 
 
@@ -234,18 +266,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer, lambda s: lr_factor(s, cfg=job.training, total_steps=args.total_steps)
     )
     state = TrainState(raw_model, optimizer, scheduler)
-    note = restore(state)
+    resume = restore(state, run_folder(job))
     seed_everything(job.training.seed * 1000 + rank + state.step)  # distinct dropout/shuffle per rank
     model = ray.train.torch.prepare_model(raw_model, move_to_device=device)
     if job.training.compile:
         model = torch.compile(model)
 
     sink = _metric_sink(args, rank, start_step=state.step)
+    _register(args, rank)
     if rank == 0:
+        note = resume.note if resume else "start"
         log.info("worker group: %d workers, local batch %d x accumulation %d; %s",
-                 world, split.local_batch, split.accumulation, note or "fresh start")
-        _progress(args, state.step, {"event": note or "start", "workers": world,
-                                      "local_batch": split.local_batch, "accumulation": split.accumulation})
+                 world, split.local_batch, split.accumulation, note)
+        _progress(args, state.step, {
+            "event": note, "workers": world, "local_batch": split.local_batch, "accumulation": split.accumulation,
+            "resumed_from": resume.step if resume else None, "skipped": list(resume.skipped) if resume else [],
+        })
     try:
         _train(job, args, state, model, split=split, rank=rank, device=device, sink=sink)
     finally:
@@ -269,6 +305,13 @@ def _metric_sink(args: LoopArgs, rank: int, *, start_step: int):
 def _progress(args: LoopArgs, step: int, info: dict[str, Any]) -> None:
     if args.progress is not None:
         args.progress.update.remote(step, info)
+
+
+def _register(args: LoopArgs, rank: int) -> None:
+    """Tell the driver where this rank runs (process and node): the actual placement, and the
+    process a fault-injection test or benchmark kills."""
+    if args.progress is not None:
+        args.progress.register_worker.remote(rank, os.getpid(), ray.get_runtime_context().get_node_id())
 
 
 def _train(job: JobConfig, args: LoopArgs, state: TrainState, model, *, split: BatchSplit, rank: int,
@@ -324,11 +367,12 @@ def _train(job: JobConfig, args: LoopArgs, state: TrainState, model, *, split: B
                 }
                 if sink is not None:
                     sink.add(last_metrics, step=state.step)
-                _progress(args, state.step, last_metrics)
+                _progress(args, state.step, {**last_metrics, **_observed(step_times)})
             loss_sum = 0.0
             stopping = stop.should_stop(state.step)
             if stopping or state.step % job.checkpoint.every_steps == 0 or state.step == args.total_steps:
-                save_and_report(state, _summary(last_metrics, step_times), rank=rank, split=split)
+                save_and_report(state, _summary(last_metrics, step_times), rank=rank, split=split, sink=sink,
+                                run_dir=run_folder(job))
             if stopping:
                 _progress(args, state.step, {"event": "stopped"})
                 return
@@ -347,6 +391,13 @@ def _summary(last: dict[str, float], step_times: list[float]) -> dict[str, float
     timed = step_times[min(5, len(step_times) // 2):]
     observed = {"observed_step_time_s": statistics.median(timed)} if timed else {}
     return {**{k.replace("/", "_"): v for k, v in last.items()}, **observed}
+
+
+def _observed(step_times: list[float]) -> dict[str, float]:
+    """For the driver, which compares it with the prediction and refits the network from it: the
+    median of this worker group's recent steps (without the first ones), and how many it ran."""
+    timed = step_times[min(5, len(step_times) // 2):][-OBSERVED_WINDOW:]
+    return {"observed_step_time_s": statistics.median(timed), "observed_steps": len(step_times)} if timed else {}
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,0 +1,106 @@
+"""Bare Ray Train: our training loop on a TorchTrainer built by hand, without the orchestrator.
+
+What a user writes without us: read the Parquet with Ray Data, wrap
+``trainers.loop.train_loop_per_worker`` in a ``TorchTrainer``, fit. No MLflow (``run_id`` None),
+no data check, no planning, no progress polling. Rank 0's progress updates go to a recording actor;
+its first ``train/loss`` update marks the first training step, and it keeps every step's time.
+
+    python -m benchmarks.bare_ray_train CONFIG --set KEY=VALUE ... --workers 2 --steps 120 \\
+        --out run.json [--address GCS_ADDRESS]   # no address: an embedded Ray, as the CLI starts
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import fields
+from typing import Any
+
+import ray
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from orchestrator.config import load_config
+from trainers.loop import LoopArgs, train_loop_per_worker
+
+
+@ray.remote(num_cpus=0)
+class StepRecorder:
+    """Stands in for the driver's progress actor (orchestrator/launcher.py: ProgressActor, whose
+    module would import MLflow here) and keeps when each step was reported, and its time.
+    The loop calls these methods; a new call there fails this benchmark loudly."""
+
+    def __init__(self) -> None:
+        self.points: list[tuple[float, int, float]] = []
+
+    def update(self, step: int, info: dict[str, Any]) -> None:
+        if "train/loss" in info:
+            self.points.append((time.time(), step, float(info["train/step_time_s"])))
+
+    def register_worker(self, rank: int, pid: int, node_id: str) -> None:
+        pass
+
+    def record_failure(self, cause: str) -> None:
+        pass
+
+    def stop_requested(self) -> bool:
+        return False
+
+    def recorded(self) -> list[tuple[float, int, float]]:
+        return list(self.points)
+
+
+def connect(address: str | None) -> None:
+    env = {"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=False)
+        return
+    # The same embedded Ray as `orchestrator run` starts (orchestrator/launcher.py: connect_ray).
+    ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 2, include_dashboard=False,
+             runtime_env=env, log_to_driver=False)
+
+
+def fit(config: str, overrides: list[str], *, workers: int, steps: int) -> list[tuple[float, int, float]]:
+    job = load_config(config, overrides)
+    ds = ray.data.read_parquet([os.path.abspath(p) for p in job.data.paths])
+    train, val = ds.train_test_split(test_size=job.data.val_fraction)
+    recorder = StepRecorder.remote()
+    args = LoopArgs(job=job.to_dict(), steps_per_epoch=train.count() // job.training.global_batch_size,
+                    total_steps=steps, progress=recorder, spill_dir=job.checkpoint.storage_path)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={f.name: getattr(args, f.name) for f in fields(args)},
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
+        torch_config=TorchConfig(backend="gloo"),
+        run_config=ray.train.RunConfig(
+            name=job.name, storage_path=os.path.abspath(job.checkpoint.storage_path),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.checkpoint.keep_last),
+        ),
+        datasets={"train": train, "val": val},
+    )
+    trainer.fit()
+    return ray.get(recorder.recorded.remote())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--address")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    connect(args.address)
+    try:
+        points = fit(args.config, args.overrides, workers=args.workers, steps=args.steps)
+    finally:
+        ray.shutdown()
+    with open(args.out, "w") as f:
+        json.dump({"points": points}, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Fault tolerance, elastic training and online re-planning on the real multi-node session cluster.
+
+Every failure here is real: a training worker's process is SIGKILLed, a node is removed from the
+cluster, the `orchestrator run` driver gets SIGTERM, a checkpoint file is truncated on disk. The
+MLflow run must tell the truth afterwards: one run, every step logged once, each restart recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from orchestrator import autoscale, constants, launcher
+from orchestrator.config import load_config
+from orchestrator.profiler import cache_path
+from ray_util import assert_unique_monotone, metric_steps, wait_for
+from trainers import checkpoint as ckpt
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "configs" / "digits.yaml"
+# Short runs: a checkpoint every 10 steps, no validation split (Ray Data then reads lazily), no
+# profiling unless the test is about the plan.
+SHORT = ["checkpoint.every_steps=10", "data.val_fraction=0", "resources.profile=false"]
+
+
+def group_sizes(events: list) -> list[int]:
+    return [e["workers"] for _, e in events if "workers" in e]
+
+
+def test_elastic_job_sized_on_arrived_workers_survives_node_loss(ray_cluster, job_overrides) -> None:
+    extra = ray_cluster.add_node(num_cpus=1, num_gpus=1)
+    ray_cluster.wait_for_nodes()
+    job = load_config(DIGITS, job_overrides + SHORT + [
+        "training.max_steps=50", "training.global_batch_size=48", "resources.use_gpu=true",
+        "resources.workers={min: 1, max: 4}", "resources.autoscale=true", "resources.autoscale_timeout_s=1",
+    ])
+    statuses: list[str] = []
+    try:
+        launch = launcher.prepare_launch(job, workers=None, config_path=None, on_status=statuses.append)
+        # Static cluster: 4 asked, 3 GPU slots exist; sized on those, the shortfall recorded.
+        assert launch.workers == (1, 3)
+        assert autoscale.pending_request().count({"CPU": 1, "GPU": 1}) >= 4
+        removed: dict[str, int] = {}
+
+        def remove_a_node_after_checkpoint(step: int, total: int, info: dict) -> None:
+            if removed or step < 14:
+                return
+            workers = ray.get(launcher.progress_actor(launch.run.run_id).snapshot.remote())[3]
+            ranks = [r for r, w in workers.items() if w["node_id"] == extra.node_id]
+            assert len(workers) == 3 and ranks, workers
+            ray_cluster.remove_node(extra)
+            removed.update(step=step, rank=ranks[0])
+
+        result = launcher.run_job(launch, on_progress=remove_a_node_after_checkpoint, on_status=statuses.append)
+    finally:
+        if extra in ray_cluster.worker_nodes:
+            ray_cluster.remove_node(extra)
+
+    assert removed and result.final_step == 50 and not result.stopped
+    sizes = group_sizes(result.events)
+    assert sizes[0] == 3 and sizes[-1] == 2, sizes  # elastic: continued on the remaining nodes
+    starts = [e for _, e in result.events if "workers" in e]
+    assert [(e["local_batch"], e["accumulation"]) for e in starts][::len(starts) - 1] == [(16, 1), (24, 1)]
+    assert not [b for b in autoscale.pending_request() if "GPU" in b]  # released; Ray Train's own too
+    client = MlflowClient(result.tracking_uri)
+    run = client.get_run(result.run_id)
+    assert run.data.tags["autoscale.wanted"] == "4" and run.data.tags["autoscale.shortfall"] == "1"
+    assert "3 of 4 workers arrived" in run.data.tags["autoscale.replan"]
+    assert result.restarts >= 1 and "on 2 workers" in run.data.tags[f"restart.{result.restarts}"]
+    assert [m.value for m in client.get_metric_history(result.run_id, "elastic/workers")][::len(sizes) - 1] == [3, 2]
+    assert_unique_monotone(metric_steps(client, result.run_id))
+    assert metric_steps(client, result.run_id)[-1] == 50
+    assert any(s.startswith("restart 1:") for s in statuses), statuses
+
+
+def test_killed_worker_sigterm_and_truncated_checkpoint_keep_one_truthful_run(
+    ray_cluster, job_overrides, tmp_path: Path
+) -> None:
+    """One job's bad day. Through `orchestrator run`: rank 0's process is SIGKILLed (the group
+    restarts from the latest checkpoint), then the driver gets SIGTERM (final checkpoint, run
+    KILLED). Then that checkpoint is truncated on disk; the rerun (in this process, to save a
+    Python start) resumes from the one before and says so. The MLflow run holds every step once."""
+    overrides = job_overrides + SHORT + ["training.max_steps=150"]
+    sets = [a for o in overrides for a in ("--set", o)]
+    cmd = [sys.executable, "-m", "orchestrator", "run", str(DIGITS), "--workers", "2",
+           "--address", ray_cluster.address, *sets]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    def run_id() -> str | None:
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        return runs[0].info.run_id if runs else None
+
+    def logged(at_least: int) -> bool:
+        return bool(run_id()) and max(metric_steps(client, run_id()) or [0]) >= at_least
+
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        wait_for(lambda: first.poll() is not None or logged(14), timeout_s=240, what="step 14 in MLflow")
+        rank0 = ray.get(launcher.progress_actor(run_id()).snapshot.remote())[3][0]
+        os.kill(rank0["pid"], signal.SIGKILL)  # it also holds the metric points not yet sent
+        wait_for(lambda: first.poll() is not None or ("restart.1" in client.get_run(run_id()).data.tags
+                                                        and logged(36)), timeout_s=240, what="restart, step 36")
+        first.send_signal(signal.SIGTERM)
+        out, err = first.communicate(timeout=180)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, err[-3000:]
+    assert "stopped at step" in out, (out, err[-3000:])
+    assert "restart 1: rank 0: " in err and "SIGTERM: writing a final checkpoint" in err
+    stopped_at = int(re.search(r"stopped at step (\d+)", out).group(1))
+    assert 36 <= stopped_at < 150 and stopped_at % 5 == 0  # ranks agree on a stop every 5 steps
+    run = client.get_run(out.split("MLflow run: ")[1].split()[0])
+    assert run.info.status == "KILLED"
+    restart = run.data.tags["restart.1"]
+    assert restart.startswith("rank 0: ") and re.search(r"resumed from step (10|20|30) on 2 workers", restart), restart
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "restarts")] == [1]
+
+    # The final checkpoint is the stop step and verifies; truncate it as a crash mid-copy would.
+    folders = ckpt.candidates(tmp_path / "runs" / load_config(DIGITS, overrides).name)
+    assert folders[0].name == ckpt.dir_name(stopped_at)
+    ckpt.read(folders[0])
+    state = folders[0] / ckpt.STATE_FILE
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    previous = ckpt.read(folders[1])["step"]
+
+    statuses: list[str] = []
+    job = load_config(DIGITS, overrides)
+    second = launcher.run_job(launcher.prepare_launch(job, workers=2, config_path=None), on_status=statuses.append)
+    assert second.final_step == 150 and second.run_id == run.info.run_id and second.restarts == 1
+    message = next(line for line in statuses if "failed verification" in line)
+    assert folders[0].name in message and "checksum mismatch" in message
+    assert f"resumed from step {previous}" in message, message
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED" and f"resumed from step {previous}" in run.data.tags["checkpoint.fallback"]
+    # One run, every step once: steps trained again after either restart were not logged again,
+    # and the points rank 0 had not sent when it was killed were not lost.
+    assert metric_steps(client, run.info.run_id) == list(range(1, 151))
+
+
+def test_online_replan_resizes_an_elastic_job_at_a_checkpoint(
+    ray_cluster, job_overrides, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The profile claims a device so fast, and the cluster file a network so fast, that the plan
+    # picks 2 workers; on this machine 2 gloo workers are far slower than that, so the refit
+    # network makes 1 worker the better plan and the job resizes at the next checkpoint.
+    cluster_file = tmp_path / "cluster.yaml"
+    cluster_file.write_text("nodes: 2\ngpus_per_node: 1\nintra_node_GBps: 100\ninter_node_GBps: 100\nlatency_us: 1\n")
+    job = load_config(DIGITS, job_overrides + [
+        "checkpoint.every_steps=10", "data.val_fraction=0", "training.max_steps=70", "resources.use_gpu=true",
+        "resources.profile=true",
+        "resources.workers={min: 1, max: 2}", f"resources.cluster={cluster_file}",
+    ])
+    profile = {"version": 1, "model": "cnn", "device": "gpu", "param_count": 30000, "grad_bytes": 120000,
+               "max_local_batch": 64, "samples": [{"local_batch": b, "step_time_s": t} for b, t in
+                                                  ((8, 0.0005), (16, 0.0007), (32, 0.0011), (64, 0.002))]}
+    cached = cache_path(job.localized(), "gpu")
+    cached.parent.mkdir(parents=True)
+    cached.write_text(json.dumps(profile))
+    monkeypatch.setattr(constants, "REPLAN_MIN_STEPS", 10)
+    monkeypatch.setattr(constants, "RESIZE_COST_S", 0.0)
+
+    launch = launcher.prepare_launch(job, workers=None, config_path=None)
+    assert launch.sizing.profile_cached and launch.workers == (1, 2)
+    result = launcher.run_job(launch)
+
+    assert result.final_step == 70 and result.resizes == 1 and result.restarts == 0
+    assert group_sizes(result.events) == [2, 1] and result.workers == 1
+    first = result.replan[0]
+    assert first["workers"] == 2 and first["observed_step_s"] > first["predicted_step_s"]
+    assert first["decision"]["resize"] and first["decision"]["workers"] == 1
+    assert first["refit"]["scale"] > 1
+    client = MlflowClient(result.tracking_uri)
+    tags = client.get_run(result.run_id).data.tags
+    assert tags["replan.1"].startswith("step ") and "resize 2 -> 1 worker: " in tags["replan.1"]
+    assert "resize 2 -> 1 worker: " in tags["resize.1"] and "on 1 worker x local batch 64 x accumulation 1" in tags["resize.1"]
+    assert [m.value for m in client.get_metric_history(result.run_id, "resizes")] == [1]
+    observed = client.get_metric_history(result.run_id, "plan/observed_step_time_s")
+    predicted = client.get_metric_history(result.run_id, "plan/predicted_step_time_s")
+    assert observed and predicted
+    assert_unique_monotone(metric_steps(client, result.run_id, "plan/observed_step_time_s"))
+    assert metric_steps(client, result.run_id) == list(range(1, 71))

@@ -1,0 +1,117 @@
+"""Unit tests of online re-planning (refit of the network term, resize decision) and of the pure
+helpers behind autoscaling and elastic restarts: no processes, milliseconds each."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.cluster import worker_slots
+from orchestrator.errors import UserError
+from orchestrator.planner import (
+    AllReduceSample,
+    ClusterSpec,
+    Placement,
+    Profile,
+    decide_resize,
+    plan,
+    predict,
+    refit_network,
+    ring_allreduce_s,
+    scale_network,
+)
+from trainers.batching import split_global_batch
+
+# A small CNN as profiled on one CPU worker: compute-bound, 120 kB of gradients.
+PROFILE = Profile.from_dict({
+    "version": 1, "model": "cnn", "device": "cpu", "param_count": 30_000, "grad_bytes": 120_000,
+    "max_local_batch": 64,
+    "samples": [{"local_batch": b, "step_time_s": t} for b, t in ((8, 0.002), (16, 0.003), (32, 0.005), (64, 0.009))],
+})
+CLUSTER = ClusterSpec(nodes=2, gpus_per_node=1, intra_node_GBps=2.0, inter_node_GBps=1.25, latency_us=50.0)
+TWO = Placement(2, 1)
+
+
+def test_refit_makes_predict_match_the_observation_at_the_actual_placement() -> None:
+    for observed in (0.006, 0.02, 0.2):
+        refit = refit_network(PROFILE, CLUSTER, placement=TWO, local_batch=32, observed_step_s=observed)
+        again = predict(PROFILE, refit.cluster, nodes=2, gpus_per_node=1, local_batch=32)
+        assert again.step_time_s == pytest.approx(observed, rel=1e-6)
+        assert refit.comm_s == pytest.approx(again.comm_s)
+    slow = refit_network(PROFILE, CLUSTER, placement=TWO, local_batch=32, observed_step_s=0.02)
+    assert slow.scale > 1 and slow.predicted.step_time_s < 0.02
+
+
+def test_refit_scales_every_network_figure_alike() -> None:
+    refit = refit_network(PROFILE, CLUSTER, placement=TWO, local_batch=32, observed_step_s=0.02)
+    for nodes, gpus in ((4, 1), (2, 4), (1, 8)):
+        before = ring_allreduce_s(CLUSTER, nodes=nodes, gpus_per_node=gpus, nbytes=1e6, messages=3)
+        after = ring_allreduce_s(refit.cluster, nodes=nodes, gpus_per_node=gpus, nbytes=1e6, messages=3)
+        assert after == pytest.approx(before * refit.scale)
+    measured = scale_network(CLUSTER.__class__(**{**CLUSTER.to_dict(), "allreduce_samples": (
+        AllReduceSample(bytes=1024, nodes=2, gpus_per_node=1, seconds=0.001),)}), 3.0)
+    assert measured.allreduce_samples[0].seconds == pytest.approx(0.003)
+    with pytest.raises(UserError, match="factor: must be > 0"):
+        scale_network(CLUSTER, 0.0)
+
+
+def test_refit_learns_nothing_from_one_worker_and_floors_a_hidden_network() -> None:
+    alone = refit_network(PROFILE, CLUSTER, placement=Placement(1, 1), local_batch=64, observed_step_s=0.05)
+    assert alone.scale == 1.0 and alone.cluster is CLUSTER and alone.comm_s == 0
+    faster_than_compute = refit_network(PROFILE, CLUSTER, placement=TWO, local_batch=32, observed_step_s=0.001)
+    assert faster_than_compute.scale == pytest.approx(1e-6)
+
+
+def test_slow_network_resizes_to_fewer_workers_when_it_pays() -> None:
+    fast = ClusterSpec(nodes=2, gpus_per_node=1, intra_node_GBps=100, inter_node_GBps=100, latency_us=1)
+    assert plan(PROFILE, fast, global_batch=64, min_efficiency=0.7).workers == 2
+    refit = refit_network(PROFILE, fast, placement=TWO, local_batch=32, observed_step_s=0.03)
+    decision = decide_resize(PROFILE, refit.cluster, current=TWO, min_workers=1, max_workers=2, global_batch=64,
+                             remaining_samples=64 * 1000, min_efficiency=0.7, margin=0.1, restart_cost_s=10)
+    assert decision.resize and decision.workers == 1
+    assert decision.gain > 0.1 and decision.saved_s > 0
+    assert decision.reason.startswith("resize 2 -> 1 worker: 1 worker would give +")
+
+
+def test_resize_needs_the_margin_the_payoff_and_the_range() -> None:
+    refit = refit_network(PROFILE, CLUSTER, placement=TWO, local_batch=32, observed_step_s=0.03)
+    common = {"current": TWO, "global_batch": 64, "min_efficiency": 0.7}
+    short = decide_resize(PROFILE, refit.cluster, min_workers=1, max_workers=2, remaining_samples=64 * 20,
+                          margin=0.1, restart_cost_s=60, **common)
+    assert not short.resize and short.workers == 2 and "does not repay a 60 s restart" in short.reason
+    greedy = decide_resize(PROFILE, refit.cluster, min_workers=1, max_workers=2, remaining_samples=64 * 1000,
+                           margin=100.0, restart_cost_s=0, **common)
+    assert not greedy.resize and "within the 10000% margin" in greedy.reason
+    floor = decide_resize(PROFILE, refit.cluster, min_workers=2, max_workers=2, remaining_samples=64 * 1000,
+                          margin=0.1, restart_cost_s=0, **common)
+    assert not floor.resize and floor.workers == 2  # never below the configured minimum
+
+
+def test_a_faster_network_than_assumed_grows_the_job() -> None:
+    cluster = ClusterSpec(nodes=4, gpus_per_node=1, intra_node_GBps=0.01, inter_node_GBps=0.01, latency_us=5000)
+    assert plan(PROFILE, cluster, global_batch=64, min_efficiency=0.5).workers == 1
+    # Observed at 2 workers much faster than the pessimistic spec says: the refit grows to 4.
+    refit = refit_network(PROFILE, cluster, placement=TWO, local_batch=32, observed_step_s=0.0051)
+    assert refit.scale < 0.1
+    decision = decide_resize(PROFILE, refit.cluster, current=TWO, min_workers=1, max_workers=4, global_batch=64,
+                             remaining_samples=64 * 100_000, min_efficiency=0.5, margin=0.1, restart_cost_s=30)
+    assert decision.resize and decision.workers == 4 and decision.reason.startswith("resize 2 -> 4 workers")
+
+
+def test_worker_slots_count_what_each_alive_node_can_host() -> None:
+    nodes = [
+        {"Alive": True, "Resources": {"CPU": 2.0}},  # a head without GPUs
+        {"Alive": True, "Resources": {"CPU": 2.0, "GPU": 1.0}},
+        {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 4.0}},
+        {"Alive": False, "Resources": {"CPU": 8.0, "GPU": 8.0}},
+        {"Alive": True, "Resources": {"CPU": 1.0, "GPU": 2.0}},  # CPU-bound: one worker
+    ]
+    assert worker_slots(nodes, use_gpu=True) == 1 + 4 + 1
+    assert worker_slots(nodes, use_gpu=False, cpus_per_worker=2.0) == 1 + 1 + 4 + 0
+    assert worker_slots([], use_gpu=True) == 0
+
+
+@pytest.mark.parametrize(("workers", "expected"), [(1, (48, 1)), (2, (24, 1)), (3, (16, 1)), (4, (12, 1))])
+def test_global_batch_holds_for_every_elastic_worker_count(workers: int, expected: tuple[int, int]) -> None:
+    split = split_global_batch(48, workers=workers, max_local_batch=64)
+    assert (split.local_batch, split.accumulation) == expected and split.global_batch == 48
+    assert split_global_batch(48, workers=workers, max_local_batch=8).global_batch == 48
