@@ -62,7 +62,8 @@ def connect(address: str | None) -> None:
              runtime_env=env, log_to_driver=False)
 
 
-def fit(config: str, overrides: list[str], *, workers: int, steps: int) -> list[tuple[float, int, float]]:
+def fit(config: str, overrides: list[str], *, workers: int, steps: int) -> dict[str, Any]:
+    """The recorded steps, and when `TorchTrainer.fit` was called (for the start-up breakdown)."""
     job = load_config(config, overrides)
     ds = ray.data.read_parquet([os.path.abspath(p) for p in job.data.paths])
     train, val = ds.train_test_split(test_size=job.data.val_fraction)
@@ -80,8 +81,9 @@ def fit(config: str, overrides: list[str], *, workers: int, steps: int) -> list[
         ),
         datasets={"train": train, "val": val},
     )
+    fit_called = time.time()
     trainer.fit()
-    return ray.get(recorder.recorded.remote())
+    return {"points": ray.get(recorder.recorded.remote()), "fit_called": fit_called}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,11 +97,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     connect(args.address)
     try:
-        points = fit(args.config, args.overrides, workers=args.workers, steps=args.steps)
+        recorded = fit(args.config, args.overrides, workers=args.workers, steps=args.steps)
     finally:
         ray.shutdown()
     with open(args.out, "w") as f:
-        json.dump({"points": points}, f)
+        json.dump(recorded, f)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.harness import LoadSampler, Workspace, setup_environment  # noqa: E402
+from benchmarks.harness import LoadSampler, Workspace, setup_environment
 
 KILLS = 3
 CHECKPOINT_EVERY = 10

@@ -131,15 +131,16 @@ def print_table(sections: dict[str, SectionResult], meta: dict[str, Any]) -> Non
         console.print(f"[dim]- {note}[/dim]", highlight=False)
 
 
-def write(sections: dict[str, SectionResult], meta: dict[str, Any], folder: Path = RESULTS) -> tuple[Path, Path]:
-    """latest.json and latest.md, each written to a .tmp file first and renamed into place."""
+def write(sections: dict[str, SectionResult], meta: dict[str, Any], *, name: str = "latest",
+          folder: Path = RESULTS) -> tuple[Path, Path]:
+    """NAME.json and NAME.md, each written to a .tmp file first and renamed into place."""
     folder.mkdir(parents=True, exist_ok=True)
     data = {
         "meta": meta,
         "sections": {name: {"rows": [r.to_dict() for r in res.rows], "details": res.details,
                             "notes": res.notes, "skipped": res.skipped} for name, res in sections.items()},
     }
-    paths = folder / "latest.json", folder / "latest.md"
+    paths = folder / f"{name}.json", folder / f"{name}.md"
     for path, text in zip(paths, (json.dumps(data, indent=2, default=str) + "\n", markdown(sections, meta))):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text)

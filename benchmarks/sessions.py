@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.harness import Workspace, child_env
@@ -46,6 +46,8 @@ class TrainingRun:
     step_times: list[float]  # the loop's own time between optimizer steps, from step 1
     first_step_s: float | None = None  # launch -> rank 0 finished step 1
     wall_s: float = 0.0
+    # launch -> a point on the way to step 1: ours "mlflow_run_created", bare "fit_called"
+    milestones: dict[str, float] = field(default_factory=dict)
 
 
 @contextmanager
@@ -90,8 +92,9 @@ def run_orchestrator(workload: Workload, ws: Workspace, *, run_name: str, steps:
     wall = time.time() - launched
     if proc.returncode != 0:
         raise BenchmarkError(f"orchestrator run exited with {proc.returncode}; see {log}:\n{_tail(log)}")
-    first_at, step_times = _mlflow_steps(ws.tracking_uri, run_name)
-    return TrainingRun("ours", step_times[:steps], first_at - launched, wall)
+    created_at, first_at, step_times = _mlflow_steps(ws.tracking_uri, run_name)
+    return TrainingRun("ours", step_times[:steps], first_at - launched, wall,
+                       {"mlflow_run_created": created_at - launched})
 
 
 def _wait_for_step(proc: subprocess.Popen, db: Path, run_name: str, step: int) -> None:
@@ -123,8 +126,8 @@ def _run_id(client, run_name: str) -> str | None:
     return found[0].info.run_id if found else None
 
 
-def _mlflow_steps(tracking_uri: str, run_name: str) -> tuple[float, list[float]]:
-    """(when rank 0 finished step 1, step times from step 1) of the run's MLflow metrics."""
+def _mlflow_steps(tracking_uri: str, run_name: str) -> tuple[float, float, list[float]]:
+    """(when the driver created the run, when rank 0 finished step 1, step times from step 1)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -134,7 +137,8 @@ def _mlflow_steps(tracking_uri: str, run_name: str) -> tuple[float, list[float]]
     losses = client.get_metric_history(run_id, "train/loss")
     first = min(losses, key=lambda m: m.step)
     times = sorted(client.get_metric_history(run_id, "train/step_time_s"), key=lambda m: m.step)
-    return first.timestamp / 1000.0, [m.value for m in times]
+    created = client.get_run(run_id).info.start_time / 1000.0
+    return created, first.timestamp / 1000.0, [m.value for m in times]
 
 
 def _tail(path: os.PathLike, lines: int = 25) -> str:
@@ -159,8 +163,10 @@ def run_bare(workload: Workload, ws: Workspace, *, run_name: str, steps: int, ad
     wall = time.time() - launched
     if proc.returncode != 0:
         raise BenchmarkError(f"bare TorchTrainer exited with {proc.returncode}; see {log}:\n{_tail(log)}")
-    points = sorted(json.loads(out.read_text())["points"], key=lambda p: p[1])
-    return TrainingRun("bare", [p[2] for p in points], points[0][0] - launched, wall)
+    recorded = json.loads(out.read_text())
+    points = sorted(recorded["points"], key=lambda p: p[1])
+    return TrainingRun("bare", [p[2] for p in points], points[0][0] - launched, wall,
+                       {"fit_called": recorded["fit_called"] - launched})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ def autoscaler_present() -> bool:
     try:
         if is_autoscaler_v2(fetch_from_server=True):
             return True  # v2 runs only where KubeRay (or a cluster launcher) manages nodes
-    except Exception:  # noqa: BLE001 - an older GCS without the key: fall through to v1
+    except Exception:  # an older GCS without the key: fall through to v1
         log.debug("autoscaler v2 flag unreadable", exc_info=True)
     # The v1 monitor publishes a status; its autoscaler report (node types) follows once the
     # autoscaler has load metrics, a few seconds after the head starts. No status: no monitor.
@@ -123,7 +123,7 @@ def refresh_cluster_view() -> None:
     timeout (60 s) before shrinking."""
     coordinator = _coordinator()
     if coordinator is not None:
-        ray.get(coordinator.get_reserved_resources.remote("orchestrator-refresh", recompute=True), timeout=30)
+        ray.get(coordinator.get_reserved_resources.remote("orchestrator-refresh", recompute=True), timeout=10)
 
 
 def _coordinator() -> Any:

@@ -63,3 +63,5 @@ AUTOSCALE_REQUEST_TTL_S = _env_float("ORCH_AUTOSCALE_REQUEST_TTL_S", 600.0)
 # Autoscaling (resources.autoscale: auto): how long to wait for a just-started head's autoscaler to
 # report its node types before deciding the cluster has none (seconds).
 AUTOSCALE_DETECT_S = _env_float("ORCH_AUTOSCALE_DETECT_S", 15.0)
+# How long the driver waits, after killing its progress actor, for Ray to free the actor's name (seconds).
+ACTOR_RELEASE_S = _env_float("ORCH_ACTOR_RELEASE_S", 10.0)

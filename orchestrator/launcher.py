@@ -566,7 +566,8 @@ def run_job(launch: Launch, *, on_progress: ProgressCallback | None = None,
     checkpoint was written and the same command resumes) or FAILED; the autoscaler request, if
     any, is withdrawn either way.
     """
-    progress = ProgressActor.options(name=progress_actor_name(launch.run.run_id), namespace=PROGRESS_NAMESPACE).remote()
+    name = progress_actor_name(launch.run.run_id)
+    progress = ProgressActor.options(name=name, namespace=PROGRESS_NAMESPACE).remote()
     monitor = JobMonitor(launch, on_status=on_status)
     workers = launch.workers
     try:
@@ -588,7 +589,20 @@ def run_job(launch: Launch, *, on_progress: ProgressCallback | None = None,
         raise
     finally:
         launch.release()
-        ray.kill(progress)
+        _kill_named(progress, name)
+
+
+def _kill_named(actor: Any, name: str) -> None:
+    """Kill the progress actor and wait until its name is free: the same job run again from this
+    process (a rerun after a stop) names its actor alike."""
+    ray.kill(actor)
+    deadline = time.monotonic() + constants.ACTOR_RELEASE_S
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(name, namespace=PROGRESS_NAMESPACE)
+        except ValueError:
+            return
+        time.sleep(0.05)
 
 
 def _fit(launch: Launch, progress: Any, workers: int | tuple[int, int], monitor: JobMonitor,

@@ -60,7 +60,7 @@ class FailureForwarder(ray.train.UserCallback):
         self.progress.record_failure.remote("; ".join(causes))
         try:
             refresh_cluster_view()
-        except Exception:  # noqa: BLE001 - an optimisation; the coordinator's next tick does it anyway
+        except Exception:  # an optimisation: the coordinator's next tick does it anyway
             log.warning("could not refresh the autoscaling coordinator's view of the cluster", exc_info=True)
 
 
@@ -114,8 +114,9 @@ class JobMonitor:
     # -- polling ---------------------------------------------------------------------------
 
     def observe(self, step: int, info: dict[str, Any], events: list, workers: dict[int, dict[str, Any]]) -> None:
-        for self._seen_index in range(self._seen, len(events)):
-            self._event(*events[self._seen_index])
+        for index in range(self._seen, len(events)):
+            self._seen_index = index
+            self._event(*events[index])
         self._seen = len(events)
         self._recovered(events)
         self._locate(workers)

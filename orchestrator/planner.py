@@ -1030,7 +1030,7 @@ def _duration(seconds: float) -> str:
 # ---------------------------------------------------------------------------------------------
 # Online re-planning: refit the network from an observed step, then decide whether to resize
 
-from dataclasses import replace  # noqa: E402 - kept with the section that uses it
+from dataclasses import replace  # kept with the section that uses it
 
 # Bounds on the refit's scale of communication time: an observation further off than this says
 # something other than the network is wrong (a straggler, a mis-profiled device).

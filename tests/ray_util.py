@@ -9,9 +9,10 @@ session folder and ended by pid.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
-import signal
+import shutil
 import socket
 import subprocess
 import sys
@@ -30,7 +31,7 @@ def metric_steps(client: MlflowClient, run_id: str, key: str = "train/loss") -> 
 
 def assert_unique_monotone(values: list[int]) -> None:
     assert values, "no metric points logged"
-    assert all(a < b for a, b in zip(values, values[1:])), f"steps repeat or go back: {values}"
+    assert all(a < b for a, b in itertools.pairwise(values)), f"steps repeat or go back: {values}"
 
 
 def free_port() -> int:
@@ -95,8 +96,8 @@ class AutoscalingHead:
                *(f"--{flag}={port}" for flag, port in ports.items())]
         env = dict(os.environ, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
         env.pop("RAY_ADDRESS", None)
-        log = open(Path(self.folder) / "ray-start.log", "w")
-        self._proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(Path(self.folder) / "ray-start.log", "w") as log:  # the child keeps its own handle
+            self._proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(self._gcs_up, timeout_s=timeout_s, what=f"the autoscaling head at {self.address}")
         return self.address
 
@@ -141,24 +142,29 @@ class AutoscalingHead:
         return found
 
     def shutdown(self) -> None:
-        """SIGTERM the blocking `ray start` (it stops the head's processes), then kill, by pid, what
-        the autoscaler started on its own (fake nodes' raylets and their workers)."""
+        """End, by pid, every process of this cluster: `ray start` and what it started (found by the
+        session folder in their command lines), what the autoscaler started for fake nodes, and
+        their workers (children, whose command lines Ray rewrites). SIGTERM first, then SIGKILL."""
+        family = {p.pid: p for p in self.processes()}
         if self._proc is not None and self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGTERM)
-            try:
-                self._proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-        left = self.processes()
-        family = {p.pid: p for p in left}
-        for p in left:
+            family[self._proc.pid] = psutil.Process(self._proc.pid)
+        for p in list(family.values()):
             try:
                 family.update({c.pid: c for c in p.children(recursive=True)})
             except psutil.NoSuchProcess:
                 continue
         for p in family.values():
             try:
+                p.terminate()
+            except psutil.NoSuchProcess:
+                continue
+        _, alive = psutil.wait_procs(list(family.values()), timeout=10)
+        for p in alive:
+            try:
                 p.kill()
             except psutil.NoSuchProcess:
                 continue
-        psutil.wait_procs(list(family.values()), timeout=10)
+        psutil.wait_procs(alive, timeout=10)
+        if self._proc is not None:
+            self._proc.wait(10)
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -8,6 +8,7 @@ the session cluster this test process may be connected to is never touched.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,7 +16,6 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-
 from ray_util import AutoscalingHead, wait_for
 
 pytestmark = pytest.mark.slow
@@ -43,13 +43,14 @@ def test_requested_gpus_bring_up_nodes_then_the_request_is_released(
     proc = subprocess.run(
         [sys.executable, "-m", "orchestrator", "run", str(DIGITS), "--workers", "2",
          "--address", autoscaling_head.address, *[a for o in overrides for a in ("--set", o)]],
-        capture_output=True, text=True, timeout=480, cwd=tmp_path,
+        capture_output=True, text=True, timeout=480, cwd=tmp_path, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "final step: 20" in proc.stdout
-    # The progress line while nodes arrive (resources.autoscale: auto found the autoscaler).
-    assert "autoscaler: 0/2 GPU workers available" in proc.stderr
-    assert "autoscaler: 2/2 GPU workers available" in proc.stderr
+    # resources.autoscale: auto found the autoscaler, and the driver waited for the GPU workers
+    # (a progress line each time the count changed) before it started Ray Train: the GPU nodes
+    # came for this request (Ray Train's own request, and Ray Data's, come later or ask for CPUs).
+    assert re.search(r"autoscaler: 2/2 GPU workers available \(\d+ s of 180 s\)", proc.stderr)
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(proc.stdout.split("MLflow run: ")[1].split()[0])

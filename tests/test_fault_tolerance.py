@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import ray
 from mlflow.tracking import MlflowClient
+from ray_util import assert_unique_monotone, metric_steps, wait_for
 
 from orchestrator import autoscale, constants, launcher
 from orchestrator.config import load_config
 from orchestrator.profiler import cache_path
-from ray_util import assert_unique_monotone, metric_steps, wait_for
 from trainers import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
