@@ -38,7 +38,7 @@ import bisect
 import json
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -1030,7 +1030,6 @@ def _duration(seconds: float) -> str:
 # ---------------------------------------------------------------------------------------------
 # Online re-planning: refit the network from an observed step, then decide whether to resize
 
-from dataclasses import replace  # kept with the section that uses it
 
 # Bounds on the refit's scale of communication time: an observation further off than this says
 # something other than the network is wrong (a straggler, a mis-profiled device).
