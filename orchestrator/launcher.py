@@ -681,7 +681,6 @@ def _read_remote(checkpoint: Any) -> dict[str, Any]:
 def register_model(launch: Launch, state: dict[str, Any]) -> str | None:
     """Log the unwrapped model with an input example; register it under the configured name."""
     import mlflow
-    import torch
 
     from trainers.models import build_model
 
@@ -698,5 +697,4 @@ def register_model(launch: Launch, state: dict[str, Any]) -> str | None:
             model, name="model", input_example=launch.data.example,
             registered_model_name=job.tracking.registered_model,
         )
-    del torch
     return str(info.registered_model_version) if job.tracking.registered_model else None
