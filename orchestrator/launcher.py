@@ -16,6 +16,7 @@ from typing import Any
 import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from orchestrator import autoscale, constants
 from orchestrator.config import JobConfig, WorkerRange, flatten
@@ -98,12 +99,12 @@ def check_data(job: JobConfig) -> int:
 def load_datasets(job: JobConfig) -> Datasets:
     import numpy as np
 
-    from trainers.loop import make_collate
+    from trainers.data.collate import Collate
 
     ds = ray.data.read_parquet([os.path.abspath(p) for p in job.data.paths])
     train, val = ds.train_test_split(test_size=job.data.val_fraction) if job.data.val_fraction else (ds, ds.limit(0))
     example_batch = val.take_batch(4, batch_format="numpy") if job.data.val_fraction else ds.take_batch(4, batch_format="numpy")
-    x, _ = make_collate(job.data)(example_batch)
+    x, _ = Collate(job.data)(example_batch)
     if job.data.label is None:
         x = x[:, :-1].contiguous()  # the model sees tokens without the last target
     return Datasets(train, val, train.count(), np.asarray(x.numpy()))
@@ -144,7 +145,7 @@ class ProgressActor:
         now = time.time()
         self.step = step
         if "event" not in info:
-            self.info.update(info)
+            self.info.update({k: v for k, v in info.items() if k != "step_times_s"})
             if self._group is not None and "first_step_at" not in self._group:
                 self._group["first_step_at"] = now
             return
@@ -567,7 +568,9 @@ def run_job(launch: Launch, *, on_progress: ProgressCallback | None = None,
     any, is withdrawn either way.
     """
     name = progress_actor_name(launch.run.run_id)
-    progress = ProgressActor.options(name=name, namespace=PROGRESS_NAMESPACE).remote()
+    # On the driver's node: the actor must outlive any worker node the job loses.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    progress = ProgressActor.options(name=name, namespace=PROGRESS_NAMESPACE, scheduling_strategy=here).remote()
     monitor = JobMonitor(launch, on_status=on_status)
     workers = launch.workers
     try:

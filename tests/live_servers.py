@@ -120,7 +120,9 @@ class MlflowServer:
         args = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
                 "--artifacts-destination", str(self.artifacts), "--host", "127.0.0.1",
                 "--port", str(self.port), "--workers", "1"]
-        self.proc = start(args, log=self.log, env=base_env(), cwd=self.root)
+        # No job runner: MLflow 3 otherwise forks several huey consumers (GenAI jobs) per server.
+        env = base_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+        self.proc = start(args, log=self.log, env=env, cwd=self.root)
         wait_until(lambda: http_ok(f"{self.uri}/health"), timeout_s=90, what="mlflow server", log=self.log)
         return self
 
