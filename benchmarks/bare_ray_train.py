@@ -36,8 +36,13 @@ class StepRecorder:
         self.points: list[tuple[float, int, float]] = []
 
     def update(self, step: int, info: dict[str, Any]) -> None:
+        # Rank 0 pushes at most every PROGRESS_PUSH_S, with every step time since its last push;
+        # only the newest step gets this arrival time (the first push is step 1's, at once).
         if "train/loss" in info:
-            self.points.append((time.time(), step, float(info["train/step_time_s"])))
+            times = info["step_times_s"]
+            for i, seconds in enumerate(times):
+                newest = i == len(times) - 1
+                self.points.append((time.time() if newest else float("nan"), step - len(times) + 1 + i, float(seconds)))
 
     def register_worker(self, rank: int, pid: int, node_id: str) -> None:
         pass

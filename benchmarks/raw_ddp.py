@@ -60,12 +60,12 @@ def load_tensors(job: JobConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The training split as tensors, converted by the loop's own collate (same dtypes, shapes)."""
     import pyarrow.dataset as pads
 
-    from trainers.loop import make_collate
+    from trainers.data.collate import Collate
 
     files = sorted(str(f) for p in job.data.paths for f in _parquet_files(p))
     columns = [job.data.features.column] + ([job.data.label.column] if job.data.label else [])
     table = pads.dataset(files, format="parquet").to_table(columns=columns)
-    x, y = make_collate(job.data)({c: table.column(c).to_numpy(zero_copy_only=False) for c in columns})
+    x, y = Collate(job.data)(table)
     # Ray Data's train_test_split keeps the first rows for training, as here.
     keep = len(x) - int(len(x) * job.data.val_fraction)
     return x[:keep], None if y is None else y[:keep]

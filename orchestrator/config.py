@@ -48,6 +48,9 @@ class DataConfig(_Section):
     label: ColumnConfig | None = None  # None: language modelling on shifted feature tokens
     val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
     dataset_kwargs: dict[str, Any] = Field(default_factory=dict)
+    # Per-worker memory (MiB) for keeping the training shard after its first pass, so later epochs
+    # index tensors instead of streaming through Ray Data again; 0 streams every epoch.
+    cache_mb: float = Field(default=1024, ge=0)
 
     @property
     def paths(self) -> list[str]:

@@ -15,6 +15,9 @@ def _env_float(name: str, default: float) -> float:
 
 # Driver polls the training progress actor this often (seconds).
 PROGRESS_POLL_S = _env_float("ORCH_PROGRESS_POLL_S", 0.5)
+# Rank 0 pushes its step and metrics to the progress actor at most this often (seconds); the first
+# step of a worker group and every event go at once.
+PROGRESS_PUSH_S = _env_float("ORCH_PROGRESS_PUSH_S", 0.25)
 # MLflow metric buffer: flush at least this often (seconds) from rank 0.
 METRIC_FLUSH_S = _env_float("ORCH_METRIC_FLUSH_S", 2.0)
 # Retry back-off for a tracking server that is down: first wait and cap (seconds).

@@ -87,13 +87,14 @@ class _Bench:
     """The job's model, loss and optimizer on one device, as the training loop builds them."""
 
     def __init__(self, job: JobConfig, device: Any) -> None:
-        from trainers.loop import make_collate, make_optimizer
+        from trainers.data.collate import Collate
+        from trainers.loop import make_optimizer
         from trainers.models import build_model
 
         self.job, self.device = job, device
         self.model = build_model(job.model.name, job.model.kwargs).to(device)
         self.optimizer = make_optimizer(self.model, job.training)
-        self.collate = make_collate(job.data)
+        self.collate = Collate(job.data)
 
     def batch(self, rows: dict[str, Any], size: int, offset: int = 0) -> tuple[Any, Any]:
         picked = {k: v[offset : offset + size] for k, v in rows.items()}
@@ -169,10 +170,10 @@ def data_rate(job: JobConfig, *, batch_size: int, seconds: float) -> float:
     """Samples/s of the real Parquet pipeline (Ray Data -> torch batches), on its own."""
     import ray
 
-    from trainers.loop import make_collate
+    from trainers.data.collate import Collate
 
     ds = ray.data.read_parquet(job.data.paths)
-    collate = make_collate(job.data)
+    collate = Collate(job.data)
     count, start = 0, None
     for x, _ in ds.iter_torch_batches(batch_size=batch_size, collate_fn=collate, device="cpu"):
         if start is None:  # the first batch pays for starting the pipeline

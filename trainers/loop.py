@@ -28,9 +28,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from orchestrator import constants
-from orchestrator.config import DataConfig, JobConfig, TrainingConfig
+from orchestrator.config import JobConfig, TrainingConfig
 from trainers import checkpoint as ckpt
 from trainers.batching import BatchSplit, split_global_batch
+from trainers.data.cache import ShardCache
+from trainers.data.collate import Collate
 from trainers.models import build_model
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,6 @@ log = logging.getLogger(__name__)
 STOP_CHECK_EVERY = 5
 # The observed step time is the median of at most this many recent steps.
 OBSERVED_WINDOW = 50
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "int32": torch.int64, "int64": torch.int64}
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,22 +87,6 @@ def lr_factor(step: int, *, cfg: TrainingConfig, total_steps: int) -> float:
     return 1.0
 
 
-def make_collate(data: DataConfig):
-    """numpy batch from Ray Data -> (inputs, targets) tensors; targets None for language models."""
-    feat, label = data.features, data.label
-
-    def collate(batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        column = batch[feat.column]
-        array = np.stack(column) if column.dtype == object else column
-        x = torch.tensor(array, dtype=_DTYPES[feat.dtype])  # a copy: Arrow buffers are read-only
-        if feat.shape is not None:
-            x = x.reshape(len(x), *feat.shape)
-        y = torch.tensor(batch[label.column], dtype=torch.int64) if label else None
-        return x, y
-
-    return collate
-
-
 def compute_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(mean loss, number correct, count): classification, or next-token prediction when y is None."""
     if y is None:
@@ -140,24 +125,55 @@ def evaluate(model: torch.nn.Module, batches, *, device: torch.device, precision
 
 
 class StopSignal:
-    """All ranks agree, at the same step, on whether the driver asked to stop (SIGTERM/Ctrl-C)."""
+    """All ranks agree, at the same step, on whether the driver asked to stop (SIGTERM/Ctrl-C, or
+    a resize), without stalling a step for it.
+
+    Every STOP_CHECK_EVERY steps each rank starts an asynchronous MAX all-reduce of rank 0's latest
+    answer and acts on the one it started the round before (by then long finished): a stop lands
+    at most two rounds after the driver asks. Rank 0 asks the driver's actor without waiting, at
+    most once per PROGRESS_PUSH_S.
+    """
 
     def __init__(self, progress: Any, rank: int) -> None:
-        self._progress, self._rank, self._pending = progress, rank, None
+        self._progress, self._rank = progress, rank
+        self._asking: Any = None  # rank 0's unanswered question to the actor
+        self._ask = Throttle(constants.PROGRESS_PUSH_S)
+        self._requested = False  # rank 0's latest answer
+        self._round: tuple[torch.Tensor, Any] | None = None  # the all-reduce in flight
 
     def should_stop(self, step: int) -> bool:
         if self._progress is None or step % STOP_CHECK_EVERY:
             return False
-        flag = torch.zeros(1)
         if self._rank == 0:
-            # Ask without waiting; the answer of the previous check is used (at most one interval late).
-            ready, _ = ray.wait([self._pending], timeout=0) if self._pending else ([], None)
-            if ready and ray.get(ready[0]):
-                flag += 1
-            self._pending = self._progress.stop_requested.remote()
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self._poll_driver()
+        if not dist.is_initialized():
+            return self._requested
+        decided = self._finish_round()
+        flag = torch.tensor([1.0 if self._requested else 0.0])
+        self._round = (flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True))
+        return decided
+
+    def close(self) -> None:
+        """Wait for the all-reduce in flight (every rank started it, so it completes)."""
+        self._finish_round()
+
+    def _finish_round(self) -> bool:
+        if self._round is None:
+            return False
+        flag, work = self._round
+        self._round = None
+        work.wait()
         return bool(flag.item())
+
+    def _poll_driver(self) -> None:
+        if self._asking is not None:
+            ready, _ = ray.wait([self._asking], timeout=0)
+            if not ready:
+                return
+            self._requested = self._requested or bool(ray.get(ready[0]))
+            self._asking = None
+        if self._ask.due():
+            self._asking = self._progress.stop_requested.remote()
 
 
 @dataclass
@@ -319,22 +335,31 @@ def _train(job: JobConfig, args: LoopArgs, state: TrainState, model, *, split: B
     cfg = job.training
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    collate = make_collate(job.data)
+    collate = Collate(job.data)
     stop = StopSignal(args.progress, rank)
     micro_per_epoch = args.steps_per_epoch * split.accumulation
+    cache = ShardCache(budget_bytes=job.data.cache_mb * 2**20, expected_samples=micro_per_epoch * split.local_batch)
+    cached = False
+    push, pushed = Throttle(constants.PROGRESS_PUSH_S), 0
     step_times: list[float] = []
     last_metrics: dict[str, float] = {}
 
     while state.step < args.total_steps:
         epoch = state.step // args.steps_per_epoch
         skip = (state.step % args.steps_per_epoch) * split.accumulation  # resumed mid-epoch
-        batches = train_shard.iter_torch_batches(
-            batch_size=split.local_batch, drop_last=True, collate_fn=collate, device=device,
-            local_shuffle_buffer_size=max(4 * split.local_batch, 256), local_shuffle_seed=cfg.seed + epoch,
-        )
+        if cached:
+            batches = cache.batches(split.local_batch, seed=cfg.seed + 7919 * epoch + rank)
+        else:
+            batches = train_shard.iter_torch_batches(
+                batch_size=split.local_batch, drop_last=True, collate_fn=collate,
+                device=torch.device("cpu") if cache.enabled else device,
+                local_shuffle_buffer_size=max(4 * split.local_batch, 256), local_shuffle_seed=cfg.seed + epoch,
+            )
         tick = time.perf_counter()
         loss_sum = 0.0
         for i, (x, y) in enumerate(batches):
+            if not cached:
+                cache.add(x, y)
             # Every rank reads the whole epoch so streaming shards stay in step; only the
             # first steps_per_epoch * accumulation micro-batches are trained on.
             if i < skip or i >= micro_per_epoch or state.step >= args.total_steps:
@@ -367,23 +392,58 @@ def _train(job: JobConfig, args: LoopArgs, state: TrainState, model, *, split: B
                 }
                 if sink is not None:
                     sink.add(last_metrics, step=state.step)
-                _progress(args, state.step, {**last_metrics, **_observed(step_times)})
+                if push.due():
+                    # Every step time since the last push goes along (a benchmark's recorder keeps them).
+                    recent = {"step_times_s": step_times[pushed:]}
+                    _progress(args, state.step, {**last_metrics, **_observed(step_times), **recent})
+                    pushed = len(step_times)
             loss_sum = 0.0
             stopping = stop.should_stop(state.step)
             if stopping or state.step % job.checkpoint.every_steps == 0 or state.step == args.total_steps:
                 save_and_report(state, _summary(last_metrics, step_times), rank=rank, split=split, sink=sink,
                                 run_dir=run_folder(job))
             if stopping:
+                stop.close()
                 _progress(args, state.step, {"event": "stopped"})
                 return
+        if not cached:
+            cached = _cache_ready_everywhere(cache)
+            if cached and rank == 0:
+                log.info("training shard kept in memory after its first pass (%.1f MiB per worker)",
+                         cache.estimate_bytes / 2**20)
         val = evaluate(_unwrap(model), val_shard.iter_torch_batches(batch_size=split.local_batch, collate_fn=collate, device=device),
                        device=device, precision=cfg.precision)
         if rank == 0 and val:
             if sink is not None:
                 sink.add({**val, "epoch": epoch + 1}, step=state.step)
             _progress(args, state.step, val)
+    stop.close()
     if rank == 0:
         _progress(args, state.step, {"event": "finished"})
+
+
+def _cache_ready_everywhere(cache: ShardCache) -> bool:
+    """Seal the cache; every rank switches to it only if every rank has it (shards stay in step)."""
+    flag = torch.tensor([1.0 if cache.seal() else 0.0])
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if not flag.item():
+        cache.drop()
+    return bool(flag.item())
+
+
+class Throttle:
+    """`due()` is True at most once per `every_s` seconds (the first call always)."""
+
+    def __init__(self, every_s: float) -> None:
+        self._every, self._last = every_s, None
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if self._last is not None and now - self._last < self._every:
+            return False
+        self._last = now
+        return True
 
 
 def _summary(last: dict[str, float], step_times: list[float]) -> dict[str, float]:
