@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 import ray.train
@@ -23,8 +23,10 @@ from orchestrator.config import JobConfig, WorkerRange, flatten
 from orchestrator.errors import UserError
 from orchestrator.monitor import PROGRESS_NAMESPACE, FailureForwarder, JobMonitor, StatusCallback, progress_actor_name
 from orchestrator.planner import ClusterSpec, Plan, Prediction, Profile
-from orchestrator.tracking import JobRun, start_job_run
 from trainers.batching import split_global_batch
+
+if TYPE_CHECKING:
+    from orchestrator.tracking import JobRun
 
 log = logging.getLogger(__name__)
 
@@ -275,6 +277,7 @@ def prepare_launch(job: JobConfig, *, workers: int | None, config_path: str | No
     job = job.localized()
     rows = check_data(job)  # fails before any Ray worker starts
     log.info("data: %d rows in %s", rows, ", ".join(job.data.paths))
+    tracking_warm_up = _warm_up_tracking(job)
     connect_ray(job.ray.address)
     use_gpu = wants_gpu(job)
     data = load_datasets(job)
@@ -287,6 +290,9 @@ def prepare_launch(job: JobConfig, *, workers: int | None, config_path: str | No
                                            on_status=on_status)
     else:
         sizing = size_job(job, workers=workers, use_gpu=use_gpu, total_samples=samples)
+    tracking_warm_up.join()
+    from orchestrator.tracking import start_job_run
+
     try:
         run = start_job_run(
             tracking_uri=resolve_tracking_uri(job), experiment=job.tracking.experiment,
@@ -299,6 +305,24 @@ def prepare_launch(job: JobConfig, *, workers: int | None, config_path: str | No
             autoscale.release(autoscaled.requester)
         raise
     return launch
+
+
+def _warm_up_tracking(job: JobConfig) -> threading.Thread:
+    """Import MLflow and open the tracking store (read only) while Ray reads and splits the data:
+    seconds each, independent, and both before the first step. The run itself is created after
+    sizing, so a job refused there leaves no run behind."""
+
+    def warm_up() -> None:
+        try:
+            from orchestrator.tracking import client
+
+            client(resolve_tracking_uri(job)).search_experiments(max_results=1)
+        except Exception as exc:  # noqa: BLE001 - creating the run meets it again and reports it
+            log.debug("tracking warm-up: %s", exc)
+
+    thread = threading.Thread(target=warm_up, name="mlflow-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 # ---------------------------------------------------------------------------------------------
