@@ -184,11 +184,12 @@ class MetricBuffer:
         self._thread = threading.Thread(target=self._run, name="mlflow-metrics", daemon=True)
         self._thread.start()
 
-    def add(self, metrics: Mapping[str, float], *, step: int) -> None:
-        """Queue one step; steps already in the run (before a restart) are not logged again."""
+    def add(self, metrics: Mapping[str, float], *, step: int, timestamp_ms: int | None = None) -> None:
+        """Queue one step (logged now, or at `timestamp_ms`); steps already in the run (before a
+        restart) are not logged again."""
         if step <= self._skip_through:
             return
-        now = int(time.time() * 1000)
+        now = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
         points = []
         for key, value in metrics.items():
             try:

@@ -33,6 +33,7 @@ from trainers import checkpoint as ckpt
 from trainers.batching import BatchSplit, split_global_batch
 from trainers.data.cache import ShardCache
 from trainers.data.collate import Collate
+from trainers.metric_sink import DeferredSink
 from trainers.models import build_model
 
 log = logging.getLogger(__name__)
@@ -288,7 +289,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if job.training.compile:
         model = torch.compile(model)
 
-    sink = _metric_sink(args, rank, start_step=state.step)
+    sink = _metric_sink(args, rank)
     _register(args, rank)
     if rank == 0:
         note = resume.note if resume else "start"
@@ -305,17 +306,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             sink.close()
 
 
-def _metric_sink(args: LoopArgs, rank: int, *, start_step: int):
+def _metric_sink(args: LoopArgs, rank: int) -> DeferredSink | None:
     if rank != 0 or args.run_id is None:
         return None
-    from orchestrator.tracking import MetricBuffer, client
 
-    # Steps logged before a restart (past the checkpoint we resume from) are not logged again.
-    history = client(args.tracking_uri).get_metric_history(args.run_id, "train/loss")
-    last_logged = max((m.step for m in history), default=None)
-    return MetricBuffer(
-        tracking_uri=args.tracking_uri, run_id=args.run_id, skip_through_step=last_logged, spill_dir=args.spill_dir
-    )
+    def open_sink():
+        from orchestrator.tracking import MetricBuffer, client
+
+        # Steps logged before a restart (past the checkpoint we resume from) are not logged again.
+        history = client(args.tracking_uri).get_metric_history(args.run_id, "train/loss")
+        last_logged = max((m.step for m in history), default=None)
+        return MetricBuffer(tracking_uri=args.tracking_uri, run_id=args.run_id, skip_through_step=last_logged,
+                            spill_dir=args.spill_dir)
+
+    return DeferredSink(open_sink)
 
 
 def _progress(args: LoopArgs, step: int, info: dict[str, Any]) -> None:
