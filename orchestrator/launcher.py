@@ -101,12 +101,15 @@ def check_data(job: JobConfig) -> int:
 def load_datasets(job: JobConfig) -> Datasets:
     import numpy as np
 
+    from trainers.data import open_dataset
     from trainers.data.collate import Collate
 
     ds = ray.data.read_parquet([os.path.abspath(p) for p in job.data.paths])
     train, val = ds.train_test_split(test_size=job.data.val_fraction) if job.data.val_fraction else (ds, ds.limit(0))
-    example_batch = val.take_batch(4, batch_format="numpy") if job.data.val_fraction else ds.take_batch(4, batch_format="numpy")
-    x, _ = Collate(job.data)(example_batch)
+    # The model's input example (its MLflow signature): the first rows, read by pyarrow directly
+    # rather than by one more Ray Data job.
+    columns = [job.data.features.column] + ([job.data.label.column] if job.data.label else [])
+    x, _ = Collate(job.data)(open_dataset(job.data.paths).head(4, columns=columns))
     if job.data.label is None:
         x = x[:, :-1].contiguous()  # the model sees tokens without the last target
     return Datasets(train, val, train.count(), np.asarray(x.numpy()))
