@@ -410,7 +410,7 @@ def _train(job: JobConfig, args: LoopArgs, state: TrainState, model, *, split: B
                 stop.close()
                 _progress(args, state.step, {"event": "stopped"})
                 return
-        if not cached:
+        if not cached and state.step < args.total_steps:  # (every rank is at the same step)
             cached = _cache_ready_everywhere(cache)
             if cached and rank == 0:
                 log.info("training shard kept in memory after its first pass (%.1f MiB per worker)",
