@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(BIN)/orchestrator run configs/digits.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q --durations=12
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
