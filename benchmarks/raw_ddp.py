@@ -63,8 +63,7 @@ def load_tensors(job: JobConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
     from trainers.data.collate import Collate
 
     files = sorted(str(f) for p in job.data.paths for f in _parquet_files(p))
-    columns = [job.data.features.column] + ([job.data.label.column] if job.data.label else [])
-    table = pads.dataset(files, format="parquet").to_table(columns=columns)
+    table = pads.dataset(files, format="parquet").to_table(columns=job.data.columns)
     x, y = Collate(job.data)(table)
     # Ray Data's train_test_split keeps the first rows for training, as here.
     keep = len(x) - int(len(x) * job.data.val_fraction)

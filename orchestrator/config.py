@@ -56,6 +56,11 @@ class DataConfig(_Section):
     def paths(self) -> list[str]:
         return [self.path] if isinstance(self.path, str) else list(self.path)
 
+    @property
+    def columns(self) -> list[str]:
+        """The columns training reads: the features, then the label if any."""
+        return [self.features.column] + ([self.label.column] if self.label else [])
+
 
 class TrainingConfig(_Section):
     epochs: int | None = Field(default=None, gt=0)

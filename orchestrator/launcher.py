@@ -108,8 +108,7 @@ def load_datasets(job: JobConfig) -> Datasets:
     train, val = ds.train_test_split(test_size=job.data.val_fraction) if job.data.val_fraction else (ds, ds.limit(0))
     # The model's input example (its MLflow signature): the first rows, read by pyarrow directly
     # rather than by one more Ray Data job.
-    columns = [job.data.features.column] + ([job.data.label.column] if job.data.label else [])
-    x, _ = Collate(job.data)(open_dataset(job.data.paths).head(4, columns=columns))
+    x, _ = Collate(job.data)(open_dataset(job.data.paths).head(4, columns=job.data.columns))
     if job.data.label is None:
         x = x[:, :-1].contiguous()  # the model sees tokens without the last target
     return Datasets(train, val, train.count(), np.asarray(x.numpy()))

@@ -76,7 +76,7 @@ def _sample_rows(job: JobConfig, rows: int) -> dict[str, Any]:
 
     from trainers.data import open_dataset
 
-    columns = [job.data.features.column] + ([job.data.label.column] if job.data.label else [])
+    columns = job.data.columns
     table = open_dataset(job.data.paths).head(rows, columns=columns)
     batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in columns}
     reps = math.ceil(rows / max(len(table), 1))

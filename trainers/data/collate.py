@@ -19,8 +19,8 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 
 from orchestrator.config import DataConfig
 
-_NUMPY = {torch.float32: np.float32, torch.float64: np.float64, torch.int64: np.int64}
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "int32": torch.int64, "int64": torch.int64}
+# Config dtype -> the array dtype a tensor is made from (integer inputs become int64, as embeddings want).
+_NUMPY_DTYPES = {"float32": np.float32, "float64": np.float64, "int32": np.int64, "int64": np.int64}
 
 
 class Collate(ArrowBatchCollateFn):
@@ -31,10 +31,10 @@ class Collate(ArrowBatchCollateFn):
         self.features, self.label = data.features, data.label
 
     def __call__(self, batch: pa.Table | Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = _tensor(_column(batch, self.features.column), DTYPES[self.features.dtype])
+        x = _tensor(_column(batch, self.features.column), _NUMPY_DTYPES[self.features.dtype])
         if self.features.shape is not None:
             x = x.reshape(len(x), *self.features.shape)
-        y = _tensor(_column(batch, self.label.column), torch.int64) if self.label else None
+        y = _tensor(_column(batch, self.label.column), np.int64) if self.label else None
         return x, y
 
 
@@ -63,8 +63,7 @@ def _arrow_to_numpy(column: pa.Array) -> np.ndarray:
     return column.to_numpy(zero_copy_only=False)
 
 
-def _tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+def _tensor(array: np.ndarray, dtype: type[np.generic]) -> torch.Tensor:
     # A copy: Arrow buffers are read-only, and the batch must outlive them. (from_numpy of a copy
     # is several times faster than torch.tensor on small batches.)
-    converted = array.astype(_NUMPY[dtype], copy=True)
-    return torch.from_numpy(converted)
+    return torch.from_numpy(array.astype(dtype, copy=True))
