@@ -6,7 +6,6 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch and versions known to work together (see constraints.txt).
 PIP_INSTALL := $(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt
 
-export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 export GLOO_SOCKET_IFNAME ?= lo
 export MLFLOW_DISABLE_TELEMETRY ?= true

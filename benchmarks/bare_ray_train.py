@@ -20,9 +20,10 @@ from typing import Any
 
 import ray
 import ray.train
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import TorchTrainer
 
 from orchestrator.config import load_config
+from orchestrator.ray_session import connect_ray, torch_config
 from trainers.loop import LoopArgs, train_loop_per_worker
 
 
@@ -58,13 +59,8 @@ class StepRecorder:
 
 
 def connect(address: str | None) -> None:
-    env = {"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}}
-    if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=False)
-        return
-    # The same embedded Ray as `orchestrator run` starts (orchestrator/launcher.py: connect_ray).
-    ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 2, include_dashboard=False,
-             runtime_env=env, log_to_driver=False)
+    # The same Ray as `orchestrator run` joins or starts (loopback only, token auth).
+    connect_ray(address)
 
 
 def fit(config: str, overrides: list[str], *, workers: int, steps: int) -> dict[str, Any]:
@@ -79,7 +75,7 @@ def fit(config: str, overrides: list[str], *, workers: int, steps: int) -> dict[
         train_loop_per_worker,
         train_loop_config={f.name: getattr(args, f.name) for f in fields(args)},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
-        torch_config=TorchConfig(backend="gloo"),
+        torch_config=torch_config("gloo"),  # the rendezvous ours uses
         run_config=ray.train.RunConfig(
             name=job.name, storage_path=os.path.abspath(job.checkpoint.storage_path),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.checkpoint.keep_last),

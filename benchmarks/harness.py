@@ -14,9 +14,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 
-# Set before Ray is imported here and in every process a benchmark starts: no token prompt for
-# local clusters, no usage stats, gloo over loopback, Ray Train V2.
+# Set before Ray is imported here and in every process a benchmark starts: every Ray server on
+# 127.0.0.1, no token prompt for local clusters, no usage stats, gloo over loopback, Ray Train V2.
 ENV_DEFAULTS = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # loopback only (orchestrator/ray_session.py)
     "RAY_AUTH_MODE": "disabled",
     "RAY_USAGE_STATS_ENABLED": "0",
     "GLOO_SOCKET_IFNAME": "lo",

@@ -55,8 +55,9 @@ def local_ray() -> Iterator[str]:
     """An already-running local Ray, sized as the CLI's embedded one; yields its address."""
     import ray
 
-    ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 2, include_dashboard=False,
-             runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}}, log_to_driver=False)
+    from orchestrator.ray_session import connect_ray
+
+    connect_ray(None)
     try:
         yield ray.get_runtime_context().gcs_address
     finally:

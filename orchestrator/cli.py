@@ -193,10 +193,11 @@ def profile(
     from orchestrator import launcher
     from orchestrator.config import load_config
     from orchestrator.profiler import profile_job
+    from orchestrator.ray_session import connect_ray
 
     job = load_config(config, list(set_ or []) + ([f"ray.address={address}"] if address else [])).localized()
     launcher.check_data(job)
-    launcher.connect_ray(job.ray.address)
+    connect_ray(job.ray.address)
     measured, cached = profile_job(job, use_gpu=launcher.wants_gpu(job), refresh=refresh)
     measured.save(output)
     seconds = measured.meta.get("profile_seconds", 0)
@@ -248,7 +249,7 @@ def plan(
 
 @app.command("probe-network")
 def probe_network(
-    address: Annotated[str | None, typer.Option(help="Ray address; default: RAY_ADDRESS or a new local Ray.")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray address; default: RAY_ADDRESS or a new local Ray on 127.0.0.1.")] = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="Cluster YAML to write (merged if it exists).")] = Path("cluster.yaml"),
     max_mib: Annotated[int, typer.Option(help="Largest all-reduce message, MiB.")] = 64,
 ) -> None:
@@ -256,7 +257,7 @@ def probe_network(
     from orchestrator.cluster import DEFAULT_PROBE_SIZES, probe_network as measure
 
     sizes = [s for s in DEFAULT_PROBE_SIZES if s <= max_mib * 2**20]
-    spec = measure(address or os.environ.get("RAY_ADDRESS") or "local", sizes, output)
+    spec = measure(address or os.environ.get("RAY_ADDRESS"), sizes, output)
     out.print(f"wrote {output}: {len(spec.allreduce_samples)} all-reduce samples on {spec.nodes} node(s) x "
               f"{spec.gpus_per_node} worker(s)")
 

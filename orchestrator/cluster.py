@@ -130,16 +130,17 @@ def probe_network(
     default the full placement is measured, or else each of `placements`. Figures already in `out`
     (bandwidths, price, samples of other placements) are kept; a new file takes the discovered
     shape and the default figures; the file is rewritten (its comments are lost). Connects to
-    `address` unless Ray is up (None: Ray's default, a running local cluster or a new one;
-    "local": always a new one).
+    `address` unless Ray is up (None: a new embedded Ray on 127.0.0.1).
     """
     import ray
+
+    from orchestrator.ray_session import connect_ray
 
     if not sizes or any(s <= 0 for s in sizes):
         raise UserError(f"sizes: must be a non-empty list of positive byte counts, got {sizes}")
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address)
+        connect_ray(address)
     try:
         existing = load_cluster(out).to_dict() if Path(out).is_file() else None
         gpu = _has_gpus() if use_gpu is None else use_gpu

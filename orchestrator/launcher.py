@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 import ray.train
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from orchestrator import autoscale, constants
+from orchestrator.ray_session import connect_ray, embedded, torch_config
 from orchestrator.config import JobConfig, WorkerRange, flatten
 from orchestrator.errors import UserError
 from orchestrator.monitor import PROGRESS_NAMESPACE, FailureForwarder, JobMonitor, StatusCallback, progress_actor_name
@@ -33,28 +34,6 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # Ray
-
-
-# Logical CPUs an embedded Ray declares beyond the machine's cores (0 when joining a cluster).
-_EMBEDDED_EXTRA_CPUS = 0
-
-
-def connect_ray(address: str | None) -> None:
-    """Join the cluster at `address`, or start an embedded local Ray bound to 127.0.0.1."""
-    if ray.is_initialized():
-        return
-    # Workers must import this package; an installed package is importable anywhere, a
-    # checkout is shipped through the runtime env.
-    env_vars = {"RAY_TRAIN_V2_ENABLED": "1"}
-    if address:
-        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=False)
-        return
-    # Embedded Ray: oversubscribe logical CPUs so Ray Data's read tasks still run when every
-    # core hosts a training worker.
-    global _EMBEDDED_EXTRA_CPUS
-    _EMBEDDED_EXTRA_CPUS = 2
-    ray.init(address="local", num_cpus=(os.cpu_count() or 1) + _EMBEDDED_EXTRA_CPUS, include_dashboard=False,
-             runtime_env={"env_vars": env_vars}, log_to_driver=False)
 
 
 def wants_gpu(job: JobConfig) -> bool:
@@ -335,7 +314,7 @@ def autoscale_enabled(job: JobConfig) -> bool:
     """resources.autoscale: false never; true on any cluster Ray joins; auto where an autoscaler
     can add nodes. An embedded Ray has nothing to scale."""
     mode = job.resources.autoscale
-    if mode is False or _EMBEDDED_EXTRA_CPUS:  # set when connect_ray started an embedded Ray
+    if mode is False or embedded():
         return False
     return mode is True or autoscale.autoscaler_present()
 
@@ -400,7 +379,7 @@ def live_cluster(job: JobConfig, *, use_gpu: bool) -> ClusterSpec:
     if job.resources.cluster:
         return load_cluster(job.resources.cluster)
     defaults = GPU_DEFAULTS if use_gpu else CPU_DEFAULTS
-    if _EMBEDDED_EXTRA_CPUS and not use_gpu:
+    if embedded() and not use_gpu:
         # An embedded Ray declares extra logical CPUs for Ray Data; plan for the real cores.
         node = {"Alive": True, "Resources": {"CPU": os.cpu_count() or 1}}
         return spec_from_nodes([node], defaults, use_gpu=False, cpus_per_worker=job.resources.cpus_per_worker)
@@ -564,7 +543,7 @@ def build_trainer(launch: Launch, progress: Any, workers: int | tuple[int, int] 
             num_workers=workers or launch.workers, use_gpu=launch.use_gpu,
             resources_per_worker={"CPU": job.resources.cpus_per_worker, **({"GPU": 1} if launch.use_gpu else {})},
         ),
-        torch_config=TorchConfig(backend=backend_for(launch.use_gpu)),
+        torch_config=torch_config(backend_for(launch.use_gpu)),
         run_config=ray.train.RunConfig(
             name=job.name, storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.checkpoint.keep_last),

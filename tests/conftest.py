@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 
-# Before Ray is imported anywhere: no token auth prompt for local test clusters, no usage stats,
-# gloo over loopback, and short driver poll intervals.
+# Before Ray is imported anywhere: every Ray process of a test (Cluster nodes, `ray start`) takes
+# 127.0.0.1 as its node address and listens there only (orchestrator/ray_session.py says how); no
+# token auth for local test clusters (tests of the embedded Ray and of a head turn it on), no usage
+# stats, gloo over loopback, and short driver poll intervals.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")

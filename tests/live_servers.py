@@ -27,7 +27,7 @@ os.environ.update(NO_TELEMETRY)
 
 def free_port() -> int:
     with socket.socket() as s:
-        s.bind(("", 0))  # free on every address: Ray binds some ports on the node's own IP
+        s.bind(("127.0.0.1", 0))  # every server a test starts listens on loopback only
         return s.getsockname()[1]
 
 

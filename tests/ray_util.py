@@ -36,7 +36,7 @@ def assert_unique_monotone(values: list[int]) -> None:
 
 def free_port() -> int:
     with socket.socket() as s:
-        s.bind(("", 0))
+        s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 

@@ -62,3 +62,52 @@ def test_a_step_reached_again_gets_a_fresh_folder_that_sorts_after(tmp_path: Pat
     write(tmp_path, 60)
     assert [p.name for p in ckpt.candidates(tmp_path)] == [ckpt.dir_name(60), again, ckpt.dir_name(50)]
     assert ckpt.fresh_dir_name(None, 50) == ckpt.dir_name(50)  # remote storage: Ray's names
+
+
+class _Payload:
+    """What an attacker pickles into state.pt: loading it runs a shell command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_pickled_code_in_a_checkpoint_is_refused_not_run(tmp_path: Path) -> None:
+    """The attack: anyone who can write the checkpoint storage drops a newer state.pt that runs
+    code when unpickled, with a manifest that matches it. It must be passed over, never run."""
+    write(tmp_path, 20)
+    marker = tmp_path / "pwned"
+    evil = tmp_path / ckpt.dir_name(30)
+    ckpt.write(evil, {"step": 30, "model": _Payload(marker)}, step=30)  # a matching SHA-256 manifest
+    restored = ckpt.restore_newest(tmp_path)
+    assert not marker.exists(), "restoring a checkpoint ran code from it"
+    assert restored is not None and restored.state["step"] == 20
+    assert "not loadable as tensors" in restored.skipped[0]
+    # The payload is live: an unsafe load would have run it (this is what the fix prevents).
+    torch.load(evil / ckpt.STATE_FILE, weights_only=False)
+    assert marker.exists()
+
+
+def test_a_state_that_does_not_fit_the_job_is_passed_over(tmp_path: Path) -> None:
+    write(tmp_path, 20)
+    ckpt.write(tmp_path / ckpt.dir_name(30), {"step": 30, "model": {"other": torch.zeros(2)}}, step=30)
+    model = torch.nn.Linear(2, 2)
+    restored = ckpt.restore_newest(tmp_path, apply=lambda state: model.load_state_dict(state["model"]))
+    assert restored is None  # step 20's {"w": ...} does not fit a Linear either: nothing usable
+    assert ckpt.restore_newest(tmp_path, apply=lambda state: None).state["step"] == 30
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path: Path) -> None:
+    import random
+
+    import numpy as np
+
+    ckpt.write(tmp_path / "c", {"step": 1, "rng": ckpt.rng_state()}, step=1)
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    random.random(), np.random.rand(), torch.rand(1)  # move every generator on
+    ckpt.restore_rng(ckpt.read(tmp_path / "c")["rng"])
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected

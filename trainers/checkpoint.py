@@ -2,7 +2,9 @@
 
 A checkpoint folder holds ``state.pt`` (model, optimizer, scheduler, step, RNG state) and
 ``manifest.json`` (step and the SHA-256 of ``state.pt``), each written under a temporary name and
-renamed. Ray Train copies the folder into ``<storage_path>/<job name>/checkpoint_<step>`` (a copy
+renamed. ``state.pt`` holds tensors and plain containers only and is read with
+``torch.load(weights_only=True)``: storage that anyone else can write (a shared volume, a bucket)
+can hand us wrong weights, never code to run. Anything that fails to load is a corrupt checkpoint. Ray Train copies the folder into ``<storage_path>/<job name>/checkpoint_<step>`` (a copy
 that is not atomic, hence the checksum) and keeps the last K; on resume the newest folder whose
 checksum holds is used, and a corrupt or truncated one is reported and skipped.
 
@@ -20,6 +22,7 @@ import json
 import logging
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,17 +56,23 @@ def fresh_dir_name(run_dir: Path | None, step: int) -> str:
 
 
 def rng_state() -> dict[str, Any]:
+    """Every RNG's state as tensors and plain values, which `weights_only` loading accepts."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
 
 
 def restore_rng(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["words"].tolist()), py["gauss"]))
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -103,12 +112,26 @@ def read(folder: Path) -> dict[str, Any]:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CorruptCheckpoint(f"{manifest_path}: unreadable ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise CorruptCheckpoint(f"{manifest_path}: not a manifest")
     payload = state_path.read_bytes()
     if len(payload) != manifest.get("bytes") or hashlib.sha256(payload).hexdigest() != manifest.get("sha256"):
         raise CorruptCheckpoint(
             f"{state_path}: checksum mismatch ({len(payload)} bytes, manifest says {manifest.get('bytes')})"
         )
-    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+    try:
+        # weights_only: a pickle that names any callable (os.system, ...) is refused, not run.
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - whatever fails to load is not a checkpoint we can use
+        raise CorruptCheckpoint(f"{state_path}: not loadable as tensors ({type(exc).__name__}: "
+                                f"{_first_line(exc)})") from None
+    if not isinstance(state, dict) or state.get("step") != manifest.get("step"):
+        raise CorruptCheckpoint(f"{state_path}: does not hold the state of step {manifest.get('step')}")
+    return state
+
+
+def _first_line(exc: BaseException) -> str:
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), "")[:200]
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,17 +148,30 @@ def candidates(run_dir: Path) -> list[Path]:
     return sorted((p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith(DIR_PREFIX)), reverse=True)
 
 
-def restore_newest(run_dir: Path) -> Restored | None:
-    """The newest verified checkpoint in a run folder, registered with Ray Train or not."""
-    return _first_valid(candidates(run_dir))
+def restore_newest(run_dir: Path, apply: Callable[[dict[str, Any]], None] | None = None) -> Restored | None:
+    """The newest verified checkpoint in a run folder, registered with Ray Train or not.
+
+    `apply` (loading the state into the model and optimizer) is part of reading: a checkpoint it
+    fails on (another model's weights, missing keys) is passed over like a corrupt one."""
+    return _first_valid(candidates(run_dir), apply)
 
 
-def _first_valid(folders: list[Path]) -> Restored | None:
+def _first_valid(folders: list[Path], apply: Callable[[dict[str, Any]], None] | None) -> Restored | None:
     skipped: list[str] = []
     for folder in folders:
         try:
-            return Restored(read(folder), folder, tuple(skipped))
+            state = read(folder)
+            if apply is not None:
+                apply_state(apply, state, folder)
+            return Restored(state, folder, tuple(skipped))
         except CorruptCheckpoint as exc:
             log.warning("checkpoint %s is corrupt, trying the previous one: %s", folder.name, exc)
             skipped.append(str(exc))
     return None
+
+
+def apply_state(apply: Callable[[dict[str, Any]], None], state: dict[str, Any], folder: Path) -> None:
+    try:
+        apply(state)
+    except Exception as exc:  # noqa: BLE001 - a state that does not fit this job is not its checkpoint
+        raise CorruptCheckpoint(f"{folder}: does not fit this job ({type(exc).__name__}: {_first_line(exc)})") from None

@@ -226,15 +226,14 @@ def restore(state: TrainState, run_dir: Path | None) -> Resume | None:
     latest = ray.train.get_checkpoint()
     if latest is not None and latest.filesystem.type_name != "local":
         with latest.as_directory() as folder:
-            state.load(ckpt.read(Path(folder)))
+            ckpt.apply_state(state.load, ckpt.read(Path(folder)), Path(latest.path))
         return Resume(state.step, Path(latest.path).name)
     folder = Path(latest.path).parent if latest is not None else run_dir
-    restored = ckpt.restore_newest(folder) if folder is not None else None
+    restored = ckpt.restore_newest(folder, state.load) if folder is not None else None
     if restored is None:
         if latest is not None:
             raise RuntimeError(f"no readable checkpoint under {folder}")
         return None
-    state.load(restored.state)
     return Resume(state.step, restored.folder.name, restored.skipped)
 
 

@@ -1,0 +1,140 @@
+"""Connecting to Ray: join a cluster at an address, or start an embedded one that only this
+machine's loopback can reach and that only holders of its generated token can use.
+
+Ray binds its servers (GCS, raylet, workers, agents) to the node's IP address, and resolves even
+an explicit ``127.0.0.1`` to the machine's routable address. Its own single-machine switch,
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, makes it take the loopback address as the node's address
+instead, so every server listens on 127.0.0.1; the variable is set in this process's environment
+(the Ray processes it starts inherit it) and the constant Ray read at import is updated.
+
+Torch's process group meets at a TCPStore that listens on every interface. An embedded Ray's
+workers all run on this machine, so they meet at a file instead (`LoopbackTorchConfig`), and gloo
+and NCCL are pointed at the loopback interface.
+
+Token auth: unless ``RAY_AUTH_MODE`` says otherwise, the embedded Ray runs with
+``RAY_AUTH_MODE=token`` and a fresh random token in ``RAY_AUTH_TOKEN``, passed down the same way
+to its own processes and never written to disk. ``RAY_AUTH_MODE=disabled`` opts out.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import tempfile
+import uuid
+from pathlib import Path
+
+import psutil
+import ray
+from ray.train.torch import TorchConfig
+from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch_process_group, _TorchBackend
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+# Ray's switch for single-machine clusters (its default on Windows and macOS): off, the node's
+# address is the loopback address and nothing listens elsewhere.
+SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# Logical CPUs an embedded Ray declares beyond the machine's cores, so Ray Data's read tasks still
+# run when every core hosts a training worker.
+EMBEDDED_EXTRA_CPUS = 2
+# Every worker process runs Ray Train V2.
+WORKER_ENV = {"RAY_TRAIN_V2_ENABLED": "1"}
+
+_embedded = False
+
+
+def connect_ray(address: str | None) -> None:
+    """Join the cluster at `address`, or start an embedded local Ray bound to 127.0.0.1."""
+    global _embedded
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
+        return
+    loopback_only()
+    embedded_token()
+    ray.init(address="local", _node_ip_address=LOOPBACK, num_cpus=(os.cpu_count() or 1) + EMBEDDED_EXTRA_CPUS,
+             include_dashboard=False, runtime_env={"env_vars": {**WORKER_ENV, **_loopback_collectives()}},
+             log_to_driver=False)
+    _embedded = True
+
+
+def embedded() -> bool:
+    """Whether this process started the Ray it is connected to (an embedded, single-machine Ray)."""
+    return _embedded and ray.is_initialized()
+
+
+def loopback_only() -> None:
+    """Make Ray processes started from here take 127.0.0.1 as their node's address."""
+    os.environ[SINGLE_MACHINE_ENV] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def embedded_token() -> None:
+    """Token auth for an embedded Ray: a fresh token unless the user set one or opted out."""
+    mode = os.environ.get("RAY_AUTH_MODE", "").lower()
+    if mode == "disabled":
+        log.warning("RAY_AUTH_MODE=disabled: the embedded Ray accepts any local process as a client")
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")  # Ray caches the auth mode it read at import
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def _loopback_collectives() -> dict[str, str]:
+    """gloo and NCCL listen on the interface these name (by default the host name's, routable)."""
+    name = loopback_interface()
+    return {var: os.environ.get(var, name) for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")} if name else {}
+
+
+def loopback_interface() -> str | None:
+    """The name of the interface that holds 127.0.0.1 (`lo` on Linux, `lo0` on macOS)."""
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address == LOOPBACK for a in addresses):
+            return name
+    return None
+
+
+def torch_config(backend: str) -> TorchConfig:
+    """Ray Train's torch config: the process group meets at a file under an embedded Ray, where
+    every worker runs on this machine; at Ray's TCPStore on a cluster."""
+    return LoopbackTorchConfig(backend=backend) if embedded() else TorchConfig(backend=backend)
+
+
+class LoopbackTorchConfig(TorchConfig):
+    @property
+    def backend_cls(self) -> type:
+        return _FileStoreBackend
+
+
+class _FileStoreBackend(_TorchBackend):
+    """Ray Train's torch backend with a FileStore rendezvous (`file://`, a fresh file per worker
+    group) instead of the TCPStore that `env://` opens on every interface."""
+
+    _store: Path | None = None
+
+    def on_start(self, worker_group, backend_config: TorchConfig) -> None:  # noqa: ANN001 - Ray's type
+        self._store = Path(tempfile.gettempdir()) / f"orchestrator-pg-{uuid.uuid4().hex}"
+        worker_group.execute(_set_torch_distributed_env_vars)
+        ray.get([
+            worker_group.execute_single_async(
+                rank, _setup_torch_process_group, backend=backend_config.backend, world_rank=rank,
+                world_size=len(worker_group), init_method=self._store.as_uri(), timeout_s=backend_config.timeout_s,
+            )
+            for rank in range(len(worker_group))
+        ])
+
+    def on_shutdown(self, worker_group, backend_config: TorchConfig) -> None:  # noqa: ANN001
+        try:
+            super().on_shutdown(worker_group, backend_config)
+        finally:
+            if self._store is not None:
+                self._store.unlink(missing_ok=True)
