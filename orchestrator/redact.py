@@ -37,9 +37,12 @@ def redact_uri(uri: str) -> str:
     if "://" not in uri:
         return uri
     parts = urlsplit(uri)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    kept = [(k, v) for k, v in pairs if not is_secret_name(k)]
+    if "@" not in parts.netloc and len(kept) == len(pairs):
+        return uri  # nothing to strip (and urlunsplit would rewrite `sqlite:////abs` paths)
     netloc = parts.netloc.rpartition("@")[2]
-    query = urlencode([(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if not is_secret_name(k)])
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    return urlunsplit((parts.scheme, netloc, parts.path, urlencode(kept), parts.fragment))
 
 
 def tracking_credentials(uri: str) -> dict[str, str]:
