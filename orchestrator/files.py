@@ -1,4 +1,16 @@
-"""Reading the user's YAML and JSON files: a missing or malformed file is one line naming it."""
+"""Reading the user's YAML and JSON files: a missing, binary, oversized or malformed file is one
+line naming it, within a second, whatever its content.
+
+A job config, cluster spec, profile or plan is a few kilobytes. What is refused, and why:
+- anything but a regular file (a folder, a FIFO or a device would block or never end);
+- files over `MAX_FILE_BYTES`;
+- bytes that are not UTF-8 text;
+- YAML whose aliases expand to more than `MAX_VALUES` values: PyYAML shares an aliased node
+  instead of copying it, so a "billion laughs" file loads in microseconds, and then every walk
+  over it (overrides, validation, logging) expands it exponentially;
+- nesting deeper than Python's recursion allows, and duplicate keys in one mapping (PyYAML keeps
+  the last one silently; which one the user meant is not ours to guess).
+"""
 
 from __future__ import annotations
 
@@ -10,28 +22,89 @@ import yaml
 
 from orchestrator.errors import UserError
 
+MAX_FILE_BYTES = 4 * 2**20
+MAX_VALUES = 100_000
 
-def _existing(path: str | Path, what: str) -> Path:
+
+def _text(path: str | Path, what: str) -> tuple[Path, str]:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path}: {what} file not found")
-    return path
+    if not path.is_file():
+        raise UserError(f"{path}: not a regular file (the {what} must be a file)")
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise UserError(f"{path}: {size:,} bytes is too large for a {what} file (at most {MAX_FILE_BYTES:,})")
+    payload = path.read_bytes()
+    try:
+        return path, payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start} is 0x{payload[exc.start]:02x}); "
+                        f"is this the {what} file?") from None
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses duplicate keys in a mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_values(data: Any, limit: int) -> int:
+    """How many values `data` holds with every shared (aliased) node counted each time it is
+    used; stops counting past `limit`. Memoized per node, so it costs one pass over the file."""
+    sizes: dict[int, int] = {}
+
+    def size(node: Any) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        known = sizes.get(id(node))
+        if known is not None:
+            return known
+        children = list(node.items()) if isinstance(node, dict) else [(None, v) for v in node]
+        total = 1
+        for key, value in children:
+            total += size(value) + (0 if key is None else 1)
+            if total > limit:
+                break
+        sizes[id(node)] = total = min(total, limit + 1)
+        return total
+
+    return size(data)
 
 
 def read_yaml(path: str | Path, what: str) -> Any:
-    """`yaml.safe_load` of a file (None when it is empty)."""
-    path = _existing(path, what)
+    """The data of a YAML file (None when it is empty), loaded with a safe loader."""
+    path, text = _text(path, what)
     try:
-        return yaml.safe_load(path.read_text())
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise UserError(f"{path}: not valid YAML{where}") from None
+        problem = getattr(exc, "problem", None)
+        detail = f": {problem}" if problem and "duplicate key" in problem else ""
+        raise UserError(f"{path}: not valid YAML{where}{detail}") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to be a {what} file") from None
+    if _expanded_values(data, MAX_VALUES) > MAX_VALUES:
+        raise UserError(f"{path}: expands to more than {MAX_VALUES:,} values (nested YAML aliases?); "
+                        f"a {what} file is far smaller")
+    return data
 
 
 def read_json(path: str | Path, what: str) -> Any:
-    path = _existing(path, what)
+    path, text = _text(path, what)
     try:
-        return json.loads(path.read_text())
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON (line {exc.lineno})") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to be a {what} file") from None

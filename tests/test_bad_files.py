@@ -1,0 +1,89 @@
+"""Hostile and broken input files, through the real `orchestrator validate` command: each is one
+line naming the file and what is wrong, exit code 2, no traceback, and no hang (the subprocess
+timeout would fail the test long before a "billion laughs" file finished expanding)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import load_config
+from orchestrator.errors import UserError
+from orchestrator.files import MAX_FILE_BYTES, read_json, read_yaml
+
+BIN = Path(sys.executable).parent
+
+
+def _billion_laughs(levels: int = 12) -> str:
+    lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, levels)]
+    return "\n".join(lines) + f"\nname: laughs\nmodel: *a{levels - 1}\n"
+
+
+HOSTILE: dict[str, tuple[bytes, str]] = {
+    "binary": (bytes(range(256)) * 8, "not UTF-8 text (byte 128 is 0x80)"),
+    "billion-laughs": (_billion_laughs().encode(), "expands to more than 100,000 values"),
+    "deep": (b"a: " + b"[" * 20000 + b"]" * 20000 + b"\n", "nested too deeply"),
+    "duplicate-key": (b"name: a\nname: b\n", "not valid YAML (line 2): duplicate key 'name'"),
+    "oversized": (b"#" * (MAX_FILE_BYTES + 1), "too large for a config file"),
+    "tab-indent": (b"name: x\nmodel:\n\tname: cnn\n", "not valid YAML (line 3)"),
+    "utf16": ("name: x\n".encode("utf-16"), "not UTF-8 text"),
+}
+
+
+def _validate(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "orchestrator"), "validate", str(path)], capture_output=True, text=True,
+                          timeout=30, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE))
+def test_hostile_config_is_one_user_error(kind: str, tmp_path: Path) -> None:
+    content, message = HOSTILE[kind]
+    path = tmp_path / f"{kind}.yaml"
+    path.write_bytes(content)
+    with pytest.raises(UserError) as caught:
+        load_config(path)
+    text = str(caught.value)
+    assert "\n" not in text and str(path) in text and message in text, text
+
+
+@pytest.mark.parametrize("kind", ["binary", "billion-laughs"])
+def test_hostile_config_through_the_command_is_one_line_exit_2(kind: str, tmp_path: Path) -> None:
+    content, message = HOSTILE[kind]
+    path = tmp_path / f"{kind}.yaml"
+    path.write_bytes(content)
+    result = _validate(path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(lines) == 1 and str(path) in lines[0] and message in lines[0], result.stderr[-2000:]
+
+
+def test_not_a_regular_file_is_refused_without_reading_it(tmp_path: Path) -> None:
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)  # reading it would block forever
+    for path in (fifo, tmp_path, Path("/dev/zero")):
+        with pytest.raises(UserError, match="not a regular file"):
+            read_yaml(path, "config")
+    with pytest.raises(UserError, match="file not found"):
+        read_yaml(tmp_path / "missing.yaml", "config")
+
+
+def test_json_files_get_the_same_care(tmp_path: Path) -> None:
+    deep = tmp_path / "plan.json"
+    deep.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(UserError, match="nested too deeply"):
+        read_json(deep, "plan")
+    binary = tmp_path / "profile.json"
+    binary.write_bytes(b"\xff\xfe{}")
+    with pytest.raises(UserError, match="not UTF-8 text"):
+        read_json(binary, "profile")
+
+
+def test_aliases_within_reason_still_load(tmp_path: Path) -> None:
+    path = tmp_path / "anchors.yaml"
+    path.write_text("defaults: &d {lr: 0.1, seed: 1}\ntraining: *d\nother: *d\n")
+    assert read_yaml(path, "config")["training"] == {"lr": 0.1, "seed": 1}
