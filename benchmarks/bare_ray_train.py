@@ -2,8 +2,8 @@
 
 What a user writes without us: read the Parquet with Ray Data, wrap
 ``trainers.loop.train_loop_per_worker`` in a ``TorchTrainer``, fit. No MLflow (``run_id`` None),
-no data check, no planning, no progress polling. Rank 0's progress updates go to a recording actor;
-its first ``train/loss`` update marks the first training step, and it keeps every step's time.
+no data check, no planning, no progress polling. Rank 0's progress events go to a recording actor;
+its first steps event marks the first training step, and it keeps every step's time.
 
     python -m benchmarks.bare_ray_train CONFIG --set KEY=VALUE ... --workers 2 --steps 120 \\
         --out run.json [--address GCS_ADDRESS]   # no address: an embedded Ray, as the CLI starts
@@ -15,40 +15,38 @@ import argparse
 import json
 import os
 import time
-from dataclasses import fields
 from typing import Any
 
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from orchestrator import constants
 from orchestrator.config import load_config
 from orchestrator.ray_session import connect_ray, torch_config
+from trainers.events import StepsDone
 from trainers.loop import LoopArgs, train_loop_per_worker
 
 
 @ray.remote(num_cpus=0)
 class StepRecorder:
-    """Stands in for the driver's progress actor (orchestrator/launcher.py: ProgressActor, whose
-    module would import MLflow here) and keeps when each step was reported, and its time.
-    The loop calls these methods; a new call there fails this benchmark loudly."""
+    """Stands in for the driver's progress actor (orchestrator/driver/progress.py) and keeps when
+    each step was reported, and its time. The loop calls these methods; a new call there fails
+    this benchmark loudly."""
 
     def __init__(self) -> None:
         self.points: list[tuple[float, int, float]] = []
 
-    def update(self, step: int, info: dict[str, Any]) -> None:
-        # Rank 0 pushes at most every PROGRESS_PUSH_S, with every step time since its last push;
-        # only the newest step gets this arrival time (the first push is step 1's, at once).
-        if "train/loss" in info:
-            times = info["step_times_s"]
-            for i, seconds in enumerate(times):
-                newest = i == len(times) - 1
-                self.points.append((time.time() if newest else float("nan"), step - len(times) + 1 + i, float(seconds)))
+    def publish(self, events: list[Any]) -> None:
+        # Rank 0 sends at most every PROGRESS_PUSH_S, with every step since its last send; only
+        # the newest step gets this arrival time (the first send is step 1's, at once).
+        for event in events:
+            if isinstance(event, StepsDone):
+                for i, (point, seconds) in enumerate(zip(event.points, event.step_times_s)):
+                    newest = i == len(event.points) - 1
+                    self.points.append((time.time() if newest else float("nan"), point.step, float(seconds)))
 
     def register_worker(self, rank: int, pid: int, node_id: str) -> None:
-        pass
-
-    def record_failure(self, cause: str) -> None:
         pass
 
     def stop_requested(self) -> bool:
@@ -69,11 +67,13 @@ def fit(config: str, overrides: list[str], *, workers: int, steps: int) -> dict[
     ds = ray.data.read_parquet([os.path.abspath(p) for p in job.data.paths])
     train, val = ds.train_test_split(test_size=job.data.val_fraction)
     recorder = StepRecorder.remote()
-    args = LoopArgs(job=job.to_dict(), steps_per_epoch=train.count() // job.training.global_batch_size,
-                    total_steps=steps, progress=recorder, spill_dir=job.checkpoint.storage_path)
+    args = LoopArgs(config=job.localized().worker_config().model_dump(mode="json"),
+                    steps_per_epoch=train.count() // job.training.global_batch_size, total_steps=steps,
+                    progress=recorder, push_every_s=constants.PROGRESS_PUSH_S,
+                    stop_check_every=constants.STOP_CHECK_EVERY)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={f.name: getattr(args, f.name) for f in fields(args)},
+        train_loop_config=args.to_dict(),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
         torch_config=torch_config("gloo"),  # the rendezvous ours uses
         run_config=ray.train.RunConfig(

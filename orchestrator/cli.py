@@ -13,7 +13,6 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from orchestrator.errors import UserError
 
@@ -74,11 +73,15 @@ def run(
     config: Path,
     workers: Annotated[int | None, typer.Option(help="Worker count; skips planning.")] = None,
     address: Annotated[str | None, typer.Option(help="Ray address; default: config ray.address or embedded.")] = None,
+    new_run: Annotated[bool, typer.Option("--new-run", help="Start a fresh run under this job name (the old "
+                                          "checkpoints and MLflow run stay as they are).")] = False,
     set_: SetOption = None,
 ) -> None:
     """Train a job: check data, (plan), launch on Ray Train, track in MLflow."""
-    from orchestrator import launcher
     from orchestrator.config import load_config
+    from orchestrator.console_ui import RichUI, result_lines
+    from orchestrator.driver import run_job
+    from orchestrator.driver.run_record import resolve_tracking_uri
 
     overrides = list(set_ or [])
     if address:
@@ -87,34 +90,11 @@ def run(
         raise UserError(f"--workers: must be > 0, got {workers}")
     job = load_config(config, overrides)
     stop = threading.Event()
-
-    def status(message: str) -> None:  # autoscaling, restarts, re-planning: one line each
-        console.print(message, highlight=False, markup=False, soft_wrap=True)
-
-    launch = launcher.prepare_launch(job, workers=workers, config_path=str(config), on_status=status)
-    _print_sizing(launch.sizing)
-    console.print(f"[bold]{job.name}[/bold]: {launch.workers} worker(s), {launch.total_steps} steps "
-                  f"({launch.steps_per_epoch}/epoch), global batch {job.training.global_batch_size}"
-                  + (" [dim](resuming MLflow run)[/dim]" if launch.run.resumed else ""))
-    # Installed after prepare_launch: ray.init() replaces the SIGTERM handler with its own.
-    with _graceful_stop(stop):
-        with _progress_bar() as update:
-            result = launcher.run_job(launch, on_progress=update, stop_event=stop, on_status=status)
-    _print_result(result)
-
-
-def _print_sizing(sizing: Any) -> None:
-    if sizing.profile is not None:
-        p = sizing.profile
-        how = "cached" if sizing.profile_cached else f"measured in {p.meta.get('profile_seconds', 0):.1f} s"
-        console.print(f"profile ({how}): {p.device}, {p.param_count:,} parameters, max local batch "
-                      f"{p.max_local_batch}, data {p.data_samples_per_s or 0:,.0f} samples/s")
-    if sizing.plan is not None:
-        from orchestrator.plots import plan_table
-
-        console.print(plan_table(sizing.plan))
-    else:
-        console.print(f"[bold]plan:[/bold] {sizing.explanation}", highlight=False)
+    with _graceful_stop(stop), RichUI(console) as ui:
+        result = run_job(job, workers=workers, config_path=str(config), ui=ui, stop=stop, new_run=new_run)
+    hint = os.environ.get("ORCH_RESUME_HINT") or "run the same command again"
+    for line in result_lines(result, tracking_uri=resolve_tracking_uri(job), resume_hint=hint):
+        out.print(line, highlight=False)
 
 
 @contextmanager
@@ -133,33 +113,6 @@ def _graceful_stop(stop: threading.Event):
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-
-
-@contextmanager
-def _progress_bar():
-    columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-               TimeElapsedColumn()]
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("train", total=None, info="starting workers")
-
-        def update(step: int, total: int, info: dict[str, Any]) -> None:
-            parts = [f"{k.split('/')[-1]} {v:.4g}" for k, v in info.items()
-                     if k in ("train/loss", "val/accuracy", "train/samples_per_s") and isinstance(v, float)]
-            progress.update(task, completed=step, total=total, info="  ".join(parts) or "starting workers")
-
-        yield update
-
-
-def _print_result(result: Any) -> None:
-    if result.stopped:
-        out.print(f"stopped at step {result.final_step}; run the same command again to resume.")
-    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
-    out.print(f"MLflow run: {result.run_id} (experiment {result.experiment_id})")
-    out.print(f"final step: {result.final_step}; " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
-    if result.model_version:
-        out.print(f"registered model version: {result.model_version}")
-    uri = result.tracking_uri
-    out.print(f"open the UI: mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open the UI: {uri}")
 
 
 @data_app.command("prepare")
@@ -190,15 +143,18 @@ def profile(
     set_: SetOption = None,
 ) -> None:
     """Profile the job on ONE worker (one GPU, or the CPU): step time per batch, memory, noise."""
-    from orchestrator import launcher
     from orchestrator.config import load_config
+    from orchestrator.driver.data import check_data
+    from orchestrator.driver.sizing import live_cluster, wants_gpu
     from orchestrator.profiler import profile_job
     from orchestrator.ray_session import connect_ray
 
     job = load_config(config, list(set_ or []) + ([f"ray.address={address}"] if address else [])).localized()
-    launcher.check_data(job)
+    check_data(job)
     connect_ray(job.ray.address)
-    measured, cached = profile_job(job, use_gpu=launcher.wants_gpu(job), refresh=refresh)
+    use_gpu = wants_gpu(job)
+    per_node = live_cluster(job, use_gpu=use_gpu).gpus_per_node
+    measured, cached = profile_job(job, use_gpu=use_gpu, gpus_per_node=per_node, refresh=refresh)
     measured.save(output)
     seconds = measured.meta.get("profile_seconds", 0)
     out.print(f"wrote {output} ({'cached' if cached else f'measured in {seconds:.1f} s'}, {measured.device}):")

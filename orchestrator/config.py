@@ -13,94 +13,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.errors import UserError
 from orchestrator.files import read_yaml
+from trainers.config import (
+    CheckpointConfig,
+    ColumnConfig,
+    DataConfig,
+    ModelConfig,
+    TrainingConfig,
+    WorkerConfig,
+    Section,
+)
+
+__all__ = ["CheckpointConfig", "ColumnConfig", "DataConfig", "JobConfig", "ModelConfig", "ResourcesConfig",
+           "TrackingConfig", "TrainingConfig", "WorkerConfig", "WorkerRange", "load_config", "validate"]
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelConfig(_Section):
-    name: str = Field(min_length=1)
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-
-
-class ColumnConfig(_Section):
-    column: str = Field(min_length=1)
-    dtype: Literal["float32", "float64", "int32", "int64"]
-    shape: list[int] | None = None
-
-    @field_validator("shape")
-    @classmethod
-    def _positive_shape(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and (not v or any(d <= 0 for d in v)):
-            raise ValueError(f"must be a non-empty list of positive sizes, got {v}")
-        return v
-
-
-class DataConfig(_Section):
-    dataset: str | None = None  # built-in data set name, prepared into `path` when missing
-    path: str | list[str]  # Parquet file(s) or folder(s)
-    features: ColumnConfig
-    label: ColumnConfig | None = None  # None: language modelling on shifted feature tokens
-    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
-    dataset_kwargs: dict[str, Any] = Field(default_factory=dict)
-    # Per-worker memory (MiB) for keeping the training shard after its first pass, so later epochs
-    # index tensors instead of streaming through Ray Data again; 0 streams every epoch.
-    cache_mb: float = Field(default=1024, ge=0)
-
-    @property
-    def paths(self) -> list[str]:
-        return [self.path] if isinstance(self.path, str) else list(self.path)
-
-    @property
-    def columns(self) -> list[str]:
-        """The columns training reads: the features, then the label if any."""
-        return [self.features.column] + ([self.label.column] if self.label else [])
-
-
-class TrainingConfig(_Section):
-    epochs: int | None = Field(default=None, gt=0)
-    max_steps: int | None = Field(default=None, gt=0)
-    global_batch_size: int = Field(default=128, gt=0)
-    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
-    lr: float = Field(default=1e-3, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    momentum: float = Field(default=0.9, ge=0, lt=1)
-    lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
-    warmup_steps: int = Field(default=0, ge=0)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    grad_accumulation: Literal["auto"] | int = "auto"
-    max_local_batch: int | None = Field(default=None, gt=0)
-    grad_clip: float | None = Field(default=None, gt=0)
-    seed: int = 0
-    log_every: int = Field(default=1, gt=0)
-    compile: bool = False
-
-    @field_validator("grad_accumulation")
-    @classmethod
-    def _positive_accumulation(cls, v: str | int) -> str | int:
-        if isinstance(v, int) and v <= 0:
-            raise ValueError(f"must be > 0 or 'auto', got {v}")
-        return v
-
-    @model_validator(mode="after")
-    def _one_length(self) -> TrainingConfig:
-        if self.epochs is None and self.max_steps is None:
-            raise ValueError("set epochs or max_steps")
-        return self
-
-
-class CheckpointConfig(_Section):
-    every_steps: int = Field(default=100, gt=0)
-    keep_last: int = Field(default=3, gt=0)
-    storage_path: str = "runs"
-
-
-class WorkerRange(_Section):
+class WorkerRange(Section):
     min: int = Field(gt=0)
     max: int = Field(gt=0)
 
@@ -111,7 +42,7 @@ class WorkerRange(_Section):
         return self
 
 
-class ResourcesConfig(_Section):
+class ResourcesConfig(Section):
     workers: Literal["auto"] | int | WorkerRange = "auto"
     use_gpu: Literal["auto"] | bool = "auto"
     cpus_per_worker: float = Field(default=1.0, gt=0)
@@ -137,18 +68,22 @@ class ResourcesConfig(_Section):
         return v
 
 
-class TrackingConfig(_Section):
+class TrackingConfig(Section):
     experiment: str = "default"
     tracking_uri: str | None = None
     registered_model: str | None = None
     log_system_metrics: bool = True
+    # Where what the tracking server could not take waits for `orchestrator tracking replay` (and
+    # for the next run against that server, which sends it by itself): a local folder, never the
+    # checkpoint storage. None: $XDG_CACHE_HOME/orchestrator/tracking (~/.cache/...).
+    spill_dir: str | None = None
 
 
-class RayConfig(_Section):
+class RayConfig(Section):
     address: str | None = None  # None: an embedded local Ray (ray.init())
 
 
-class JobConfig(_Section):
+class JobConfig(Section):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     model: ModelConfig
     data: DataConfig
@@ -160,6 +95,10 @@ class JobConfig(_Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def worker_config(self) -> WorkerConfig:
+        """The sections a training worker uses (model, data, training, checkpoint)."""
+        return WorkerConfig(model=self.model, data=self.data, training=self.training, checkpoint=self.checkpoint)
 
     def digest(self) -> str:
         """Stable hash of everything that changes what is trained (used for profile caching)."""

@@ -56,9 +56,6 @@ REPLAN_MARGIN = _env_float("ORCH_REPLAN_MARGIN", 0.10)
 RESIZE_COST_S = _env_float("ORCH_RESIZE_COST_S", 60.0)
 # Online re-planning: at most this many resizes per job run (a guard against oscillation).
 MAX_RESIZES = int(_env_float("ORCH_MAX_RESIZES", 2))
-# Rank 0 waits at most this long at each checkpoint for its buffered metrics to reach MLflow, so a
-# job resuming from that checkpoint has every earlier step logged (seconds).
-METRIC_CHECKPOINT_FLUSH_S = _env_float("ORCH_METRIC_CHECKPOINT_FLUSH_S", 5.0)
 # Autoscaling: the job's request outlives the wait by this long (seconds). The driver withdraws it
 # once the worker group runs (Ray Train keeps its own request then) or the job ends; the expiry
 # cleans up after a driver that died first.
@@ -68,3 +65,16 @@ AUTOSCALE_REQUEST_TTL_S = _env_float("ORCH_AUTOSCALE_REQUEST_TTL_S", 600.0)
 AUTOSCALE_DETECT_S = _env_float("ORCH_AUTOSCALE_DETECT_S", 15.0)
 # How long the driver waits, after killing its progress actor, for Ray to free the actor's name (seconds).
 ACTOR_RELEASE_S = _env_float("ORCH_ACTOR_RELEASE_S", 10.0)
+# Profiler: how long to wait for a node's GPUs (CPU slots) to be free together for the per-node
+# contention measurement before planning without it (seconds).
+PROFILE_NODE_WAIT_S = _env_float("ORCH_PROFILE_NODE_WAIT_S", 30.0)
+# Training workers: every node samples its CPU, memory and GPU memory this often for MLflow's
+# system metrics (seconds; tracking.log_system_metrics turns them off).
+SYSTEM_METRICS_S = _env_float("ORCH_SYSTEM_METRICS_S", 10.0)
+# Training workers agree on a stop (Ctrl-C, `jobs stop`, a resize) every this many optimizer steps.
+STOP_CHECK_EVERY = int(_env_float("ORCH_STOP_CHECK_EVERY", 5))
+# A job's lock on object storage is a lease the driver renews this often; one not renewed for
+# three of these is taken over (its driver died) (seconds).
+LOCK_HEARTBEAT_S = _env_float("ORCH_LOCK_HEARTBEAT_S", 10.0)
+# ...and two drivers racing for a free lease wait this long before reading back who won (seconds).
+LOCK_SETTLE_S = _env_float("ORCH_LOCK_SETTLE_S", 1.0)

@@ -1,13 +1,11 @@
-"""Errors a user can fix. The CLI prints them as one line and exits 2, with no traceback."""
+"""Errors a user can fix (`UserError`): one line on the command line, exit code 2, no traceback.
+
+The type lives in `trainers.errors`, so that the trainers raise it without importing the
+orchestrator; this is the name the orchestrator's modules use.
+"""
 
 from __future__ import annotations
 
+from trainers.errors import UserError
 
-class UserError(Exception):
-    """Bad input: a config field, a file, a data set column, an address.
-
-    The message is one line that names the field or file and what is wrong with it,
-    e.g. ``training.lr: must be > 0, got -0.1``.
-    """
-
-    exit_code = 2
+__all__ = ["UserError"]

@@ -21,7 +21,9 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import signal
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 
@@ -50,15 +52,21 @@ def connect_ray(address: str | None) -> None:
     global _embedded
     if ray.is_initialized():
         return
-    if address:
-        ray.init(address=address, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
-        return
-    loopback_only()
-    embedded_token()
-    ray.init(address="local", _node_ip_address=LOOPBACK, num_cpus=(os.cpu_count() or 1) + EMBEDDED_EXTRA_CPUS,
-             include_dashboard=False, runtime_env={"env_vars": {**WORKER_ENV, **_loopback_collectives()}},
-             log_to_driver=False)
-    _embedded = True
+    # ray.init() installs its own SIGTERM handler; the caller's (a graceful stop) stays in charge.
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        if address:
+            ray.init(address=address, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
+            return
+        loopback_only()
+        embedded_token()
+        ray.init(address="local", _node_ip_address=LOOPBACK, num_cpus=(os.cpu_count() or 1) + EMBEDDED_EXTRA_CPUS,
+                 include_dashboard=False, runtime_env={"env_vars": {**WORKER_ENV, **_loopback_collectives()}},
+                 log_to_driver=False)
+        _embedded = True
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, sigterm)
 
 
 def embedded() -> bool:

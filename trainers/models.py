@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orchestrator.errors import UserError
+from trainers.errors import UserError
 from trainers.registry import Registry, call_with_kwargs
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry(kind="model", field="model.name")

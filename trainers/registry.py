@@ -10,7 +10,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
-from orchestrator.errors import UserError
+from trainers.errors import UserError
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import torch
 from ray.data.collate_fn import ArrowBatchCollateFn
 
-from orchestrator.config import DataConfig
+from trainers.config import DataConfig
 
 # Config dtype -> the array dtype a tensor is made from (integer inputs become int64, as embeddings want).
 _NUMPY_DTYPES = {"float32": np.float32, "float64": np.float64, "int32": np.int64, "int64": np.int64}

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestrator.errors import UserError
+from trainers.errors import UserError
 from trainers.registry import Registry, call_with_kwargs
 
 DATASETS: Registry[Callable[..., Path]] = Registry(kind="data set", field="data.dataset")

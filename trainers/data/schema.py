@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from orchestrator.config import ColumnConfig
-from orchestrator.errors import UserError
+from trainers.config import ColumnConfig
+from trainers.errors import UserError
 
 
 def check_columns(paths: list[str], features: ColumnConfig, label: ColumnConfig | None) -> int:

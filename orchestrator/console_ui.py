@@ -1,0 +1,100 @@
+"""What `orchestrator run` shows while a job runs: the sizing, one line per event (autoscaling,
+restarts, re-planning, tracking outages, rank 0's warnings), a rich progress bar with the true
+figures, and at the end the result with what the tracking server did not take and how to send it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+# Progress-bar fields: the latest loss and accuracy, and the group's median samples/s.
+_SHOWN = {"train/loss": "loss", "val/accuracy": "val_accuracy", "train/samples_per_s": "samples/s"}
+
+
+class RichUI:
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self._progress: Progress | None = None
+        self._task: Any = None
+
+    def __enter__(self) -> RichUI:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def status(self, message: str) -> None:
+        self.console.print(message, highlight=False, markup=False, soft_wrap=True)
+
+    def sized(self, prepared: Any, sizing: Any, resumed: bool | None) -> None:
+        from orchestrator.driver.sizing import describe
+
+        job = prepared.job
+        if sizing.profile is not None:
+            p = sizing.profile
+            how = "cached" if sizing.profile_cached else f"measured in {p.meta.get('profile_seconds', 0):.1f} s"
+            self.console.print(f"profile ({how}): {p.device}, {p.param_count:,} parameters, max local batch "
+                               f"{p.max_local_batch}, data {p.data_samples_per_s or 0:,.0f} samples/s", highlight=False)
+        if sizing.plan is not None:
+            from orchestrator.plots import plan_table
+
+            self.console.print(plan_table(sizing.plan))
+        else:
+            self.console.print(f"[bold]plan:[/bold] {sizing.explanation}", highlight=False)
+        self.console.print(f"[bold]{job.name}[/bold]: {describe(sizing.workers)} worker(s), {prepared.total_steps} "
+                           f"steps ({prepared.steps_per_epoch}/epoch), global batch {job.training.global_batch_size}"
+                           + (" [dim](resuming MLflow run)[/dim]" if resumed else ""))
+        self._start_bar()
+
+    def _start_bar(self) -> None:
+        columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                   TimeElapsedColumn()]
+        self._progress = Progress(*columns, console=self.console, transient=False)
+        self._task = self._progress.add_task("train", total=None, info="starting workers")
+        self._progress.start()
+
+    def progress(self, step: int, total: int, info: dict[str, float]) -> None:
+        if self._progress is None:
+            return
+        parts = [f"{name} {info[key]:,.4g}" for key, name in _SHOWN.items() if isinstance(info.get(key), float)]
+        self._progress.update(self._task, completed=step, total=total, info="  ".join(parts) or "starting workers")
+
+
+def result_lines(result: Any, *, tracking_uri: str, resume_hint: str) -> list[str]:
+    """The closing lines of `orchestrator run` (stdout: scripts parse them)."""
+    if result.already_complete is not None:
+        done = result.already_complete
+        return [f"complete: trained to step {done.get('step')} on {done.get('at')}; nothing to do "
+                f"(MLflow run {done.get('run_id')}, model version {done.get('model_version') or 'none'}). "
+                "Use --new-run to train it again from scratch."]
+    lines = []
+    if result.stopped:
+        lines.append(f"stopped at step {result.final_step}; {resume_hint} to resume.")
+    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and k != "step"}
+    lines.append(f"MLflow run: {result.run_id or 'not created yet (tracking server unreachable)'}")
+    lines.append(f"final step: {result.final_step}; " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
+    if result.model_version:
+        lines.append(f"registered model version: {result.model_version}")
+    report = result.tracking
+    if report is not None and getattr(report, "spilled", 0):
+        lines.append(f"tracking: {report.spilled} records did not reach {report.tracking_uri}; they are in "
+                     f"{report.spill_file}; send them with: {report.replay_command} (the next run against that "
+                     "server sends them by itself)")
+    lines.append(ui_hint(tracking_uri))
+    return lines
+
+
+def ui_hint(tracking_uri: str) -> str:
+    """How to look at the run: a command that works from this directory, or the server's address."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    if not tracking_uri.startswith("sqlite"):
+        return f"open the UI: {tracking_uri}"
+    here = Path(sys.executable).parent / "mlflow"
+    mlflow = str(here) if here.exists() else (shutil.which("mlflow") or f"{sys.executable} -m mlflow")
+    return f"open the UI: {mlflow} ui --backend-store-uri {tracking_uri}"

@@ -1,0 +1,440 @@
+"""The driver as an explicit state machine, in the spirit of Ray Train V2's `TrainController`:
+
+    PREPARING -> SIZING -> [AWAITING_WORKERS] -> RUNNING <-> RESIZING -> FINISHED | STOPPED | FAILED
+
+`step()` performs one state's work and returns the next state; `run()` steps until a terminal
+state and, whatever happens, ends the MLflow run it opened with the true status, withdraws the
+autoscaler request and releases the job's lock. Everything outside (Ray, the trainer, the
+tracking server, the autoscaler, the clock) comes in through `Ports`, so unit tests drive every
+transition with fakes in milliseconds. Decisions come from the pure `policies`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from orchestrator import constants
+from orchestrator.config import JobConfig, WorkerRange
+from orchestrator.driver.policies import (
+    RUN_STATUS,
+    GiveUp,
+    KeepWaiting,
+    Resize,
+    State,
+    StopReason,
+    after_fit,
+    group_kind,
+    replan_ready,
+    stop_to_request,
+    wait_decision,
+)
+from orchestrator.driver.recorder import Recorder
+from orchestrator.driver.replan import comparison, observation, predicted_at, replan
+from orchestrator.driver.sizing import Sizing, Workers, fixed_workers, least_workers, most
+from orchestrator.errors import UserError
+from trainers.events import (
+    CheckpointSaved,
+    Evaluated,
+    Event,
+    GroupStarted,
+    StepsDone,
+    SystemSample,
+    WorkerFailed,
+    WorkerWarning,
+)
+
+
+@dataclass
+class Prepared:
+    """What PREPARING established: the localized job, its data and length, the device kind."""
+
+    job: JobConfig
+    use_gpu: bool
+    data: Any  # driver.data.Datasets
+    steps_per_epoch: int
+    total_steps: int
+
+
+@dataclass
+class FitOutcome:
+    metrics: dict[str, Any]
+    checkpoint: Any = None  # ray.train.Checkpoint
+    error: BaseException | None = None
+
+
+class Fit(Protocol):
+    def done(self) -> bool: ...
+    def outcome(self) -> FitOutcome: ...
+
+
+class Run(Protocol):
+    """The MLflow run (`recorder.RunLog`) plus what only its owner does."""
+
+    run_id: str | None
+    resumed: bool | None
+
+    def finish(self, status: str) -> None: ...
+    def close(self) -> Any: ...
+    def drain_warnings(self) -> list[str]: ...
+
+
+class Identity(Protocol):
+    complete: bool
+    key: str
+    state: Any  # identity.JobState: `finished` holds what a finished job ended with
+
+    def mark_finished(self, *, step: int, run_id: str | None, model_version: str | None) -> None: ...
+    def release(self) -> None: ...
+
+
+class UI(Protocol):
+    def status(self, message: str) -> None: ...
+    def sized(self, prepared: Prepared, sizing: Sizing, resumed: bool | None) -> None: ...
+    def progress(self, step: int, total: int, info: dict[str, float]) -> None: ...
+
+
+@dataclass
+class Ports:
+    claim: Callable[[], Identity]  # lock the job, check its config
+    prepare: Callable[[], Prepared]  # data, Ray, datasets
+    size: Callable[[Prepared, int | None], Sizing]  # profile and plan, capped at max workers
+    open_run: Callable[[Prepared, Sizing, Identity], Run]  # the MLflow run, with params, tags, artifacts
+    start_fit: Callable[[Prepared, Sizing, Workers], Fit]
+    drain: Callable[[], tuple[list[Event], dict[int, dict[str, Any]]]]
+    request_stop: Callable[[], None]
+    clear_stop: Callable[[], None]
+    register: Callable[[Prepared, FitOutcome, Run], str | None]  # the trained model; its version
+    ui: UI
+    autoscale: Any = None  # .enabled(job) .request(workers) .arrived() .release(); None: never
+    slots: Callable[[], int] = lambda: 0  # worker slots on the cluster now (re-planning's ceiling)
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+
+
+@dataclass
+class JobResult:
+    state: State
+    run_id: str | None = None
+    final_step: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    checkpoint_path: str | None = None
+    model_version: str | None = None
+    workers: int = 0
+    restarts: int = 0
+    resizes: int = 0
+    replans: list[dict[str, Any]] = field(default_factory=list)
+    tracking: Any = None  # the run log's closing report
+    groups: list[Any] = field(default_factory=list)  # recorder.Group: each worker group, in order
+    failures: list[WorkerFailed] = field(default_factory=list)
+    already_complete: dict[str, Any] | None = None  # a finished job run again: what it finished with
+
+    @property
+    def stopped(self) -> bool:
+        return self.state is State.STOPPED
+
+
+class JobController:
+    def __init__(self, job: JobConfig, ports: Ports, *, workers: int | None = None,
+                 stop: threading.Event | None = None) -> None:
+        self.job, self.ports, self.workers_flag = job, ports, workers
+        self.stop_event = stop or threading.Event()
+        self.state = State.PREPARING
+        self.identity: Identity | None = None
+        self.prepared: Prepared | None = None
+        self.sizing: Sizing | None = None
+        self.run_log: Run | None = None
+        self.recorder: Recorder | None = None
+        self.fit: Fit | None = None
+        self.outcome: FitOutcome | None = None
+        self.workers: Workers = 0
+        self.stop_requested: StopReason | None = None
+        self.resize_to: int | None = None
+        self.resize_reason = ""
+        self.replans: list[dict[str, Any]] = []
+        self.observations: list[dict[str, Any]] = []
+        self.cluster = None  # the network as refit online (starts as the sizing's)
+        self.model_version: str | None = None
+        self._waiting_since: float | None = None
+        self._autoscale_record: dict[str, Any] | None = None
+        self._sizing_before: Sizing | None = None
+        self.tracking_report: Any = None
+        self._wanted = 0
+        self._requested = False
+        self._last_arrived = -1
+        self._compared_at = -1
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def run(self) -> JobResult:
+        try:
+            while not self.state.terminal:
+                self.state = self.step()
+        except KeyboardInterrupt:  # a second Ctrl-C: abort without waiting for a checkpoint
+            self.state = State.STOPPED
+            raise
+        except BaseException:
+            self.state = State.FAILED
+            raise
+        finally:
+            self._close()
+        return self._result()
+
+    def step(self) -> State:
+        handler = {State.PREPARING: self._prepare, State.SIZING: self._size, State.AWAITING_WORKERS: self._await,
+                   State.RUNNING: self._running, State.RESIZING: self._resize}[self.state]
+        return handler()
+
+    # -- states -----------------------------------------------------------------------------------
+
+    def _prepare(self) -> State:
+        self.identity = self.ports.claim()
+        if self.identity.complete:
+            return State.FINISHED  # nothing to do: said so, nothing touched
+        self.prepared = self.ports.prepare()
+        return State.SIZING
+
+    def _size(self) -> State:
+        from orchestrator.driver.sizing import sizes_before_autoscaling
+
+        assert self.prepared is not None
+        scaler = self.ports.autoscale
+        if scaler is None or not scaler.enabled(self.prepared.job):
+            return self._launch(self.ports.size(self.prepared, None))
+        if sizes_before_autoscaling(self.job, self.workers_flag):
+            self.sizing = self.ports.size(self.prepared, None)
+        r = self.job.resources
+        self._wanted = (fixed_workers(self.job, self.workers_flag) or (self.sizing.most if self.sizing else None)
+                        or (r.workers.max if isinstance(r.workers, WorkerRange) else 1))
+        scaler.request(self._wanted)
+        self._requested = True
+        self._waiting_since = self.ports.clock()
+        return State.AWAITING_WORKERS
+
+    def _await(self) -> State:
+        assert self.prepared is not None and self._waiting_since is not None
+        if self.stop_event.is_set():
+            return State.STOPPED  # nothing trained yet, no run opened
+        r = self.job.resources
+        timeout = constants.AUTOSCALE_TIMEOUT_S if r.autoscale_timeout_s is None else r.autoscale_timeout_s
+        arrived = self.ports.autoscale.arrived()
+        waited = self.ports.clock() - self._waiting_since
+        decision = wait_decision(wanted=self._wanted, arrived=arrived, least=least_workers(self.job, self.workers_flag),
+                                 waited_s=waited, timeout_s=timeout)
+        if arrived != self._last_arrived:
+            self._last_arrived = arrived
+            kind = "GPU workers" if self.prepared.use_gpu else "CPU workers"
+            self.ports.ui.status(f"autoscaler: {min(arrived, self._wanted)}/{self._wanted} {kind} available "
+                                 f"({waited:.0f} s of {timeout:g} s)")
+        if isinstance(decision, KeepWaiting):
+            self.ports.sleep(min(constants.AUTOSCALE_POLL_S, max(timeout - waited, 0.0)))
+            return State.AWAITING_WORKERS
+        if isinstance(decision, GiveUp):
+            raise UserError(decision.reason)
+        self._autoscale_record = {"wanted": self._wanted, "arrived": decision.workers,
+                                  "shortfall": decision.shortfall, "waited_s": round(waited, 1)}
+        if self.sizing is None or decision.shortfall:
+            self._sizing_before = self.sizing
+            self.sizing = self.ports.size(self.prepared, decision.workers)
+            if decision.shortfall:
+                self.ports.ui.status(f"autoscaler: {decision.workers} of {self._wanted} workers arrived; sized on "
+                                     f"those. {self.sizing.explanation}")
+        return self._launch(self.sizing)
+
+    def _launch(self, sizing: Sizing) -> State:
+        assert self.prepared is not None and self.identity is not None
+        self.sizing, self.workers, self.cluster = sizing, sizing.workers, sizing.cluster
+        self.run_log = self.ports.open_run(self.prepared, sizing, self.identity)
+        self.recorder = Recorder(self.run_log, status=self._status, global_batch=self.job.training.global_batch_size)
+        if self._autoscale_record is not None:
+            self._log_autoscale()
+        self.ports.ui.sized(self.prepared, sizing, self.run_log.resumed)
+        self.fit = self.ports.start_fit(self.prepared, sizing, self.workers)
+        return State.RUNNING
+
+    def _running(self) -> State:
+        assert self.fit is not None and self.prepared is not None
+        done = self.fit.done()  # read before draining: every event of a finished fit is in this drain
+        self._poll()
+        if not done:
+            self.ports.sleep(constants.PROGRESS_POLL_S)
+            return State.RUNNING
+        self.outcome = self.fit.outcome()
+        self._note_observation()
+        completed = int(self.outcome.metrics.get("step", 0)) >= self.prepared.total_steps
+        state = after_fit(error=self.outcome.error is not None, stop=self.stop_requested, completed=completed)
+        if state is State.FAILED and self.outcome.error is not None:
+            raise self.outcome.error
+        if state is State.FAILED:
+            raise RuntimeError(f"the worker group stopped at step {self.recorder.last_step} of "
+                               f"{self.prepared.total_steps} without an error")
+        if state is State.FINISHED:
+            self.model_version = self.ports.register(self.prepared, self.outcome, self.run_log)
+        return state
+
+    def _resize(self) -> State:
+        assert self.resize_to is not None and self.prepared is not None and self.sizing is not None
+        bounds = self._bounds()
+        assert bounds is not None
+        self.workers = (bounds[0], self.resize_to)
+        self.resize_to, self.stop_requested = None, None
+        self.ports.clear_stop()
+        self.fit = self.ports.start_fit(self.prepared, self.sizing, self.workers)
+        return State.RUNNING
+
+    # -- while running ------------------------------------------------------------------------------
+
+    def _poll(self) -> None:
+        assert self.recorder is not None and self.prepared is not None
+        events, ranks = self.ports.drain()
+        for event in events:
+            self._handle(event)
+        self.recorder.locate(ranks)
+        self._compare_and_replan()
+        for warning in self.run_log.drain_warnings():
+            self._status(warning)
+        self.ports.ui.progress(self.recorder.last_step, self.prepared.total_steps, self._progress_info())
+        wanted = stop_to_request(user_stop=self.stop_event.is_set(), resize_to=self.resize_to,
+                                 requested=self.stop_requested)
+        if wanted is not None:
+            self.stop_requested = wanted
+            self.ports.request_stop()
+
+    def _handle(self, event: Event) -> None:
+        rec = self.recorder
+        if isinstance(event, StepsDone):
+            rec.steps(event)
+        elif isinstance(event, GroupStarted):
+            self._note_observation()
+            kind = group_kind(groups_before=rec.groups_started, resize_pending=bool(self.resize_reason))
+            rec.group_started(event, kind, resize_reason=self.resize_reason)
+            self.resize_reason = ""
+            if self._requested:  # Ray Train keeps its own request from here on
+                self.ports.autoscale.release()
+                self._requested = False
+        elif isinstance(event, Evaluated):
+            rec.evaluated(event)
+        elif isinstance(event, CheckpointSaved):
+            rec.checkpoint(event)
+        elif isinstance(event, SystemSample):
+            rec.system(event)
+        elif isinstance(event, WorkerWarning):
+            rec.warning(event)
+        elif isinstance(event, WorkerFailed):
+            rec.failed(event)
+
+    def _compare_and_replan(self) -> None:
+        rec, sizing = self.recorder, self.sizing
+        group = rec.group
+        if group is None or group.observed_step_time_s is None or group.observed_steps < constants.REPLAN_MIN_STEPS:
+            return
+        predicted = predicted_at(sizing, group, self.job.training.global_batch_size)
+        if predicted is None:
+            return
+        if rec.last_step >= self._compared_at + constants.REPLAN_MIN_STEPS:
+            self._compared_at = rec.last_step
+            rec.log_metrics(comparison(group.observed_step_time_s, predicted), step=rec.last_step)
+        if not replan_ready(observed_steps=group.observed_steps, min_steps=constants.REPLAN_MIN_STEPS,
+                            already=group.replanned):
+            return
+        group.replanned = True
+        r = self.job.resources
+        result = replan(sizing, group, cluster=self.cluster, step=rec.last_step, total_steps=self.prepared.total_steps,
+                        global_batch=self.job.training.global_batch_size, objective=r.objective,
+                        min_efficiency=r.min_efficiency, bounds=self._bounds(), replan_enabled=r.replan,
+                        resizes=rec.resizes, slots=self.ports.slots())
+        self.cluster = result.cluster
+        rec.counts["replan"] += 1
+        self.run_log.set_tags({f"replan.{rec.counts['replan']}": result.text[:5000]})
+        rec.log_metrics({"plan/refit_network_scale": result.record["refit"]["scale"]}, step=rec.last_step)
+        self.replans.append(result.record)
+        self.run_log.log_dict(self.replans, "replan/decisions.json")
+        self._status(f"re-plan: {result.text}")
+        if isinstance(result.decision, Resize):
+            self.resize_to = result.decision.workers
+            self.resize_reason = f"{result.decision.reason} (stopped at step {rec.last_step})"
+
+    def _bounds(self) -> tuple[int, int] | None:
+        """The worker range the job may run in: the configured one, else the elastic launch's."""
+        if isinstance(self.sizing.workers, int):
+            return None
+        configured = self.job.resources.workers
+        return (configured.min, configured.max) if isinstance(configured, WorkerRange) else self.sizing.workers
+
+    def _note_observation(self) -> None:
+        group = self.recorder.group if self.recorder else None
+        if group is None or group.observed:
+            return
+        found = observation(self.sizing, group, run_id=self.run_log.run_id if self.run_log else None)
+        if found is not None:
+            group.observed = True
+            self.observations.append(found)
+
+    # -- the end ---------------------------------------------------------------------------------
+
+    def _close(self) -> None:
+        try:
+            if self._requested:
+                self.ports.autoscale.release()
+            if self.run_log is not None:
+                self._final_records()
+                self.run_log.finish(RUN_STATUS[self.state if self.state.terminal else State.FAILED])
+                self.tracking_report = self.run_log.close()
+        finally:
+            if self.identity is not None:
+                self.identity.release()
+
+    def _final_records(self) -> None:
+        rec = self.recorder
+        if self.observations:
+            self.run_log.log_dict(self.observations, "calibration/observations.json")
+        if self.state is State.FINISHED and self.outcome is not None:
+            self.identity.mark_finished(step=rec.last_step, run_id=self.run_log.run_id, model_version=self.model_version)
+        # One summary per attempt (a rerun adds its own), named by when it ended.
+        ended = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        self.run_log.log_dict({"state": self.state.value, "final_step": rec.last_step, "restarts": rec.restarts,
+                               "resizes": rec.resizes, "replan": self.replans, "ended": ended},
+                              f"summary/{ended}-{self.state.value}.json")
+
+    def _log_autoscale(self) -> None:
+        record = self._autoscale_record
+        self.run_log.set_tags({f"autoscale.{k}": v for k, v in record.items()})
+        if record["shortfall"]:
+            self.run_log.set_tags({"autoscale.replan": f"{record['arrived']} of {record['wanted']} workers arrived: "
+                                                       f"{self.sizing.explanation}"})
+            before = self._sizing_before
+            if before is not None and before.plan is not None:
+                self.run_log.log_dict(before.plan.to_dict(), "plan/plan_before_autoscale.json")
+
+    def _status(self, message: str) -> None:
+        self.ports.ui.status(message)
+
+    def _progress_info(self) -> dict[str, float]:
+        info = dict(self.recorder.last_metrics)
+        group = self.recorder.group
+        if group is not None and group.observed_step_time_s:
+            # The group's median step rate: the figure a user can compare runs by.
+            info["train/samples_per_s"] = self.job.training.global_batch_size / group.observed_step_time_s
+        return info
+
+    def _result(self) -> JobResult:
+        if self.identity is not None and self.identity.complete and self.prepared is None:
+            finished = dict(self.identity.state.finished or {})
+            return JobResult(State.FINISHED, run_id=finished.get("run_id"), final_step=finished.get("step", 0),
+                             model_version=finished.get("model_version"), already_complete=finished)
+        rec, outcome = self.recorder, self.outcome
+        checkpoint = outcome.checkpoint if outcome is not None else None
+        group = rec.group if rec else None
+        return JobResult(
+            self.state, run_id=self.run_log.run_id if self.run_log else None, final_step=rec.last_step if rec else 0,
+            metrics={**(rec.last_metrics if rec else {}), **(outcome.metrics if outcome else {})},
+            checkpoint_path=checkpoint.path if checkpoint is not None else None, model_version=self.model_version,
+            workers=group.workers if group else most(self.workers) if self.workers else 0,
+            restarts=rec.restarts if rec else 0, resizes=rec.resizes if rec else 0, replans=self.replans,
+            tracking=self.tracking_report, groups=list(rec.groups) if rec else [],
+            failures=list(rec.failures) if rec else [],
+        )

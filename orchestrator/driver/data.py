@@ -1,0 +1,62 @@
+"""The job's data, on the driver: check it before any worker starts, then hand Ray Data's
+training and validation sets to the trainer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.config import JobConfig
+from orchestrator.errors import UserError
+
+
+@dataclass(frozen=True)
+class Datasets:
+    train: Any
+    val: Any
+    train_rows: int
+    example: Any  # a few input rows, for the MLflow model signature
+
+
+def check_data(job: JobConfig) -> int:
+    """Prepare a built-in data set if missing, then check columns and dtypes; returns row count."""
+    from trainers.data import check_columns, ensure_prepared
+
+    if job.data.dataset is not None:
+        if len(job.data.paths) != 1:
+            raise UserError("data.path: a built-in data set needs exactly one folder")
+        ensure_prepared(job.data.dataset, job.data.paths[0], **job.data.dataset_kwargs)
+    return check_columns(job.data.paths, job.data.features, job.data.label)
+
+
+def load_datasets(job: JobConfig) -> Datasets:
+    """Ray Data's sets (paths already absolute: the job is localized) and an input example."""
+    import numpy as np
+    import ray.data
+
+    from trainers.data import open_dataset
+    from trainers.data.collate import Collate
+
+    ds = ray.data.read_parquet(job.data.paths)
+    train, val = ds.train_test_split(test_size=job.data.val_fraction) if job.data.val_fraction else (ds, ds.limit(0))
+    # The model's input example (its MLflow signature): the first rows, read by pyarrow directly
+    # rather than by one more Ray Data job.
+    x, _ = Collate(job.data)(open_dataset(job.data.paths).head(4, columns=job.data.columns))
+    if job.data.label is None:
+        x = x[:, :-1].contiguous()  # the model sees tokens without the last target
+    return Datasets(train, val, train.count(), np.asarray(x.numpy()))
+
+
+def steps_per_epoch(train_rows: int, global_batch: int) -> int:
+    if train_rows < global_batch:
+        raise UserError(
+            f"training.global_batch_size: {global_batch} is larger than the {train_rows} training rows"
+        )
+    return train_rows // global_batch
+
+
+def total_steps(job: JobConfig, per_epoch: int) -> int:
+    t = job.training
+    if t.max_steps is not None and t.epochs is not None:
+        return min(t.max_steps, t.epochs * per_epoch)
+    return t.max_steps if t.max_steps is not None else t.epochs * per_epoch  # type: ignore[operator]

@@ -1,0 +1,96 @@
+"""One `TorchTrainer.fit`, run in a background thread so the driver's thread stays free to poll
+progress and act on a stop within seconds."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from orchestrator import constants
+from orchestrator.driver.controller import FitOutcome, Prepared
+from orchestrator.driver.progress import FailureForwarder
+from orchestrator.driver.sizing import Sizing, Workers
+from orchestrator.ray_session import torch_config
+from trainers.loop import LoopArgs, train_loop_per_worker
+
+
+@ray.remote(num_gpus=1)
+def _cuda_on_gpu_worker() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def backend_for(use_gpu: bool) -> str:
+    """NCCL where the GPU workers' torch sees CUDA; gloo otherwise (logical GPUs on CPU nodes)."""
+    return "nccl" if use_gpu and ray.get(_cuda_on_gpu_worker.remote()) else "gloo"
+
+
+def build_trainer(prepared: Prepared, sizing: Sizing, workers: Workers, *, progress: Any, run_dir: str,
+                  backend: str) -> TorchTrainer:
+    """The job's TorchTrainer; the same run folder every time, so a new fit resumes from the
+    job's latest checkpoint."""
+    job = prepared.job
+    local = None if "://" in run_dir else run_dir
+    args = LoopArgs(
+        config=job.worker_config().model_dump(mode="json"), steps_per_epoch=prepared.steps_per_epoch,
+        total_steps=prepared.total_steps, run_dir=local, max_local_batch=sizing.max_local_batch, progress=progress,
+        push_every_s=constants.PROGRESS_PUSH_S, stop_check_every=constants.STOP_CHECK_EVERY,
+        system_metrics_every_s=constants.SYSTEM_METRICS_S if job.tracking.log_system_metrics else None,
+    )
+    parent, name = run_dir.rstrip("/").rsplit("/", 1)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=args.to_dict(),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers, use_gpu=prepared.use_gpu,
+            resources_per_worker={"CPU": job.resources.cpus_per_worker, **({"GPU": 1} if prepared.use_gpu else {})},
+        ),
+        torch_config=torch_config(backend),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=parent,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.checkpoint.keep_last),
+            failure_config=ray.train.FailureConfig(max_failures=job.resources.max_failures),
+            callbacks=[FailureForwarder(progress)],
+        ),
+        datasets={"train": prepared.data.train, "val": prepared.data.val},
+    )
+
+
+class RayFit:
+    """`trainer.fit()` in a daemon thread; `outcome()` once `done()`."""
+
+    def __init__(self, trainer: TorchTrainer) -> None:
+        self._outcome: FitOutcome | None = None
+        self._thread = threading.Thread(target=self._fit, args=(trainer,), name="trainer-fit", daemon=True)
+        self._thread.start()
+
+    def _fit(self, trainer: TorchTrainer) -> None:
+        try:
+            result = trainer.fit()
+            self._outcome = FitOutcome(dict(result.metrics or {}), result.checkpoint)
+        except BaseException as exc:  # noqa: BLE001 - handed to the driver's thread
+            self._outcome = FitOutcome({}, None, exc)
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def outcome(self) -> FitOutcome:
+        self._thread.join()
+        assert self._outcome is not None
+        return self._outcome
+
+
+def read_checkpoint(checkpoint: Any) -> dict[str, Any]:
+    """The training state in a Ray Train checkpoint, local or remote (verified, weights only)."""
+    from trainers import checkpoint as ckpt
+
+    if checkpoint.filesystem.type_name == "local":
+        return ckpt.read(Path(checkpoint.path))
+    with checkpoint.as_directory() as folder:
+        return ckpt.read(Path(folder))

@@ -1,0 +1,161 @@
+"""One job, one identity: its storage prefix, an exclusive lock on it, and what it was run with.
+
+A job is its name under its checkpoint storage: `<storage_path>/<name>/`. While a driver runs it,
+that prefix holds a lock: a second concurrent run of the same job is refused with one line naming
+the holder. The prefix also holds `job.json`: the config's digest (every field but those safe to
+change between runs), the generation (`--new-run` starts the next one, in `run-<n>/`, with its own
+MLflow run), and, once training finished, the final step, the MLflow run and the model version.
+A rerun with a changed config is refused, naming the changed fields; a rerun of a finished job
+says so and touches nothing. Storage URIs (`s3://...`) are used as given, never through abspath.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from orchestrator.config import JobConfig, flatten
+from orchestrator.driver.lock import JobLock
+from orchestrator.errors import UserError
+from orchestrator.redact import redact
+from orchestrator.storage import Storage
+
+STATE_FILE = "job.json"
+# Fields a rerun may change and still continue the same run: how long to train, how often to
+# checkpoint and log, where and on what it runs, how it is tracked. Anything else changes what
+# is trained, and continuing from the old checkpoints would train something nobody asked for.
+SAFE_TO_CHANGE = ("training.max_steps", "training.epochs", "training.log_every", "training.compile",
+                  "checkpoint.every_steps", "checkpoint.keep_last", "data.cache_mb", "resources.", "ray.",
+                  "tracking.tracking_uri", "tracking.registered_model", "tracking.log_system_metrics",
+                  "tracking.spill_dir")
+
+
+def job_key(storage: str, name: str, generation: int = 1) -> str:
+    """Identity of one run of a job: storage (path or URI, as given), name and generation. It keys
+    the MLflow run, the progress actor and the autoscaler request."""
+    base = f"{storage}::{name}" + (f"::{generation}" if generation > 1 else "")
+    return hashlib.sha256(base.encode()).hexdigest()[:16]
+
+
+def trained_fields(job: JobConfig) -> dict[str, Any]:
+    """The flattened config fields that define what is trained (all but the safe ones)."""
+    flat = flatten(job.to_dict())
+    return {k: v for k, v in flat.items() if k != "name" and k != "checkpoint.storage_path"
+            and not any(k == s or (s.endswith(".") and k.startswith(s)) for s in SAFE_TO_CHANGE)}
+
+
+def digest(fields: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class JobState:
+    """`job.json`: what a job was run with, and how far it got."""
+
+    name: str
+    generation: int = 1
+    config_digest: str = ""
+    trained: dict[str, Any] = field(default_factory=dict)  # the fields in the digest (secrets masked)
+    length: dict[str, Any] = field(default_factory=dict)  # training.max_steps / epochs when it finished
+    finished: dict[str, Any] | None = None  # {step, at, run_id, model_version}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> JobState:
+        known = {k: raw[k] for k in ("name", "generation", "config_digest", "trained", "length", "finished") if k in raw}
+        return cls(**known)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "generation": self.generation, "config_digest": self.config_digest,
+                "trained": self.trained, "length": self.length, "finished": self.finished}
+
+
+def _length(job: JobConfig) -> dict[str, Any]:
+    return {"max_steps": job.training.max_steps, "epochs": job.training.epochs}
+
+
+@dataclass
+class JobIdentity:
+    """The job's prefix in its storage, its lock and its recorded state."""
+
+    job: JobConfig
+    storage: Storage
+    state: JobState
+    lock: JobLock
+
+    @property
+    def name(self) -> str:
+        return self.job.name
+
+    @property
+    def key(self) -> str:
+        return job_key(self.storage.uri, self.name, self.state.generation)
+
+    @property
+    def run_dir(self) -> str:
+        """Where Ray Train keeps this generation's checkpoints (a path or URI)."""
+        prefix = self.storage.join(self.name)
+        return prefix if self.state.generation == 1 else posixpath.join(prefix, f"run-{self.state.generation}")
+
+    @property
+    def complete(self) -> bool:
+        """Trained to the end with this very config: nothing to do."""
+        return self.state.finished is not None and self.state.length == _length(self.job)
+
+    def save(self) -> None:
+        self.storage.write_json(posixpath.join(self.name, STATE_FILE), self.state.to_dict())
+
+    def mark_finished(self, *, step: int, run_id: str | None, model_version: str | None) -> None:
+        self.state.finished = {"step": step, "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                               "run_id": run_id, "model_version": model_version}
+        self.state.length = _length(self.job)
+        self.save()
+
+    def release(self) -> None:
+        self.lock.release()
+
+
+def claim(job: JobConfig, *, new_run: bool = False) -> JobIdentity:
+    """Lock the job's prefix and check the config against what the job was run with.
+
+    Refused (UserError, nothing written): another driver holds the job; the config changed in a
+    field that changes what is trained (named), unless `new_run`. A first run records its state;
+    `new_run` moves to the next generation (a fresh run beside the old one, which stays as it is).
+    """
+    storage = Storage(job.checkpoint.storage_path)
+    lock = JobLock(storage, job.name)
+    lock.acquire()
+    try:
+        return _check(job, storage, lock, new_run=new_run)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _check(job: JobConfig, storage: Storage, lock: JobLock, *, new_run: bool) -> JobIdentity:
+    raw = storage.read_json(posixpath.join(job.name, STATE_FILE))
+    trained = trained_fields(job)
+    fresh = JobState(name=job.name, config_digest=digest(trained), trained=redact(trained), length=_length(job))
+    if raw is None:
+        identity = JobIdentity(job, storage, fresh, lock)
+    else:
+        previous = JobState.from_dict(raw)
+        if new_run:
+            fresh.generation = previous.generation + 1
+            identity = JobIdentity(job, storage, fresh, lock)
+        elif previous.config_digest != fresh.config_digest:
+            changed = sorted(k for k in set(trained) | set(previous.trained)
+                             if redact(trained).get(k) != previous.trained.get(k))
+            raise UserError(
+                f"{job.name}: the config changed since this job ran ({', '.join(changed) or 'masked fields'}); "
+                f"resuming would train something else. Use --new-run to start a fresh run under this name, "
+                f"or rename the job")
+        else:
+            previous.trained = fresh.trained
+            identity = JobIdentity(job, storage, previous, lock)
+    if raw is None or new_run:
+        identity.save()
+    return identity

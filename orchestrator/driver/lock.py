@@ -1,0 +1,132 @@
+"""An exclusive lock on a job's storage prefix, held by the driver for the whole run.
+
+Local storage: `fcntl.flock` on `<prefix>/.lock` (the kernel releases it when the driver dies,
+however it dies); the holder writes who it is into the file for the refusal message. Object
+storage has no locks: a lease object `<prefix>/.lock.json` (holder, token, heartbeat) that the
+holder renews every `LOCK_HEARTBEAT_S`; a lease whose heartbeat is older than
+`LOCK_STALE_AFTER` heartbeats is taken over (its driver died). Two drivers racing for a free lease
+both write it, wait, and read it back: only the one whose token is there goes on.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import secrets
+import socket
+import threading
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from orchestrator import constants
+from orchestrator.errors import UserError
+from orchestrator.storage import Storage
+
+LOCK_FILE = ".lock"
+LEASE_FILE = ".lock.json"
+LOCK_STALE_AFTER = 3  # heartbeats
+
+
+def holder() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid(),
+            "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def _describe(info: dict[str, Any] | None) -> str:
+    if not info:
+        return "another driver"
+    return f"pid {info.get('pid')} on {info.get('host')} since {info.get('since')}"
+
+
+class JobLock:
+    def __init__(self, storage: Storage, name: str) -> None:
+        self.storage, self.name = storage, name
+        self._file: Any = None
+        self._token = secrets.token_hex(8)
+        self._holder = holder()
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    def _refuse(self, info: dict[str, Any] | None, where: str) -> UserError:
+        return UserError(f"{self.name}: this job is already running ({_describe(info)}; lock {where}); "
+                         f"wait for it, stop it, or rename this job")
+
+    def acquire(self) -> None:
+        if self.storage.remote:
+            self._acquire_lease()
+        else:
+            self._acquire_flock()
+
+    def release(self) -> None:
+        if self._file is not None:
+            import fcntl
+
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+        if self._beat is not None:
+            self._stop.set()
+            self._beat.join(timeout=5)
+            self._beat = None
+            if (self.storage.read_json(self._lease) or {}).get("token") == self._token:
+                self.storage.delete(self._lease)
+
+    # -- local: flock --------------------------------------------------------------------------
+
+    def _acquire_flock(self) -> None:
+        import fcntl
+        import json
+
+        path = self.storage.local_path(self.name, LOCK_FILE)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            text = f.read()
+            f.close()
+            try:
+                info = json.loads(text) if text.strip() else None
+            except ValueError:
+                info = None
+            raise self._refuse(info, str(path)) from None
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps(self._holder))
+        f.flush()
+        self._file = f
+
+    # -- object storage: a lease ------------------------------------------------------------------
+
+    @property
+    def _lease(self) -> str:
+        return posixpath.join(self.name, LEASE_FILE)
+
+    def _fresh(self, info: dict[str, Any] | None) -> bool:
+        if not info:
+            return False
+        return time.time() - float(info.get("heartbeat", 0)) < LOCK_STALE_AFTER * constants.LOCK_HEARTBEAT_S
+
+    def _acquire_lease(self) -> None:
+        info = self.storage.read_json(self._lease)
+        if self._fresh(info) and info.get("token") != self._token:
+            raise self._refuse(info, self.storage.join(self._lease))
+        self._write_lease()
+        time.sleep(constants.LOCK_SETTLE_S)  # a racing driver's write lands meanwhile; the last one wins
+        info = self.storage.read_json(self._lease)
+        if (info or {}).get("token") != self._token:
+            raise self._refuse(info, self.storage.join(self._lease))
+        self._beat = threading.Thread(target=self._heartbeat, name="job-lock", daemon=True)
+        self._beat.start()
+
+    def _write_lease(self) -> None:
+        self.storage.write_json(self._lease, {**self._holder, "token": self._token, "heartbeat": time.time()})
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(constants.LOCK_HEARTBEAT_S):
+            try:
+                self._write_lease()
+            except Exception:  # noqa: BLE001 - a missed beat is retried; three in a row lose the lease
+                continue

@@ -1,0 +1,193 @@
+"""What the driver writes about a running job: worker events turned into MLflow records and
+console lines. It keeps the counts (worker groups, restarts, resizes) and the current group; it
+decides nothing (the controller asks the policies) and talks to MLflow only through the run log,
+which never blocks.
+
+Per-step metrics keep the step and time the worker measured them at. Driver-side metrics are
+logged only at steps beyond the last one logged for their key, so a restart that resumes from an
+earlier step never logs a step twice; the exceptions are the ``restarts`` and ``resizes``
+counters, logged at the step resumed from.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from orchestrator.driver.policies import GroupKind
+from orchestrator.planner import Placement
+from trainers.events import (
+    CheckpointSaved,
+    Evaluated,
+    GroupStarted,
+    StepsDone,
+    SystemSample,
+    WorkerFailed,
+    WorkerWarning,
+)
+
+log = logging.getLogger(__name__)
+
+
+class RunLog(Protocol):
+    """The job's MLflow run as the driver writes it: every call returns at once."""
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+    def set_tags(self, tags: Mapping[str, Any]) -> None: ...
+    def log_metrics(self, metrics: Mapping[str, float], *, step: int, at_ms: int | None = None,
+                    per_step: bool = False) -> None: ...
+    def log_dict(self, data: Any, name: str) -> None: ...
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+
+
+@dataclass
+class Group:
+    """One worker group, from its start event."""
+
+    workers: int
+    local_batch: int
+    accumulation: int
+    start_step: int
+    kind: GroupKind
+    compute_step_time_s: float | None = None
+    placement: Placement | None = None  # known once every rank has registered
+    replanned: bool = False
+    observed: bool = False  # its observation for calibration is taken
+    observed_step_time_s: float | None = None
+    observed_steps: int = 0
+    step_times: tuple[float, ...] = ()
+    resumed_from: int | None = None
+    started_ms: int = 0  # when its start event was sent
+    first_step_ms: int | None = None  # when its first step was measured
+
+    @property
+    def shape(self) -> str:
+        return (f"{self.workers} worker{'s' if self.workers != 1 else ''} x local batch {self.local_batch} "
+                f"x accumulation {self.accumulation}")
+
+
+class Recorder:
+    def __init__(self, run: RunLog, *, status: Callable[[str], None], global_batch: int,
+                 counts: Mapping[str, int] | None = None) -> None:
+        self.run, self._status, self.global_batch = run, status, global_batch
+        self.counts: Counter[str] = Counter(counts or {})
+        self.group: Group | None = None
+        self.groups: list[Group] = []
+        self.failures: list[WorkerFailed] = []
+        self.last_step = 0
+        self._cause: str | None = None
+        self._failed_at_ms: int | None = None
+        self._recovering_since_ms: int | None = None
+        self._logged: dict[str, int] = {}
+        self.last_metrics: dict[str, float] = {}
+
+    @property
+    def groups_started(self) -> int:
+        return len(self.groups)
+
+    @property
+    def restarts(self) -> int:
+        return self.counts["restart"]
+
+    @property
+    def resizes(self) -> int:
+        return self.counts["resize"]
+
+    def status(self, message: str, *, warning: bool = False) -> None:
+        (log.warning if warning else log.info)("%s", message)
+        self._status(message)
+
+    # -- events ------------------------------------------------------------------------------
+
+    def steps(self, event: StepsDone) -> None:
+        for point in event.points:
+            self.run.log_metrics(point.metrics, step=point.step, at_ms=point.at_ms, per_step=True)
+        self.last_step = max(self.last_step, event.step)
+        self.last_metrics = dict(event.points[-1].metrics) if event.points else self.last_metrics
+        if self.group is not None:
+            if self.group.first_step_ms is None and event.points:
+                self.group.first_step_ms = event.points[0].at_ms
+            self.group.observed_step_time_s = event.observed_step_time_s
+            self.group.observed_steps = event.observed_steps
+            self.group.step_times += event.step_times_s
+        if self._recovering_since_ms is not None and event.points:
+            seconds = (event.points[0].at_ms - self._recovering_since_ms) / 1000
+            self._recovering_since_ms = None
+            self.log_metrics({"recovery_s": seconds}, step=event.points[0].step)
+            self.status(f"training again {seconds:.1f} s after the failure was reported")
+
+    def evaluated(self, event: Evaluated) -> None:
+        self.run.log_metrics(event.metrics, step=event.step, at_ms=event.at_ms, per_step=True)
+        self.last_metrics.update(event.metrics)
+
+    def checkpoint(self, event: CheckpointSaved) -> None:
+        self.run.log_metrics({"train/checkpoint_s": event.seconds}, step=event.step, at_ms=event.at_ms, per_step=True)
+
+    def system(self, event: SystemSample) -> None:
+        # MLflow's own system metrics of a node are named system/<node id>/<metric>.
+        self.run.log_metrics({f"system/{event.node}/{k}": v for k, v in event.metrics.items()}, step=event.step,
+                             at_ms=event.at_ms)
+
+    def warning(self, event: WorkerWarning) -> None:
+        self.status(f"rank 0 at step {event.step}: {event.message}", warning=True)
+
+    def failed(self, event: WorkerFailed) -> None:
+        self.failures.append(event)
+        self._cause, self._failed_at_ms = event.cause, event.at_ms
+        self.status(f"worker failure after step {event.step}: {event.cause}", warning=True)
+
+    def group_started(self, event: GroupStarted, kind: GroupKind, *, resize_reason: str | None = None) -> Group:
+        group = Group(event.workers, event.local_batch, event.accumulation, event.step, kind,
+                      event.compute_step_time_s, resumed_from=event.resumed_from, started_ms=event.at_ms)
+        self.groups.append(group)
+        where = (f"resumed from step {event.resumed_from}" if event.resumed_from is not None
+                 else "from step 0 (no checkpoint yet)")
+        if kind is GroupKind.RESIZE:
+            self._record("resize", event.step, f"{resize_reason}; {where} on {group.shape}")
+        elif kind is GroupKind.RESTART:
+            cause = self._cause or "the worker group stopped (no cause reported)"
+            self._record("restart", event.step, f"{cause}; {where} on {group.shape}")
+            self._recovering_since_ms = self._failed_at_ms
+        self._cause = self._failed_at_ms = None
+        self.counts["worker_group"] += 1
+        self.run.set_tags({f"worker_group.{self.counts['worker_group']}": f"{group.shape}, {where}"})
+        self.log_metrics({"elastic/workers": group.workers, "elastic/local_batch": group.local_batch,
+                          "elastic/accumulation": group.accumulation}, step=event.step)
+        effective = group.workers * group.local_batch * group.accumulation
+        if effective != self.global_batch:
+            self.status(f"global batch {effective} on {group.workers} workers (configured {self.global_batch} "
+                        "does not divide evenly)", warning=True)
+        for skipped in event.skipped:
+            self.status(f"checkpoint failed verification and was passed over: {skipped}; {where}", warning=True)
+            self.run.set_tags({"checkpoint.fallback": f"{skipped}; {where}"})
+        self.group = group
+        return group
+
+    def _record(self, kind: str, step: int, text: str) -> None:
+        self.counts[kind] += 1
+        n = self.counts[kind]
+        self.run.set_tags({f"{kind}.{n}": text})
+        # A counter, at the step resumed from: two restarts from one checkpoint share that step.
+        self.run.log_metrics({f"{kind}s": n}, step=step)
+        self.status(f"{kind} {n}: {text}", warning=kind == "restart")
+
+    def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
+        """Driver-side metrics, each only at a step beyond the last one logged for it here."""
+        fresh = {k: v for k, v in metrics.items() if step > self._logged.get(k, -1)}
+        if fresh:
+            self.run.log_metrics(fresh, step=step)
+            self._logged.update(dict.fromkeys(fresh, step))
+
+    def locate(self, workers: Mapping[int, Mapping[str, Any]]) -> None:
+        """The group's placement, once every rank has said which node it runs on."""
+        group = self.group
+        if group is None or group.placement is not None or len(workers) < group.workers:
+            return
+        nodes = len({w["node_id"] for rank, w in workers.items() if rank < group.workers})
+        # The model knows uniform placements; an uneven spread is taken as all inter-node.
+        group.placement = (Placement(nodes, group.workers // nodes) if group.workers % nodes == 0
+                           else Placement(group.workers, 1))

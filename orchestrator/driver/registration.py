@@ -1,0 +1,87 @@
+"""The trained model, logged to the job's MLflow run and registered, once training finished."""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from typing import Any
+
+from orchestrator import constants
+from orchestrator.driver.controller import FitOutcome, Prepared
+from orchestrator.driver.fit import read_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def _bounded_requests():
+    """MLflow's REST calls in this block fail within seconds instead of retrying for minutes."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(constants.TRACKING_REQUEST_TIMEOUT_S))
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def requirements() -> list[str]:
+    """What the logged model needs to load, known here (MLflow would otherwise spend seconds
+    inferring it in a subprocess, and warn about torch's local version label)."""
+    import mlflow
+    import numpy
+    import torch
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", f"numpy=={numpy.__version__}"]
+
+
+def register_model(prepared: Prepared, outcome: FitOutcome, run: Any, *, status: Any = None) -> str | None:
+    """Log the unwrapped model with an input example; register it under the configured name.
+    Returns the version, or None (nothing registered: no name configured, or the tracking server
+    could not take it: then the same command, run again, registers it)."""
+    job = prepared.job
+    if outcome.checkpoint is None:
+        return None
+    if not run.wait_resolved(constants.TRACKING_REQUEST_TIMEOUT_S):
+        _tell(status, "model not logged: the tracking server is unreachable; run the same command again once it "
+                      "is back to log and register it")
+        return None
+    try:
+        with _bounded_requests():
+            return log_and_register(job, read_checkpoint(outcome.checkpoint), prepared.data.example,
+                                    run_id=run.run_id, tracking_uri=run.tracking_uri)
+    except Exception as exc:  # noqa: BLE001 - training is done and checkpointed; this is recoverable
+        _tell(status, f"model not logged ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); run the same "
+                      "command again to log and register it")
+        return None
+
+
+def _tell(status: Any, message: str) -> None:
+    log.warning("%s", message)
+    if status is not None:
+        status(message)
+
+
+def log_and_register(job: Any, state: dict[str, Any], example: Any, *, run_id: str, tracking_uri: str) -> str | None:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from trainers.models import build_model
+
+    client = MlflowClient(tracking_uri)
+    existing = client.search_model_versions(f"run_id='{run_id}'")
+    if existing:  # a finished job run again: its model is already registered
+        return existing[0].version
+    model = build_model(job.model.name, job.model.kwargs)
+    model.load_state_dict(state["model"])
+    model.eval()
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(model, name="model", input_example=example, pip_requirements=requirements(),
+                                        registered_model_name=job.tracking.registered_model)
+    return str(info.registered_model_version) if job.tracking.registered_model else None

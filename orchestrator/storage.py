@@ -1,0 +1,70 @@
+"""The checkpoint storage of jobs: a local folder or an object-store URI (`s3://`, `gs://`, ...).
+
+Paths inside it are joined as strings (`posixpath`), never through `os.path.abspath`: a URI means
+the same thing from any working directory, and a local path was made absolute once, when the
+job's config was localized. Small JSON files (a job's state, its lock) are read and written
+through pyarrow's filesystems, as Ray Train writes the checkpoints themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+class Storage:
+    def __init__(self, location: str) -> None:
+        self.uri = location
+        self.remote = "://" in location and not location.startswith("file://")
+        if self.remote:
+            from pyarrow import fs
+
+            self._fs, self._root = fs.FileSystem.from_uri(location)
+        else:
+            self._fs, self._root = None, location.removeprefix("file://")
+
+    def join(self, *parts: str) -> str:
+        """A location inside the storage, in the storage's own form (path or URI)."""
+        return posixpath.join(self.uri, *parts)
+
+    def local_path(self, *parts: str) -> Path | None:
+        """The local folder of a location, or None on object storage."""
+        return None if self.remote else Path(self._root, *parts)
+
+    def read_json(self, relative: str) -> Any:
+        """The JSON at `relative`, or None when there is none."""
+        if not self.remote:
+            path = Path(self._root, relative)
+            return json.loads(path.read_text()) if path.is_file() else None
+        from pyarrow import fs
+
+        path = posixpath.join(self._root, relative)
+        if self._fs.get_file_info(path).type != fs.FileType.File:
+            return None
+        with self._fs.open_input_stream(path) as f:
+            return json.loads(f.read().decode())
+
+    def write_json(self, relative: str, data: Any) -> None:
+        """Write `data` at `relative`: under a temporary name and renamed, where that is atomic."""
+        payload = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+        if self.remote:
+            path = posixpath.join(self._root, relative)
+            self._fs.create_dir(posixpath.dirname(path), recursive=True)
+            with self._fs.open_output_stream(path) as f:  # an object PUT: all or nothing
+                f.write(payload)
+            return
+        path = Path(self._root, relative)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+            f.write(payload)
+        os.replace(f.name, path)
+
+    def delete(self, relative: str) -> None:
+        if self.remote:
+            self._fs.delete_file(posixpath.join(self._root, relative))
+        else:
+            Path(self._root, relative).unlink(missing_ok=True)

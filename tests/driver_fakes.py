@@ -1,0 +1,199 @@
+"""Fakes of everything the driver's controller talks to: the job's identity, the MLflow run, the
+trainer (a scripted fit), the progress actor, the autoscaler, the UI and the clock."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+from orchestrator.driver.controller import FitOutcome, Ports, Prepared
+from orchestrator.driver.sizing import Sizing
+from trainers.events import Event, GroupEnded, GroupStarted, StepPoint, StepsDone
+
+
+def group(step: int = 0, workers: int = 2, *, resumed: int | None = None, compute: float | None = 0.01) -> GroupStarted:
+    return GroupStarted(step=step, workers=workers, local_batch=32 // workers, accumulation=1, resumed_from=resumed,
+                        checkpoint=None if resumed is None else f"checkpoint_{resumed:09d}",
+                        compute_step_time_s=compute)
+
+
+def steps(first: int, last: int, *, step_time: float = 0.02, observed_steps: int | None = None) -> StepsDone:
+    points = tuple(StepPoint(step=s, metrics={"train/loss": 1.0 / s, "train/step_time_s": step_time}, at_ms=1000 * s)
+                   for s in range(first, last + 1))
+    return StepsDone(step=last, points=points, step_times_s=tuple(step_time for _ in points),
+                     observed_step_time_s=step_time, observed_steps=observed_steps or last)
+
+
+@dataclass
+class FakeIdentity:
+    complete: bool = False
+    key: str = "job-key"
+    state: Any = field(default_factory=lambda: SimpleNamespace(finished=None))
+    finished: dict[str, Any] | None = None
+    released: bool = False
+
+    def mark_finished(self, *, step: int, run_id: str | None, model_version: str | None) -> None:
+        self.finished = {"step": step, "run_id": run_id, "model_version": model_version}
+
+    def release(self) -> None:
+        self.released = True
+
+
+@dataclass
+class FakeRun:
+    run_id: str | None = "run-1"
+    resumed: bool | None = False
+    metrics: list[tuple[str, float, int, bool]] = field(default_factory=list)
+    tags: dict[str, Any] = field(default_factory=dict)
+    dicts: dict[str, Any] = field(default_factory=dict)
+    status: str | None = None
+    closed: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    def log_params(self, params: Any) -> None:
+        pass
+
+    def set_tags(self, tags: Any) -> None:
+        self.tags.update(tags)
+
+    def log_metrics(self, metrics: Any, *, step: int, at_ms: int | None = None, per_step: bool = False) -> None:
+        self.metrics += [(k, v, step, per_step) for k, v in metrics.items()]
+
+    def log_dict(self, data: Any, name: str) -> None:
+        self.dicts[name] = data
+
+    def log_artifact(self, path: Any, artifact_path: str | None = None) -> None:
+        pass
+
+    def finish(self, status: str) -> None:
+        assert self.status is None, "the run was ended twice"
+        self.status = status
+
+    def close(self) -> str:
+        self.closed = True
+        return "report"
+
+    def drain_warnings(self) -> list[str]:
+        out, self.warnings = self.warnings, []
+        return out
+
+    def steps_of(self, key: str) -> list[int]:
+        return [step for k, _, step, _ in self.metrics if k == key]
+
+
+class FakeFit:
+    """A fit whose workers publish the scripted event batches, one batch per poll, then end."""
+
+    def __init__(self, batches: list[list[Event]], outcome: FitOutcome) -> None:
+        self.batches, self._outcome = list(batches), outcome
+
+    def done(self) -> bool:
+        return not self.batches
+
+    def outcome(self) -> FitOutcome:
+        return self._outcome
+
+
+@dataclass
+class FakeScaler:
+    arrivals: list[int]  # what arrived() answers, one per call (the last one repeats)
+    on: bool = True
+    requested: list[int] = field(default_factory=list)
+    releases: int = 0
+
+    def enabled(self, job: Any) -> bool:
+        return self.on
+
+    def request(self, workers: int) -> None:
+        self.requested.append(workers)
+
+    def arrived(self) -> int:
+        return self.arrivals.pop(0) if len(self.arrivals) > 1 else self.arrivals[0]
+
+    def release(self) -> None:
+        self.releases += 1
+
+
+@dataclass
+class FakeUI:
+    statuses: list[str] = field(default_factory=list)
+    sizings: list[Sizing] = field(default_factory=list)
+    progress_calls: list[tuple[int, int, dict[str, float]]] = field(default_factory=list)
+
+    def status(self, message: str) -> None:
+        self.statuses.append(message)
+
+    def sized(self, prepared: Prepared, sizing: Sizing, resumed: bool | None) -> None:
+        self.sizings.append(sizing)
+
+    def progress(self, step: int, total: int, info: dict[str, float]) -> None:
+        self.progress_calls.append((step, total, info))
+
+
+@dataclass
+class World:
+    """The fakes of one test, wired into `Ports`."""
+
+    job: Any
+    fits: list[FakeFit]
+    identity: FakeIdentity = field(default_factory=FakeIdentity)
+    run: FakeRun = field(default_factory=FakeRun)
+    ui: FakeUI = field(default_factory=FakeUI)
+    scaler: FakeScaler | None = None
+    sizing: Callable[[int | None], Sizing] = lambda cap: Sizing(2, 64)
+    total_steps: int = 10
+    prepared: int = 0
+    sized_with: list[int | None] = field(default_factory=list)
+    started: list[Any] = field(default_factory=list)
+    stops: int = 0
+    clears: int = 0
+    registered: int = 0
+    now: float = 0.0
+    current: FakeFit | None = None
+    on_poll: Callable[[World], None] | None = None
+
+    def ports(self) -> Ports:
+        return Ports(claim=lambda: self.identity, prepare=self._prepare, size=self._size,
+                     open_run=lambda prepared, sizing, identity: self.run, start_fit=self._start_fit,
+                     drain=self._drain, request_stop=self._stop, clear_stop=self._clear, register=self._register,
+                     ui=self.ui, autoscale=self.scaler, slots=lambda: 4, clock=lambda: self.now, sleep=self._sleep)
+
+    def _prepare(self) -> Prepared:
+        self.prepared += 1
+        return Prepared(self.job, False, SimpleNamespace(train_rows=320), 10, self.total_steps)
+
+    def _size(self, prepared: Prepared, cap: int | None) -> Sizing:
+        self.sized_with.append(cap)
+        return self.sizing(cap)
+
+    def _start_fit(self, prepared: Prepared, sizing: Sizing, workers: Any) -> FakeFit:
+        self.started.append(workers)
+        self.current = self.fits.pop(0)
+        return self.current
+
+    def _drain(self) -> tuple[list[Event], dict[int, dict[str, Any]]]:
+        if self.on_poll is not None:
+            self.on_poll(self)
+        batch = self.current.batches.pop(0) if self.current.batches else []
+        workers = batch[0].workers if batch and isinstance(batch[0], GroupStarted) else 2
+        return batch, {r: {"pid": 100 + r, "node_id": f"node-{r}"} for r in range(workers)}
+
+    def _stop(self) -> None:
+        self.stops += 1
+
+    def _clear(self) -> None:
+        self.clears += 1
+
+    def _register(self, prepared: Prepared, outcome: FitOutcome, run: Any) -> str:
+        self.registered += 1
+        return "1"
+
+    def _sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def finished_fit(total: int = 10, workers: int = 2) -> FakeFit:
+    return FakeFit([[group(0, workers)], [steps(1, total)], [GroupEnded(step=total, reason="finished")]],
+                   FitOutcome({"step": total}))

@@ -1,0 +1,164 @@
+"""The driver's controller through every transition, with fakes (no Ray, no MLflow): milliseconds
+each. The real-cluster counterparts are test_train_integration.py and test_fault_tolerance.py."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from driver_fakes import FakeFit, FakeIdentity, FakeScaler, World, finished_fit, group, steps
+
+from orchestrator import constants
+from orchestrator.config import validate
+from orchestrator.driver import controller as controller_module
+from orchestrator.driver.controller import FitOutcome, JobController
+from orchestrator.driver.policies import Keep, Resize, State
+from orchestrator.driver.replan import Replan
+from orchestrator.driver.sizing import Sizing
+from orchestrator.errors import UserError
+from trainers.events import GroupEnded, WorkerFailed, WorkerWarning
+
+BASE = {"name": "job", "model": {"name": "mlp"}, "training": {"max_steps": 10, "global_batch_size": 32},
+        "data": {"path": "data", "features": {"column": "x", "dtype": "float32"}}}
+
+
+def job(**resources):
+    return validate({**BASE, "resources": resources})
+
+
+def run(world: World, *, workers: int | None = None, stop: threading.Event | None = None) -> JobController:
+    controller = JobController(world.job, world.ports(), workers=workers, stop=stop)
+    controller.result = controller.run()
+    return controller
+
+
+def test_a_job_goes_from_preparing_to_finished_and_its_run_is_closed_once() -> None:
+    world = World(job(), [finished_fit()])
+    states = []
+    controller = JobController(world.job, world.ports())
+    while not controller.state.terminal:
+        states.append(controller.state)
+        controller.state = controller.step()
+    controller._close()
+    assert states[:3] == [State.PREPARING, State.SIZING, State.RUNNING] and controller.state is State.FINISHED
+    assert world.run.status == "FINISHED" and world.run.closed and world.identity.released
+    assert world.registered == 1 and world.identity.finished == {"step": 10, "run_id": "run-1", "model_version": "1"}
+    assert world.run.steps_of("train/loss") == list(range(1, 11))
+    assert all(per_step for k, _, _, per_step in world.run.metrics if k == "train/loss")
+    assert world.run.tags["worker_group.1"].startswith("2 workers x local batch 16")
+    assert world.ui.progress_calls[-1][:2] == (10, 10)
+
+
+def test_a_finished_job_run_again_touches_nothing() -> None:
+    identity = FakeIdentity(complete=True)
+    identity.state.finished = {"step": 10, "run_id": "run-1", "model_version": "3"}
+    world = World(job(), [], identity=identity)
+    controller = run(world)
+    assert controller.state is State.FINISHED and controller.result.already_complete["model_version"] == "3"
+    assert world.prepared == 0 and world.run.status is None and not world.started and identity.released
+
+
+def test_ctrl_c_asks_the_workers_once_and_the_run_ends_killed() -> None:
+    stop = threading.Event()
+    fit = FakeFit([[group()], [steps(1, 4)], [steps(5, 5)], [GroupEnded(step=5, reason="stopped")]],
+                  FitOutcome({"step": 5}))
+    world = World(job(), [fit], on_poll=lambda w: stop.set() if w.current and len(w.current.batches) == 2 else None)
+    controller = run(world, stop=stop)
+    assert controller.state is State.STOPPED and world.stops == 1
+    assert world.run.status == "KILLED" and world.registered == 0 and world.identity.finished is None
+    assert controller.result.stopped and controller.result.final_step == 5
+
+
+def test_a_failed_fit_fails_the_run_and_raises() -> None:
+    world = World(job(), [FakeFit([[group()], [steps(1, 3)]], FitOutcome({}, error=ValueError("boom")))])
+    controller = JobController(world.job, world.ports())
+    with pytest.raises(ValueError, match="boom"):
+        controller.run()
+    assert controller.state is State.FAILED and world.run.status == "FAILED" and world.identity.released
+
+
+def test_a_group_that_ends_early_without_a_stop_is_a_failure() -> None:
+    world = World(job(), [FakeFit([[group()], [steps(1, 3)]], FitOutcome({"step": 3}))])
+    with pytest.raises(RuntimeError, match="stopped at step 3 of 10 without an error"):
+        JobController(world.job, world.ports()).run()
+    assert world.run.status == "FAILED"
+
+
+def test_a_restart_is_recorded_with_its_cause_at_the_step_resumed_from() -> None:
+    fit = FakeFit([[group()], [steps(1, 7)], [WorkerFailed(step=7, cause="rank 1: KilledError")],
+                   [group(5, resumed=5)], [steps(6, 10)]], FitOutcome({"step": 10}))
+    world = World(job(), [fit])
+    controller = run(world)
+    assert controller.result.restarts == 1 and world.run.status == "FINISHED"
+    assert world.run.tags["restart.1"].startswith("rank 1: KilledError; resumed from step 5 on 2 workers")
+    assert ("restarts", 1, 5, False) in world.run.metrics
+    assert any(s == "worker failure after step 7: rank 1: KilledError" for s in world.ui.statuses)
+
+
+def test_worker_warnings_and_tracking_warnings_reach_the_console() -> None:
+    world = World(job(), [FakeFit([[group(), WorkerWarning(step=0, message="slow disk")], [steps(1, 10)]],
+                                  FitOutcome({"step": 10}))])
+    world.run.warnings = ["MLflow unreachable; 20 points wait"]
+    run(world)
+    assert "rank 0 at step 0: slow disk" in world.ui.statuses
+    assert "MLflow unreachable; 20 points wait" in world.ui.statuses
+
+
+def test_autoscaler_shortfall_resizes_on_what_arrived_and_releases_the_request() -> None:
+    scaler = FakeScaler([1, 2, 3])
+    world = World(job(workers="auto", autoscale_timeout_s=5), [finished_fit(workers=3)], scaler=scaler,
+                  sizing=lambda cap: Sizing(min(cap or 4, 4), 64))
+    controller = run(world)
+    assert scaler.requested == [4] and world.sized_with == [None, 3]  # planned 4, re-sized on the 3 that came
+    assert world.started == [3] and scaler.releases == 1  # released once the group ran, not again at the end
+    assert world.run.tags["autoscale.shortfall"] == 1 and world.run.tags["autoscale.arrived"] == 3
+    assert controller.state is State.FINISHED
+    assert "autoscaler: 1/4 CPU workers available (0 s of 5 s)" in world.ui.statuses
+
+
+def test_autoscaler_gives_up_below_the_minimum_before_any_run_exists() -> None:
+    scaler = FakeScaler([0])
+    world = World(job(workers={"min": 2, "max": 4}, autoscale_timeout_s=3), [], scaler=scaler)
+    controller = JobController(world.job, world.ports())
+    with pytest.raises(UserError, match="0 of the 4 workers wanted arrived within 3 s"):
+        controller.run()
+    assert controller.state is State.FAILED and world.run.status is None and scaler.releases == 1
+
+
+def test_a_stop_while_waiting_for_workers_stops_without_a_run() -> None:
+    stop = threading.Event()
+    stop.set()
+    world = World(job(workers=3), [], scaler=FakeScaler([0]))
+    controller = run(world, stop=stop)
+    assert controller.state is State.STOPPED and world.run.status is None and not world.started
+
+
+def test_a_resize_stops_at_a_checkpoint_and_goes_on_with_the_new_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(constants, "REPLAN_MIN_STEPS", 4)
+    decisions = iter([Resize(1, "resize 2 -> 1 worker: faster"), Keep("keep 1 worker: same count")])
+
+    def fake_replan(sizing, group, **kwargs):
+        return Replan(next(decisions), None, {"refit": {"scale": 2.0}}, "text")
+
+    monkeypatch.setattr(controller_module, "replan", fake_replan)
+    monkeypatch.setattr(controller_module, "predicted_at", lambda *a: None)
+    first = FakeFit([[group()], [steps(1, 5)], [GroupEnded(step=5, reason="stopped")]], FitOutcome({"step": 5}))
+    second = FakeFit([[group(5, 1, resumed=5)], [steps(6, 10)]], FitOutcome({"step": 10}))
+    world = World(job(workers={"min": 1, "max": 2}), [first, second], sizing=lambda cap: Sizing((1, 2), 64))
+    monkeypatch.setattr(controller_module, "predicted_at", lambda *a: object())
+    monkeypatch.setattr(controller_module, "comparison", lambda observed, predicted: {"plan/observed_step_time_s": observed})
+    controller = run(world)
+    assert world.started == [(1, 2), (1, 1)] and world.stops == 1 and world.clears == 1
+    assert controller.result.resizes == 1 and controller.result.restarts == 0
+    assert world.run.tags["resize.1"].startswith("resize 2 -> 1 worker: faster (stopped at step 5); resumed from step 5")
+    assert world.run.status == "FINISHED" and len(controller.replans) == 2
+
+
+def test_a_second_ctrl_c_aborts_and_ends_the_run_killed() -> None:
+    def interrupt(world: World) -> None:
+        raise KeyboardInterrupt
+
+    world = World(job(), [finished_fit()], on_poll=interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        JobController(world.job, world.ports()).run()
+    assert world.run.status == "KILLED" and world.identity.released

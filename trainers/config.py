@@ -1,0 +1,105 @@
+"""The configs a training worker uses: model, data, training and checkpoint sections.
+
+Typed and validated at load (pydantic; unknown keys rejected). The orchestrator's job config
+(`orchestrator.config.JobConfig`) is made of these plus what only the driver reads (resources,
+tracking, Ray); a worker receives a `WorkerConfig`, the four sections it trains from, and nothing
+else.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Section(BaseModel):
+    """A config section: frozen, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(Section):
+    name: str = Field(min_length=1)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class ColumnConfig(Section):
+    column: str = Field(min_length=1)
+    dtype: Literal["float32", "float64", "int32", "int64"]
+    shape: list[int] | None = None
+
+    @field_validator("shape")
+    @classmethod
+    def _positive_shape(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(d <= 0 for d in v)):
+            raise ValueError(f"must be a non-empty list of positive sizes, got {v}")
+        return v
+
+
+class DataConfig(Section):
+    dataset: str | None = None  # built-in data set name, prepared into `path` when missing
+    path: str | list[str]  # Parquet file(s) or folder(s)
+    features: ColumnConfig
+    label: ColumnConfig | None = None  # None: language modelling on shifted feature tokens
+    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    dataset_kwargs: dict[str, Any] = Field(default_factory=dict)
+    # Per-worker memory (MiB) for keeping the training shard after its first pass, so later epochs
+    # index tensors instead of streaming through Ray Data again; 0 streams every epoch.
+    cache_mb: float = Field(default=1024, ge=0)
+
+    @property
+    def paths(self) -> list[str]:
+        return [self.path] if isinstance(self.path, str) else list(self.path)
+
+    @property
+    def columns(self) -> list[str]:
+        """The columns training reads: the features, then the label if any."""
+        return [self.features.column] + ([self.label.column] if self.label else [])
+
+
+class TrainingConfig(Section):
+    epochs: int | None = Field(default=None, gt=0)
+    max_steps: int | None = Field(default=None, gt=0)
+    global_batch_size: int = Field(default=128, gt=0)
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    warmup_steps: int = Field(default=0, ge=0)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    grad_accumulation: Literal["auto"] | int = "auto"
+    max_local_batch: int | None = Field(default=None, gt=0)
+    grad_clip: float | None = Field(default=None, gt=0)
+    seed: int = 0
+    log_every: int = Field(default=1, gt=0)
+    compile: bool = False
+
+    @field_validator("grad_accumulation")
+    @classmethod
+    def _positive_accumulation(cls, v: str | int) -> str | int:
+        if isinstance(v, int) and v <= 0:
+            raise ValueError(f"must be > 0 or 'auto', got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_length(self) -> TrainingConfig:
+        if self.epochs is None and self.max_steps is None:
+            raise ValueError("set epochs or max_steps")
+        return self
+
+
+class CheckpointConfig(Section):
+    every_steps: int = Field(default=100, gt=0)
+    keep_last: int = Field(default=3, gt=0)
+    storage_path: str = "runs"
+
+
+class WorkerConfig(Section):
+    """What every training worker receives: the sections it trains from, nothing else."""
+
+    model: ModelConfig
+    data: DataConfig
+    training: TrainingConfig
+    checkpoint: CheckpointConfig = CheckpointConfig()
