@@ -65,24 +65,33 @@ def multinode_cluster() -> Iterator[Any]:
 
 
 class Killer:
-    """The driver's progress callback: kills a worker when the job is warm, records when."""
+    """The driver's progress hook: kills a worker when the job is warm, records when."""
 
-    def __init__(self, run_id: str, kills: int) -> None:
-        self.run_id, self.left = run_id, kills
+    def __init__(self, job: Any, kills: int) -> None:
+        self.job, self.left = job, kills
         self.kills: list[dict[str, Any]] = []
         self._next_at = WARM_STEPS
+        self.groups_seen = 1
 
-    def __call__(self, step: int, total: int, info: dict[str, Any]) -> None:
+    def status(self, message: str) -> None:
+        if message.startswith("restart "):
+            self.groups_seen += 1
+
+    def sized(self, prepared: Any, sizing: Any, resumed: Any) -> None:
+        pass
+
+    def progress(self, step: int, total: int, info: dict[str, Any]) -> None:
         import ray
 
-        from orchestrator import launcher
+        from orchestrator.driver import find_actor
+        from orchestrator.driver.identity import job_key
 
-        if not self.left or step < self._next_at:
-            return
-        step, _, events, workers = ray.get(launcher.progress_actor(self.run_id).snapshot.remote())
-        groups = [e for _, e in events if "workers" in e]
-        if len(groups) != len(self.kills) + 1 or len(workers) < WORKERS:
+        if not self.left or step < self._next_at or self.groups_seen != len(self.kills) + 1:
             return  # the previous kill's restart is not running yet
+        local = self.job.localized()
+        workers = ray.get(find_actor(job_key(local.checkpoint.storage_path, local.name)).workers.remote())
+        if len(workers) < WORKERS:
+            return
         rank = 1 if len(self.kills) % 2 == 0 else 0
         at = time.time()
         os.kill(workers[rank]["pid"], signal.SIGKILL)
@@ -92,23 +101,23 @@ class Killer:
         self._next_at = after - after % CHECKPOINT_EVERY + CHECKPOINT_EVERY // 2 + CHECKPOINT_EVERY
 
 
-def failures(kills: list[dict[str, Any]], events: list) -> list[dict[str, Any]]:
+def failures(kills: list[dict[str, Any]], result: Any) -> list[dict[str, Any]]:
     """Join each kill with the failure the controller reported and the group that followed."""
-    starts = [(s, e) for s, e in events if "workers" in e][1:]
-    reported = [(s, e) for s, e in events if e.get("event") == "failure"]
+    restarts = result.groups[1:]
     rows = []
-    for kill, (resumed, start) in zip(kills, starts):
-        failure = next(((s, e) for s, e in reported if e["at"] >= kill["at"]), None)
-        last_step = failure[0] if failure else kill["step_seen"]
+    for kill, group in zip(kills, restarts):
+        failure = next((f for f in result.failures if f.at_ms / 1000 >= kill["at"]), None)
+        last_step = failure.step if failure else kill["step_seen"]
+        first = group.first_step_ms / 1000 if group.first_step_ms else float("nan")
         rows.append({
             "rank_killed": kill["rank"],
             "step_at_kill": kill["step_seen"],
-            "recovery_s": round(start["first_step_at"] - kill["at"], 2),
-            "detection_s": round(failure[1]["at"] - kill["at"], 2) if failure else None,
-            "restart_s": round(start["first_step_at"] - failure[1]["at"], 2) if failure else None,
+            "recovery_s": round(first - kill["at"], 2),
+            "detection_s": round(failure.at_ms / 1000 - kill["at"], 2) if failure else None,
+            "restart_s": round(first - failure.at_ms / 1000, 2) if failure else None,
             "last_step_before": last_step,
-            "resumed_from": resumed,
-            "steps_redone": last_step - resumed,
+            "resumed_from": group.resumed_from,
+            "steps_redone": last_step - (group.resumed_from or 0),
         })
     return rows
 
@@ -116,8 +125,8 @@ def failures(kills: list[dict[str, Any]], events: list) -> list[dict[str, Any]]:
 def run(kills: int = KILLS) -> dict[str, Any]:
     setup_environment()
     os.environ.setdefault("ORCH_PROGRESS_POLL_S", POLL_S)  # read when orchestrator.constants is imported
-    from orchestrator import launcher
     from orchestrator.config import load_config
+    from orchestrator.driver import run_job
     from trainers.data import prepare_dataset
 
     steps = WARM_STEPS + kills * (SETTLE_STEPS + 2 * CHECKPOINT_EVERY) + 20
@@ -129,12 +138,11 @@ def run(kills: int = KILLS) -> dict[str, Any]:
             f"training.max_steps={steps}", f"checkpoint.every_steps={CHECKPOINT_EVERY}", "training.log_every=1",
             "data.val_fraction=0", "resources.profile=false", "resources.use_gpu=true",
         ])
-        launch = launcher.prepare_launch(job, workers=WORKERS, config_path=None)
-        killer = Killer(launch.run.run_id, kills)
+        killer = Killer(job, kills)
         start = time.time()
-        result = launcher.run_job(launch, on_progress=killer)
+        result = run_job(job, workers=WORKERS, ui=killer)
         wall = time.time() - start
-    rows = failures(killer.kills, result.events)
+    rows = failures(killer.kills, result)
     if len(rows) != kills or result.final_step != steps:
         raise RuntimeError(f"expected {kills} recoveries and {steps} steps, got {rows} and {result.final_step}")
     recovery = [r["recovery_s"] for r in rows]

@@ -41,8 +41,9 @@ SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # Logical CPUs an embedded Ray declares beyond the machine's cores, so Ray Data's read tasks still
 # run when every core hosts a training worker.
 EMBEDDED_EXTRA_CPUS = 2
-# Every worker process runs Ray Train V2.
-WORKER_ENV = {"RAY_TRAIN_V2_ENABLED": "1"}
+# Every worker process runs Ray Train V2; Ray Data's own progress bars stay off (the driver shows
+# one bar for the job; without tqdm each worker would also warn that it is missing).
+WORKER_ENV = {"RAY_TRAIN_V2_ENABLED": "1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
 
 _embedded = False
 
@@ -52,6 +53,7 @@ def connect_ray(address: str | None) -> None:
     global _embedded
     if ray.is_initialized():
         return
+    _quiet_ray_data()
     # ray.init() installs its own SIGTERM handler; the caller's (a graceful stop) stays in charge.
     sigterm = signal.getsignal(signal.SIGTERM)
     try:
@@ -67,6 +69,13 @@ def connect_ray(address: str | None) -> None:
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, sigterm)
+
+
+def _quiet_ray_data() -> None:
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] != "1"
 
 
 def embedded() -> bool:

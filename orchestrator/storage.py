@@ -17,10 +17,13 @@ from typing import Any
 
 
 class Storage:
-    def __init__(self, location: str) -> None:
+    def __init__(self, location: str, *, filesystem: Any = None) -> None:
+        """`filesystem`: a pyarrow filesystem to use as object storage for `location` (tests)."""
         self.uri = location
-        self.remote = "://" in location and not location.startswith("file://")
-        if self.remote:
+        self.remote = filesystem is not None or ("://" in location and not location.startswith("file://"))
+        if filesystem is not None:
+            self._fs, self._root = filesystem, location.split("://", 1)[-1]
+        elif self.remote:
             from pyarrow import fs
 
             self._fs, self._root = fs.FileSystem.from_uri(location)

@@ -168,3 +168,36 @@ class AutoscalingHead:
         if self._proc is not None:
             self._proc.wait(10)
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class RecordingUI:
+    """The driver's UI for tests: keeps every status line; optional hooks run when the job is
+    sized (before its workers start) and at every progress poll (to inject a fault)."""
+
+    def __init__(self, *, on_sized: Any = None, on_progress: Any = None) -> None:
+        self.statuses: list[str] = []
+        self.sizing: Any = None
+        self._on_sized, self._on_progress = on_sized, on_progress
+
+    def status(self, message: str) -> None:
+        self.statuses.append(message)
+
+    def sized(self, prepared: Any, sizing: Any, resumed: bool | None) -> None:
+        self.sizing = sizing
+        if self._on_sized is not None:
+            self._on_sized(prepared, sizing, resumed)
+
+    def progress(self, step: int, total: int, info: dict[str, float]) -> None:
+        if self._on_progress is not None:
+            self._on_progress(step, total, info)
+
+
+def workers_of(job: Any) -> dict[int, dict[str, Any]]:
+    """Rank -> {pid, node_id} of the running job's current worker group (from its progress actor)."""
+    import ray
+
+    from orchestrator.driver import find_actor
+    from orchestrator.driver.identity import job_key
+
+    local = job.localized()
+    return ray.get(find_actor(job_key(local.checkpoint.storage_path, local.name)).workers.remote())

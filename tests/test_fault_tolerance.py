@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 import ray
 from mlflow.tracking import MlflowClient
-from ray_util import assert_unique_monotone, metric_steps, wait_for
+from ray_util import RecordingUI, assert_unique_monotone, metric_steps, wait_for, workers_of
 
-from orchestrator import autoscale, constants, launcher
+from orchestrator import autoscale, constants
 from orchestrator.config import load_config
+from orchestrator.driver import run_job
 from orchestrator.profiler import cache_path
 from trainers import checkpoint as ckpt
 
@@ -33,8 +34,8 @@ DIGITS = ROOT / "configs" / "digits.yaml"
 SHORT = ["checkpoint.every_steps=10", "data.val_fraction=0", "resources.profile=false"]
 
 
-def group_sizes(events: list) -> list[int]:
-    return [e["workers"] for _, e in events if "workers" in e]
+def group_sizes(result) -> list[int]:
+    return [g.workers for g in result.groups]
 
 
 def test_elastic_job_sized_on_arrived_workers_survives_node_loss(ray_cluster, job_overrides) -> None:
@@ -44,35 +45,36 @@ def test_elastic_job_sized_on_arrived_workers_survives_node_loss(ray_cluster, jo
         "training.max_steps=50", "training.global_batch_size=48", "resources.use_gpu=true",
         "resources.workers={min: 1, max: 4}", "resources.autoscale=true", "resources.autoscale_timeout_s=1",
     ])
-    statuses: list[str] = []
+    removed: dict[str, int] = {}
+    sized: dict[str, object] = {}
+
+    def check_sizing(prepared, sizing, resumed) -> None:
+        # Static cluster: 4 asked, 3 GPU slots exist; sized on those, the request still standing.
+        sized.update(workers=sizing.workers, pending=autoscale.pending_request().count({"CPU": 1, "GPU": 1}))
+
+    def remove_a_node_after_checkpoint(step: int, total: int, info: dict) -> None:
+        if removed or step < 14:
+            return
+        workers = workers_of(job)
+        ranks = [r for r, w in workers.items() if w["node_id"] == extra.node_id]
+        assert len(workers) == 3 and ranks, workers
+        ray_cluster.remove_node(extra)
+        removed.update(step=step, rank=ranks[0])
+
+    ui = RecordingUI(on_sized=check_sizing, on_progress=remove_a_node_after_checkpoint)
     try:
-        launch = launcher.prepare_launch(job, workers=None, config_path=None, on_status=statuses.append)
-        # Static cluster: 4 asked, 3 GPU slots exist; sized on those, the shortfall recorded.
-        assert launch.workers == (1, 3)
-        assert autoscale.pending_request().count({"CPU": 1, "GPU": 1}) >= 4
-        removed: dict[str, int] = {}
-
-        def remove_a_node_after_checkpoint(step: int, total: int, info: dict) -> None:
-            if removed or step < 14:
-                return
-            workers = ray.get(launcher.progress_actor(launch.run.run_id).snapshot.remote())[3]
-            ranks = [r for r, w in workers.items() if w["node_id"] == extra.node_id]
-            assert len(workers) == 3 and ranks, workers
-            ray_cluster.remove_node(extra)
-            removed.update(step=step, rank=ranks[0])
-
-        result = launcher.run_job(launch, on_progress=remove_a_node_after_checkpoint, on_status=statuses.append)
+        result = run_job(job, ui=ui)
     finally:
         if extra in ray_cluster.worker_nodes:
             ray_cluster.remove_node(extra)
 
+    assert sized["workers"] == (1, 3) and sized["pending"] >= 4
     assert removed and result.final_step == 50 and not result.stopped
-    sizes = group_sizes(result.events)
+    sizes = group_sizes(result)
     assert sizes[0] == 3 and sizes[-1] == 2, sizes  # elastic: continued on the remaining nodes
-    starts = [e for _, e in result.events if "workers" in e]
-    assert [(e["local_batch"], e["accumulation"]) for e in starts][::len(starts) - 1] == [(16, 1), (24, 1)]
+    assert [(g.local_batch, g.accumulation) for g in result.groups][::len(sizes) - 1] == [(16, 1), (24, 1)]
     assert not [b for b in autoscale.pending_request() if "GPU" in b]  # released; Ray Train's own too
-    client = MlflowClient(result.tracking_uri)
+    client = MlflowClient(job.localized().tracking.tracking_uri)
     run = client.get_run(result.run_id)
     assert run.data.tags["autoscale.wanted"] == "4" and run.data.tags["autoscale.shortfall"] == "1"
     assert "3 of 4 workers arrived" in run.data.tags["autoscale.replan"]
@@ -80,7 +82,9 @@ def test_elastic_job_sized_on_arrived_workers_survives_node_loss(ray_cluster, jo
     assert [m.value for m in client.get_metric_history(result.run_id, "elastic/workers")][::len(sizes) - 1] == [3, 2]
     assert_unique_monotone(metric_steps(client, result.run_id))
     assert metric_steps(client, result.run_id)[-1] == 50
-    assert any(s.startswith("restart 1:") for s in statuses), statuses
+    assert any(s.startswith("restart 1:") for s in ui.statuses), ui.statuses
+    # The failure is reported at the last step trained before it, not an earlier one.
+    assert result.failures and result.failures[0].step >= removed["step"] - 5, (result.failures, removed)
 
 
 def test_killed_worker_sigterm_and_truncated_checkpoint_keep_one_truthful_run(
@@ -106,7 +110,7 @@ def test_killed_worker_sigterm_and_truncated_checkpoint_keep_one_truthful_run(
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
         wait_for(lambda: first.poll() is not None or logged(14), timeout_s=240, what="step 14 in MLflow")
-        rank0 = ray.get(launcher.progress_actor(run_id()).snapshot.remote())[3][0]
+        rank0 = workers_of(load_config(DIGITS, overrides))[0]
         os.kill(rank0["pid"], signal.SIGKILL)  # it also holds the metric points not yet sent
         wait_for(lambda: first.poll() is not None or ("restart.1" in client.get_run(run_id()).data.tags
                                                         and logged(36)), timeout_s=240, what="restart, step 36")
@@ -134,11 +138,10 @@ def test_killed_worker_sigterm_and_truncated_checkpoint_keep_one_truthful_run(
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     previous = ckpt.read(folders[1])["step"]
 
-    statuses: list[str] = []
-    job = load_config(DIGITS, overrides)
-    second = launcher.run_job(launcher.prepare_launch(job, workers=2, config_path=None), on_status=statuses.append)
+    ui = RecordingUI()
+    second = run_job(load_config(DIGITS, overrides), workers=2, ui=ui)
     assert second.final_step == 150 and second.run_id == run.info.run_id and second.restarts == 1
-    message = next(line for line in statuses if "failed verification" in line)
+    message = next(line for line in ui.statuses if "failed verification" in line)
     assert folders[0].name in message and "checksum mismatch" in message
     assert f"resumed from step {previous}" in message, message
     run = client.get_run(run.info.run_id)
@@ -170,17 +173,17 @@ def test_online_replan_resizes_an_elastic_job_at_a_checkpoint(
     monkeypatch.setattr(constants, "REPLAN_MIN_STEPS", 10)
     monkeypatch.setattr(constants, "RESIZE_COST_S", 0.0)
 
-    launch = launcher.prepare_launch(job, workers=None, config_path=None)
-    assert launch.sizing.profile_cached and launch.workers == (1, 2)
-    result = launcher.run_job(launch)
+    ui = RecordingUI()
+    result = run_job(job, ui=ui)
+    assert ui.sizing.profile_cached and ui.sizing.workers == (1, 2)
 
     assert result.final_step == 70 and result.resizes == 1 and result.restarts == 0
-    assert group_sizes(result.events) == [2, 1] and result.workers == 1
-    first = result.replan[0]
+    assert group_sizes(result) == [2, 1] and result.workers == 1
+    first = result.replans[0]
     assert first["workers"] == 2 and first["observed_step_s"] > first["predicted_step_s"]
     assert first["decision"]["resize"] and first["decision"]["workers"] == 1
     assert first["refit"]["scale"] > 1
-    client = MlflowClient(result.tracking_uri)
+    client = MlflowClient(job.localized().tracking.tracking_uri)
     tags = client.get_run(result.run_id).data.tags
     assert tags["replan.1"].startswith("step ") and "resize 2 -> 1 worker: " in tags["replan.1"]
     assert "resize 2 -> 1 worker: " in tags["resize.1"] and "on 1 worker x local batch 64 x accumulation 1" in tags["resize.1"]

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator import launcher
+from ray_util import RecordingUI
+
 from orchestrator.config import load_config
+from orchestrator.driver import run_job
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,24 +77,23 @@ def test_interrupted_job_resumes_same_run_without_duplicate_steps(ray_cluster, j
         if step >= 25:
             stop.set()
 
-    first = launcher.run_job(launcher.prepare_launch(job, workers=2, config_path=None),
-                             on_progress=stop_after_step_25, stop_event=stop)
+    first = run_job(job, workers=2, ui=RecordingUI(on_progress=stop_after_step_25), stop=stop)
     assert first.stopped
     assert 25 <= first.final_step < 66
-    client = MlflowClient(first.tracking_uri)
+    client = MlflowClient(job.localized().tracking.tracking_uri)
     assert client.get_run(first.run_id).info.status == "KILLED"
 
-    second_launch = launcher.prepare_launch(job, workers=2, config_path=None)
-    assert second_launch.run.resumed and second_launch.run.run_id == first.run_id
-    second = launcher.run_job(second_launch)
-    assert not second.stopped
+    second = run_job(job, workers=2)
+    assert not second.stopped and second.run_id == first.run_id
     assert second.final_step == 66  # 3 epochs x 22 steps: the count continued, not restarted
-    resumed = [e for _, e in second.events if str(e.get("event", "")).startswith("resumed from step")]
-    assert resumed and f"resumed from step {first.final_step}" in resumed[0]["event"]
+    assert second.groups[0].resumed_from == first.final_step
     logged = steps(client, first.run_id)
     assert_unique_monotone(logged)
     assert logged[-1] == 66
     assert client.get_run(first.run_id).info.status == "FINISHED"
+
+    again = run_job(job, workers=2)  # finished: said so, nothing run
+    assert again.already_complete is not None and again.already_complete["step"] == 66 and again.run_id == first.run_id
 
 
 def test_missing_column_fails_before_any_worker(job_overrides, tmp_path: Path) -> None:

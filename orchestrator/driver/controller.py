@@ -89,6 +89,7 @@ class Identity(Protocol):
     state: Any  # identity.JobState: `finished` holds what a finished job ended with
 
     def mark_finished(self, *, step: int, run_id: str | None, model_version: str | None) -> None: ...
+    def save_counts(self, counts: dict[str, int]) -> None: ...
     def release(self) -> None: ...
 
 
@@ -249,7 +250,8 @@ class JobController:
         assert self.prepared is not None and self.identity is not None
         self.sizing, self.workers, self.cluster = sizing, sizing.workers, sizing.cluster
         self.run_log = self.ports.open_run(self.prepared, sizing, self.identity)
-        self.recorder = Recorder(self.run_log, status=self._status, global_batch=self.job.training.global_batch_size)
+        self.recorder = Recorder(self.run_log, status=self._status, global_batch=self.job.training.global_batch_size,
+                                 counts=self.identity.state.counts, save_counts=self.identity.save_counts)
         if self._autoscale_record is not None:
             self._log_autoscale()
         self.ports.ui.sized(self.prepared, sizing, self.run_log.resumed)
@@ -348,8 +350,7 @@ class JobController:
                         min_efficiency=r.min_efficiency, bounds=self._bounds(), replan_enabled=r.replan,
                         resizes=rec.resizes, slots=self.ports.slots())
         self.cluster = result.cluster
-        rec.counts["replan"] += 1
-        self.run_log.set_tags({f"replan.{rec.counts['replan']}": result.text[:5000]})
+        self.run_log.set_tags({f"replan.{rec.count('replan')}": result.text[:5000]})
         rec.log_metrics({"plan/refit_network_scale": result.record["refit"]["scale"]}, step=rec.last_step)
         self.replans.append(result.record)
         self.run_log.log_dict(self.replans, "replan/decisions.json")

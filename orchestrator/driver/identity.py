@@ -62,15 +62,16 @@ class JobState:
     trained: dict[str, Any] = field(default_factory=dict)  # the fields in the digest (secrets masked)
     length: dict[str, Any] = field(default_factory=dict)  # training.max_steps / epochs when it finished
     finished: dict[str, Any] | None = None  # {step, at, run_id, model_version}
+    counts: dict[str, int] = field(default_factory=dict)  # worker groups, restarts, resizes, re-plans so far
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> JobState:
-        known = {k: raw[k] for k in ("name", "generation", "config_digest", "trained", "length", "finished") if k in raw}
-        return cls(**known)
+        names = ("name", "generation", "config_digest", "trained", "length", "finished", "counts")
+        return cls(**{k: raw[k] for k in names if k in raw})
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "generation": self.generation, "config_digest": self.config_digest,
-                "trained": self.trained, "length": self.length, "finished": self.finished}
+                "trained": self.trained, "length": self.length, "finished": self.finished, "counts": self.counts}
 
 
 def _length(job: JobConfig) -> dict[str, Any]:
@@ -112,6 +113,11 @@ class JobIdentity:
         self.state.finished = {"step": step, "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                "run_id": run_id, "model_version": model_version}
         self.state.length = _length(self.job)
+        self.save()
+
+    def save_counts(self, counts: dict[str, int]) -> None:
+        """The run's numbered records (restart.N, resize.N, ...) continue from here on a rerun."""
+        self.state.counts = dict(counts)
         self.save()
 
     def release(self) -> None:

@@ -72,9 +72,13 @@ class Group:
 
 class Recorder:
     def __init__(self, run: RunLog, *, status: Callable[[str], None], global_batch: int,
-                 counts: Mapping[str, int] | None = None) -> None:
+                 counts: Mapping[str, int] | None = None,
+                 save_counts: Callable[[dict[str, int]], None] | None = None) -> None:
         self.run, self._status, self.global_batch = run, status, global_batch
+        # Numbered over the whole run (a rerun continues them): restart.N, resize.N, worker_group.N.
         self.counts: Counter[str] = Counter(counts or {})
+        self._save_counts = save_counts or (lambda counts: None)
+        self.session: Counter[str] = Counter()  # the same, this driver's share
         self.group: Group | None = None
         self.groups: list[Group] = []
         self.failures: list[WorkerFailed] = []
@@ -96,6 +100,12 @@ class Recorder:
     @property
     def resizes(self) -> int:
         return self.counts["resize"]
+
+    def count(self, kind: str) -> int:
+        self.counts[kind] += 1
+        self.session[kind] += 1
+        self._save_counts(dict(self.counts))
+        return self.counts[kind]
 
     def status(self, message: str, *, warning: bool = False) -> None:
         (log.warning if warning else log.info)("%s", message)
@@ -153,8 +163,7 @@ class Recorder:
             self._record("restart", event.step, f"{cause}; {where} on {group.shape}")
             self._recovering_since_ms = self._failed_at_ms
         self._cause = self._failed_at_ms = None
-        self.counts["worker_group"] += 1
-        self.run.set_tags({f"worker_group.{self.counts['worker_group']}": f"{group.shape}, {where}"})
+        self.run.set_tags({f"worker_group.{self.count('worker_group')}": f"{group.shape}, {where}"})
         self.log_metrics({"elastic/workers": group.workers, "elastic/local_batch": group.local_batch,
                           "elastic/accumulation": group.accumulation}, step=event.step)
         effective = group.workers * group.local_batch * group.accumulation
@@ -168,8 +177,7 @@ class Recorder:
         return group
 
     def _record(self, kind: str, step: int, text: str) -> None:
-        self.counts[kind] += 1
-        n = self.counts[kind]
+        n = self.count(kind)
         self.run.set_tags({f"{kind}.{n}": text})
         # A counter, at the step resumed from: two restarts from one checkpoint share that step.
         self.run.log_metrics({f"{kind}s": n}, step=step)

@@ -1,0 +1,94 @@
+"""One job, one identity (no Ray): the lock on a job's storage prefix, the config digest a rerun
+is checked against, `--new-run`, a finished job, and storage URIs that are never made absolute."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pyarrow import fs
+
+from orchestrator import constants
+from orchestrator.config import validate
+from orchestrator.driver.identity import claim, job_key
+from orchestrator.driver.lock import JobLock
+from orchestrator.errors import UserError
+from orchestrator.storage import Storage
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def job(storage: str, **training):
+    return validate({"name": "digits", "model": {"name": "mlp", "kwargs": {"hidden": 8}},
+                     "data": {"path": "data", "features": {"column": "x", "dtype": "float32"}},
+                     "training": {"max_steps": 10, "lr": 0.01, **training},
+                     "checkpoint": {"storage_path": storage}})
+
+
+def test_a_second_driver_of_the_same_job_is_refused_naming_the_holder(tmp_path: Path) -> None:
+    """The second driver is a real process: the lock holds across processes, and dies with its holder."""
+    first = claim(job(str(tmp_path)))
+    code = ("from orchestrator.driver.identity import claim; from orchestrator.config import validate; import json,sys; "
+            f"claim(validate(json.loads(sys.argv[1])))")
+    args = [sys.executable, "-c", code, json.dumps(job(str(tmp_path)).to_dict())]
+    refused = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
+    assert refused.returncode != 0 and "digits: this job is already running (pid " in refused.stderr
+    assert f"pid {os.getpid()} on " in refused.stderr and str(tmp_path / "digits" / ".lock") in refused.stderr
+    first.release()
+    assert subprocess.run(args, capture_output=True, text=True, cwd=ROOT).returncode == 0  # free again
+
+
+def test_a_changed_config_is_refused_naming_the_fields_unless_new_run(tmp_path: Path) -> None:
+    claim(job(str(tmp_path))).release()
+    with pytest.raises(UserError, match=r"config changed since this job ran \(model.kwargs.hidden, training.lr\)"):
+        claim(job(str(tmp_path), lr=0.1).model_copy(update={"model": job(str(tmp_path)).model.model_copy(
+            update={"kwargs": {"hidden": 16}})}))
+    longer = claim(job(str(tmp_path), max_steps=50))  # the length is safe to change
+    assert longer.state.generation == 1
+    longer.release()
+    fresh = claim(job(str(tmp_path), lr=0.1), new_run=True)
+    assert fresh.state.generation == 2 and fresh.run_dir == str(tmp_path / "digits" / "run-2")
+    assert fresh.key != job_key(str(tmp_path), "digits") and fresh.key == job_key(str(tmp_path), "digits", 2)
+    fresh.release()
+    claim(job(str(tmp_path), lr=0.1)).release()  # the new generation is now what is checked
+
+
+def test_a_finished_job_is_complete_until_its_length_changes(tmp_path: Path) -> None:
+    identity = claim(job(str(tmp_path)))
+    assert not identity.complete
+    identity.mark_finished(step=10, run_id="r", model_version="2")
+    identity.release()
+    again = claim(job(str(tmp_path)))
+    assert again.complete and again.state.finished["model_version"] == "2"
+    again.release()
+    assert not claim(job(str(tmp_path), max_steps=20)).complete
+
+
+def test_object_storage_is_never_made_absolute_and_takes_a_lease(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(constants, "LOCK_HEARTBEAT_S", 0.2)
+    monkeypatch.setattr(constants, "LOCK_SETTLE_S", 0.05)
+    bucket = fs.SubTreeFileSystem(str(tmp_path), fs.LocalFileSystem())
+    uri = "s3://bucket/runs"
+    assert job(uri).localized().checkpoint.storage_path == uri
+    storage = Storage(uri, filesystem=bucket)
+    first = JobLock(storage, "digits")
+    first.acquire()
+    lease = json.loads((tmp_path / "bucket" / "runs" / "digits" / ".lock.json").read_text())
+    assert lease["pid"] == os.getpid()
+    with pytest.raises(UserError, match="already running .* lock s3://bucket/runs/digits/.lock.json"):
+        JobLock(storage, "digits").acquire()
+    first.release()
+    assert not (tmp_path / "bucket" / "runs" / "digits" / ".lock.json").exists()
+    second = JobLock(storage, "digits")
+    second.acquire()
+    second._stop.set()  # its driver "dies": the lease is no longer renewed
+    second._beat.join()
+    time.sleep(constants.LOCK_HEARTBEAT_S * 3.5)
+    third = JobLock(storage, "digits")
+    third.acquire()  # a stale lease is taken over
+    third.release()
