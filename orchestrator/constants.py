@@ -68,3 +68,14 @@ AUTOSCALE_REQUEST_TTL_S = _env_float("ORCH_AUTOSCALE_REQUEST_TTL_S", 600.0)
 AUTOSCALE_DETECT_S = _env_float("ORCH_AUTOSCALE_DETECT_S", 15.0)
 # How long the driver waits, after killing its progress actor, for Ray to free the actor's name (seconds).
 ACTOR_RELEASE_S = _env_float("ORCH_ACTOR_RELEASE_S", 10.0)
+# Tracking (orchestrator.tracking): the driver's sender thread sends what waits at least this often
+# (seconds); a full batch (1,000 points) goes at once.
+TRACKING_FLUSH_S = _env_float("ORCH_TRACKING_FLUSH_S", 1.0)
+# Tracking: operations and metric points held in memory while MLflow is down or slow; beyond this
+# the oldest go to the job's spill file (a metric point counts one, any other operation one).
+TRACKING_MAX_QUEUED = int(_env_float("ORCH_TRACKING_MAX_QUEUED", 100_000))
+# Tracking: how long closing the tracker waits for a down server before spilling the rest (seconds).
+TRACKING_CLOSE_TIMEOUT_S = _env_float("ORCH_TRACKING_CLOSE_TIMEOUT_S", 30.0)
+# Tracking: `tracking replay` waits this long for a running job (or another replay) to finish its
+# turn on a spill file before giving up (seconds).
+TRACKING_REPLAY_LOCK_WAIT_S = _env_float("ORCH_TRACKING_REPLAY_LOCK_WAIT_S", 30.0)
