@@ -152,20 +152,20 @@ def weight(op: Op) -> int:
     return len(op["points"]) if op["op"] == "metrics" else 1
 
 
-def joins(batch: list[Op], op: Op) -> bool:
-    """Whether `op` can go in the same request as `batch`: metric points of one handle and kind,
-    up to MLflow's batch limit; any other operation goes alone."""
-    first = batch[0]
+def joins(first: Op, batch_weight: int, op: Op) -> bool:
+    """Whether `op` can go in the request that starts with `first` and holds `batch_weight`:
+    metric points of one handle and kind, up to MLflow's batch limit; any other operation goes alone."""
     return (op["op"] == first["op"] == "metrics" and op["handle"] == first["handle"]
-            and op["per_step"] == first["per_step"]
-            and sum(map(weight, batch)) + weight(op) <= BATCH_LIMIT)
+            and op["per_step"] == first["per_step"] and batch_weight + weight(op) <= BATCH_LIMIT)
 
 
 def leading_batch(ops: Iterable[Op]) -> list[Op]:
     """The first request's worth of `ops` (empty when there are none)."""
     batch: list[Op] = []
+    total = 0
     for op in ops:
-        if batch and not joins(batch, op):
+        if batch and not joins(batch[0], total, op):
             break
         batch.append(op)
+        total += weight(op)
     return batch

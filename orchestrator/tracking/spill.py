@@ -182,15 +182,16 @@ def _ops(path: Path, offset: int) -> Iterator[tuple[int, Op | None]]:
 def _batches(path: Path, offset: int) -> Iterator[tuple[list[Op], int]]:
     """Requests' worth of operations, each with the offset just past it; [] for an unreadable line."""
     batch: list[Op] = []
-    end = offset
+    end, total = offset, 0
     for line_end, op in _ops(path, offset):
-        if batch and (op is None or not joins(batch, op)):
+        if batch and (op is None or not joins(batch[0], total, op)):
             yield batch, end
-            batch = []
+            batch, total = [], 0
         if op is None:
             yield [], line_end
         else:
             batch.append(op)
+            total += weight(op)
         end = line_end
     if batch:
         yield batch, end
@@ -262,9 +263,15 @@ def waiting(path: Path) -> Waiting:
 
 def pending_files(spill_dir: Path, tracking_uri: str) -> list[Path]:
     """Spill files for this tracking server with lines not yet sent, oldest first."""
-    found = Path(spill_dir).glob(f"{_digest(server_name(tracking_uri))}-*{SUFFIX}")
-    unsent = [p for p in found if p.stat().st_size > Progress.load(p).offset]
-    return sorted(unsent, key=lambda p: p.stat().st_mtime)
+    unsent: list[tuple[float, Path]] = []
+    for path in Path(spill_dir).glob(f"{_digest(server_name(tracking_uri))}-*{SUFFIX}"):
+        try:
+            stat = path.stat()
+            if stat.st_size > Progress.load(path).offset:
+                unsent.append((stat.st_mtime, path))
+        except (OSError, UserError) as exc:  # removed meanwhile, or a broken progress record
+            log.warning("%s: not sent (%s)", path, exc)
+    return [path for _, path in sorted(unsent)]
 
 
 def remove_if_sent(path: Path) -> bool:

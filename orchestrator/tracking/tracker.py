@@ -62,6 +62,7 @@ class Tracker:
         self._writer: Writer | None = None
         self._leftovers: list[Path] | None = None
         self._failures = self._warned_at = self._sent_mark = self._spill_warned_at = 0
+        self._spill_failed = False
         self._thread = threading.Thread(target=self._send_loop, name="mlflow-tracker", daemon=True)
         self._thread.start()
 
@@ -90,6 +91,12 @@ class Tracker:
         return self._spill.path if self._spill else None
 
     @property
+    def queued_in_memory(self) -> int:
+        """Operations and points in memory: at most `max_queued`."""
+        with self._lock:
+            return self._queued
+
+    @property
     def waiting(self) -> int:
         """Operations and points queued in memory, plus those spilled and not sent since."""
         with self._lock:
@@ -109,7 +116,7 @@ class Tracker:
     def _put(self, op: Op) -> None:
         with self._lock:
             if self._stopped:  # after close: straight to the file, never lost
-                self._write_spill([op])
+                self._spill_at_close([op])
                 log.warning("MLflow: a %s operation after the tracker closed went to %s", op["op"], self.spill_file)
                 return
             self._queue.append(op)
@@ -128,7 +135,16 @@ class Tracker:
             op = self._queue.popleft()
             self._queued -= weight(op)
             spilled.append(op)
-        self._write_spill(spilled)
+        try:
+            self._write_spill(spilled)
+        except OSError as exc:  # a full or broken disk: keep them in memory rather than lose them
+            self._queue.extendleft(reversed(spilled))
+            self._queued += sum(map(weight, spilled))
+            if not self._spill_failed:
+                self._warn(f"MLflow: cannot write {self.spill_file} ({exc.strerror}); {self._queued} operations "
+                           "and metric points stay in memory")
+            self._spill_failed = True
+            return
         if self._unsent_spilled >= 2 * self._spill_warned_at:
             self._spill_warned_at = self._unsent_spilled
             self._warn(f"MLflow has not taken {self._unsent_spilled + self._queued} operations and metric points; "
@@ -146,15 +162,18 @@ class Tracker:
 
     def _stage(self, source: Path) -> str | None:
         """Copy an artifact file now, into the spill file's artifacts folder; its name there."""
-        if self._spill is None:
-            raise RuntimeError("open_run first")
+        assert self._spill is not None
         if not source.is_file():
             self._warn(f"MLflow: artifact {source} is not a file; not logged")
             return None
         name = f"{uuid.uuid4().hex}/{source.name}"
         target = artifacts_dir(self._spill.path) / name
-        target.parent.mkdir(parents=True)
-        shutil.copyfile(source, target)
+        try:
+            target.parent.mkdir(parents=True)
+            shutil.copyfile(source, target)
+        except OSError as exc:
+            self._warn(f"MLflow: cannot copy artifact {source} to {target.parent} ({exc.strerror}); not logged")
+            return None
         return name
 
     def close(self, timeout_s: float | None = None) -> CloseReport:
@@ -170,10 +189,17 @@ class Tracker:
             self._queue.clear()
             self._queued = 0
             if rest:
-                self._write_spill(rest)
+                self._spill_at_close(rest)
         if self._spill is not None:
             self._spill.close()
         return self._report()
+
+    def _spill_at_close(self, rest: list[Op]) -> None:
+        try:
+            self._write_spill(rest)
+        except OSError as exc:
+            self._warn(f"MLflow: cannot write {self.spill_file} ({exc.strerror}); {sum(map(weight, rest))} "
+                       "operations and metric points that MLflow did not take are lost")
 
     def _report(self) -> CloseReport:
         path = self.spill_file
@@ -230,6 +256,7 @@ class Tracker:
             return not self._queue and self._spilled_to <= self._sent_to and not self._leftovers
 
     def _send_all(self) -> None:
+        """Everything waiting, in order; raises on the first failure (retried after a back-off)."""
         if self._writer is None:
             from orchestrator.tracking.store import Store
 
@@ -237,7 +264,8 @@ class Tracker:
         if self._leftovers is None:
             self._leftovers = pending_files(self.spill_dir, self.tracking_uri)
         self._send_leftovers(self._writer)
-        self._send_own(self._writer)
+        if self._spill is not None:  # open_run was called
+            self._send_own(self._writer)
 
     def _send_leftovers(self, writer: Writer) -> None:
         """Earlier jobs' spill files for this server, before anything of this run."""
@@ -246,19 +274,23 @@ class Tracker:
             path = self._leftovers[0]
             try:
                 done = send_file(path, writer, stop=self._is_stopped)
-            except RunRefused as exc:
-                self._warn(f"{path} cannot be sent ({exc}); it stays for `{replay_command(path, self.tracking_uri)}`")
+            except (RunRefused, UserError) as exc:  # cannot be sent as it is: left for a replay by hand
+                self._warn(f"MLflow: {path} cannot be sent ({exc}); it stays for "
+                           f"`{replay_command(path, self.tracking_uri)}`")
                 done = None
-            self._publish(writer)
-            if done is None and path == self.spill_file:
-                raise Busy(f"{path} is being sent by another process")
-            if done is not None and path == self.spill_file:
-                with self._lock:
-                    self._sent_to = max(self._sent_to, done.offset)
+            else:
+                if done is None and path == self.spill_file:
+                    raise Busy(f"{path} is being sent by another process")
+                if done is not None and path == self.spill_file:
+                    self._own_sent_to(done.offset)
+            finally:
+                self._publish(writer)
             self._leftovers.pop(0)  # a file another process is sending is left to it
 
     def _send_own(self, writer: Writer) -> None:
         """The own spill file while it has unsent lines (they are older than the queue), then the queue."""
+        assert self._spill is not None
+        files = artifacts_dir(self._spill.path)
         while not self._stopped:
             with self._lock:
                 file_first = self._spilled_to > self._sent_to
@@ -268,7 +300,7 @@ class Tracker:
                 continue
             if not batch:
                 return
-            writer.apply(batch, files=artifacts_dir(self._spill.path) if self._spill else self.spill_dir)
+            writer.apply(batch, files=files)
             self._publish(writer)
             with self._lock:
                 # A spill may have taken the batch meanwhile: then it is also in the file, and sent
@@ -276,8 +308,8 @@ class Tracker:
                 taken = bool(self._queue) and self._queue[0] is batch[0]
                 for _ in batch if taken else ():
                     self._queued -= weight(self._queue.popleft())
-            if taken and self._spill is not None:
-                remove_staged(batch, artifacts_dir(self._spill.path))
+            if taken:
+                remove_staged(batch, files)
 
     def _send_own_file(self, writer: Writer) -> None:
         assert self._spill is not None
@@ -285,12 +317,13 @@ class Tracker:
         self._publish(writer)
         if done is None:
             raise Busy(f"{self._spill.path} is being sent by another process")
-        if self._stopped:
-            return
+        if not self._stopped and done.offset <= self._sent_to:
+            raise RuntimeError(f"{self._spill.path}: no progress past byte {done.offset}")
+        self._own_sent_to(done.offset)
+
+    def _own_sent_to(self, offset: int) -> None:
         with self._lock:
-            if done.offset <= self._sent_to:
-                raise RuntimeError(f"{self._spill.path}: no progress past byte {done.offset}")
-            self._sent_to = done.offset
+            self._sent_to = max(self._sent_to, offset)
             if self._sent_to >= self._spilled_to:
                 self._unsent_spilled = self._spill_warned_at = 0
 
