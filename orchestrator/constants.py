@@ -79,3 +79,5 @@ TRACKING_CLOSE_TIMEOUT_S = _env_float("ORCH_TRACKING_CLOSE_TIMEOUT_S", 30.0)
 # Tracking: `tracking replay` waits this long for a running job (or another replay) to finish its
 # turn on a spill file before giving up (seconds).
 TRACKING_REPLAY_LOCK_WAIT_S = _env_float("ORCH_TRACKING_REPLAY_LOCK_WAIT_S", 30.0)
+# Tracking: how often a sender waiting for a spill file's lock tries again (seconds).
+TRACKING_LOCK_POLL_S = _env_float("ORCH_TRACKING_LOCK_POLL_S", 0.05)

@@ -22,7 +22,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from orchestrator import constants
 from orchestrator.errors import UserError
 from orchestrator.tracking import ResolvedRun, Tracker, default_spill_dir, replay, store
-from orchestrator.tracking.spill import send_file, spill_path, waiting
+from orchestrator.tracking.spill import fully_sent, send_file, spill_path
 from orchestrator.tracking.writer import Writer
 
 URI = "http://127.0.0.1:9/fake"
@@ -85,10 +85,11 @@ class FakeStore:
         return ResolvedRun(run.run_id, "1", f"file:///fake/{run.run_id}", resumed,
                            last.get(floor_key) if resumed else None, dict(run.params), dict(run.tags), last)
 
-    def log_metrics(self, run_id: str, points: list[list]) -> None:
+    def log_metrics(self, run_id: str, points: list) -> None:
         self._call("log_metrics")
         run = self.runs[run_id]
-        for point in map(tuple, points):
+        for key, value, stamp, step in points:
+            point = (key, value, stamp, step)
             if point not in run.seen:  # MLflow keeps one copy of an identical point
                 run.seen.add(point)
                 run.points.append(point)
@@ -192,7 +193,7 @@ def test_queue_is_bounded_the_oldest_spill_and_go_before_the_queue(fake: FakeSto
     run = tracker.open_run(experiment="e", run_key="k", run_name="job")
     _log_steps(run, range(100))
     assert tracker.queued_in_memory <= 20 and tracker.waiting == 101  # the open operation and 100 points
-    assert waiting(tracker.spill_file).points >= 80
+    assert not fully_sent(tracker.spill_file)  # the other 81 or more are there, while the job runs
     fake.down = False
     report = tracker.close(timeout_s=5)
     assert fake.run("k").steps() == list(range(100))  # once each, in the order logged: the file first
@@ -314,7 +315,7 @@ def test_a_new_tracker_sends_an_earlier_jobs_spill_before_its_own_run(fake: Fake
     assert run.wait_resolved(5)
     assert list(fake.runs.values())[0].run_key == "earlier"  # created first
     report = tracker.close(timeout_s=5)
-    assert fake.run("earlier").steps() == list(range(10)) and waiting(earlier).empty
+    assert fake.run("earlier").steps() == list(range(10)) and fully_sent(earlier)
     assert report.other_replay_commands == ()
 
 
@@ -368,3 +369,16 @@ def test_a_spill_that_cannot_be_written_keeps_the_operations_in_memory(
     report = tracker.close(timeout_s=5)
     assert fake.run("k").steps() == list(range(20))
     assert sum("No space left on device" in w for w in report.warnings) == 1  # said once, not per call
+
+
+def test_unreadable_and_malformed_lines_are_skipped_and_said(fake: FakeStore, spill_dir: Path) -> None:
+    _spill_while_down(fake, spill_dir, "k", range(2))
+    path = spill_path(spill_dir, URI, "k")
+    lines = path.read_bytes().splitlines(keepends=True)
+    handle = next(iter(path.read_text().splitlines())).split('"handle":"')[1].split('"')[0]
+    broken = [b"not json\n", b'{"op":"metrics","handle":"%s","t":1}\n' % handle.encode(),
+              b'{"op":"metrics","handle":"%s","t":1,"points":[["k"]],"per_step":false}\n' % handle.encode()]
+    path.write_bytes(b"".join(lines[:2] + broken + lines[2:]))
+    result = replay(path, URI)
+    assert fake.run("k").steps() == [0, 1] and fake.run("k").status == "FINISHED"
+    assert result.unreadable == 2 and any("malformed" in r for r in result.refusals)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,8 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator import constants
 from orchestrator.tracking import RUN_KEY_TAG, RunHandle, Tracker
-from orchestrator.tracking.spill import waiting
+from orchestrator.tracking.spill import fully_sent
+from orchestrator.tracking.store import Store
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -104,6 +106,43 @@ def test_the_run_page_params_tags_description_artifacts_dataset(server: MlflowSe
     assert [d.dataset.name for d in got.inputs.dataset_inputs] == ["digits"]
 
 
+def test_every_kind_of_request_is_bounded_while_the_server_stalls(server: MlflowServer, tmp_path: Path) -> None:
+    bounded = Store(server.uri, timeout_s=0.5)
+    run = bounded.open_run(experiment="tracking-test", run_key="bounded", run_name="bounded", handle="h",
+                           floor_key="train/loss", start_ms=T0)
+    (tmp_path / "f.txt").write_text("x")
+    calls = {
+        "open": lambda: bounded.open_run(experiment="tracking-test", run_key="bounded", run_name="bounded",
+                                         handle="h2", floor_key="train/loss", start_ms=T0),
+        "metrics": lambda: bounded.log_metrics(run.run_id, [["m", 1.0, T0, 0]]),
+        "params": lambda: bounded.log_params(run.run_id, {"p": "1"}),
+        "tags": lambda: bounded.set_tags(run.run_id, {"t": "1"}),
+        "artifact": lambda: bounded.log_artifact(run, tmp_path / "f.txt", "a"),
+        "text": lambda: bounded.log_text(run, "{}", "a/b.json"),
+        "dataset": lambda: bounded.log_dataset(run.run_id, name="d", uri=str(tmp_path), rows=1, schema={"x": "f"}),
+        "status": lambda: bounded.set_status(run.run_id, "FINISHED", T0),
+    }
+    outcome: dict[str, str] = {}
+
+    def call_all() -> None:
+        for name, call in calls.items():
+            try:
+                call()
+                outcome[name] = "answered"
+            except Exception as exc:  # noqa: BLE001 - the timeout is what is expected
+                outcome[name] = type(exc).__name__
+
+    _signal_group(server, signal.SIGSTOP)
+    try:
+        caller = threading.Thread(target=call_all, daemon=True)
+        caller.start()
+        caller.join(30)  # MLflow's own client would wait 120 s per attempt, and retry
+        still_waiting = caller.is_alive()
+    finally:
+        _signal_group(server, signal.SIGCONT)
+    assert not still_waiting and outcome == dict.fromkeys(calls, "MlflowException"), outcome
+
+
 def test_stalled_then_killed_and_restarted_server_never_blocks_and_gets_every_point_once(
     server: MlflowServer, tmp_path: Path
 ) -> None:
@@ -155,7 +194,7 @@ def test_jobs_that_start_while_the_server_is_down_lose_nothing(server: MlflowSer
     assert new_job.close(timeout_s=30).spill_file is None and resumed_job.close(timeout_s=30).spill_file is None
     _exactly_once(server, "new", range(20))
     _exactly_once(server, "ended-during-outage", range(5))  # sent by the next trackers by themselves
-    assert waiting(left.spill_file).empty
+    assert fully_sent(left.spill_file)
     assert resumed.resumed is True and resumed.resume_floor == 9
     assert [(s, v) for s, v, _ in _history(server, "resumed")] == [(s, 1.0) for s in range(10)] + [(s, 2.0) for s in range(10, 15)]
     client = MlflowClient(server.uri)

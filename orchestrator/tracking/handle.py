@@ -108,9 +108,9 @@ class CloseReport:
 
     sent_points: int
     sent_operations: int
-    waiting_points: int
+    waiting_points: int  # of this run, in the spill file
     waiting_operations: int
-    spill_file: Path | None  # None when nothing waits
+    spill_file: Path | None  # None when nothing waits (of this run, or of an earlier run of the job)
     replay_command: str | None
     other_replay_commands: tuple[str, ...]  # earlier jobs' spill files for this server not sent yet
     warnings: tuple[str, ...]  # raised since the last drain_warnings()
@@ -121,7 +121,10 @@ class CloseReport:
 
     def summary(self) -> list[str]:
         lines = []
-        if self.spill_file is not None:
+        if self.spill_file is not None and (self.waiting_points or self.waiting_operations):
             lines.append(f"MLflow did not take {self.waiting_points} metric points and {self.waiting_operations} "
                          f"other operations; they are in {self.spill_file}. Send them with: {self.replay_command}")
+        elif self.spill_file is not None:
+            lines.append(f"tracking data of an earlier run of this job waits in {self.spill_file}. "
+                         f"Send it with: {self.replay_command}")
         return lines + [f"unsent tracking data of an earlier job: {command}" for command in self.other_replay_commands]

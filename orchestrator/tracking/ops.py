@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import posixpath
+import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -68,9 +69,10 @@ def server_name(tracking_uri: str) -> str:
 
 
 def describe(exc: BaseException) -> str:
-    """An exception in one short line, for a warning."""
+    """An exception in one short line for a warning, without credentials of any URL in it."""
     lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
+    text = re.sub(r"(\w+://)[^/@\s]+@", r"\1", lines[0]) if lines else ""
+    return f"{type(exc).__name__}: {text[:200]}"
 
 
 def _op(kind: str, handle: str, **fields: Any) -> Op:
@@ -86,6 +88,8 @@ def open_op(handle: str, *, experiment: str, run_key: str, run_name: str, floor_
     """Find the run by its run-key tag and resume it, or create it (and the experiment).
     `tracking_uri` is the redacted server this handle talks to: a resolution recorded with it is
     only trusted by a replay into the same server."""
+    if not re.fullmatch(r"[\w.:-]+", run_key):
+        raise ValueError(f"run key must be letters, digits and . _ : -, got {run_key!r}")
     return _op("open", handle, experiment=experiment, run_key=run_key, run_name=run_name,
                floor_key=floor_key, tracking_uri=tracking_uri, resolved=None)
 
@@ -97,7 +101,9 @@ def metrics_op(handle: str, metrics: Mapping[str, Any], *, step: int, timestamp_
     points = []
     for key, value in metrics.items():
         try:
-            points.append([str(key), float(value), stamp, int(step)])
+            # A tuple of plain values: the garbage collector stops tracking it (a long queue of
+            # lists would lengthen every full collection in the driver).
+            points.append((str(key), float(value), stamp, int(step)))
         except (TypeError, ValueError):
             log.debug("metric %s=%r is not a number; not logged", key, value)
     return _op("metrics", handle, points=points, per_step=per_step) if points else None
@@ -145,6 +151,20 @@ def artifact_name(name: str) -> str:
     if clean in ("", ".", "..") or clean.startswith(("/", "../")):
         raise ValueError(f"artifact name must be a relative file path, got {name!r}")
     return clean
+
+
+# The fields each kind of operation carries besides op, handle and t.
+FIELDS = {
+    "open": ("experiment", "run_key", "run_name", "floor_key"), "metrics": ("points", "per_step"),
+    "params": ("params",), "tags": ("tags",), "text": ("text", "name"), "file": ("staged", "artifact_path"),
+    "dataset": ("name", "uri", "rows", "schema"), "finish": ("status",),
+}
+
+
+def well_formed(op: object) -> bool:
+    """Whether a line read back from a spill file is an operation this version can send."""
+    return (isinstance(op, dict) and op.get("op") in FIELDS and isinstance(op.get("points", []), list)
+            and all(k in op for k in ("handle", "t", *FIELDS[op["op"]])))
 
 
 def weight(op: Op) -> int:

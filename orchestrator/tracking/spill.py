@@ -37,7 +37,7 @@ from typing import IO, Any
 
 from orchestrator import constants
 from orchestrator.errors import UserError
-from orchestrator.tracking.ops import Op, describe, joins, server_name, weight
+from orchestrator.tracking.ops import Op, describe, joins, server_name, weight, well_formed
 from orchestrator.tracking.writer import RunRefused, Writer, remove_staged
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ def file_lock(path: Path, wait_s: float) -> Iterator[bool]:
                 if time.monotonic() >= deadline:
                     yield False
                     return
-                time.sleep(0.05)
+                time.sleep(constants.TRACKING_LOCK_POLL_S)
         try:
             yield True
         finally:
@@ -174,9 +174,9 @@ def _ops(path: Path, offset: int) -> Iterator[tuple[int, Op | None]]:
             offset += len(raw)
             try:
                 op = json.loads(raw)
-                yield offset, op if isinstance(op, dict) and "op" in op and "handle" in op else None
             except ValueError:
-                yield offset, None
+                op = None
+            yield offset, op if well_formed(op) else None
 
 
 def _batches(path: Path, offset: int) -> Iterator[tuple[list[Op], int]]:
@@ -239,26 +239,12 @@ def _torn(path: Path, offset: int) -> bool:
     return bool(rest) and b"\n" not in rest
 
 
-@dataclass(frozen=True)
-class Waiting:
-    points: int = 0
-    operations: int = 0
-
-    @property
-    def empty(self) -> bool:
-        return not (self.points or self.operations)
-
-
-def waiting(path: Path) -> Waiting:
-    """What the complete lines after the recorded offset hold."""
-    points = operations = 0
-    if path.exists():
-        for _, op in _ops(path, Progress.load(path).offset):
-            if op is not None and op["op"] == "metrics":
-                points += weight(op)
-            elif op is not None:
-                operations += 1
-    return Waiting(points, operations)
+def fully_sent(path: Path) -> bool:
+    """Whether every byte of the file is sent (no file: nothing to send)."""
+    try:
+        return not path.exists() or path.stat().st_size == Progress.load(path).offset
+    except UserError:  # a broken progress record: not known to be sent
+        return False
 
 
 def pending_files(spill_dir: Path, tracking_uri: str) -> list[Path]:
@@ -277,7 +263,7 @@ def pending_files(spill_dir: Path, tracking_uri: str) -> list[Path]:
 def remove_if_sent(path: Path) -> bool:
     """Delete a file every line of which was sent, with its progress record and artifacts folder."""
     with file_lock(path, 0.0) as held:
-        if not held or not path.exists() or path.stat().st_size != Progress.load(path).offset:
+        if not held or not path.exists() or not fully_sent(path):
             return False
         for extra in (path, _sibling(path, ".offset")):
             extra.unlink(missing_ok=True)

@@ -77,6 +77,7 @@ class Store:
         self.tracking_uri = tracking_uri
         self.timeout_s = timeout_s
         self._mlflow = _mlflow_store(tracking_uri, timeout_s)
+        self._repos: dict[str, Any] = {}  # artifact repository by artifact URI
 
     def open_run(self, *, experiment: str, run_key: str, run_name: str, handle: str, floor_key: str,
                  start_ms: int) -> ResolvedRun:
@@ -109,8 +110,8 @@ class Store:
                 raise
             return self._mlflow.get_experiment_by_name(name).experiment_id
 
-    def log_metrics(self, run_id: str, points: list[list[Any]]) -> None:
-        """Points as [key, value, timestamp_ms, step]."""
+    def log_metrics(self, run_id: str, points: list[Any]) -> None:
+        """Points as (key, value, timestamp_ms, step)."""
         metrics = [Metric(key, value, stamp, step) for key, value, stamp, step in points]
         for i in range(0, len(metrics), BATCH_LIMIT):
             self._mlflow.log_batch(run_id, metrics[i : i + BATCH_LIMIT], [], [])
@@ -137,7 +138,9 @@ class Store:
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
         from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
 
-        repo = get_artifact_repository(run.artifact_uri, tracking_uri=self.tracking_uri)
+        repo = self._repos.get(run.artifact_uri)
+        if repo is None:
+            repo = self._repos[run.artifact_uri] = get_artifact_repository(run.artifact_uri, tracking_uri=self.tracking_uri)
         if isinstance(repo, HttpArtifactRepository):  # the server's artifact proxy: one bounded PUT
             self._put(repo.artifact_uri, local, artifact_path)
         else:  # a folder, or object storage the client writes itself (bounded by its own client)

@@ -25,13 +25,16 @@ from orchestrator.errors import UserError
 from orchestrator.tracking.handle import CloseReport, RunHandle
 from orchestrator.tracking.ops import BATCH_LIMIT, Op, describe, leading_batch, open_op, server_name, weight
 from orchestrator.tracking.spill import (
-    SpillWriter, artifacts_dir, pending_files, remove_if_sent, replay_command, send_file, spill_path, waiting,
+    SpillWriter, artifacts_dir, pending_files, fully_sent, remove_if_sent, replay_command, send_file,
+    spill_path,
 )
 from orchestrator.tracking.writer import RunRefused, Writer, remove_staged
 
 log = logging.getLogger(__name__)
 
-SPILL_CHUNK = 1000  # operations and points spilled at once when the queue is over its bound
+# Operations and points spilled at once when the queue is over its bound: about a millisecond of
+# JSON and one write on the caller's thread, every SPILL_CHUNK calls' worth.
+SPILL_CHUNK = 250
 MAX_WARNINGS = 200  # kept for drain_warnings; older ones are only in the log
 
 
@@ -53,7 +56,7 @@ class Tracker:
         self._header_written = False
         self._spilled_to = 0  # the own spill file's end after this tracker's last append
         self._sent_to = 0  # how far this tracker's last send of that file got
-        self._unsent_spilled = 0  # weight spilled since that file was last sent to its end
+        self._unsent_points = self._unsent_ops = 0  # spilled since that file was last sent to its end
         self._stopped = False
         self._closing = threading.Event()
         self._deadline = math.inf
@@ -100,7 +103,7 @@ class Tracker:
     def waiting(self) -> int:
         """Operations and points queued in memory, plus those spilled and not sent since."""
         with self._lock:
-            return self._queued + self._unsent_spilled
+            return self._queued + self._unsent_points + self._unsent_ops
 
     def drain_warnings(self) -> list[str]:
         """Warnings raised since the last call (also logged), for the driver's console."""
@@ -145,9 +148,10 @@ class Tracker:
                            "and metric points stay in memory")
             self._spill_failed = True
             return
-        if self._unsent_spilled >= 2 * self._spill_warned_at:
-            self._spill_warned_at = self._unsent_spilled
-            self._warn(f"MLflow has not taken {self._unsent_spilled + self._queued} operations and metric points; "
+        spilled_now = self._unsent_points + self._unsent_ops
+        if spilled_now >= 2 * self._spill_warned_at:
+            self._spill_warned_at = spilled_now
+            self._warn(f"MLflow has not taken {spilled_now + self._queued} operations and metric points; "
                        f"the oldest now wait in {self.spill_file} (sent from there once it answers)")
 
     def _write_spill(self, spilled: list[Op]) -> None:
@@ -158,7 +162,9 @@ class Tracker:
             spilled = [dict(self._open, resolved=resolved.to_json() if resolved else None), *spilled]
         self._header_written = True
         self._spilled_to = self._spill.append(spilled)
-        self._unsent_spilled += sum(map(weight, spilled))
+        points = sum(weight(op) for op in spilled if op["op"] == "metrics")
+        self._unsent_points += points
+        self._unsent_ops += len(spilled) - sum(op["op"] == "metrics" for op in spilled)
 
     def _stage(self, source: Path) -> str | None:
         """Copy an artifact file now, into the spill file's artifacts folder; its name there."""
@@ -203,17 +209,17 @@ class Tracker:
 
     def _report(self) -> CloseReport:
         path = self.spill_file
-        left = waiting(path) if path else None
-        if path is not None and left is not None and left.empty:
+        unsent = path is not None and not fully_sent(path)
+        if path is not None and not unsent:
             remove_if_sent(path)
-        unsent = path is not None and left is not None and not left.empty
         others = [p for p in list(self._leftovers or []) if p != path and p.exists()]
         writer = self._writer
+        with self._lock:
+            points, operations = self._unsent_points, self._unsent_ops
         report = CloseReport(
             sent_points=writer.sent_points if writer else 0, sent_operations=writer.sent_operations if writer else 0,
-            waiting_points=left.points if unsent else 0, waiting_operations=left.operations if unsent else 0,
-            spill_file=path if unsent else None,
-            replay_command=replay_command(path, self.tracking_uri) if unsent else None,
+            waiting_points=points, waiting_operations=operations, spill_file=path if unsent else None,
+            replay_command=replay_command(path, self.tracking_uri) if path and unsent else None,
             other_replay_commands=tuple(replay_command(p, self.tracking_uri) for p in others),
             warnings=tuple(self.drain_warnings()),
         )
@@ -230,6 +236,8 @@ class Tracker:
             except Exception as exc:  # noqa: BLE001 - any failure means "try again later"
                 self._failed(exc)
             else:
+                if self._stopped:  # closed meanwhile: what was not sent is in the spill file
+                    return
                 self._answered()
             if self._closing.is_set() and (self._idle() or time.monotonic() >= self._deadline):
                 return
@@ -325,7 +333,7 @@ class Tracker:
         with self._lock:
             self._sent_to = max(self._sent_to, offset)
             if self._sent_to >= self._spilled_to:
-                self._unsent_spilled = self._spill_warned_at = 0
+                self._unsent_points = self._unsent_ops = self._spill_warned_at = 0
 
     def _publish(self, writer: Writer) -> None:
         """Hand the run to the handle once resolved; pass on what MLflow refused."""

@@ -54,13 +54,14 @@ class Writer:
         try:
             self._send(batch, files)
         except Exception as exc:
-            if not self._is_refusal(exc):
+            malformed = isinstance(exc, (KeyError, TypeError, ValueError))  # a spill line edited by hand
+            if not (malformed or self._is_refusal(exc)):
                 raise
             if len(batch) > 1:  # find the refused ones; send the rest
                 for op in batch:
                     self.apply([op], files=files)
                 return
-            self._refused(batch[0], f"MLflow refused it: {describe(exc)}")
+            self._refused(batch[0], f"malformed: {describe(exc)}" if malformed else f"MLflow refused it: {describe(exc)}")
 
     def _refused(self, op: Op, why: str) -> None:
         message = f"a {op['op']} operation could not be sent ({why}); it is dropped"
