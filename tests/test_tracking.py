@@ -273,7 +273,8 @@ def test_close_spills_and_replay_sends_each_line_once_however_often_it_runs(fake
     assert fake.calls > calls
 
 
-def test_replay_that_died_halfway_resends_at_most_one_batch_and_creates_one_run(fake: FakeStore, spill_dir: Path) -> None:
+def test_replay_that_died_halfway_resends_at_most_one_batch_and_creates_one_run(fake: FakeStore,
+                                                                               spill_dir: Path) -> None:
     _spill_while_down(fake, spill_dir, "k", range(2500))  # three batches of points after the open
     path = spill_path(spill_dir, URI, "k")
     writer = Writer(fake)
@@ -327,7 +328,8 @@ def test_other_servers_spills_are_left_alone(fake: FakeStore, spill_dir: Path) -
     assert [r.run_key for r in fake.runs.values()] == ["k2"]
 
 
-def test_spill_files_are_named_by_server_and_run_key_in_the_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_spill_files_are_named_by_server_and_run_key_in_the_cache(monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert default_spill_dir() == tmp_path / "orchestrator" / "tracking"
     monkeypatch.delenv("XDG_CACHE_HOME")
@@ -338,9 +340,13 @@ def test_spill_files_are_named_by_server_and_run_key_in_the_cache(monkeypatch: p
     assert a.name.split("-")[0] != spill_path(tmp_path, "http://other:5000", "k").name.split("-")[0]
 
 
-def test_replay_of_a_missing_file_is_a_one_line_error(tmp_path: Path) -> None:
+def test_replay_of_a_missing_or_other_file_is_a_one_line_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no such spill file"):
         replay(tmp_path / "nope.jsonl", URI)
+    (tmp_path / "notes.txt").write_text("hello\n")
+    with pytest.raises(UserError, match="not a spill file"):
+        replay(tmp_path / "notes.txt", URI)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def test_an_unwritable_spill_dir_is_a_one_line_error_at_open(fake: FakeStore, tmp_path: Path) -> None:

@@ -68,7 +68,8 @@ def _sibling(path: Path, suffix: str) -> Path:
 
 
 def replay_command(path: Path, tracking_uri: str) -> str:
-    return f"orchestrator tracking replay {shlex.quote(str(path))} --tracking-uri {shlex.quote(server_name(tracking_uri))}"
+    uri = shlex.quote(server_name(tracking_uri))
+    return f"orchestrator tracking replay {shlex.quote(str(path))} --tracking-uri {uri}"
 
 
 def encode(op: Op) -> bytes:
@@ -297,6 +298,8 @@ def replay(path: str | Path, tracking_uri: str) -> ReplayResult:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such spill file")
+    if path.suffix != SUFFIX:  # progress is recorded beside the file: not beside just any file
+        raise UserError(f"{path}: not a spill file (their names end in {SUFFIX})")
     from orchestrator.tracking.store import Store
 
     server = server_name(tracking_uri)

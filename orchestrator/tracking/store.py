@@ -140,7 +140,8 @@ class Store:
 
         repo = self._repos.get(run.artifact_uri)
         if repo is None:
-            repo = self._repos[run.artifact_uri] = get_artifact_repository(run.artifact_uri, tracking_uri=self.tracking_uri)
+            repo = get_artifact_repository(run.artifact_uri, tracking_uri=self.tracking_uri)
+            self._repos[run.artifact_uri] = repo
         if isinstance(repo, HttpArtifactRepository):  # the server's artifact proxy: one bounded PUT
             self._put(repo.artifact_uri, local, artifact_path)
         else:  # a folder, or object storage the client writes itself (bounded by its own client)

@@ -78,7 +78,9 @@ class Tracker:
             raise RuntimeError("a Tracker tracks one run: open_run was called twice")
         path = spill_path(self.spill_dir, self.tracking_uri, run_key)
         try:
-            artifacts_dir(path).mkdir(parents=True, exist_ok=True)
+            # Only this user can read it: artifact copies (a config file) may hold what others should not see.
+            self.spill_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            artifacts_dir(path).mkdir(exist_ok=True)
         except OSError as exc:
             raise UserError(f"tracking.spill_dir: cannot write to {self.spill_dir} ({exc.strerror})") from exc
         run = RunHandle(self, uuid.uuid4().hex)

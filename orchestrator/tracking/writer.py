@@ -61,10 +61,11 @@ class Writer:
                 for op in batch:
                     self.apply([op], files=files)
                 return
-            self._refused(batch[0], f"malformed: {describe(exc)}" if malformed else f"MLflow refused it: {describe(exc)}")
+            self._refused(batch, f"{'malformed' if malformed else 'MLflow refused it'}: {describe(exc)}")
 
-    def _refused(self, op: Op, why: str) -> None:
-        message = f"a {op['op']} operation could not be sent ({why}); it is dropped"
+    def _refused(self, batch: list[Op], why: str) -> None:
+        what = f"a {batch[0]['op']} operation" if len(batch) == 1 else f"{len(batch)} {batch[0]['op']} operations"
+        message = f"{what} could not be sent ({why}); dropped"
         log.warning("%s", message)
         self.refusals.append(message)
 
@@ -75,7 +76,7 @@ class Writer:
             return
         run = self.runs.get(first["handle"])
         if run is None:  # its open line was lost (an unreadable line): no run to send it to
-            self._refused(first, f"no run is known for handle {first['handle']}")
+            self._refused(batch, f"no run is known for handle {first['handle']}")
         elif first.get("new_run_only") and run.resumed:
             return
         elif first["op"] == "metrics":
@@ -128,7 +129,7 @@ class Writer:
     def _file(self, run: ResolvedRun, op: Op, files: Path) -> None:
         local = files / op["staged"]
         if not local.is_file():  # removed by hand, or already sent by a replay that died before recording it
-            self._refused(op, f"its copy {local} is gone")
+            self._refused([op], f"its copy {local} is gone")
             return
         self.store.log_artifact(run, local, op["artifact_path"])
 
