@@ -319,12 +319,13 @@ def tracking_replay(
     spill_file: Path,
     tracking_uri: Annotated[str | None, typer.Option(help="Default: MLFLOW_TRACKING_URI.")] = None,
 ) -> None:
-    """Send metrics a job could not deliver (unsent-metrics-RUN_ID.jsonl) to their run."""
+    """Send what a job could not deliver to MLflow (a spill file its end-of-job report names).
+
+    Safe to repeat: only lines not sent before go (progress is kept beside the file)."""
     from orchestrator.tracking import replay
 
-    if not spill_file.is_file():
-        raise UserError(f"{spill_file}: file not found")
-    count = replay(spill_file, tracking_uri=tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
-    sent = spill_file.with_name(spill_file.name + ".sent")
-    spill_file.rename(sent)  # a second replay would log every point twice
-    out.print(f"sent {count} metric points; the file is now {sent}")
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise UserError("--tracking-uri: required (or set MLFLOW_TRACKING_URI)")
+    for line in replay(spill_file, uri).lines(spill_file):
+        out.print(line, markup=False, highlight=False)

@@ -18,8 +18,6 @@ PROGRESS_POLL_S = _env_float("ORCH_PROGRESS_POLL_S", 0.5)
 # Rank 0 pushes its step and metrics to the progress actor at most this often (seconds); the first
 # step of a worker group and every event go at once.
 PROGRESS_PUSH_S = _env_float("ORCH_PROGRESS_PUSH_S", 0.25)
-# MLflow metric buffer: flush at least this often (seconds) from rank 0.
-METRIC_FLUSH_S = _env_float("ORCH_METRIC_FLUSH_S", 2.0)
 # Retry back-off for a tracking server that is down: first wait and cap (seconds).
 TRACKING_RETRY_BASE_S = _env_float("ORCH_TRACKING_RETRY_BASE_S", 0.5)
 TRACKING_RETRY_MAX_S = _env_float("ORCH_TRACKING_RETRY_MAX_S", 30.0)
@@ -33,11 +31,9 @@ RAY_CONNECT_TIMEOUT_S = _env_float("ORCH_RAY_CONNECT_TIMEOUT_S", 5.0)
 JOB_STOP_GRACE_S = _env_float("ORCH_JOB_STOP_GRACE_S", 60.0)
 # Ray Jobs: how long `jobs stop` waits for the job to reach STOPPED before returning (seconds).
 JOB_STOP_WAIT_S = _env_float("ORCH_JOB_STOP_WAIT_S", 90.0)
-# MLflow metric buffer: one request to a tracking server may take this long (seconds); the buffer
-# retries on its own schedule, so MLflow's own retries (minutes, by default) are turned off for it.
+# Tracking: one request to a tracking server may take this long (seconds); the tracker retries on
+# its own schedule, so MLflow's own retries (minutes, by default) are turned off for it.
 TRACKING_REQUEST_TIMEOUT_S = _env_float("ORCH_TRACKING_REQUEST_TIMEOUT_S", 10.0)
-# MLflow metric buffer: how long closing waits for a down server before spilling to a file (seconds).
-METRIC_CLOSE_TIMEOUT_S = _env_float("ORCH_METRIC_CLOSE_TIMEOUT_S", 30.0)
 # Ray Jobs: a head that just started refuses submissions until its job agent is up; retry this long (seconds).
 JOB_SUBMIT_RETRY_S = _env_float("ORCH_JOB_SUBMIT_RETRY_S", 60.0)
 # Profiler: stop climbing the batch-size ladder after this much time (seconds).
@@ -65,6 +61,19 @@ AUTOSCALE_REQUEST_TTL_S = _env_float("ORCH_AUTOSCALE_REQUEST_TTL_S", 600.0)
 AUTOSCALE_DETECT_S = _env_float("ORCH_AUTOSCALE_DETECT_S", 15.0)
 # How long the driver waits, after killing its progress actor, for Ray to free the actor's name (seconds).
 ACTOR_RELEASE_S = _env_float("ORCH_ACTOR_RELEASE_S", 10.0)
+# Tracking (orchestrator.tracking): the driver's sender thread sends what waits at least this often
+# (seconds); a full batch (1,000 points) goes at once.
+TRACKING_FLUSH_S = _env_float("ORCH_TRACKING_FLUSH_S", 1.0)
+# Tracking: operations and metric points held in memory while MLflow is down or slow; beyond this
+# the oldest go to the job's spill file (a metric point counts one, any other operation one).
+TRACKING_MAX_QUEUED = int(_env_float("ORCH_TRACKING_MAX_QUEUED", 100_000))
+# Tracking: how long closing the tracker waits for a down server before spilling the rest (seconds).
+TRACKING_CLOSE_TIMEOUT_S = _env_float("ORCH_TRACKING_CLOSE_TIMEOUT_S", 30.0)
+# Tracking: `tracking replay` waits this long for a running job (or another replay) to finish its
+# turn on a spill file before giving up (seconds).
+TRACKING_REPLAY_LOCK_WAIT_S = _env_float("ORCH_TRACKING_REPLAY_LOCK_WAIT_S", 30.0)
+# Tracking: how often a sender waiting for a spill file's lock tries again (seconds).
+TRACKING_LOCK_POLL_S = _env_float("ORCH_TRACKING_LOCK_POLL_S", 0.05)
 # Profiler: how long to wait for a node's GPUs (CPU slots) to be free together for the per-node
 # contention measurement before planning without it (seconds).
 PROFILE_NODE_WAIT_S = _env_float("ORCH_PROFILE_NODE_WAIT_S", 30.0)

@@ -1,0 +1,191 @@
+"""What the tracker records: operations as JSON-ready dicts, one spill-file line each.
+
+An operation names its kind (``op``), the run handle it belongs to (``handle``, a local id that
+stands for the run until MLflow answers) and the time it was made (``t``, ms). Everything a later
+send needs is taken at call time: values made strings and redacted, metric points with their own
+step and timestamp, dicts rendered to text. Nothing here imports MLflow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import re
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from orchestrator.redact import redact, redact_uri
+
+log = logging.getLogger(__name__)
+
+Op = dict[str, Any]
+
+RUN_KEY_TAG = "orchestrator.run_key"
+# The handle that created a run: a create request that timed out after the server stored it is
+# recognised on retry as this handle's own run, not as a run to resume.
+HANDLE_TAG = "orchestrator.tracker_handle"
+DESCRIPTION_TAG = "mlflow.note.content"
+MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
+BATCH_LIMIT = 1000  # metric points per request (MLflow's log_batch limit)
+STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+
+def run_key(job_name: str, storage_path: str) -> str:
+    """Identity of one job: the same name and checkpoint storage resume the same run. A URI
+    (``s3://...``) is taken as written; only a local path is made absolute."""
+    where = storage_path if "://" in storage_path else os.path.abspath(storage_path)
+    return hashlib.sha256(f"{where}::{job_name}".encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """The MLflow run behind a handle, as the server answered when it was opened."""
+
+    run_id: str
+    experiment_id: str
+    artifact_uri: str
+    resumed: bool
+    floor: int | None  # last step of the floor key when resumed: per-step points up to it are dropped
+    params: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    last_steps: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ResolvedRun:
+        return cls(**data)
+
+
+def server_name(tracking_uri: str) -> str:
+    """The tracking server as spill files name it: without credentials or a trailing slash."""
+    return redact_uri(tracking_uri).rstrip("/")
+
+
+def describe(exc: BaseException) -> str:
+    """An exception in one short line for a warning, without credentials of any URL in it."""
+    lines = str(exc).strip().splitlines()
+    text = re.sub(r"(\w+://)[^/@\s]+@", r"\1", lines[0]) if lines else ""
+    return f"{type(exc).__name__}: {text[:200]}"
+
+
+def _op(kind: str, handle: str, **fields: Any) -> Op:
+    return {"op": kind, "handle": handle, "t": now_ms(), **fields}
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def open_op(handle: str, *, experiment: str, run_key: str, run_name: str, floor_key: str,
+            tracking_uri: str) -> Op:
+    """Find the run by its run-key tag and resume it, or create it (and the experiment).
+    `tracking_uri` is the redacted server this handle talks to: a resolution recorded with it is
+    only trusted by a replay into the same server."""
+    if not re.fullmatch(r"[\w.:-]+", run_key):
+        raise ValueError(f"run key must be letters, digits and . _ : -, got {run_key!r}")
+    return _op("open", handle, experiment=experiment, run_key=run_key, run_name=run_name,
+               floor_key=floor_key, tracking_uri=tracking_uri, resolved=None)
+
+
+def metrics_op(handle: str, metrics: Mapping[str, Any], *, step: int, timestamp_ms: int | None,
+               per_step: bool) -> Op | None:
+    """Points at one step; None when no value is a number."""
+    stamp = now_ms() if timestamp_ms is None else int(timestamp_ms)
+    points = []
+    for key, value in metrics.items():
+        try:
+            # A tuple of plain values: the garbage collector stops tracking it (a long queue of
+            # lists would lengthen every full collection in the driver).
+            points.append((str(key), float(value), stamp, int(step)))
+        except (TypeError, ValueError):
+            log.debug("metric %s=%r is not a number; not logged", key, value)
+    return _op("metrics", handle, points=points, per_step=per_step) if points else None
+
+
+def params_op(handle: str, params: Mapping[str, Any]) -> Op:
+    """Secret-named keys masked, URIs stripped of credentials, values cut to MLflow's limit."""
+    safe = redact(dict(params))
+    return _op("params", handle, params={str(k): str(v)[:MAX_PARAM_LEN] for k, v in safe.items()})
+
+
+def tags_op(handle: str, tags: Mapping[str, Any]) -> Op:
+    return _op("tags", handle, tags={str(k): str(v) for k, v in redact(dict(tags)).items()})
+
+
+def text_op(handle: str, text: str, name: str, *, new_run_only: bool) -> Op:
+    return _op("text", handle, text=text, name=artifact_name(name), new_run_only=new_run_only)
+
+
+def dict_text(data: Any) -> str:
+    """A dict as log_dict renders it, taken now (the caller may change `data` later)."""
+    return json.dumps(data, indent=2, default=str)
+
+
+def file_op(handle: str, staged: str, artifact_path: str | None, *, new_run_only: bool) -> Op:
+    """`staged`: the copy made at call time, relative to the spill file's artifacts folder."""
+    return _op("file", handle, staged=staged, artifact_path=artifact_path, new_run_only=new_run_only)
+
+
+def dataset_op(handle: str, *, name: str, uri: str, rows: int, schema: Mapping[str, str],
+               new_run_only: bool) -> Op:
+    return _op("dataset", handle, name=name, uri=uri, rows=int(rows), schema=dict(schema),
+               new_run_only=new_run_only)
+
+
+def finish_op(handle: str, status: str) -> Op:
+    if status not in STATUSES:
+        raise ValueError(f"run status must be one of {', '.join(STATUSES)}, got {status!r}")
+    return _op("finish", handle, status=status)
+
+
+def artifact_name(name: str) -> str:
+    """A relative artifact path such as ``config/resolved.json``."""
+    clean = posixpath.normpath(name) if name else ""
+    if clean in ("", ".", "..") or clean.startswith(("/", "../")):
+        raise ValueError(f"artifact name must be a relative file path, got {name!r}")
+    return clean
+
+
+# The fields each kind of operation carries besides op, handle and t.
+FIELDS = {
+    "open": ("experiment", "run_key", "run_name", "floor_key"), "metrics": ("points", "per_step"),
+    "params": ("params",), "tags": ("tags",), "text": ("text", "name"), "file": ("staged", "artifact_path"),
+    "dataset": ("name", "uri", "rows", "schema"), "finish": ("status",),
+}
+
+
+def well_formed(op: object) -> bool:
+    """Whether a line read back from a spill file is an operation this version can send."""
+    return (isinstance(op, dict) and op.get("op") in FIELDS and isinstance(op.get("points", []), list)
+            and all(k in op for k in ("handle", "t", *FIELDS[op["op"]])))
+
+
+def weight(op: Op) -> int:
+    """What an operation counts against the queue bound: its points, or one."""
+    return len(op["points"]) if op["op"] == "metrics" else 1
+
+
+def joins(first: Op, batch_weight: int, op: Op) -> bool:
+    """Whether `op` can go in the request that starts with `first` and holds `batch_weight`:
+    metric points of one handle and kind, up to MLflow's batch limit; any other operation goes alone."""
+    return (op["op"] == first["op"] == "metrics" and op["handle"] == first["handle"]
+            and op["per_step"] == first["per_step"] and batch_weight + weight(op) <= BATCH_LIMIT)
+
+
+def leading_batch(ops: Iterable[Op]) -> list[Op]:
+    """The first request's worth of `ops` (empty when there are none)."""
+    batch: list[Op] = []
+    total = 0
+    for op in ops:
+        if batch and not joins(batch[0], total, op):
+            break
+        batch.append(op)
+        total += weight(op)
+    return batch

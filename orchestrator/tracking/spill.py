@@ -1,0 +1,322 @@
+"""Spill files: what MLflow has not taken yet, kept on local disk, and `replay`, which sends them.
+
+One file per tracking server and job: ``<spill_dir>/<server>-<run key>.jsonl`` (both parts
+digests: of the redacted tracking URI, so the next tracker against that server finds the file,
+and of the run key). It holds JSON lines of operations (ops.py), each appended whole and never
+rewritten, renamed or truncated. A handle's first line in a file is its open operation, with the
+run it resolved to when that was already known. Beside the file:
+
+- ``….offset``: progress, the byte offset up to which lines were sent and the run each handle
+  resolved to (so a second replay neither sends a line again nor creates a second run);
+- ``….lock``: held (flock) by whoever is sending the file, so two senders never interleave;
+- ``….artifacts/``: the copies of artifact files, made when they were logged.
+
+Sending is idempotent: lines go in order and the offset is recorded after each batch, so a
+replay that dies halfway resends at most one batch, which MLflow takes again without duplicates
+(it drops a metric point identical in key, value, timestamp and step; tags, params and artifacts
+are set to the same values). Only complete lines are sent: a torn last line (its writer is still
+writing it, or died) is left for later, and lines a running job appends after the offset read
+wait for the next send.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shlex
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from orchestrator import constants
+from orchestrator.errors import UserError
+from orchestrator.tracking.ops import Op, describe, joins, server_name, weight, well_formed
+from orchestrator.tracking.writer import RunRefused, Writer, remove_staged
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".jsonl"
+
+
+def default_spill_dir() -> Path:
+    """``$XDG_CACHE_HOME/orchestrator/tracking``, else ``~/.cache/orchestrator/tracking``."""
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "orchestrator" / "tracking"
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def spill_path(spill_dir: str | Path, tracking_uri: str, run_key: str) -> Path:
+    return Path(spill_dir) / f"{_digest(server_name(tracking_uri))}-{_digest(run_key)}{SUFFIX}"
+
+
+def artifacts_dir(path: Path) -> Path:
+    return path.with_suffix(".artifacts")
+
+
+def _sibling(path: Path, suffix: str) -> Path:
+    return path.with_name(path.name + suffix)
+
+
+def replay_command(path: Path, tracking_uri: str) -> str:
+    uri = shlex.quote(server_name(tracking_uri))
+    return f"orchestrator tracking replay {shlex.quote(str(path))} --tracking-uri {uri}"
+
+
+def encode(op: Op) -> bytes:
+    return json.dumps(op, separators=(",", ":")).encode() + b"\n"
+
+
+class SpillWriter:
+    """Appends whole lines to one spill file, opened on first use."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: IO[bytes] | None = None
+
+    def append(self, ops: list[Op]) -> int:
+        """Returns the file's end: every line up to it is complete."""
+        if self._file is None:
+            self._file = self._open()
+        self._file.write(b"".join(encode(op) for op in ops))  # one write: whole lines, in order
+        self._file.flush()
+        return self._file.tell()
+
+    def _open(self) -> IO[bytes]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        file = open(self.path, "ab")
+        if file.tell() and not _ends_with_newline(self.path):
+            # A writer died mid-line: end that line, so it stays one unreadable line instead of
+            # spoiling the first line written now.
+            file.write(b"\n")
+        return file
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+@dataclass
+class Progress:
+    """The ``….offset`` record: bytes sent, and the run behind each handle seen in the file."""
+
+    offset: int = 0
+    runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> Progress:
+        record = _sibling(path, ".offset")
+        if not record.exists():
+            return cls()
+        try:
+            data = json.loads(record.read_text())
+            return cls(int(data["offset"]), dict(data["runs"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{record}: not a progress record ({exc}); delete it to send the file from its start "
+                            "(MLflow drops metric points it already has)") from exc
+
+    def save(self, path: Path) -> None:
+        record = _sibling(path, ".offset")
+        tmp = _sibling(path, ".offset.tmp")
+        tmp.write_text(json.dumps({"offset": self.offset, "runs": self.runs}))
+        os.replace(tmp, record)  # never half written
+
+    def note_runs(self, batch: list[Op], writer: Writer) -> None:
+        for op in batch:
+            handle = op["handle"]
+            if handle not in self.runs and handle in writer.runs:
+                self.runs[handle] = writer.runs[handle].to_json()
+
+
+@contextmanager
+def file_lock(path: Path, wait_s: float) -> Iterator[bool]:
+    """Hold the file's send lock; yields False when another sender keeps it past `wait_s`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(_sibling(path, ".lock"), "a") as lock:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    yield False
+                    return
+                time.sleep(constants.TRACKING_LOCK_POLL_S)
+        try:
+            yield True
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _ops(path: Path, offset: int) -> Iterator[tuple[int, Op | None]]:
+    """(end offset, operation) for each complete line after `offset`; None for an unreadable one."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                return  # torn: left for later
+            offset += len(raw)
+            try:
+                op = json.loads(raw)
+            except ValueError:
+                op = None
+            yield offset, op if well_formed(op) else None
+
+
+def _batches(path: Path, offset: int) -> Iterator[tuple[list[Op], int]]:
+    """Requests' worth of operations, each with the offset just past it; [] for an unreadable line."""
+    batch: list[Op] = []
+    end, total = offset, 0
+    for line_end, op in _ops(path, offset):
+        if batch and (op is None or not joins(batch[0], total, op)):
+            yield batch, end
+            batch, total = [], 0
+        if op is None:
+            yield [], line_end
+        else:
+            batch.append(op)
+            total += weight(op)
+        end = line_end
+    if batch:
+        yield batch, end
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One send of a file: where it got to, lines it could not read, a torn last line left."""
+
+    offset: int
+    unreadable: int
+    incomplete: bool
+
+
+def send_file(path: Path, writer: Writer, *, wait_s: float = 0.0, stop: Callable[[], bool] = lambda: False
+              ) -> Pass | None:
+    """Send the complete lines after the recorded offset, in order, recording progress after each
+    batch, until done or `stop()`. None when another sender holds the file past `wait_s`. A
+    transient failure raises (the progress so far is kept); so does RunRefused."""
+    with file_lock(path, wait_s) as held:
+        if not held:
+            return None
+        progress = Progress.load(path)
+        writer.adopt(progress.runs)
+        files, unreadable = artifacts_dir(path), 0
+        for batch, end in _batches(path, progress.offset):
+            if stop():
+                break
+            if batch:
+                writer.apply(batch, files=files)
+            else:
+                unreadable += 1
+                log.warning("%s: an unreadable line before byte %d is skipped", path, end)
+            progress.offset = end
+            progress.note_runs(batch, writer)
+            progress.save(path)
+            remove_staged(batch, files)
+        return Pass(progress.offset, unreadable, _torn(path, progress.offset))
+
+
+def _torn(path: Path, offset: int) -> bool:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        rest = f.read()
+    return bool(rest) and b"\n" not in rest
+
+
+def fully_sent(path: Path) -> bool:
+    """Whether every byte of the file is sent (no file: nothing to send)."""
+    try:
+        return not path.exists() or path.stat().st_size == Progress.load(path).offset
+    except UserError:  # a broken progress record: not known to be sent
+        return False
+
+
+def pending_files(spill_dir: Path, tracking_uri: str) -> list[Path]:
+    """Spill files for this tracking server with lines not yet sent, oldest first."""
+    unsent: list[tuple[float, Path]] = []
+    for path in Path(spill_dir).glob(f"{_digest(server_name(tracking_uri))}-*{SUFFIX}"):
+        try:
+            stat = path.stat()
+            if stat.st_size > Progress.load(path).offset:
+                unsent.append((stat.st_mtime, path))
+        except (OSError, UserError) as exc:  # removed meanwhile, or a broken progress record
+            log.warning("%s: not sent (%s)", path, exc)
+    return [path for _, path in sorted(unsent)]
+
+
+def remove_if_sent(path: Path) -> bool:
+    """Delete a file every line of which was sent, with its progress record and artifacts folder."""
+    with file_lock(path, 0.0) as held:
+        if not held or not path.exists() or not fully_sent(path):
+            return False
+        for extra in (path, _sibling(path, ".offset")):
+            extra.unlink(missing_ok=True)
+        shutil.rmtree(artifacts_dir(path), ignore_errors=True)
+        _sibling(path, ".lock").unlink(missing_ok=True)
+        return True
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    points: int
+    operations: int
+    skipped_points: int  # per-step points at or below the resumed run's floor
+    unreadable: int
+    incomplete: bool
+    refusals: tuple[str, ...]
+
+    def lines(self, path: Path) -> list[str]:
+        lines = [f"sent {self.points} metric points and {self.operations} other operations from {path}"]
+        if self.skipped_points:
+            lines.append(f"{self.skipped_points} per-step points were already in the resumed run; not sent again")
+        if self.unreadable:
+            lines.append(f"{self.unreadable} unreadable lines were skipped")
+        if self.incomplete:
+            lines.append("an incomplete last line is left for a later replay")
+        return lines + list(self.refusals)
+
+
+def replay(path: str | Path, tracking_uri: str) -> ReplayResult:
+    """Send a spill file's unsent lines to `tracking_uri` (idempotent: see the module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such spill file")
+    if path.suffix != SUFFIX:  # progress is recorded beside the file: not beside just any file
+        raise UserError(f"{path}: not a spill file (their names end in {SUFFIX})")
+    from orchestrator.tracking.store import Store
+
+    server = server_name(tracking_uri)
+    try:
+        writer = Writer(Store(tracking_uri, timeout_s=constants.TRACKING_REQUEST_TIMEOUT_S))
+    except Exception as exc:  # noqa: BLE001 - an unusable URI, said in one line
+        raise UserError(f"--tracking-uri: {server}: {describe(exc)}") from exc
+    try:
+        done = send_file(path, writer, wait_s=constants.TRACKING_REPLAY_LOCK_WAIT_S)
+    except RunRefused as exc:
+        raise UserError(f"{path}: MLflow at {server} refused to open {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - no answer: the progress so far is recorded
+        raise UserError(f"{path}: MLflow at {server} did not take it ({describe(exc)}); "
+                        f"{writer.sent_points} points and {writer.sent_operations} operations were sent first: "
+                        "run the same command again to send the rest") from exc
+    if done is None:
+        raise UserError(f"{path}: another process (a running job or a replay) is sending this file; "
+                        "try again when it is done")
+    return ReplayResult(writer.sent_points, writer.sent_operations, writer.skipped_points, done.unreadable,
+                        done.incomplete, tuple(writer.refusals))

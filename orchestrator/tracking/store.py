@@ -1,0 +1,200 @@
+"""The only module that talks to MLflow: bounded requests to one tracking store.
+
+For a tracking server (http, https) every request is ONE attempt of at most
+``TRACKING_REQUEST_TIMEOUT_S``, artifact uploads through the server's proxy included: MLflow's own
+client retries for minutes (7 retries, 120 s each), which is what let an outage stop training. The
+caller (the tracker's sender thread, or ``tracking replay``) retries on its own schedule. A local
+store (sqlite, a folder) is used as MLflow opens it. Imported only off the caller's thread: MLflow
+takes seconds to import.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import tempfile
+import warnings
+from collections.abc import Iterable, Mapping
+from functools import partial
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from mlflow.entities import ExperimentTag, Metric, Param, RunStatus, RunTag, ViewType
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.store.tracking.rest_store import RestStore
+from mlflow.utils.credentials import get_default_host_creds
+from mlflow.utils.proto_json_utils import parse_dict
+from mlflow.utils.rest_utils import http_request, verify_rest_response
+
+from orchestrator.tracking.ops import BATCH_LIMIT, HANDLE_TAG, RUN_KEY_TAG, ResolvedRun
+
+PARAMS_PER_REQUEST = 100  # MLflow's log_batch limit for params and for tags
+# HTTP statuses of a request the store understood and refused (a bad value, no such run): sending
+# it again cannot succeed. Anything else (no answer, 5xx, 429, auth) may pass later.
+REFUSED = (400, 404, 409)
+
+
+def is_refusal(exc: BaseException) -> bool:
+    return isinstance(exc, MlflowException) and exc.get_http_status_code() in REFUSED
+
+
+class BoundedRestStore(RestStore):
+    """MLflow's REST store, each request one attempt bounded by `timeout_s`."""
+
+    def __init__(self, tracking_uri: str, timeout_s: float) -> None:
+        super().__init__(partial(get_default_host_creds, tracking_uri))
+        self.timeout_s = timeout_s
+
+    def _call_endpoint(self, api: Any, json_body: str | None = None, endpoint: str | None = None,
+                       retry_timeout_seconds: float | None = None, response_proto: Any = None) -> Any:
+        default_endpoint, method = self._METHOD_TO_INFO[api]
+        endpoint = endpoint or default_endpoint
+        body = json.loads(json_body) if json_body is not None else None
+        payload = {"params": body} if method == "GET" else {"json": body}
+        response = http_request(self.get_host_creds(), endpoint, method, max_retries=0,
+                                timeout=self.timeout_s, **payload)
+        response = verify_rest_response(response, endpoint)
+        proto = response_proto or api.Response()
+        if response.status_code != 204:
+            parse_dict(js_dict=response.json(), message=proto)
+        return proto
+
+
+def _mlflow_store(tracking_uri: str, timeout_s: float) -> Any:
+    if urlsplit(tracking_uri).scheme in ("http", "https"):
+        return BoundedRestStore(tracking_uri, timeout_s)
+    from mlflow.tracking._tracking_service.utils import _get_store
+
+    return _get_store(tracking_uri)
+
+
+class Store:
+    """The operations the tracker needs, on one tracking store."""
+
+    def __init__(self, tracking_uri: str, *, timeout_s: float) -> None:
+        self.tracking_uri = tracking_uri
+        self.timeout_s = timeout_s
+        self._mlflow = _mlflow_store(tracking_uri, timeout_s)
+        self._repos: dict[str, Any] = {}  # artifact repository by artifact URI
+
+    def open_run(self, *, experiment: str, run_key: str, run_name: str, handle: str, floor_key: str,
+                 start_ms: int) -> ResolvedRun:
+        """Resume the run tagged with `run_key` (set RUNNING again), or create it."""
+        experiment_id = self._experiment_id(experiment)
+        found = self._mlflow.search_runs([experiment_id], f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
+                                         ViewType.ACTIVE_ONLY, max_results=1)
+        if not found:
+            run = self._mlflow.create_run(experiment_id, "unknown", start_ms,
+                                          [RunTag(RUN_KEY_TAG, run_key), RunTag(HANDLE_TAG, handle)], run_name)
+            return _resolved(run, resumed=False, floor_key=floor_key)
+        run = found[0]
+        if run.data.tags.get(HANDLE_TAG) == handle:  # this handle's create, stored before it timed out
+            return _resolved(run, resumed=False, floor_key=floor_key)
+        self._mlflow.update_run_info(run.info.run_id, RunStatus.RUNNING, run.info.end_time, None)
+        return _resolved(run, resumed=True, floor_key=floor_key)
+
+    def _experiment_id(self, name: str) -> str:
+        existing = self._mlflow.get_experiment_by_name(name)
+        if existing is not None:
+            return existing.experiment_id
+        try:
+            return self._mlflow.create_experiment(
+                name, _artifacts_beside_db(self.tracking_uri),
+                # Open in the UI's "Model training" view (MLflow 3 defaults new experiments to GenAI).
+                [ExperimentTag("mlflow.experimentKind", "custom_model_development")],
+            )
+        except MlflowException as exc:  # another job created it meanwhile
+            if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+            return self._mlflow.get_experiment_by_name(name).experiment_id
+
+    def log_metrics(self, run_id: str, points: list[Any]) -> None:
+        """Points as (key, value, timestamp_ms, step)."""
+        metrics = [Metric(key, value, stamp, step) for key, value, stamp, step in points]
+        for i in range(0, len(metrics), BATCH_LIMIT):
+            self._mlflow.log_batch(run_id, metrics[i : i + BATCH_LIMIT], [], [])
+
+    def log_params(self, run_id: str, params: Mapping[str, str]) -> None:
+        for chunk in _chunks([Param(k, v) for k, v in params.items()]):
+            self._mlflow.log_batch(run_id, [], chunk, [])
+
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        for chunk in _chunks([RunTag(k, v) for k, v in tags.items()]):
+            self._mlflow.log_batch(run_id, [], [], chunk)
+
+    def set_status(self, run_id: str, status: str, end_ms: int) -> None:
+        self._mlflow.update_run_info(run_id, RunStatus.from_string(status), end_ms, None)
+
+    def log_text(self, run: ResolvedRun, text: str, name: str) -> None:
+        folder, file_name = posixpath.split(name)
+        with tempfile.TemporaryDirectory(prefix="orch-artifact-") as tmp:
+            local = Path(tmp) / file_name
+            local.write_text(text)
+            self.log_artifact(run, local, folder or None)
+
+    def log_artifact(self, run: ResolvedRun, local: Path, artifact_path: str | None) -> None:
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+        from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
+
+        repo = self._repos.get(run.artifact_uri)
+        if repo is None:
+            repo = get_artifact_repository(run.artifact_uri, tracking_uri=self.tracking_uri)
+            self._repos[run.artifact_uri] = repo
+        if isinstance(repo, HttpArtifactRepository):  # the server's artifact proxy: one bounded PUT
+            self._put(repo.artifact_uri, local, artifact_path)
+        else:  # a folder, or object storage the client writes itself (bounded by its own client)
+            repo.log_artifact(str(local), artifact_path)
+
+    def _put(self, artifacts_url: str, local: Path, artifact_path: str | None) -> None:
+        from mlflow.utils.mime_type_utils import _guess_mime_type
+
+        endpoint = posixpath.join("/", *[p for p in (artifact_path, local.name) if p])
+        with open(local, "rb") as data:
+            response = http_request(get_default_host_creds(artifacts_url), endpoint, "PUT", data=data,
+                                    extra_headers={"Content-Type": _guess_mime_type(local.name)},
+                                    max_retries=0, timeout=self.timeout_s)
+        verify_rest_response(response, endpoint)
+
+    def log_dataset(self, run_id: str, *, name: str, uri: str, rows: int, schema: Mapping[str, str]) -> None:
+        """A dataset entry (MLflow's run inputs) for the Parquet data the job reads."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.types import ColSpec, Schema
+
+        spec = Schema([ColSpec(type="string", name=f"{col}: {dtype}") for col, dtype in schema.items()])
+        with warnings.catch_warnings():  # a local path matches two equivalent source types
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(uri)
+        entity = MetaDataset(source, name=name, schema=spec)._to_mlflow_entity()
+        tags = [InputTag("mlflow.data.context", "training"), InputTag("rows", str(rows))]
+        self._mlflow.log_inputs(run_id, datasets=[DatasetInput(entity, tags=tags)])
+
+
+def _chunks(items: list[Any]) -> Iterable[list[Any]]:
+    for i in range(0, len(items), PARAMS_PER_REQUEST):
+        yield items[i : i + PARAMS_PER_REQUEST]
+
+
+def _resolved(run: Any, *, resumed: bool, floor_key: str) -> ResolvedRun:
+    # The run's latest metrics carry the highest step logged for each key.
+    last_steps = {m.key: m.step for m in run.data.to_proto().metrics}
+    return ResolvedRun(
+        run_id=run.info.run_id, experiment_id=run.info.experiment_id, artifact_uri=run.info.artifact_uri,
+        resumed=resumed, floor=last_steps.get(floor_key) if resumed else None,
+        params=dict(run.data.params), tags=dict(run.data.tags), last_steps=last_steps,
+    )
+
+
+def _artifacts_beside_db(tracking_uri: str) -> str | None:
+    """A sqlite store keeps its artifacts in ./mlruns beside the database, wherever it runs from.
+
+    MLflow's own default is ./mlruns of the current directory, which differs between a driver,
+    a submitted job and `mlflow ui`; servers (http URIs) choose their own artifact root.
+    """
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = Path(tracking_uri.removeprefix("sqlite:///"))
+    return (db.parent / "mlruns").resolve().as_uri()

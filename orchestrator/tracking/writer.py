@@ -1,0 +1,152 @@
+"""Sending operations, in order, to one store: what the live tracker and `tracking replay` share.
+
+The writer knows the run behind each handle (resolved by an open operation, or read back from a
+spill file's progress record) and applies the two rules that make a resumed run consistent:
+per-step metric points at or below the run's resume floor are dropped, and operations meant for a
+new run only (the config file, the dataset input) are dropped when the run was resumed. Both are
+decided here, at send time, because a job may resume while MLflow is down.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.tracking.ops import Op, ResolvedRun, describe, server_name
+
+if TYPE_CHECKING:
+    from orchestrator.tracking.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class RunRefused(Exception):
+    """MLflow refused to open a handle's run (a deleted experiment, say): nothing of it can be sent."""
+
+
+class Writer:
+    def __init__(self, store: Store) -> None:
+        from orchestrator.tracking.store import is_refusal
+
+        self.store = store
+        self._is_refusal = is_refusal
+        self.runs: dict[str, ResolvedRun] = {}
+        self._param_keys: dict[str, set[str]] = {}
+        self.sent_points = 0
+        self.sent_operations = 0
+        self.skipped_points = 0  # per-step points at or below a resume floor
+        self.refusals: list[str] = []
+
+    def adopt(self, runs: Mapping[str, Mapping[str, Any]]) -> None:
+        """Runs resolved earlier (a spill file's progress record); a run already known wins."""
+        for handle, data in runs.items():
+            self.runs.setdefault(handle, ResolvedRun.from_json(data))
+
+    def apply(self, batch: list[Op], *, files: Path) -> None:
+        """Send one batch (`files`: the folder staged artifact copies are relative to).
+
+        A transient failure raises: nothing of the batch is known to be stored, and sending it
+        again is safe (MLflow drops a metric point identical to one it has; tags, params and
+        artifacts are set to the same values). An operation the store refuses is dropped and noted.
+        """
+        try:
+            self._send(batch, files)
+        except Exception as exc:
+            malformed = isinstance(exc, (KeyError, TypeError, ValueError))  # a spill line edited by hand
+            if not (malformed or self._is_refusal(exc)):
+                raise
+            if len(batch) > 1:  # find the refused ones; send the rest
+                for op in batch:
+                    self.apply([op], files=files)
+                return
+            self._refused(batch, f"{'malformed' if malformed else 'MLflow refused it'}: {describe(exc)}")
+
+    def _refused(self, batch: list[Op], why: str) -> None:
+        what = f"a {batch[0]['op']} operation" if len(batch) == 1 else f"{len(batch)} {batch[0]['op']} operations"
+        message = f"{what} could not be sent ({why}); dropped"
+        log.warning("%s", message)
+        self.refusals.append(message)
+
+    def _send(self, batch: list[Op], files: Path) -> None:
+        first = batch[0]
+        if first["op"] == "open":
+            self._open(first)
+            return
+        run = self.runs.get(first["handle"])
+        if run is None:  # its open line was lost (an unreadable line): no run to send it to
+            self._refused(batch, f"no run is known for handle {first['handle']}")
+        elif first.get("new_run_only") and run.resumed:
+            return
+        elif first["op"] == "metrics":
+            self._metrics(run, batch)
+        else:
+            getattr(self, f"_{first['op']}")(run, first, files)
+            self.sent_operations += 1
+
+    def _open(self, op: Op) -> None:
+        handle = op["handle"]
+        if handle in self.runs:
+            return
+        recorded = op.get("resolved")
+        if recorded and op.get("tracking_uri") == server_name(self.store.tracking_uri):
+            self.runs[handle] = ResolvedRun.from_json(recorded)
+            return
+        try:
+            self.runs[handle] = self.store.open_run(
+                experiment=op["experiment"], run_key=op["run_key"], run_name=op["run_name"], handle=handle,
+                floor_key=op["floor_key"], start_ms=op["t"])
+        except Exception as exc:
+            if self._is_refusal(exc):
+                raise RunRefused(f"run {op['run_name']!r} in experiment {op['experiment']!r}: "
+                                 f"{describe(exc)}") from exc
+            raise
+        self.sent_operations += 1
+
+    def _metrics(self, run: ResolvedRun, batch: list[Op]) -> None:
+        floor = -1 if run.floor is None else run.floor
+        points = [p for op in batch for p in op["points"] if not (op["per_step"] and p[3] <= floor)]
+        self.skipped_points += sum(len(op["points"]) for op in batch) - len(points)
+        if points:
+            self.store.log_metrics(run.run_id, points)
+            self.sent_points += len(points)
+
+    def _params(self, run: ResolvedRun, op: Op, files: Path) -> None:
+        # A param is set once: a resumed run keeps the value it has (MLflow refuses a change).
+        known = self._param_keys.setdefault(op["handle"], set(run.params))
+        fresh = {k: v for k, v in op["params"].items() if k not in known}
+        if fresh:
+            self.store.log_params(run.run_id, fresh)
+            known.update(fresh)
+
+    def _tags(self, run: ResolvedRun, op: Op, files: Path) -> None:
+        self.store.set_tags(run.run_id, op["tags"])
+
+    def _text(self, run: ResolvedRun, op: Op, files: Path) -> None:
+        self.store.log_text(run, op["text"], op["name"])
+
+    def _file(self, run: ResolvedRun, op: Op, files: Path) -> None:
+        local = files / op["staged"]
+        if not local.is_file():  # removed by hand, or already sent by a replay that died before recording it
+            self._refused([op], f"its copy {local} is gone")
+            return
+        self.store.log_artifact(run, local, op["artifact_path"])
+
+    def _dataset(self, run: ResolvedRun, op: Op, files: Path) -> None:
+        self.store.log_dataset(run.run_id, name=op["name"], uri=op["uri"], rows=op["rows"], schema=op["schema"])
+
+    def _finish(self, run: ResolvedRun, op: Op, files: Path) -> None:
+        self.store.set_status(run.run_id, op["status"], op["t"])
+
+
+def remove_staged(batch: list[Op], files: Path) -> None:
+    """Delete the artifact copies a sent batch made at call time."""
+    for op in batch:
+        if op["op"] == "file":
+            local = files / op["staged"]
+            local.unlink(missing_ok=True)
+            try:
+                local.parent.rmdir()
+            except OSError:
+                pass
