@@ -78,11 +78,8 @@ def result_lines(result: Any, *, tracking_uri: str, resume_hint: str) -> list[st
     lines.append(f"final step: {result.final_step}; " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
     if result.model_version:
         lines.append(f"registered model version: {result.model_version}")
-    report = result.tracking
-    if report is not None and getattr(report, "spilled", 0):
-        lines.append(f"tracking: {report.spilled} records did not reach {report.tracking_uri}; they are in "
-                     f"{report.spill_file}; send them with: {report.replay_command} (the next run against that "
-                     "server sends them by itself)")
+    if result.tracking is not None:  # what MLflow did not take, and the command that sends it
+        lines += result.tracking.lines()
     lines.append(ui_hint(tracking_uri))
     return lines
 

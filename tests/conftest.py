@@ -18,7 +18,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("ORCH_PROGRESS_POLL_S", "0.2")
-os.environ.setdefault("ORCH_METRIC_FLUSH_S", "0.5")
+os.environ.setdefault("ORCH_TRACKING_FLUSH_S", "0.5")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

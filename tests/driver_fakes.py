@@ -70,6 +70,9 @@ class FakeRun:
     def log_artifact(self, path: Any, artifact_path: str | None = None) -> None:
         pass
 
+    def set_description(self, text: str) -> None:
+        self.description = text
+
     def finish(self, status: str) -> None:
         assert self.status is None, "the run was ended twice"
         self.status = status

@@ -39,15 +39,14 @@ def initial_records(run: Any, prepared: Prepared, sizing: Sizing, *, config_path
         "workers": describe(sizing.workers), "use_gpu": prepared.use_gpu,
         **({"placement": str(sizing.prediction.placement)} if sizing.prediction else {}),
         **_calibration_tags(sizing),
-        "mlflow.note.content": description(prepared, sizing),
         **_git_tags(),
     })
-    if config_path and not run.resumed:
-        run.log_text(redacted_yaml(config_path), f"config/{Path(config_path).name}")
+    run.set_description(description(prepared, sizing))
+    if config_path:
+        run.log_text(redacted_yaml(config_path), f"config/{Path(config_path).name}", new_run_only=True)
     run.log_dict(redact(job.to_dict()), "config/resolved.json")
-    if not run.resumed:
-        run.log_dataset(name=job.data.dataset or Path(job.data.paths[0]).name, uri=job.data.paths[0],
-                        rows=prepared.data.train_rows, schema=_data_schema(job))
+    run.log_dataset(name=job.data.dataset or Path(job.data.paths[0]).name, uri=job.data.paths[0],
+                    rows=prepared.data.train_rows, schema=_data_schema(job))
     _log_sizing(run, sizing)
 
 
