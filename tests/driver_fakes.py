@@ -29,12 +29,14 @@ def steps(first: int, last: int, *, step_time: float = 0.02, observed_steps: int
 @dataclass
 class FakeIdentity:
     complete: bool = False
+    model_pending: bool = False
     key: str = "job-key"
     state: Any = field(default_factory=lambda: SimpleNamespace(finished=None, counts={}))
     finished: dict[str, Any] | None = None
     released: bool = False
 
-    def mark_finished(self, *, step: int, run_id: str | None, model_version: str | None) -> None:
+    def mark_finished(self, *, step: int, run_id: str | None, model_version: str | None,
+                      checkpoint: str | None = None) -> None:
         self.finished = {"step": step, "run_id": run_id, "model_version": model_version}
 
     def save_counts(self, counts: dict[str, int]) -> None:

@@ -85,6 +85,7 @@ class Run(Protocol):
 
 class Identity(Protocol):
     complete: bool
+    model_pending: bool
     key: str
     state: Any  # identity.JobState: `finished` holds what a finished job ended with
 
@@ -111,6 +112,8 @@ class Ports:
     clear_stop: Callable[[], None]
     register: Callable[[Prepared, FitOutcome, Run], str | None]  # the trained model; its version
     ui: UI
+    # A finished job's model that never reached MLflow (it was down then): log it now; its version.
+    register_finished: Callable[[Identity], str | None] = lambda identity: None
     autoscale: Any = None  # .enabled(job) .request(workers) .arrived() .release(); None: never
     slots: Callable[[], int] = lambda: 0  # worker slots on the cluster now (re-planning's ceiling)
     clock: Callable[[], float] = time.monotonic
@@ -194,8 +197,10 @@ class JobController:
 
     def _prepare(self) -> State:
         self.identity = self.ports.claim()
-        if self.identity.complete:
-            return State.FINISHED  # nothing to do: said so, nothing touched
+        if self.identity.complete:  # nothing to train: said so, nothing touched but a model owed
+            if self.identity.model_pending:
+                self.model_version = self.ports.register_finished(self.identity)
+            return State.FINISHED
         self.prepared = self.ports.prepare()
         return State.SIZING
 
@@ -394,7 +399,9 @@ class JobController:
         if self.observations:
             self.run_log.log_dict(self.observations, "calibration/observations.json")
         if self.state is State.FINISHED and self.outcome is not None:
-            self.identity.mark_finished(step=rec.last_step, run_id=self.run_log.run_id, model_version=self.model_version)
+            checkpoint = self.outcome.checkpoint.path if self.outcome.checkpoint is not None else None
+            self.identity.mark_finished(step=rec.last_step, run_id=self.run_log.run_id,
+                                        model_version=self.model_version, checkpoint=checkpoint)
         # One summary per attempt (a rerun adds its own), named by when it ended.
         ended = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         self.run_log.log_dict({"state": self.state.value, "final_step": rec.last_step, "restarts": rec.restarts,
@@ -426,7 +433,8 @@ class JobController:
         if self.identity is not None and self.identity.complete and self.prepared is None:
             finished = dict(self.identity.state.finished or {})
             return JobResult(State.FINISHED, run_id=finished.get("run_id"), final_step=finished.get("step", 0),
-                             model_version=finished.get("model_version"), already_complete=finished)
+                             model_version=self.model_version or finished.get("model_version"),
+                             already_complete=finished)
         rec, outcome = self.recorder, self.outcome
         checkpoint = outcome.checkpoint if outcome is not None else None
         group = rec.group if rec else None

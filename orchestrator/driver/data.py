@@ -31,20 +31,25 @@ def check_data(job: JobConfig) -> int:
 
 def load_datasets(job: JobConfig) -> Datasets:
     """Ray Data's sets (paths already absolute: the job is localized) and an input example."""
-    import numpy as np
     import ray.data
+
+    ds = ray.data.read_parquet(job.data.paths)
+    train, val = ds.train_test_split(test_size=job.data.val_fraction) if job.data.val_fraction else (ds, ds.limit(0))
+    return Datasets(train, val, train.count(), input_example(job))
+
+
+def input_example(job: JobConfig) -> Any:
+    """The model's input example (its MLflow signature): the first rows, read by pyarrow directly
+    rather than by one more Ray Data job."""
+    import numpy as np
 
     from trainers.data import open_dataset
     from trainers.data.collate import Collate
 
-    ds = ray.data.read_parquet(job.data.paths)
-    train, val = ds.train_test_split(test_size=job.data.val_fraction) if job.data.val_fraction else (ds, ds.limit(0))
-    # The model's input example (its MLflow signature): the first rows, read by pyarrow directly
-    # rather than by one more Ray Data job.
     x, _ = Collate(job.data)(open_dataset(job.data.paths).head(4, columns=job.data.columns))
     if job.data.label is None:
         x = x[:, :-1].contiguous()  # the model sees tokens without the last target
-    return Datasets(train, val, train.count(), np.asarray(x.numpy()))
+    return np.asarray(x.numpy())
 
 
 def steps_per_epoch(train_rows: int, global_batch: int) -> int:

@@ -109,10 +109,23 @@ class JobIdentity:
     def save(self) -> None:
         self.storage.write_json(posixpath.join(self.name, STATE_FILE), self.state.to_dict())
 
-    def mark_finished(self, *, step: int, run_id: str | None, model_version: str | None) -> None:
+    def mark_finished(self, *, step: int, run_id: str | None, model_version: str | None,
+                      checkpoint: str | None = None) -> None:
         self.state.finished = {"step": step, "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                               "run_id": run_id, "model_version": model_version}
+                               "run_id": run_id, "model_version": model_version, "checkpoint": checkpoint}
         self.state.length = _length(self.job)
+        self.save()
+
+    @property
+    def model_pending(self) -> bool:
+        """Finished, a model name configured, but the model never reached MLflow (it was down)."""
+        finished = self.state.finished or {}
+        return bool(self.job.tracking.registered_model and finished.get("checkpoint")
+                    and finished.get("model_version") is None)
+
+    def mark_model(self, version: str, run_id: str | None) -> None:
+        assert self.state.finished is not None
+        self.state.finished.update(model_version=version, run_id=run_id or self.state.finished.get("run_id"))
         self.save()
 
     def save_counts(self, counts: dict[str, int]) -> None:

@@ -73,7 +73,7 @@ class RayPorts:
         return Ports(claim=self.claim, prepare=self.prepare, size=self.size, open_run=self.open_run,
                      start_fit=self.start_fit, drain=self.drain, request_stop=self.request_stop,
                      clear_stop=self.clear_stop, register=self.register, ui=self.ui, autoscale=self,
-                     slots=self.slots)
+                     slots=self.slots, register_finished=self.register_finished)
 
     # -- PREPARING ---------------------------------------------------------------------------------
 
@@ -157,6 +157,28 @@ class RayPorts:
         from orchestrator.driver.registration import register_model
 
         return register_model(prepared, outcome, run, status=self.ui.status)
+
+    def register_finished(self, identity: JobIdentity) -> str | None:
+        """Log and register the model of a job that finished while the tracking server was down."""
+        import ray.train
+
+        from orchestrator.driver.data import input_example
+        from orchestrator.driver.fit import read_checkpoint
+        from orchestrator.driver.registration import log_model_now
+        from orchestrator.driver.tracked_run import TrackedRun
+
+        tracker = _open_tracker(self.job)  # sends what an earlier run left in its spill first
+        run = TrackedRun.open(tracker, self.job, identity)
+        try:
+            state = read_checkpoint(ray.train.Checkpoint(identity.state.finished["checkpoint"]))
+            version = log_model_now(self.job, state, input_example(self.job), run, status=self.ui.status)
+            if version is not None:
+                identity.mark_model(version, run.run_id)
+                run.finish("FINISHED")
+            return version
+        finally:
+            for line in run.close().lines():
+                self.ui.status(line)
 
     def close(self) -> None:
         if self.actor is not None:

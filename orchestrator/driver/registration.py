@@ -41,20 +41,23 @@ def requirements() -> list[str]:
 
 
 def register_model(prepared: Prepared, outcome: FitOutcome, run: Any, *, status: Any = None) -> str | None:
-    """Log the unwrapped model with an input example; register it under the configured name.
-    Returns the version, or None (nothing registered: no name configured, or the tracking server
-    could not take it: then the same command, run again, registers it)."""
-    job = prepared.job
+    """Log the trained model with an input example; register it under the configured name.
+    Returns the version, or None (no name configured, or the tracking server could not take it:
+    then the same command, run again, logs and registers it)."""
     if outcome.checkpoint is None:
         return None
+    return log_model_now(prepared.job, read_checkpoint(outcome.checkpoint), prepared.data.example, run, status=status)
+
+
+def log_model_now(job: Any, state: dict[str, Any], example: Any, run: Any, *, status: Any = None) -> str | None:
+    """`log_and_register` within bounded requests; a tracking server that cannot take it is said."""
     if not run.wait_resolved(constants.TRACKING_REQUEST_TIMEOUT_S):
         _tell(status, "model not logged: the tracking server is unreachable; run the same command again once it "
                       "is back to log and register it")
         return None
     try:
         with _bounded_requests():
-            return log_and_register(job, read_checkpoint(outcome.checkpoint), prepared.data.example,
-                                    run_id=run.run_id, tracking_uri=run.tracking_uri)
+            return log_and_register(job, state, example, run_id=run.run_id, tracking_uri=run.tracking_uri)
     except Exception as exc:  # noqa: BLE001 - training is done and checkpointed; this is recoverable
         _tell(status, f"model not logged ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); run the same "
                       "command again to log and register it")

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from urllib.parse import quote, urlencode
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ def open_tracker(tracking_uri: str, spill_dir: str | None) -> Tracker:
 class TrackedRun:
     def __init__(self, tracker: Tracker, handle: RunHandle) -> None:
         self.tracker, self.handle = tracker, handle
+        self._description, self._linked = "", True  # nothing to link until a description is set
 
     @classmethod
     def open(cls, tracker: Tracker, job: JobConfig, identity: Any) -> TrackedRun:
@@ -47,7 +50,18 @@ class TrackedRun:
         self.handle.set_tags(tags)
 
     def set_description(self, text: str) -> None:
+        self._description, self._linked = text, False
         self.handle.set_description(text)
+
+    def _link_chart(self) -> None:
+        """Once the run has an id: the description gains a link to predicted and observed step time
+        on one chart and one scale (MLflow's metric page takes several metric keys)."""
+        resolution = self.handle.resolution
+        if self._linked or resolution is None:
+            return
+        self._linked = True
+        self.handle.set_description(f"{self._description}\n\n[Predicted vs observed step time, one chart]"
+                                    f"({step_time_chart(resolution.run_id, resolution.experiment_id)})")
 
     def log_metrics(self, metrics: Mapping[str, float], *, step: int, at_ms: int | None = None,
                     per_step: bool = False) -> None:
@@ -72,4 +86,21 @@ class TrackedRun:
         return self.tracker.close(constants.TRACKING_CLOSE_TIMEOUT_S)
 
     def drain_warnings(self) -> list[str]:
+        """What the tracking path has to say (the driver calls this at every poll; the chart link is
+        added to the description here too, once the run is known)."""
+        self._link_chart()
         return self.tracker.drain_warnings()
+
+
+# The prediction's metrics beside the observation's, for one chart.
+STEP_TIME_KEYS = ("plan/observed_step_time_s", "plan/predicted_step_time_s", "plan/predicted_step_time_low_s",
+                  "plan/predicted_step_time_high_s")
+
+
+def step_time_chart(run_id: str, experiment_id: str) -> str:
+    """The MLflow UI's metric page for this run with the step-time keys plotted together."""
+    query = {"runs": json.dumps([run_id]), "metric": json.dumps(STEP_TIME_KEYS[0]),
+             "experiments": json.dumps([experiment_id]), "plot_metric_keys": json.dumps(list(STEP_TIME_KEYS)),
+             "plot_layout": "{}", "x_axis": "step", "y_axis_scale": "linear", "line_smoothness": "1",
+             "show_point": "true", "deselected_curves": "[]", "last_linear_y_axis_range": "[]"}
+    return "#/metric?" + urlencode(query, quote_via=quote)
