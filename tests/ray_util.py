@@ -177,6 +177,7 @@ class RecordingUI:
     def __init__(self, *, on_sized: Any = None, on_progress: Any = None) -> None:
         self.statuses: list[str] = []
         self.sizing: Any = None
+        self.last_step = 0
         self._on_sized, self._on_progress = on_sized, on_progress
 
     def status(self, message: str) -> None:
@@ -188,6 +189,7 @@ class RecordingUI:
             self._on_sized(prepared, sizing, resumed)
 
     def progress(self, step: int, total: int, info: dict[str, float]) -> None:
+        self.last_step = step
         if self._on_progress is not None:
             self._on_progress(step, total, info)
 
