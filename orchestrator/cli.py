@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from orchestrator.errors import UserError
+from orchestrator.quiet import quiet_noise
 
 app = typer.Typer(add_completion=False, help="Plan, train and track data-parallel jobs on Ray.")
 data_app = typer.Typer(help="Prepare data sets as Parquet.")
@@ -25,29 +26,6 @@ console = Console(stderr=True)
 out = Console(soft_wrap=True)  # result lines stay whole for scripts that parse them
 
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a field: --set training.lr=0.01")]
-
-
-# Warnings a user can do nothing about, dropped by (logger, text); docs/cluster-jobs.md says why each.
-NOISE = (
-    ("ray.experimental.tqdm_ray", "tqdm is not installed"),  # Ray Data's bars; the CLI draws its own
-    ("mlflow.utils.requirements_utils", "local version label"),  # torch's +cpu tag, left out on purpose
-)
-
-
-class _DropText(logging.Filter):
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.text = text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
-
-
-def quiet_noise() -> None:
-    # Nothing phones home by default (MLflow's client otherwise reports usage to an outside host).
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    for logger, text in NOISE:
-        logging.getLogger(logger).addFilter(_DropText(text))
 
 
 def main() -> None:

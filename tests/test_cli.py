@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from live_servers import BIN, ROOT, base_env, run_cli
 
-from orchestrator.cli import quiet_noise, ui_command
+from orchestrator.cli import ui_command
+from orchestrator.quiet import quiet_noise
 from orchestrator.errors import UserError
 from orchestrator.ray_jobs import check_transport, exit_code, resolve_address
 
@@ -125,7 +126,7 @@ def test_open_the_ui_names_an_mlflow_that_runs(tmp_path: Path) -> None:
 def test_library_noise_is_dropped_and_other_warnings_kept(caplog: pytest.LogCaptureFixture) -> None:
     quiet_noise()
     with caplog.at_level(logging.WARNING):
-        logging.getLogger("ray.experimental.tqdm_ray").warning("tqdm is not installed. Progress bars will be disabled.")
+        logging.getLogger("ray.data._internal.progress").warning("Progress bars disabled. To enable, set ...")
         logging.getLogger("mlflow.utils.requirements_utils").warning(
             "Found torch version (2.13.0+cpu) contains a local version label (+cpu).")
         logging.getLogger("mlflow.utils.requirements_utils").warning("something else")
