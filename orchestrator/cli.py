@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -15,9 +16,10 @@ import typer
 from rich.console import Console
 
 from orchestrator.errors import UserError
+from orchestrator.quiet import quiet_noise
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Plan, train and track data-parallel jobs on Ray.")
-data_app = typer.Typer(no_args_is_help=True, help="Prepare data sets as Parquet.")
+app = typer.Typer(add_completion=False, help="Plan, train and track data-parallel jobs on Ray.")
+data_app = typer.Typer(help="Prepare data sets as Parquet.")
 app.add_typer(data_app, name="data")
 console = Console(stderr=True)
 out = Console(soft_wrap=True)  # result lines stay whole for scripts that parse them
@@ -26,27 +28,51 @@ SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a f
 
 
 def main() -> None:
-    """Entry point: every UserError becomes one line on stderr and exit code 2."""
-    # Nothing phones home by default (MLflow's client otherwise reports usage to an outside host).
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    """Entry point. Exit codes: 0 done, 2 bad input (a UserError or a usage error: one line, no
+    traceback), 130 interrupted; `submit --follow` and `jobs logs --follow` add 1 (FAILED) and
+    3 (STOPPED), see `orchestrator.ray_jobs.exit_code`."""
+    from typer._click.exceptions import ClickException, UsageError as ClickUsageError
+
+    quiet_noise()
     logging.basicConfig(level=os.environ.get("ORCH_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     try:
-        app(standalone_mode=False)
+        # standalone_mode=False: typer raises usage errors instead of printing its boxed help, and
+        # returns (not raises) the code of a `typer.Exit`.
+        code = app(standalone_mode=False)
     except UserError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
+        note(f"[red]error:[/red] {exc}")
+        code = exc.exit_code
+    except ClickUsageError as exc:  # no or unknown command, unknown option, missing argument, bad value
+        _usage_error(exc.ctx, exc.format_message())
+        code = exc.exit_code
+    except ClickException as exc:
+        note(f"[red]error:[/red] {exc.format_message()}")
+        code = exc.exit_code
     except (typer.Abort, KeyboardInterrupt):
         console.print("aborted")
-        sys.exit(130)
-    except Exception as exc:  # click's usage errors carry their own exit code
-        import click
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
 
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        raise
+
+def note(text: str) -> None:
+    """One line on stderr, never wrapped (rich markup allowed)."""
+    console.print(text, highlight=False, soft_wrap=True)
+
+
+def _usage_error(ctx: Any, message: str) -> None:
+    """The usage line, then one error line (listing the commands where one is missing or unknown)."""
+    message = message.rstrip(".")
+    suggested = "Did you mean" in message  # typer's own guess at a mistyped command
+    if ctx is not None and (names := _command_names(ctx)) and "command" in message.lower() and not suggested:
+        message += f"; one of: {', '.join(names)}"
+    if ctx is not None:
+        console.print(ctx.get_usage(), highlight=False, markup=False, soft_wrap=True)
+        message += f" (see `{ctx.command_path} --help`)"
+    note(f"[red]error:[/red] {message}")
+
+
+def _command_names(ctx: Any) -> list[str]:
+    return sorted(ctx.command.list_commands(ctx)) if hasattr(ctx.command, "list_commands") else []
 
 
 @app.command()
@@ -62,10 +88,15 @@ def validate(config: Path, set_: SetOption = None) -> None:
     with torch.device("meta"):  # checks model.name and model.kwargs without allocating weights
         build_model(job.model.name, job.model.kwargs)
     if job.data.dataset and not all(Path(p).exists() for p in job.data.paths):
-        data = f"built-in {job.data.dataset!r}, prepared on first run"
+        # A mistyped path validates too: say that the first run prepares a new copy there.
+        data = f"not there yet, a new copy of the built-in {job.data.dataset!r} data set is prepared there on first run"
     else:
         data = f"{check_columns(job.data.paths, job.data.features, job.data.label)} rows"
     out.print(f"{config}: ok ({job.name}: model {job.model.name}, data {', '.join(job.data.paths)}: {data})")
+    renamed = any(o.partition("=")[0].strip() == "name" for o in set_ or [])
+    if renamed and job.tracking.registered_model:
+        note(f"note: the model is still registered as {job.tracking.registered_model!r} "
+             "(tracking.registered_model); --set name=... renames the job and its MLflow run only")
 
 
 @app.command()
@@ -92,8 +123,7 @@ def run(
     stop = threading.Event()
     with _graceful_stop(stop), RichUI(console) as ui:
         result = run_job(job, workers=workers, config_path=str(config), ui=ui, stop=stop, new_run=new_run)
-    hint = os.environ.get("ORCH_RESUME_HINT") or "run the same command again"
-    for line in result_lines(result, tracking_uri=resolve_tracking_uri(job), resume_hint=hint):
+    for line in result_lines(result, tracking_uri=resolve_tracking_uri(job)):
         out.print(line, highlight=False)
 
 
@@ -218,7 +248,7 @@ def probe_network(
               f"{spec.gpus_per_node} worker(s)")
 
 
-k8s_app = typer.Typer(no_args_is_help=True, help="Kubernetes manifests (KubeRay RayJob / RayCluster).")
+k8s_app = typer.Typer(help="Kubernetes manifests (KubeRay RayJob / RayCluster).")
 app.add_typer(k8s_app, name="k8s")
 
 
@@ -240,52 +270,62 @@ def k8s_render(
 
 
 # ---------------------------------------------------------------------------------------------
-# Ray Jobs: submit to a cluster, then list / follow / stop (orchestrator/submit.py)
+# Ray Jobs: submit to a cluster (orchestrator/submit.py), then list / follow / stop (ray_jobs.py)
 
-jobs_app = typer.Typer(no_args_is_help=True, help="Jobs submitted to a Ray cluster.")
+jobs_app = typer.Typer(help="Jobs submitted to a Ray cluster.")
 app.add_typer(jobs_app, name="jobs")
-tracking_app = typer.Typer(no_args_is_help=True, help="MLflow tracking helpers.")
+tracking_app = typer.Typer(help="MLflow tracking helpers.")
 app.add_typer(tracking_app, name="tracking")
 AddressOption = Annotated[
     str | None, typer.Option(help="Ray dashboard, e.g. http://HEAD:8265; default: RAY_ADDRESS.", show_default=False)
 ]
+InsecureOption = Annotated[bool, typer.Option(
+    "--insecure", help="Send the Ray token over plain http to another machine (refused otherwise).")]
+FOLLOW_HELP = "Stream the logs until the job ends; exit 0 SUCCEEDED, 1 FAILED, 3 STOPPED."
+
+
+def _jobs_client(address: str | None, insecure: bool) -> Any:
+    from orchestrator.ray_jobs import JobsClient
+
+    return JobsClient(address, insecure=insecure)
 
 
 @app.command()
 def submit(
     config: Path,
     address: AddressOption = None,
+    insecure: InsecureOption = False,
     workers: Annotated[int | None, typer.Option(help="Worker count; skips planning.")] = None,
-    follow: Annotated[bool, typer.Option(help="Stream the logs; exit 0 only if the job succeeds.")] = False,
+    follow: Annotated[bool, typer.Option(help=FOLLOW_HELP)] = False,
     resume: Annotated[str | None, typer.Option(help="Continue the job NAME (its MLflow run and checkpoints).")] = None,
     pip: Annotated[Path | None, typer.Option(help="requirements.txt to install on the cluster for this job.")] = None,
     set_: SetOption = None,
 ) -> None:
     """Submit a job to a Ray cluster (Ray Jobs API); each submission is its own job."""
-    from orchestrator import submit as jobs
+    from orchestrator.submit import submit_job
 
     if workers is not None and workers <= 0:
         raise UserError(f"--workers: must be > 0, got {workers}")
-    code = jobs.submit_job(config, address=address, overrides=list(set_ or []), workers=workers,
-                           resume=resume, requirements=pip, follow=follow)
+    code = submit_job(config, address=address, insecure=insecure, overrides=list(set_ or []), workers=workers,
+                      resume=resume, requirements=pip, follow=follow)
     raise typer.Exit(code)
 
 
 @jobs_app.command("list")
-def jobs_list(address: AddressOption = None) -> None:
+def jobs_list(address: AddressOption = None, insecure: InsecureOption = False) -> None:
     """Submitted jobs, oldest first."""
-    from orchestrator import submit as jobs
+    from orchestrator.ray_jobs import format_jobs
 
-    for line in jobs.format_jobs(jobs.JobsClient(address).list()):
+    for line in format_jobs(_jobs_client(address, insecure).list()):
         typer.echo(line)
 
 
 @jobs_app.command("status")
-def jobs_status(job_id: str, address: AddressOption = None) -> None:
+def jobs_status(job_id: str, address: AddressOption = None, insecure: InsecureOption = False) -> None:
     """A job's status, message and MLflow run name."""
-    from orchestrator import submit as jobs
+    from orchestrator.ray_jobs import format_info
 
-    for line in jobs.format_info(jobs.JobsClient(address).info(job_id)):
+    for line in format_info(_jobs_client(address, insecure).info(job_id)):
         typer.echo(line)
 
 
@@ -293,25 +333,24 @@ def jobs_status(job_id: str, address: AddressOption = None) -> None:
 def jobs_logs(
     job_id: str,
     address: AddressOption = None,
-    follow: Annotated[bool, typer.Option(help="Stream until the job ends; exit 0 only if it succeeded.")] = False,
+    insecure: InsecureOption = False,
+    follow: Annotated[bool, typer.Option(help=FOLLOW_HELP)] = False,
 ) -> None:
     """A job's driver logs."""
-    from orchestrator import submit as jobs
-
-    client = jobs.JobsClient(address)
+    client = _jobs_client(address, insecure)
     if not follow:
         sys.stdout.write(client.logs(job_id))
         return
-    raise typer.Exit(jobs.exit_code(client.follow(job_id, sys.stdout.write)))
+    raise typer.Exit(client.follow(job_id, sys.stdout.write))
 
 
 @jobs_app.command("stop")
-def jobs_stop(job_id: str, address: AddressOption = None) -> None:
+def jobs_stop(job_id: str, address: AddressOption = None, insecure: InsecureOption = False) -> None:
     """Stop a job (SIGTERM, then ORCH_JOB_STOP_GRACE_S to checkpoint) and wait for STOPPED."""
-    from orchestrator import submit as jobs
+    from orchestrator.ray_jobs import TERMINAL
 
-    status = jobs.JobsClient(address).stop(job_id)
-    out.print(f"{job_id}: {status}" + ("" if status in jobs.TERMINAL else " (stop requested; still ending)"))
+    status = _jobs_client(address, insecure).stop(job_id)
+    out.print(f"{job_id}: {status}" + ("" if status in TERMINAL else " (stop requested; still ending)"))
 
 
 @tracking_app.command("replay")

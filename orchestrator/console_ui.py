@@ -63,8 +63,11 @@ class RichUI:
         self._progress.update(self._task, completed=step, total=total, info="  ".join(parts) or "starting workers")
 
 
-def result_lines(result: Any, *, tracking_uri: str, resume_hint: str) -> list[str]:
+def result_lines(result: Any, *, tracking_uri: str) -> list[str]:
     """The closing lines of `orchestrator run` (stdout: scripts parse them)."""
+    import os
+
+    from orchestrator.submit import RESUME_HINT_ENV
     if result.already_complete is not None:
         done = result.already_complete
         return [f"complete: trained to step {done.get('step')} on {done.get('at')}; nothing to do "
@@ -72,7 +75,9 @@ def result_lines(result: Any, *, tracking_uri: str, resume_hint: str) -> list[st
                 "Use --new-run to train it again from scratch."]
     lines = []
     if result.stopped:
-        lines.append(f"stopped at step {result.final_step}; {resume_hint} to resume.")
+        again = os.environ.get(RESUME_HINT_ENV)  # a submitted job: the command is `submit --resume`
+        lines.append(f"stopped at step {result.final_step}; "
+                     + (f"resume with: {again}" if again else "run the same command again to resume."))
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and k != "step"}
     lines.append(f"MLflow run: {result.run_id or 'not created yet (tracking server unreachable)'}")
     lines.append(f"final step: {result.final_step}; " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
@@ -80,18 +85,21 @@ def result_lines(result: Any, *, tracking_uri: str, resume_hint: str) -> list[st
         lines.append(f"registered model version: {result.model_version}")
     if result.tracking is not None:  # what MLflow did not take, and the command that sends it
         lines += result.tracking.lines()
-    lines.append(ui_hint(tracking_uri))
+    lines.append(f"open the UI: {ui_command(tracking_uri)}")
     return lines
 
 
-def ui_hint(tracking_uri: str) -> str:
-    """How to look at the run: a command that works from this directory, or the server's address."""
-    import shutil
+def ui_command(uri: str) -> str:
+    """What opens the MLflow UI for `uri`: a server's own address, or the `mlflow ui` beside this
+    Python (a venv's `mlflow` is rarely on PATH)."""
+    import shlex
     import sys
     from pathlib import Path
 
-    if not tracking_uri.startswith("sqlite"):
-        return f"open the UI: {tracking_uri}"
-    here = Path(sys.executable).parent / "mlflow"
-    mlflow = str(here) if here.exists() else (shutil.which("mlflow") or f"{sys.executable} -m mlflow")
-    return f"open the UI: {mlflow} ui --backend-store-uri {tracking_uri}"
+    from orchestrator.redact import redact_uri
+
+    if not uri.startswith("sqlite"):
+        return redact_uri(uri)
+    mlflow = Path(sys.executable).with_name("mlflow")
+    command = [str(mlflow)] if mlflow.is_file() else [sys.executable, "-m", "mlflow"]
+    return shlex.join([*command, "ui", "--backend-store-uri", uri])

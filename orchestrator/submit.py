@@ -1,17 +1,24 @@
-"""Submit jobs to a Ray cluster through the Ray Jobs API, and list, follow and stop them.
+"""`orchestrator submit`: pack a job for a Ray cluster and send it through the Ray Jobs API.
 
 A submission packs everything the job needs on the cluster into a Ray runtime_env:
 
-- ``working_dir``: the config file and the local files it names (relative data folders, a
-  cluster spec), at the same relative paths, so the entrypoint runs as it would here;
+- ``working_dir``: the config file, the local files it names (relative data folders, a cluster
+  spec) at the same relative paths, so the entrypoint runs as it would here, and the entry script
+  (`orchestrator.job_entry`) that picks the head's Python that can run the job. Only regular files
+  travel: a link is followed only when it stays inside the current directory (a data folder
+  holding a link to ``~/.ssh`` is refused, not uploaded), and the size limit counts the files as
+  copied;
 - ``py_modules``: this checkout's ``orchestrator`` and ``trainers`` packages, so the cluster runs
   the code that was submitted even where the package is missing or older;
 - ``pip``: only with ``--pip REQUIREMENTS``; cluster images normally carry torch, Ray and MLflow,
   and installing them per job takes minutes;
 - ``env_vars``: ``MLFLOW_TRACKING_URI``, the telemetry opt-outs and ``ORCH_*`` settings from the
-  submitting shell.
-  Credentials are never shipped: a job's runtime_env is readable by anyone who can reach the
-  dashboard, so tokens and passwords belong in the cluster nodes' own environment.
+  submitting shell, and ``ORCH_RESUME_HINT`` (the command that resumes this job, for the driver
+  to print when it stops early).
+  Credentials are never shipped: a job's runtime_env, entrypoint and working_dir are readable by
+  anyone who can reach the dashboard, so every URI (environment, ``--set`` values, the config file)
+  loses its userinfo and secret-named query parameters, and tokens and passwords belong in the
+  cluster nodes' own environment (``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``).
 
 Each submission is its own job: the config's ``name`` gets a random suffix, which is also the
 submission id. The MLflow run and the Ray Train checkpoints are keyed by that name, so submitting
@@ -21,40 +28,38 @@ a name to continue that job's run and checkpoints. User-facing notes: docs/clust
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
 import secrets
 import shlex
 import shutil
-import socket
 import sys
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import tempfile
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+
+import yaml
 
 import orchestrator
 import trainers
 from orchestrator import constants
 from orchestrator.config import JobConfig, load_config
 from orchestrator.errors import UserError
+from orchestrator.files import read_yaml
+from orchestrator.job_entry import entrypoint, write_entry
+from orchestrator.ray_jobs import JOB_KEY, JobsClient, Write
+from orchestrator.redact import redact_uri
 
-TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 PASSED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK")
 PASSED_ENV_PREFIX = "ORCH_"
+# What the job's driver prints, instead of "run the same command again", when it stops early.
+RESUME_HINT_ENV = "ORCH_RESUME_HINT"
 # Ray's dashboard accepts working_dir uploads up to 100 MiB.
 SHIP_LIMIT_BYTES = 100 * 2**20
-TOKEN_HINT = "set RAY_AUTH_TOKEN to the cluster's token (or RAY_AUTH_TOKEN_PATH to a file holding it)"
-JOB_KEY = "orchestrator.job"
-QUIET_LOGGERS = ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk",
-                 "ray._private.runtime_env.packaging")
-
-Write = Callable[[str], Any]
+CREDENTIALS_NOTE = ("credentials in a URI are not shipped (the job's runtime_env is readable by anyone "
+                    "who can reach the dashboard): the job gets {uri}; give the cluster "
+                    "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD in its own environment or a "
+                    "Kubernetes Secret")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +72,11 @@ class Submission:
     runtime_env: dict[str, Any]
     metadata: dict[str, str]
     notes: tuple[str, ...] = ()
+
+    def job(self) -> dict[str, Any]:
+        """The keyword arguments of `JobSubmissionClient.submit_job`."""
+        return {"entrypoint": self.entrypoint, "submission_id": self.submission_id,
+                "runtime_env": self.runtime_env, "metadata": self.metadata}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,32 +97,68 @@ def build_submission(
     overrides = list(overrides or [])
     suffix = secrets.token_hex(3)
     name = resume or f"{load_config(config_path, overrides).name}-{suffix}"
-    overrides.append(f"name={name}")
-    job = load_config(config_path, overrides)  # a bad --resume NAME fails here, naming `name`
+    job = load_config(config_path, [*overrides, f"name={name}"])  # a bad --resume NAME fails here, naming `name`
     if requirements is not None and not requirements.is_file():
         raise UserError(f"--pip: {requirements} not found")
-    shutil.copy2(config_path, staging / config_path.name)
+    config_stripped = _stage_config(config_path, staging)
     _stage_inputs(job, staging)
-    args = ["python", "-m", "orchestrator", "run", config_path.name, "--address", "auto"]
-    args += ["--workers", str(workers)] if workers else []
-    args += [part for o in overrides for part in ("--set", o)]
+    write_entry(staging)
+    shipped = [_without_credentials(o) for o in overrides]
+    sets = [part for o in [*shipped, f"name={name}"] for part in ("--set", o)]
+    count = ["--workers", str(workers)] if workers else []
+    env = _passed_env()
+    env[RESUME_HINT_ENV] = shlex.join(["orchestrator", "submit", str(config_path), "--resume", name, *count,
+                                       *(part for o in shipped for part in ("--set", o))])
     runtime_env: dict[str, Any] = {
         "working_dir": str(staging),
         "py_modules": [str(Path(m.__file__).parent) for m in (orchestrator, trainers)],
         "excludes": ["__pycache__", "*.pyc"],
-        "env_vars": _passed_env(),
+        "env_vars": env,
     }
     if requirements is not None:
         runtime_env["pip"] = str(requirements.resolve())
+    stripped = config_stripped or shipped != overrides or env.get("MLFLOW_TRACKING_URI") != os.environ.get(
+        "MLFLOW_TRACKING_URI")
     return Submission(
         submission_id=f"{name}-resume-{suffix}" if resume else name, job_name=name,
-        entrypoint=shlex.join(args), runtime_env=runtime_env,
-        metadata={JOB_KEY: name, "orchestrator.config": config_path.name}, notes=_notes(job),
+        entrypoint=entrypoint(["run", config_path.name, "--address", "auto", *count, *sets]),
+        runtime_env=runtime_env, metadata={JOB_KEY: name, "orchestrator.config": config_path.name},
+        notes=_notes(job, name, credentials_stripped=stripped),
     )
+
+
+def _strip(text: str) -> str:
+    return redact_uri(text) if "://" in text else text
+
+
+def _without_credentials(override: str) -> str:
+    key, sep, value = override.partition("=")
+    return f"{key}{sep}{_strip(value)}"
+
+
+def _stage_config(config_path: Path, staging: Path) -> bool:
+    """Copy the config into `staging`, rewritten without URI credentials if it has any; True then."""
+    raw = read_yaml(config_path, "config")
+    clean = _strip_uris(raw)
+    if clean == raw:
+        shutil.copy2(config_path, staging / config_path.name)  # byte for byte, comments kept
+        return False
+    (staging / config_path.name).write_text(yaml.safe_dump(clean, sort_keys=False))
+    return True
+
+
+def _strip_uris(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _strip_uris(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strip_uris(v) for v in value]
+    return _strip(value) if isinstance(value, str) else value
 
 
 def _stage_inputs(job: JobConfig, staging: Path) -> None:
     """Copy the relative paths the config reads into `staging`, under the same relative paths."""
+    root = Path.cwd().resolve()
+    files: list[tuple[Path, Path]] = []
     shipped = 0
     for field, path in _inputs(job):
         if "://" in path or os.path.isabs(path):
@@ -120,16 +166,37 @@ def _stage_inputs(job: JobConfig, staging: Path) -> None:
         if not Path(os.path.abspath(path)).is_relative_to(Path.cwd()):
             raise UserError(f"{field}: {path} is outside the current directory; give an absolute path or URI "
                             "the cluster can read")
-        if not os.path.exists(path):
+        if not os.path.lexists(path):
             if field == "data.path" and job.data.dataset is not None:
                 continue  # a built-in data set: the job prepares it on the cluster
             raise UserError(f"{field}: {path} not found (relative paths are shipped with the job)")
-        shipped += _size(Path(path))
+        found = shipped_files(field, Path(path), root)
+        shipped += sum(source.stat().st_size for source, _ in found)
         if shipped > SHIP_LIMIT_BYTES:
             raise UserError(f"{field}: {path} is too large to ship with the job (over "
                             f"{SHIP_LIMIT_BYTES // 2**20} MiB in all); put it where every node can read it "
                             "(an absolute shared path or s3://...)")
-        _copy(Path(path), staging / path)
+        files += found
+    for source, relative in files:
+        (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, staging / relative)
+
+
+def shipped_files(field: str, path: Path, root: Path, ancestors: frozenset[Path] = frozenset()
+                  ) -> list[tuple[Path, Path]]:
+    """(real source, relative destination) of every regular file under `path`, links followed only
+    while they stay inside `root`: what the job uploads, to copy and to count."""
+    real = path.resolve()
+    if not real.is_relative_to(root):
+        raise UserError(f"{field}: {path} leads to {real}, outside the current directory; links are followed "
+                        "only inside it (copy the files in, or give an absolute path the cluster can read)")
+    if real.is_dir():
+        if real in ancestors:
+            return []  # a link back up its own tree
+        return [f for child in sorted(path.iterdir()) for f in shipped_files(field, child, root, ancestors | {real})]
+    if not real.exists():
+        raise UserError(f"{field}: {path} is a broken link")
+    return [(real, path)] if real.is_file() else []
 
 
 def _inputs(job: JobConfig) -> list[tuple[str, str]]:
@@ -139,179 +206,35 @@ def _inputs(job: JobConfig) -> list[tuple[str, str]]:
     return found
 
 
-def _size(path: Path) -> int:
-    if path.is_dir():
-        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    return path.stat().st_size
-
-
-def _copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if src.is_dir():
-        shutil.copytree(src, dst, dirs_exist_ok=True)
-    else:
-        shutil.copy2(src, dst)
-
-
 def _passed_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k in PASSED_ENV or k.startswith(PASSED_ENV_PREFIX)}
+    env = {k: _strip(v) for k, v in os.environ.items() if k in PASSED_ENV or k.startswith(PASSED_ENV_PREFIX)}
     # Ray sends SIGTERM on `jobs stop`; the driver then writes a final checkpoint before this runs out.
     env["RAY_JOB_STOP_WAIT_TIME_S"] = str(int(constants.JOB_STOP_GRACE_S))
     return env
 
 
-def _notes(job: JobConfig) -> tuple[str, ...]:
+def _notes(job: JobConfig, name: str, *, credentials_stripped: bool) -> tuple[str, ...]:
     notes = []
     storage = job.checkpoint.storage_path
     if "://" not in storage and not os.path.isabs(storage):
         notes.append(f"checkpoint.storage_path: '{storage}' is relative, so checkpoints stay in the job's "
                      "working directory on the cluster; use an absolute shared path or a URI to keep them")
+    if job.data.dataset and not any(os.path.lexists(p) for p in job.data.paths):
+        notes.append(f"data.path: {', '.join(job.data.paths)} does not exist here, so the job prepares a new copy "
+                     f"of the built-in {job.data.dataset!r} data set there on the cluster")
     uri = job.resolved_tracking_uri()
     if uri is None:
         notes.append("tracking: MLFLOW_TRACKING_URI is not set, so the run is recorded inside the job's "
                      "working directory on the cluster; see docs/tracking-server.md")
     elif not uri.startswith(("http://", "https://", "databricks")):
-        notes.append(f"tracking: {uri} is a local store, readable only on the node running the job; "
+        notes.append(f"tracking: {_strip(uri)} is a local store, readable only on the node running the job; "
                      "see docs/tracking-server.md for a shared server")
+    if credentials_stripped:
+        notes.append("tracking: " + CREDENTIALS_NOTE.format(uri=_strip(uri or "")))
+    if job.tracking.registered_model:
+        notes.append(f"tracking.registered_model: the model is registered as {job.tracking.registered_model!r} "
+                     f"(a new version per job), not under the job name {name}")
     return tuple(notes)
-
-
-# ---------------------------------------------------------------------------------------------
-# The cluster
-
-
-def resolve_address(address: str | None) -> str:
-    """`--address`, else RAY_ADDRESS, as the dashboard URL the Jobs API lives at."""
-    address = address or os.environ.get("RAY_ADDRESS")
-    if not address:
-        raise UserError("--address: no Ray cluster given; pass --address http://HEAD:8265 or set RAY_ADDRESS")
-    url = address if "://" in address else f"http://{address}"
-    if urlsplit(url).scheme not in ("http", "https"):
-        raise UserError(f"--address {address}: expected the Ray dashboard's http://HOST:PORT (usually port 8265)")
-    return url.rstrip("/")
-
-
-def auth_token() -> tuple[str | None, str]:
-    """The token Ray's own clients would use, and where it came from (for error messages)."""
-    if token := os.environ.get("RAY_AUTH_TOKEN", "").strip():
-        return token, "RAY_AUTH_TOKEN"
-    if path := os.environ.get("RAY_AUTH_TOKEN_PATH"):
-        try:
-            return Path(path).expanduser().read_text().strip() or None, f"RAY_AUTH_TOKEN_PATH ({path})"
-        except OSError as exc:
-            raise UserError(f"RAY_AUTH_TOKEN_PATH: cannot read {path} ({exc.strerror})") from None
-    default = Path.home() / ".ray" / "auth_token"
-    if default.is_file():
-        return default.read_text().strip() or None, str(default)
-    return None, "no token"
-
-
-class JobsClient:
-    """The Ray Jobs API at one address; every cluster error becomes a one-line UserError."""
-
-    def __init__(self, address: str | None) -> None:
-        self.address = resolve_address(address)
-        self._probe()
-        token, self._token_source = auth_token()
-        headers = {"Authorization": f"Bearer {token}"} if token else None
-        from ray.job_submission import JobSubmissionClient
-
-        for name in QUIET_LOGGERS:  # Ray sets them to INFO: a line per upload and per log stream
-            logging.getLogger(name).setLevel(logging.WARNING)
-        with self._errors():
-            self._client = JobSubmissionClient(self.address, headers=headers)
-
-    def _probe(self) -> None:
-        # requests waits minutes on an address that drops packets; a TCP connect says it in seconds.
-        url = urlsplit(self.address)
-        port = url.port or (443 if url.scheme == "https" else 80)
-        try:
-            socket.create_connection((url.hostname, port), timeout=constants.RAY_CONNECT_TIMEOUT_S).close()
-        except OSError as exc:
-            raise UserError(f"--address {self.address}: cannot reach the Ray dashboard "
-                            f"({exc.strerror or type(exc).__name__})") from None
-
-    @contextmanager
-    def _errors(self, job_id: str | None = None) -> Iterator[None]:
-        import requests
-        from ray.exceptions import AuthenticationError
-
-        try:
-            yield
-        except AuthenticationError as exc:
-            if "Authentication failed" in exc.message:  # 403: a token was sent and refused
-                raise UserError(f"{self.address}: the Ray cluster rejected the token from "
-                                f"{self._token_source}; {TOKEN_HINT}") from None
-            raise UserError(f"{self.address}: the Ray cluster requires a token; {TOKEN_HINT}") from None
-        except (ConnectionError, requests.exceptions.RequestException) as exc:
-            raise UserError(f"--address {self.address}: the Ray dashboard stopped answering "
-                            f"({type(exc).__name__})") from None
-        except RuntimeError as exc:  # the Jobs API answered with an error status
-            if job_id is not None and "status code 404" in str(exc):
-                raise UserError(f"job {job_id}: no such job at {self.address} (see `orchestrator jobs list`)") from None
-            raise UserError(f"{self.address}: the Ray Jobs API refused: {_first_line(str(exc))}") from None
-
-    def submit(self, sub: Submission) -> str:
-        deadline = time.monotonic() + constants.JOB_SUBMIT_RETRY_S
-        while True:
-            try:
-                with self._errors():
-                    return self._client.submit_job(entrypoint=sub.entrypoint, submission_id=sub.submission_id,
-                                                   runtime_env=sub.runtime_env, metadata=sub.metadata)
-            except UserError as exc:
-                # A head that just started has no job agent yet; Ray says to try again later.
-                if "try again later" not in str(exc) or time.monotonic() > deadline:
-                    raise
-            time.sleep(constants.JOB_POLL_S)
-
-    def list(self) -> list[Any]:
-        with self._errors():
-            jobs = [j for j in self._client.list_jobs() if j.submission_id]
-        return sorted(jobs, key=lambda j: j.start_time or 0)
-
-    def info(self, job_id: str) -> Any:
-        with self._errors(job_id):
-            return self._client.get_job_info(job_id)
-
-    def status(self, job_id: str) -> str:
-        return str(self.info(job_id).status)
-
-    def logs(self, job_id: str) -> str:
-        with self._errors(job_id):
-            return self._client.get_job_logs(job_id)
-
-    def stop(self, job_id: str) -> str:
-        """Ask the job to stop (SIGTERM; Ray kills it JOB_STOP_GRACE_S later), then wait for a final status."""
-        with self._errors(job_id):
-            self._client.stop_job(job_id)
-        return self.wait(job_id, timeout_s=constants.JOB_STOP_WAIT_S)
-
-    def wait(self, job_id: str, *, timeout_s: float | None = None) -> str:
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while (status := self.status(job_id)) not in TERMINAL:
-            if deadline is not None and time.monotonic() > deadline:
-                break
-            time.sleep(constants.JOB_POLL_S)
-        return status
-
-    def follow(self, job_id: str, write: Write) -> str:
-        """Stream the job's logs until it ends; returns its final status."""
-        self.info(job_id)  # an unknown id is a one-line error, not a websocket failure
-        try:
-            asyncio.run(self._tail(job_id, write))
-        except UserError:
-            raise
-        except KeyboardInterrupt:
-            print(f"stopped following; the job goes on: orchestrator jobs logs {job_id} --follow", file=sys.stderr)
-            raise
-        except Exception as exc:  # noqa: BLE001 - the stream broke; the job's status still tells the end
-            print(f"log stream lost ({type(exc).__name__}); waiting for the job to end", file=sys.stderr)
-        return self.wait(job_id)
-
-    async def _tail(self, job_id: str, write: Write) -> None:
-        with self._errors(job_id):
-            async for chunk in self._client.tail_job_logs(job_id):
-                write(chunk)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,6 +245,7 @@ def submit_job(
     config_path: str | Path,
     *,
     address: str | None,
+    insecure: bool = False,
     overrides: list[str] | None = None,
     workers: int | None = None,
     resume: str | None = None,
@@ -329,48 +253,17 @@ def submit_job(
     follow: bool = False,
     write: Write = sys.stdout.write,
 ) -> int:
-    """Submit one job; prints its id (and with `follow` its logs). Returns the exit code:
-    0 once submitted (or, when following, on SUCCEEDED), 1 when a followed job did not succeed."""
-    import tempfile
-
+    """Submit one job; prints its id (and with `follow` its logs). Returns the exit code: 0 once
+    submitted, or when following the job's outcome (`orchestrator.ray_jobs.exit_code`)."""
     with tempfile.TemporaryDirectory(prefix="orch-submit-") as staging:
         sub = build_submission(config_path, staging=Path(staging), overrides=overrides, workers=workers,
                                resume=resume, requirements=requirements)
-        jobs = JobsClient(address)
+        jobs = JobsClient(address, insecure=insecure)
         for note in sub.notes:
             print(f"note: {note}", file=sys.stderr)
-        submission_id = jobs.submit(sub)  # uploads the working_dir before returning
+        submission_id = jobs.submit(**sub.job())  # uploads the working_dir before returning
     write(f"submitted {submission_id} to {jobs.address}\n")
     sys.stdout.flush()
     if not follow:
         return 0
-    return exit_code(jobs.follow(submission_id, write))
-
-
-def exit_code(status: str) -> int:
-    return 0 if status == "SUCCEEDED" else 1
-
-
-def format_jobs(jobs: list[Any]) -> list[str]:
-    rows = [("ID", "STATUS", "STARTED", "MESSAGE")]
-    rows += [(j.submission_id, str(j.status), _when(j.start_time), _first_line(j.message)[:60]) for j in jobs]
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    return [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}".rstrip() for r in rows]
-
-
-def format_info(info: Any) -> list[str]:
-    lines = [f"{info.submission_id}: {info.status}"]
-    if info.message:
-        lines.append(f"  {_first_line(info.message)}")
-    if name := (info.metadata or {}).get(JOB_KEY):
-        lines.append(f"  job name: {name} (MLflow run name; --resume {name} continues it)")
-    lines.append(f"  started {_when(info.start_time)}" + (f", ended {_when(info.end_time)}" if info.end_time else ""))
-    return lines
-
-
-def _when(ms: int | None) -> str:
-    return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
-
-
-def _first_line(text: str | None) -> str:
-    return text.strip().splitlines()[0] if text and text.strip() else ""
+    return jobs.follow(submission_id, write)

@@ -4,6 +4,7 @@ by their own process group (never by name: other Ray clusters and servers share 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -173,18 +174,45 @@ class RayHead:
     def start(self, *, num_cpus: int = 4) -> RayHead:
         self.token_file.write_text(self.token)
         self.dashboard_port = free_port()
-        ports = {"--port": free_port(), "--dashboard-port": self.dashboard_port,
-                 "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
-                 "--runtime-env-agent-port": free_port(), "--metrics-export-port": free_port(),
-                 "--ray-client-server-port": free_port(), "--node-manager-port": free_port(),
-                 "--object-manager-port": free_port()}
+        ports = {"--port": free_port(), "--dashboard-port": self.dashboard_port, **self._other_ports()}
         args = [str(BIN / "ray"), "start", "--head", "--dashboard-host", "127.0.0.1", "--temp-dir",
                 str(self.root / "ray"), "--num-cpus", str(num_cpus), "--include-dashboard=true",
                 "--disable-usage-stats", *(f"{k}={v}" for k, v in ports.items())]
         self.proc = start(args, log=self.log, env=self.env(), cwd=self.root)
+        return self._wait_ready()
+
+    @staticmethod
+    def _other_ports() -> dict[str, int]:
+        """Free ports for every server of a head beside the GCS and the dashboard: their fixed
+        defaults would clash with the other heads that tests start on this machine."""
+        return {"--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
+                "--runtime-env-agent-port": free_port(), "--metrics-export-port": free_port(),
+                "--ray-client-server-port": free_port(), "--node-manager-port": free_port(),
+                "--object-manager-port": free_port()}
+
+    def _wait_ready(self) -> RayHead:
         auth = {"Authorization": f"Bearer {self.token}"}
         wait_until(lambda: http_ok(f"{self.address}/api/jobs/", auth), timeout_s=120, what="ray head", log=self.log)
         return self
+
+    def start_documented(self, block: str, *, gcs_port: int = 6379, dashboard_port: int = 8265) -> RayHead:
+        """Run a documented head start-up (a bash block) as written, with the venv's bin off PATH
+        (Ray is started as `.venv/bin/ray`, the environment not activated) and HOME in this head's
+        folder (the token goes to ~/.ray/auth_token). Only ports change: free ones replace the
+        documented GCS and dashboard ports, and `ray start` gets free ports for its other servers."""
+        self.dashboard_port = free_port()
+        script = block.replace(f"={gcs_port}", f"={free_port()}").replace(f"={dashboard_port}",
+                                                                            f"={self.dashboard_port}")
+        extra = " ".join(f"{k}={v}" for k, v in self._other_ports().items())
+        script = re.sub(r"(ray start --head[^\n]*)", lambda m: f"{m.group(1)} {extra}", shell_lines(script))
+        env = {k: v for k, v in self.env().items() if not k.startswith("RAY_AUTH_TOKEN")}  # a user's shell
+        env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if Path(p) != BIN)
+        self.proc = start(["bash", "-ec", script], log=self.log, env=env, cwd=ROOT)
+        if self.proc.wait(timeout=180) != 0:  # `ray start` returns once the head runs; its daemons stay in the group
+            raise RuntimeError(f"documented head start-up failed:\n{self.log.read_text(errors='replace')[-3000:]}")
+        self.token = (self.root / ".ray" / "auth_token").read_text().strip()
+        self.token_file.write_text(self.token)
+        return self._wait_ready()
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -196,3 +224,21 @@ def run_cli(args: list[str], *, env: dict[str, str], cwd: Path = ROOT, timeout_s
             ) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "orchestrator"), *args], env=env, cwd=cwd, capture_output=True, text=True,
                           timeout=timeout_s)
+
+
+def doc_blocks(path: Path, heading: str) -> list[str]:
+    """The fenced ```bash blocks of one section of a markdown file, as written."""
+    section = path.read_text().split(f"\n{heading}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.*?)```", section, re.S)
+
+
+def shell_lines(block: str) -> str:
+    """A shell block with its continuation lines joined, one command per line."""
+    return block.replace("\\\n", " ")
+
+
+def make_project(root: Path, digits_data: Path) -> Path:
+    """A project folder as a user has it: the digits config, and the data at its relative path."""
+    shutil.copy(ROOT / "configs" / "digits.yaml", root / "digits.yaml")
+    shutil.copytree(digits_data, root / "data" / "digits")
+    return root

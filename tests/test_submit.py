@@ -1,110 +1,76 @@
 """`orchestrator submit` and `orchestrator jobs` against a real Ray head with token auth on.
 
-One head (`ray start --head`, every port free, its own temp dir, RAY_AUTH_MODE=token) and one
-`mlflow server` serve the whole module; both are stopped by process group at the end. The digits
-job is submitted twice from the same config: the first runs to SUCCEEDED, the second is stopped,
-and the first job's run and checkpoints must come through untouched.
+One head and one `mlflow server` serve the whole module; both are stopped by process group at the
+end. The head is started by the commands of docs/cluster-jobs.md ("Starting a head for
+`orchestrator submit`") as written, from `.venv/bin/ray` with the venv NOT on PATH (the case where
+a job used to run under the system Python), and the doc's first job is submitted as written. A
+second job from the same config is stopped, and the first job's run and checkpoints must come
+through untouched; two more fail on purpose (no usable Python; data missing on the head) and
+must say so in their exit codes.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import shutil
+import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from live_servers import ROOT, MlflowServer, RayHead, free_port, mlflow_server, run_cli, short_tmpdir, wait_until
+from live_servers import (BIN, ROOT, MlflowServer, RayHead, doc_blocks, free_port, make_project, mlflow_server, run_cli,
+                          shell_lines, short_tmpdir, wait_until)
 from mlflow.tracking import MlflowClient
 
-from orchestrator.errors import UserError
-from orchestrator.submit import build_submission
-
 CONFIG = "configs/digits.yaml"
+DOC = ROOT / "docs" / "cluster-jobs.md"
+SECTION = "## Starting a head for `orchestrator submit`"
+PASSWORD = "pw-" + secrets.token_hex(4)  # in the submitting shell's tracking URI; must never reach the cluster
 pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")
-def head() -> Iterator[RayHead]:
+def servers() -> Iterator[tuple[RayHead, MlflowServer]]:
+    """The head, started as the doc says, and the tracking server, side by side (each takes ~20 s)."""
     root = short_tmpdir("orch-head-")
-    cluster = RayHead(root, token=secrets.token_hex(16))
-    try:
-        yield cluster.start()
-    finally:
-        cluster.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    cluster = RayHead(root, token="")
+    # The pool exits first and so waits for the server to have started (or failed) before the
+    # stack stops whatever did start.
+    with ExitStack() as stack, ThreadPoolExecutor(max_workers=1) as pool:
+        stack.callback(shutil.rmtree, root, ignore_errors=True)
+        stack.callback(cluster.stop)
+        tracking = pool.submit(stack.enter_context, mlflow_server())
+        cluster.start_documented(doc_blocks(DOC, SECTION)[0])
+        yield cluster, tracking.result()
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[MlflowServer]:
-    with mlflow_server() as srv:
-        yield srv
+def head(servers: tuple[RayHead, MlflowServer]) -> RayHead:
+    return servers[0]
+
+
+@pytest.fixture(scope="module")
+def server(servers: tuple[RayHead, MlflowServer]) -> MlflowServer:
+    return servers[1]
 
 
 @dataclass
 class Submitted:
     job_id: str
     stdout: str
+    stderr: str
     storage: Path
-    workdir: Path
-
-
-def make_project(root: Path, digits_data: Path) -> Path:
-    """A project folder as a user has it: the config, and the data at its relative path."""
-    shutil.copy(ROOT / CONFIG, root / "digits.yaml")
-    shutil.copytree(digits_data, root / "data" / "digits")
-    return root
+    listed: str
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory, digits_data: Path) -> Path:
     return make_project(tmp_path_factory.mktemp("project"), digits_data)
-
-
-# ---------------------------------------------------------------------------------------------
-# Packaging, without a cluster
-
-
-def test_submission_packs_config_data_code_and_safe_env(
-    tmp_path: Path, digits_data: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    project = tmp_path / "project"
-    project.mkdir()
-    monkeypatch.chdir(make_project(project, digits_data))
-    for key, value in {"MLFLOW_TRACKING_URI": "http://tracking:5000", "ORCH_JOB_POLL_S": "0.1",
-                       "MLFLOW_TRACKING_PASSWORD": "hunter2", "RAY_AUTH_TOKEN": "secret-token"}.items():
-        monkeypatch.setenv(key, value)
-    staging = tmp_path / "staging"
-    staging.mkdir()
-    sub = build_submission("digits.yaml", staging=staging, overrides=["training.epochs=1"], workers=2)
-
-    assert re.fullmatch(r"digits-cnn-[0-9a-f]{6}", sub.submission_id) and sub.job_name == sub.submission_id
-    assert (staging / "digits.yaml").is_file() and list((staging / "data" / "digits").glob("*.parquet"))
-    assert [Path(m).name for m in sub.runtime_env["py_modules"]] == ["orchestrator", "trainers"]
-    env = sub.runtime_env["env_vars"]
-    assert env["MLFLOW_TRACKING_URI"] == "http://tracking:5000" and env["ORCH_JOB_POLL_S"] == "0.1"
-    assert "MLFLOW_TRACKING_PASSWORD" not in env and "RAY_AUTH_TOKEN" not in env
-    assert "hunter2" not in sub.entrypoint and "secret-token" not in sub.entrypoint
-    assert sub.entrypoint.startswith("python -m orchestrator run digits.yaml --address auto --workers 2 ")
-    assert sub.entrypoint.endswith(f"--set training.epochs=1 --set name={sub.job_name}")
-    again = build_submission("digits.yaml", staging=staging)
-    assert again.job_name != sub.job_name  # the same config twice: two jobs, two runs, two checkpoint dirs
-
-
-def test_resume_keeps_the_job_name_under_a_new_submission_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(ROOT)
-    sub = build_submission(CONFIG, staging=tmp_path, resume="digits-cnn-0a1b2c")
-    assert sub.job_name == "digits-cnn-0a1b2c"
-    assert sub.submission_id.startswith("digits-cnn-0a1b2c-resume-")
-    assert sub.entrypoint.endswith("--set name=digits-cnn-0a1b2c")
-
-
-def test_relative_path_outside_the_project_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(ROOT)
-    with pytest.raises(UserError, match=r"^data.path: \.\./elsewhere is outside the current directory"):
-        build_submission(CONFIG, staging=tmp_path, overrides=["data.path=../elsewhere"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,27 +87,57 @@ def _submitted_id(stdout: str) -> str:
     return match.group(1)
 
 
+def _run_documented(block: str, head: RayHead, env: dict[str, str]) -> list[subprocess.CompletedProcess]:
+    """Each command of a doc block as written, in bash, after the block's exports; only the
+    documented dashboard port is replaced by this head's."""
+    script = shell_lines(block).replace("127.0.0.1:8265", head.address.removeprefix("http://"))
+    lines = [line for line in script.splitlines() if line.strip() and not line.startswith("#")]
+    exports = [line for line in lines if line.startswith("export ")]
+    return [subprocess.run(["bash", "-ec", "\n".join([*exports, line])], env=env, cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+            for line in lines if not line.startswith("export ")]
+
+
 @pytest.fixture(scope="module")
-def finished(head: RayHead, server: MlflowServer, workdir: Path) -> Submitted:
-    """The digits job, submitted with --follow until it ends; its data travels in the working_dir."""
-    storage = head.root / "runs"
-    args = ["submit", *_job_args(storage, "--set", "training.epochs=1"), "--workers", "2",
-            "--address", head.address, "--follow"]
-    result = run_cli(args, env=head.env(MLFLOW_TRACKING_URI=server.uri), cwd=workdir)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return Submitted(_submitted_id(result.stdout), result.stdout, storage, workdir)
+def finished(head: RayHead, server: MlflowServer) -> Submitted:
+    """The doc's first job and `jobs list`, as written, from a shell whose tracking URI carries a password."""
+    uri = f"http://alice:{PASSWORD}@127.0.0.1:{server.port}"
+    submitted, listed = _run_documented(doc_blocks(DOC, SECTION)[1], head, head.env(MLFLOW_TRACKING_URI=uri))
+    assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]
+    assert (listed.returncode, listed.stderr) == (0, "")  # no warning from Ray or MLflow on a `jobs` call
+    return Submitted(_submitted_id(submitted.stdout), submitted.stdout, submitted.stderr,
+                     head.root / "orchestrator-runs", listed.stdout)
 
 
 @pytest.mark.slow
-def test_submit_follow_streams_logs_until_succeeded(finished: Submitted) -> None:
+def test_documented_job_runs_under_rays_python_and_says_succeeded(finished: Submitted) -> None:
     assert finished.job_id.startswith("digits-cnn-")
-    assert "final step: 22" in finished.stdout  # the driver's own output, streamed back
+    # The head's shell has no venv on PATH; its python3 lacks Ray. The job found Ray's own Python.
+    assert f"orchestrator: running the job under {BIN}/python" in finished.stdout, finished.stdout[:3000]
+    assert "final step: 20" in finished.stdout  # the driver's own output, streamed back
+    *notes, last = finished.stderr.strip().splitlines()
+    assert last == f"job {finished.job_id}: SUCCEEDED; exit code 0"
+    assert all(line.startswith("note: ") for line in notes), notes  # nothing else on stderr
+    assert re.search(rf"^{finished.job_id}\s+SUCCEEDED\s", finished.listed, re.M), finished.listed
+
+
+@pytest.mark.slow
+def test_tracking_password_never_reaches_the_cluster(head: RayHead, server: MlflowServer, finished: Submitted) -> None:
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(head.address, headers={"Authorization": f"Bearer {head.token}"})
+    info = client.get_job_info(finished.job_id)
+    shipped = json.dumps({"runtime_env": info.runtime_env, "entrypoint": info.entrypoint, "metadata": info.metadata})
+    assert info.runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == server.uri
+    assert PASSWORD not in shipped and PASSWORD not in client.get_job_logs(finished.job_id)
+    assert "credentials in a URI are not shipped" in finished.stderr
+    assert PASSWORD not in finished.stdout + finished.stderr
 
 
 @pytest.mark.slow
 def test_jobs_list_and_status_show_the_job(head: RayHead, finished: Submitted) -> None:
     listed = run_cli(["jobs", "list"], env=head.env(RAY_ADDRESS=head.address))  # address from RAY_ADDRESS
-    assert listed.returncode == 0, listed.stderr
+    assert (listed.returncode, listed.stderr) == (0, "")  # no warning from Ray or MLflow on a `jobs` call
     assert re.search(rf"^{finished.job_id}\s+SUCCEEDED\s", listed.stdout, re.M), listed.stdout
     status = run_cli(["jobs", "status", finished.job_id, "--address", head.address], env=head.env())
     assert status.returncode == 0 and f"{finished.job_id}: SUCCEEDED" in status.stdout
@@ -154,9 +150,9 @@ def test_submitted_run_reaches_the_tracking_server_with_proxied_artifacts(
     client = MlflowClient(server.uri)
     run = _run_named(client, finished.job_id)
     assert run.info.status == "FINISHED"
-    assert run.data.params["training.epochs"] == "1"
+    assert run.data.params["training.max_steps"] == "20"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
-    assert sorted(steps) == list(range(1, 23)), steps  # every step, each once
+    assert sorted(steps) == list(range(1, 21)), steps  # every step, each once
     assert run.info.artifact_uri.startswith("mlflow-artifacts:"), run.info.artifact_uri
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "config")}
     assert "config/digits.yaml" in logged, logged
@@ -166,7 +162,7 @@ def test_submitted_run_reaches_the_tracking_server_with_proxied_artifacts(
 
 @pytest.mark.slow
 def test_second_submission_is_its_own_job_and_stop_ends_it(
-    head: RayHead, server: MlflowServer, finished: Submitted
+    head: RayHead, server: MlflowServer, finished: Submitted, workdir: Path
 ) -> None:
     client = MlflowClient(server.uri)
     first = _run_named(client, finished.job_id)
@@ -174,9 +170,9 @@ def test_second_submission_is_its_own_job_and_stop_ends_it(
     first_checkpoints = sorted(p.name for p in (finished.storage / finished.job_id).glob("checkpoint_*"))
     assert first_checkpoints
 
-    args = ["submit", *_job_args(finished.storage, "--set", "training.epochs=1000"),
+    args = ["submit", *_job_args(finished.storage, "--set", "training.epochs=1000", "--set", "resources.profile=false"),
             "--workers", "1", "--address", head.address]
-    result = run_cli(args, env=head.env(MLFLOW_TRACKING_URI=server.uri), cwd=finished.workdir)
+    result = run_cli(args, env=head.env(MLFLOW_TRACKING_URI=server.uri), cwd=workdir)
     assert result.returncode == 0, result.stderr
     second_id = _submitted_id(result.stdout)
     assert second_id != finished.job_id
@@ -186,6 +182,10 @@ def test_second_submission_is_its_own_job_and_stop_ends_it(
     stopped = run_cli(["jobs", "stop", second_id, "--address", head.address], env=head.env())
     assert stopped.returncode == 0, stopped.stderr
     assert f"{second_id}: STOPPED" in stopped.stdout
+    followed = run_cli(["jobs", "logs", second_id, "--follow", "--address", head.address], env=head.env())
+    assert followed.returncode == 3, followed.stderr
+    assert re.search(rf"^job {second_id}: STOPPED( \(.*\))?; exit code 3$", followed.stderr, re.M), followed.stderr
+    assert f"resume with: orchestrator submit digits.yaml --resume {second_id} --workers 1" in followed.stdout
 
     second = _find_run(client, second_id)
     assert second.info.run_id != first.info.run_id
@@ -193,6 +193,27 @@ def test_second_submission_is_its_own_job_and_stop_ends_it(
     assert first_after.info.status == "FINISHED"
     assert len(client.get_metric_history(first.info.run_id, "train/loss")) == first_points
     assert sorted(p.name for p in (finished.storage / finished.job_id).glob("checkpoint_*")) == first_checkpoints
+
+
+@pytest.mark.slow
+def test_job_without_a_usable_python_fails_in_one_line_and_follow_exits_1(head: RayHead, workdir: Path) -> None:
+    env = head.env(ORCH_PYTHON="/nonexistent/python")  # ORCH_* travels with the job
+    result = run_cli(["submit", "digits.yaml", "--address", head.address, "--follow"], env=env, cwd=workdir)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "error: no Python on this node can run the job (/nonexistent/python: not found)" in result.stdout
+    assert re.search(r"^job \S+: FAILED \(.*\); exit code 1$", result.stderr.strip().splitlines()[-1]), result.stderr
+
+
+@pytest.mark.slow
+def test_job_whose_data_is_missing_on_the_head_fails_and_follow_exits_1(head: RayHead, workdir: Path) -> None:
+    # An absolute path is not shipped: the head must have it, and this one does not.
+    args = ["submit", "digits.yaml", "--set", "data.dataset=null", "--set", "data.path=/nonexistent/digits",
+            "--workers", "1", "--address", head.address, "--follow"]
+    result = run_cli(args, env=head.env(), cwd=workdir)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert re.search(r"^error: data\.path: .*/nonexistent/digits", result.stdout, re.M), result.stdout[-3000:]
+    assert "Traceback" not in result.stdout
+    assert re.search(r"^job \S+: FAILED \(.*\); exit code 1$", result.stderr.strip().splitlines()[-1]), result.stderr
 
 
 @pytest.mark.slow

@@ -1,0 +1,227 @@
+"""The Ray Jobs API of one cluster: list, follow and stop jobs; every cluster error is one line.
+
+The address is the head's dashboard (``http://HEAD:8265``). The token Ray's own clients would use
+(``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``) goes with every request as a
+bearer token, so it is never sent in the clear to another machine: plain ``http://`` is accepted
+for a loopback host (a head on this machine, an SSH tunnel, ``kubectl port-forward``) and refused
+for any other host unless ``--insecure`` says so. An address without a scheme means ``http://``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from orchestrator import constants
+from orchestrator.errors import UserError
+
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+# `submit --follow` and `jobs logs --follow` exit with the job's outcome (2 stays "bad input").
+EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3}
+TOKEN_HINT = "set RAY_AUTH_TOKEN to the cluster's token (or RAY_AUTH_TOKEN_PATH to a file holding it)"
+JOB_KEY = "orchestrator.job"
+QUIET_LOGGERS = ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk",
+                 "ray._private.runtime_env.packaging")
+
+Write = Callable[[str], Any]
+
+
+def resolve_address(address: str | None) -> str:
+    """`--address`, else RAY_ADDRESS, as the dashboard URL the Jobs API lives at."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise UserError("--address: no Ray cluster given; pass --address http://HEAD:8265 or set RAY_ADDRESS")
+    url = address if "://" in address else f"http://{address}"
+    if urlsplit(url).scheme not in ("http", "https"):
+        raise UserError(f"--address {address}: expected the Ray dashboard's http://HOST:PORT (usually port 8265)")
+    return url.rstrip("/")
+
+
+def is_loopback(host: str | None) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False  # a name other than localhost may resolve anywhere
+
+
+def check_transport(address: str, *, token_source: str | None, insecure: bool) -> None:
+    """Refuse to send a token over plain http to another machine unless `insecure`; warn when it goes."""
+    url = urlsplit(address)
+    if url.scheme == "https" or token_source is None or is_loopback(url.hostname):
+        return
+    if not insecure:
+        raise UserError(f"--address {address}: the Ray token (from {token_source}) would cross the network "
+                        "unencrypted; use https://, or a tunnel to 127.0.0.1 (ssh -L, kubectl port-forward), "
+                        "or pass --insecure")
+    print(f"warning: sending the Ray token from {token_source} unencrypted to {url.hostname} (--insecure)",
+          file=sys.stderr)
+
+
+def auth_token() -> tuple[str | None, str]:
+    """The token Ray's own clients would use, and where it came from (for error messages)."""
+    if token := os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return token, "RAY_AUTH_TOKEN"
+    if path := os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        try:
+            return Path(path).expanduser().read_text().strip() or None, f"RAY_AUTH_TOKEN_PATH ({path})"
+        except OSError as exc:
+            raise UserError(f"RAY_AUTH_TOKEN_PATH: cannot read {path} ({exc.strerror})") from None
+    default = Path.home() / ".ray" / "auth_token"
+    if default.is_file():
+        return default.read_text().strip() or None, str(default)
+    return None, "no token"
+
+
+class JobsClient:
+    """The Ray Jobs API at one address; every cluster error becomes a one-line UserError."""
+
+    def __init__(self, address: str | None, *, insecure: bool = False) -> None:
+        self.address = resolve_address(address)
+        token, self._token_source = auth_token()
+        check_transport(self.address, token_source=self._token_source if token else None, insecure=insecure)
+        self._probe()
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        from ray.job_submission import JobSubmissionClient
+
+        for name in QUIET_LOGGERS:  # Ray sets them to INFO: a line per upload and per log stream
+            logging.getLogger(name).setLevel(logging.WARNING)
+        with self._errors():
+            self._client = JobSubmissionClient(self.address, headers=headers)
+
+    def _probe(self) -> None:
+        # requests waits minutes on an address that drops packets; a TCP connect says it in seconds.
+        url = urlsplit(self.address)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            socket.create_connection((url.hostname, port), timeout=constants.RAY_CONNECT_TIMEOUT_S).close()
+        except OSError as exc:
+            raise UserError(f"--address {self.address}: cannot reach the Ray dashboard "
+                            f"({exc.strerror or type(exc).__name__})") from None
+
+    @contextmanager
+    def _errors(self, job_id: str | None = None) -> Iterator[None]:
+        import requests
+        from ray.exceptions import AuthenticationError
+
+        try:
+            yield
+        except AuthenticationError as exc:
+            if "Authentication failed" in exc.message:  # 403: a token was sent and refused
+                raise UserError(f"{self.address}: the Ray cluster rejected the token from "
+                                f"{self._token_source}; {TOKEN_HINT}") from None
+            raise UserError(f"{self.address}: the Ray cluster requires a token; {TOKEN_HINT}") from None
+        except (ConnectionError, requests.exceptions.RequestException) as exc:
+            raise UserError(f"--address {self.address}: the Ray dashboard stopped answering "
+                            f"({type(exc).__name__})") from None
+        except RuntimeError as exc:  # the Jobs API answered with an error status
+            if job_id is not None and "status code 404" in str(exc):
+                raise UserError(f"job {job_id}: no such job at {self.address} (see `orchestrator jobs list`)") from None
+            raise UserError(f"{self.address}: the Ray Jobs API refused: {first_line(str(exc))}") from None
+
+    def submit(self, **job: Any) -> str:
+        """`JobSubmissionClient.submit_job(**job)`, retried while a just-started head has no job agent."""
+        deadline = time.monotonic() + constants.JOB_SUBMIT_RETRY_S
+        while True:
+            try:
+                with self._errors():
+                    return self._client.submit_job(**job)
+            except UserError as exc:
+                if "try again later" not in str(exc) or time.monotonic() > deadline:
+                    raise
+            time.sleep(constants.JOB_POLL_S)
+
+    def list(self) -> list[Any]:
+        with self._errors():
+            jobs = [j for j in self._client.list_jobs() if j.submission_id]
+        return sorted(jobs, key=lambda j: j.start_time or 0)
+
+    def info(self, job_id: str) -> Any:
+        with self._errors(job_id):
+            return self._client.get_job_info(job_id)
+
+    def status(self, job_id: str) -> str:
+        return str(self.info(job_id).status)
+
+    def logs(self, job_id: str) -> str:
+        with self._errors(job_id):
+            return self._client.get_job_logs(job_id)
+
+    def stop(self, job_id: str) -> str:
+        """Ask the job to stop (SIGTERM; Ray kills it JOB_STOP_GRACE_S later), then wait for a final status."""
+        with self._errors(job_id):
+            self._client.stop_job(job_id)
+        return self.wait(job_id, timeout_s=constants.JOB_STOP_WAIT_S)
+
+    def wait(self, job_id: str, *, timeout_s: float | None = None) -> str:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while (status := self.status(job_id)) not in TERMINAL:
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            time.sleep(constants.JOB_POLL_S)
+        return status
+
+    def follow(self, job_id: str, write: Write) -> int:
+        """Stream the job's logs until it ends, then say on stderr how it ended; returns the exit code."""
+        self.info(job_id)  # an unknown id is a one-line error, not a websocket failure
+        try:
+            asyncio.run(self._tail(job_id, write))
+        except UserError:
+            raise
+        except KeyboardInterrupt:
+            print(f"stopped following; the job goes on: orchestrator jobs logs {job_id} --follow", file=sys.stderr)
+            raise
+        except Exception as exc:  # noqa: BLE001 - the stream broke; the job's status still tells the end
+            print(f"log stream lost ({type(exc).__name__}); waiting for the job to end", file=sys.stderr)
+        status = self.wait(job_id)
+        code = exit_code(status)
+        why = "" if code == 0 else first_line(self.info(job_id).message)
+        print(f"job {job_id}: {status}" + (f" ({why})" if why else "") + f"; exit code {code}", file=sys.stderr)
+        return code
+
+    async def _tail(self, job_id: str, write: Write) -> None:
+        with self._errors(job_id):
+            async for chunk in self._client.tail_job_logs(job_id):
+                write(chunk)
+
+
+def exit_code(status: str) -> int:
+    """0 SUCCEEDED, 1 FAILED, 3 STOPPED; 1 for anything else (a job that never reached an end)."""
+    return EXIT_CODES.get(status, 1)
+
+
+def format_jobs(jobs: list[Any]) -> list[str]:
+    rows = [("ID", "STATUS", "STARTED", "MESSAGE")]
+    rows += [(j.submission_id, str(j.status), _when(j.start_time), first_line(j.message)[:60]) for j in jobs]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}".rstrip() for r in rows]
+
+
+def format_info(info: Any) -> list[str]:
+    lines = [f"{info.submission_id}: {info.status}"]
+    if info.message:
+        lines.append(f"  {first_line(info.message)}")
+    if name := (info.metadata or {}).get(JOB_KEY):
+        lines.append(f"  job name: {name} (MLflow run name; --resume {name} continues it)")
+    lines.append(f"  started {_when(info.start_time)}" + (f", ended {_when(info.end_time)}" if info.end_time else ""))
+    return lines
+
+
+def _when(ms: int | None) -> str:
+    return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
+
+
+def first_line(text: str | None) -> str:
+    return text.strip().splitlines()[0] if text and text.strip() else ""

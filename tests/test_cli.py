@@ -1,0 +1,139 @@
+"""The command line a newcomer meets, through the installed `orchestrator` command: usage mistakes
+are the usage line and one error line with exit code 2, help exits 0, a token is not sent in the
+clear, and the hints it prints are commands that work. No Ray is started."""
+
+from __future__ import annotations
+
+import logging
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from live_servers import BIN, ROOT, base_env, run_cli
+
+from orchestrator.console_ui import ui_command
+from orchestrator.quiet import quiet_noise
+from orchestrator.errors import UserError
+from orchestrator.ray_jobs import check_transport, exit_code, resolve_address
+
+USAGE_ERRORS = {
+    "no arguments": ([], r"Usage: orchestrator \[OPTIONS\] COMMAND", r"Missing command; one of: data, jobs, .*validate"),
+    "run without a config": (["run"], r"Usage: orchestrator run \[OPTIONS\]", r"Missing argument 'config'"),
+    "unknown option": (["--bogus"], r"Usage: orchestrator \[OPTIONS\]", r"No such option: --bogus"),
+    "unknown command": (["frob"], r"Usage: orchestrator \[OPTIONS\]", r"No such command 'frob'; one of: data, .*run"),
+    "mistyped command": (["jobs", "lst"], r"Usage: orchestrator jobs", r"No such command 'lst'\. Did you mean 'list'\?"),
+    "group without command": (["jobs"], r"Usage: orchestrator jobs", r"Missing command; one of: list, logs, status, stop"),
+    "bad option value": (["run", "configs/digits.yaml", "--workers", "two"], r"Usage: orchestrator run",
+                         r"Invalid value for '--workers'"),
+    "unknown option of a command": (["submit", "configs/digits.yaml", "--folow"], r"Usage: orchestrator submit",
+                                    r"No such option: --folow"),
+}
+
+
+@pytest.mark.parametrize("args, usage, error", USAGE_ERRORS.values(), ids=USAGE_ERRORS.keys())
+def test_usage_error_is_usage_line_and_one_error_line_exit_2(args: list[str], usage: str, error: str) -> None:
+    result = run_cli(args, env=base_env())
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2, result.stderr
+    assert re.match(usage, lines[0]), lines[0]
+    assert re.match(rf"error: {error}.* \(see `orchestrator.*--help`\)$", lines[1]), lines[1]
+
+
+@pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["jobs", "--help"]], ids=" ".join)
+def test_help_exits_0(args: list[str]) -> None:
+    result = run_cli(args, env=base_env())
+    assert result.returncode == 0, result.stderr
+    assert "Usage: orchestrator" in result.stdout
+
+
+def test_user_error_is_one_line_exit_2() -> None:
+    result = run_cli(["submit", "configs/digits.yaml", "--set", "training.lr=-0.1"], env=base_env())
+    assert (result.returncode, result.stderr) == (2, "error: training.lr: must be > 0, got -0.1\n")
+
+
+def test_validate_says_a_mistyped_builtin_path_means_a_new_copy_and_whose_name_registers() -> None:
+    result = run_cli(["validate", "configs/digits.yaml", "--set", "data.path=data/digts", "--set", "name=mine"],
+                     env=base_env())
+    assert result.returncode == 0, result.stderr
+    assert "data data/digts: not there yet, a new copy of the built-in 'digits' data set is prepared there" \
+        in result.stdout
+    assert result.stderr.strip() == ("note: the model is still registered as 'digits-cnn' (tracking.registered_model);"
+                                     " --set name=... renames the job and its MLflow run only")
+    assert not (ROOT / "data" / "digts").exists()  # validate prepares nothing
+
+
+# ---------------------------------------------------------------------------------------------
+# The token and plain http
+
+
+def test_token_is_not_sent_over_plain_http_to_another_host() -> None:
+    # 192.0.2.1 is a documentation address (RFC 5737): the refusal comes before any connection.
+    env = base_env(RAY_AUTH_TOKEN="the-token")
+    result = run_cli(["jobs", "list", "--address", "192.0.2.1:8265"], env=env, timeout_s=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr == ("error: --address http://192.0.2.1:8265: the Ray token (from RAY_AUTH_TOKEN) would cross "
+                             "the network unencrypted; use https://, or a tunnel to 127.0.0.1 (ssh -L, kubectl "
+                             "port-forward), or pass --insecure\n")
+
+
+@pytest.mark.parametrize("address, token, insecure, allowed", [
+    ("http://127.0.0.1:8265", "RAY_AUTH_TOKEN", False, True),
+    ("http://localhost:8265", "RAY_AUTH_TOKEN", False, True),
+    ("http://[::1]:8265", "RAY_AUTH_TOKEN", False, True),
+    ("https://head.example:8265", "RAY_AUTH_TOKEN", False, True),
+    ("http://head.example:8265", None, False, True),  # no token, nothing secret to send
+    ("http://head.example:8265", "RAY_AUTH_TOKEN", False, False),
+    ("http://10.0.0.5:8265", "~/.ray/auth_token", False, False),
+    ("http://10.0.0.5:8265", "RAY_AUTH_TOKEN", True, True),
+])
+def test_transport_check(address: str, token: str | None, insecure: bool, allowed: bool,
+                         capsys: pytest.CaptureFixture[str]) -> None:
+    if allowed:
+        check_transport(address, token_source=token, insecure=insecure)
+    else:
+        with pytest.raises(UserError, match="unencrypted.*--insecure"):
+            check_transport(address, token_source=token, insecure=insecure)
+    warned = capsys.readouterr().err
+    assert ("warning: sending the Ray token" in warned) == insecure
+
+
+def test_address_without_scheme_is_http() -> None:
+    assert resolve_address("127.0.0.1:8265/") == "http://127.0.0.1:8265"
+
+
+def test_follow_exit_codes_say_the_outcome() -> None:
+    assert [exit_code(s) for s in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING")] == [0, 1, 3, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# What the CLI prints for the user to run, and what it keeps quiet
+
+
+def test_open_the_ui_names_an_mlflow_that_runs(tmp_path: Path) -> None:
+    command = shlex.split(ui_command(f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    assert command[0] == str(BIN / "mlflow")  # the venv's, not whatever PATH holds
+    result = subprocess.run([*command[:2], "--help"], capture_output=True, text=True, timeout=60,
+                            env=base_env(PATH="/usr/bin:/bin"))
+    assert result.returncode == 0 and "--backend-store-uri" in result.stdout
+    assert ui_command("http://alice:secret@mlflow:5000") == "http://mlflow:5000"
+
+
+def test_library_noise_is_dropped_and_other_warnings_kept(caplog: pytest.LogCaptureFixture) -> None:
+    quiet_noise()
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger("ray.data._internal.progress").warning("Progress bars disabled. To enable, set ...")
+        logging.getLogger("mlflow.utils.requirements_utils").warning(
+            "Found torch version (2.13.0+cpu) contains a local version label (+cpu).")
+        logging.getLogger("mlflow.utils.requirements_utils").warning("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]
+
+
+def test_python_dash_m_orchestrator_exits_the_same_way() -> None:
+    result = subprocess.run([sys.executable, "-m", "orchestrator", "frob"], capture_output=True, text=True,
+                            cwd=ROOT, env=base_env(), timeout=60)
+    assert result.returncode == 2 and "No such command 'frob'" in result.stderr
