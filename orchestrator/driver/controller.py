@@ -421,6 +421,17 @@ class JobController:
     def _status(self, message: str) -> None:
         self.ports.ui.status(message)
 
+    def _final_metrics(self) -> dict[str, Any]:
+        """The last loss and evaluation, and the steady step time and rate (not the last step's,
+        which may hold a checkpoint or an epoch's start)."""
+        metrics = {**(self.recorder.last_metrics if self.recorder else {}),
+                   **(self.outcome.metrics if self.outcome else {})}
+        for key in ("train/step_time_s", "train/samples_per_s", "train/lr", "train/epoch"):
+            metrics.pop(key, None)
+        if metrics.get("observed_step_time_s"):
+            metrics["samples_per_s"] = self.job.training.global_batch_size / metrics["observed_step_time_s"]
+        return metrics
+
     def _progress_info(self) -> dict[str, float]:
         info = dict(self.recorder.last_metrics)
         group = self.recorder.group
@@ -440,7 +451,7 @@ class JobController:
         group = rec.group if rec else None
         return JobResult(
             self.state, run_id=self.run_log.run_id if self.run_log else None, final_step=rec.last_step if rec else 0,
-            metrics={**(rec.last_metrics if rec else {}), **(outcome.metrics if outcome else {})},
+            metrics=self._final_metrics(),
             checkpoint_path=checkpoint.path if checkpoint is not None else None, model_version=self.model_version,
             workers=group.workers if group else most(self.workers) if self.workers else 0,
             restarts=rec.restarts if rec else 0, resizes=rec.resizes if rec else 0, replans=self.replans,

@@ -30,12 +30,23 @@ def check_data(job: JobConfig) -> int:
 
 
 def load_datasets(job: JobConfig) -> Datasets:
-    """Ray Data's sets (paths already absolute: the job is localized) and an input example."""
+    """Ray Data's sets (paths already absolute: the job is localized) and an input example.
+
+    The held-out rows are chosen by a seeded hash of each row (`trainers.data.split`): nothing is
+    read through Ray Data before training; the training rows are counted here with pyarrow."""
     import ray.data
 
+    from trainers.data import open_dataset
+    from trainers.data.split import Side, count_sides
+
     ds = ray.data.read_parquet(job.data.paths)
-    train, val = ds.train_test_split(test_size=job.data.val_fraction) if job.data.val_fraction else (ds, ds.limit(0))
-    return Datasets(train, val, train.count(), input_example(job))
+    if not job.data.val_fraction:
+        return Datasets(ds, ds.limit(0), open_dataset(job.data.paths).count_rows(), input_example(job))
+    seed = job.training.seed
+    train = ds.map_batches(Side(job.data, seed, validation=False), batch_format="pyarrow", batch_size=None)
+    val = ds.map_batches(Side(job.data, seed, validation=True), batch_format="pyarrow", batch_size=None)
+    train_rows, _ = count_sides(open_dataset(job.data.paths), job.data, seed)
+    return Datasets(train, val, train_rows, input_example(job))
 
 
 def input_example(job: JobConfig) -> Any:

@@ -31,14 +31,14 @@ class Collate(ArrowBatchCollateFn):
         self.features, self.label = data.features, data.label
 
     def __call__(self, batch: pa.Table | Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = _tensor(_column(batch, self.features.column), _NUMPY_DTYPES[self.features.dtype])
+        x = _tensor(column_array(batch, self.features.column), _NUMPY_DTYPES[self.features.dtype])
         if self.features.shape is not None:
             x = x.reshape(len(x), *self.features.shape)
-        y = _tensor(_column(batch, self.label.column), np.int64) if self.label else None
+        y = _tensor(column_array(batch, self.label.column), np.int64) if self.label else None
         return x, y
 
 
-def _column(batch: pa.Table | Mapping[str, Any], name: str) -> np.ndarray:
+def column_array(batch: pa.Table | Mapping[str, Any], name: str) -> np.ndarray:
     column = batch[name]
     if isinstance(column, pa.ChunkedArray):
         column = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
