@@ -78,14 +78,15 @@ class RayPorts:
     # -- PREPARING ---------------------------------------------------------------------------------
 
     def claim(self) -> JobIdentity:
+        # The data first: a bad column or path fails in a second, before anything is written.
+        rows = job_data.check_data(self.job)
+        log.info("data: %d rows in %s", rows, ", ".join(self.job.data.paths))
         self.identity = claim(self.job, new_run=self.new_run)
         return self.identity
 
     def prepare(self) -> Prepared:
         from orchestrator.ray_session import connect_ray
 
-        rows = job_data.check_data(self.job)  # fails before any Ray worker starts
-        log.info("data: %d rows in %s", rows, ", ".join(self.job.data.paths))
         self.tracker = _open_tracker(self.job)  # opens its store in the background meanwhile
         connect_ray(self.job.ray.address)
         use_gpu = wants_gpu(self.job)
