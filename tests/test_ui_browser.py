@@ -1,6 +1,8 @@
 """The MLflow UI in a real headless Chromium: from the home page to the experiment, to the run, to
-its metric charts and its scaling plot, as a user would click. Screenshots land in the test's tmp
-dir (`pytest --basetemp DIR` keeps them somewhere known)."""
+its metric charts, its system metrics, predicted and observed step time on one chart, and its
+scaling plot, as a user would click. The run is written by the driver's own code (the tracker and
+the recorder, fed the events a training job sends), without training. Screenshots land in the
+test's tmp dir (`pytest --basetemp DIR` keeps them somewhere known)."""
 
 from __future__ import annotations
 
@@ -41,20 +43,41 @@ def finished_run() -> Iterator[FinishedRun]:
 
 
 def _log_run(uri: str, root: Path) -> tuple[str, Path]:
+    """A run as `orchestrator run` writes it: through the tracker, from the workers' events."""
+    from types import SimpleNamespace
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment(EXPERIMENT), run_name=RUN_NAME).info.run_id
-    now = int(time.time() * 1000)
-    curves = {"train/loss": lambda s: 2.3 * 0.9**s, "train/samples_per_s": lambda s: 4000 + 10 * s,
-              "val/accuracy": lambda s: 1 - 0.9**s}
-    client.log_batch(run_id, metrics=[Metric(k, f(s), now, s) for s in range(1, 31) for k, f in curves.items()],
-                     params=[Param("training.lr", "0.003"), Param("resources.workers", "2")])
+    from orchestrator.driver.policies import GroupKind
+    from orchestrator.driver.recorder import Recorder
+    from orchestrator.driver.replan import comparison
+    from orchestrator.driver.tracked_run import TrackedRun
+    from orchestrator.tracking import Tracker
+    from trainers.events import Evaluated, GroupStarted, StepPoint, StepsDone, SystemSample
+
+    tracker = Tracker(uri, spill_dir=root / "spill")
+    run = TrackedRun(tracker, tracker.open_run(experiment=EXPERIMENT, run_key="ui-test", run_name=RUN_NAME))
+    run.log_params({"training.lr": 0.003, "resources.workers": 2})
+    run.set_description(f"**{RUN_NAME}**: the UI test's run.")
+    recorder = Recorder(run, status=lambda message: None, global_batch=64)
+    recorder.group_started(GroupStarted(step=0, workers=2, local_batch=32, accumulation=1), GroupKind.FIRST)
+    now = int(time.time() * 1000) - 60_000
+    predicted = SimpleNamespace(step_time_s=0.020, step_time_low_s=0.016, step_time_high_s=0.027)
+    for step in range(1, 31):
+        observed = 0.022 + 0.002 * (step % 3)
+        point = StepPoint(step=step, at_ms=now + 1000 * step, metrics={
+            "train/loss": 2.3 * 0.9**step, "train/samples_per_s": 64 / observed, "train/step_time_s": observed})
+        recorder.steps(StepsDone(step=step, points=(point,), step_times_s=(observed,), observed_step_time_s=observed,
+                                 observed_steps=step))
+        if step % 10 == 0:
+            recorder.evaluated(Evaluated(step=step, metrics={"val/accuracy": 1 - 0.9**step}, at_ms=point.at_ms))
+            recorder.log_metrics(comparison(observed, predicted), step=step)
+        if step % 5 == 0:
+            recorder.system(SystemSample(step=step, node="node-1a2b3c4d", at_ms=point.at_ms, metrics={
+                "cpu_utilization_percentage": 50.0 + step, "system_memory_usage_megabytes": 900.0 + step}))
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot([1, 2, 4, 8], [1.0, 1.9, 3.6, 6.5], marker="o", label="predicted")
     ax.set(title="scaling: throughput vs workers", xlabel="workers", ylabel="speed-up")
@@ -62,9 +85,13 @@ def _log_run(uri: str, root: Path) -> tuple[str, Path]:
     plot = root / "scaling.png"
     fig.savefig(plot)
     plt.close(fig)
-    client.log_artifact(run_id, str(plot), "plan")  # the planner logs plan/scaling.png the same way
-    client.set_terminated(run_id, "FINISHED")
-    return run_id, plot
+    run.log_artifact(plot, "plan")  # the planner logs plan/scaling.png the same way
+    assert run.wait_resolved(WAIT_S)
+    run.drain_warnings()  # the description gains its chart link now that the run has an id
+    run.finish("FINISHED")
+    report = run.close()
+    assert report.spill_file is None, report.lines()
+    return run.run_id, plot
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +119,7 @@ def test_user_finds_curves_and_scaling_plot_of_a_finished_run(
     finished_run: FinishedRun, browser, tmp_path: Path
 ) -> None:
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -109,9 +137,30 @@ def test_user_finds_curves_and_scaling_plot_of_a_finished_run(
     browser.save_screenshot(str(tmp_path / "1-run.png"))
 
     click(By.XPATH, "//button[@role='tab'][normalize-space()='Model metrics']")
-    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")) >= len(CURVES))
-    wait.until(lambda d: set(CURVES) <= _legend_curves(d))  # each chart has drawn its curve
+    search = wait.until(ec.element_to_be_clickable((By.XPATH, "//input[@placeholder='Search metric charts']")))
+    for curve in CURVES:  # the charts are many (train, val, plan, elastic): find each by name
+        search.send_keys(Keys.CONTROL + "a")
+        search.send_keys(Keys.DELETE)
+        search.send_keys(curve)
+        wait.until(lambda d, c=curve: c in _legend_curves(d))  # its chart has drawn its curve
     browser.save_screenshot(str(tmp_path / "2-metrics.png"))
+
+    click(By.XPATH, "//button[@role='tab'][normalize-space()='System metrics']")
+    wait.until(lambda d: {"system/node-1a2b3c4d/cpu_utilization_percentage"} <= _legend_curves(d))
+    browser.save_screenshot(str(tmp_path / "2b-system-metrics.png"))
+
+    # The description's link: predicted and observed step time on one chart, one scale (a new tab).
+    click(By.XPATH, "//button[@role='tab'][normalize-space()='Overview']")
+    run_page = browser.current_window_handle
+    click(By.PARTIAL_LINK_TEXT, "Predicted vs observed step time")
+    wait.until(lambda d: len(d.window_handles) == 2)
+    browser.switch_to.window(next(h for h in browser.window_handles if h != run_page))
+    both = {"plan/observed_step_time_s", "plan/predicted_step_time_s"}
+    wait.until(lambda d: both <= _legend_curves(d))
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")) == 1  # one chart holds them
+    browser.save_screenshot(str(tmp_path / "2c-step-time.png"))
+    browser.close()
+    browser.switch_to.window(run_page)
 
     click(By.XPATH, "//button[@role='tab'][normalize-space()='Artifacts']")
     click(By.XPATH, "//*[normalize-space(text())='plan']")
