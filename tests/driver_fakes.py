@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
-from orchestrator.driver.controller import FitOutcome, Ports, Prepared
+from orchestrator.driver.ports import FitOutcome, Ports, Prepared
 from orchestrator.driver.sizing import Sizing
 from trainers.events import Event, GroupEnded, GroupStarted, StepPoint, StepsDone
 

@@ -11,7 +11,8 @@ from driver_fakes import FakeFit, FakeIdentity, FakeScaler, World, finished_fit,
 from orchestrator import constants
 from orchestrator.config import validate
 from orchestrator.driver import controller as controller_module
-from orchestrator.driver.controller import FitOutcome, JobController
+from orchestrator.driver.controller import JobController
+from orchestrator.driver.ports import FitOutcome
 from orchestrator.driver.policies import Keep, Resize, State
 from orchestrator.driver.replan import Replan
 from orchestrator.driver.sizing import Sizing

@@ -8,7 +8,8 @@ its policies import neither Ray nor MLflow; `run_job` (job.py) brings them in wh
 
 from typing import Any
 
-from orchestrator.driver.controller import JobController, JobResult, Ports
+from orchestrator.driver.controller import JobController
+from orchestrator.driver.ports import JobResult, Ports
 from orchestrator.driver.policies import State
 
 __all__ = ["JobController", "JobResult", "Ports", "State", "find_actor", "run_job"]

@@ -12,7 +12,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from orchestrator import constants
-from orchestrator.driver.controller import FitOutcome, Prepared
+from orchestrator.driver.ports import FitOutcome, Prepared
 from orchestrator.driver.progress import FailureForwarder
 from orchestrator.driver.sizing import Sizing, Workers
 from orchestrator.ray_session import torch_config

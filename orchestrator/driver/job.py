@@ -11,7 +11,8 @@ from typing import Any
 from orchestrator import autoscale, constants
 from orchestrator.config import JobConfig
 from orchestrator.driver import data as job_data
-from orchestrator.driver.controller import FitOutcome, JobController, JobResult, Ports, Prepared
+from orchestrator.driver.controller import JobController
+from orchestrator.driver.ports import FitOutcome, JobResult, Ports, Prepared
 from orchestrator.driver.identity import JobIdentity, claim
 from orchestrator.driver.sizing import Sizing, Workers, autoscale_enabled, size_job, wants_gpu
 

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from orchestrator import constants
-from orchestrator.driver.controller import FitOutcome, Prepared
+from orchestrator.driver.ports import FitOutcome, Prepared
 from orchestrator.driver.fit import read_checkpoint
 
 log = logging.getLogger(__name__)

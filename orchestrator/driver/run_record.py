@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import JobConfig, flatten
-from orchestrator.driver.controller import Prepared
+from orchestrator.driver.ports import Prepared
 from orchestrator.driver.sizing import Sizing, describe
 from orchestrator.redact import redact
 
