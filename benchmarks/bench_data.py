@@ -82,10 +82,10 @@ def loader_passes(job: Any, local_batch: int, *, repeats: int) -> list[tuple[flo
 
 
 def _one_pass(ds: Any, job: Any, local_batch: int) -> tuple[float, float]:
-    from trainers.data.collate import Collate
+    from trainers.data.arrow_collate import ArrowCollate
 
     batches = ds.iter_torch_batches(
-        batch_size=local_batch, drop_last=True, collate_fn=Collate(job.data),
+        batch_size=local_batch, drop_last=True, collate_fn=ArrowCollate(job.data),
         local_shuffle_buffer_size=max(4 * local_batch, 256), local_shuffle_seed=0,
     )
     started = time.perf_counter()

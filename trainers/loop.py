@@ -29,7 +29,7 @@ from trainers import checkpoint as ckpt
 from trainers.batching import BatchSplit, split_global_batch
 from trainers.config import WorkerConfig
 from trainers.data.cache import ShardCache
-from trainers.data.collate import Collate
+from trainers.data.arrow_collate import ArrowCollate
 from trainers.events import CheckpointSaved, Evaluated, GroupEnded, GroupStarted
 from trainers.models import build_model
 from trainers.reporting import Reporter, StopSignal, SystemSampler, observed_step_time, register
@@ -173,7 +173,7 @@ def _start(args: LoopArgs) -> tuple[Worker, Resume | None]:
 def _train(w: Worker, resume: Resume | None) -> None:
     cfg, args = w.cfg, w.args
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
-    collate = Collate(cfg.data)
+    collate = ArrowCollate(cfg.data)
     micro_per_epoch = args.steps_per_epoch * w.split.accumulation
     cache = ShardCache(budget_bytes=cfg.data.cache_mb * 2**20, expected_samples=micro_per_epoch * w.split.local_batch)
     started = False
@@ -216,7 +216,7 @@ def _after_step(w: Worker) -> bool:
     return stopping
 
 
-def _epoch_batches(w: Worker, shard: Any, collate: Collate, cache: ShardCache, epoch: int) -> Iterable[Batch]:
+def _epoch_batches(w: Worker, shard: Any, collate: ArrowCollate, cache: ShardCache, epoch: int) -> Iterable[Batch]:
     if cache.ready:
         return cache.batches(w.split.local_batch, seed=w.cfg.training.seed + 7919 * epoch + w.rank)
     return shard.iter_torch_batches(
@@ -280,7 +280,7 @@ def _group_started(w: Worker, resume: Resume | None, compute_s: float) -> GroupS
     )
 
 
-def _end_of_epoch(w: Worker, cache: ShardCache, val_shard: Any, collate: Collate, epoch: int) -> None:
+def _end_of_epoch(w: Worker, cache: ShardCache, val_shard: Any, collate: ArrowCollate, epoch: int) -> None:
     if not cache.ready and w.state.step < w.args.total_steps:  # (every rank is at the same step)
         _cache_ready_everywhere(cache)
     metrics = evaluate(_unwrap(w.step_fn.model), val_shard.iter_torch_batches(

@@ -146,7 +146,9 @@ def data_rate(cfg: WorkerConfig, *, batch_size: int, seconds: float) -> float:
     """Samples/s of the real Parquet pipeline (Ray Data -> torch batches), on its own."""
     import ray
 
-    collate = Collate(cfg.data)
+    from trainers.data.arrow_collate import ArrowCollate
+
+    collate = ArrowCollate(cfg.data)
     count, start = 0, None
     for x, _ in ray.data.read_parquet(cfg.data.paths).iter_torch_batches(batch_size=batch_size, collate_fn=collate,
                                                                           device="cpu"):
@@ -198,7 +200,8 @@ def measure(config: dict[str, Any], *, budget_s: float, data_s: float) -> dict[s
         "grad_bytes": sum(p.numel() * p.element_size() for p in params), "samples": samples,
         "max_local_batch": fitted[-1],  # the largest measured batch that fitted
         "gradient_noise_scale": _noise_scale(bench, rows, noise_sizes),
-        "data_samples_per_s": data_rate(cfg, batch_size=fitted[-1], seconds=data_s) or None,
+        # (data_s 0: no Ray Data here, e.g. a GPU check without Ray)
+        "data_samples_per_s": (data_rate(cfg, batch_size=fitted[-1], seconds=data_s) or None) if data_s > 0 else None,
         "precision": precision(cfg, device),
         "device_memory_bytes": torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None,
     }

@@ -1,9 +1,10 @@
 """Rows -> (inputs, targets) tensors, straight from Arrow.
 
-Ray Data hands the collate function a ``pyarrow.Table`` (it is an ``ArrowBatchCollateFn``), so a
-``list<float32>`` feature column becomes one flat buffer reshaped to ``(rows, ...)``: no per-row
-numpy objects, no ``np.stack``. The same function takes a dict of numpy columns (the profiler
-slices rows it already holds).
+A ``pyarrow.Table`` batch's ``list<float32>`` feature column becomes one flat buffer reshaped to
+``(rows, ...)``: no per-row numpy objects, no ``np.stack``. The same function takes a dict of
+numpy columns (the profiler slices rows it already holds). `ArrowCollate` is the same function as
+Ray Data's ``ArrowBatchCollateFn``, so Ray Data hands it Arrow tables; this module itself needs
+no Ray (the profiler and the planner's tools use it where Ray is not installed).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from ray.data.collate_fn import ArrowBatchCollateFn
 
 from trainers.config import DataConfig
 
@@ -23,7 +23,7 @@ from trainers.config import DataConfig
 _NUMPY_DTYPES = {"float32": np.float32, "float64": np.float64, "int32": np.int64, "int64": np.int64}
 
 
-class Collate(ArrowBatchCollateFn):
+class Collate:
     """A batch (Arrow table or numpy columns) -> ``(x, y)``; ``y`` is None for language models."""
 
     def __init__(self, data: DataConfig) -> None:
