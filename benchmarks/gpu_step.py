@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--only", choices=("step", "profile"), help="run one stage")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -206,14 +207,17 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
         gpt = job("tiny_gpt", GPT2_SMALL if cuda else DRY_GPT, data, label="gpt")
-        stage("step", lambda: step_stage(gpt, device=torch.device("cuda" if cuda else "cpu"), steps=30 if cuda else 3,
-                                         warmup=10 if cuda else 2, local_batch=16 if cuda else 4))
+        if args.only != "profile":
+            stage("step", lambda: step_stage(gpt, device=torch.device("cuda" if cuda else "cpu"),
+                                             steps=30 if cuda else 3, warmup=10 if cuda else 2,
+                                             local_batch=16 if cuda else 4))
         ladder = ["training.global_batch_size=64"] if cuda else ["training.global_batch_size=8"]
-        stage("profile", lambda: profile_stage({
-            "synthetic_resnet": job("synthetic_resnet", [] if cuda else ["model.kwargs.width=8"], data),
-            "tiny_gpt": job("tiny_gpt", [] if cuda else ["training.global_batch_size=8"], data),
-            "gpt2_small": job("tiny_gpt", (GPT2_SMALL if cuda else DRY_GPT) + ladder, data, label="gpt"),
-        }, budget_s=20.0))
+        if args.only != "step":
+            stage("profile", lambda: profile_stage({
+                "synthetic_resnet": job("synthetic_resnet", [] if cuda else ["model.kwargs.width=8"], data),
+                "tiny_gpt": job("tiny_gpt", [] if cuda else ["training.global_batch_size=8"], data),
+                "gpt2_small": job("tiny_gpt", (GPT2_SMALL if cuda else DRY_GPT) + ladder, data, label="gpt"),
+            }, budget_s=20.0))
     print(markdown(results))
     return 1 if results.get("errors") else 0
 

@@ -10,7 +10,6 @@ driver only through its progress actor (`trainers.reporting`); it never writes t
 
 from __future__ import annotations
 
-import random
 import statistics
 import tempfile
 import time
@@ -19,7 +18,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -33,7 +31,7 @@ from trainers.data.arrow_collate import ArrowCollate
 from trainers.events import CheckpointSaved, Evaluated, GroupEnded, GroupStarted
 from trainers.models import build_model
 from trainers.reporting import Reporter, StopSignal, SystemSampler, observed_step_time, register
-from trainers.step import Batch, TrainStep, compiled, eval_sums, make_optimizer, make_scheduler
+from trainers.step import Batch, TrainStep, compiled, eval_sums, make_optimizer, make_scheduler, seed_everything
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,12 +55,6 @@ class LoopArgs:
 def device_for_worker() -> torch.device:
     # Ray may assign a logical GPU on a machine whose torch has no CUDA: use the CPU then.
     return ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 @dataclass

@@ -25,7 +25,7 @@ from trainers.config import WorkerConfig
 from trainers.data import open_dataset
 from trainers.data.collate import Collate
 from trainers.models import build_model
-from trainers.step import TrainStep, compiled, make_optimizer
+from trainers.step import TrainStep, compiled, make_optimizer, seed_everything
 
 WARMUP_STEPS = 2
 TIMED_STEPS = 5
@@ -82,6 +82,9 @@ class Bench:
         self.model = build_model(cfg.model.name, cfg.model.kwargs).to(device)
         self.optimizer = make_optimizer(self.model, cfg.training)
         self.step = TrainStep(compiled(self.model, cfg.training), self.optimizer, cfg=cfg.training, device=device)
+        # Gradient norms for the noise scale are statistics, not timings: the uncompiled module
+        # gives the same gradients without compiling two more batch shapes.
+        self.plain = TrainStep(self.model, self.optimizer, cfg=cfg.training, device=device)
         self.collate = Collate(cfg.data)
 
     def batch(self, rows: dict[str, Any], size: int, offset: int = 0) -> tuple[Any, Any]:
@@ -136,9 +139,9 @@ def _noise_scale(bench: Bench, rows: dict[str, Any], sizes: tuple[int, int]) -> 
     for size in sizes:
         norms[size] = []
         for i in range(NOISE_BATCHES):
-            bench.step.accumulate([bench.batch(rows, size, offset=(i * size) % max(available - size, 1))])
+            bench.plain.accumulate([bench.batch(rows, size, offset=(i * size) % max(available - size, 1))])
             norms[size].append(bench.grad_sq_norm())
-            bench.step.discard()
+            bench.plain.discard()
     return gradient_noise_scale((sizes[0], norms[sizes[0]]), (sizes[1], norms[sizes[1]]))
 
 
@@ -181,8 +184,6 @@ def precision(cfg: WorkerConfig, device: torch.device) -> str:
 
 def measure(config: dict[str, Any], *, budget_s: float, data_s: float) -> dict[str, Any]:
     """Run the ladder on this process's device; returns Profile fields as a dict."""
-    from trainers.loop import seed_everything
-
     cfg = WorkerConfig.model_validate(config)
     started = time.perf_counter()
     ladder = Ladder.for_job(cfg, budget_s)

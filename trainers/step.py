@@ -22,6 +22,16 @@ from trainers.config import TrainingConfig
 Batch = tuple[torch.Tensor, torch.Tensor | None]
 
 
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     if not use_bf16:
