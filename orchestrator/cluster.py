@@ -14,45 +14,19 @@ from __future__ import annotations
 import socket
 import statistics
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from orchestrator.errors import UserError
-from orchestrator.files import read_yaml
-from orchestrator.planner import AllReduceSample, ClusterSpec, Placement
+from orchestrator.planner import AllReduceSample, ClusterSpec, Placement, load_cluster, save_cluster
 
 # Figures for a discovered cluster whose network nobody described: conservative guesses (PCIe
 # Gen3 x16 between GPUs, 10 GbE between nodes, gloo over TCP loopback between CPU workers). Pass
 # a cluster file's figures as `defaults`, or run `orchestrator probe-network`, to do better.
-GPU_DEFAULTS: dict[str, Any] = {
-    "intra_node_GBps": 16.0, "inter_node_GBps": 1.25, "latency_us": 10.0,
-}
-CPU_DEFAULTS: dict[str, Any] = {
-    "gpu": "cpu", "intra_node_GBps": 2.0, "inter_node_GBps": 1.25, "latency_us": 50.0,
-}
+GPU_DEFAULTS: dict[str, Any] = {"intra_node_GBps": 16.0, "inter_node_GBps": 1.25}
+CPU_DEFAULTS: dict[str, Any] = {"gpu": "cpu", "intra_node_GBps": 2.0, "inter_node_GBps": 1.25}
 # 1 KiB .. 64 MiB in 4x steps: latency-bound to bandwidth-bound, and DDP's 25 MiB buckets.
 DEFAULT_PROBE_SIZES = [4**k * 1024 for k in range(9)]
-
-
-def load_cluster(path: str | Path) -> ClusterSpec:
-    """Read a cluster YAML file; errors name the file and the field."""
-    raw = read_yaml(path, "cluster")
-    if raw is None:
-        raise UserError(f"{path}: file is empty")
-    try:
-        return ClusterSpec.from_dict(raw)
-    except UserError as exc:
-        raise UserError(f"{path}: {exc}") from None
-
-
-def save_cluster(cluster: ClusterSpec, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cluster.to_dict(), sort_keys=False))
-    return path
 
 
 def spec_from_nodes(
@@ -153,7 +127,7 @@ def probe_network(
                                      repeats=repeats, warmup=warmup, timeout_s=timeout_s)
         redone = {(p.nodes, p.gpus_per_node) for p in todo}
         kept = [s for s in cluster.allreduce_samples if (s.nodes, s.gpus_per_node) not in redone]
-        spec = replace(cluster, allreduce_samples=tuple(kept + measured))
+        spec = cluster.replace(allreduce_samples=tuple(kept + measured))
         save_cluster(spec, out)
         return spec
     finally:
