@@ -10,17 +10,21 @@ kind. Modules: `types` and `results` (pydantic models), `priors` (the sourced co
 documents the model, every prior and its source, and the validation.
 """
 
+from orchestrator.planner.calibrate import calibrate, calibrate_allreduce
 from orchestrator.planner.io import load_cluster, load_observations, save_cluster, save_observations
 from orchestrator.planner.model import BACKWARD_FRACTION, COMPUTE_SPREAD, DDP_BUCKET_BYTES, ring_allreduce_s
 from orchestrator.planner.priors import INTER_LINKS, INTRA_LINKS
 from orchestrator.planner.refit import (
+    REFIT_BOUNDS,
+    REFIT_MIN_STEPS,
     REFIT_SCALE_LIMITS,
     Refit,
-    ResizeDecision,
-    decide_resize,
+    RefitResult,
+    refit,
     refit_network,
     scale_network,
 )
+from orchestrator.planner.resize import ResizeDecision, decide_resize
 from orchestrator.planner.results import PLAN_VERSION, Candidate, Placement, Plan, Prediction
 from orchestrator.planner.search import COST_TIE_TOLERANCE, OBJECTIVES, placement_for, placements, plan, predict
 from orchestrator.planner.types import (
@@ -39,7 +43,7 @@ __all__ = [
     "BACKWARD_FRACTION", "COMPUTE_SPREAD", "COST_TIE_TOLERANCE", "DDP_BUCKET_BYTES", "INTER_LINKS", "INTRA_LINKS",
     "OBJECTIVES", "PLAN_VERSION", "PROFILE_VERSION", "REFIT_SCALE_LIMITS", "AllReduceSample", "Calibration",
     "Candidate", "ClusterSpec", "NodeSample", "Observation", "Placement", "Plan", "Prediction", "Profile",
-    "ProfileSample", "Refit", "ResizeDecision", "Residuals", "decide_resize", "load_cluster", "load_observations",
+    "ProfileSample", "REFIT_BOUNDS", "REFIT_MIN_STEPS", "Refit", "RefitResult", "refit", "ResizeDecision", "Residuals", "calibrate", "calibrate_allreduce", "decide_resize", "load_cluster", "load_observations",
     "placement_for", "placements", "plan", "predict", "refit_network", "ring_allreduce_s", "save_cluster",
     "save_observations", "scale_network",
 ]

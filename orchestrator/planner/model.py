@@ -48,6 +48,10 @@ DDP_BUCKET_BYTES = 25 * 2**20
 # The profile's median step time is taken as known within this share either way: the run-to-run
 # spread of step-time medians on a shared machine (README, benchmarks: about +-5 % per ratio).
 COMPUTE_SPREAD = 0.05
+# A network calibrated on all-reduces alone (probe-network) has not seen them run beside backward:
+# its measured spread is widened by this factor either way for the overlap it could not observe
+# (a judgement).
+PROBE_STEP_WIDTH = 1.25
 
 
 def effective_network(cluster: ClusterSpec, kinds: LinkKinds | None = None) -> Network:
@@ -182,30 +186,49 @@ class PerformanceModel:
     def fwd_bwd(self, batch: Any) -> np.ndarray:
         return np.maximum(self.curve(batch) - self.optimizer_s, 0.0)
 
-    def per_bucket(self, nodes: np.ndarray, gpus_per_node: np.ndarray, network: Network | None = None) -> np.ndarray:
-        """One bucket's all-reduce at each row's placement (measured tables where they exist)."""
-        size = self.profile.grad_bytes / self.buckets
-        out = np.asarray(allreduce_s(size, nodes, gpus_per_node, network or self.network), dtype=float)
-        out = np.broadcast_to(out, np.broadcast(nodes, gpus_per_node).shape).copy()
+    def table_per_bucket(self, nodes: Any, gpus_per_node: Any) -> np.ndarray:
+        """One bucket's measured all-reduce where the cluster has samples for the placement, else NaN."""
+        nodes, gpus_per_node = np.broadcast_arrays(np.asarray(nodes, dtype=float), np.asarray(gpus_per_node, dtype=float))
+        out = np.full(nodes.shape, np.nan)
         for (n, g), table in self.tables.items():
-            out[(nodes == n) & (gpus_per_node == g) & (nodes * gpus_per_node > 1)] = table(size)
-        return out if self.profile.grad_bytes else np.zeros_like(out)
+            out[(nodes == n) & (gpus_per_node == g) & (nodes * gpus_per_node > 1)] = table(self.bucket_bytes)
+        return out
 
-    def steps(self, nodes: np.ndarray, gpus_per_node: np.ndarray, micro: np.ndarray, accum: np.ndarray,
-              *, comm_factor: Any = 1.0, compute_s: np.ndarray | None = None) -> Steps:
-        """Step times at each row; `compute_s` (measured without sync) replaces the profile's."""
+    @property
+    def bucket_bytes(self) -> float:
+        return self.profile.grad_bytes / self.buckets
+
+    def per_bucket(self, nodes: Any, gpus_per_node: Any) -> np.ndarray:
+        """One bucket's all-reduce at each row's placement (measured tables where they exist)."""
+        if not self.profile.grad_bytes:
+            return np.zeros(np.broadcast(nodes, gpus_per_node).shape)
+        formula = allreduce_s(self.bucket_bytes, nodes, gpus_per_node, self.network)
+        table = self.table_per_bucket(nodes, gpus_per_node)
+        return np.where(np.isnan(table), formula, table)
+
+    def compute_terms(self, gpus_per_node: Any, micro: Any, accum: Any,
+                      compute_s: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(compute, backward, data) seconds per step at each row; `compute_s` (measured without
+        gradient sync, NaN where not) replaces the profile's compute."""
+        micro, accum = np.asarray(micro, dtype=float), np.asarray(accum, dtype=float)
         factor = self.contention(gpus_per_node, micro)
-        if compute_s is None:
-            t_fb = self.fwd_bwd(micro) * factor
-            compute = accum * t_fb + self.optimizer_s * factor
-        else:
-            compute = compute_s
-            t_fb = np.maximum(compute_s - self.optimizer_s * factor, 0.0) / accum
-        backward = BACKWARD_FRACTION * t_fb
-        per_bucket = self.per_bucket(nodes, gpus_per_node) * comm_factor
-        exposed = exposed_s(per_bucket, self.buckets, backward, self.network.overlap)
+        t_fb = self.fwd_bwd(micro) * factor
+        compute = accum * t_fb + self.optimizer_s * factor
+        if compute_s is not None:
+            measured = np.asarray(compute_s, dtype=float)
+            known = ~np.isnan(measured)
+            compute = np.where(known, measured, compute)
+            t_fb = np.where(known, np.maximum(measured - self.optimizer_s * factor, 0.0) / accum, t_fb)
         rate = self.profile.data_samples_per_s
         data = micro * accum / rate if rate else np.zeros_like(compute)
+        return compute, BACKWARD_FRACTION * t_fb, data
+
+    def steps(self, nodes: Any, gpus_per_node: Any, micro: Any, accum: Any, *, comm_factor: Any = 1.0,
+              compute_s: Any = None) -> Steps:
+        """Step times at each row, the network time scaled by `comm_factor`."""
+        compute, backward, data = self.compute_terms(gpus_per_node, micro, accum, compute_s)
+        per_bucket = self.per_bucket(nodes, gpus_per_node) * comm_factor
+        exposed = exposed_s(per_bucket, self.buckets, backward, self.network.overlap)
         return Steps(step=np.maximum(compute + exposed, data), compute=compute, comm=self.buckets * per_bucket,
                      exposed=exposed, data=data, backward=backward)
 
@@ -284,13 +307,19 @@ def evaluate(model: PerformanceModel, rows: Rows, *, reference_batch: np.ndarray
 def _step_interval(model: PerformanceModel, rows: Rows, s: Steps) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
     """((step low, network-only step low), (step high, network-only step high)) per row."""
     alone = rows.gpus == 1
-    residuals = model.cluster.calibration.residuals if model.cluster.calibration else None
-    if residuals is not None and residuals.n:
+    cal = model.cluster.calibration
+    residuals = cal.residuals if cal is not None and cal.residuals is not None and cal.residuals.n else None
+    if residuals is not None and residuals.method != "all-reduce":
+        # Residuals of whole steps: they hold the compute's error too.
         net_low = s.step * np.where(alone, 1.0, math.exp(min(residuals.low, 0.0)))
         net_high = s.step * np.where(alone, 1.0, math.exp(max(residuals.high, 0.0)))
-        spread = np.where(alone, COMPUTE_SPREAD, 0.0)  # the residuals hold the compute's error too
+        spread: Any = np.where(alone, COMPUTE_SPREAD, 0.0)
     else:
-        lo, hi = model.interval_factors(rows.nodes, rows.gpus_per_node)
+        if residuals is not None:  # all-reduce residuals: the network itself, measured
+            lo = math.exp(min(residuals.low, 0.0)) / PROBE_STEP_WIDTH
+            hi = math.exp(max(residuals.high, 0.0)) * PROBE_STEP_WIDTH
+        else:
+            lo, hi = model.interval_factors(rows.nodes, rows.gpus_per_node)
         net_low = model.steps(rows.nodes, rows.gpus_per_node, rows.micro, rows.accum, comm_factor=lo).step
         net_high = model.steps(rows.nodes, rows.gpus_per_node, rows.micro, rows.accum, comm_factor=hi).step
         spread = COMPUTE_SPREAD

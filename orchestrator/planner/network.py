@@ -60,15 +60,28 @@ class Network:
 
 def allreduce_s(nbytes: Array, nodes: Array, gpus_per_node: Array, net: Network | Any) -> Array:
     """Seconds for one ring all-reduce of `nbytes` (0 on one rank). `net` may hold arrays."""
+    bus = ring_bus(nodes, gpus_per_node, net.intra_Bps, net.inter_Bps)
+    return ring_volume(nbytes, nodes, gpus_per_node) / bus + ring_latency(nodes, gpus_per_node, net)
+
+
+def ring_volume(nbytes: Array, nodes: Array, gpus_per_node: Array) -> Array:
+    """Bytes over every link of the ring: 2(P-1)/P x nbytes (0 on one rank)."""
+    ranks = np.asarray(nodes, dtype=float) * np.asarray(gpus_per_node, dtype=float)
+    return 2 * (ranks - 1) / np.maximum(ranks, 1.0) * nbytes
+
+
+def ring_bus(nodes: Array, gpus_per_node: Array, intra_Bps: Array, inter_Bps: Array) -> Array:
+    """The ring's slowest link: a GPU's intra-node link (g > 1), the node's NIC (N > 1)."""
+    nodes, g = np.asarray(nodes, dtype=float), np.asarray(gpus_per_node, dtype=float)
+    return np.where(nodes > 1, np.where(g > 1, np.minimum(intra_Bps, inter_Bps), inter_Bps), intra_Bps)
+
+
+def ring_latency(nodes: Array, gpus_per_node: Array, net: Network | Any) -> Array:
+    """NCCL's ring latency: a base cost and 2(P-N) intra-node plus 2(N-1) inter-node hops."""
     nodes = np.asarray(nodes, dtype=float)
-    g = np.asarray(gpus_per_node, dtype=float)
-    ranks = nodes * g
-    bus = np.where(nodes > 1, np.where(g > 1, np.minimum(net.intra_Bps, net.inter_Bps), net.inter_Bps),
-                   net.intra_Bps)
-    safe = np.maximum(ranks, 1.0)
-    bandwidth = 2 * (safe - 1) / safe * nbytes / bus
+    ranks = nodes * np.asarray(gpus_per_node, dtype=float)
     latency = net.base_s + 2 * (ranks - nodes) * net.intra_hop_s + 2 * (nodes - 1) * net.inter_hop_s
-    return np.where(ranks > 1, bandwidth + latency, 0.0)
+    return np.where(ranks > 1, latency, 0.0)
 
 
 def exposed_s(per_bucket: Array, buckets: Array, backward_s: Array, overlap: Array) -> Array:

@@ -123,7 +123,8 @@ class Residuals(Model):
     median: float
     high: float  # 90th percentile
     n: NonNegativeInt
-    method: Literal["in-sample", "cross-model"]  # cross-model: each model predicted by a fit without it
+    # cross-model: each model predicted by a fit without it; all-reduce: of all-reduce times, not steps
+    method: Literal["in-sample", "cross-model", "all-reduce"]
 
 
 class Calibration(Model):
