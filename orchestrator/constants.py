@@ -68,3 +68,5 @@ AUTOSCALE_REQUEST_TTL_S = _env_float("ORCH_AUTOSCALE_REQUEST_TTL_S", 600.0)
 AUTOSCALE_DETECT_S = _env_float("ORCH_AUTOSCALE_DETECT_S", 15.0)
 # How long the driver waits, after killing its progress actor, for Ray to free the actor's name (seconds).
 ACTOR_RELEASE_S = _env_float("ORCH_ACTOR_RELEASE_S", 10.0)
+# probe-network: how long placing the probe's workers, or one of its measurements, may take (seconds).
+PROBE_TIMEOUT_S = _env_float("ORCH_PROBE_TIMEOUT_S", 120.0)

@@ -11,7 +11,13 @@ documents the model, every prior and its source, and the validation.
 """
 
 from orchestrator.planner.calibrate import calibrate, calibrate_allreduce
-from orchestrator.planner.io import load_cluster, load_observations, save_cluster, save_observations
+from orchestrator.planner.io import (
+    OBSERVATIONS_ARTIFACT,
+    load_cluster,
+    load_observations,
+    save_cluster,
+    save_observations,
+)
 from orchestrator.planner.model import BACKWARD_FRACTION, COMPUTE_SPREAD, DDP_BUCKET_BYTES, ring_allreduce_s
 from orchestrator.planner.priors import INTER_LINKS, INTRA_LINKS
 from orchestrator.planner.refit import (
@@ -41,7 +47,7 @@ from orchestrator.planner.types import (
 
 __all__ = [
     "BACKWARD_FRACTION", "COMPUTE_SPREAD", "COST_TIE_TOLERANCE", "DDP_BUCKET_BYTES", "INTER_LINKS", "INTRA_LINKS",
-    "OBJECTIVES", "PLAN_VERSION", "PROFILE_VERSION", "REFIT_SCALE_LIMITS", "AllReduceSample", "Calibration",
+    "OBJECTIVES", "OBSERVATIONS_ARTIFACT", "PLAN_VERSION", "PROFILE_VERSION", "REFIT_SCALE_LIMITS", "AllReduceSample", "Calibration",
     "Candidate", "ClusterSpec", "NodeSample", "Observation", "Placement", "Plan", "Prediction", "Profile",
     "ProfileSample", "REFIT_BOUNDS", "REFIT_MIN_STEPS", "Refit", "RefitResult", "refit", "ResizeDecision", "Residuals", "calibrate", "calibrate_allreduce", "decide_resize", "load_cluster", "load_observations",
     "placement_for", "placements", "plan", "predict", "refit_network", "ring_allreduce_s", "save_cluster",

@@ -35,7 +35,7 @@ MOVES = [(-math.log(2), math.log(2))] * 3 + [(0.0, 1.0)]
 # A parameter is fitted only when halving or doubling it (overlap: 0 or 1) moves the prediction of
 # at least MIN_SENSITIVE observations by SENSITIVITY or more: below, the data cannot tell its value.
 SENSITIVITY = 0.02
-MIN_SENSITIVE = 3
+MIN_SENSITIVE = 2
 CV_FOLDS = 5  # cross-model residuals: each group of models predicted by a fit without it
 # The cross-model fits see at most this many rows (evenly strided): residuals need the held-out
 # models' errors, not the last digit of each fold's fit; keeps 10,000 observations within seconds.

@@ -16,6 +16,8 @@ from orchestrator.planner.base import Model
 from orchestrator.planner.types import ClusterSpec, Observation
 
 M = TypeVar("M", bound=Model)
+# Where a run logs its observations in MLflow (a JSON list), for `orchestrator calibrate --experiment`.
+OBSERVATIONS_ARTIFACT = "plan/observations.json"
 
 
 def _validated(cls: type[M], raw: object, path: str | Path) -> M:
