@@ -23,23 +23,32 @@ from typing import Any
 import numpy as np
 
 from orchestrator.errors import UserError
-from orchestrator.planner.fit import LOG_RANGE, Space, data_loss, minimize, sensitive
+from orchestrator.planner.fit import LOG_RANGE, Space, data_loss, minimize, polish, sensitive
 from orchestrator.planner.model import PerformanceModel, effective_network
-from orchestrator.planner.network import Network, exposed_s, ring_bus, ring_latency, ring_volume
+from orchestrator.planner.network import Network, exposed_s, ring_latency, ring_links, ring_volume
 from orchestrator.planner.types import AllReduceSample, Calibration, ClusterSpec, Observation, Residuals
 from trainers.batching import split_global_batch
 
 PARAMETERS = ("intra_GBps", "inter_GBps", "latency", "overlap")
-SPACES = [Space(-LOG_RANGE, LOG_RANGE, math.log(100))] * 3 + [Space(0.0, 1.0, 0.5)]
-MOVES = [(-math.log(2), math.log(2))] * 3 + [(0.0, 1.0)]
-# A parameter is fitted only when halving or doubling it (overlap: 0 or 1) moves the prediction of
-# at least MIN_SENSITIVE observations by SENSITIVITY or more: below, the data cannot tell its value.
+# The priors' widths (one standard deviation; log factors for bandwidths and latency): achieved
+# bandwidth may lie an order of magnitude below the priors (the 5-15x measured on PCIe/Ethernet
+# clusters); NCCL's hop latencies hold within a few times on a healthy fabric; the overlap is
+# anyone's guess between none and full. Judgements, documented in docs/planner.md.
+BANDWIDTH_SIGMA, LATENCY_SIGMA, OVERLAP_SIGMA = math.log(10), math.log(3), 0.5
+SPACES = [Space(-LOG_RANGE, LOG_RANGE, math.log(100), BANDWIDTH_SIGMA)] * 2 + [
+    Space(-LOG_RANGE, LOG_RANGE, math.log(100), LATENCY_SIGMA), Space(0.0, 1.0, 0.5, OVERLAP_SIGMA)]
+MOVES = [(-LOG_RANGE, LOG_RANGE)] * 3 + [(0.0, 1.0)]
+# A parameter is fitted only when moving it to either end of its range (x/1000; overlap 0 or 1)
+# moves the prediction of at least MIN_SENSITIVE observations by SENSITIVITY or more: otherwise
+# no value it could take shows in these observations.
 SENSITIVITY = 0.02
 MIN_SENSITIVE = 2
+SLOWER = [0.0, math.log(10), math.log(100), math.log(1000)]  # bandwidth factors at which to look
 CV_FOLDS = 5  # cross-model residuals: each group of models predicted by a fit without it
-# The cross-model fits see at most this many rows (evenly strided): residuals need the held-out
-# models' errors, not the last digit of each fold's fit; keeps 10,000 observations within seconds.
-CV_MAX_ROWS = 2000
+# A fit's search sees at most this many rows (evenly strided); the main fit is then polished on
+# all of them, the cross-model fits are not (residuals need the held-out models' errors, not the
+# last digit of each fold's fit). Keeps 10,000 observations within seconds.
+FIT_MAX_ROWS = 2000
 
 
 def now_utc() -> str:
@@ -73,17 +82,18 @@ class Problem:
     table: np.ndarray | None = None  # measured per-bucket all-reduce, NaN where the formula applies
 
     def predictor(self, start: Network) -> Any:
-        # The parts that do not move with the parameters, once: ring volume and latency at start
-        # (the latency parameter scales all of it alike).
+        # the parts that do not move with the parameters, once: ring volume per crossed link
+        # (network.ring_bus: the slowest crossed link sets the pace) and latency at the start
         volume = ring_volume(self.size, self.nodes, self.gpus_per_node)
+        crosses_intra, crosses_inter = ring_links(self.nodes, self.gpus_per_node)
+        intra_volume, inter_volume = volume * crosses_intra, volume * crosses_inter
         latency = ring_latency(self.nodes, self.gpus_per_node, start)
         known = ~np.isnan(self.table) if self.steps else None
 
         def predict(theta: np.ndarray) -> np.ndarray:
             t = np.atleast_2d(theta)
-            bus = ring_bus(self.nodes, self.gpus_per_node, start.intra_Bps * np.exp(t[:, 0:1]),
-                           start.inter_Bps * np.exp(t[:, 1:2]))
-            per = volume / bus + latency * np.exp(t[:, 2:3])
+            per = np.maximum(intra_volume * (np.exp(-t[:, 0:1]) / start.intra_Bps),
+                             inter_volume * (np.exp(-t[:, 1:2]) / start.inter_Bps)) + latency * np.exp(t[:, 2:3])
             if not self.steps:
                 return per
             per = np.where(known, self.table, per)
@@ -150,16 +160,33 @@ def allreduce_problem(samples: Iterable[AllReduceSample]) -> Problem:
 
 def _identifiable(problem: Problem, predict: Any, start: np.ndarray,
                   allowed: Sequence[int]) -> tuple[list[int], dict[str, str]]:
+    """The parameters these observations can tell (module doc), and why the others cannot.
+
+    Each network level is told only by observations that exercise it (the intra-node links by
+    steps inside one node, the NIC by steps across nodes); a parameter must also show: moved to
+    either end of its range, it must change at least MIN_SENSITIVE predictions by SENSITIVITY,
+    at the priors or with the network slower (overlap only shows where communication is as
+    long as backward). How far a weakly told parameter moves is the prior's business (fit.py)."""
+    level = {0: (problem.nodes == 1) & (problem.gpus_per_node > 1), 1: problem.nodes > 1}
     free, why = [], {}
     for i, name in enumerate(PARAMETERS):
         if i not in allowed:
             why[name] = "all-reduce timings alone say nothing about the overlap with backward"
-            continue
-        if len(problem) and sensitive(predict, start, i, MOVES[i], threshold=SENSITIVITY).sum() >= MIN_SENSITIVE:
-            free.append(i)
-        else:
+        elif not level.get(i, problem.nodes > 0).any() or not _shows(predict, start, i, level.get(i)):
             why[name] = _why_not(problem, name)
+        else:
+            free.append(i)
     return free, why
+
+
+def _shows(predict: Any, start: np.ndarray, index: int, rows: np.ndarray | None) -> bool:
+    for slower in SLOWER:
+        base = start.copy()
+        base[:2] -= slower
+        moved = sensitive(predict, base, index, MOVES[index], threshold=SENSITIVITY)
+        if (moved if rows is None else moved & rows).sum() >= MIN_SENSITIVE:
+            return True
+    return False
 
 
 def _why_not(problem: Problem, name: str) -> str:
@@ -168,14 +195,27 @@ def _why_not(problem: Problem, name: str) -> str:
         return "no observation inside one node with 2 or more GPUs"
     if name == "inter_GBps" and not (problem.nodes > 1).any():
         return "no multi-node observation"
-    return (f"fewer than {MIN_SENSITIVE} observations change by {SENSITIVITY:.0%} when it is halved or doubled "
-            f"(it hardly matters for these steps)")
+    if not len(problem):
+        return "no multi-GPU observation"
+    return (f"fewer than {MIN_SENSITIVE} observations change by {SENSITIVITY:.0%} at either end of its range "
+            f"(it does not show in these steps)")
+
+
+def _strided(problem: Problem, most: int) -> Problem:
+    """At most `most` rows, evenly strided (deterministic): a sample of every part of the data."""
+    return problem if len(problem) <= most else problem.subset(np.arange(len(problem))[:: -(-len(problem) // most)])
 
 
 def _fit(problem: Problem, start_net: Network, start: np.ndarray, free: list[int]) -> tuple[np.ndarray, bool]:
-    """(parameters, kept_input): the fit, or the start when the fit is no better on `problem`."""
+    """(parameters, kept_input): the fit, or the start when the fit is no better on `problem`.
+    Many observations: the search runs on FIT_MAX_ROWS of them, then is polished on all."""
     predict = problem.predictor(start_net)
-    theta = minimize(predict, problem.observed, start, SPACES, free) if free else start
+    theta = start
+    if free:
+        sample = _strided(problem, FIT_MAX_ROWS)
+        theta = minimize(sample.predictor(start_net), sample.observed, start, SPACES, free)
+        if sample is not problem:
+            theta = polish(predict, problem.observed, start, SPACES, free, theta)
     before = float(data_loss(predict(start)[0], problem.observed))
     after = float(data_loss(predict(theta)[0], problem.observed))
     return (theta, False) if after < before else (start, True)
@@ -191,9 +231,7 @@ def _residuals(problem: Problem, start_net: Network, start: np.ndarray, free: li
         parts = []
         for fold in folds:
             held = np.isin(problem.models, fold)
-            train = np.flatnonzero(~held)
-            train = train[:: max(len(train) // CV_MAX_ROWS, 1)]
-            fitted, _ = _fit(problem.subset(train), start_net, start, free)
+            fitted, _ = _fit(_strided(problem.subset(~held), FIT_MAX_ROWS), start_net, start, free)
             test = problem.subset(held)
             parts.append(np.log(test.observed / test.predictor(start_net)(fitted)[0]))
         r, method = np.concatenate(parts), "cross-model"

@@ -19,25 +19,24 @@ import numpy as np
 
 # Where the loss turns from quadratic to linear: ~5 %, the spread of step-time medians we see.
 HUBER_DELTA = 0.05
-# A weak pull toward the starting point (the priors), so that a direction the data leave flat
-# stays where the priors put it instead of drifting; far below the loss of 1 % noise (5e-5).
-PRIOR_PULL = 1e-7
 GRID_POINTS = 25
 ROUNDS = 4  # coarse coordinate rounds
 SHRINK = 0.4
-SEARCH_STEPS = 200  # pattern-search iterations at most
+SEARCH_STEPS = 100  # pattern-search iterations at most
 FINEST_STEP = 1e-3  # in log units (0.1 %) or overlap share
+POLISH_STEP = 0.05  # a subsample's fit is this near the full data's
 
 Predictor = Callable[[np.ndarray], np.ndarray]  # parameters (G, P) -> predictions (G, n)
 
 
 @dataclass(frozen=True, slots=True)
 class Space:
-    """One parameter's search interval and its first grid span."""
+    """One parameter's search interval, its first grid span, and its prior's standard deviation."""
 
     low: float
     high: float
     span: float
+    sigma: float
 
 
 def huber(r: np.ndarray) -> np.ndarray:
@@ -50,16 +49,25 @@ def data_loss(predicted: np.ndarray, observed: np.ndarray) -> np.ndarray:
     return huber(np.log(predicted / observed)).mean(axis=-1)
 
 
+def _objective(predict: Predictor, observed: np.ndarray, start: np.ndarray,
+               spaces: list[Space]) -> Callable[[np.ndarray], np.ndarray]:
+    sigma = np.array([s.sigma for s in spaces])
+
+    def loss(grid: np.ndarray) -> np.ndarray:
+        # The negative log posterior per observation: the Huber loss is a log likelihood with noise
+        # HUBER_DELTA, the start a normal prior of width sigma (maximum a posteriori). With many
+        # observations the data decide; with few, a parameter moves only as far as they demand.
+        prior = (((grid - start) / sigma) ** 2).sum(axis=-1) / (2 * len(observed))
+        return data_loss(predict(grid), observed) / HUBER_DELTA**2 + prior
+    return loss
+
+
 def minimize(predict: Predictor, observed: np.ndarray, start: np.ndarray, spaces: list[Space],
              free: list[int]) -> np.ndarray:
     """The parameters (free ones moved, the rest held at `start`) of least loss."""
     low = np.array([s.low for s in spaces])
     high = np.array([s.high for s in spaces])
-
-    def loss(grid: np.ndarray) -> np.ndarray:
-        pull = PRIOR_PULL * ((grid - start) ** 2).sum(axis=-1)
-        return data_loss(predict(grid), observed) + pull
-
+    loss = _objective(predict, observed, start, spaces)
     theta = start.astype(float).copy()
     spans = {i: spaces[i].span for i in free}
     for _ in range(ROUNDS):
@@ -70,6 +78,15 @@ def minimize(predict: Predictor, observed: np.ndarray, start: np.ndarray, spaces
             spans[i] *= SHRINK
     return _pattern_search(loss, theta, _directions(len(start), free), low, high,
                            step=max(spans.values(), default=0.0))
+
+
+def polish(predict: Predictor, observed: np.ndarray, start: np.ndarray, spaces: list[Space], free: list[int],
+           theta: np.ndarray, *, step: float = POLISH_STEP) -> np.ndarray:
+    """`theta` (found on a subsample) refined on all observations: a short pattern search."""
+    low = np.array([s.low for s in spaces])
+    high = np.array([s.high for s in spaces])
+    return _pattern_search(_objective(predict, observed, start, spaces), theta, _directions(len(start), free),
+                           low, high, step=step)
 
 
 def _directions(size: int, free: list[int]) -> np.ndarray:
@@ -88,14 +105,15 @@ def _directions(size: int, free: list[int]) -> np.ndarray:
 def _pattern_search(loss: Callable[[np.ndarray], np.ndarray], theta: np.ndarray, moves: np.ndarray,
                     low: np.ndarray, high: np.ndarray, *, step: float) -> np.ndarray:
     best = float(loss(theta[None, :])[0])
+    largest = step
     for _ in range(SEARCH_STEPS):
         if step < FINEST_STEP or not len(moves):
             break
         trial = np.clip(theta + step * moves, low, high)
         values = loss(trial)
         i = int(np.argmin(values))
-        if values[i] < best:
-            theta, best = trial[i], float(values[i])
+        if values[i] < best:  # a move that pays may pay again, further: stride out along a valley
+            theta, best, step = trial[i], float(values[i]), min(step * 2, largest)
         else:
             step /= 2
     return theta

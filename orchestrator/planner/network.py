@@ -70,10 +70,16 @@ def ring_volume(nbytes: Array, nodes: Array, gpus_per_node: Array) -> Array:
     return 2 * (ranks - 1) / np.maximum(ranks, 1.0) * nbytes
 
 
+def ring_links(nodes: Array, gpus_per_node: Array) -> tuple[Array, Array]:
+    """Which links the ring crosses: a GPU's intra-node link (g > 1), the node's NIC (N > 1)."""
+    return np.asarray(gpus_per_node, dtype=float) > 1, np.asarray(nodes, dtype=float) > 1
+
+
 def ring_bus(nodes: Array, gpus_per_node: Array, intra_Bps: Array, inter_Bps: Array) -> Array:
-    """The ring's slowest link: a GPU's intra-node link (g > 1), the node's NIC (N > 1)."""
-    nodes, g = np.asarray(nodes, dtype=float), np.asarray(gpus_per_node, dtype=float)
-    return np.where(nodes > 1, np.where(g > 1, np.minimum(intra_Bps, inter_Bps), inter_Bps), intra_Bps)
+    """The ring's slowest crossed link (infinite on one rank, which moves nothing)."""
+    intra, inter = ring_links(nodes, gpus_per_node)
+    with np.errstate(divide="ignore"):
+        return 1 / np.maximum(intra / intra_Bps, inter / inter_Bps)
 
 
 def ring_latency(nodes: Array, gpus_per_node: Array, net: Network | Any) -> Array:
