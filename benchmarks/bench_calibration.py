@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import calibration_runs as runs  # noqa: E402
-from benchmarks.harness import RESULTS, setup_environment  # noqa: E402
+from benchmarks.harness import RESULTS, LoadSampler, setup_environment  # noqa: E402
 from orchestrator.planner import ClusterSpec, Observation, Placement, calibrate, predict  # noqa: E402
 from orchestrator.planner.model import PerformanceModel  # noqa: E402
 from trainers.batching import split_global_batch  # noqa: E402
@@ -146,7 +146,8 @@ def run() -> dict[str, Any]:
     started = time.perf_counter()
     cluster = start_cluster()
     try:
-        observed = collect(WORKLOADS, PLACEMENTS)
+        with LoadSampler() as load:  # the machine is shared: the context every figure was measured in
+            observed = collect(WORKLOADS, PLACEMENTS)
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -154,6 +155,7 @@ def run() -> dict[str, Any]:
     full = calibrate(SPEC, observed).calibration
     result.update(measured_at=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), seconds=time.perf_counter() - started,
                   placements=[str(p) for p in PLACEMENTS], models=[w.name for w in WORKLOADS],
+                  load_average_1m=load.summary(),
                   calibration_all_models=full.to_dict(), observations=[o.to_dict() for o in observed])
     return result
 
