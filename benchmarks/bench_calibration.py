@@ -7,7 +7,9 @@ a few other sizes (`model.kwargs`) are profiled on one worker and trained at 1x2
 models' steps and predicts this one; the same rows spec-only (the uncalibrated priors), with a
 naive ring at the line rate (no overlap) and with no communication at all, side by side.
 
-    python benchmarks/bench_calibration.py [--out benchmarks/results/calibration.json]
+    python benchmarks/bench_calibration.py [--out benchmarks/results/calibration.json] [--reanalyze]
+
+--reanalyze repeats the analysis on the observations the last run stored (no measuring).
 
 Takes 5-10 minutes here (2 cores). `bench_planner.py` shows the last result's rows in `make bench`.
 """
@@ -139,6 +141,13 @@ def _stats(errors: list[float]) -> dict[str, float]:
             "p90_abs_error_pct": ordered[min(int(0.9 * len(ordered)), len(ordered) - 1)]}
 
 
+def analyze(observed: list[Observation]) -> dict[str, Any]:
+    result = leave_one_model_out(SPEC, observed)
+    result.update(calibration_all_models=calibrate(SPEC, observed).calibration.to_dict(),
+                  observations=[o.to_dict() for o in observed])
+    return result
+
+
 def run() -> dict[str, Any]:
     import ray
 
@@ -151,20 +160,21 @@ def run() -> dict[str, Any]:
     finally:
         ray.shutdown()
         cluster.shutdown()
-    result = leave_one_model_out(SPEC, observed)
-    full = calibrate(SPEC, observed).calibration
-    result.update(measured_at=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), seconds=time.perf_counter() - started,
-                  placements=[str(p) for p in PLACEMENTS], models=[w.name for w in WORKLOADS],
-                  load_average_1m=load.summary(),
-                  calibration_all_models=full.to_dict(), observations=[o.to_dict() for o in observed])
-    return result
+    return {**analyze(observed), "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "seconds": time.perf_counter() - started, "placements": [str(p) for p in PLACEMENTS],
+            "models": [w.name for w in WORKLOADS], "load_average_1m": load.summary()}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=RESULT_FILE)
+    parser.add_argument("--reanalyze", action="store_true", help="analyze the stored observations again")
     args = parser.parse_args(argv)
-    result = run()
+    if args.reanalyze:
+        stored = json.loads(args.out.read_text())
+        result = {**stored, **analyze([Observation.from_dict(o) for o in stored["observations"]])}
+    else:
+        result = run()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     for label, s in result["summary"].items():

@@ -89,18 +89,19 @@ def profile(w: Workload, batches: tuple[int, ...]) -> Profile:
                    max_local_batch=max(batches), precision="fp32")
 
 
-def _timed(model: Any, opt: Any, w: Workload, batch: tuple[Any, Any], *, sync: bool) -> list[float]:
+def _timed(model: Any, opt: Any, w: Workload, batch: tuple[Any, Any], *, sync: bool, warmup: int,
+           steps: int) -> list[float]:
     import contextlib
 
     times = []
-    for _ in range(WARMUP + STEPS):
+    for _ in range(warmup + steps):
         start = time.perf_counter()
         with contextlib.nullcontext() if sync else model.no_sync():
             _loss(model, w, *batch).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
-    return times[WARMUP:]
+    return times[warmup:]
 
 
 def worker_loop(config: dict[str, Any]) -> None:
@@ -112,14 +113,15 @@ def worker_loop(config: dict[str, Any]) -> None:
     import ray.train
 
     torch.set_num_threads(1)
+    counts = {"warmup": config["warmup"], "steps": config["steps"]}
     medians: dict[str, float] = {}
     for raw in config["workloads"]:
         w = Workload(**{**raw, "shape": tuple(raw["shape"])})
         model, opt = _model(w)
         ddp = DistributedDataParallel(model)
         batch = _data(w, w.batch)
-        synced = statistics.median(_timed(ddp, opt, w, batch, sync=True))
-        alone = torch.tensor([statistics.median(_timed(ddp, opt, w, batch, sync=False))])
+        synced = statistics.median(_timed(ddp, opt, w, batch, sync=True, **counts))
+        alone = torch.tensor([statistics.median(_timed(ddp, opt, w, batch, sync=False, **counts))])
         dist.all_reduce(alone, op=dist.ReduceOp.MAX)  # the group waits for its slowest worker
         medians[f"{w.name}/step"], medians[f"{w.name}/compute"] = synced, float(alone)
     # Ray Train V2 keeps the metrics of checkpointed reports only: rank 0 attaches an empty one.
@@ -128,8 +130,8 @@ def worker_loop(config: dict[str, Any]) -> None:
         ray.train.report(medians, checkpoint=ray.train.Checkpoint.from_directory(folder) if first else None)
 
 
-def measure(placement: Placement, workloads: list[Workload], *,
-            resources: dict[str, float] | None = None) -> dict[str, float]:
+def measure(placement: Placement, workloads: list[Workload], *, resources: dict[str, float] | None = None,
+            warmup: int = WARMUP, steps: int = STEPS) -> dict[str, float]:
     """One TorchTrainer run at `placement` (Ray must be connected): medians per workload. Each
     worker takes one CPU and `resources` (default one "slot", which only worker nodes offer), so
     the placement strategy alone decides how many share a node."""
@@ -142,7 +144,8 @@ def measure(placement: Placement, workloads: list[Workload], *,
     strategy = "STRICT_PACK" if placement.nodes == 1 else "STRICT_SPREAD" if placement.gpus_per_node == 1 else "SPREAD"
     with tempfile.TemporaryDirectory() as storage:
         trainer = TorchTrainer(
-            worker_loop, train_loop_config={"workloads": [asdict(w) for w in workloads]},
+            worker_loop, train_loop_config={"workloads": [asdict(w) for w in workloads], "warmup": warmup,
+                                            "steps": steps},
             scaling_config=ray.train.ScalingConfig(num_workers=placement.gpus, placement_strategy=strategy,
                                                    use_gpu="GPU" in extra,  # logical GPUs: the workers
                                                    resources_per_worker={"CPU": 1, **extra}),  # still use the CPU

@@ -42,7 +42,7 @@ MOVES = [(-LOG_RANGE, LOG_RANGE)] * 3 + [(0.0, 1.0)]
 # moves the prediction of at least MIN_SENSITIVE observations by SENSITIVITY or more: otherwise
 # no value it could take shows in these observations.
 SENSITIVITY = 0.02
-MIN_SENSITIVE = 2
+MIN_SENSITIVE = 1
 SLOWER = [0.0, math.log(10), math.log(100), math.log(1000)]  # bandwidth factors at which to look
 CV_FOLDS = 5  # cross-model residuals: each group of models predicted by a fit without it
 # A fit's search sees at most this many rows (evenly strided); the main fit is then polished on
