@@ -328,8 +328,10 @@ class _AllReduceWorker:
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         # A logical GPU without CUDA (tests, CPU-only hosts) is measured with gloo on the CPU.
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        # Ray shows each actor its one GPU as device 0; saying so spares NCCL a guess (and a hang).
+        pinned = {"device_id": torch.device("cuda", 0)} if self.device == "cuda" else {}
         dist.init_process_group("nccl" if self.device == "cuda" else "gloo", init_method=meet, rank=rank,
-                                world_size=world)
+                                world_size=world, **pinned)
         dist.barrier()  # connections open lazily: keep that out of the first size's timings
 
     def run(self, sizes: list[int], repeats: int, warmup: int) -> list[float]:
