@@ -110,9 +110,9 @@ def _print_sizing(sizing: Any) -> None:
         console.print(f"profile ({how}): {p.device}, {p.param_count:,} parameters, max local batch "
                       f"{p.max_local_batch}, data {p.data_samples_per_s or 0:,.0f} samples/s")
     if sizing.plan is not None:
-        from orchestrator.plots import plan_table
+        from orchestrator.plots import print_plan
 
-        console.print(plan_table(sizing.plan))
+        print_plan(console, sizing.plan)  # full width in `jobs logs` and pipes too
     else:
         console.print(f"[bold]plan:[/bold] {sizing.explanation}", highlight=False)
 

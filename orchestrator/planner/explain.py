@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from orchestrator.planner.model import COMPUTE_SPREAD, PerformanceModel
@@ -108,6 +109,4 @@ def describe_calibration(cal: Calibration) -> str:
 
 
 def _percent(log_ratio: float) -> str:
-    from math import exp
-
-    return f"{(exp(log_ratio) - 1) * 100:+.0f} %"
+    return f"{(math.exp(log_ratio) - 1) * 100:+.0f} %"

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
+from orchestrator.errors import UserError
 from orchestrator.planner.base import (
     Document,
     Efficiency,
@@ -98,8 +99,6 @@ class Profile(Document):
 
 def check_version(version: Any, where: str, what: str, expected: int) -> None:
     if version != expected or isinstance(version, bool) or not isinstance(version, int):
-        from orchestrator.errors import UserError
-
         got = "no version" if version is None else f"version {version!r}"
         raise UserError(f"{where}.version: this planner reads {what} version {expected}, got {got};"
                         f" re-run `orchestrator {what}` to write a current one")
