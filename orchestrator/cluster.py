@@ -1,7 +1,8 @@
 """The cluster the planner plans for: from a YAML file, from the live Ray cluster, or measured.
 
 A `ClusterSpec` (defined in `orchestrator.planner`, which stays free of Ray) holds the node and GPU
-counts, the spec bandwidths and optional measured all-reduce samples. On a CPU-only cluster every
+counts, the line rates and link kinds, and the network's calibration: `probe-network` measures
+all-reduce at a few placements and fits the planner's network model to it. On a CPU-only cluster every
 worker slot (``cpus_per_worker`` CPUs) counts as one "GPU", so the same planner decides how many
 CPU workers to run.
 
@@ -11,48 +12,34 @@ Ray and torch are imported inside the functions that need them: reading a cluste
 
 from __future__ import annotations
 
+import hashlib
+import json
 import socket
 import statistics
+import tempfile
 import time
-from dataclasses import replace
+import uuid
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from orchestrator import constants
 from orchestrator.errors import UserError
-from orchestrator.files import read_yaml
-from orchestrator.planner import AllReduceSample, ClusterSpec, Placement
+from orchestrator.planner import (
+    AllReduceSample,
+    ClusterSpec,
+    Placement,
+    calibrate_allreduce,
+    load_cluster,
+    save_cluster,
+)
 
 # Figures for a discovered cluster whose network nobody described: conservative guesses (PCIe
 # Gen3 x16 between GPUs, 10 GbE between nodes, gloo over TCP loopback between CPU workers). Pass
 # a cluster file's figures as `defaults`, or run `orchestrator probe-network`, to do better.
-GPU_DEFAULTS: dict[str, Any] = {
-    "intra_node_GBps": 16.0, "inter_node_GBps": 1.25, "latency_us": 10.0,
-}
-CPU_DEFAULTS: dict[str, Any] = {
-    "gpu": "cpu", "intra_node_GBps": 2.0, "inter_node_GBps": 1.25, "latency_us": 50.0,
-}
+GPU_DEFAULTS: dict[str, Any] = {"intra_node_GBps": 16.0, "inter_node_GBps": 1.25}
+CPU_DEFAULTS: dict[str, Any] = {"gpu": "cpu", "intra_node_GBps": 2.0, "inter_node_GBps": 1.25}
 # 1 KiB .. 64 MiB in 4x steps: latency-bound to bandwidth-bound, and DDP's 25 MiB buckets.
 DEFAULT_PROBE_SIZES = [4**k * 1024 for k in range(9)]
-
-
-def load_cluster(path: str | Path) -> ClusterSpec:
-    """Read a cluster YAML file; errors name the file and the field."""
-    raw = read_yaml(path, "cluster")
-    if raw is None:
-        raise UserError(f"{path}: file is empty")
-    try:
-        return ClusterSpec.from_dict(raw)
-    except UserError as exc:
-        raise UserError(f"{path}: {exc}") from None
-
-
-def save_cluster(cluster: ClusterSpec, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cluster.to_dict(), sort_keys=False))
-    return path
 
 
 def spec_from_nodes(
@@ -111,6 +98,20 @@ def discover_cluster(
     return spec_from_nodes(ray.nodes(), defaults, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker)
 
 
+# ---------------------------------------------------------------------------------------------
+# probe-network: measure all-reduce on the live cluster and fit the network model to it
+
+
+def probe_placements(cluster: ClusterSpec) -> list[Placement]:
+    """What a probe measures, as the cluster allows: one node with all its GPUs (the intra-node
+    links), 2 nodes x 1 GPU (the NIC alone), 2 nodes x all GPUs (the NIC shared by a node)."""
+    g = cluster.gpus_per_node
+    todo = [Placement(1, g)] if g > 1 else []
+    if cluster.nodes > 1:
+        todo += [Placement(2, 1)] + ([Placement(2, g)] if g > 1 else [])
+    return todo
+
+
 def probe_network(
     address: str | None,
     sizes: list[int],
@@ -121,16 +122,18 @@ def probe_network(
     placements: list[Placement] | None = None,
     repeats: int = 5,
     warmup: int = 2,
-    timeout_s: float = 120.0,
+    timeout_s: float = constants.PROBE_TIMEOUT_S,
 ) -> ClusterSpec:
-    """Measure all-reduce time across the live cluster's workers and write it into `out`.
+    """Measure all-reduce across the live cluster's workers, fit the network model, write `out`.
 
     One worker per GPU (NCCL) or CPU slot (gloo) runs torch.distributed all-reduces of each size
-    in `sizes` (bytes); the median over `repeats` of the slowest rank is recorded per size. By
-    default the full placement is measured, or else each of `placements`. Figures already in `out`
-    (bandwidths, price, samples of other placements) are kept; a new file takes the discovered
-    shape and the default figures; the file is rewritten (its comments are lost). Connects to
-    `address` unless Ray is up (None: a new embedded Ray on 127.0.0.1).
+    in `sizes` (bytes) at each placement (default: `probe_placements`); the median over `repeats`
+    of the slowest rank is recorded per size. What the nodes tell (GPU peer access, NIC speed,
+    InfiniBand devices, addresses) sets the link kinds and the NIC line rate the file does not
+    give; the samples are fitted (`calibrate_allreduce`), and the file holds the fit, its
+    residuals, when it was measured, what was detected and assumed, and the samples as evidence.
+    Figures already in `out` are kept where nothing was measured. Connects to `address` unless
+    Ray is up (None: a new embedded Ray on 127.0.0.1).
     """
     import ray
 
@@ -145,15 +148,19 @@ def probe_network(
         existing = load_cluster(out).to_dict() if Path(out).is_file() else None
         gpu = _has_gpus() if use_gpu is None else use_gpu
         cluster = discover_cluster(existing, use_gpu=gpu, cpus_per_worker=cpus_per_worker)
-        todo = placements or [Placement(cluster.nodes, cluster.gpus_per_node)]
+        facts = node_facts(gpu=gpu, timeout_s=timeout_s)
+        cluster, said = with_detected_links(cluster, facts, given=existing or {})
         measured: list[AllReduceSample] = []
-        for placement in todo:
+        for placement in placements or probe_placements(cluster):
             if placement.gpus > 1:
                 measured += _measure(placement, sizes, gpu=gpu, cpus_per_worker=cpus_per_worker,
                                      repeats=repeats, warmup=warmup, timeout_s=timeout_s)
-        redone = {(p.nodes, p.gpus_per_node) for p in todo}
-        kept = [s for s in cluster.allreduce_samples if (s.nodes, s.gpus_per_node) not in redone]
-        spec = replace(cluster, allreduce_samples=tuple(kept + measured))
+        if not measured:
+            raise UserError(f"probe-network: the cluster has one worker slot ({cluster.nodes} x "
+                            f"{cluster.gpus_per_node}): there is no all-reduce to measure")
+        fitted = calibrate_allreduce(cluster.replace(calibration=None), measured)
+        spec = fitted.replace(allreduce_samples=tuple(measured),
+                              calibration=fitted.calibration.replace(note="; ".join(said)))
         save_cluster(spec, out)
         return spec
     finally:
@@ -165,6 +172,87 @@ def _has_gpus() -> bool:
     import ray
 
     return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def with_detected_links(cluster: ClusterSpec, facts: list[dict[str, Any]], *,
+                        given: dict[str, Any]) -> tuple[ClusterSpec, list[str]]:
+    """`cluster` with what the nodes told (pure): link kinds and the NIC line rate where the file
+    did not give them; and one phrase per fact, detected or assumed."""
+    said, changes = [], {}
+    loopback = all(str(f.get("address", "")).startswith("127.") for f in facts)
+    peers = [f["peer_access"] for f in facts if f.get("peer_access") is not None]
+    if cluster.is_cpu:
+        changes["intra_link"] = "loopback"
+        said.append("detected CPU workers: gloo over TCP loopback inside a node")
+    elif peers and not all(peers):
+        changes["intra_link"] = "pcie-host-staged"
+        said.append("detected no GPU peer access: NCCL stages through host memory")
+    elif peers:
+        said.append("detected GPU peer access; link kind (nvlink or pcie) assumed from the line rate")
+    nics = [f["nic_gbps"] for f in facts if f.get("nic_gbps")]
+    if loopback:
+        changes["inter_link"] = "loopback"
+        said.append("detected every node on 127.0.0.1: between nodes is loopback")
+    else:
+        kinds = {f.get("rdma") for f in facts}
+        changes["inter_link"] = kinds.pop() if len(kinds) == 1 and None not in kinds else "ethernet"
+        said.append(f"detected inter-node link {changes['inter_link']}")
+        if nics and "inter_node_GBps" not in given:
+            changes["inter_node_GBps"] = min(nics) / 8
+            said.append(f"detected NIC {min(nics):g} Gb/s (the slowest node's fastest interface)")
+    changes = {k: v for k, v in changes.items() if k not in given}  # the file's word stands
+    return cluster.replace(**changes), said
+
+
+def node_facts(*, gpu: bool, timeout_s: float) -> list[dict[str, Any]]:
+    """What each alive node tells about itself (`_facts`), from a task pinned to it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    tasks = []
+    for node in ray.nodes():
+        gpus = int(node.get("Resources", {}).get("GPU", 0)) if gpu else 0
+        if not node.get("Alive") or (gpu and not gpus):
+            continue
+        strategy = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+        tasks.append(ray.remote(_facts).options(num_cpus=0, num_gpus=gpus, scheduling_strategy=strategy).remote())
+    return ray.get(tasks, timeout=timeout_s)
+
+
+def _facts() -> dict[str, Any]:
+    """This node: its address, fastest NIC (Gb/s), RDMA devices, and GPU peer access."""
+    import ray
+
+    return {"address": ray.util.get_node_ip_address(), "nic_gbps": nic_speed_gbps(),
+            "rdma": rdma_kind(), "peer_access": gpu_peer_access()}
+
+
+def nic_speed_gbps(stats: dict[str, Any] | None = None) -> float | None:
+    """The fastest up, non-loopback interface's speed in Gb/s (psutil reports Mb/s; 0 = unknown)."""
+    import psutil
+
+    stats = psutil.net_if_stats() if stats is None else stats
+    speeds = [s.speed for name, s in stats.items() if s.isup and s.speed > 0 and not name.startswith("lo")]
+    return max(speeds) / 1000 if speeds else None
+
+
+def rdma_kind(root: Path = Path("/sys/class/infiniband")) -> str | None:
+    """`infiniband` or `roce` when the node has an RDMA device (its port's link layer), else None."""
+    layers = sorted(root.glob("*/ports/*/link_layer")) if root.is_dir() else []
+    if not layers:
+        return None
+    return "roce" if layers[0].read_text().strip().lower() == "ethernet" else "infiniband"
+
+
+def gpu_peer_access() -> bool | None:
+    """Whether every pair of this process's visible GPUs can reach each other directly (None
+    without two GPUs)."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count < 2:
+        return None
+    return all(torch.cuda.can_device_access_peer(i, j) for i in range(count) for j in range(count) if i != j)
 
 
 def _measure(
@@ -193,31 +281,23 @@ def _measure(
     workers = [
         worker_cls.options(
             num_cpus=cpus_per_worker, num_gpus=1 if gpu else 0,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(
-                pg, placement_group_bundle_index=i // g
-            ),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i // g),
         ).remote()
         for i in range(placement.gpus)
     ]
     try:
         hosts = ray.get([w.host.remote() for w in workers], timeout=timeout_s)
-        master, port = ray.get(workers[0].free_port.remote(), timeout=timeout_s)
-        loopback = all(h.startswith("127.") for h in hosts)
-        ray.get([
-            w.setup.remote(master, port, rank, placement.gpus, gpu=gpu, loopback=loopback)
-            for rank, w in enumerate(workers)
-        ], timeout=timeout_s)
-        seconds = ray.get([w.run.remote(sizes, repeats, warmup) for w in workers])[0]
+        # One machine: meet at a file, so nothing listens on a network interface.
+        meet = (f"file://{tempfile.gettempdir()}/orchestrator-probe-{uuid.uuid4().hex}"
+                if all(h.startswith("127.") for h in hosts) else ray.get(workers[0].tcp_address.remote()))
+        ray.get([w.setup.remote(meet, rank, placement.gpus) for rank, w in enumerate(workers)], timeout=timeout_s)
+        seconds = ray.get([w.run.remote(sizes, repeats, warmup) for w in workers], timeout=timeout_s)[0]
     finally:
         for w in workers:
             ray.kill(w)
         remove_placement_group(pg)
-    return [
-        AllReduceSample(
-            bytes=size, nodes=placement.nodes, gpus_per_node=g, seconds=float(f"{s:.4g}")
-        )
-        for size, s in zip(sizes, seconds)
-    ]
+    return [AllReduceSample(bytes=size, nodes=placement.nodes, gpus_per_node=g, seconds=float(f"{s:.4g}"))
+            for size, s in zip(sizes, seconds)]
 
 
 class _AllReduceWorker:
@@ -228,26 +308,30 @@ class _AllReduceWorker:
 
         return ray.util.get_node_ip_address()
 
-    def free_port(self) -> tuple[str, int]:
+    def tcp_address(self) -> str:
+        """A rendezvous on this node's cluster address (multi-host clusters only)."""
         import ray
 
+        host = ray.util.get_node_ip_address()
         with socket.socket() as s:
-            s.bind(("", 0))
-            return ray.util.get_node_ip_address(), s.getsockname()[1]
+            s.bind((host, 0))
+            return f"tcp://{host}:{s.getsockname()[1]}"
 
-    def setup(
-        self, master: str, port: int, rank: int, world: int, *, gpu: bool, loopback: bool
-    ) -> None:
+    def setup(self, meet: str, rank: int, world: int) -> None:
         import os
 
+        import torch
         import torch.distributed as dist
 
-        if loopback:
+        if meet.startswith("file://"):
             # gloo picks the interface of the host name, which may not reach 127.0.0.1 peers.
-            os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-        dist.init_process_group("nccl" if gpu else "gloo", init_method=f"tcp://{master}:{port}",
-                                rank=rank, world_size=world)
-        self.device = "cuda" if gpu else "cpu"
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        # A logical GPU without CUDA (tests, CPU-only hosts) is measured with gloo on the CPU.
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        # Ray shows each actor its one GPU as device 0; saying so spares NCCL a guess (and a hang).
+        pinned = {"device_id": torch.device("cuda", 0)} if self.device == "cuda" else {}
+        dist.init_process_group("nccl" if self.device == "cuda" else "gloo", init_method=meet, rank=rank,
+                                world_size=world, **pinned)
         dist.barrier()  # connections open lazily: keep that out of the first size's timings
 
     def run(self, sizes: list[int], repeats: int, warmup: int) -> list[float]:
@@ -271,6 +355,42 @@ class _AllReduceWorker:
             medians.append(statistics.median(times))
         dist.destroy_process_group()
         return medians
+
+
+# ---------------------------------------------------------------------------------------------
+# A live cluster's calibration, measured once and cached by the cluster's fingerprint
+
+
+# 4 KiB .. 16 MiB in 16x steps: enough to separate latency from bandwidth, quick to measure.
+QUICK_PROBE_SIZES = [4 * 1024, 64 * 1024, 1024 * 1024, 16 * 1024 * 1024]
+
+
+def cluster_fingerprint(nodes: list[dict[str, Any]]) -> str:
+    """A short stable id of a Ray cluster's hardware (pure): alive node count, GPU types, node
+    addresses and resources. Another node, another GPU type or another host: another id."""
+    alive = sorted((n.get("NodeManagerAddress", ""), int(n.get("Resources", {}).get("GPU", 0)),
+                    int(n.get("Resources", {}).get("CPU", 0))) for n in nodes if n.get("Alive"))
+    gpus = sorted({k for n in nodes if n.get("Alive") for k in n.get("Resources", {}) if k.startswith("accelerator_type:")})
+    blob = json.dumps({"nodes": alive, "gpus": gpus})
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def calibrated_live_cluster(cache_dir: str | Path, *, use_gpu: bool | None = None, cpus_per_worker: float = 1.0,
+                            sizes: list[int] | None = None) -> ClusterSpec:
+    """The connected Ray cluster's calibrated spec: from `cache_dir` when this cluster (by its
+    fingerprint) was probed before, else probed now (`probe_network`, quick sizes) and cached."""
+    import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError("calibrated_live_cluster needs a connected Ray: call ray.init() first")
+    gpu = _has_gpus() if use_gpu is None else use_gpu
+    path = Path(cache_dir) / f"cluster-{cluster_fingerprint(ray.nodes())}-{'gpu' if gpu else 'cpu'}.yaml"
+    if path.is_file():
+        cached = load_cluster(path)
+        if cached.calibration is not None:
+            return cached
+    return probe_network(None, sizes or QUICK_PROBE_SIZES, path, use_gpu=gpu, cpus_per_worker=cpus_per_worker,
+                         repeats=3, warmup=1)
 
 
 def worker_slots(nodes: list[dict[str, Any]], *, use_gpu: bool, cpus_per_worker: float = 1.0) -> int:

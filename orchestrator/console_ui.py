@@ -39,9 +39,9 @@ class RichUI:
             self.console.print(f"profile ({how}): {p.device}, {p.param_count:,} parameters, max local batch "
                                f"{p.max_local_batch}, data {p.data_samples_per_s or 0:,.0f} samples/s", highlight=False)
         if sizing.plan is not None:
-            from orchestrator.plots import plan_table
+            from orchestrator.plots import print_plan
 
-            self.console.print(plan_table(sizing.plan))
+            print_plan(self.console, sizing.plan)  # full width in `jobs logs` and pipes too
         else:
             self.console.print(f"[bold]plan:[/bold] {sizing.explanation}", highlight=False)
         self.console.print(f"[bold]{job.name}[/bold]: {describe(sizing.workers)} worker(s), {prepared.total_steps} "

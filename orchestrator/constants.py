@@ -87,3 +87,5 @@ STOP_CHECK_EVERY = int(_env_float("ORCH_STOP_CHECK_EVERY", 5))
 LOCK_HEARTBEAT_S = _env_float("ORCH_LOCK_HEARTBEAT_S", 10.0)
 # ...and two drivers racing for a free lease wait this long before reading back who won (seconds).
 LOCK_SETTLE_S = _env_float("ORCH_LOCK_SETTLE_S", 1.0)
+# probe-network: how long placing the probe's workers, or one of its measurements, may take (seconds).
+PROBE_TIMEOUT_S = _env_float("ORCH_PROBE_TIMEOUT_S", 120.0)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from io import StringIO
+
 from rich.console import Console
 
 from orchestrator.planner import ClusterSpec, Profile, plan
-from orchestrator.plots import plan_table, scaling_plot
+from orchestrator.plots import plot_title, plan_table, print_plan, scaling_plot
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -43,3 +45,18 @@ def test_plan_table_marks_the_choice() -> None:
     text = console.export_text()
     assert "chosen" in text and "samples/s" in text
     assert table.row_count <= 24 + 2
+
+
+def test_printed_plan_is_never_cut_to_80_columns() -> None:
+    buffer = StringIO()
+    print_plan(Console(file=buffer, width=80), _plan())  # a pipe: rich assumes 80 columns
+    text = buffer.getvalue()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) > 80
+    assert "cost (USD)" in text and "Assumed:" in text and "80 % interval" in text
+
+
+def test_plot_title_says_what_was_planned_where() -> None:
+    result = _plan()
+    assert plot_title(result).startswith("toy on A100: max_throughput\nprofiled on A100")
+    cpu = result.replace(device="cpu (x86_64, 2 cores)")
+    assert "a CPU profile: compute is the CPU's" in plot_title(cpu)

@@ -1,0 +1,294 @@
+"""Calibration: fit a cluster's network to what the cluster was measured doing.
+
+From step times of real jobs (`calibrate`, any number of models and placements) or from
+all-reduce timings (`calibrate_allreduce`, what `orchestrator probe-network` measures), fit the
+few physical parameters of network.py: the achieved intra-node bus bandwidth, the inter-node
+bandwidth, a common scale of the latencies, and the overlap with backward. The loss is robust
+(fit.py: Huber on log(predicted / observed)). A parameter the observations cannot identify (no
+multi-node step: the inter-node bandwidth) keeps its prior and is reported as not fitted; a fit
+that does not beat the given figures on the same observations is not returned (the input's
+figures are kept, and the section says so). The residuals give the prediction interval: when the
+observations cover two models or more, each model is predicted by a fit made without it, so the
+interval says how well the calibration carries to a model it has not seen.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from orchestrator.errors import UserError
+from orchestrator.planner.fit import LOG_RANGE, Space, data_loss, minimize, polish, sensitive
+from orchestrator.planner.model import PerformanceModel, effective_network
+from orchestrator.planner.network import Network, exposed_s, ring_latency, ring_links, ring_volume
+from orchestrator.planner.types import AllReduceSample, Calibration, ClusterSpec, Observation, Residuals
+from trainers.batching import split_global_batch
+
+PARAMETERS = ("intra_GBps", "inter_GBps", "latency", "overlap")
+# The priors' widths (one standard deviation; log factors for bandwidths and latency): achieved
+# bandwidth may lie an order of magnitude below the priors (the 5-15x measured on PCIe/Ethernet
+# clusters); NCCL's hop latencies hold within a few times on a healthy fabric; the overlap is
+# anyone's guess between none and full. Judgements, documented in docs/planner.md.
+BANDWIDTH_SIGMA, LATENCY_SIGMA, OVERLAP_SIGMA = math.log(10), math.log(3), 0.5
+SPACES = [Space(-LOG_RANGE, LOG_RANGE, math.log(100), BANDWIDTH_SIGMA)] * 2 + [
+    Space(-LOG_RANGE, LOG_RANGE, math.log(100), LATENCY_SIGMA), Space(0.0, 1.0, 0.5, OVERLAP_SIGMA)]
+MOVES = [(-LOG_RANGE, LOG_RANGE)] * 3 + [(0.0, 1.0)]
+# A parameter is fitted only when moving it to either end of its range (x/1000; overlap 0 or 1)
+# moves the prediction of at least MIN_SENSITIVE observations by SENSITIVITY or more: otherwise
+# no value it could take shows in these observations.
+SENSITIVITY = 0.02
+MIN_SENSITIVE = 1
+SLOWER = [0.0, math.log(10), math.log(100), math.log(1000)]  # bandwidth factors at which to look
+CV_FOLDS = 5  # cross-model residuals: each group of models predicted by a fit without it
+# A fit's search sees at most this many rows (evenly strided); the main fit is then polished on
+# all of them, the cross-model fits are not (residuals need the held-out models' errors, not the
+# last digit of each fold's fit). Keeps 10,000 observations within seconds.
+FIT_MAX_ROWS = 2000
+
+
+def now_utc() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _scaled(start: Network, theta: np.ndarray) -> Network:
+    """The network at parameters theta (rows: candidates; log factors on bandwidths and latency,
+    then the overlap), as columns that broadcast against the observations."""
+    t = np.atleast_2d(theta)
+    latency = np.exp(t[:, 2:3])
+    return Network(intra_Bps=start.intra_Bps * np.exp(t[:, 0:1]), inter_Bps=start.inter_Bps * np.exp(t[:, 1:2]),
+                   base_s=start.base_s * latency, intra_hop_s=start.intra_hop_s * latency,
+                   inter_hop_s=start.inter_hop_s * latency, overlap=t[:, 3:4])
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """Observations as arrays: all-reduce times (`steps` False) or step times (`steps` True)."""
+
+    nodes: np.ndarray
+    gpus_per_node: np.ndarray
+    size: np.ndarray  # bytes per all-reduce (per DDP bucket for steps)
+    observed: np.ndarray
+    models: np.ndarray  # model name per row ("" for all-reduce samples)
+    steps: bool
+    buckets: np.ndarray | None = None
+    compute: np.ndarray | None = None
+    backward: np.ndarray | None = None
+    data: np.ndarray | None = None
+    table: np.ndarray | None = None  # measured per-bucket all-reduce, NaN where the formula applies
+
+    def predictor(self, start: Network) -> Any:
+        # the parts that do not move with the parameters, once: ring volume per crossed link
+        # (network.ring_bus: the slowest crossed link sets the pace) and latency at the start
+        volume = ring_volume(self.size, self.nodes, self.gpus_per_node)
+        crosses_intra, crosses_inter = ring_links(self.nodes, self.gpus_per_node)
+        intra_volume, inter_volume = volume * crosses_intra, volume * crosses_inter
+        latency = ring_latency(self.nodes, self.gpus_per_node, start)
+        known = ~np.isnan(self.table) if self.steps else None
+
+        def predict(theta: np.ndarray) -> np.ndarray:
+            t = np.atleast_2d(theta)
+            per = np.maximum(intra_volume * (np.exp(-t[:, 0:1]) / start.intra_Bps),
+                             inter_volume * (np.exp(-t[:, 1:2]) / start.inter_Bps)) + latency * np.exp(t[:, 2:3])
+            if not self.steps:
+                return per
+            per = np.where(known, self.table, per)
+            return np.maximum(self.compute + exposed_s(per, self.buckets, self.backward, t[:, 3:4]), self.data)
+        return predict
+
+    def subset(self, mask: np.ndarray) -> Problem:
+        return replace(self, **{f: getattr(self, f)[mask] for f in self.__dataclass_fields__
+                                if isinstance(getattr(self, f), np.ndarray)})
+
+    def __len__(self) -> int:
+        return len(self.observed)
+
+
+def _profile_key(o: Observation) -> tuple[Any, ...]:
+    p = o.profile
+    return (p.model, p.device, p.grad_bytes, p.max_local_batch, p.data_samples_per_s,
+            tuple((s.local_batch, s.step_time_s, s.optimizer_s, s.fwd_bwd_s) for s in p.samples),
+            tuple((s.gpus_per_node, s.local_batch, s.step_time_s) for s in p.node_samples))
+
+
+def step_problem(cluster: ClusterSpec, observations: Sequence[Observation]) -> Problem:
+    """The multi-GPU observations (one GPU has no all-reduce to learn from) as arrays."""
+    groups: dict[tuple[Any, ...], list[Observation]] = {}
+    for o in observations:
+        if o.nodes * o.gpus_per_node > 1 and o.profile.grad_bytes:
+            groups.setdefault(_profile_key(o), []).append(o)
+    parts = [_group_arrays(cluster, members) for members in groups.values()]
+    fields = ("nodes", "gpus_per_node", "size", "observed", "models", "buckets", "compute", "backward", "data",
+              "table")
+    if not parts:
+        return Problem(**{f: np.array([]) for f in fields}, steps=True)
+    return Problem(**{f: np.concatenate([p[f] for p in parts]) for f in fields}, steps=True)
+
+
+def _group_arrays(cluster: ClusterSpec, members: list[Observation]) -> dict[str, np.ndarray]:
+    model = PerformanceModel(members[0].profile, cluster)
+    splits = [split_global_batch(o.local_batch, workers=1, max_local_batch=model.profile.max_local_batch)
+              for o in members]
+    nodes = np.array([o.nodes for o in members], dtype=float)
+    per_node = np.array([o.gpus_per_node for o in members], dtype=float)
+    micro = np.array([s.local_batch for s in splits], dtype=float)
+    accum = np.array([o.accumulation * s.accumulation for o, s in zip(members, splits)], dtype=float)
+    measured = np.array([np.nan if o.compute_step_time_s is None else o.compute_step_time_s for o in members])
+    compute, backward, data = model.compute_terms(per_node, micro, accum, measured)
+    n = len(members)
+    return {"nodes": nodes, "gpus_per_node": per_node, "size": np.full(n, model.bucket_bytes),
+            "observed": np.array([o.step_time_s for o in members]), "models": np.array([model.profile.model] * n),
+            "buckets": np.full(n, model.buckets), "compute": compute, "backward": backward, "data": data,
+            "table": model.table_per_bucket(nodes, per_node)}
+
+
+def allreduce_problem(samples: Iterable[AllReduceSample]) -> Problem:
+    rows = [s for s in samples if s.nodes * s.gpus_per_node > 1]
+    return Problem(nodes=np.array([s.nodes for s in rows], dtype=float),
+                   gpus_per_node=np.array([s.gpus_per_node for s in rows], dtype=float),
+                   size=np.array([s.bytes for s in rows], dtype=float),
+                   observed=np.array([s.seconds for s in rows]), models=np.array([""] * len(rows)), steps=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fit
+
+
+def _identifiable(problem: Problem, predict: Any, start: np.ndarray,
+                  allowed: Sequence[int]) -> tuple[list[int], dict[str, str]]:
+    """The parameters these observations can tell (module doc), and why the others cannot.
+
+    Each network level is told only by observations that exercise it (the intra-node links by
+    steps inside one node, the NIC by steps across nodes); a parameter must also show: moved to
+    either end of its range, it must change at least MIN_SENSITIVE predictions by SENSITIVITY,
+    at the priors or with the network slower (overlap only shows where communication is as
+    long as backward). How far a weakly told parameter moves is the prior's business (fit.py)."""
+    level = {0: (problem.nodes == 1) & (problem.gpus_per_node > 1), 1: problem.nodes > 1}
+    free, why = [], {}
+    for i, name in enumerate(PARAMETERS):
+        if i not in allowed:
+            why[name] = "all-reduce timings alone say nothing about the overlap with backward"
+        elif not level.get(i, problem.nodes > 0).any() or not _shows(predict, start, i, level.get(i)):
+            why[name] = _why_not(problem, name)
+        else:
+            free.append(i)
+    return free, why
+
+
+def _shows(predict: Any, start: np.ndarray, index: int, rows: np.ndarray | None) -> bool:
+    for slower in SLOWER:
+        base = start.copy()
+        base[:2] -= slower
+        moved = sensitive(predict, base, index, MOVES[index], threshold=SENSITIVITY)
+        if (moved if rows is None else moved & rows).sum() >= MIN_SENSITIVE:
+            return True
+    return False
+
+
+def _why_not(problem: Problem, name: str) -> str:
+    single = (problem.nodes == 1) & (problem.gpus_per_node > 1)
+    if name == "intra_GBps" and not single.any():
+        return "no observation inside one node with 2 or more GPUs"
+    if name == "inter_GBps" and not (problem.nodes > 1).any():
+        return "no multi-node observation"
+    if not len(problem):
+        return "no multi-GPU observation"
+    return (f"fewer than {MIN_SENSITIVE} observations change by {SENSITIVITY:.0%} at either end of its range "
+            f"(it does not show in these steps)")
+
+
+def _strided(problem: Problem, most: int) -> Problem:
+    """At most `most` rows, evenly strided (deterministic): a sample of every part of the data."""
+    return problem if len(problem) <= most else problem.subset(np.arange(len(problem))[:: -(-len(problem) // most)])
+
+
+def _fit(problem: Problem, start_net: Network, start: np.ndarray, free: list[int]) -> tuple[np.ndarray, bool]:
+    """(parameters, kept_input): the fit, or the start when the fit is no better on `problem`.
+    Many observations: the search runs on FIT_MAX_ROWS of them, then is polished on all."""
+    predict = problem.predictor(start_net)
+    theta = start
+    if free:
+        sample = _strided(problem, FIT_MAX_ROWS)
+        theta = minimize(sample.predictor(start_net), sample.observed, start, SPACES, free)
+        if sample is not problem:
+            theta = polish(predict, problem.observed, start, SPACES, free, theta)
+    before = float(data_loss(predict(start)[0], problem.observed))
+    after = float(data_loss(predict(theta)[0], problem.observed))
+    return (theta, False) if after < before else (start, True)
+
+
+def _residuals(problem: Problem, start_net: Network, start: np.ndarray, free: list[int],
+               theta: np.ndarray) -> Residuals | None:
+    if not len(problem):
+        return None
+    models = sorted(set(problem.models.tolist()))
+    if problem.steps and len(models) >= 2:
+        folds = [models[i::min(CV_FOLDS, len(models))] for i in range(min(CV_FOLDS, len(models)))]
+        parts = []
+        for fold in folds:
+            held = np.isin(problem.models, fold)
+            fitted, _ = _fit(_strided(problem.subset(~held), FIT_MAX_ROWS), start_net, start, free)
+            test = problem.subset(held)
+            parts.append(np.log(test.observed / test.predictor(start_net)(fitted)[0]))
+        r, method = np.concatenate(parts), "cross-model"
+    else:
+        r = np.log(problem.observed / problem.predictor(start_net)(theta)[0])
+        method = "in-sample" if problem.steps else "all-reduce"
+    low, median, high = np.quantile(r, [0.1, 0.5, 0.9])
+    return Residuals(low=float(low), median=float(median), high=float(high), n=len(r), method=method)
+
+
+def network_fields(network: Network) -> dict[str, float]:
+    """A calibration section's figures for `network` (GB/s, microseconds; of one candidate)."""
+    def one(value: Any) -> float:
+        return float(np.ravel(value)[0])
+
+    return {"intra_GBps": one(network.intra_Bps) / 1e9, "inter_GBps": one(network.inter_Bps) / 1e9,
+            "base_latency_us": one(network.base_s) * 1e6, "latency_us": one(network.intra_hop_s) * 1e6,
+            "inter_latency_us": one(network.inter_hop_s) * 1e6, "overlap": one(network.overlap)}
+
+
+def _calibrated(cluster: ClusterSpec, problem: Problem, *, allowed: Sequence[int], source: str,
+                measured_at: str | None, total: int, models: list[str], placements: list[str]) -> ClusterSpec:
+    start_net = effective_network(cluster)
+    start = np.array([0.0, 0.0, 0.0, float(start_net.overlap)])
+    predict = problem.predictor(start_net)
+    free, why = _identifiable(problem, predict, start, allowed)
+    theta, kept = _fit(problem, start_net, start, free) if len(problem) else (start, True)
+    if kept:
+        why.update({PARAMETERS[i]: "the fit did not beat the figures given on these observations" for i in free})
+        free = []
+    figures = network_fields(_scaled(start_net, theta))
+    section = Calibration(source=source, measured_at=measured_at or now_utc(), **figures,
+                          fitted=tuple(PARAMETERS[i] for i in free), not_fitted=why, observations=total,
+                          models=tuple(models), placements=tuple(placements),
+                          residuals=_residuals(problem, start_net, start, free, theta), kept_input=kept)
+    return cluster.replace(calibration=section)
+
+
+def calibrate(cluster: ClusterSpec, observations: Iterable[Observation], *, source: str = "jobs",
+              measured_at: str | None = None) -> ClusterSpec:
+    """`cluster` with a calibration section fitted to the observed step times (module doc)."""
+    items = list(observations)
+    if not items:
+        raise UserError("calibrate.observations: must be a non-empty list, got []")
+    for i, o in enumerate(items):
+        if not isinstance(o, Observation):
+            raise UserError(f"calibrate.observations[{i}]: must be an Observation, got {type(o).__name__}")
+    return _calibrated(cluster, step_problem(cluster, items), allowed=range(4), source=source,
+                       measured_at=measured_at, total=len(items), models=sorted({o.profile.model for o in items}),
+                       placements=sorted({f"{o.nodes}x{o.gpus_per_node}" for o in items}))
+
+
+def calibrate_allreduce(cluster: ClusterSpec, samples: Iterable[AllReduceSample], *, source: str = "probe-network",
+                        measured_at: str | None = None) -> ClusterSpec:
+    """`cluster` with a calibration section fitted to measured all-reduce times."""
+    items = list(samples)
+    if not items:
+        raise UserError("calibrate.samples: must be a non-empty list, got []")
+    return _calibrated(cluster, allreduce_problem(items), allowed=range(3), source=source, measured_at=measured_at,
+                       total=len(items), models=[], placements=sorted({f"{s.nodes}x{s.gpus_per_node}" for s in items}))

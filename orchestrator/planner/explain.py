@@ -1,0 +1,112 @@
+"""What a plan says in words: why it chose, what it assumed (in units), and what to watch."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from orchestrator.planner.model import COMPUTE_SPREAD, PerformanceModel
+from orchestrator.planner.priors import PRIOR_WIDTH, describe_priors
+from orchestrator.planner.results import Candidate
+from orchestrator.planner.types import Calibration, ClusterSpec, Profile
+
+if TYPE_CHECKING:
+    from orchestrator.planner.search import Goal
+
+
+def duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' if n != 1 else ''}"
+
+
+def explanation(goal: Goal, choice: Candidate, candidates: list[Candidate], model: PerformanceModel,
+                warned: tuple[str, ...]) -> str:
+    """One sentence on the choice and why, then the network's basis and any warning."""
+    p = choice.prediction
+    what = (f"Chose {_plural(p.gpus, 'GPU')} ({p.placement}), local batch {p.local_batch} x "
+            f"{p.accumulation} accumulation")
+    interval = f"80 % interval {p.throughput_low:,.0f}-{p.throughput_high:,.0f}"
+    if goal.objective == "max_throughput":
+        why = (f"the highest predicted throughput ({p.throughput:,.0f} samples/s, {interval}) at scaling "
+               f"efficiency {p.efficiency:.2f} (pessimistic {p.efficiency_low:.2f}) >= {goal.min_efficiency:.2f}")
+    elif goal.objective == "max_goodput":
+        why = (f"the highest predicted goodput ({p.goodput:,.0f} samples/s at statistical efficiency "
+               f"{p.statistical_efficiency:.2f}; throughput {interval}), scaling efficiency {p.efficiency:.2f}")
+    else:
+        price = (f"{p.cost:,.2f} USD" if p.cost is not None
+                 else f"{p.gpus / p.goodput * 1e6 / 3600:.3g} GPU-hours per million samples")
+        why = f"the lowest predicted cost ({price})"
+    if goal.deadline_s is not None:
+        why += f", done in {duration(p.time_to_finish_s)} within the {duration(goal.deadline_s)} deadline"
+    sentence = f"{what}: {why}{_runner_up(choice, candidates)}."
+    basis = "Network calibrated" if model.cluster.calibration else "Network from uncalibrated priors"
+    return " ".join([sentence, f"{basis} ({model.kinds.intra} / {model.kinds.inter}).", *warned])
+
+
+def _runner_up(choice: Candidate, candidates: list[Candidate]) -> str:
+    """What the next larger GPU count would have given, when the planner passed it over."""
+    gpus = choice.prediction.gpus
+    larger = [c for c in candidates if c.prediction.gpus > gpus and not c.eligible]
+    if not larger:
+        return ""
+    nxt = min(larger, key=lambda c: (c.prediction.gpus, -c.prediction.throughput))
+    return f"; at {nxt.prediction.gpus} GPUs, {nxt.reason}"
+
+
+def warnings(profile: Profile, cluster: ClusterSpec) -> tuple[str, ...]:
+    """A profile measured on other hardware than the cluster's predicts that hardware's compute."""
+    gpu = cluster.gpu or "GPUs"
+    if profile.on_cpu and not cluster.is_cpu:
+        return (f"Warning: the profile was measured on the CPU ({profile.device}) but the cluster has {gpu}: "
+                f"compute times are the CPU's; profile on the cluster's GPU for a real plan.",)
+    if not profile.on_cpu and cluster.is_cpu:
+        return (f"Warning: the profile was measured on {profile.device} but the cluster runs CPU workers: "
+                f"compute times are the GPU's.",)
+    return ()
+
+
+def assumptions(goal: Goal, model: PerformanceModel) -> tuple[str, ...]:
+    """Everything the plan rests on that the user did not measure or say, in units."""
+    cluster, kinds = model.cluster, model.kinds
+    links = list(kinds.assumed) or [f"links as given: {kinds.intra} inside nodes, {kinds.inter} between nodes"]
+    cal = cluster.calibration
+    network = describe_calibration(cal) if cal else describe_priors(cluster, kinds)
+    if cal is not None and cal.residuals is not None and cal.residuals.n:
+        r = cal.residuals
+        interval = (f"80 % interval from the calibration's {r.method} residuals (n={r.n}): multi-GPU step "
+                    f"times {_percent(r.low)} to {_percent(r.high)}")
+    else:
+        interval = (f"80 % interval from prior widths: network time within x/{PRIOR_WIDTH[kinds.intra]:g} "
+                    f"({kinds.intra}) and x/{PRIOR_WIDTH[kinds.inter]:g} ({kinds.inter}), compute "
+                    f"within {COMPUTE_SPREAD:.0%}")
+    batch = (f"global batch held at {goal.global_batch} at every GPU count (local batch = "
+             f"{goal.global_batch} / GPUs, split into accumulation where it does not fit)"
+             if goal.global_batch else
+             "global batch not held: each placement tries the profiled local batches (give the job's "
+             "global batch to hold it, as `orchestrator run` does)")
+    price = cluster.gpu_hour_cost
+    cost = (f"cost at {price:g} USD per GPU-hour (gpu_hour_cost)" if price is not None
+            else "no gpu_hour_cost: cost is counted in GPU-hours")
+    floor = ("scaling efficiency floor checked against the interval's pessimistic end"
+             if goal.objective == "max_throughput" else f"objective {goal.objective}")
+    return (*links, network, interval, batch, cost, floor)
+
+
+def describe_calibration(cal: Calibration) -> str:
+    kept = " (the fit did not beat the figures given; they were kept)" if cal.kept_input else ""
+    fitted = ", ".join(cal.fitted) or "nothing"
+    return (f"network calibrated from {cal.source} ({_plural(cal.observations, 'observation')}, "
+            f"{_plural(len(cal.models), 'model')}, {cal.measured_at}){kept}: {cal.intra_GBps:.3g} GB/s per GPU "
+            f"inside a node, {cal.inter_GBps:.3g} GB/s per node between nodes, {cal.latency_us:.3g}/"
+            f"{cal.inter_latency_us:.3g} us per ring step, overlap {cal.overlap:.2f}; fitted: {fitted}")
+
+
+def _percent(log_ratio: float) -> str:
+    return f"{(math.exp(log_ratio) - 1) * 100:+.0f} %"

@@ -1,0 +1,76 @@
+"""Files: profiles and plans as JSON, clusters as YAML, observations as a JSON list (or JSON
+lines). A missing or malformed file, or a bad field in it, is one line naming the file."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+
+from orchestrator.errors import UserError
+from orchestrator.files import read_json, read_yaml
+from orchestrator.planner.base import Model
+from orchestrator.planner.types import ClusterSpec, Observation
+
+M = TypeVar("M", bound=Model)
+# Where a run logs its observations in MLflow (a JSON list), for `orchestrator calibrate --experiment`.
+OBSERVATIONS_ARTIFACT = "plan/observations.json"
+
+
+def _validated(cls: type[M], raw: object, path: str | Path) -> M:
+    try:
+        return cls.from_dict(raw)
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
+
+
+def load_json(cls: type[M], path: str | Path) -> M:
+    return _validated(cls, read_json(path, cls.where), path)
+
+
+def save_json(obj: Model, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj.to_dict(), indent=2) + "\n")
+    return path
+
+
+def load_cluster(path: str | Path) -> ClusterSpec:
+    """Read a cluster YAML file; errors name the file and the field."""
+    raw = read_yaml(path, "cluster")
+    if raw is None:
+        raise UserError(f"{path}: file is empty")
+    return _validated(ClusterSpec, raw, path)
+
+
+def save_cluster(cluster: ClusterSpec, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cluster.to_dict(), sort_keys=False))
+    return path
+
+
+def load_observations(path: str | Path) -> list[Observation]:
+    """Observations from a JSON list, or one JSON object per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: observations file not found")
+    text = path.read_text()
+    try:
+        raw = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x.strip()]
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON (line {exc.lineno})") from None
+    try:
+        return [Observation.from_dict(o, f"observations[{i}]") for i, o in enumerate(raw)]
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
+
+
+def save_observations(observations: Iterable[Observation], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([o.to_dict() for o in observations], indent=1) + "\n")
+    return path

@@ -1,0 +1,235 @@
+"""Online refit: learn from a running worker group's steps what the profile and the cluster's
+network really are at its placement.
+
+`refit` is the robust one: the median of >= ``REFIT_MIN_STEPS`` steps after warm-up (fewer: no
+refit); a difference from the prediction within the steps' own spread (or ``REFIT_MIN_CHANGE``)
+is noise and changes nothing; compute is refit apart from the network, from steps measured
+without gradient sync; only the network level the placement exercises moves (the node's NIC
+across nodes, the intra-node links inside one), by at most ``REFIT_BOUNDS``. `refit_network`,
+the first re-planner's one-figure refit, stays for its callers.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from orchestrator.errors import UserError
+from orchestrator.planner.base import Model, NonNegativeFloat, NonNegativeInt, PositiveFloat, check_arguments
+from orchestrator.planner.calibrate import network_fields, now_utc
+from orchestrator.planner.model import ComputeCurve, Contention, PerformanceModel, Rows, effective_network
+from orchestrator.planner.network import Network
+from orchestrator.planner.results import Placement, Prediction
+from orchestrator.planner.search import predict
+from orchestrator.planner.types import Calibration, ClusterSpec, NodeSample, Profile
+
+# Bounds on the one-observation refit's scale of communication time (`refit_network`).
+REFIT_SCALE_LIMITS = (1e-6, 1e6)
+REFIT_MIN_STEPS = 20  # steps after warm-up whose median is trusted
+REFIT_WARMUP_STEPS = 5  # first steps of a worker group left out (start-up, first connections, caches)
+REFIT_BOUNDS = (0.1, 10.0)  # one refit moves compute or a network level by at most x/10
+REFIT_MIN_CHANGE = 0.05  # differences below this (or the steps' spread, if larger) are noise
+
+
+def with_network(cluster: ClusterSpec, network: Network, **fields: Any) -> ClusterSpec:
+    """`cluster` whose calibration section holds `network` (a new section, source `refit`, when the
+    cluster had none); `fields` update the section."""
+    figures = network_fields(network)
+    if cluster.calibration is None:
+        section = Calibration(source="refit", measured_at=now_utc(), **figures, **fields)
+    else:
+        section = cluster.calibration.replace(**figures, **fields)
+    return cluster.replace(calibration=section)
+
+
+def scale_network(cluster: ClusterSpec, factor: float) -> ClusterSpec:
+    """`cluster` with every communication time multiplied by `factor` (bandwidths divided,
+    latency and measured all-reduce samples multiplied), so ring and table predictions alike
+    scale by exactly that factor at every placement."""
+    if not factor > 0:
+        raise UserError(f"scale_network.factor: must be > 0, got {factor}")
+    scaled = with_network(cluster, effective_network(cluster).scaled(factor),
+                          note=f"communication x{factor:.3g} (scale_network)")
+    return scaled.replace(allreduce_samples=tuple(s.replace(seconds=s.seconds * factor)
+                                                  for s in cluster.allreduce_samples))
+
+
+class Refit(Model):
+    """The cluster's network figures scaled so that `predict` matches an observed step time."""
+
+    where = "refit"
+    cluster: ClusterSpec
+    scale: PositiveFloat  # communication time, refit / before (1: nothing to learn, e.g. one worker)
+    placement: Placement
+    observed_step_s: PositiveFloat
+    predicted: Prediction  # at the observed placement, before the refit
+    comm_s: float  # the all-reduce time (before overlap) that explains the observation
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scale": self.scale, "placement": str(self.placement), "observed_step_s": self.observed_step_s,
+                "predicted_step_s": self.predicted.step_time_s, "predicted_comm_s": self.predicted.comm_s,
+                "refit_comm_s": self.comm_s}
+
+
+def solve_factor(step: Any, observed_s: float, limits: tuple[float, float]) -> float:
+    """The factor at which `step(factor)` equals `observed_s` (bisection in log space; the step
+    never shrinks as the factor grows), clamped to `limits`."""
+    low, high = (math.log(x) for x in limits)
+    if step(math.exp(low)) >= observed_s:
+        return limits[0]
+    if step(math.exp(high)) <= observed_s:
+        return limits[1]
+    for _ in range(100):
+        mid = (low + high) / 2
+        low, high = (mid, high) if step(math.exp(mid)) < observed_s else (low, mid)
+    return math.exp((low + high) / 2)
+
+
+def _comm_step(model: PerformanceModel, rows: Rows, compute_s: Any = None) -> Any:
+    def step(factor: float) -> float:
+        return float(model.steps(rows.nodes, rows.gpus_per_node, rows.micro, rows.accum, comm_factor=factor,
+                                 compute_s=compute_s).step[0])
+    return step
+
+
+def refit_network(profile: Profile, cluster: ClusterSpec, *, placement: Placement, local_batch: int,
+                  accumulation: int = 1, observed_step_s: float) -> Refit:
+    """Scale the network so that the model reproduces ONE observed step time at `placement`.
+
+    Kept for callers of the first re-planner; it believes a single figure completely (limits
+    ``REFIT_SCALE_LIMITS``). `refit` is the robust one: a median of many steps, noise-aware,
+    bounded, compute apart from the network and intra-node apart from inter-node.
+    """
+    check_arguments("refit_network", numbers={"observed_step_s": observed_step_s})
+    predicted = predict(profile, cluster, nodes=placement.nodes, gpus_per_node=placement.gpus_per_node,
+                        local_batch=local_batch, accumulation=accumulation, reference_batch=profile.max_local_batch)
+    if predicted.comm_s == 0:
+        return Refit(cluster=cluster, scale=1.0, placement=placement, observed_step_s=observed_step_s,
+                     predicted=predicted, comm_s=0.0)
+    model = PerformanceModel(profile, cluster)
+    rows = Rows.of([(placement.nodes, placement.gpus_per_node, predicted.local_batch, predicted.accumulation)])
+    scale = solve_factor(_comm_step(model, rows), observed_step_s, REFIT_SCALE_LIMITS)
+    return Refit(cluster=scale_network(cluster, scale), scale=scale, placement=placement,
+                 observed_step_s=observed_step_s, predicted=predicted, comm_s=predicted.comm_s * scale)
+
+
+Level = Literal["compute", "intra", "inter"]
+
+
+class RefitResult(Model):
+    """What a worker group's steps taught: the refit profile and cluster, what changed and why."""
+
+    where = "refit"
+    profile: Profile  # with a node sample for this placement's GPUs per node when compute changed
+    cluster: ClusterSpec
+    placement: Placement
+    changed: tuple[Level, ...]  # empty: nothing learned
+    scale: PositiveFloat  # this placement's communication time, after / before
+    compute_scale: PositiveFloat  # this placement's compute time, after / before
+    predicted: Prediction  # at the placement, before the refit
+    observed_step_s: PositiveFloat | None = None  # median after warm-up
+    observed_compute_s: PositiveFloat | None = None  # median of the steps without gradient sync
+    noise: NonNegativeFloat = 0.0  # the steps' interquartile range / median
+    steps: NonNegativeInt = 0  # steps the median was taken over
+    reason: str  # one sentence
+
+    @property
+    def comm_s(self) -> float:
+        return self.predicted.comm_s * self.scale
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"changed": list(self.changed), "scale": self.scale, "compute_scale": self.compute_scale,
+                "placement": str(self.placement), "observed_step_s": self.observed_step_s,
+                "observed_compute_s": self.observed_compute_s, "predicted_step_s": self.predicted.step_time_s,
+                "predicted_comm_s": self.predicted.comm_s, "refit_comm_s": self.comm_s, "noise": self.noise,
+                "steps": self.steps, "reason": self.reason}
+
+
+def _steady(times: Sequence[float] | None, warmup: int) -> tuple[int, float, float]:
+    """(count, median, interquartile range / median) of the steps after warm-up."""
+    kept = [t for t in (times or [])[warmup:] if t > 0 and math.isfinite(t)]
+    if len(kept) < REFIT_MIN_STEPS:
+        return len(kept), 0.0, 0.0
+    q1, median, q3 = statistics.quantiles(kept, n=4)
+    return len(kept), median, (q3 - q1) / median
+
+
+def refit(profile: Profile, cluster: ClusterSpec, *, placement: Placement, local_batch: int, accumulation: int = 1,
+          step_times: Sequence[float], compute_step_times: Sequence[float] | None = None,
+          warmup: int = REFIT_WARMUP_STEPS) -> RefitResult:
+    """Refit compute and the network level `placement` exercises from a worker group's step times
+    (seconds per optimizer step, in order), and the same steps without gradient sync if measured.
+    The local batch is split into accumulation as `predict` does."""
+    check_arguments("refit", integers={"local_batch": local_batch, "accumulation": accumulation})
+    where = dict(nodes=placement.nodes, gpus_per_node=placement.gpus_per_node, local_batch=local_batch,
+                 accumulation=accumulation, reference_batch=profile.max_local_batch)
+    before = predict(profile, cluster, **where)
+    common = {"placement": placement, "predicted": before}
+    count, median, noise = _steady(step_times, warmup)
+    if not median:
+        return RefitResult(profile=profile, cluster=cluster, changed=(), scale=1.0, compute_scale=1.0, steps=count,
+                           reason=f"no refit: {count} steps after {warmup} warm-up steps, {REFIT_MIN_STEPS} needed",
+                           **common)
+    measured = dict(observed_step_s=median, noise=noise, steps=count, **common)
+    profile2, compute_scale, compute_s, said = _refit_compute(profile, before, placement, compute_step_times, warmup)
+    after = predict(profile2, cluster, **where)
+    changed: list[Level] = ["compute"] if compute_scale != 1.0 else []
+    tolerance = max(REFIT_MIN_CHANGE, noise)
+    if placement.gpus == 1 or not after.comm_s:
+        return RefitResult(profile=profile2, cluster=cluster, changed=tuple(changed), scale=1.0,
+                           compute_scale=compute_scale, observed_compute_s=compute_s, **measured,
+                           reason=f"{said}; one worker has no all-reduce: the network is unchanged")
+    if abs(math.log(median / after.step_time_s)) <= tolerance:
+        return RefitResult(profile=profile2, cluster=cluster, changed=tuple(changed), scale=1.0,
+                           compute_scale=compute_scale, observed_compute_s=compute_s, **measured,
+                           reason=f"{said}; observed {median * 1e3:.4g} ms/step is within {tolerance:.0%} (the steps' "
+                                  f"spread) of the predicted {after.step_time_s * 1e3:.4g} ms: the network is unchanged")
+    cluster2, level, factor = _refit_network_level(profile2, cluster, after, median, compute_s)
+    changed.append(level)
+    bounded = " (bounded)" if factor in REFIT_BOUNDS else ""
+    return RefitResult(profile=profile2, cluster=cluster2, changed=tuple(changed), scale=factor,
+                       compute_scale=compute_scale, observed_compute_s=compute_s, **measured,
+                       reason=f"{said}; {level}-node network x{factor:.3g}{bounded}: observed {median * 1e3:.4g} ms/step "
+                              f"at {placement} vs predicted {after.step_time_s * 1e3:.4g} ms")
+
+
+def _refit_compute(profile: Profile, before: Prediction, placement: Placement,
+                   compute_step_times: Sequence[float] | None, warmup: int) -> tuple[Profile, float, float | None, str]:
+    """(profile, compute scale, observed compute, what was said) from the steps without sync."""
+    count, observed, noise = _steady(compute_step_times, warmup)
+    if not observed:
+        return profile, 1.0, None, "compute as profiled (no steps without gradient sync measured)"
+    ratio = observed / before.compute_s
+    if abs(math.log(ratio)) <= max(REFIT_MIN_CHANGE, noise):
+        return profile, 1.0, observed, f"compute as profiled (measured within {max(REFIT_MIN_CHANGE, noise):.0%})"
+    scale = min(max(ratio, REFIT_BOUNDS[0]), REFIT_BOUNDS[1])
+    g, batch = placement.gpus_per_node, before.local_batch
+    curve = ComputeCurve(sorted(profile.samples, key=lambda s: s.local_batch))
+    if g == 1:  # the device itself is slower or faster than profiled: every rung alike
+        samples = tuple(s.replace(step_time_s=s.step_time_s * scale,
+                                  fwd_bwd_s=None if s.fwd_bwd_s is None else s.fwd_bwd_s * scale,
+                                  optimizer_s=None if s.optimizer_s is None else s.optimizer_s * scale)
+                        for s in profile.samples)
+        return profile.replace(samples=samples), scale, observed, f"compute x{scale:.3g} on every batch size"
+    node_time = float(Contention(profile, curve)(g, batch) * curve(batch)) * scale
+    others = tuple(s for s in profile.node_samples if (s.gpus_per_node, s.local_batch) != (g, batch))
+    sample = NodeSample(gpus_per_node=g, local_batch=batch, step_time_s=node_time)
+    return (profile.replace(node_samples=(*others, sample)), scale, observed,
+            f"compute x{scale:.3g} with {g} GPUs per node (node contention, from steps without sync)")
+
+
+def _refit_network_level(profile: Profile, cluster: ClusterSpec, after: Prediction, observed: float,
+                         compute_s: float | None) -> tuple[ClusterSpec, Level, float]:
+    """Scale the level the placement's ring runs at (its bottleneck) to explain `observed`."""
+    model = PerformanceModel(profile, cluster)
+    rows = Rows.of([(after.nodes, after.gpus_per_node, after.local_batch, after.accumulation)])
+    factor = solve_factor(_comm_step(model, rows, compute_s), observed, REFIT_BOUNDS)
+    net = model.network
+    level: Level = "inter" if after.nodes > 1 and net.inter_Bps <= net.intra_Bps else "intra"
+    scaled = net.scaled(factor, intra=level == "intra", inter=level == "inter")
+    samples = tuple(s.replace(seconds=s.seconds * factor) if (s.nodes, s.gpus_per_node) == (after.nodes, after.gpus_per_node)
+                    else s for s in cluster.allreduce_samples)
+    refit_cluster = with_network(cluster, scaled, note=f"{level}-node network x{factor:.3g} (refit at {after.placement})")
+    return refit_cluster.replace(allreduce_samples=samples), level, factor

@@ -1,0 +1,210 @@
+"""Predict one placement, or search every uniform placement for an objective."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+import numpy as np
+
+from orchestrator.errors import UserError
+from orchestrator.planner.base import check_arguments
+from orchestrator.planner.explain import assumptions, duration, explanation, warnings
+from orchestrator.planner.model import PerformanceModel, Rows, evaluate, placement_of, predictions
+from orchestrator.planner.results import Candidate, Placement, Plan, Prediction
+from orchestrator.planner.types import ClusterSpec, Profile
+from trainers.batching import split_global_batch
+
+OBJECTIVES = ("max_throughput", "min_cost", "max_goodput")
+# min_cost: candidates within this fraction of the cheapest count as equally cheap, and the
+# fastest of them wins (1 GPU at 100 % and 8 GPUs at 99.5 % efficiency cost the same).
+COST_TIE_TOLERANCE = 0.01
+
+
+def placements(cluster: ClusterSpec, *, max_gpus: int | None = None) -> list[Placement]:
+    """Every uniform placement of the cluster: nodes 1..N x GPUs per node 1..G."""
+    limit = cluster.gpus if max_gpus is None else max_gpus
+    return [placement_of(n, g) for n in range(1, cluster.nodes + 1) for g in range(1, cluster.gpus_per_node + 1)
+            if n * g <= limit]
+
+
+def placement_for(cluster: ClusterSpec, workers: int) -> Placement:
+    """The uniform placement of `workers` on the fewest nodes of `cluster` (for ``workers: N``)."""
+    if workers <= 0 or workers > cluster.gpus:
+        raise UserError(f"resources.workers: must be between 1 and the cluster's {cluster.gpus} GPUs, got {workers}")
+    for nodes in range(math.ceil(workers / cluster.gpus_per_node), cluster.nodes + 1):
+        if workers % nodes == 0 and workers // nodes <= cluster.gpus_per_node:
+            return Placement(nodes, workers // nodes)
+    raise UserError(f"resources.workers: {workers} workers cannot be spread evenly over "
+                    f"{cluster.nodes} nodes of {cluster.gpus_per_node} GPUs")
+
+
+def predict(profile: Profile, cluster: ClusterSpec, *, nodes: int, gpus_per_node: int, local_batch: int,
+            accumulation: int = 1, total_samples: int | None = None, reference_batch: int | None = None) -> Prediction:
+    """Predict one placement.
+
+    A local batch above the profile's max_local_batch is split into accumulation (the prediction
+    says so: fits_memory=False, and its own local_batch and accumulation). reference_batch, B0 of
+    the statistical efficiency, defaults to max_local_batch; total_samples gives time and cost.
+    """
+    check_arguments("predict", integers={"nodes": nodes, "gpus_per_node": gpus_per_node, "local_batch": local_batch,
+                                         "accumulation": accumulation, "total_samples": total_samples,
+                                         "reference_batch": reference_batch})
+    split = split_global_batch(local_batch, workers=1, max_local_batch=profile.max_local_batch)
+    rows = Rows.of([(nodes, gpus_per_node, split.local_batch, accumulation * split.accumulation)])
+    model = PerformanceModel(profile, cluster)
+    columns = evaluate(model, rows, reference_batch=np.array([reference_batch or profile.max_local_batch]),
+                       total_samples=total_samples)
+    return predictions(columns, rows, [0], fits=[split.accumulation == 1])[0]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Goal:
+    objective: str
+    min_efficiency: float
+    global_batch: int | None
+    total_samples: int | None
+    deadline_s: float | None
+    budget: float | None
+
+    def score(self, c: dict[str, np.ndarray], gpus: np.ndarray) -> np.ndarray:
+        """Higher is better."""
+        if self.objective == "max_throughput":
+            return c["throughput"]
+        if self.objective == "max_goodput":
+            return c["goodput"]
+        return -gpus / c["goodput"]  # GPU-seconds per reference sample: cost without a price
+
+    def allowed(self, c: dict[str, np.ndarray]) -> np.ndarray:
+        ok = np.ones_like(c["throughput"], dtype=bool)
+        if self.objective == "max_throughput":
+            ok &= c["efficiency_low"] >= self.min_efficiency  # the interval's pessimistic end
+        if self.deadline_s is not None:
+            ok &= c["time_to_finish_s"] <= self.deadline_s
+        if self.budget is not None:
+            ok &= c["cost"] <= self.budget
+        return ok
+
+    def reason(self, p: Prediction) -> str | None:
+        """Why `p` breaks a constraint, or None."""
+        if self.objective == "max_throughput" and p.efficiency_low < self.min_efficiency:
+            return (f"pessimistic efficiency {p.efficiency_low:.3f} < {self.min_efficiency:.3g} "
+                    f"(predicted {p.efficiency:.3f})")
+        if self.deadline_s is not None and p.time_to_finish_s > self.deadline_s:
+            return f"finishes in {duration(p.time_to_finish_s)} > deadline {duration(self.deadline_s)}"
+        if self.budget is not None and p.cost > self.budget:
+            return f"costs {p.cost:,.2f} USD > budget {self.budget:,.2f} USD"
+        return None
+
+    def scalar(self, p: Prediction) -> float:
+        """`score` of one prediction."""
+        if self.objective == "max_throughput":
+            return p.throughput
+        if self.objective == "max_goodput":
+            return p.goodput
+        return -p.gpus / p.goodput
+
+
+def check_goal(goal: Goal, cluster: ClusterSpec, max_gpus: int | None) -> None:
+    if goal.objective not in OBJECTIVES:
+        raise UserError(f"objective: must be one of {', '.join(OBJECTIVES)}, got {goal.objective!r}")
+    check_arguments("plan", integers={"global_batch": goal.global_batch, "total_samples": goal.total_samples,
+                                      "max_gpus": max_gpus},
+                    numbers={"min_efficiency": goal.min_efficiency, "deadline_s": goal.deadline_s,
+                             "budget": goal.budget}, at_most={"min_efficiency": 1.0})
+    if (goal.deadline_s is not None or goal.budget is not None) and goal.total_samples is None:
+        raise UserError("plan.total_samples: required with a deadline or budget (from epochs or max_steps)")
+    if goal.budget is not None and cluster.gpu_hour_cost is None:
+        raise UserError("cluster.gpu_hour_cost: required with a budget")
+
+
+def _rows(model: PerformanceModel, candidates: list[Placement], global_batch: int | None) -> tuple[Rows, np.ndarray]:
+    """Rows to evaluate and the index of each row's placement. With a global batch, the one split
+    that keeps it exact (none where it does not divide over the GPUs: rounding would change the
+    batch the user tuned); without, each profiled local batch that fits, no accumulation
+    (accumulating only to grow the batch buys throughput with statistical efficiency)."""
+    nodes = np.array([p.nodes for p in candidates], dtype=float)
+    per_node = np.array([p.gpus_per_node for p in candidates], dtype=float)
+    if global_batch is None:
+        options = np.array(model.batch_options, dtype=float)
+        owner = np.repeat(np.arange(len(candidates)), len(options))
+        micro, accum = np.tile(options, len(candidates)), np.ones(len(owner))
+    else:
+        owner = np.flatnonzero(global_batch % (nodes * per_node) == 0)
+        splits = [split_global_batch(global_batch, workers=candidates[i].gpus,
+                                     max_local_batch=model.profile.max_local_batch) for i in owner]
+        micro = np.array([s.local_batch for s in splits], dtype=float)
+        accum = np.array([s.accumulation for s in splits], dtype=float)
+    return Rows(nodes[owner], per_node[owner], micro, accum), owner
+
+
+def _best_rows(goal: Goal, columns: dict[str, np.ndarray], rows: Rows, owner: np.ndarray) -> list[int]:
+    """The best row of each placement: allowed first, then the highest score."""
+    order = np.lexsort((goal.score(columns, rows.gpus), goal.allowed(columns), owner))
+    last = np.r_[owner[order][1:] != owner[order][:-1], True]
+    return [int(i) for i in order[last]]
+
+
+def choose(goal: Goal, eligible: list[Candidate]) -> Candidate:
+    # Ties go to fewer GPUs, then fewer nodes: the same result for less hardware.
+    def key(c: Candidate) -> tuple[float, int, int]:
+        return (goal.scalar(c.prediction), -c.prediction.gpus, -c.prediction.nodes)
+
+    if goal.objective != "min_cost":
+        return max(eligible, key=key)
+    # Scores are negative GPU-seconds per sample: within the tolerance means >= best * (1 + tol).
+    cheapest = max(goal.scalar(c.prediction) for c in eligible)
+    near = [c for c in eligible if goal.scalar(c.prediction) >= cheapest * (1 + COST_TIE_TOLERANCE)]
+    return max(near, key=lambda c: (c.prediction.goodput, -c.prediction.gpus))
+
+
+def plan(profile: Profile, cluster: ClusterSpec, *, objective: str = "max_throughput", min_efficiency: float = 0.8,
+         global_batch: int | None = None, total_samples: int | None = None, deadline_s: float | None = None,
+         budget: float | None = None, max_gpus: int | None = None) -> Plan:
+    """Choose placement, local batch and accumulation over every uniform placement of `cluster`.
+
+    max_throughput: the most samples/s whose scaling efficiency, at the pessimistic end of its
+    interval, is >= min_efficiency (the only objective min_efficiency applies to).
+    min_cost: the fewest GPU-hours per sample (USD with a price), fastest among near-ties.
+    max_goodput: the most samples/s x statistical efficiency.
+    deadline_s and budget (both need total_samples, the samples to train at the reference batch)
+    constrain every objective; max_gpus caps the GPU count. With global_batch, every candidate
+    keeps it exactly (GPU counts it does not divide are left out); without, each placement tries
+    every profiled local batch that fits, without accumulation. The candidate table holds the
+    best split at each placement, with the reason it could not be chosen, if any.
+    """
+    goal = Goal(objective=objective, min_efficiency=min_efficiency, global_batch=global_batch,
+                total_samples=total_samples, deadline_s=deadline_s, budget=budget)
+    check_goal(goal, cluster, max_gpus)
+    model = PerformanceModel(profile, cluster)
+    rows, owner = _rows(model, placements(cluster, max_gpus=max_gpus), global_batch)
+    if not len(owner):
+        raise UserError(f"plan.global_batch: {global_batch} does not divide over any GPU count up to "
+                        f"{max_gpus or cluster.gpus}")
+    columns = evaluate(model, rows, reference_batch=np.array([global_batch or profile.max_local_batch]),
+                       total_samples=total_samples)
+    best = _best_rows(goal, columns, rows, owner)
+    candidates = [Candidate(prediction=p, reason=goal.reason(p))
+                  for p in predictions(columns, rows, best)]
+    eligible = [c for c in candidates if c.eligible]
+    if not eligible:
+        raise UserError(_infeasible(goal, candidates))
+    choice = choose(goal, eligible)
+    told = warnings(profile, cluster)
+    return Plan(model=profile.model, device=profile.device, gpu=cluster.gpu, objective=objective,
+                explanation=explanation(goal, choice, candidates, model, told), warnings=told,
+                assumptions=assumptions(goal, model), min_efficiency=min_efficiency, global_batch=global_batch,
+                total_samples=total_samples, deadline_s=deadline_s, budget=budget, choice=choice.prediction,
+                candidates=tuple(candidates))
+
+
+def _infeasible(goal: Goal, candidates: list[Candidate]) -> str:
+    fastest = min(candidates, key=lambda c: c.prediction.time_to_finish_s or math.inf).prediction
+    if goal.deadline_s is not None and fastest.time_to_finish_s > goal.deadline_s:
+        return (f"deadline: no placement finishes within {duration(goal.deadline_s)}; the fastest "
+                f"({fastest.gpus} GPUs) needs {duration(fastest.time_to_finish_s)}")
+    cheapest = min(candidates, key=lambda c: c.prediction.cost or math.inf).prediction
+    if goal.budget is not None and cheapest.cost > goal.budget:
+        return (f"budget: no placement fits within {goal.budget:,.2f} USD; the cheapest "
+                f"({cheapest.gpus} GPUs) costs {cheapest.cost:,.2f} USD")
+    return "plan: no placement meets the deadline and the budget together; relax one of them"
+

@@ -1,0 +1,198 @@
+"""The planner's inputs: what one worker measured (Profile), the cluster and its network
+(ClusterSpec, with its Calibration), and steps observed on real runs (Observation)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+
+from orchestrator.errors import UserError
+from orchestrator.planner.base import (
+    Document,
+    Efficiency,
+    FieldError,
+    Model,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Share,
+    Text,
+)
+from orchestrator.planner.priors import normalize_link
+
+PROFILE_VERSION = 1
+
+
+class ProfileSample(Model):
+    """One rung of the profiler's batch-size ladder."""
+
+    where = "profile_sample"
+    local_batch: PositiveInt
+    step_time_s: PositiveFloat  # median seconds per step (forward, backward, optimizer) on one worker
+    peak_memory_bytes: NonNegativeInt | None = None
+    fwd_bwd_s: PositiveFloat | None = None
+    optimizer_s: NonNegativeFloat | None = None
+
+
+class NodeSample(Model):
+    """All GPUs of one node stepping at once without gradient sync: what they contend for (the CPU
+    data pipeline, PCIe, memory bandwidth) shows as a longer step than one GPU alone."""
+
+    where = "node_sample"
+    gpus_per_node: PositiveInt
+    local_batch: PositiveInt
+    step_time_s: PositiveFloat
+
+
+class Profile(Document):
+    """What one worker measured (`orchestrator profile`); JSON with a version number."""
+
+    where = "profile"
+    version: int = PROFILE_VERSION
+    model: Text
+    device: Text
+    param_count: PositiveInt
+    grad_bytes: NonNegativeInt  # bytes DDP all-reduces per step: trainable parameters x gradient size
+    samples: tuple[ProfileSample, ...] = Field(min_length=1)
+    max_local_batch: PositiveInt  # the largest local batch that fits in device memory
+    data_samples_per_s: PositiveFloat | None = None  # one worker's data pipeline, alone
+    gradient_noise_scale: PositiveFloat | None = None  # B_noise, in samples
+    precision: Text | None = None
+    device_memory_bytes: PositiveInt | None = None
+    node_samples: tuple[NodeSample, ...] = ()  # optional in version 1: older profiles lack it
+    meta: dict[str, Any] = Field(default_factory=dict)  # free-form: config digest, OOM batch, ...
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version(cls, value: Any) -> Any:
+        check_version(value, "profile", "profile", PROFILE_VERSION)
+        return value
+
+    @model_validator(mode="after")
+    def _ladder(self) -> Profile:
+        seen: set[int] = set()
+        for i, s in enumerate(self.samples):
+            if s.local_batch in seen:
+                raise FieldError(f"samples[{i}].local_batch", f"duplicate local batch {s.local_batch}")
+            seen.add(s.local_batch)
+            if s.optimizer_s is not None and s.optimizer_s >= s.step_time_s:
+                raise FieldError(f"samples[{i}].optimizer_s",
+                                 f"must be < step_time_s ({s.step_time_s:g}), got {s.optimizer_s:g}")
+        smallest = min(seen)
+        if self.max_local_batch < smallest:
+            raise FieldError("max_local_batch", f"must be >= the smallest profiled local_batch ({smallest}), "
+                                                f"got {self.max_local_batch}")
+        return self
+
+    @classmethod
+    def from_dict(cls, raw: Any, where: str | None = None) -> Profile:
+        if isinstance(raw, dict):  # a profile of another version may have other keys: say the version
+            check_version(raw.get("version"), where or cls.where, "profile", PROFILE_VERSION)
+        return super().from_dict(raw, where)
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.device.strip().lower().startswith("cpu")
+
+
+def check_version(version: Any, where: str, what: str, expected: int) -> None:
+    if version != expected or isinstance(version, bool) or not isinstance(version, int):
+        got = "no version" if version is None else f"version {version!r}"
+        raise UserError(f"{where}.version: this planner reads {what} version {expected}, got {got};"
+                        f" re-run `orchestrator {what}` to write a current one")
+
+
+class AllReduceSample(Model):
+    """One measured all-reduce (`orchestrator probe-network`) of one message at one placement."""
+
+    where = "allreduce_sample"
+    bytes: PositiveInt
+    nodes: PositiveInt
+    gpus_per_node: PositiveInt
+    seconds: PositiveFloat
+
+
+class Residuals(Model):
+    """Quantiles of log(observed / predicted step time): how far the calibrated model was off."""
+
+    where = "residuals"
+    low: float  # 10th percentile
+    median: float
+    high: float  # 90th percentile
+    n: NonNegativeInt
+    # cross-model: each model predicted by a fit without it; all-reduce: of all-reduce times, not steps
+    method: Literal["in-sample", "cross-model", "all-reduce"]
+
+
+class Calibration(Model):
+    """The network figures fitted to a cluster's own measurements, and what they were fitted to."""
+
+    where = "cluster.calibration"
+    source: Literal["jobs", "probe-network", "published-table", "refit"]
+    measured_at: Text  # ISO 8601, UTC
+    intra_GBps: PositiveFloat  # achieved bus bandwidth per GPU inside a node
+    inter_GBps: PositiveFloat  # achieved bus bandwidth per node between nodes
+    base_latency_us: NonNegativeFloat  # per all-reduce call
+    latency_us: NonNegativeFloat  # per ring step inside a node
+    inter_latency_us: NonNegativeFloat  # per ring step between nodes
+    overlap: Share  # share of full all-reduce speed while backward runs
+    fitted: tuple[str, ...] = ()  # the parameters these observations identified
+    not_fitted: dict[str, str] = Field(default_factory=dict)  # parameter -> why it kept its prior
+    observations: NonNegativeInt = 0
+    models: tuple[str, ...] = ()
+    placements: tuple[str, ...] = ()
+    residuals: Residuals | None = None
+    kept_input: bool = False  # the fit did not beat the figures given; those were kept
+    note: str | None = None
+
+
+IntraLink = Literal["nvlink", "pcie", "pcie-host-staged", "loopback", "shared-memory"]
+InterLink = Literal["infiniband", "roce", "ethernet", "loopback", "none"]
+
+
+class ClusterSpec(Document):
+    """The GPUs available and the network between them (YAML, discovered from Ray, or measured)."""
+
+    where = "cluster"
+    nodes: PositiveInt
+    gpus_per_node: PositiveInt  # on a CPU-only cluster: worker slots per node
+    intra_node_GBps: PositiveFloat  # line rate per GPU, one direction (NVLink3: 600 GB/s total -> 300)
+    inter_node_GBps: PositiveFloat  # line rate per node, one direction (one 200 Gb/s NIC -> 25)
+    gpu: Text | None = None
+    intra_link: IntraLink | None = Field(None, validation_alias=AliasChoices("intra_link", "intra", "intra_node_link"))
+    inter_link: InterLink | None = Field(None, validation_alias=AliasChoices("inter_link", "inter", "inter_node_link"))
+    latency_us: NonNegativeFloat | None = None  # per ring step; default: NCCL's figures per link kind
+    gpu_hour_cost: NonNegativeFloat | None = None  # USD per GPU-hour
+    link_efficiency: Efficiency | None = None  # achieved / line rate; default: the prior per link kind
+    allreduce_samples: tuple[AllReduceSample, ...] = ()
+    calibration: Calibration | None = None
+
+    @field_validator("intra_link", "inter_link", mode="before")
+    @classmethod
+    def _link(cls, value: Any) -> Any:
+        return normalize_link(value)
+
+    @property
+    def gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def is_cpu(self) -> bool:
+        return (self.gpu or "").strip().lower() == "cpu" or self.intra_link in ("loopback", "shared-memory")
+
+
+class Observation(Document):
+    """One worker group's measured step time on a real run: what `calibrate` learns from."""
+
+    where = "observation"
+    profile: Profile
+    nodes: PositiveInt
+    gpus_per_node: PositiveInt
+    local_batch: PositiveInt  # per GPU per optimizer step (split into accumulation like `predict`)
+    step_time_s: PositiveFloat  # median seconds per optimizer step after warm-up
+    accumulation: PositiveInt = 1
+    compute_step_time_s: PositiveFloat | None = None  # the same steps without gradient sync, if measured
+    source: str | None = None
+    run_id: str | None = None

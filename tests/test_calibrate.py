@@ -1,0 +1,168 @@
+"""Calibration of a cluster's network from observed steps of many models (pure, no processes).
+
+The observations come from a known "true" network (the spec's priors, slowed as real PCIe /
+Ethernet clusters are) plus noise and stragglers, so every test can say what the right answer is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from orchestrator.errors import UserError
+from orchestrator.planner import (
+    AllReduceSample,
+    ClusterSpec,
+    Observation,
+    Profile,
+    ProfileSample,
+    calibrate,
+    calibrate_allreduce,
+    load_cluster,
+    load_observations,
+    plan,
+    predict,
+    save_cluster,
+    save_observations,
+)
+from orchestrator.planner.model import effective_network
+from orchestrator.planner.refit import with_network
+
+SPEC = ClusterSpec(nodes=2, gpus_per_node=4, gpu="A10", intra_node_GBps=16, inter_node_GBps=12.5)
+# What the cluster really achieves: inter-node 5x and intra-node 2x below the priors.
+TRUTH = with_network(SPEC, effective_network(SPEC).scaled(5.0, intra=False).scaled(2.0, inter=False))
+PLACES = ((1, 2), (1, 4), (2, 1), (2, 2), (2, 4))
+
+
+def model(name: str, params_m: float, step_64: float) -> Profile:
+    return Profile(model=name, device="A10", param_count=int(params_m * 1e6), grad_bytes=int(params_m * 4e6),
+                   max_local_batch=64, samples=[ProfileSample(local_batch=b, step_time_s=step_64 * (0.2 + 0.8 * b / 64),
+                                                              optimizer_s=step_64 * 0.05) for b in (16, 32, 64)])
+
+
+MODELS = [model("resnet", 25, 0.1), model("vit", 86, 0.2), model("gpt", 124, 0.3), model("big", 340, 0.6),
+          model("small", 8, 0.05)]
+
+
+def observe(profiles: list[Profile], *, seed: int = 0, stragglers: float = 0.0,
+            places: tuple[tuple[int, int], ...] = PLACES) -> list[Observation]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for p in profiles:
+        for nodes, gpus in places:
+            for batch in (16, 32, 64):
+                t = predict(p, TRUTH, nodes=nodes, gpus_per_node=gpus, local_batch=batch).step_time_s
+                t *= math.exp(rng.normal(0, 0.03)) * (3.0 if rng.random() < stragglers else 1.0)
+                out.append(Observation(profile=p, nodes=nodes, gpus_per_node=gpus, local_batch=batch, step_time_s=t,
+                                       source="synthetic"))
+    return out
+
+
+def errors(cluster: ClusterSpec, observations: list[Observation]) -> np.ndarray:
+    return np.array([abs(predict(o.profile, cluster, nodes=o.nodes, gpus_per_node=o.gpus_per_node,
+                                 local_batch=o.local_batch).step_time_s / o.step_time_s - 1) for o in observations])
+
+
+def test_calibration_on_other_models_carries_to_a_new_one() -> None:
+    held = MODELS[2]
+    cal = calibrate(SPEC, observe([m for m in MODELS if m is not held]))
+    new = observe([held], seed=1)
+    assert np.median(errors(cal, new)) < 0.05 < np.median(errors(SPEC, new))
+    section = cal.calibration
+    assert section.source == "jobs" and section.observations == 60 and not section.kept_input
+    assert {"intra_GBps", "inter_GBps"} <= set(section.fitted)
+    assert section.inter_GBps == pytest.approx(effective_network(TRUTH).inter_Bps / 1e9, rel=0.1)
+    assert section.intra_GBps == pytest.approx(effective_network(TRUTH).intra_Bps / 1e9, rel=0.1)
+    assert section.residuals.method == "cross-model" and section.residuals.n == 60
+    assert set(section.models) == {"resnet", "vit", "big", "small"} and "2x4" in section.placements
+
+
+def test_stragglers_do_not_drag_the_fit() -> None:
+    noisy = calibrate(SPEC, observe(MODELS, stragglers=0.15))  # 15 % of the steps 3x slow
+    assert noisy.calibration.inter_GBps == pytest.approx(effective_network(TRUTH).inter_Bps / 1e9, rel=0.1)
+    assert np.median(errors(noisy, observe(MODELS, seed=5))) < 0.05  # steps without stragglers
+
+
+def test_never_worse_than_the_cluster_given() -> None:
+    # Observations the truth explains: starting from the truth, no fit beats it; the figures stay.
+    obs = observe(MODELS)
+    kept = calibrate(TRUTH, [o.replace(step_time_s=predict(o.profile, TRUTH, nodes=o.nodes, gpus_per_node=o.gpus_per_node,
+                                                            local_batch=o.local_batch).step_time_s) for o in obs])
+    assert kept.calibration.kept_input and kept.calibration.fitted == ()
+    assert kept.calibration.inter_GBps == pytest.approx(TRUTH.calibration.inter_GBps)
+    assert "did not beat" in " ".join(kept.calibration.not_fitted.values())
+    fitted = calibrate(SPEC, obs)
+    assert np.mean(errors(fitted, obs)) < np.mean(errors(SPEC, obs))
+
+
+def test_what_the_observations_cannot_identify_keeps_its_prior() -> None:
+    single_node = calibrate(SPEC, observe(MODELS, places=((1, 2), (1, 4))))
+    section = single_node.calibration
+    assert "inter_GBps" not in section.fitted and section.not_fitted["inter_GBps"] == "no multi-node observation"
+    assert section.inter_GBps == pytest.approx(effective_network(SPEC).inter_Bps / 1e9)
+    assert "intra_GBps" in section.fitted
+    one_gpu = calibrate(SPEC, observe(MODELS, places=((1, 1),)))
+    assert one_gpu.calibration.fitted == () and one_gpu.calibration.residuals is None
+
+
+def test_calibrated_cluster_round_trips_and_plans(tmp_path: Path) -> None:
+    cal = calibrate(SPEC, observe(MODELS))
+    assert ClusterSpec.from_dict(json.loads(json.dumps(cal.to_dict()))) == cal
+    assert load_cluster(save_cluster(cal, tmp_path / "c.yaml")) == cal
+    result = plan(MODELS[0], cal, min_efficiency=0.7)
+    assert any("network calibrated from jobs" in a for a in result.assumptions)
+    assert any("cross-model residuals" in a for a in result.assumptions)
+    assert "Network calibrated" in result.explanation
+
+
+def test_a_calibrated_network_plans_sharper_than_the_priors() -> None:
+    # The truth is faster than ethernet's pessimistic prior end: calibrated, the plan dares more GPUs.
+    fast_truth = with_network(SPEC, effective_network(SPEC).scaled(0.5))
+    profile = model("mid", 20, 0.1)
+    obs = [Observation(profile=m, nodes=n, gpus_per_node=g, local_batch=64,
+                       step_time_s=predict(m, fast_truth, nodes=n, gpus_per_node=g, local_batch=64).step_time_s)
+           for m in MODELS for n, g in PLACES]
+    cal = calibrate(SPEC, obs)
+    sharp, cautious = plan(profile, cal, min_efficiency=0.7), plan(profile, SPEC, min_efficiency=0.7)
+    assert sharp.workers > cautious.workers
+    width = sharp.choice.step_time_high_s / sharp.choice.step_time_low_s
+    prior = predict(profile, SPEC, nodes=sharp.choice.nodes, gpus_per_node=sharp.choice.gpus_per_node, local_batch=64)
+    assert width < prior.step_time_high_s / prior.step_time_low_s
+
+
+def test_allreduce_samples_fit_the_network() -> None:
+    truth = effective_network(TRUTH)
+    samples = [AllReduceSample(bytes=size, nodes=n, gpus_per_node=g,
+                               seconds=predict_ar(truth, size, n, g)) for n, g in PLACES for size in (2**k for k in range(10, 27, 4))]
+    section = calibrate_allreduce(SPEC, samples).calibration
+    assert section.source == "probe-network" and "overlap" in section.not_fitted
+    assert {"intra_GBps", "inter_GBps", "latency"} <= set(section.fitted)
+    assert section.inter_GBps == pytest.approx(truth.inter_Bps / 1e9, rel=0.05)
+    assert section.residuals.method == "all-reduce"
+
+
+def predict_ar(net: object, size: int, nodes: int, gpus: int) -> float:
+    from orchestrator.planner.network import allreduce_s
+
+    return float(allreduce_s(size, nodes, gpus, net))
+
+
+def test_observations_round_trip_and_bad_ones_are_one_line(tmp_path: Path) -> None:
+    obs = observe(MODELS[:1])[:3]
+    again = Observation.from_dict(json.loads(json.dumps(obs[0].to_dict())))
+    assert again == obs[0] and again.to_dict()["profile"]["model"] == "resnet"
+    assert load_observations(save_observations(obs, tmp_path / "obs.json")) == obs
+    (tmp_path / "obs.jsonl").write_text("\n".join(json.dumps(o.to_dict()) for o in obs))
+    assert load_observations(tmp_path / "obs.jsonl") == obs
+    bad = {**obs[0].to_dict(), "step_time_s": 0}
+    with pytest.raises(UserError, match=r"^observation\.step_time_s: must be > 0, got 0$"):
+        Observation.from_dict(bad)
+    (tmp_path / "bad.json").write_text(json.dumps([obs[0].to_dict(), bad]))
+    with pytest.raises(UserError, match=r"bad\.json: observations\[1\]\.step_time_s: must be > 0"):
+        load_observations(tmp_path / "bad.json")
+    with pytest.raises(UserError, match=r"^calibrate\.observations: must be a non-empty list"):
+        calibrate(SPEC, [])

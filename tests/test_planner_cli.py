@@ -1,0 +1,107 @@
+"""`orchestrator plan` and `orchestrator calibrate` as a user runs them: real subprocesses, output
+through a pipe (not a terminal), one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from orchestrator.planner import (
+    OBSERVATIONS_ARTIFACT,
+    ClusterSpec,
+    Observation,
+    Profile,
+    load_cluster,
+    predict,
+    save_observations,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+DGX = ROOT / "configs" / "clusters" / "dgx_a100.yaml"
+CPU_PROFILE = {
+    "version": 1, "model": "cnn", "device": "cpu (x86_64, 2 cores)", "param_count": 30_000, "grad_bytes": 120_000,
+    "max_local_batch": 64, "meta": {"global_batch_size": 128},
+    "samples": [{"local_batch": b, "step_time_s": t} for b, t in ((8, 0.002), (16, 0.003), (32, 0.005), (64, 0.009))],
+}
+
+
+def orchestrator(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, timeout=300,
+                          cwd=cwd)
+
+
+def test_plan_output_is_whole_says_what_it_held_assumed_and_warns(tmp_path: Path) -> None:
+    (tmp_path / "profile.json").write_text(json.dumps(CPU_PROFILE))
+    proc = orchestrator("plan", "--profile", "profile.json", "--cluster", str(DGX), "--total-samples", "1000000",
+                        cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    header = next(line for line in lines if "GPUs" in line and "note" in line)
+    assert len(header) > 120 and "…" not in proc.stdout  # the full table, not cut to 80 columns
+    assert "cost (USD)" in header and "pessimistic" in header
+    assert "8 x 1 (128/16)" in proc.stdout  # why the local batch drops: the held global batch over the GPUs
+    assert "global batch held at 128" in proc.stdout  # the profile's job's batch, as `run` holds it
+    assert "Warning: the profile was measured on the CPU" in proc.stdout
+    assert "links as given: nvlink inside nodes, infiniband between nodes" in proc.stdout
+    assert "4.1 USD per GPU-hour" in proc.stdout
+    varied = orchestrator("plan", "--profile", "profile.json", "--cluster", str(DGX), "--vary-batch", "--json",
+                          cwd=tmp_path)
+    data = json.loads(varied.stdout)
+    assert data["global_batch"] is None and any("global batch not held" in a for a in data["assumptions"])
+    choice = data["choice"]
+    assert choice["step_time_low_s"] <= choice["step_time_s"] <= choice["step_time_high_s"]
+
+
+def test_plan_refuses_contradicting_batch_options_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "profile.json").write_text(json.dumps(CPU_PROFILE))
+    proc = orchestrator("plan", "--profile", "profile.json", "--cluster", str(DGX), "--vary-batch",
+                        "--global-batch", "64", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--vary-batch" in proc.stderr
+
+
+def _observations() -> list[Observation]:
+    spec = ClusterSpec(nodes=2, gpus_per_node=2, intra_node_GBps=16, inter_node_GBps=1.25)
+    slow = spec.replace(intra_node_GBps=4, inter_node_GBps=0.2)  # what the cluster really does
+    out = []
+    for params, step in ((25e6, 0.1), (60e6, 0.2), (8e6, 0.05)):
+        p = Profile(model=f"m{int(params / 1e6)}", device="A10", param_count=int(params), grad_bytes=int(4 * params),
+                    max_local_batch=64, samples=[{"local_batch": 64, "step_time_s": step}])
+        for nodes, g in ((1, 2), (2, 1), (2, 2)):
+            t = predict(p, slow, nodes=nodes, gpus_per_node=g, local_batch=64).step_time_s
+            out.append(Observation(profile=p, nodes=nodes, gpus_per_node=g, local_batch=64, step_time_s=t))
+    return out
+
+
+def test_calibrate_from_files_and_from_an_mlflow_experiment(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text("nodes: 2\ngpus_per_node: 2\nintra_node_GBps: 16\ninter_node_GBps: 1.25\n")
+    save_observations(_observations(), tmp_path / "obs.json")
+    proc = orchestrator("calibrate", "--cluster", "cluster.yaml", "--observations", "obs.json", "-o", "cal.yaml",
+                        cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    from_files = load_cluster(tmp_path / "cal.yaml").calibration
+    assert from_files.observations == 9 and "inter_GBps" in from_files.fitted and "cross-model" in proc.stdout
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("jobs", artifact_location=(tmp_path / "artifacts").as_uri())
+    for i, obs in enumerate((_observations()[:5], _observations()[5:])):
+        run = client.create_run(experiment).info.run_id
+        path = save_observations(obs, tmp_path / f"run{i}" / "observations.json")
+        client.log_artifact(run, str(path), OBSERVATIONS_ARTIFACT.rsplit("/", 1)[0])
+    client.create_run(experiment)  # a run without observations is passed over
+    proc = orchestrator("calibrate", "--cluster", "cluster.yaml", "--experiment", "jobs", "--tracking-uri", uri,
+                        "-o", "from-mlflow.yaml", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert load_cluster(tmp_path / "from-mlflow.yaml").calibration.observations == 9
+
+    missing = orchestrator("calibrate", "--cluster", "cluster.yaml", "--experiment", "nope", "--tracking-uri", uri,
+                           cwd=tmp_path)
+    assert missing.returncode == 2 and "no MLflow experiment named 'nope'" in missing.stderr
+    (tmp_path / "bad.json").write_text("[{\"nodes\": 1}]")
+    bad = orchestrator("calibrate", "--cluster", "cluster.yaml", "--observations", "bad.json", cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "bad.json: observations[0]" in bad.stderr

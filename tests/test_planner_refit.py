@@ -1,0 +1,90 @@
+"""The robust online refit: medians, noise, bounds, compute apart from the network, intra apart
+from inter (pure, no processes)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from orchestrator.planner import REFIT_BOUNDS, REFIT_MIN_STEPS, ClusterSpec, Placement, Profile, predict, refit
+from orchestrator.planner.model import effective_network
+
+PROFILE = Profile.from_dict({
+    "version": 1, "model": "toy", "device": "A10", "param_count": 25_000_000, "grad_bytes": 100_000_000,
+    "max_local_batch": 64,
+    "samples": [{"local_batch": 32, "step_time_s": 0.040, "optimizer_s": 0.004},
+                {"local_batch": 64, "step_time_s": 0.070, "optimizer_s": 0.004}],
+})
+CLUSTER = ClusterSpec(nodes=2, gpus_per_node=4, intra_node_GBps=16, inter_node_GBps=12.5, intra_link="pcie",
+                      inter_link="ethernet")
+TWO_NODES, ONE_NODE = Placement(2, 4), Placement(1, 4)
+
+
+def steps(seconds: float, n: int = 40, spread: float = 0.02, seed: int = 0) -> list[float]:
+    rng = np.random.default_rng(seed)
+    return [3 * seconds] * 5 + list(seconds * np.exp(rng.normal(0, spread, n)))  # 5 slow warm-up steps first
+
+
+def at(profile: Profile, cluster: ClusterSpec, placement: Placement) -> float:
+    return predict(profile, cluster, nodes=placement.nodes, gpus_per_node=placement.gpus_per_node,
+                   local_batch=64).step_time_s
+
+
+def test_too_few_steps_change_nothing() -> None:
+    result = refit(PROFILE, CLUSTER, placement=TWO_NODES, local_batch=64, step_times=steps(1.0, n=REFIT_MIN_STEPS - 1))
+    assert result.changed == () and result.cluster is CLUSTER and result.scale == 1.0
+    assert result.reason.startswith(f"no refit: {REFIT_MIN_STEPS - 1} steps after 5 warm-up steps, 20 needed")
+
+
+def test_a_difference_within_the_noise_changes_nothing() -> None:
+    predicted = at(PROFILE, CLUSTER, TWO_NODES)
+    noisy = steps(predicted * 1.08, spread=0.15)  # 8 % off, but the steps spread by ~20 %
+    result = refit(PROFILE, CLUSTER, placement=TWO_NODES, local_batch=64, step_times=noisy)
+    assert result.changed == () and result.noise > 0.08 and "within" in result.reason
+
+
+def test_one_wild_step_cannot_make_the_network_free() -> None:
+    predicted = at(PROFILE, CLUSTER, TWO_NODES)
+    times = steps(predicted)
+    times[20] = predicted / 1000  # a timer glitch
+    result = refit(PROFILE, CLUSTER, placement=TWO_NODES, local_batch=64, step_times=times)
+    assert result.changed == () and result.cluster is CLUSTER
+
+
+def test_a_slow_step_across_nodes_refits_the_inter_node_level_only() -> None:
+    slow = at(PROFILE, CLUSTER, TWO_NODES) * 1.6
+    result = refit(PROFILE, CLUSTER, placement=TWO_NODES, local_batch=64, step_times=steps(slow))
+    assert result.changed == ("inter",) and result.scale > 1
+    assert at(PROFILE, result.cluster, TWO_NODES) == pytest.approx(slow, rel=0.03)
+    assert at(PROFILE, result.cluster, ONE_NODE) == pytest.approx(at(PROFILE, CLUSTER, ONE_NODE))  # intra untouched
+    assert result.cluster.calibration.source == "refit" and "inter-node network x" in result.reason
+
+
+def test_a_slow_step_inside_a_node_refits_the_intra_node_level_only() -> None:
+    slow = at(PROFILE, CLUSTER, ONE_NODE) * 1.5
+    result = refit(PROFILE, CLUSTER, placement=ONE_NODE, local_batch=64, step_times=steps(slow))
+    assert result.changed == ("intra",)
+    assert at(PROFILE, result.cluster, ONE_NODE) == pytest.approx(slow, rel=0.03)
+    before, after = effective_network(CLUSTER), effective_network(result.cluster)
+    assert after.inter_Bps == pytest.approx(before.inter_Bps) and after.intra_Bps < before.intra_Bps
+
+
+def test_the_refit_is_bounded() -> None:
+    absurd = at(PROFILE, CLUSTER, TWO_NODES) * 1000
+    result = refit(PROFILE, CLUSTER, placement=TWO_NODES, local_batch=64, step_times=steps(absurd))
+    assert result.scale == REFIT_BOUNDS[1] and "(bounded)" in result.reason
+
+
+def test_compute_is_refit_from_steps_without_sync_apart_from_the_network() -> None:
+    # 4 GPUs of a node contend: compute 40 % slower; the network is as predicted.
+    contended = PROFILE.replace(node_samples=({"gpus_per_node": 4, "local_batch": 64, "step_time_s": 0.098},))
+    observed = at(contended, CLUSTER, ONE_NODE)
+    compute = predict(contended, CLUSTER, nodes=1, gpus_per_node=4, local_batch=64).compute_s
+    result = refit(PROFILE, CLUSTER, placement=ONE_NODE, local_batch=64, step_times=steps(observed),
+                   compute_step_times=steps(compute))
+    assert result.changed == ("compute",) and result.compute_scale == pytest.approx(1.4, rel=0.03)
+    assert result.cluster is CLUSTER  # the network was not blamed for the slower compute
+    assert at(result.profile, CLUSTER, ONE_NODE) == pytest.approx(observed, rel=0.03)
+    assert at(result.profile, CLUSTER, Placement(1, 1)) == pytest.approx(at(PROFILE, CLUSTER, Placement(1, 1)))
+    without = refit(PROFILE, CLUSTER, placement=ONE_NODE, local_batch=64, step_times=steps(observed))
+    assert without.changed == ("intra",)  # without no-sync steps the network takes the blame

@@ -1,0 +1,122 @@
+"""probe-network: measure all-reduce on a real multi-node Ray cluster, fit the network model,
+cache the calibration per cluster fingerprint; and the pure helpers that read what nodes tell."""
+
+from __future__ import annotations
+
+from collections import namedtuple
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator import cluster as clusters
+from orchestrator.cluster import (
+    calibrated_live_cluster,
+    cluster_fingerprint,
+    nic_speed_gbps,
+    probe_network,
+    probe_placements,
+    rdma_kind,
+    with_detected_links,
+)
+from orchestrator.planner import ClusterSpec, Placement, load_cluster, predict, ring_allreduce_s
+
+SIZES = [4 * 1024, 256 * 1024, 4 * 1024 * 1024]
+
+
+@pytest.mark.slow
+def test_probe_measures_and_fits_the_network(ray_cluster: Any, tmp_path: Path) -> None:
+    out = tmp_path / "cluster.yaml"
+    spec = probe_network(None, SIZES, out, use_gpu=False, placements=[Placement(1, 2), Placement(2, 1)],
+                         repeats=3, warmup=1)
+    assert load_cluster(out) == spec
+    section = spec.calibration
+    assert section.source == "probe-network" and section.measured_at.endswith("Z")
+    assert {"intra_GBps", "inter_GBps"} <= set(section.fitted) and "overlap" in section.not_fitted
+    assert section.residuals.method == "all-reduce" and section.residuals.n == 6
+    assert {(s.nodes, s.gpus_per_node) for s in spec.allreduce_samples} == {(1, 2), (2, 1)}
+    assert (spec.intra_link, spec.inter_link) == ("loopback", "loopback")  # every node is on 127.0.0.1
+    assert "127.0.0.1" in section.note
+    # The fit goes through the samples (the machine is shared: single small messages jitter).
+    ratios = sorted(ring_allreduce_s(spec, nodes=s.nodes, gpus_per_node=s.gpus_per_node, nbytes=s.bytes) / s.seconds
+                    for s in spec.allreduce_samples)
+    assert 0.5 < ratios[len(ratios) // 2] < 2 and abs(section.residuals.median) < 0.7
+
+
+@pytest.mark.slow
+def test_a_live_cluster_is_probed_once_per_fingerprint(ray_cluster: Any, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = clusters.probe_network
+
+    def counted(*args: Any, **kwargs: Any) -> ClusterSpec:
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(clusters, "probe_network", counted)
+    first = calibrated_live_cluster(tmp_path, use_gpu=True, sizes=SIZES[:2])  # 2 nodes x 1 logical GPU
+    again = calibrated_live_cluster(tmp_path, use_gpu=True)
+    assert len(calls) == 1 and again == first
+    assert (first.nodes, first.gpus_per_node) == (2, 1)
+    assert first.calibration.not_fitted["intra_GBps"] == "no observation inside one node with 2 or more GPUs"
+    assert predict_step(first) > 0
+
+
+def predict_step(spec: ClusterSpec) -> float:
+    from orchestrator.planner import Profile
+
+    profile = Profile(model="m", device="cpu", param_count=10, grad_bytes=40, max_local_batch=8,
+                      samples=[{"local_batch": 8, "step_time_s": 0.01}])
+    return predict(profile, spec, nodes=2, gpus_per_node=1, local_batch=8).step_time_s
+
+
+def node(address: str, gpus: int = 8, alive: bool = True, gpu_type: str = "A100") -> dict[str, Any]:
+    return {"Alive": alive, "NodeManagerAddress": address,
+            "Resources": {"CPU": 32, "GPU": gpus, f"accelerator_type:{gpu_type}": 1}}
+
+
+def test_fingerprint_changes_with_nodes_gpus_and_addresses() -> None:
+    base = [node("10.0.0.1"), node("10.0.0.2")]
+    assert cluster_fingerprint(base) == cluster_fingerprint(list(reversed(base)))
+    assert cluster_fingerprint(base) == cluster_fingerprint(base + [node("10.0.0.3", alive=False)])
+    assert cluster_fingerprint(base) != cluster_fingerprint(base[:1])
+    assert cluster_fingerprint(base) != cluster_fingerprint([node("10.0.0.1"), node("10.0.0.9")])
+    assert cluster_fingerprint(base) != cluster_fingerprint([node("10.0.0.1", gpu_type="H100"), node("10.0.0.2")])
+
+
+def test_probe_placements_as_the_cluster_allows() -> None:
+    def spec(nodes: int, g: int) -> ClusterSpec:
+        return ClusterSpec(nodes=nodes, gpus_per_node=g, intra_node_GBps=300, inter_node_GBps=25)
+
+    assert probe_placements(spec(4, 8)) == [Placement(1, 8), Placement(2, 1), Placement(2, 8)]
+    assert probe_placements(spec(1, 8)) == [Placement(1, 8)]
+    assert probe_placements(spec(2, 1)) == [Placement(2, 1)]
+
+
+def test_detected_links_and_what_was_assumed() -> None:
+    gpus = ClusterSpec(nodes=2, gpus_per_node=8, intra_node_GBps=16, inter_node_GBps=1.25)
+    facts = [{"address": "10.0.0.1", "nic_gbps": 100.0, "rdma": None, "peer_access": False},
+             {"address": "10.0.0.2", "nic_gbps": 25.0, "rdma": None, "peer_access": False}]
+    spec, said = with_detected_links(gpus, facts, given={})
+    assert (spec.intra_link, spec.inter_link, spec.inter_node_GBps) == ("pcie-host-staged", "ethernet", 25 / 8)
+    assert any("no GPU peer access" in s for s in said) and any("NIC 25 Gb/s" in s for s in said)
+    ib = [{**f, "rdma": "infiniband", "peer_access": True} for f in facts]
+    spec, said = with_detected_links(gpus, ib, given={"inter_node_GBps": 50})
+    assert (spec.intra_link, spec.inter_link, spec.inter_node_GBps) == (None, "infiniband", 1.25)
+    assert any("assumed from the line rate" in s for s in said)
+    told, _ = with_detected_links(gpus.replace(inter_link="roce"), ib, given={"inter_link": "roce"})
+    assert told.inter_link == "roce"  # the file's word stands
+
+
+def test_nic_speed_and_rdma_devices(tmp_path: Path) -> None:
+    stat = namedtuple("stat", "isup speed")
+    stats = {"lo": stat(True, 0), "eth0": stat(True, 25000), "eth1": stat(False, 100000), "docker0": stat(True, 0)}
+    assert nic_speed_gbps(stats) == 25.0
+    assert nic_speed_gbps({"lo": stat(True, 0)}) is None
+    assert rdma_kind(tmp_path / "absent") is None
+    port = tmp_path / "mlx5_0" / "ports" / "1"
+    port.mkdir(parents=True)
+    (port / "link_layer").write_text("InfiniBand\n")
+    assert rdma_kind(tmp_path) == "infiniband"
+    (port / "link_layer").write_text("Ethernet\n")
+    assert rdma_kind(tmp_path) == "roce"
