@@ -15,6 +15,7 @@ A job config, cluster spec, profile or plan is a few kilobytes. What is refused,
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +109,9 @@ def read_json(path: str | Path, what: str) -> Any:
         raise UserError(f"{path}: not valid JSON (line {exc.lineno})") from None
     except RecursionError:
         raise UserError(f"{path}: nested too deeply to be a {what} file") from None
+
+
+def user_cache_dir(*parts: str) -> Path:
+    """``$XDG_CACHE_HOME/orchestrator/...``, else ``~/.cache/orchestrator/...``: this user's, local."""
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache, "orchestrator", *parts)

@@ -13,10 +13,10 @@ from orchestrator.driver.sizing import Sizing
 from trainers.events import Event, GroupEnded, GroupStarted, StepPoint, StepsDone
 
 
-def group(step: int = 0, workers: int = 2, *, resumed: int | None = None, compute: float | None = 0.01) -> GroupStarted:
+def group(step: int = 0, workers: int = 2, *, resumed: int | None = None, compute: float = 0.01) -> GroupStarted:
     return GroupStarted(step=step, workers=workers, local_batch=32 // workers, accumulation=1, resumed_from=resumed,
                         checkpoint=None if resumed is None else f"checkpoint_{resumed:09d}",
-                        compute_step_time_s=compute)
+                        compute_step_times_s=(compute,) * 3)
 
 
 def steps(first: int, last: int, *, step_time: float = 0.02, observed_steps: int | None = None) -> StepsDone:

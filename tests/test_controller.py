@@ -139,7 +139,7 @@ def test_a_resize_stops_at_a_checkpoint_and_goes_on_with_the_new_count(monkeypat
     decisions = iter([Resize(1, "resize 2 -> 1 worker: faster"), Keep("keep 1 worker: same count")])
 
     def fake_replan(sizing, group, **kwargs):
-        return Replan(next(decisions), None, {"refit": {"scale": 2.0}}, "text")
+        return Replan(next(decisions), None, None, {"refit": {"scale": 2.0, "compute_scale": 1.0}}, "text")
 
     monkeypatch.setattr(controller_module, "replan", fake_replan)
     monkeypatch.setattr(controller_module, "predicted_at", lambda *a: None)

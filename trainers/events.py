@@ -29,7 +29,9 @@ class GroupStarted:
     resumed_from: int | None = None  # the checkpoint's step, None: from scratch
     checkpoint: str | None = None  # the checkpoint folder resumed from
     skipped: tuple[str, ...] = ()  # newer checkpoints that failed verification, one line each
-    compute_step_time_s: float | None = None  # one worker's step without gradient sync, measured here
+    # This worker's forward and backward of one optimizer step without gradient sync, timed at the
+    # group's start (each repeat): what the network adds to.
+    compute_step_times_s: tuple[float, ...] = ()
     at_ms: int = field(default_factory=now_ms)
 
     @property

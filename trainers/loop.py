@@ -34,6 +34,12 @@ from trainers.reporting import Reporter, StopSignal, SystemSampler, observed_ste
 from trainers.step import Batch, TrainStep, compiled, eval_sums, make_optimizer, make_scheduler, seed_everything
 
 
+# The compute-only probe at a group's start: at most this many repeats, or this long (seconds);
+# enough repeats for the driver's online refit of compute (a median after warm-up).
+COMPUTE_PROBE_STEPS = 30
+COMPUTE_PROBE_S = 2.0
+
+
 @dataclass(frozen=True, slots=True)
 class LoopArgs:
     """What the driver hands every worker (sent as a plain dict through train_loop_config)."""
@@ -238,24 +244,28 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
     return x.to(device, non_blocking=True), None if y is None else y.to(device, non_blocking=True)
 
 
-def _compute_only_s(step_fn: TrainStep, micro: list[Batch], device: torch.device, repeats: int = 3) -> float:
+def _compute_only_s(step_fn: TrainStep, micro: list[Batch], device: torch.device) -> tuple[float, ...]:
     """One optimizer step's forward and backward without gradient sync (the compute the network
-    adds to): timed on this group's first batch, a warm-up and `repeats` times, gradients and
-    buffers (batch-norm statistics) left as they were."""
+    adds to), timed on this group's first batch: after a warm-up, `COMPUTE_PROBE_STEPS` times or
+    for `COMPUTE_PROBE_S`, whichever ends first (at least 3), gradients and buffers (batch-norm
+    statistics) left as they were."""
     buffers = {name: value.detach().clone() for name, value in step_fn.model.named_buffers()}
-    times = []
-    for i in range(repeats + 1):
+    times: list[float] = []
+    started = time.perf_counter()
+    for i in range(COMPUTE_PROBE_STEPS + 1):
         _sync(device)
         start = time.perf_counter()
         step_fn.accumulate(micro, sync=False)
         _sync(device)
         if i:
             times.append(time.perf_counter() - start)
+        if len(times) >= 3 and time.perf_counter() - started > COMPUTE_PROBE_S:
+            break
     step_fn.discard()
     with torch.no_grad():
         for name, value in step_fn.model.named_buffers():
             value.copy_(buffers[name])
-    return statistics.median(times)
+    return tuple(times)
 
 
 def _sync(device: torch.device) -> None:
@@ -263,12 +273,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _group_started(w: Worker, resume: Resume | None, compute_s: float) -> GroupStarted:
+def _group_started(w: Worker, resume: Resume | None, compute_s: tuple[float, ...]) -> GroupStarted:
     return GroupStarted(
         step=w.state.step, workers=w.split.workers, local_batch=w.split.local_batch,
         accumulation=w.split.accumulation, resumed_from=resume.step if resume else None,
         checkpoint=resume.checkpoint if resume else None, skipped=resume.skipped if resume else (),
-        compute_step_time_s=compute_s,
+        compute_step_times_s=compute_s,
     )
 
 

@@ -206,7 +206,9 @@ def measure(config: dict[str, Any], *, budget_s: float, data_s: float) -> dict[s
         "precision": precision(cfg, device),
         "device_memory_bytes": torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None,
     }
-    meta.update(ladder=sizes, profile_seconds=round(time.perf_counter() - started, 3))
+    # The global batch the profile was taken for: `orchestrator plan` holds it, as `run` does.
+    meta.update(ladder=sizes, global_batch_size=cfg.training.global_batch_size,
+                profile_seconds=round(time.perf_counter() - started, 3))
     return {**result, "meta": meta}
 
 

@@ -35,6 +35,7 @@ from orchestrator.driver.recorder import Recorder
 from orchestrator.driver.replan import comparison, observation, predicted_at, replan
 from orchestrator.driver.sizing import Sizing, Workers, fixed_workers, least_workers, most
 from orchestrator.errors import UserError
+from orchestrator.planner import OBSERVATIONS_ARTIFACT
 from trainers.events import (
     CheckpointSaved,
     Evaluated,
@@ -66,6 +67,7 @@ class JobController:
         self.resize_reason = ""
         self.replans: list[dict[str, Any]] = []
         self.observations: list[dict[str, Any]] = []
+        self.profile = None  # compute as refit online (starts as the sizing's profile)
         self.cluster = None  # the network as refit online (starts as the sizing's)
         self.model_version: str | None = None
         self._waiting_since: float | None = None
@@ -158,7 +160,8 @@ class JobController:
 
     def _launch(self, sizing: Sizing) -> State:
         assert self.prepared is not None and self.identity is not None
-        self.sizing, self.workers, self.cluster = sizing, sizing.workers, sizing.cluster
+        self.sizing, self.workers = sizing, sizing.workers
+        self.profile, self.cluster = sizing.profile, sizing.cluster
         self.run_log = self.ports.open_run(self.prepared, sizing, self.identity)
         self.recorder = Recorder(self.run_log, status=self._status, global_batch=self.job.training.global_batch_size,
                                  counts=self.identity.state.counts, save_counts=self.identity.save_counts)
@@ -255,13 +258,14 @@ class JobController:
             return
         group.replanned = True
         r = self.job.resources
-        result = replan(sizing, group, cluster=self.cluster, step=rec.last_step, total_steps=self.prepared.total_steps,
-                        global_batch=self.job.training.global_batch_size, objective=r.objective,
-                        min_efficiency=r.min_efficiency, bounds=self._bounds(), replan_enabled=r.replan,
-                        resizes=rec.resizes, slots=self.ports.slots())
-        self.cluster = result.cluster
+        result = replan(sizing, group, profile=self.profile, cluster=self.cluster, step=rec.last_step,
+                        total_steps=self.prepared.total_steps, global_batch=self.job.training.global_batch_size,
+                        objective=r.objective, min_efficiency=r.min_efficiency, bounds=self._bounds(),
+                        replan_enabled=r.replan, resizes=rec.resizes, slots=self.ports.slots())
+        self.profile, self.cluster = result.profile, result.cluster
         self.run_log.set_tags({f"replan.{rec.count('replan')}": result.text[:5000]})
-        rec.log_metrics({"plan/refit_network_scale": result.record["refit"]["scale"]}, step=rec.last_step)
+        rec.log_metrics({"plan/refit_network_scale": result.record["refit"]["scale"],
+                         "plan/refit_compute_scale": result.record["refit"]["compute_scale"]}, step=rec.last_step)
         self.replans.append(result.record)
         self.run_log.log_dict(self.replans, "replan/decisions.json")
         self._status(f"re-plan: {result.text}")
@@ -301,8 +305,8 @@ class JobController:
 
     def _final_records(self) -> None:
         rec = self.recorder
-        if self.observations:
-            self.run_log.log_dict(self.observations, "calibration/observations.json")
+        if self.observations:  # what `orchestrator calibrate --experiment` learns the cluster from
+            self.run_log.log_dict(self.observations, OBSERVATIONS_ARTIFACT)
         if self.state is State.FINISHED and self.outcome is not None:
             checkpoint = self.outcome.checkpoint.path if self.outcome.checkpoint is not None else None
             self.identity.mark_finished(step=rec.last_step, run_id=self.run_log.run_id,

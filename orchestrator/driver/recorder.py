@@ -53,7 +53,7 @@ class Group:
     accumulation: int
     start_step: int
     kind: GroupKind
-    compute_step_time_s: float | None = None
+    compute_step_times: tuple[float, ...] = ()  # steps without gradient sync, timed at its start
     placement: Placement | None = None  # known once every rank has registered
     replanned: bool = False
     observed: bool = False  # its observation for calibration is taken
@@ -152,7 +152,7 @@ class Recorder:
 
     def group_started(self, event: GroupStarted, kind: GroupKind, *, resize_reason: str | None = None) -> Group:
         group = Group(event.workers, event.local_batch, event.accumulation, event.step, kind,
-                      event.compute_step_time_s, resumed_from=event.resumed_from, started_ms=event.at_ms)
+                      event.compute_step_times_s, resumed_from=event.resumed_from, started_ms=event.at_ms)
         self.groups.append(group)
         where = (f"resumed from step {event.resumed_from}" if event.resumed_from is not None
                  else "from step 0 (no checkpoint yet)")

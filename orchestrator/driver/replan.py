@@ -4,6 +4,7 @@ the controller acts on the result)."""
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +12,7 @@ from orchestrator import constants
 from orchestrator.driver.policies import Keep, ReplanDecision, Resize, replan_guard
 from orchestrator.driver.recorder import Group
 from orchestrator.driver.sizing import Sizing
-from orchestrator.planner import ClusterSpec, Prediction, decide_resize, predict, refit_network
+from orchestrator.planner import ClusterSpec, Observation, Prediction, Profile, decide_resize, predict, refit
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,7 +20,8 @@ class Replan:
     """One re-planning: the decision and what it was based on (for the run's records)."""
 
     decision: ReplanDecision
-    cluster: ClusterSpec  # the refit network (the sizing's when nothing was learned)
+    profile: Profile  # compute as refit (the sizing's when nothing was learned)
+    cluster: ClusterSpec  # the network as refit
     record: dict[str, Any]
     text: str
 
@@ -44,22 +46,23 @@ def comparison(observed: float, predicted: Prediction) -> dict[str, float]:
     return metrics
 
 
-def replan(sizing: Sizing, group: Group, *, cluster: ClusterSpec, step: int, total_steps: int, global_batch: int,
-           objective: str, min_efficiency: float, bounds: tuple[int, int] | None, replan_enabled: bool,
-           resizes: int, slots: int) -> Replan:
-    """Refit the network from the group's observed step time, then decide whether to resize."""
-    assert sizing.profile is not None and group.placement is not None and group.observed_step_time_s is not None
-    observed = group.observed_step_time_s
-    refit = refit_network(sizing.profile, cluster, placement=group.placement, local_batch=group.local_batch,
-                          accumulation=group.accumulation, observed_step_s=observed)
-    learned = refit.cluster if refit.comm_s > 0 else cluster  # one worker says nothing about the network
+def replan(sizing: Sizing, group: Group, *, profile: Profile, cluster: ClusterSpec, step: int, total_steps: int,
+           global_batch: int, objective: str, min_efficiency: float, bounds: tuple[int, int] | None,
+           replan_enabled: bool, resizes: int, slots: int) -> Replan:
+    """Refit compute and the network from the group's step times (the planner's robust `refit`:
+    a median after warm-up, differences within the steps' spread ignored, bounded), then decide
+    whether to resize."""
+    assert group.placement is not None and group.observed_step_time_s is not None
+    learned = refit(profile, cluster, placement=group.placement, local_batch=group.local_batch,
+                    accumulation=group.accumulation, step_times=group.step_times,
+                    compute_step_times=group.compute_step_times or None)
     decision = replan_guard(elastic=bounds is not None, replan_enabled=replan_enabled, resizes=resizes,
                             max_resizes=constants.MAX_RESIZES, current=group.workers)
     if decision is None:
         assert bounds is not None
         ceiling = min(bounds[1], max(slots, group.workers))
         resize = decide_resize(
-            sizing.profile, learned, current=group.placement, min_workers=bounds[0], max_workers=ceiling,
+            learned.profile, learned.cluster, current=group.placement, min_workers=bounds[0], max_workers=ceiling,
             global_batch=global_batch, remaining_samples=max(total_steps - step, 0) * global_batch,
             objective=objective, min_efficiency=min_efficiency, margin=constants.REPLAN_MARGIN,
             restart_cost_s=constants.RESIZE_COST_S)
@@ -67,12 +70,12 @@ def replan(sizing: Sizing, group: Group, *, cluster: ClusterSpec, step: int, tot
         details: dict[str, Any] = resize.to_dict()
     else:
         details = {"reason": decision.reason}
-    predicted = refit.predicted.step_time_s
+    observed, predicted = group.observed_step_time_s, learned.predicted.step_time_s
     text = (f"step {step}, {group.workers} workers ({group.placement}): observed {observed * 1e3:.2f} ms/step vs "
-            f"predicted {predicted * 1e3:.2f} ms; network refit x{refit.scale:.3g}; {decision.reason}")
+            f"predicted {predicted * 1e3:.2f} ms; {learned.reason}; {decision.reason}")
     record = {"step": step, "workers": group.workers, "placement": str(group.placement), "observed_step_s": observed,
-              "predicted_step_s": predicted, "refit": refit.to_dict(), "decision": details}
-    return Replan(decision, learned, record, text)
+              "predicted_step_s": predicted, "refit": learned.to_dict(), "decision": details}
+    return Replan(decision, learned.profile, learned.cluster, record, text)
 
 
 def observation(sizing: Sizing, group: Group, *, run_id: str | None) -> dict[str, Any] | None:
@@ -83,12 +86,10 @@ def observation(sizing: Sizing, group: Group, *, run_id: str | None) -> dict[str
             or group.observed_steps < constants.REPLAN_MIN_STEPS):
         return None
     compute = None
-    if group.compute_step_time_s is not None:
-        optimizer = min((s.optimizer_s for s in sizing.profile.samples if s.optimizer_s is not None), default=0.0)
-        compute = group.compute_step_time_s + optimizer
-    return {"profile": sizing.profile.to_dict(), "nodes": group.placement.nodes,
-            "gpus_per_node": group.placement.gpus_per_node, "local_batch": group.local_batch,
-            "accumulation": group.accumulation, "step_time_s": group.observed_step_time_s,
-            **({"compute_step_time_s": compute} if compute is not None else {}),
-            "source": "job", **({"run_id": run_id} if run_id else {})}
-
+    if group.compute_step_times:
+        optimizer = statistics.median(s.optimizer_s or 0.0 for s in sizing.profile.samples)
+        compute = statistics.median(group.compute_step_times) + optimizer
+    return Observation(profile=sizing.profile, nodes=group.placement.nodes, gpus_per_node=group.placement.gpus_per_node,
+                       local_batch=group.local_batch, accumulation=group.accumulation,
+                       step_time_s=group.observed_step_time_s, compute_step_time_s=compute, source="job",
+                       run_id=run_id).to_dict()

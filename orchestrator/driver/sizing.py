@@ -90,18 +90,21 @@ def sizes_before_autoscaling(job: JobConfig, workers: int | None) -> bool:
 
 
 def live_cluster(job: JobConfig, *, use_gpu: bool) -> ClusterSpec:
-    """The cluster file if the config names one, else the live Ray cluster's shape."""
-    from orchestrator.cluster import CPU_DEFAULTS, GPU_DEFAULTS, discover_cluster, load_cluster, spec_from_nodes
+    """The cluster file if the config names one, else the live Ray cluster, its network calibrated
+    (`orchestrator probe-network` runs once per cluster fingerprint, cached for this user)."""
+    import ray
+
+    from orchestrator.cluster import calibrated_live_cluster, load_cluster
+    from orchestrator.files import user_cache_dir
     from orchestrator.ray_session import embedded
 
     if job.resources.cluster:
         return load_cluster(job.resources.cluster)
-    defaults = GPU_DEFAULTS if use_gpu else CPU_DEFAULTS
+    per_worker = job.resources.cpus_per_worker
     if embedded() and not use_gpu:
-        # An embedded Ray declares extra logical CPUs for Ray Data; plan for the real cores.
-        node = {"Alive": True, "Resources": {"CPU": os.cpu_count() or 1}}
-        return spec_from_nodes([node], defaults, use_gpu=False, cpus_per_worker=job.resources.cpus_per_worker)
-    return discover_cluster(defaults, use_gpu=use_gpu, cpus_per_worker=job.resources.cpus_per_worker)
+        # An embedded Ray declares extra logical CPUs for Ray Data; plan (and probe) the real cores.
+        per_worker *= ray.cluster_resources().get("CPU", 1) / (os.cpu_count() or 1)
+    return calibrated_live_cluster(user_cache_dir("clusters"), use_gpu=use_gpu, cpus_per_worker=per_worker)
 
 
 def size_job(job: JobConfig, *, workers: int | None, use_gpu: bool, total_samples: int,

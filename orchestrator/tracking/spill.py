@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from orchestrator import constants
+from orchestrator.files import user_cache_dir
 from orchestrator.errors import UserError
 from orchestrator.tracking.ops import Op, describe, joins, server_name, weight, well_formed
 from orchestrator.tracking.writer import RunRefused, Writer, remove_staged
@@ -47,8 +48,7 @@ SUFFIX = ".jsonl"
 
 def default_spill_dir() -> Path:
     """``$XDG_CACHE_HOME/orchestrator/tracking``, else ``~/.cache/orchestrator/tracking``."""
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache) / "orchestrator" / "tracking"
+    return user_cache_dir("tracking")
 
 
 def _digest(text: str) -> str:
