@@ -21,7 +21,7 @@ from pathlib import Path
 ENTRY_FILE = "orchestrator-entry.sh"
 # Import names of pyproject's runtime dependencies, and of the two packages shipped as py_modules.
 REQUIRED_MODULES = ("ray", "torch", "mlflow", "pyarrow", "yaml", "pydantic", "typer", "rich", "psutil",
-                    "matplotlib", "sklearn", "orchestrator", "trainers")
+                    "matplotlib", "sklearn", "numpy", "orchestrator", "trainers")
 # Runs under every candidate, however old: no f-strings, and double quotes only (the shell quotes it
 # in single quotes). find_spec locates a package without importing it (torch alone takes seconds).
 _CHECK = """\

@@ -20,10 +20,10 @@ from orchestrator.errors import UserError
 from orchestrator.ray_jobs import check_transport, exit_code, resolve_address
 
 USAGE_ERRORS = {
-    "no arguments": ([], r"Usage: orchestrator \[OPTIONS\] COMMAND", r"Missing command; one of: data, jobs, .*validate"),
+    "no arguments": ([], r"Usage: orchestrator \[OPTIONS\] COMMAND", r"Missing command; one of: calibrate, data, jobs, .*validate"),
     "run without a config": (["run"], r"Usage: orchestrator run \[OPTIONS\]", r"Missing argument 'config'"),
     "unknown option": (["--bogus"], r"Usage: orchestrator \[OPTIONS\]", r"No such option: --bogus"),
-    "unknown command": (["frob"], r"Usage: orchestrator \[OPTIONS\]", r"No such command 'frob'; one of: data, .*run"),
+    "unknown command": (["frob"], r"Usage: orchestrator \[OPTIONS\]", r"No such command 'frob'; one of: calibrate, data, .*run"),
     "mistyped command": (["jobs", "lst"], r"Usage: orchestrator jobs", r"No such command 'lst'\. Did you mean 'list'\?"),
     "group without command": (["jobs"], r"Usage: orchestrator jobs", r"Missing command; one of: list, logs, status, stop"),
     "bad option value": (["run", "configs/digits.yaml", "--workers", "two"], r"Usage: orchestrator run",

@@ -254,15 +254,16 @@ class JobController:
             self._compared_at = rec.last_step
             rec.log_metrics(comparison(group.observed_step_time_s, predicted), step=rec.last_step)
         if not replan_ready(observed_steps=group.observed_steps, min_steps=constants.REPLAN_MIN_STEPS,
-                            already=group.replanned):
+                            last_at=group.replanned_at, settled=group.settled):
             return
-        group.replanned = True
+        group.replanned_at = group.observed_steps
         r = self.job.resources
         result = replan(sizing, group, profile=self.profile, cluster=self.cluster, step=rec.last_step,
                         total_steps=self.prepared.total_steps, global_batch=self.job.training.global_batch_size,
                         objective=r.objective, min_efficiency=r.min_efficiency, bounds=self._bounds(),
                         replan_enabled=r.replan, resizes=rec.resizes, slots=self.ports.slots())
         self.profile, self.cluster = result.profile, result.cluster
+        group.settled = not result.record["refit"].get("changed")
         self.run_log.set_tags({f"replan.{rec.count('replan')}": result.text[:5000]})
         rec.log_metrics({"plan/refit_network_scale": result.record["refit"]["scale"],
                          "plan/refit_compute_scale": result.record["refit"]["compute_scale"]}, step=rec.last_step)

@@ -117,9 +117,11 @@ def replan_guard(*, elastic: bool, replan_enabled: bool, resizes: int, max_resiz
     return None
 
 
-def replan_ready(*, observed_steps: int, min_steps: int, already: bool) -> bool:
-    """A group's step time is trusted once it ran `min_steps` steps; re-plan once per group."""
-    return not already and observed_steps >= min_steps
+def replan_ready(*, observed_steps: int, min_steps: int, last_at: int, settled: bool) -> bool:
+    """Re-plan once a group ran `min_steps` steps more than at its last re-plan (its step time is
+    trusted after that many), until a refit learned nothing new (each refit moves the model by a
+    bounded factor, so a model far off takes a few rounds)."""
+    return not settled and observed_steps >= last_at + min_steps
 
 
 # ---------------------------------------------------------------------------------------------

@@ -55,7 +55,8 @@ class Group:
     kind: GroupKind
     compute_step_times: tuple[float, ...] = ()  # steps without gradient sync, timed at its start
     placement: Placement | None = None  # known once every rank has registered
-    replanned: bool = False
+    replanned_at: int = 0  # its observed steps at its last re-plan
+    settled: bool = False  # its last refit learned nothing new: no more re-planning
     observed: bool = False  # its observation for calibration is taken
     observed_step_time_s: float | None = None
     observed_steps: int = 0

@@ -23,12 +23,8 @@ from orchestrator.planner.priors import INTER_LINKS, INTRA_LINKS
 from orchestrator.planner.refit import (
     REFIT_BOUNDS,
     REFIT_MIN_STEPS,
-    REFIT_SCALE_LIMITS,
-    Refit,
     RefitResult,
     refit,
-    refit_network,
-    scale_network,
 )
 from orchestrator.planner.resize import ResizeDecision, decide_resize
 from orchestrator.planner.results import PLAN_VERSION, Candidate, Placement, Plan, Prediction
@@ -46,10 +42,11 @@ from orchestrator.planner.types import (
 )
 
 __all__ = [
-    "BACKWARD_FRACTION", "COMPUTE_SPREAD", "COST_TIE_TOLERANCE", "DDP_BUCKET_BYTES", "INTER_LINKS", "INTRA_LINKS",
-    "OBJECTIVES", "OBSERVATIONS_ARTIFACT", "PLAN_VERSION", "PROFILE_VERSION", "REFIT_SCALE_LIMITS", "AllReduceSample", "Calibration",
-    "Candidate", "ClusterSpec", "NodeSample", "Observation", "Placement", "Plan", "Prediction", "Profile",
-    "ProfileSample", "REFIT_BOUNDS", "REFIT_MIN_STEPS", "Refit", "RefitResult", "refit", "ResizeDecision", "Residuals", "calibrate", "calibrate_allreduce", "decide_resize", "load_cluster", "load_observations",
-    "placement_for", "placements", "plan", "predict", "refit_network", "ring_allreduce_s", "save_cluster",
-    "save_observations", "scale_network",
+    "BACKWARD_FRACTION", "COMPUTE_SPREAD", "COST_TIE_TOLERANCE", "DDP_BUCKET_BYTES", "INTER_LINKS",
+    "INTRA_LINKS", "OBJECTIVES", "OBSERVATIONS_ARTIFACT", "PLAN_VERSION", "PROFILE_VERSION", "REFIT_BOUNDS",
+    "REFIT_MIN_STEPS", "AllReduceSample", "calibrate", "calibrate_allreduce", "Calibration", "Candidate",
+    "ClusterSpec", "decide_resize", "load_cluster", "load_observations", "NodeSample", "Observation",
+    "Placement", "placement_for", "placements", "Plan", "plan", "predict", "Prediction", "Profile",
+    "ProfileSample", "refit", "RefitResult", "Residuals", "ResizeDecision", "ring_allreduce_s",
+    "save_cluster", "save_observations",
 ]

@@ -25,8 +25,6 @@ from orchestrator.planner.results import Placement, Prediction
 from orchestrator.planner.search import predict
 from orchestrator.planner.types import Calibration, ClusterSpec, NodeSample, Profile
 
-# Bounds on the one-observation refit's scale of communication time (`refit_network`).
-REFIT_SCALE_LIMITS = (1e-6, 1e6)
 REFIT_MIN_STEPS = 20  # steps after warm-up whose median is trusted
 REFIT_WARMUP_STEPS = 5  # first steps of a worker group left out (start-up, first connections, caches)
 REFIT_BOUNDS = (0.1, 10.0)  # one refit moves compute or a network level by at most x/10
@@ -42,35 +40,6 @@ def with_network(cluster: ClusterSpec, network: Network, **fields: Any) -> Clust
     else:
         section = cluster.calibration.replace(**figures, **fields)
     return cluster.replace(calibration=section)
-
-
-def scale_network(cluster: ClusterSpec, factor: float) -> ClusterSpec:
-    """`cluster` with every communication time multiplied by `factor` (bandwidths divided,
-    latency and measured all-reduce samples multiplied), so ring and table predictions alike
-    scale by exactly that factor at every placement."""
-    if not factor > 0:
-        raise UserError(f"scale_network.factor: must be > 0, got {factor}")
-    scaled = with_network(cluster, effective_network(cluster).scaled(factor),
-                          note=f"communication x{factor:.3g} (scale_network)")
-    return scaled.replace(allreduce_samples=tuple(s.replace(seconds=s.seconds * factor)
-                                                  for s in cluster.allreduce_samples))
-
-
-class Refit(Model):
-    """The cluster's network figures scaled so that `predict` matches an observed step time."""
-
-    where = "refit"
-    cluster: ClusterSpec
-    scale: PositiveFloat  # communication time, refit / before (1: nothing to learn, e.g. one worker)
-    placement: Placement
-    observed_step_s: PositiveFloat
-    predicted: Prediction  # at the observed placement, before the refit
-    comm_s: float  # the all-reduce time (before overlap) that explains the observation
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"scale": self.scale, "placement": str(self.placement), "observed_step_s": self.observed_step_s,
-                "predicted_step_s": self.predicted.step_time_s, "predicted_comm_s": self.predicted.comm_s,
-                "refit_comm_s": self.comm_s}
 
 
 def solve_factor(step: Any, observed_s: float, limits: tuple[float, float]) -> float:
@@ -92,27 +61,6 @@ def _comm_step(model: PerformanceModel, rows: Rows, compute_s: Any = None) -> An
         return float(model.steps(rows.nodes, rows.gpus_per_node, rows.micro, rows.accum, comm_factor=factor,
                                  compute_s=compute_s).step[0])
     return step
-
-
-def refit_network(profile: Profile, cluster: ClusterSpec, *, placement: Placement, local_batch: int,
-                  accumulation: int = 1, observed_step_s: float) -> Refit:
-    """Scale the network so that the model reproduces ONE observed step time at `placement`.
-
-    Kept for callers of the first re-planner; it believes a single figure completely (limits
-    ``REFIT_SCALE_LIMITS``). `refit` is the robust one: a median of many steps, noise-aware,
-    bounded, compute apart from the network and intra-node apart from inter-node.
-    """
-    check_arguments("refit_network", numbers={"observed_step_s": observed_step_s})
-    predicted = predict(profile, cluster, nodes=placement.nodes, gpus_per_node=placement.gpus_per_node,
-                        local_batch=local_batch, accumulation=accumulation, reference_batch=profile.max_local_batch)
-    if predicted.comm_s == 0:
-        return Refit(cluster=cluster, scale=1.0, placement=placement, observed_step_s=observed_step_s,
-                     predicted=predicted, comm_s=0.0)
-    model = PerformanceModel(profile, cluster)
-    rows = Rows.of([(placement.nodes, placement.gpus_per_node, predicted.local_batch, predicted.accumulation)])
-    scale = solve_factor(_comm_step(model, rows), observed_step_s, REFIT_SCALE_LIMITS)
-    return Refit(cluster=scale_network(cluster, scale), scale=scale, placement=placement,
-                 observed_step_s=observed_step_s, predicted=predicted, comm_s=predicted.comm_s * scale)
 
 
 Level = Literal["compute", "intra", "inter"]
@@ -227,7 +175,9 @@ def _refit_network_level(profile: Profile, cluster: ClusterSpec, after: Predicti
     rows = Rows.of([(after.nodes, after.gpus_per_node, after.local_batch, after.accumulation)])
     factor = solve_factor(_comm_step(model, rows, compute_s), observed, REFIT_BOUNDS)
     net = model.network
-    level: Level = "inter" if after.nodes > 1 and net.inter_Bps <= net.intra_Bps else "intra"
+    # The ring runs at its slowest link; with one GPU per node there is no intra-node hop at all.
+    level: Level = ("inter" if after.nodes > 1 and (after.gpus_per_node == 1 or net.inter_Bps <= net.intra_Bps)
+                    else "intra")
     scaled = net.scaled(factor, intra=level == "intra", inter=level == "inter")
     samples = tuple(s.replace(seconds=s.seconds * factor) if (s.nodes, s.gpus_per_node) == (after.nodes, after.gpus_per_node)
                     else s for s in cluster.allreduce_samples)
