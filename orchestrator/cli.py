@@ -341,16 +341,23 @@ def k8s_render(
     config: Path,
     plan_path: Annotated[Path | None, typer.Option("--plan", help="plan.json to size the worker group.")] = None,
     image: Annotated[str | None, typer.Option(help="Job image; default: the -cpu or -cuda tag of ours.")] = None,
+    owner: Annotated[str | None, typer.Option(help="Your Kubernetes user name (kubectl auth whoami); "
+                                              "required for a RayJob.")] = None,
+    mlflow_uri: Annotated[str | None, typer.Option(help="MLflow for the job; default: the in-cluster "
+                                                   "service. Credentials in it are dropped.")] = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write here instead of stdout.")] = None,
     cluster: Annotated[bool, typer.Option("--cluster", help="A standalone RayCluster sized for the plan.")] = False,
     set_: SetOption = None,
 ) -> None:
     """Render a RayJob (or with --cluster a RayCluster) for one training job."""
-    from orchestrator.k8s import k8s_render_command
+    from orchestrator.k8s.command import k8s_render_command
 
-    text = k8s_render_command(str(config), plan_path=str(plan_path) if plan_path else None, image=image,
-                              output=str(output) if output else None, cluster=cluster, overrides=list(set_ or []))
-    typer.echo(text, nl=not text.endswith("\n"))
+    rendered = k8s_render_command(str(config), plan_path=str(plan_path) if plan_path else None, image=image,
+                                  output=str(output) if output else None, cluster=cluster,
+                                  overrides=list(set_ or []), owner=owner, mlflow_uri=mlflow_uri)
+    for note in rendered.notes:
+        typer.echo(f"note: {note}", err=True)
+    typer.echo(rendered.text, nl=not rendered.text.endswith("\n"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,128 @@
+"""`orchestrator k8s render`: the manifests of one job as a multi-document YAML stream."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.config import JobConfig, load_config
+from orchestrator.errors import UserError
+from orchestrator.files import read_json
+from orchestrator.k8s.names import CONFIG_DIR, CONFIG_FILE, MLFLOW_SECRET, default_image, resource_name
+from orchestrator.k8s.render import (
+    render_cluster_network_policy,
+    render_job_configmap,
+    render_job_network_policy,
+    render_raycluster,
+    render_rayjob,
+)
+from orchestrator.k8s.sizing import WorkerGroup, plan_placement, worker_group
+from orchestrator.redact import userinfo
+
+# The user names the admission policy accepts as a RayJob's owner (a path component on the
+# shared volume): deploy/k8s/base/admission/rayjobs.yaml checks the same pattern.
+OWNER_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]*")
+WHOAMI = "kubectl auth whoami -o jsonpath='{.status.userInfo.username}'"
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    """What the command prints: `text` on stdout, each of `notes` on stderr."""
+
+    text: str
+    notes: list[str] = field(default_factory=list)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (runtimeEnvYAML, the job config) as readable `|` blocks, and no
+    anchors: each object reads (and kubectl applies it) on its own."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _represent_str)
+
+
+def dump_manifests(objs: list[dict[str, Any]], notes: list[str] | None = None) -> str:
+    """Objects as one multi-document YAML stream for `kubectl apply -f`, the notes on top as comments."""
+    header = "".join(f"# {note}\n" for note in notes or [])
+    return header + "---\n".join(yaml.dump(o, Dumper=_Dumper, sort_keys=False, width=4096) for o in objs)
+
+
+def load_plan(path: str | Path) -> dict[str, Any]:
+    raw = read_json(path, "plan")
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    try:
+        plan_placement(raw)
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
+    return raw
+
+
+def check_owner(owner: str | None) -> str:
+    if owner is None:
+        raise UserError(f"--owner: required for a RayJob: your Kubernetes user name, e.g. --owner \"$({WHOAMI})\" "
+                        f"(the cluster admits RayJobs annotated with the user who creates them)")
+    if not OWNER_PATTERN.fullmatch(owner) or ".." in owner:
+        raise UserError(f"--owner: {owner!r} is not a user name the cluster accepts "
+                        f"(letters, digits and . _ @ : - only, starting with a letter or digit)")
+    return owner
+
+
+def render_notes(config: JobConfig, group: WorkerGroup, *, plan_path: str | None, image: str | None,
+                 mlflow_uri: str | None) -> list[str]:
+    """What the manifests assume without being told, and what was left out of them."""
+    notes = []
+    if plan_path is None:
+        notes.append(f"no --plan: {group}, from resources.workers ({config.resources.workers}); "
+                     f"`orchestrator plan` sizes the job from its profile")
+    if image is None:
+        notes.append(f"no --image: {default_image(gpu=group.gpu)} must be built from deploy/docker/Dockerfile "
+                     f"and pushed where the cluster pulls from (docs/kubernetes.md, step 2)")
+    for where, uri in (("--mlflow-uri", mlflow_uri), ("tracking.tracking_uri", config.tracking.tracking_uri)):
+        if uri and userinfo(uri):
+            notes.append(f"{where}: credentials removed; jobs sign in to MLflow with Secret {MLFLOW_SECRET}")
+    return notes
+
+
+def k8s_render_command(config_path: str, *, plan_path: str | None, image: str | None, output: str | None,
+                       cluster: bool, overrides: list[str], owner: str | None = None,
+                       mlflow_uri: str | None = None) -> Rendered:
+    """Without `cluster`: the job's ConfigMap, NetworkPolicy and RayJob, owned by `owner`; with it,
+    a RayCluster and its NetworkPolicy. `image` None picks the -cuda or -cpu tag of IMAGE by
+    whether the workers get GPUs. With `output`, the YAML goes there and the text says so."""
+    config = load_config(config_path, overrides)
+    plan = load_plan(plan_path) if plan_path else None
+    group = worker_group(config, plan)
+    notes = render_notes(config, group, plan_path=plan_path, image=image, mlflow_uri=mlflow_uri)
+    chosen = image or default_image(gpu=group.gpu)
+    name = resource_name(config.name)
+    if cluster:
+        objs = [render_raycluster(config, plan=plan, image=chosen, mlflow_uri=mlflow_uri),
+                render_cluster_network_policy(name)]
+    else:
+        owner = check_owner(owner)
+        objs = [render_job_configmap(config, owner=owner, mlflow_uri=mlflow_uri),
+                render_job_network_policy(name, owner=owner),
+                render_rayjob(config, owner=owner, config_path=f"{CONFIG_DIR}/{CONFIG_FILE}", plan=plan,
+                              image=chosen, mlflow_uri=mlflow_uri)]
+    text = dump_manifests(objs, notes)
+    if output is None:
+        return Rendered(text, notes)
+    try:
+        Path(output).write_text(text)
+    except OSError as exc:
+        raise UserError(f"{output}: cannot write ({exc.strerror})") from None
+    names = ", ".join(f"{o['kind']} {o['metadata']['name']}" for o in objs)
+    return Rendered(f"wrote {names} ({group}) to {output}", notes)
