@@ -3,9 +3,8 @@ the deployment's basic_auth.ini (its database URI pointed at a temporary sqlite 
 PostgreSQL) after the init container's setup_auth.py. Nobody writes without signing in, the jobs'
 user writes its own runs but cannot touch the admin's, and a changed Secret changes the password.
 
-The auth app needs Flask-WTF (MLflow's [auth] extra, installed in the server image); the
-project's dev environment lacks it, so it is installed once into .cache and put on the server's
-PYTHONPATH only.
+The auth app needs Flask-WTF (MLflow's [auth] extra, installed in the server image and in the
+project's dev extras).
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -24,20 +22,8 @@ from live_servers import BIN, base_env, free_port, http_ok, short_tmpdir, start,
 
 ROOT = Path(__file__).resolve().parents[1]
 TRACKING = ROOT / "deploy" / "k8s" / "base" / "tracking"
-EXTRA = ROOT / ".cache" / "mlflow-auth-extra"
-EXTRA_PACKAGES = ("Flask-WTF==1.3.0", "WTForms==3.3.2")
 ADMIN, ADMIN_PASSWORD = "admin", "admin-Pa55word-for-tests"
 JOBS, JOBS_PASSWORD = "ray-jobs", "jobs-Pa55word-for-tests"
-
-
-def auth_extra() -> Path:
-    if not (EXTRA / ".installed").exists():
-        out = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(EXTRA),
-                              *EXTRA_PACKAGES], capture_output=True, text=True, timeout=300)
-        if out.returncode != 0:
-            pytest.skip(f"pip cannot install {EXTRA_PACKAGES}: {out.stderr.strip().splitlines()[-1:]}")
-        (EXTRA / ".installed").write_text(" ".join(EXTRA_PACKAGES))
-    return EXTRA
 
 
 def server_env(root: Path, **extra: str) -> dict[str, str]:
@@ -47,7 +33,7 @@ def server_env(root: Path, **extra: str) -> dict[str, str]:
     config.write_text(ini.replace(ini.split("database_uri = ")[1].split("\n")[0], f"sqlite:///{root / 'auth.db'}"))
     return base_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_AUTH_CONFIG_PATH=str(config),
                     MLFLOW_AUTH_ADMIN_USERNAME=ADMIN, MLFLOW_AUTH_ADMIN_PASSWORD=ADMIN_PASSWORD,
-                    MLFLOW_FLASK_SERVER_SECRET_KEY="test-secret-key", PYTHONPATH=str(auth_extra()), **extra)
+                    MLFLOW_FLASK_SERVER_SECRET_KEY="test-secret-key", **extra)
 
 
 def setup_users(root: Path, password: str) -> subprocess.CompletedProcess:
