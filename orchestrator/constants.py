@@ -43,8 +43,9 @@ PROFILE_DATA_S = _env_float("ORCH_PROFILE_DATA_S", 2.0)
 # Autoscaling: how often the driver re-counts arrived workers (and prints a line) while it waits (seconds).
 AUTOSCALE_POLL_S = _env_float("ORCH_AUTOSCALE_POLL_S", 2.0)
 # Online re-planning: optimizer steps a worker group runs before its observed step time is trusted
-# (the first steps include start-up); the refit and resize decision happen once per group after that.
-REPLAN_MIN_STEPS = int(_env_float("ORCH_REPLAN_MIN_STEPS", 20))
+# (the planner's refit takes the median of 20 steps after 5 warm-up steps), and again between two
+# re-plans of the group, until a refit learns nothing new.
+REPLAN_MIN_STEPS = int(_env_float("ORCH_REPLAN_MIN_STEPS", 25))
 # Online re-planning: resize only when the refit plan beats the current worker count by this fraction
 # of the objective (throughput, goodput or cost)...
 REPLAN_MARGIN = _env_float("ORCH_REPLAN_MARGIN", 0.10)

@@ -154,42 +154,46 @@ def test_killed_worker_sigterm_and_truncated_checkpoint_keep_one_truthful_run(
 def test_online_replan_resizes_an_elastic_job_at_a_checkpoint(
     ray_cluster, job_overrides, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The profile claims a device so fast, and the cluster file a network so fast, that the plan
-    # picks 2 workers; on this machine 2 gloo workers are far slower than that, so the refit
-    # network makes 1 worker the better plan and the job resizes at the next checkpoint.
+    # An MLP with 17 MB of gradients: its all-reduce over gloo costs more than its compute. The
+    # profile claims a fast device, and the cluster file a network so fast, that the plan picks 2
+    # workers; the observed steps refit compute and the network (each round by at most x10) until
+    # 1 worker is the better plan, and the job resizes at the next checkpoint.
     cluster_file = tmp_path / "cluster.yaml"
     cluster_file.write_text("nodes: 2\ngpus_per_node: 1\nintra_node_GBps: 100\ninter_node_GBps: 100\nlatency_us: 1\n")
     job = load_config(DIGITS, job_overrides + [
-        "checkpoint.every_steps=10", "data.val_fraction=0", "training.max_steps=70", "resources.use_gpu=true",
+        "model.name=mlp", "model.kwargs={in_features: 64, hidden: 2048, depth: 2, num_classes: 10}",
+        "checkpoint.every_steps=10", "data.val_fraction=0", "training.max_steps=120", "resources.use_gpu=true",
         "resources.profile=true",
         "resources.workers={min: 1, max: 2}", f"resources.cluster={cluster_file}",
     ])
-    profile = {"version": 1, "model": "cnn", "device": "gpu", "param_count": 30000, "grad_bytes": 120000,
+    profile = {"version": 1, "model": "mlp", "device": "gpu", "param_count": 4_350_000, "grad_bytes": 17_400_000,
                "max_local_batch": 64, "samples": [{"local_batch": b, "step_time_s": t} for b, t in
-                                                  ((8, 0.0005), (16, 0.0007), (32, 0.0011), (64, 0.002))]}
+                                                  ((8, 0.0015), (16, 0.0021), (32, 0.0033), (64, 0.006))]}
     cached = cache_path(job.localized(), "gpu")
     cached.parent.mkdir(parents=True)
     cached.write_text(json.dumps(profile))
-    monkeypatch.setattr(constants, "REPLAN_MIN_STEPS", 10)
+    monkeypatch.setattr(constants, "REPLAN_MIN_STEPS", 25)
     monkeypatch.setattr(constants, "RESIZE_COST_S", 0.0)
 
     ui = RecordingUI()
     result = run_job(job, ui=ui)
     assert ui.sizing.profile_cached and ui.sizing.workers == (1, 2)
 
-    assert result.final_step == 70 and result.resizes == 1 and result.restarts == 0
+    assert result.final_step == 120 and result.resizes == 1 and result.restarts == 0, ui.statuses
     assert group_sizes(result) == [2, 1] and result.workers == 1
     first = result.replans[0]
     assert first["workers"] == 2 and first["observed_step_s"] > first["predicted_step_s"]
-    assert first["decision"]["resize"] and first["decision"]["workers"] == 1
-    assert first["refit"]["scale"] > 1
+    assert first["refit"]["scale"] > 1  # the network is slower than the file says; each round moves it <= x10
+    decided = next(r for r in result.replans if r["decision"].get("resize"))
+    assert decided["workers"] == 2 and decided["decision"]["workers"] == 1
     client = MlflowClient(job.localized().tracking.tracking_uri)
     tags = client.get_run(result.run_id).data.tags
-    assert tags["replan.1"].startswith("step ") and "resize 2 -> 1 worker: " in tags["replan.1"]
+    replans = [tags[f"replan.{n}"] for n in range(1, len(result.replans) + 1)]
+    assert all(t.startswith("step ") for t in replans) and any("resize 2 -> 1 worker: " in t for t in replans)
     assert "resize 2 -> 1 worker: " in tags["resize.1"] and "on 1 worker x local batch 64 x accumulation 1" in tags["resize.1"]
     assert [m.value for m in client.get_metric_history(result.run_id, "resizes")] == [1]
     observed = client.get_metric_history(result.run_id, "plan/observed_step_time_s")
     predicted = client.get_metric_history(result.run_id, "plan/predicted_step_time_s")
     assert observed and predicted
     assert_unique_monotone(metric_steps(client, result.run_id, "plan/observed_step_time_s"))
-    assert metric_steps(client, result.run_id) == list(range(1, 71))
+    assert metric_steps(client, result.run_id) == list(range(1, 121))

@@ -35,7 +35,7 @@ from orchestrator.driver.recorder import Recorder
 from orchestrator.driver.replan import comparison, observation, predicted_at, replan
 from orchestrator.driver.sizing import Sizing, Workers, fixed_workers, least_workers, most
 from orchestrator.errors import UserError
-from orchestrator.planner import OBSERVATIONS_ARTIFACT
+from orchestrator.planner import OBSERVATIONS_ARTIFACT, REFIT_MIN_STEPS
 from trainers.events import (
     CheckpointSaved,
     Evaluated,
@@ -263,7 +263,9 @@ class JobController:
                         objective=r.objective, min_efficiency=r.min_efficiency, bounds=self._bounds(),
                         replan_enabled=r.replan, resizes=rec.resizes, slots=self.ports.slots())
         self.profile, self.cluster = result.profile, result.cluster
-        group.settled = not result.record["refit"].get("changed")
+        refit = result.record["refit"]
+        # Settled once a refit over enough steps learned nothing new (too few steps: try again later).
+        group.settled = not refit.get("changed") and refit.get("steps", 0) >= REFIT_MIN_STEPS
         self.run_log.set_tags({f"replan.{rec.count('replan')}": result.text[:5000]})
         rec.log_metrics({"plan/refit_network_scale": result.record["refit"]["scale"],
                          "plan/refit_compute_scale": result.record["refit"]["compute_scale"]}, step=rec.last_step)

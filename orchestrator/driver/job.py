@@ -67,6 +67,7 @@ class RayPorts:
     identity: JobIdentity | None = None
     actor: Any = None
     tracker: Any = None
+    run: Any = None
     _backend: str | None = None
     scaler: _Autoscaler | None = field(default=None, repr=False)
 
@@ -127,9 +128,9 @@ class RayPorts:
         from orchestrator.driver.run_record import initial_records
         from orchestrator.driver.tracked_run import TrackedRun
 
-        run = TrackedRun.open(self.tracker, prepared.job, identity)
-        initial_records(run, prepared, sizing, config_path=self.config_path)
-        return run
+        self.run = TrackedRun.open(self.tracker, prepared.job, identity)  # its owner, the controller, closes it
+        initial_records(self.run, prepared, sizing, config_path=self.config_path)
+        return self.run
 
     def start_fit(self, prepared: Prepared, sizing: Sizing, workers: Workers) -> Any:
         from orchestrator.driver.fit import RayFit, backend_for, build_trainer
@@ -183,6 +184,8 @@ class RayPorts:
                 self.ui.status(line)
 
     def close(self) -> None:
+        if self.tracker is not None and self.run is None:  # the job ended before its run was opened
+            self.tracker.close(constants.TRACKING_CLOSE_TIMEOUT_S)
         if self.actor is not None:
             from orchestrator.driver.progress import kill_actor
 

@@ -28,7 +28,8 @@ from orchestrator.planner.types import Calibration, ClusterSpec, NodeSample, Pro
 REFIT_MIN_STEPS = 20  # steps after warm-up whose median is trusted
 REFIT_WARMUP_STEPS = 5  # first steps of a worker group left out (start-up, first connections, caches)
 REFIT_BOUNDS = (0.1, 10.0)  # one refit moves compute or a network level by at most x/10
-REFIT_MIN_CHANGE = 0.05  # differences below this (or the steps' spread, if larger) are noise
+REFIT_MIN_CHANGE = 0.05  # differences below this (or 3 standard errors of the median, if larger) are noise
+NOISE_SIGMAS = 3.0
 
 
 def with_network(cluster: ClusterSpec, network: Network, **fields: Any) -> ClusterSpec:
@@ -79,7 +80,7 @@ class RefitResult(Model):
     predicted: Prediction  # at the placement, before the refit
     observed_step_s: PositiveFloat | None = None  # median after warm-up
     observed_compute_s: PositiveFloat | None = None  # median of the steps without gradient sync
-    noise: NonNegativeFloat = 0.0  # the steps' interquartile range / median
+    noise: NonNegativeFloat = 0.0  # the relative standard error of the median step time
     steps: NonNegativeInt = 0  # steps the median was taken over
     reason: str  # one sentence
 
@@ -96,12 +97,16 @@ class RefitResult(Model):
 
 
 def _steady(times: Sequence[float] | None, warmup: int) -> tuple[int, float, float]:
-    """(count, median, interquartile range / median) of the steps after warm-up."""
+    """(count, median, the median's relative standard error) of the steps after warm-up.
+
+    The median's standard error is 1.2533 sigma / sqrt(n) for a normal spread, sigma estimated as
+    the interquartile range / 1.349 (robust to stragglers): the noise of the figure the refit
+    uses, not of a single step, so a long steady run tells a small difference apart."""
     kept = [t for t in (times or [])[warmup:] if t > 0 and math.isfinite(t)]
     if len(kept) < REFIT_MIN_STEPS:
         return len(kept), 0.0, 0.0
     q1, median, q3 = statistics.quantiles(kept, n=4)
-    return len(kept), median, (q3 - q1) / median
+    return len(kept), median, 1.2533 * (q3 - q1) / 1.349 / median / math.sqrt(len(kept))
 
 
 def refit(profile: Profile, cluster: ClusterSpec, *, placement: Placement, local_batch: int, accumulation: int = 1,
@@ -124,7 +129,7 @@ def refit(profile: Profile, cluster: ClusterSpec, *, placement: Placement, local
     profile2, compute_scale, compute_s, said = _refit_compute(profile, before, placement, compute_step_times, warmup)
     after = predict(profile2, cluster, **where)
     changed: list[Level] = ["compute"] if compute_scale != 1.0 else []
-    tolerance = max(REFIT_MIN_CHANGE, noise)
+    tolerance = max(REFIT_MIN_CHANGE, NOISE_SIGMAS * noise)
     if placement.gpus == 1 or not after.comm_s:
         return RefitResult(profile=profile2, cluster=cluster, changed=tuple(changed), scale=1.0,
                            compute_scale=compute_scale, observed_compute_s=compute_s, **measured,
@@ -132,8 +137,8 @@ def refit(profile: Profile, cluster: ClusterSpec, *, placement: Placement, local
     if abs(math.log(median / after.step_time_s)) <= tolerance:
         return RefitResult(profile=profile2, cluster=cluster, changed=tuple(changed), scale=1.0,
                            compute_scale=compute_scale, observed_compute_s=compute_s, **measured,
-                           reason=f"{said}; observed {median * 1e3:.4g} ms/step is within {tolerance:.0%} (the steps' "
-                                  f"spread) of the predicted {after.step_time_s * 1e3:.4g} ms: the network is unchanged")
+                           reason=f"{said}; observed {median * 1e3:.4g} ms/step is within {tolerance:.0%} (its noise) "
+                                  f"of the predicted {after.step_time_s * 1e3:.4g} ms: the network is unchanged")
     cluster2, level, factor = _refit_network_level(profile2, cluster, after, median, compute_s)
     changed.append(level)
     bounded = " (bounded)" if factor in REFIT_BOUNDS else ""
@@ -150,8 +155,9 @@ def _refit_compute(profile: Profile, before: Prediction, placement: Placement,
     if not observed:
         return profile, 1.0, None, "compute as profiled (no steps without gradient sync measured)"
     ratio = observed / before.compute_s
-    if abs(math.log(ratio)) <= max(REFIT_MIN_CHANGE, noise):
-        return profile, 1.0, observed, f"compute as profiled (measured within {max(REFIT_MIN_CHANGE, noise):.0%})"
+    tolerance = max(REFIT_MIN_CHANGE, NOISE_SIGMAS * noise)
+    if abs(math.log(ratio)) <= tolerance:
+        return profile, 1.0, observed, f"compute as profiled (measured within {tolerance:.0%})"
     scale = min(max(ratio, REFIT_BOUNDS[0]), REFIT_BOUNDS[1])
     g, batch = placement.gpus_per_node, before.local_batch
     curve = ComputeCurve(sorted(profile.samples, key=lambda s: s.local_batch))
