@@ -16,16 +16,30 @@ from collections.abc import Callable, Sequence
 
 from benchmarks.harness import Row, SectionResult, Stat, after_warmup, paired_ratios
 from benchmarks.sessions import TrainingRun
-from benchmarks.workloads import CNN_STEP
+from benchmarks.workloads import CNN_STEP, RESNET_STEP
 
 SECTION = "per-step"
 # Steps each run trains: checkpoints at 50 and 100 (the config's cadence), epochs turn at 51 and 102.
 STEPS = 120
+# The ResNet's runs: all in its first epoch (streamed through Ray Data), a checkpoint at 50.
+RESNET_STEPS = 40
 GOAL = 1.02
 
 
 def _step(runs: Sequence[TrainingRun], center: Callable[[list[float]], float]) -> list[float]:
     return [center(after_warmup(r.step_times)) for r in runs]
+
+
+def summarize_resnet(runs: dict[str, list[TrainingRun]]) -> SectionResult:
+    """ours vs raw DDP on the ResNet, every step in the first epoch."""
+    median = {path: _step(rs, statistics.median) for path, rs in runs.items()}
+    headline = paired_ratios(median["ours"], median["raw"])
+    row = Row(section=SECTION, measure="ResNet: steps/s, ours vs raw DDP (median step, first epoch streamed)",
+              unit="steps/s", ours=_rate(median["ours"]), baseline=_rate(median["raw"]), baseline_label="raw DDP",
+              ratio=headline, ratio_label="raw/ours", goal=f"<= {GOAL}", met=headline.median <= GOAL)
+    note = f"ResNet: {RESNET_STEP.note}, 2 workers, {RESNET_STEPS} steps a run, all in the first epoch"
+    return SectionResult(rows=[row], notes=[note],
+                         details={"resnet_step_times_s": {p: [r.step_times for r in rs] for p, rs in runs.items()}})
 
 
 def summarize(runs: dict[str, list[TrainingRun]]) -> SectionResult:

@@ -1,6 +1,6 @@
 """`make bench`: every benchmark, side by side with its bare alternative, in one run.
 
-    python -m benchmarks.run [--only step,tracking,startup,data,profiler,planner] [--repeats 3]
+    python -m benchmarks.run [--only step,tracking,startup,parts,data,profiler,planner] [--repeats 3]
 
 Order: the planner and the tracking cost (no Ray); cold starts while no Ray of ours runs; then one
 local Ray for the warm start-ups, which are also the per-step runs, the data pipeline and the
@@ -22,7 +22,7 @@ from typing import TypeVar
 
 from benchmarks.harness import LoadSampler, SectionResult, Workspace, setup_environment
 
-SECTIONS = ("step", "tracking", "startup", "data", "profiler", "planner")
+SECTIONS = ("step", "tracking", "startup", "parts", "data", "profiler", "planner")
 log = logging.getLogger("benchmarks")
 T = TypeVar("T")
 
@@ -41,15 +41,24 @@ def _attempt(name: str, failures: dict[str, str], fn: Callable[[], T]) -> T | No
 
 
 def run(only: set[str], *, repeats: int, cold_repeats: int, ws: Workspace) -> dict[str, SectionResult]:
-    from benchmarks import bench_data, bench_planner, bench_profiler, bench_startup, bench_step, bench_tracking
+    from benchmarks import (
+        bench_data,
+        bench_planner,
+        bench_profiler,
+        bench_startup,
+        bench_startup_parts,
+        bench_step,
+        bench_tracking,
+    )
     from benchmarks.sessions import PATHS, interleaved, local_ray
-    from benchmarks.workloads import CNN_STEP, default_workloads
+    from benchmarks.workloads import CNN_STEP, RESNET_STEP, default_workloads
 
     results: dict[str, SectionResult | None] = {}
     failures: dict[str, str] = {}
     if "planner" in only:
         results["planner"] = _attempt("planner", failures, lambda: bench_planner.summarize(bench_planner.run()))
     CNN_STEP.prepare(ws)
+    RESNET_STEP.prepare(ws)
     store_s = bench_startup.create_store(ws)
     if "tracking" in only:
         results["tracking"] = _attempt("tracking", failures, lambda: bench_tracking.measure(ws, repeats=repeats))
@@ -63,9 +72,20 @@ def run(only: set[str], *, repeats: int, cold_repeats: int, ws: Workspace) -> di
         )) if only & {"step", "startup"} else None
         if "step" in only and warm:
             results["step"] = bench_step.summarize(warm)
+            resnet = _attempt("step (resnet)", failures, lambda: interleaved(
+                ("ours", "raw"), RESNET_STEP, ws, repeats=repeats, steps=bench_step.RESNET_STEPS, address=address,
+                label="resnet"))
+            if resnet:
+                extra = bench_step.summarize_resnet(resnet)
+                results["step"].rows += extra.rows
+                results["step"].notes += extra.notes
+                results["step"].details.update(extra.details)
         if "startup" in only and (warm or cold):
             results["startup"] = bench_startup.summarize(warm, cold, store_s=store_s)
         workloads = default_workloads()
+        if "parts" in only:
+            results["parts"] = _attempt("parts", failures, lambda: bench_startup_parts.measure(
+                ws, workloads[:2], repeats=repeats))
         if "data" in only:
             results["data"] = _attempt("data", failures, lambda: bench_data.measure(ws, workloads))
         if "profiler" in only:
