@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from orchestrator.config import ColumnConfig, DataConfig
-from trainers.data.cache import ShardCache
+from trainers.data.cache import EvalCache, ShardCache
 from trainers.data.collate import Collate
 
 DATA = DataConfig(path="unused", features=ColumnConfig(column="pixels", dtype="float32", shape=[1, 2, 2]),
@@ -81,3 +81,20 @@ def test_cache_of_a_language_model_shard_has_no_labels() -> None:
     assert cache.seal()
     (x, y), = list(cache.batches(8, seed=0))
     assert y is None and sorted(x[:, 0].tolist()) == [0, 4, 8, 12, 16, 20, 24, 28]
+
+
+def test_eval_cache_keeps_every_batch_in_order_and_gives_up_over_budget() -> None:
+    batches = [(torch.full((n, 4), float(i)), torch.full((n,), i)) for i, n in enumerate([8, 8, 3])]
+    cache = EvalCache(budget_bytes=10**6)
+    for x, y in batches:
+        cache.add(x, y)
+    assert cache.seal()
+    kept = list(cache.batches())
+    assert [len(y) for _, y in kept] == [8, 8, 3]  # the last partial batch too: every held-out row counts
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(kept, batches))
+    small = EvalCache(budget_bytes=8 * 24 + 1)  # one batch of 8 x (4 floats + 1 int64) fits, two do not
+    for x, y in batches:
+        small.add(x, y)
+    assert not small.seal() and not small.enabled
+    with pytest.raises(RuntimeError):
+        small.batches()

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from trainers import checkpoint as ckpt
 from trainers.batching import BatchSplit, split_global_batch
 from trainers.config import WorkerConfig
-from trainers.data.cache import ShardCache
+from trainers.data.cache import EvalCache, ShardCache
 from trainers.data.arrow_collate import ArrowCollate
 from trainers.events import CheckpointSaved, Evaluated, GroupEnded, GroupStarted
 from trainers.models import build_model
@@ -174,6 +174,7 @@ def _train(w: Worker, resume: Resume | None) -> None:
     collate = ArrowCollate(cfg.data)
     micro_per_epoch = args.steps_per_epoch * w.split.accumulation
     cache = ShardCache(budget_bytes=cfg.data.cache_mb * 2**20, expected_samples=micro_per_epoch * w.split.local_batch)
+    val_cache = EvalCache(budget_bytes=cfg.data.cache_mb * 2**20)
     started = False
     while w.state.step < args.total_steps:
         epoch = w.state.step // args.steps_per_epoch
@@ -197,7 +198,7 @@ def _train(w: Worker, resume: Resume | None) -> None:
             if _after_step(w):
                 return
             tick = time.perf_counter()  # checkpoint writing stays out of the next step's time
-        _end_of_epoch(w, cache, val_shard, collate, epoch)
+        _end_of_epoch(w, cache, val_cache, val_shard, collate, epoch)
     if w.rank == 0:
         w.reporter.send(GroupEnded(step=w.state.step, reason="finished"))
         w.reporter.flush()
@@ -282,16 +283,30 @@ def _group_started(w: Worker, resume: Resume | None, compute_s: tuple[float, ...
     )
 
 
-def _end_of_epoch(w: Worker, cache: ShardCache, val_shard: Any, collate: ArrowCollate, epoch: int) -> None:
+def _end_of_epoch(w: Worker, cache: ShardCache, val_cache: EvalCache, val_shard: Any, collate: ArrowCollate,
+                  epoch: int) -> None:
     if not cache.ready and w.state.step < w.args.total_steps:  # (every rank is at the same step)
         _cache_ready_everywhere(cache)
-    metrics = evaluate(_unwrap(w.step_fn.model), val_shard.iter_torch_batches(
-        batch_size=w.split.local_batch, collate_fn=collate, device=w.device), device=w.device)
+    if val_cache.ready:
+        batches: Iterable[Batch] = val_cache.batches()
+    else:
+        batches = _kept(val_shard.iter_torch_batches(
+            batch_size=w.split.local_batch, collate_fn=collate,
+            device=torch.device("cpu") if val_cache.enabled else w.device), val_cache)
+    metrics = evaluate(_unwrap(w.step_fn.model), batches, device=w.device)
+    if not val_cache.ready:
+        _cache_ready_everywhere(val_cache)
     if w.rank == 0 and metrics:
         w.reporter.send(Evaluated(step=w.state.step, metrics={**metrics, "epoch": float(epoch + 1)}))
 
 
-def _cache_ready_everywhere(cache: ShardCache) -> bool:
+def _kept(batches: Iterable[Batch], cache: EvalCache) -> Iterator[Batch]:
+    for x, y in batches:
+        cache.add(x, y)
+        yield x, y
+
+
+def _cache_ready_everywhere(cache: ShardCache | EvalCache) -> bool:
     """Seal the cache; every rank switches to it only if every rank has it (shards stay in step)."""
     flag = torch.tensor([1.0 if cache.seal() else 0.0])
     if dist.is_initialized():

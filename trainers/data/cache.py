@@ -5,6 +5,7 @@ later epochs can index tensors instead, as a plain PyTorch loop does. The first 
 (re)start) still streams from Ray Data and records what it yields; the cached epochs then visit
 that same shard in a fresh random order (seeded per epoch and rank). The last partial batch of
 the first pass (fewer rows than a local batch) is dropped there and stays out of the cache.
+The validation shard is kept the same way (`EvalCache`), whole and in order.
 """
 
 from __future__ import annotations
@@ -71,3 +72,37 @@ class ShardCache:
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.element_size() * t.numel()
+
+
+class EvalCache:
+    """A worker's validation shard, kept as the batches its first pass yielded (in order, the last
+    partial one included) while their bytes stay within ``budget_bytes``: later evaluations then
+    read memory instead of starting one more Ray Data execution per epoch."""
+
+    def __init__(self, *, budget_bytes: float) -> None:
+        self._budget = budget_bytes
+        self._batches: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self._bytes = 0
+        self.enabled = budget_bytes > 0
+        self.ready = False
+
+    def add(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
+        if not self.enabled or self.ready:
+            return
+        self._bytes += _nbytes(x) + (_nbytes(y) if y is not None else 0)
+        if self._bytes > self._budget:
+            self.drop()
+            return
+        self._batches.append((x.detach().cpu(), None if y is None else y.detach().cpu()))
+
+    def seal(self) -> bool:
+        self.ready = self.enabled
+        return self.ready
+
+    def drop(self) -> None:
+        self.enabled, self.ready, self._batches = False, False, []
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        if not self.ready:
+            raise RuntimeError("the evaluation cache is not sealed yet")
+        return iter(self._batches)
