@@ -32,7 +32,9 @@ def assert_unique_monotone(values: list[int]) -> None:
 
 
 def test_cli_two_workers_train_digits_and_register_model(ray_cluster, job_overrides, tmp_path: Path) -> None:
-    sets = [a for o in job_overrides + ["tracking.registered_model=digits-test"] for a in ("--set", o)]
+    # Profiling and planning through the CLI: test_planning_integration.py.
+    overrides = job_overrides + ["tracking.registered_model=digits-test", "resources.profile=false"]
+    sets = [a for o in overrides for a in ("--set", o)]
     proc = subprocess.run(
         [sys.executable, "-m", "orchestrator", "run", str(DIGITS), "--workers", "2",
          "--address", ray_cluster.address, *sets],
@@ -70,7 +72,9 @@ def test_cli_two_workers_train_digits_and_register_model(ray_cluster, job_overri
 
 
 def test_interrupted_job_resumes_same_run_without_duplicate_steps(ray_cluster, job_overrides) -> None:
-    job = load_config(DIGITS, job_overrides + ["training.epochs=3", "checkpoint.every_steps=10", "resources.profile=false"])
+    # 50 steps over two epochs of 28 (no held-out rows: no evaluation to wait for), stopped at 25+.
+    job = load_config(DIGITS, job_overrides + ["training.epochs=null", "training.max_steps=50", "data.val_fraction=0",
+                                               "checkpoint.every_steps=10", "resources.profile=false"])
     stop = threading.Event()
 
     def stop_after_step_25(step: int, total: int, info: dict) -> None:
@@ -79,21 +83,21 @@ def test_interrupted_job_resumes_same_run_without_duplicate_steps(ray_cluster, j
 
     first = run_job(job, workers=2, ui=RecordingUI(on_progress=stop_after_step_25), stop=stop)
     assert first.stopped
-    assert 25 <= first.final_step < 66
+    assert 25 <= first.final_step < 50
     client = MlflowClient(job.localized().tracking.tracking_uri)
     assert client.get_run(first.run_id).info.status == "KILLED"
 
     second = run_job(job, workers=2)
     assert not second.stopped and second.run_id == first.run_id
-    assert second.final_step == 66  # 3 epochs x 22 steps: the count continued, not restarted
+    assert second.final_step == 50  # the count continued, not restarted
     assert second.groups[0].resumed_from == first.final_step
     logged = steps(client, first.run_id)
     assert_unique_monotone(logged)
-    assert logged[-1] == 66
+    assert logged[-1] == 50
     assert client.get_run(first.run_id).info.status == "FINISHED"
 
     again = run_job(job, workers=2)  # finished: said so, nothing run
-    assert again.already_complete is not None and again.already_complete["step"] == 66 and again.run_id == first.run_id
+    assert again.already_complete is not None and again.already_complete["step"] == 50 and again.run_id == first.run_id
 
 
 def test_missing_column_fails_before_any_worker(job_overrides, tmp_path: Path) -> None:

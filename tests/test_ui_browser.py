@@ -121,9 +121,11 @@ def test_user_finds_curves_and_scaling_plot_of_a_finished_run(
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as ec
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    wait = WebDriverWait(browser, WAIT_S)
+    # A chart redrawn while its legend is read leaves stale elements: read again, as a user looks again.
+    wait = WebDriverWait(browser, WAIT_S, ignored_exceptions=(StaleElementReferenceException,))
 
     def click(by: str, value: str) -> None:
         wait.until(ec.element_to_be_clickable((by, value))).click()
