@@ -116,7 +116,7 @@ def compute_step_time(job: Any, tensors: Tensors, local_batch: int) -> float:
     """Median seconds of forward + backward + optimizer step on one thread, data in memory."""
     import torch.nn.functional as F
 
-    from trainers.loop import make_optimizer
+    from trainers.step import make_optimizer
     from trainers.models import build_model
 
     threads = torch.get_num_threads()

@@ -105,14 +105,14 @@ def _worker(rank: int, world: int, job_dict: dict[str, Any], steps: int, warmup:
 def _train(rank: int, world: int, job: JobConfig, *, steps: int, warmup: int, device: torch.device) -> RawResult:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from trainers.loop import lr_factor, make_optimizer
+    from trainers.step import make_optimizer, make_scheduler
     from trainers.models import build_model
 
     cfg = job.training
     torch.manual_seed(cfg.seed)
     raw_model = build_model(job.model.name, job.model.kwargs).to(device)
     optimizer = make_optimizer(raw_model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg=cfg, total_steps=steps))
+    scheduler = make_scheduler(optimizer, cfg, steps)
     model: Any = DDP(raw_model) if world > 1 else raw_model
     if cfg.compile:
         model = torch.compile(model)
