@@ -3,9 +3,9 @@ console lines. It keeps the counts (worker groups, restarts, resizes) and the cu
 decides nothing (the controller asks the policies) and talks to MLflow only through the run log,
 which never blocks.
 
-Per-step metrics keep the step and time the worker measured them at. Driver-side metrics are
-logged only at steps beyond the last one logged for their key, so a restart that resumes from an
-earlier step never logs a step twice; the exceptions are the ``restarts`` and ``resizes``
+Per-step metrics keep the step and time the worker measured them at. Every metric is logged
+only at steps beyond the last one logged for its key, so a restart that resumes from an earlier
+step (steps redone after a failure) never logs a step twice; the exceptions are the ``restarts`` and ``resizes``
 counters, logged at the step resumed from.
 """
 
@@ -115,8 +115,8 @@ class Recorder:
     # -- events ------------------------------------------------------------------------------
 
     def steps(self, event: StepsDone) -> None:
-        for point in event.points:
-            self.run.log_metrics(point.metrics, step=point.step, at_ms=point.at_ms, per_step=True)
+        for point in event.points:  # steps redone after a failure keep their first record
+            self._log_once(point.metrics, step=point.step, at_ms=point.at_ms)
         self.last_step = max(self.last_step, event.step)
         self.last_metrics = dict(event.points[-1].metrics) if event.points else self.last_metrics
         if self.group is not None:
@@ -132,8 +132,14 @@ class Recorder:
             self.status(f"training again {seconds:.1f} s after the failure was reported")
 
     def evaluated(self, event: Evaluated) -> None:
-        self.run.log_metrics(event.metrics, step=event.step, at_ms=event.at_ms, per_step=True)
+        self._log_once(event.metrics, step=event.step, at_ms=event.at_ms)
         self.last_metrics.update(event.metrics)
+
+    def _log_once(self, metrics: Mapping[str, float], *, step: int, at_ms: int | None) -> None:
+        fresh = {k: v for k, v in metrics.items() if step > self._logged.get(k, -1)}
+        if fresh:
+            self.run.log_metrics(fresh, step=step, at_ms=at_ms, per_step=True)
+            self._logged.update(dict.fromkeys(fresh, step))
 
     def checkpoint(self, event: CheckpointSaved) -> None:
         self.run.log_metrics({"train/checkpoint_s": event.seconds}, step=event.step, at_ms=event.at_ms, per_step=True)
