@@ -5,8 +5,8 @@ which never blocks.
 
 Per-step metrics keep the step and time the worker measured them at. Every metric is logged
 only at steps beyond the last one logged for its key, so a restart that resumes from an earlier
-step (steps redone after a failure) never logs a step twice; the exceptions are the ``restarts`` and ``resizes``
-counters, logged at the step resumed from.
+step (steps redone after a failure) never logs a step twice; the exceptions are the
+``restarts`` and ``resizes`` counters, logged at the step resumed from.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ class Recorder:
 
     def steps(self, event: StepsDone) -> None:
         for point in event.points:  # steps redone after a failure keep their first record
-            self._log_once(point.metrics, step=point.step, at_ms=point.at_ms)
+            self._log_once(point.metrics, step=point.step, at_ms=point.at_ms, per_step=True)
         self.last_step = max(self.last_step, event.step)
         self.last_metrics = dict(event.points[-1].metrics) if event.points else self.last_metrics
         if self.group is not None:
@@ -132,13 +132,15 @@ class Recorder:
             self.status(f"training again {seconds:.1f} s after the failure was reported")
 
     def evaluated(self, event: Evaluated) -> None:
-        self._log_once(event.metrics, step=event.step, at_ms=event.at_ms)
+        self._log_once(event.metrics, step=event.step, at_ms=event.at_ms, per_step=True)
         self.last_metrics.update(event.metrics)
 
-    def _log_once(self, metrics: Mapping[str, float], *, step: int, at_ms: int | None) -> None:
+    def _log_once(self, metrics: Mapping[str, float], *, step: int, at_ms: int | None = None,
+                  per_step: bool = False) -> None:
+        """Each metric only at a step beyond the last one logged for it."""
         fresh = {k: v for k, v in metrics.items() if step > self._logged.get(k, -1)}
         if fresh:
-            self.run.log_metrics(fresh, step=step, at_ms=at_ms, per_step=True)
+            self.run.log_metrics(fresh, step=step, at_ms=at_ms, per_step=per_step)
             self._logged.update(dict.fromkeys(fresh, step))
 
     def checkpoint(self, event: CheckpointSaved) -> None:
@@ -192,10 +194,7 @@ class Recorder:
 
     def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
         """Driver-side metrics, each only at a step beyond the last one logged for it here."""
-        fresh = {k: v for k, v in metrics.items() if step > self._logged.get(k, -1)}
-        if fresh:
-            self.run.log_metrics(fresh, step=step)
-            self._logged.update(dict.fromkeys(fresh, step))
+        self._log_once(metrics, step=step)
 
     def locate(self, workers: Mapping[int, Mapping[str, Any]]) -> None:
         """The group's placement, once every rank has said which node it runs on."""
