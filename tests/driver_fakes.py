@@ -96,9 +96,15 @@ class FakeFit:
 
     def __init__(self, batches: list[list[Event]], outcome: FitOutcome) -> None:
         self.batches, self._outcome = list(batches), outcome
+        self.stopped_by: Callable[[], bool] | None = None  # set by World: has a stop been requested?
 
     def done(self) -> bool:
         return not self.batches
+
+    def wait(self, timeout_s: float) -> bool:
+        if self.stopped_by is not None and self.stopped_by():
+            self.batches = []  # the workers saw the stop and ended
+        return self.done()
 
     def outcome(self) -> FitOutcome:
         return self._outcome
@@ -179,6 +185,7 @@ class World:
     def _start_fit(self, prepared: Prepared, sizing: Sizing, workers: Any) -> FakeFit:
         self.started.append(workers)
         self.current = self.fits.pop(0)
+        self.current.stopped_by = lambda: self.stops > 0
         return self.current
 
     def _drain(self) -> tuple[list[Event], dict[int, dict[str, Any]]]:

@@ -34,6 +34,19 @@ def assert_unique_monotone(values: list[int]) -> None:
     assert all(a < b for a, b in itertools.pairwise(values)), f"steps repeat or go back: {values}"
 
 
+def wait_until_idle(timeout_s: float = 120) -> None:
+    """Until the session cluster's CPUs and GPUs are all free again: an earlier test's worker
+    group or placement group is torn down asynchronously, and a test about how many workers
+    arrive must not count slots it still holds."""
+    import ray
+
+    def idle() -> bool:
+        total, free = ray.cluster_resources(), ray.available_resources()
+        return all(free.get(k, 0) >= total.get(k, 0) for k in ("CPU", "GPU"))
+
+    wait_for(idle, timeout_s=timeout_s, what="the session cluster to be idle", every_s=0.25)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -163,3 +163,18 @@ def test_a_second_ctrl_c_aborts_and_ends_the_run_killed() -> None:
     with pytest.raises(KeyboardInterrupt):
         JobController(world.job, world.ports()).run()
     assert world.run.status == "KILLED" and world.identity.released
+
+
+def test_a_driver_failure_mid_run_stops_the_worker_group_and_ends_the_run_failed() -> None:
+    def fail_after_first_steps(world: World) -> None:
+        if world.current and len(world.current.batches) == 2:
+            raise RuntimeError("a progress callback broke")
+
+    fit = FakeFit([[group()], [steps(1, 4)], [steps(5, 8)], [steps(9, 10)]], FitOutcome({"step": 10}))
+    world = World(job(), [fit], on_poll=fail_after_first_steps)
+    with pytest.raises(RuntimeError, match="progress callback"):
+        JobController(world.job, world.ports()).run()
+    # The group was asked to stop and had ended before the run was closed: nothing trains on unrecorded.
+    assert world.stops == 1 and fit.done()
+    assert world.run.status == "FAILED" and world.identity.released
+    assert any("driver failed at step 4 (RuntimeError); stopping the worker group" in s for s in world.ui.statuses)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import ray
 from mlflow.tracking import MlflowClient
-from ray_util import RecordingUI, assert_unique_monotone, metric_steps, wait_for, workers_of
+from ray_util import RecordingUI, assert_unique_monotone, metric_steps, wait_for, wait_until_idle, workers_of
 
 from orchestrator import autoscale, constants
 from orchestrator.config import load_config
@@ -34,6 +34,11 @@ DIGITS = ROOT / "configs" / "digits.yaml"
 SHORT = ["checkpoint.every_steps=10", "data.val_fraction=0", "resources.profile=false"]
 
 
+@pytest.fixture(autouse=True)
+def idle_cluster(ray_cluster) -> None:
+    wait_until_idle()
+
+
 def group_sizes(result) -> list[int]:
     return [g.workers for g in result.groups]
 
@@ -41,6 +46,7 @@ def group_sizes(result) -> list[int]:
 def test_elastic_job_sized_on_arrived_workers_survives_node_loss(ray_cluster, job_overrides) -> None:
     extra = ray_cluster.add_node(num_cpus=1, num_gpus=1)
     ray_cluster.wait_for_nodes()
+    wait_until_idle()  # the new node's slot counted free, as Ray Train will count it
     job = load_config(DIGITS, job_overrides + SHORT + [
         "training.max_steps=50", "training.global_batch_size=48", "resources.use_gpu=true",
         "resources.workers={min: 1, max: 4}", "resources.autoscale=true", "resources.autoscale_timeout_s=1",

@@ -88,8 +88,9 @@ class JobController:
         except KeyboardInterrupt:  # a second Ctrl-C: abort without waiting for a checkpoint
             self.state = State.STOPPED
             raise
-        except BaseException:
+        except BaseException as exc:
             self.state = State.FAILED
+            self._stop_live_fit(exc)
             raise
         finally:
             self._close()
@@ -293,6 +294,22 @@ class JobController:
             self.observations.append(found)
 
     # -- the end ---------------------------------------------------------------------------------
+
+    def _stop_live_fit(self, exc: BaseException) -> None:
+        """The driver failed while its worker group trains: stop the group (at its next stop check,
+        with a final checkpoint) before the run is closed, so it does not train on unrecorded in a
+        process that outlives this call (a notebook, a service, a test session)."""
+        if self.fit is None or self.fit.done():
+            return
+        self._status(f"driver failed at step {self.recorder.last_step if self.recorder else 0} "
+                     f"({type(exc).__name__}); stopping the worker group")
+        try:
+            self.ports.request_stop()
+        except Exception as stop_error:  # noqa: BLE001 - the original failure is the one to raise
+            self._status(f"could not ask the workers to stop: {stop_error}")
+            return
+        if not self.fit.wait(constants.JOB_STOP_GRACE_S):
+            self._status(f"the worker group did not stop within {constants.JOB_STOP_GRACE_S:g} s")
 
     def _close(self) -> None:
         try:

@@ -80,6 +80,10 @@ class RayFit:
     def done(self) -> bool:
         return not self._thread.is_alive()
 
+    def wait(self, timeout_s: float) -> bool:
+        self._thread.join(timeout_s)
+        return self.done()
+
     def outcome(self) -> FitOutcome:
         self._thread.join()
         assert self._outcome is not None

@@ -35,6 +35,7 @@ class FitOutcome:
 
 class Fit(Protocol):
     def done(self) -> bool: ...
+    def wait(self, timeout_s: float) -> bool: ...  # True once ended
     def outcome(self) -> FitOutcome: ...
 
 
