@@ -44,6 +44,14 @@ EMBEDDED_EXTRA_CPUS = 2
 # Every worker process runs Ray Train V2; Ray Data's own progress bars stay off (the driver shows
 # one bar for the job; without tqdm each worker would also warn that it is missing).
 WORKER_ENV = {"RAY_TRAIN_V2_ENABLED": "1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+# Ray Data 2.60's Parquet reader (DataSourceV2) starts a pool of footer-reading actors for every
+# execution of a dataset, 32 by default: on a small cluster that is 32 Python processes started
+# (one per actor) before the first batch, for each of the train and validation sets. Footer reads
+# are I/O-bound and each reader drives `RAY_DATA_PARQUET_FOOTER_IO_CONCURRENCY` (128) reads at
+# once, so two readers serve thousands of files; set the variable yourself to change it. Ray Data
+# reads it where the dataset is planned (the driver) and in its tasks (the job's runtime_env).
+FOOTER_READERS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+FOOTER_READERS = 2
 
 _embedded = False
 
@@ -51,6 +59,8 @@ _embedded = False
 def connect_ray(address: str | None) -> None:
     """Join the cluster at `address`, or start an embedded local Ray bound to 127.0.0.1."""
     global _embedded
+    # Ray Data builds the Parquet file indexer (and reads this variable) in the driver's process.
+    os.environ.setdefault(FOOTER_READERS_ENV, str(FOOTER_READERS))
     if ray.is_initialized():
         return
     _quiet_ray_data()
@@ -58,17 +68,22 @@ def connect_ray(address: str | None) -> None:
     sigterm = signal.getsignal(signal.SIGTERM)
     try:
         if address:
-            ray.init(address=address, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=False)
+            ray.init(address=address, runtime_env={"env_vars": worker_env()}, log_to_driver=False)
             return
         loopback_only()
         embedded_token()
         ray.init(address="local", _node_ip_address=LOOPBACK, num_cpus=(os.cpu_count() or 1) + EMBEDDED_EXTRA_CPUS,
-                 include_dashboard=False, runtime_env={"env_vars": {**WORKER_ENV, **_loopback_collectives()}},
+                 include_dashboard=False, runtime_env={"env_vars": {**worker_env(), **_loopback_collectives()}},
                  log_to_driver=False)
         _embedded = True
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, sigterm)
+
+
+def worker_env() -> dict[str, str]:
+    """The environment every Ray process of the job gets (its runtime_env's env_vars)."""
+    return {**WORKER_ENV, FOOTER_READERS_ENV: os.environ.get(FOOTER_READERS_ENV, str(FOOTER_READERS))}
 
 
 def _quiet_ray_data() -> None:

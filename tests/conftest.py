@@ -40,7 +40,11 @@ def ray_cluster() -> Iterator[object]:
     )
     nodes = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
+    from orchestrator.ray_session import worker_env
+
+    # The test process is the driver of in-process jobs: it joins with the job's worker environment,
+    # as `orchestrator run --address` does.
+    ray.init(address=cluster.address, runtime_env={"env_vars": worker_env()})
     cluster.gpu_nodes = nodes  # type: ignore[attr-defined]
     try:
         yield cluster
