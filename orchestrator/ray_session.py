@@ -18,6 +18,8 @@ to its own processes and never written to disk. ``RAY_AUTH_MODE=disabled`` opts 
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import os
 import secrets
@@ -135,16 +137,42 @@ def loopback_interface() -> str | None:
     return None
 
 
-def torch_config(backend: str) -> TorchConfig:
+# The process-group backend chosen by the workers themselves: NCCL where their torch sees CUDA,
+# gloo otherwise (logical GPUs on CPU nodes). Asking rank 0 once the group is up costs no process;
+# asking a separate GPU task, as before, started one more Python worker per job.
+AUTO_BACKEND = "auto"
+
+
+def torch_config(backend: str = AUTO_BACKEND) -> TorchConfig:
     """Ray Train's torch config: the process group meets at a file under an embedded Ray, where
     every worker runs on this machine; at Ray's TCPStore on a cluster."""
-    return LoopbackTorchConfig(backend=backend) if embedded() else TorchConfig(backend=backend)
+    return LoopbackTorchConfig(backend=backend) if embedded() else AutoTorchConfig(backend=backend)
+
+
+class AutoTorchConfig(TorchConfig):
+    @property
+    def backend_cls(self) -> type:
+        return _AutoBackend
 
 
 class LoopbackTorchConfig(TorchConfig):
     @property
     def backend_cls(self) -> type:
         return _FileStoreBackend
+
+
+def _resolved(worker_group, backend_config: TorchConfig) -> TorchConfig:  # noqa: ANN001 - Ray's type
+    if backend_config.backend != AUTO_BACKEND:
+        return backend_config
+    import torch
+
+    cuda = worker_group.execute_single(0, torch.cuda.is_available)  # by reference: torch's, on the worker
+    return dataclasses.replace(backend_config, backend="nccl" if cuda else "gloo")
+
+
+class _AutoBackend(_TorchBackend):
+    def on_start(self, worker_group, backend_config: TorchConfig) -> None:  # noqa: ANN001 - Ray's type
+        super().on_start(worker_group, _resolved(worker_group, backend_config))
 
 
 class _FileStoreBackend(_TorchBackend):
@@ -154,6 +182,7 @@ class _FileStoreBackend(_TorchBackend):
     _store: Path | None = None
 
     def on_start(self, worker_group, backend_config: TorchConfig) -> None:  # noqa: ANN001 - Ray's type
+        backend_config = _resolved(worker_group, backend_config)
         self._store = Path(tempfile.gettempdir()) / f"orchestrator-pg-{uuid.uuid4().hex}"
         worker_group.execute(_set_torch_distributed_env_vars)
         ray.get([

@@ -19,20 +19,8 @@ from orchestrator.ray_session import torch_config
 from trainers.loop import LoopArgs, train_loop_per_worker
 
 
-@ray.remote(num_gpus=1)
-def _cuda_on_gpu_worker() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def backend_for(use_gpu: bool) -> str:
-    """NCCL where the GPU workers' torch sees CUDA; gloo otherwise (logical GPUs on CPU nodes)."""
-    return "nccl" if use_gpu and ray.get(_cuda_on_gpu_worker.remote()) else "gloo"
-
-
-def build_trainer(prepared: Prepared, sizing: Sizing, workers: Workers, *, progress: Any, run_dir: str,
-                  backend: str) -> TorchTrainer:
+def build_trainer(prepared: Prepared, sizing: Sizing, workers: Workers, *, progress: Any,
+                  run_dir: str) -> TorchTrainer:
     """The job's TorchTrainer; the same run folder every time, so a new fit resumes from the
     job's latest checkpoint."""
     job = prepared.job
@@ -51,7 +39,7 @@ def build_trainer(prepared: Prepared, sizing: Sizing, workers: Workers, *, progr
             num_workers=workers, use_gpu=prepared.use_gpu,
             resources_per_worker={"CPU": job.resources.cpus_per_worker, **({"GPU": 1} if prepared.use_gpu else {})},
         ),
-        torch_config=torch_config(backend),
+        torch_config=torch_config(),  # NCCL where the workers see CUDA, gloo otherwise
         run_config=ray.train.RunConfig(
             name=name, storage_path=parent,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=job.checkpoint.keep_last),

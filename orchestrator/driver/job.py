@@ -68,7 +68,6 @@ class RayPorts:
     actor: Any = None
     tracker: Any = None
     run: Any = None
-    _backend: str | None = None
     scaler: _Autoscaler | None = field(default=None, repr=False)
 
     def ports(self) -> Ports:
@@ -133,14 +132,12 @@ class RayPorts:
         return self.run
 
     def start_fit(self, prepared: Prepared, sizing: Sizing, workers: Workers) -> Any:
-        from orchestrator.driver.fit import RayFit, backend_for, build_trainer
+        from orchestrator.driver.fit import RayFit, build_trainer
         from orchestrator.driver.progress import start_actor
 
         if self.actor is None:
             self.actor = start_actor(self.identity.key)
-            self._backend = backend_for(prepared.use_gpu)
-        trainer = build_trainer(prepared, sizing, workers, progress=self.actor, run_dir=self.identity.run_dir,
-                                backend=self._backend)
+        trainer = build_trainer(prepared, sizing, workers, progress=self.actor, run_dir=self.identity.run_dir)
         return RayFit(trainer)
 
     def drain(self) -> tuple[list[Any], dict[int, dict[str, Any]]]:
