@@ -19,7 +19,6 @@ to its own processes and never written to disk. ``RAY_AUTH_MODE=disabled`` opts 
 from __future__ import annotations
 
 import dataclasses
-
 import logging
 import os
 import secrets
