@@ -137,6 +137,10 @@ class RayPorts:
 
         if self.actor is None:
             self.actor = start_actor(self.identity.key)
+        if not isinstance(workers, int):  # elastic: Ray Train sizes the group on the coordinator's view
+            from orchestrator.autoscale import refresh_cluster_view
+
+            refresh_cluster_view()  # count the workers the driver saw arrive, not those of 20 s ago
         trainer = build_trainer(prepared, sizing, workers, progress=self.actor, run_dir=self.identity.run_dir)
         return RayFit(trainer)
 

@@ -8,7 +8,6 @@ outlives any worker node the job loses, and it keeps only what the driver has no
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import ray
@@ -17,7 +16,6 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from trainers.events import CheckpointSaved, Event, GroupStarted, StepsDone, WorkerFailed
 
-log = logging.getLogger(__name__)
 
 NAMESPACE = "orchestrator"
 
@@ -108,10 +106,7 @@ class FailureForwarder(ray.train.UserCallback):
 
         causes = [f"rank {rank}: {describe_error(exc)}" for rank, exc in sorted(worker_exceptions.items())]
         self.progress.record_failure.remote("; ".join(causes))
-        try:
-            refresh_cluster_view()
-        except Exception:  # an optimisation: the coordinator's next tick does it anyway
-            log.warning("could not refresh the autoscaling coordinator's view of the cluster", exc_info=True)
+        refresh_cluster_view()
 
 
 def describe_error(exc: BaseException) -> str:
