@@ -6,7 +6,8 @@ which never blocks.
 Per-step metrics keep the step and time the worker measured them at. Every metric is logged
 only at steps beyond the last one logged for its key, so a restart that resumes from an earlier
 step (steps redone after a failure) never logs a step twice; the exceptions are the
-``restarts`` and ``resizes`` counters, logged at the step resumed from.
+``restarts`` and ``resizes`` counters, logged at the step resumed from, and system metrics,
+sampled by time (several samples may fall on one step).
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ class Recorder:
             self._logged.update(dict.fromkeys(fresh, step))
 
     def checkpoint(self, event: CheckpointSaved) -> None:
-        self.run.log_metrics({"train/checkpoint_s": event.seconds}, step=event.step, at_ms=event.at_ms, per_step=True)
+        self._log_once({"train/checkpoint_s": event.seconds}, step=event.step, at_ms=event.at_ms, per_step=True)
 
     def system(self, event: SystemSample) -> None:
         # MLflow's own system metrics of a node are named system/<node id>/<metric>.
