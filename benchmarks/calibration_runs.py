@@ -89,19 +89,22 @@ def profile(w: Workload, batches: tuple[int, ...]) -> Profile:
                    max_local_batch=max(batches), precision="fp32")
 
 
-def _timed(model: Any, opt: Any, w: Workload, batch: tuple[Any, Any], *, sync: bool, warmup: int,
-           steps: int) -> list[float]:
+def _timed(model: Any, opt: Any, w: Workload, batch: tuple[Any, Any], *, warmup: int,
+           steps: int) -> tuple[list[float], list[float]]:
+    """(synced, alone): step times with gradient sync and under `no_sync`, taken in turns, so
+    both medians see the same contention from whatever else this machine runs meanwhile."""
     import contextlib
 
-    times = []
+    synced, alone = [], []
     for _ in range(warmup + steps):
-        start = time.perf_counter()
-        with contextlib.nullcontext() if sync else model.no_sync():
-            _loss(model, w, *batch).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
-    return times[warmup:]
+        for sync, times in ((True, synced), (False, alone)):
+            start = time.perf_counter()
+            with contextlib.nullcontext() if sync else model.no_sync():
+                _loss(model, w, *batch).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - start)
+    return synced[warmup:], alone[warmup:]
 
 
 def worker_loop(config: dict[str, Any]) -> None:
@@ -120,10 +123,10 @@ def worker_loop(config: dict[str, Any]) -> None:
         model, opt = _model(w)
         ddp = DistributedDataParallel(model)
         batch = _data(w, w.batch)
-        synced = statistics.median(_timed(ddp, opt, w, batch, sync=True, **counts))
-        alone = torch.tensor([statistics.median(_timed(ddp, opt, w, batch, sync=False, **counts))])
+        synced, unsynced = _timed(ddp, opt, w, batch, **counts)
+        alone = torch.tensor([statistics.median(unsynced)])
         dist.all_reduce(alone, op=dist.ReduceOp.MAX)  # the group waits for its slowest worker
-        medians[f"{w.name}/step"], medians[f"{w.name}/compute"] = synced, float(alone)
+        medians[f"{w.name}/step"], medians[f"{w.name}/compute"] = statistics.median(synced), float(alone)
     # Ray Train V2 keeps the metrics of checkpointed reports only: rank 0 attaches an empty one.
     with tempfile.TemporaryDirectory() as folder:
         first = ray.train.get_context().get_world_rank() == 0
