@@ -73,10 +73,12 @@ def run(only: set[str], *, repeats: int, cold_repeats: int, ws: Workspace) -> di
         if "step" in only and warm:
             results["step"] = bench_step.summarize(warm)
             resnet = _attempt("step (resnet)", failures, lambda: interleaved(
-                ("ours", "raw"), RESNET_STEP, ws, repeats=repeats, steps=bench_step.RESNET_STEPS, address=address,
-                label="resnet"))
+                ("ours", "raw", "bare"), RESNET_STEP, ws, repeats=repeats, steps=bench_step.RESNET_STEPS,
+                address=address, label="resnet"))
+            background = _attempt("step (background)", failures, lambda: bench_step.measure_background(
+                RESNET_STEP, ws, repeats=repeats, steps=bench_step.RESNET_STEPS))
             if resnet:
-                extra = bench_step.summarize_resnet(resnet)
+                extra = bench_step.summarize_resnet(resnet, background)
                 results["step"].rows += extra.rows
                 results["step"].notes += extra.notes
                 results["step"].details.update(extra.details)
