@@ -19,6 +19,12 @@ os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("ORCH_PROGRESS_POLL_S", "0.2")
 os.environ.setdefault("ORCH_TRACKING_FLUSH_S", "0.5")
+# Ray Train's own defaults, shortened for test clusters (jobs keep Ray's defaults): its controller
+# polls the worker group every 0.5 s instead of 2 s (a job's end and a failed worker are seen
+# sooner), and its preemption watcher, one more actor in each job's serial start-up chain that
+# reacts to node drains no test makes, is off. Together: a digits job ~20 % sooner here.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
