@@ -57,6 +57,7 @@ def summarize_resnet(runs: dict[str, list[TrainingRun]], background: dict[str, l
                 ratio=paired_ratios(median["ours"], median["bare"]), ratio_label="bare/ours"),
         ]
     notes = [f"ResNet: {RESNET_STEP.note}, 2 workers, {RESNET_STEPS} steps a run, all in the first epoch"]
+    details = {"resnet_step_times_s": {p: [r.step_times for r in rs] for p, rs in runs.items()}}
     if background:
         quiet, busy = (_step(background[k], statistics.median) for k in ("alone", "beside"))
         rows.append(Row(section=SECTION, measure=f"ResNet: raw DDP beside one process using {BACKGROUND_DUTY:.0%} "
@@ -66,8 +67,6 @@ def summarize_resnet(runs: dict[str, list[TrainingRun]], background: dict[str, l
         notes.append(f"ResNet, background: a nice-0 process busy {BACKGROUND_DUTY:.0%} of every 10 ms (what Ray's "
                      "raylet, GCS, dashboard and ~15 idle helper actors add up to here); both DDP ranks wait for "
                      "whichever one it preempts")
-    details = {"resnet_step_times_s": {p: [r.step_times for r in rs] for p, rs in runs.items()}}
-    if background:
         details["resnet_background_step_times_s"] = {k: [r.step_times for r in rs] for k, rs in background.items()}
     return SectionResult(rows=rows, notes=notes, details=details)
 

@@ -29,7 +29,7 @@ LARGE = runs.Workload("mlp_large", "mlp", {"in_features": 256, "hidden": 1024, "
 ACROSS = Placement(2, 1)
 
 
-def test_calibrated_on_one_model_predicts_another_better_than_the_priors(ray_cluster: Any) -> None:
+def test_calibrated_on_two_models_predicts_a_third_better_than_the_priors(ray_cluster: Any) -> None:
     workloads = [SMALL, HELD, LARGE]
     medians = runs.measure(ACROSS, workloads, resources={"GPU": 1}, warmup=3, steps=16)
     profiles = {w.name: runs.profile(w, (w.batch,)) for w in workloads}
