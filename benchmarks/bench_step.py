@@ -48,14 +48,7 @@ def summarize_resnet(runs: dict[str, list[TrainingRun]], background: dict[str, l
                 unit="steps/s", ours=_rate(median["ours"]), baseline=_rate(median["raw"]), baseline_label="raw DDP",
                 ratio=headline, ratio_label="raw/ours", goal=f"<= {GOAL}", met=headline.median <= GOAL)]
     if "bare" in median:
-        rows += [
-            Row(section=SECTION, measure="ResNet: Ray Train + Ray Data, no MLflow (bare) vs raw DDP", unit="steps/s",
-                ours=_rate(median["bare"]), baseline=_rate(median["raw"]), baseline_label="raw DDP",
-                ratio=paired_ratios(median["bare"], median["raw"]), ratio_label="raw/bare"),
-            Row(section=SECTION, measure="ResNet: ours vs bare TorchTrainer, same loop, MLflow off", unit="steps/s",
-                ours=_rate(median["ours"]), baseline=_rate(median["bare"]), baseline_label="bare, run_id None",
-                ratio=paired_ratios(median["ours"], median["bare"]), ratio_label="bare/ours"),
-        ]
+        rows += _bare_rows(median, prefix="ResNet: ")
     notes = [f"ResNet: {RESNET_STEP.note}, 2 workers, {RESNET_STEPS} steps a run, all in the first epoch"]
     details = {"resnet_step_times_s": {p: [r.step_times for r in rs] for p, rs in runs.items()}}
     if background:
@@ -108,13 +101,7 @@ def summarize(runs: dict[str, list[TrainingRun]]) -> SectionResult:
         Row(section=SECTION, measure="steps/s, ours vs raw DDP (mean step: checkpoints, epoch starts in)",
             unit="steps/s", ours=_rate(mean["ours"]), baseline=_rate(mean["raw"]), baseline_label="raw DDP",
             ratio=paired_ratios(mean["ours"], mean["raw"]), ratio_label="raw/ours"),
-        Row(section=SECTION, measure="ours (MLflow every step) vs bare TorchTrainer, same loop, MLflow off",
-            unit="steps/s", ours=_rate(median["ours"]), baseline=_rate(median["bare"]),
-            baseline_label="bare, run_id None", ratio=paired_ratios(median["ours"], median["bare"]),
-            ratio_label="off/on"),
-        Row(section=SECTION, measure="Ray Train + Ray Data, no MLflow (bare) vs raw DDP", unit="steps/s",
-            ours=_rate(median["bare"]), baseline=_rate(median["raw"]), baseline_label="raw DDP",
-            ratio=paired_ratios(median["bare"], median["raw"]), ratio_label="raw/bare"),
+        *_bare_rows(median),
     ]
     details = {"steps_per_run": STEPS, "workers": 2,
                "step_times_s": {path: [r.step_times for r in rs] for path, rs in runs.items()},
@@ -123,6 +110,19 @@ def summarize(runs: dict[str, list[TrainingRun]]) -> SectionResult:
              "ours and bare stream the first epoch (51 steps) through Ray Data and draw the later ones from "
              "the in-memory shard cache (data.cache_mb); raw DDP holds its shard in memory from the start"]
     return SectionResult(rows=rows, details=details, notes=notes)
+
+
+def _bare_rows(median: dict[str, list[float]], prefix: str = "") -> list[Row]:
+    """ours vs the same loop on a bare TorchTrainer, and that bare trainer vs raw DDP."""
+    return [
+        Row(section=SECTION, measure=f"{prefix}ours (MLflow every step) vs bare TorchTrainer, same loop, MLflow off",
+            unit="steps/s", ours=_rate(median["ours"]), baseline=_rate(median["bare"]),
+            baseline_label="bare, run_id None", ratio=paired_ratios(median["ours"], median["bare"]),
+            ratio_label="off/on"),
+        Row(section=SECTION, measure=f"{prefix}Ray Train + Ray Data, no MLflow (bare) vs raw DDP", unit="steps/s",
+            ours=_rate(median["bare"]), baseline=_rate(median["raw"]), baseline_label="raw DDP",
+            ratio=paired_ratios(median["bare"], median["raw"]), ratio_label="raw/bare"),
+    ]
 
 
 def _rate(step_times: list[float]) -> Stat:
