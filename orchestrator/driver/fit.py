@@ -13,7 +13,6 @@ from ray.train.torch import TorchTrainer
 
 from orchestrator import constants
 from orchestrator.driver.ports import FitOutcome, Prepared
-from orchestrator.driver.progress import FailureForwarder
 from orchestrator.driver.sizing import Sizing, Workers
 from orchestrator.ray_session import torch_config
 from trainers.loop import LoopArgs, train_loop_per_worker
@@ -86,3 +85,26 @@ def read_checkpoint(checkpoint: Any) -> dict[str, Any]:
         return ckpt.read(Path(checkpoint.path))
     with checkpoint.as_directory() as folder:
         return ckpt.read(Path(folder))
+
+
+class FailureForwarder(ray.train.UserCallback):
+    """Runs in the Ray Train controller when a worker group fails, before the controller restarts
+    it: tells the driver why (the restarted rank 0 only knows where it resumed from), and has the
+    autoscaling coordinator look at the nodes now, so an elastic restart after a lost node sizes on
+    the nodes that are left."""
+
+    def __init__(self, progress: Any) -> None:
+        self.progress = progress
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        from orchestrator.autoscale import refresh_cluster_view
+
+        causes = [f"rank {rank}: {describe_error(exc)}" for rank, exc in sorted(worker_exceptions.items())]
+        self.progress.record_failure.remote("; ".join(causes))
+        refresh_cluster_view()
+
+
+def describe_error(exc: BaseException) -> str:
+    """The exception's type and first line, short enough for an MLflow tag."""
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first}"[:300]

@@ -1,9 +1,10 @@
 """The progress actor: where the training workers' events meet the driver.
 
 Rank 0 publishes typed events (`trainers.events`), every rank registers its process and node, and
-Ray Train's controller forwards worker failures (`FailureForwarder`); the driver drains it every
+Ray Train's controller forwards worker failures (`fit.FailureForwarder`); the driver drains it every
 `PROGRESS_POLL_S` and asks it for a stop, which rank 0 reads. It runs on the driver's node, so it
 outlives any worker node the job loses, and it keeps only what the driver has not drained yet.
+Its process imports this module: keep Ray Train (and with it Ray Data and pandas) out of it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import ray
-import ray.train
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from trainers.events import CheckpointSaved, Event, GroupStarted, StepsDone, WorkerFailed
@@ -74,45 +74,6 @@ def start_actor(job_key: str) -> Any:
 def find_actor(job_key: str) -> Any:
     """The progress actor of the running job with this identity key (for tools and tests)."""
     return ray.get_actor(actor_name(job_key), namespace=NAMESPACE)
-
-
-class ActorProgress:
-    """The driver's side: drain events, ask for and clear a stop."""
-
-    def __init__(self, actor: Any) -> None:
-        self.actor = actor
-
-    def drain(self) -> tuple[list[Event], dict[int, dict[str, Any]]]:
-        return ray.get(self.actor.drain.remote())
-
-    def request_stop(self) -> None:
-        self.actor.request_stop.remote()
-
-    def clear_stop(self) -> None:
-        ray.get(self.actor.clear_stop.remote())
-
-
-class FailureForwarder(ray.train.UserCallback):
-    """Runs in the Ray Train controller when a worker group fails, before the controller restarts
-    it: tells the driver why (the restarted rank 0 only knows where it resumed from), and has the
-    autoscaling coordinator look at the nodes now, so an elastic restart after a lost node sizes on
-    the nodes that are left."""
-
-    def __init__(self, progress: Any) -> None:
-        self.progress = progress
-
-    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
-        from orchestrator.autoscale import refresh_cluster_view
-
-        causes = [f"rank {rank}: {describe_error(exc)}" for rank, exc in sorted(worker_exceptions.items())]
-        self.progress.record_failure.remote("; ".join(causes))
-        refresh_cluster_view()
-
-
-def describe_error(exc: BaseException) -> str:
-    """The exception's type and first line, short enough for an MLflow tag."""
-    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-    return f"{type(exc).__name__}: {first}"[:300]
 
 
 def kill_actor(actor: Any, job_key: str) -> None:
