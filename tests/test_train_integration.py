@@ -110,3 +110,12 @@ def test_missing_column_fails_before_any_worker(job_overrides, tmp_path: Path) -
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "data.features.column: column 'pixelz' not found" in lines[0], proc.stderr
     assert not (tmp_path / "runs").exists()  # nothing was launched
+
+
+def test_held_out_rows_make_the_validation_set_and_none_make_none(ray_cluster, job_overrides) -> None:
+    from orchestrator.driver.data import load_datasets
+
+    held_out = load_datasets(load_config(DIGITS, job_overrides).localized())
+    assert held_out.val is not None and 0 < held_out.train_rows < 1797  # digits: 1,797 rows
+    none = load_datasets(load_config(DIGITS, [*job_overrides, "data.val_fraction=0"]).localized())
+    assert none.val is None and none.train_rows == 1797  # Ray Train gets no "val" set (fit.py)

@@ -170,7 +170,8 @@ def _start(args: LoopArgs) -> tuple[Worker, Resume | None]:
 
 def _train(w: Worker, resume: Resume | None) -> None:
     cfg, args = w.cfg, w.args
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if cfg.data.val_fraction else None  # no held-out rows: no set
     collate = ArrowCollate(cfg.data)
     micro_per_epoch = args.steps_per_epoch * w.split.accumulation
     cache = ShardCache(budget_bytes=cfg.data.cache_mb * 2**20, expected_samples=micro_per_epoch * w.split.local_batch)
@@ -287,6 +288,8 @@ def _end_of_epoch(w: Worker, cache: ShardCache, val_cache: EvalCache, val_shard:
                   epoch: int) -> None:
     if not cache.ready and w.state.step < w.args.total_steps:  # (every rank is at the same step)
         _cache_ready_everywhere(cache)
+    if val_shard is None:
+        return
     if val_cache.ready:
         batches: Iterable[Batch] = val_cache.batches()
     else:

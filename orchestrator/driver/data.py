@@ -13,7 +13,7 @@ from orchestrator.errors import UserError
 @dataclass(frozen=True)
 class Datasets:
     train: Any
-    val: Any
+    val: Any | None  # None without held-out rows: no validation set, no evaluation
     train_rows: int
     example: Any  # a few input rows, for the MLflow model signature
 
@@ -41,7 +41,7 @@ def load_datasets(job: JobConfig) -> Datasets:
 
     ds = ray.data.read_parquet(job.data.paths)
     if not job.data.val_fraction:
-        return Datasets(ds, ds.limit(0), open_dataset(job.data.paths).count_rows(), input_example(job))
+        return Datasets(ds, None, open_dataset(job.data.paths).count_rows(), input_example(job))
     seed = job.training.seed
     train = ds.map_batches(Side(job.data, seed, validation=False), batch_format="pyarrow", batch_size=None)
     val = ds.map_batches(Side(job.data, seed, validation=True), batch_format="pyarrow", batch_size=None)

@@ -45,7 +45,9 @@ def build_trainer(prepared: Prepared, sizing: Sizing, workers: Workers, *, progr
             failure_config=ray.train.FailureConfig(max_failures=job.resources.max_failures),
             callbacks=[FailureForwarder(progress)],
         ),
-        datasets={"train": prepared.data.train, "val": prepared.data.val},
+        # Without held-out rows Ray Train gets no "val" set: no split coordinator (one more
+        # process in the job's start-up) for a set the loop would not evaluate.
+        datasets={"train": prepared.data.train, **({"val": prepared.data.val} if prepared.data.val is not None else {})},
     )
 
 
