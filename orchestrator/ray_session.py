@@ -49,10 +49,11 @@ WORKER_ENV = {"RAY_TRAIN_V2_ENABLED": "1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"
 # execution of a dataset, 32 by default: on a small cluster that is 32 Python processes started
 # (one per actor) before the first batch, for each of the train and validation sets. Footer reads
 # are I/O-bound and each reader drives `RAY_DATA_PARQUET_FOOTER_IO_CONCURRENCY` (128) reads at
-# once, so two readers serve thousands of files; set the variable yourself to change it. Ray Data
-# reads it where the dataset is planned (the driver) and in its tasks (the job's runtime_env).
+# once, so one reader serves thousands of files (a second one cost a digits job ~4 CPU-s on the
+# 2-core test cluster for nothing); set the variable yourself to change it. Ray Data reads it
+# where the dataset is planned (the driver) and in its tasks (the job's runtime_env).
 FOOTER_READERS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
-FOOTER_READERS = 2
+FOOTER_READERS = 1
 
 _embedded = False
 
