@@ -31,6 +31,10 @@ def build_trainer(prepared: Prepared, sizing: Sizing, workers: Workers, *, progr
         system_metrics_every_s=constants.SYSTEM_METRICS_S if job.tracking.log_system_metrics else None,
     )
     parent, name = run_dir.rstrip("/").rsplit("/", 1)
+    # Without held-out rows Ray Train gets no "val" set: no split coordinator (one more process in
+    # the job's start-up) for a set the loop would not evaluate.
+    data = prepared.data
+    datasets = {"train": data.train} if data.val is None else {"train": data.train, "val": data.val}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=args.to_dict(),
@@ -45,9 +49,7 @@ def build_trainer(prepared: Prepared, sizing: Sizing, workers: Workers, *, progr
             failure_config=ray.train.FailureConfig(max_failures=job.resources.max_failures),
             callbacks=[FailureForwarder(progress)],
         ),
-        # Without held-out rows Ray Train gets no "val" set: no split coordinator (one more
-        # process in the job's start-up) for a set the loop would not evaluate.
-        datasets={"train": prepared.data.train, **({"val": prepared.data.val} if prepared.data.val is not None else {})},
+        datasets=datasets,
     )
 
 
