@@ -72,9 +72,12 @@ def test_cli_two_workers_train_digits_and_register_model(ray_cluster, job_overri
 
 
 def test_interrupted_job_resumes_same_run_without_duplicate_steps(ray_cluster, job_overrides) -> None:
-    # 50 steps over two epochs of 28 (no held-out rows: no evaluation to wait for), stopped at 25+.
-    job = load_config(DIGITS, job_overrides + ["training.epochs=null", "training.max_steps=50", "data.val_fraction=0",
-                                               "checkpoint.every_steps=10", "resources.profile=false"])
+    # 200 steps (~4 s here; epochs of 28, no held-out rows), asked to stop at step 25: a stop takes
+    # the driver's poll and rank 0's next check, up to ~1 s, so the job must outlast that by far.
+    total = 200
+    job = load_config(DIGITS, job_overrides + ["training.epochs=null", f"training.max_steps={total}",
+                                               "data.val_fraction=0", "checkpoint.every_steps=50",
+                                               "resources.profile=false"])
     stop = threading.Event()
 
     def stop_after_step_25(step: int, total: int, info: dict) -> None:
@@ -83,21 +86,21 @@ def test_interrupted_job_resumes_same_run_without_duplicate_steps(ray_cluster, j
 
     first = run_job(job, workers=2, ui=RecordingUI(on_progress=stop_after_step_25), stop=stop)
     assert first.stopped
-    assert 25 <= first.final_step < 50
+    assert 25 <= first.final_step < total
     client = MlflowClient(job.localized().tracking.tracking_uri)
     assert client.get_run(first.run_id).info.status == "KILLED"
 
     second = run_job(job, workers=2)
     assert not second.stopped and second.run_id == first.run_id
-    assert second.final_step == 50  # the count continued, not restarted
+    assert second.final_step == total  # the count continued, not restarted
     assert second.groups[0].resumed_from == first.final_step
     logged = steps(client, first.run_id)
     assert_unique_monotone(logged)
-    assert logged[-1] == 50
+    assert logged[-1] == total
     assert client.get_run(first.run_id).info.status == "FINISHED"
 
     again = run_job(job, workers=2)  # finished: said so, nothing run
-    assert again.already_complete is not None and again.already_complete["step"] == 50 and again.run_id == first.run_id
+    assert again.already_complete is not None and again.already_complete["step"] == total and again.run_id == first.run_id
 
 
 def test_missing_column_fails_before_any_worker(job_overrides, tmp_path: Path) -> None:
