@@ -137,10 +137,13 @@ def loopback_interface() -> str | None:
     return None
 
 
-# The process-group backend chosen by the workers themselves: NCCL where their torch sees CUDA,
-# gloo otherwise (logical GPUs on CPU nodes). Asking rank 0 once the group is up costs no process;
+# The process-group backend chosen by the workers themselves: NCCL for CUDA tensors where their
+# torch sees CUDA, with gloo beside it for the loop's small CPU flags (stop and cache agreement;
+# NCCL takes CUDA tensors only, and a CUDA flag would cost a host sync); gloo alone otherwise
+# (logical GPUs on CPU nodes). Asking rank 0 once the group is up costs no process;
 # asking a separate GPU task, as before, started one more Python worker per job.
 AUTO_BACKEND = "auto"
+CUDA_BACKEND = "cpu:gloo,cuda:nccl"  # Ray Train sets NCCL's environment for it too (_is_backend_nccl)
 
 
 def torch_config(backend: str = AUTO_BACKEND) -> TorchConfig:
@@ -167,7 +170,7 @@ def _resolved(worker_group, backend_config: TorchConfig) -> TorchConfig:  # noqa
     import torch
 
     cuda = worker_group.execute_single(0, torch.cuda.is_available)  # by reference: torch's, on the worker
-    return dataclasses.replace(backend_config, backend="nccl" if cuda else "gloo")
+    return dataclasses.replace(backend_config, backend=CUDA_BACKEND if cuda else "gloo")
 
 
 class _AutoBackend(_TorchBackend):
