@@ -229,6 +229,8 @@ def _epoch_batches(w: Worker, shard: Any, collate: ArrowCollate, cache: ShardCac
             local_shuffle_buffer_size=max(4 * w.split.local_batch, 256),
             local_shuffle_seed=w.cfg.training.seed + epoch,
         ))
+        if not cache.enabled:  # (off, or given up on every rank alike)
+            return stream
         streamed = _read_ahead(cache, stream)
         if streamed is not None:
             return streamed
