@@ -73,8 +73,8 @@ CNN_STEP = Workload(
 )
 
 # The per-step workload of a heavier model: the shipped ResNet config at global batch 64 (about
-# 0.3 s a step on 2 CPU workers here); every step it runs is in the first epoch (57 steps), read
-# from Ray Data before step 1.
+# 0.3 s a step on 2 CPU workers here); every step it runs is in the first epoch (57 steps), which
+# streams through Ray Data.
 RESNET_STEP = Workload(
     name="resnet-32x32",
     config=CONFIGS / "synthetic_resnet.yaml",

@@ -98,24 +98,3 @@ def test_eval_cache_keeps_every_batch_in_order_and_gives_up_over_budget() -> Non
     assert not small.seal() and not small.enabled
     with pytest.raises(RuntimeError):
         small.batches()
-
-
-def _batches(rows: int, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(torch.arange(s, s + batch).float().unsqueeze(1).repeat(1, 4), torch.arange(s, s + batch))
-            for s in range(0, rows, batch)]
-
-
-def test_a_shard_that_fits_is_read_whole_before_training_and_one_that_does_not_streams_unread() -> None:
-    from trainers.loop import _read_ahead  # (no process group: this rank decides alone)
-
-    fits = ShardCache(budget_bytes=10**6, expected_samples=64)
-    stream = iter(_batches(64, 8))
-    assert _read_ahead(fits, stream) is None
-    assert fits.ready and next(stream, None) is None  # the whole pass, before any step
-    assert sorted(torch.cat([y for _, y in fits.batches(16, seed=0)]).tolist()) == list(range(64))
-    big = ShardCache(budget_bytes=1_000, expected_samples=64)
-    streamed = _read_ahead(big, iter(_batches(64, 8)))
-    assert streamed is not None and not big.enabled and not big.ready
-    assert torch.cat([y for _, y in streamed]).tolist() == list(range(64))  # the peeked first batch too, in order
-    empty = _read_ahead(ShardCache(budget_bytes=10**6, expected_samples=64), iter([]))
-    assert empty is not None and list(empty) == []

@@ -44,9 +44,9 @@ class DataConfig(Section):
     label: ColumnConfig | None = None  # None: language modelling on shifted feature tokens
     val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
     dataset_kwargs: dict[str, Any] = Field(default_factory=dict)
-    # Per-worker memory (MiB) for the training shard: where every worker's fits, it is read whole
-    # before the first step and every epoch indexes tensors instead of streaming through Ray Data;
-    # as much again for the validation shard (from memory after its first pass); 0 streams always.
+    # Per-worker memory (MiB) for keeping the training shard after its first pass, so later epochs
+    # index tensors instead of streaming through Ray Data again, and as much again for the
+    # validation shard (evaluated from memory after its first pass); 0 streams every epoch.
     cache_mb: float = Field(default=1024, ge=0)
 
     @property

@@ -10,7 +10,6 @@ driver only through its progress actor (`trainers.reporting`); it never writes t
 
 from __future__ import annotations
 
-import itertools
 import statistics
 import tempfile
 import time
@@ -183,7 +182,7 @@ def _train(w: Worker, resume: Resume | None) -> None:
         skip = (w.state.step % args.steps_per_epoch) * w.split.accumulation  # resumed mid-epoch
         batches = _epoch_batches(w, train_shard, collate, cache, epoch)
         tick = time.perf_counter()
-        for micro in _optimizer_steps(batches, w.split.accumulation, skip=skip, limit=micro_per_epoch):
+        for micro in _optimizer_steps(batches, w.split.accumulation, skip=skip, limit=micro_per_epoch, cache=cache):
             if w.state.step >= args.total_steps:
                 continue  # every rank reads the whole epoch, so streaming shards stay in step
             micro = [_to_device(b, w.device) for b in micro]
@@ -200,7 +199,7 @@ def _train(w: Worker, resume: Resume | None) -> None:
             if _after_step(w):
                 return
             tick = time.perf_counter()  # checkpoint writing stays out of the next step's time
-        _end_of_epoch(w, val_cache, val_shard, collate, epoch)
+        _end_of_epoch(w, cache, val_cache, val_shard, collate, epoch)
     if w.rank == 0:
         w.reporter.send(GroupEnded(step=w.state.step, reason="finished"))
         w.reporter.flush()
@@ -218,48 +217,25 @@ def _after_step(w: Worker) -> bool:
 
 
 def _epoch_batches(w: Worker, shard: Any, collate: ArrowCollate, cache: ShardCache, epoch: int) -> Iterable[Batch]:
-    """This epoch's local batches: from the cache once it holds the shard. Before that, Ray Data's
-    pass is read whole into the cache before the epoch's first step where every rank's shard fits
-    (training then never shares the CPU with streaming, and every epoch is a full shuffle of the
-    shard); where one does not, every epoch streams."""
-    if not cache.ready:
-        stream = iter(shard.iter_torch_batches(
-            batch_size=w.split.local_batch, drop_last=True, collate_fn=collate,
-            device=torch.device("cpu") if cache.enabled else w.device,
-            local_shuffle_buffer_size=max(4 * w.split.local_batch, 256),
-            local_shuffle_seed=w.cfg.training.seed + epoch,
-        ))
-        if not cache.enabled:  # (off, or given up on every rank alike)
-            return stream
-        streamed = _read_ahead(cache, stream)
-        if streamed is not None:
-            return streamed
-    return cache.batches(w.split.local_batch, seed=w.cfg.training.seed + 7919 * epoch + w.rank)
+    if cache.ready:
+        return cache.batches(w.split.local_batch, seed=w.cfg.training.seed + 7919 * epoch + w.rank)
+    return shard.iter_torch_batches(
+        batch_size=w.split.local_batch, drop_last=True, collate_fn=collate,
+        device=torch.device("cpu") if cache.enabled else w.device,
+        local_shuffle_buffer_size=max(4 * w.split.local_batch, 256), local_shuffle_seed=w.cfg.training.seed + epoch,
+    )
 
 
-def _read_ahead(cache: ShardCache, stream: Iterator[Batch]) -> Iterable[Batch] | None:
-    """Read `stream` whole into `cache` when it fits there on every rank (the ranks decide
-    together, after each one's first batch) and return None; else the stream, unread."""
-    first = next(stream, None)
-    if first is not None:
-        cache.add(*first)
-    if not _everywhere(first is not None and cache.enabled):
-        cache.drop()
-        return stream if first is None else itertools.chain([first], stream)
-    for x, y in stream:
-        cache.add(x, y)
-    cache.seal()
-    return None
-
-
-def _optimizer_steps(batches: Iterable[Batch], accumulation: int, *, skip: int, limit: int) -> Iterator[list[Batch]]:
+def _optimizer_steps(batches: Iterable[Batch], accumulation: int, *, skip: int, limit: int,
+                     cache: ShardCache) -> Iterator[list[Batch]]:
     """Micro-batches grouped per optimizer step: the first `skip` passed over (resumed mid-epoch),
-    none past `limit`, the whole epoch read (streaming shards stay in step)."""
+    none past `limit`, the whole epoch read (and, on a streaming pass, kept in the cache)."""
     group: list[Batch] = []
-    for i, batch in enumerate(batches):
+    for i, (x, y) in enumerate(batches):
+        cache.add(x, y)
         if i < skip or i >= limit:
             continue
-        group.append(batch)
+        group.append((x, y))
         if len(group) == accumulation:
             yield group
             group = []
@@ -308,7 +284,10 @@ def _group_started(w: Worker, resume: Resume | None, compute_s: tuple[float, ...
     )
 
 
-def _end_of_epoch(w: Worker, val_cache: EvalCache, val_shard: Any, collate: ArrowCollate, epoch: int) -> None:
+def _end_of_epoch(w: Worker, cache: ShardCache, val_cache: EvalCache, val_shard: Any, collate: ArrowCollate,
+                  epoch: int) -> None:
+    if not cache.ready and w.state.step < w.args.total_steps:  # (every rank is at the same step)
+        _cache_ready_everywhere(cache)
     if val_shard is None:
         return
     if val_cache.ready:
@@ -330,20 +309,14 @@ def _kept(batches: Iterable[Batch], cache: EvalCache) -> Iterator[Batch]:
         yield x, y
 
 
-def _cache_ready_everywhere(cache: EvalCache) -> bool:
+def _cache_ready_everywhere(cache: ShardCache | EvalCache) -> bool:
     """Seal the cache; every rank switches to it only if every rank has it (shards stay in step)."""
-    ready = _everywhere(cache.seal())
-    if not ready:
-        cache.drop()
-    return ready
-
-
-def _everywhere(flag: bool) -> bool:
-    """True when `flag` is true on every rank (a CPU tensor: the process group has gloo for those)."""
-    value = torch.tensor([1.0 if flag else 0.0])
+    flag = torch.tensor([1.0 if cache.seal() else 0.0])
     if dist.is_initialized():
-        dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item())
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if not flag.item():
+        cache.drop()
+    return bool(flag.item())
 
 
 @torch.no_grad()

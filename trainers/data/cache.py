@@ -1,12 +1,11 @@
-"""A worker's training shard, kept in memory when it fits a budget.
+"""A worker's training shard, kept in memory after its first pass when it fits a budget.
 
-Ray Data streams and collates every batch; for a shard that fits in memory, training can index
-tensors instead, as a plain PyTorch loop does. The loop reads Ray Data's pass whole into the
-cache before the first step (after every (re)start), so training never shares the CPU with
-streaming; every epoch then visits that shard in a fresh random order (seeded per epoch and
-rank). The pass's last partial batch (fewer rows than a local batch) is dropped and stays out of
-the cache. The validation shard is kept the same way (`EvalCache`), whole and in order, after
-its first evaluation.
+Ray Data streams and collates every batch of every epoch; for a shard that fits in memory, the
+later epochs can index tensors instead, as a plain PyTorch loop does. The first pass (after every
+(re)start) still streams from Ray Data and records what it yields; the cached epochs then visit
+that same shard in a fresh random order (seeded per epoch and rank). The last partial batch of
+the first pass (fewer rows than a local batch) is dropped there and stays out of the cache.
+The validation shard is kept the same way (`EvalCache`), whole and in order.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ import torch
 
 
 class ShardCache:
-    """Collects ``(x, y)`` batches of a streaming pass; replays them shuffled once sealed.
+    """Collects ``(x, y)`` batches during a streaming pass; replays them shuffled afterwards.
 
     Gives up (and frees what it holds) as soon as the shard's estimated size passes
     ``budget_bytes``: the estimate is the first batch's bytes per sample times ``expected_samples``,
@@ -51,7 +50,7 @@ class ShardCache:
             self._ys.append(y.detach().cpu())
 
     def seal(self) -> bool:
-        """End of the pass: join the batches; True when the cache can serve epochs."""
+        """End of the first full pass: join the batches; True when the cache can serve epochs."""
         if self.enabled and self._xs and not self.ready:
             self._x = torch.cat(self._xs)
             self._y = torch.cat(self._ys) if self._ys else None
