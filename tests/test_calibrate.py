@@ -29,6 +29,7 @@ from orchestrator.planner import (
     save_cluster,
     save_observations,
 )
+from orchestrator.planner.explain import describe_calibration as explain_calibration
 from orchestrator.planner.model import effective_network
 from orchestrator.planner.refit import with_network
 
@@ -49,13 +50,13 @@ MODELS = [model("resnet", 25, 0.1), model("vit", 86, 0.2), model("gpt", 124, 0.3
 
 
 def observe(profiles: list[Profile], *, seed: int = 0, stragglers: float = 0.0,
-            places: tuple[tuple[int, int], ...] = PLACES) -> list[Observation]:
+            places: tuple[tuple[int, int], ...] = PLACES, truth: ClusterSpec = TRUTH) -> list[Observation]:
     rng = np.random.default_rng(seed)
     out = []
     for p in profiles:
         for nodes, gpus in places:
             for batch in (16, 32, 64):
-                t = predict(p, TRUTH, nodes=nodes, gpus_per_node=gpus, local_batch=batch).step_time_s
+                t = predict(p, truth, nodes=nodes, gpus_per_node=gpus, local_batch=batch).step_time_s
                 t *= math.exp(rng.normal(0, 0.03)) * (3.0 if rng.random() < stragglers else 1.0)
                 out.append(Observation(profile=p, nodes=nodes, gpus_per_node=gpus, local_batch=batch, step_time_s=t,
                                        source="synthetic"))
@@ -85,6 +86,21 @@ def test_stragglers_do_not_drag_the_fit() -> None:
     noisy = calibrate(SPEC, observe(MODELS, stragglers=0.15))  # 15 % of the steps 3x slow
     assert noisy.calibration.inter_GBps == pytest.approx(effective_network(TRUTH).inter_Bps / 1e9, rel=0.1)
     assert np.median(errors(noisy, observe(MODELS, seed=5))) < 0.05  # steps without stragglers
+
+
+def test_ranks_that_drift_apart_are_learned_as_jitter_and_carry_over() -> None:
+    # Each rank's compute varies by 6 %: a step waits for the slowest of P, whatever the gradient.
+    truth = TRUTH.replace(calibration=TRUTH.calibration.replace(jitter=0.06))
+    held = MODELS[3]
+    cal = calibrate(SPEC, observe([m for m in MODELS if m is not held], truth=truth))
+    assert "jitter" in cal.calibration.fitted
+    assert cal.calibration.jitter == pytest.approx(0.06, abs=0.02)
+    new = observe([held], seed=1, truth=truth)
+    assert np.median(errors(cal, new)) < 0.05
+    # one rank waits for no one: the jitter costs nothing there
+    one = predict(held, cal, nodes=1, gpus_per_node=1, local_batch=64)
+    assert one.step_time_s == pytest.approx(predict(held, SPEC, nodes=1, gpus_per_node=1, local_batch=64).step_time_s)
+    assert "straggler jitter" in explain_calibration(cal.calibration)
 
 
 def test_never_worse_than_the_cluster_given() -> None:

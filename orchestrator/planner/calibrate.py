@@ -3,7 +3,8 @@
 From step times of real jobs (`calibrate`, any number of models and placements) or from
 all-reduce timings (`calibrate_allreduce`, what `orchestrator probe-network` measures), fit the
 few physical parameters of network.py: the achieved intra-node bus bandwidth, the inter-node
-bandwidth, a common scale of the latencies, and the overlap with backward. The loss is robust
+bandwidth, a common scale of the latencies, the overlap with backward, and the ranks' step-time
+jitter (the wait for the slowest rank, network.py: stragglers). The loss is robust
 (fit.py: Huber on log(predicted / observed)). A parameter the observations cannot identify (no
 multi-node step: the inter-node bandwidth) keeps its prior and is reported as not fitted; a fit
 that does not beat the given figures on the same observations is not returned (the input's
@@ -25,19 +26,22 @@ import numpy as np
 from orchestrator.errors import UserError
 from orchestrator.planner.fit import LOG_RANGE, Space, data_loss, minimize, polish, sensitive
 from orchestrator.planner.model import PerformanceModel, effective_network
-from orchestrator.planner.network import Network, exposed_s, ring_latency, ring_links, ring_volume
+from orchestrator.planner.network import Network, exposed_s, ring_latency, ring_links, ring_volume, expected_max_normal
 from orchestrator.planner.types import AllReduceSample, Calibration, ClusterSpec, Observation, Residuals
 from trainers.batching import split_global_batch
 
-PARAMETERS = ("intra_GBps", "inter_GBps", "latency", "overlap")
+PARAMETERS = ("intra_GBps", "inter_GBps", "latency", "overlap", "jitter")
 # The priors' widths (one standard deviation; log factors for bandwidths and latency): achieved
 # bandwidth may lie an order of magnitude below the priors (the 5-15x measured on PCIe/Ethernet
 # clusters); NCCL's hop latencies hold within a few times on a healthy fabric; the overlap is
-# anyone's guess between none and full. Judgements, documented in docs/planner.md.
+# anyone's guess between none and full; a rank's step-time jitter (CV) starts at none and a few
+# per cent is common, half the step is the most it may take. Judgements, docs/planner.md.
 BANDWIDTH_SIGMA, LATENCY_SIGMA, OVERLAP_SIGMA = math.log(10), math.log(3), 0.5
+JITTER_MAX, JITTER_SIGMA = 0.5, 0.1
 SPACES = [Space(-LOG_RANGE, LOG_RANGE, math.log(100), BANDWIDTH_SIGMA)] * 2 + [
-    Space(-LOG_RANGE, LOG_RANGE, math.log(100), LATENCY_SIGMA), Space(0.0, 1.0, 0.5, OVERLAP_SIGMA)]
-MOVES = [(-LOG_RANGE, LOG_RANGE)] * 3 + [(0.0, 1.0)]
+    Space(-LOG_RANGE, LOG_RANGE, math.log(100), LATENCY_SIGMA), Space(0.0, 1.0, 0.5, OVERLAP_SIGMA),
+    Space(0.0, JITTER_MAX, JITTER_MAX / 2, JITTER_SIGMA)]
+MOVES = [(-LOG_RANGE, LOG_RANGE)] * 3 + [(0.0, 1.0), (0.0, JITTER_MAX)]
 # A parameter is fitted only when moving it to either end of its range (x/1000; overlap 0 or 1)
 # moves the prediction of at least MIN_SENSITIVE observations by SENSITIVITY or more: otherwise
 # no value it could take shows in these observations.
@@ -62,7 +66,7 @@ def _scaled(start: Network, theta: np.ndarray) -> Network:
     latency = np.exp(t[:, 2:3])
     return Network(intra_Bps=start.intra_Bps * np.exp(t[:, 0:1]), inter_Bps=start.inter_Bps * np.exp(t[:, 1:2]),
                    base_s=start.base_s * latency, intra_hop_s=start.intra_hop_s * latency,
-                   inter_hop_s=start.inter_hop_s * latency, overlap=t[:, 3:4])
+                   inter_hop_s=start.inter_hop_s * latency, overlap=t[:, 3:4], jitter=t[:, 4:5])
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +93,7 @@ class Problem:
         intra_volume, inter_volume = volume * crosses_intra, volume * crosses_inter
         latency = ring_latency(self.nodes, self.gpus_per_node, start)
         known = ~np.isnan(self.table) if self.steps else None
+        slowest = expected_max_normal(self.nodes * self.gpus_per_node)  # of P ranks, in standard deviations
 
         def predict(theta: np.ndarray) -> np.ndarray:
             t = np.atleast_2d(theta)
@@ -97,7 +102,8 @@ class Problem:
             if not self.steps:
                 return per
             per = np.where(known, self.table, per)
-            return np.maximum(self.compute + exposed_s(per, self.buckets, self.backward, t[:, 3:4]), self.data)
+            compute = self.compute * (1.0 + t[:, 4:5] * slowest)
+            return np.maximum(compute + exposed_s(per, self.buckets, self.backward, t[:, 3:4]), self.data)
         return predict
 
     def subset(self, mask: np.ndarray) -> Problem:
@@ -171,7 +177,8 @@ def _identifiable(problem: Problem, predict: Any, start: np.ndarray,
     free, why = [], {}
     for i, name in enumerate(PARAMETERS):
         if i not in allowed:
-            why[name] = "all-reduce timings alone say nothing about the overlap with backward"
+            why[name] = ("all-reduce timings alone say nothing about the overlap with backward or about "
+                         "stragglers")
         elif not level.get(i, problem.nodes > 0).any() or not _shows(predict, start, i, level.get(i)):
             why[name] = _why_not(problem, name)
         else:
@@ -249,13 +256,14 @@ def network_fields(network: Network) -> dict[str, float]:
 
     return {"intra_GBps": one(network.intra_Bps) / 1e9, "inter_GBps": one(network.inter_Bps) / 1e9,
             "base_latency_us": one(network.base_s) * 1e6, "latency_us": one(network.intra_hop_s) * 1e6,
-            "inter_latency_us": one(network.inter_hop_s) * 1e6, "overlap": one(network.overlap)}
+            "inter_latency_us": one(network.inter_hop_s) * 1e6, "overlap": one(network.overlap),
+            "jitter": one(network.jitter)}
 
 
 def _calibrated(cluster: ClusterSpec, problem: Problem, *, allowed: Sequence[int], source: str,
                 measured_at: str | None, total: int, models: list[str], placements: list[str]) -> ClusterSpec:
     start_net = effective_network(cluster)
-    start = np.array([0.0, 0.0, 0.0, float(start_net.overlap)])
+    start = np.array([0.0, 0.0, 0.0, float(start_net.overlap), float(start_net.jitter)])
     predict = problem.predictor(start_net)
     free, why = _identifiable(problem, predict, start, allowed)
     theta, kept = _fit(problem, start_net, start, free) if len(problem) else (start, True)
@@ -279,7 +287,7 @@ def calibrate(cluster: ClusterSpec, observations: Iterable[Observation], *, sour
     for i, o in enumerate(items):
         if not isinstance(o, Observation):
             raise UserError(f"calibrate.observations[{i}]: must be an Observation, got {type(o).__name__}")
-    return _calibrated(cluster, step_problem(cluster, items), allowed=range(4), source=source,
+    return _calibrated(cluster, step_problem(cluster, items), allowed=range(5), source=source,
                        measured_at=measured_at, total=len(items), models=sorted({o.profile.model for o in items}),
                        placements=sorted({f"{o.nodes}x{o.gpus_per_node}" for o in items}))
 

@@ -25,6 +25,7 @@ SHRINK = 0.4
 SEARCH_STEPS = 100  # pattern-search iterations at most
 FINEST_STEP = 1e-3  # in log units (0.1 %) or overlap share
 POLISH_STEP = 0.05  # a subsample's fit is this near the full data's
+POLISH_FINEST = 0.01  # and polishing it finer than 1 % moves no prediction that matters
 
 Predictor = Callable[[np.ndarray], np.ndarray]  # parameters (G, P) -> predictions (G, n)
 
@@ -86,7 +87,7 @@ def polish(predict: Predictor, observed: np.ndarray, start: np.ndarray, spaces: 
     low = np.array([s.low for s in spaces])
     high = np.array([s.high for s in spaces])
     return _pattern_search(_objective(predict, observed, start, spaces), theta, _directions(len(start), free),
-                           low, high, step=step)
+                           low, high, step=step, finest=POLISH_FINEST)
 
 
 def _directions(size: int, free: list[int]) -> np.ndarray:
@@ -103,11 +104,11 @@ def _directions(size: int, free: list[int]) -> np.ndarray:
 
 
 def _pattern_search(loss: Callable[[np.ndarray], np.ndarray], theta: np.ndarray, moves: np.ndarray,
-                    low: np.ndarray, high: np.ndarray, *, step: float) -> np.ndarray:
+                    low: np.ndarray, high: np.ndarray, *, step: float, finest: float = FINEST_STEP) -> np.ndarray:
     best = float(loss(theta[None, :])[0])
     largest = step
     for _ in range(SEARCH_STEPS):
-        if step < FINEST_STEP or not len(moves):
+        if step < finest or not len(moves):
             break
         trial = np.clip(theta + step * moves, low, high)
         values = loss(trial)

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator.planner.network import AllReduceTable, Network, allreduce_s, exposed_s
+from orchestrator.planner.network import AllReduceTable, Network, allreduce_s, exposed_s, straggler_factor
 from orchestrator.planner.priors import LinkKinds, link_kinds, prior_network, prior_width
 from orchestrator.planner.results import Placement, Prediction
 from orchestrator.planner.types import ClusterSpec, Profile, ProfileSample
@@ -60,7 +60,8 @@ def effective_network(cluster: ClusterSpec, kinds: LinkKinds | None = None) -> N
     if cal is None:
         return prior_network(cluster, kinds or link_kinds(cluster))
     return Network(intra_Bps=cal.intra_GBps * 1e9, inter_Bps=cal.inter_GBps * 1e9, base_s=cal.base_latency_us * 1e-6,
-                   intra_hop_s=cal.latency_us * 1e-6, inter_hop_s=cal.inter_latency_us * 1e-6, overlap=cal.overlap)
+                   intra_hop_s=cal.latency_us * 1e-6, inter_hop_s=cal.inter_latency_us * 1e-6, overlap=cal.overlap,
+                   jitter=cal.jitter)
 
 
 def ring_allreduce_s(cluster: ClusterSpec, *, nodes: int, gpus_per_node: int, nbytes: float, messages: int = 1) -> float:
@@ -227,6 +228,8 @@ class PerformanceModel:
               compute_s: Any = None) -> Steps:
         """Step times at each row, the network time scaled by `comm_factor`."""
         compute, backward, data = self.compute_terms(gpus_per_node, micro, accum, compute_s)
+        if self.network.jitter:
+            compute = compute * straggler_factor(nodes, gpus_per_node, self.network.jitter)
         per_bucket = self.per_bucket(nodes, gpus_per_node) * comm_factor
         exposed = exposed_s(per_bucket, self.buckets, backward, self.network.overlap)
         return Steps(step=np.maximum(compute + exposed, data), compute=compute, comm=self.buckets * per_bucket,

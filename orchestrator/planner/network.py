@@ -18,6 +18,11 @@ overlap   DDP all-reduces k buckets, each as soon as backward has produced it (L
               exposed = k c - min((k-1) c, overlap x T_bwd x (k-1)/k)
           (c: one bucket's all-reduce, T_bwd: the backward pass). overlap = 1 is the most a
           separate stream allows; 0 is no overlap at all.
+stragglers a synchronous step waits for the slowest rank: with each rank's compute varying
+          independently by a coefficient of variation `jitter`, the expected slowest of P is
+          1 + jitter x E[max of P standard normals] times the mean (order statistics; Blom's
+          approximation of the expected maximum). 0 without a calibration: one profiled worker
+          says nothing about how a cluster's ranks drift apart.
 """
 
 from __future__ import annotations
@@ -26,10 +31,12 @@ import bisect
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
 
+_NORMAL = NormalDist()
 Array = Any  # a float or a numpy array: every function here broadcasts
 
 
@@ -43,6 +50,8 @@ class Network:
     intra_hop_s: float  # per ring step between GPUs of one node
     inter_hop_s: float  # per ring step between nodes
     overlap: float  # share of full speed the all-reduce gets while backward runs
+    jitter: float = 0.0  # one rank's step-time spread (coefficient of variation): stragglers
+
 
     def scaled(self, factor: float, *, intra: bool = True, inter: bool = True) -> Network:
         """Communication `factor` times slower (bandwidths divided, latencies multiplied), on the
@@ -94,6 +103,20 @@ def exposed_s(per_bucket: Array, buckets: Array, backward_s: Array, overlap: Arr
     """Seconds of all-reduce left after backward (module doc: the bucket queue)."""
     hidden = np.minimum((buckets - 1) * per_bucket, overlap * backward_s * (buckets - 1) / buckets)
     return buckets * per_bucket - hidden
+
+
+def straggler_factor(nodes: Array, gpus_per_node: Array, jitter: Array) -> Array:
+    """1 + jitter x E[max of P standard normals] (Blom's approximation): a synchronous step waits
+    for the slowest of P ranks whose compute varies independently by `jitter` (1 on one rank)."""
+    ranks = np.asarray(nodes, dtype=float) * np.asarray(gpus_per_node, dtype=float)
+    return 1.0 + jitter * expected_max_normal(ranks)
+
+
+def expected_max_normal(n: Array) -> Array:
+    n = np.asarray(n, dtype=float)
+    unique, inverse = np.unique(n, return_inverse=True)
+    values = np.array([0.0 if k <= 1 else _NORMAL.inv_cdf((k - 0.375) / (k + 0.25)) for k in unique.ravel()])
+    return values[inverse].reshape(n.shape)
 
 
 class AllReduceTable:

@@ -138,6 +138,7 @@ class Calibration(Model):
     latency_us: NonNegativeFloat  # per ring step inside a node
     inter_latency_us: NonNegativeFloat  # per ring step between nodes
     overlap: Share  # share of full all-reduce speed while backward runs
+    jitter: NonNegativeFloat = 0.0  # one rank's step-time spread (CV): the wait for the slowest rank
     fitted: tuple[str, ...] = ()  # the parameters these observations identified
     not_fitted: dict[str, str] = Field(default_factory=dict)  # parameter -> why it kept its prior
     observations: NonNegativeInt = 0
