@@ -26,7 +26,7 @@ import numpy as np
 from orchestrator.errors import UserError
 from orchestrator.planner.fit import LOG_RANGE, Space, data_loss, minimize, polish, sensitive
 from orchestrator.planner.model import PerformanceModel, effective_network
-from orchestrator.planner.network import Network, exposed_s, ring_latency, ring_links, ring_volume, expected_max_normal
+from orchestrator.planner.network import Network, expected_max_normal, exposed_s, ring_latency, ring_links, ring_volume
 from orchestrator.planner.types import AllReduceSample, Calibration, ClusterSpec, Observation, Residuals
 from trainers.batching import split_global_batch
 
@@ -102,7 +102,7 @@ class Problem:
             if not self.steps:
                 return per
             per = np.where(known, self.table, per)
-            compute = self.compute * (1.0 + t[:, 4:5] * slowest)
+            compute = self.compute * (1.0 + t[:, 4:5] * slowest)  # network.straggler_factor, precomputed
             return np.maximum(compute + exposed_s(per, self.buckets, self.backward, t[:, 3:4]), self.data)
         return predict
 

@@ -52,7 +52,6 @@ class Network:
     overlap: float  # share of full speed the all-reduce gets while backward runs
     jitter: float = 0.0  # one rank's step-time spread (coefficient of variation): stragglers
 
-
     def scaled(self, factor: float, *, intra: bool = True, inter: bool = True) -> Network:
         """Communication `factor` times slower (bandwidths divided, latencies multiplied), on the
         intra-node level, the inter-node level, or both."""
@@ -113,6 +112,9 @@ def straggler_factor(nodes: Array, gpus_per_node: Array, jitter: Array) -> Array
 
 
 def expected_max_normal(n: Array) -> Array:
+    """E[max of n standard normals] per element (0 for n <= 1), by Blom's approximation
+    Phi^-1((n - 0.375) / (n + 0.25)): 0.59 at 2, 1.05 at 4, 1.43 at 8, 1.77 at 16 (exact: 0.56,
+    1.03, 1.42, 1.77)."""
     n = np.asarray(n, dtype=float)
     unique, inverse = np.unique(n, return_inverse=True)
     values = np.array([0.0 if k <= 1 else _NORMAL.inv_cdf((k - 0.375) / (k + 0.25)) for k in unique.ravel()])
