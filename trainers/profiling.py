@@ -25,7 +25,7 @@ from trainers.config import WorkerConfig
 from trainers.data import open_dataset
 from trainers.data.collate import Collate
 from trainers.models import build_model
-from trainers.step import TrainStep, compiled, make_optimizer, seed_everything
+from trainers.step import TrainStep, compiled, eager, make_optimizer, seed_everything
 
 WARMUP_STEPS = 2
 TIMED_STEPS = 5
@@ -82,8 +82,8 @@ class Bench:
         self.model = build_model(cfg.model.name, cfg.model.kwargs).to(device)
         self.optimizer = make_optimizer(self.model, cfg.training)
         self.step = TrainStep(compiled(self.model, cfg.training), self.optimizer, cfg=cfg.training, device=device)
-        # Gradient norms for the noise scale are statistics, not timings: the uncompiled module
-        # gives the same gradients without compiling two more batch shapes.
+        # Gradient norms for the noise scale are statistics, not timings: the module run eagerly
+        # (`_noise_scale`) gives the same gradients without compiling two more batch shapes.
         self.plain = TrainStep(self.model, self.optimizer, cfg=cfg.training, device=device)
         self.collate = Collate(cfg.data)
 
@@ -136,12 +136,13 @@ def gradient_noise_scale(small: tuple[int, list[float]], big: tuple[int, list[fl
 def _noise_scale(bench: Bench, rows: dict[str, Any], sizes: tuple[int, int]) -> float | None:
     available = len(next(iter(rows.values())))
     norms: dict[int, list[float]] = {}
-    for size in sizes:
-        norms[size] = []
-        for i in range(NOISE_BATCHES):
-            bench.plain.accumulate([bench.batch(rows, size, offset=(i * size) % max(available - size, 1))])
-            norms[size].append(bench.grad_sq_norm())
-            bench.plain.discard()
+    with eager():  # blocks compiled in place (step.compiled) run eagerly: no compile of these shapes
+        for size in sizes:
+            norms[size] = []
+            for i in range(NOISE_BATCHES):
+                bench.plain.accumulate([bench.batch(rows, size, offset=(i * size) % max(available - size, 1))])
+                norms[size].append(bench.grad_sq_norm())
+                bench.plain.discard()
     return gradient_noise_scale((sizes[0], norms[sizes[0]]), (sizes[1], norms[sizes[1]]))
 
 
