@@ -42,6 +42,7 @@ def _attempt(name: str, failures: dict[str, str], fn: Callable[[], T]) -> T | No
 
 def run(only: set[str], *, repeats: int, cold_repeats: int, ws: Workspace) -> dict[str, SectionResult]:
     from benchmarks import (
+        bench_compile,
         bench_data,
         bench_planner,
         bench_profiler,
@@ -92,6 +93,10 @@ def run(only: set[str], *, repeats: int, cold_repeats: int, ws: Workspace) -> di
             results["data"] = _attempt("data", failures, lambda: bench_data.measure(ws, workloads))
         if "profiler" in only:
             results["profiler"] = _attempt("profiler", failures, lambda: bench_profiler.measure(ws, workloads))
+            compile_cost = _attempt("profiler (compile)", failures, bench_compile.measure)
+            if results["profiler"] and compile_cost:
+                results["profiler"].rows += compile_cost.rows
+                results["profiler"].details["compile"] = compile_cost.details
     sections = {}
     for name in SECTIONS:
         if name in only:
