@@ -5,10 +5,11 @@ at once (`torch.compile(model)`, what it did before), side by side.
 Compiling is CPU work (tracing, inductor's code generation, the C++/Triton compiler), and it is
 most of what profiling a compiled transformer costs: one GPU sits idle while it runs. Each run is
 a fresh process with its own empty inductor cache, so neither reuses the other's kernels; the
-figure is the first training step (compile + one step) and the median of the next five steps.
+figure is the first training step (compile + one step) and the median of the next ten steps,
+three pairs interleaved.
 Context 64 and local batch 2 keep the CPU steps short; compile time hardly depends on them.
 
-    python -m benchmarks.bench_compile          # prints JSON
+    python -m benchmarks.bench_compile [--repeats 3]          # prints JSON
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from benchmarks.harness import Row, SectionResult, Stat, child_env, paired_ratio
 
 SECTION = "profiler"
 GPT2_SHAPE = {"vocab_size": 256, "context": 64, "n_layer": 12, "n_head": 12, "n_embd": 768, "dropout": 0.0}
-STEPS = 5
+STEPS = 10
+REPEATS = 3  # the steady CPU step is noisy on a shared machine: a median of three interleaved pairs
 
 _CHILD = """
 import json, sys, time, torch
@@ -54,7 +56,7 @@ def _run(variant: str) -> dict[str, float]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run(repeats: int = 1) -> dict[str, list[dict[str, float]]]:
+def run(repeats: int = REPEATS) -> dict[str, list[dict[str, float]]]:
     results: dict[str, list[dict[str, float]]] = {"per_block": [], "whole": []}
     for _ in range(repeats):  # interleaved, so a slow spell of the machine hits both
         for variant in ("per_block", "whole"):
@@ -80,9 +82,13 @@ def summarize(results: dict[str, list[dict[str, float]]]) -> SectionResult:
     return SectionResult(rows=rows, details=results)
 
 
-def measure(repeats: int = 1) -> SectionResult:
+def measure(repeats: int = REPEATS) -> SectionResult:
     return summarize(run(repeats))
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(), indent=2))
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=REPEATS)
+    print(json.dumps(run(parser.parse_args().repeats), indent=2))
