@@ -21,8 +21,8 @@ CFG = TrainingConfig(max_steps=1, compile=True, optimizer="sgd", lr=0.1)
 GPT = {"vocab_size": 64, "context": 16, "n_layer": 3, "n_head": 2, "n_embd": 32, "dropout": 0.0}
 
 
-def _step(model: torch.nn.Module, plain: torch.nn.Module, tokens: torch.Tensor) -> float:
-    step = TrainStep(model, make_optimizer(plain, CFG), cfg=CFG, device=torch.device("cpu"))
+def _step(model: torch.nn.Module, tokens: torch.Tensor) -> float:
+    step = TrainStep(model, make_optimizer(model, CFG), cfg=CFG, device=torch.device("cpu"))
     return float(step([(tokens, None)]))
 
 
@@ -45,14 +45,14 @@ def test_each_block_compiled_in_place_once_for_all_layers_same_loss_same_keys() 
     assert all(b._compiled_call_impl is not None for b in model.blocks)
     assert list(model.state_dict()) == keys  # checkpoints keep their keys
 
-    loss = _step(model, model, tokens)
-    assert abs(loss - _step(reference, reference, tokens)) < 1e-4
+    loss = _step(model, tokens)
+    assert abs(loss - _step(reference, tokens)) < 1e-4
     for a, b in zip(model.parameters(), reference.parameters(), strict=True):  # the same update
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 1  # one block's graph serves all three layers
 
     with eager():  # another shape, run eagerly: nothing more compiled
-        _step(model, model, torch.randint(0, 64, (7, 16)))
+        _step(model, torch.randint(0, 64, (7, 16)))
     assert counters["stats"]["unique_graphs"] == 1
 
 

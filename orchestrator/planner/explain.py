@@ -105,8 +105,8 @@ def describe_calibration(cal: Calibration) -> str:
     return (f"network calibrated from {cal.source} ({_plural(cal.observations, 'observation')}, "
             f"{_plural(len(cal.models), 'model')}, {cal.measured_at}){kept}: {cal.intra_GBps:.3g} GB/s per GPU "
             f"inside a node, {cal.inter_GBps:.3g} GB/s per node between nodes, {cal.latency_us:.3g}/"
-            f"{cal.inter_latency_us:.3g} us per ring step, overlap {cal.overlap:.2f}, straggler jitter {cal.jitter:.0%}; "
-            f"fitted: {fitted}")
+            f"{cal.inter_latency_us:.3g} us per ring step, overlap {cal.overlap:.2f}, "
+            f"straggler jitter {cal.jitter:.0%}; fitted: {fitted}")
 
 
 def _percent(log_ratio: float) -> str:
