@@ -182,3 +182,19 @@ def test_observations_round_trip_and_bad_ones_are_one_line(tmp_path: Path) -> No
         load_observations(tmp_path / "bad.json")
     with pytest.raises(UserError, match=r"^calibrate\.observations: must be a non-empty list"):
         calibrate(SPEC, [])
+
+
+def test_public_functions_take_mappings_and_name_what_is_not_one() -> None:
+    obs = observe(MODELS[:1])[:6]
+    from_objects = calibrate(SPEC, obs, measured_at="2026-01-01T00:00:00Z")
+    from_mappings = calibrate(SPEC.to_dict(), (o.to_dict() for o in obs), measured_at="2026-01-01T00:00:00Z")
+    assert from_mappings == from_objects
+    profile = obs[0].profile
+    assert predict(profile.to_dict(), SPEC.to_dict(), nodes=1, gpus_per_node=2, local_batch=32) == \
+        predict(profile, SPEC, nodes=1, gpus_per_node=2, local_batch=32)
+    with pytest.raises(UserError, match=r"^calibrate\.observations: must be a list, got NoneType$"):
+        calibrate(SPEC, None)  # type: ignore[arg-type]
+    with pytest.raises(UserError, match=r"^calibrate\.observations\[1\]\.step_time_s: must be > 0, got -1$"):
+        calibrate(SPEC, [obs[0], {**obs[1].to_dict(), "step_time_s": -1}])
+    with pytest.raises(UserError, match=r"^plan\.profile: must be a Profile or a mapping, got str$"):
+        plan("profile.json", SPEC)  # type: ignore[arg-type]

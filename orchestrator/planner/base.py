@@ -65,6 +65,16 @@ class Model(BaseModel):
         finally:
             _WHERE.reset(token)
 
+    @classmethod
+    def coerce(cls, value: Any, where: str) -> Self:
+        """`value` itself when it is one already, read from a mapping (`from_dict`) when it is one,
+        else a `UserError`: what the public functions take for each model argument."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            return cls.from_dict(value, where)
+        raise UserError(f"{where}: must be a {cls.__name__} or a mapping, got {type(value).__name__}")
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, without unset optional fields (None, empty lists and mappings)."""
         data = self.model_dump(mode="json", exclude_none=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -281,12 +281,10 @@ def _calibrated(cluster: ClusterSpec, problem: Problem, *, allowed: Sequence[int
 def calibrate(cluster: ClusterSpec, observations: Iterable[Observation], *, source: str = "jobs",
               measured_at: str | None = None) -> ClusterSpec:
     """`cluster` with a calibration section fitted to the observed step times (module doc)."""
-    items = list(observations)
+    cluster = ClusterSpec.coerce(cluster, "calibrate.cluster")
+    items = [Observation.coerce(o, f"calibrate.observations[{i}]") for i, o in enumerate(_listed(observations))]
     if not items:
         raise UserError("calibrate.observations: must be a non-empty list, got []")
-    for i, o in enumerate(items):
-        if not isinstance(o, Observation):
-            raise UserError(f"calibrate.observations[{i}]: must be an Observation, got {type(o).__name__}")
     return _calibrated(cluster, step_problem(cluster, items), allowed=range(5), source=source,
                        measured_at=measured_at, total=len(items), models=sorted({o.profile.model for o in items}),
                        placements=sorted({f"{o.nodes}x{o.gpus_per_node}" for o in items}))
@@ -295,8 +293,15 @@ def calibrate(cluster: ClusterSpec, observations: Iterable[Observation], *, sour
 def calibrate_allreduce(cluster: ClusterSpec, samples: Iterable[AllReduceSample], *, source: str = "probe-network",
                         measured_at: str | None = None) -> ClusterSpec:
     """`cluster` with a calibration section fitted to measured all-reduce times."""
-    items = list(samples)
+    cluster = ClusterSpec.coerce(cluster, "calibrate.cluster")
+    items = [AllReduceSample.coerce(s, f"calibrate.samples[{i}]") for i, s in enumerate(_listed(samples, "samples"))]
     if not items:
         raise UserError("calibrate.samples: must be a non-empty list, got []")
     return _calibrated(cluster, allreduce_problem(items), allowed=range(3), source=source, measured_at=measured_at,
                        total=len(items), models=[], placements=sorted({f"{s.nodes}x{s.gpus_per_node}" for s in items}))
+
+
+def _listed(values: Any, name: str = "observations") -> list[Any]:
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
+        raise UserError(f"calibrate.{name}: must be a list, got {type(values).__name__}")
+    return list(values)

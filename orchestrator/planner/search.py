@@ -49,6 +49,7 @@ def predict(profile: Profile, cluster: ClusterSpec, *, nodes: int, gpus_per_node
     check_arguments("predict", integers={"nodes": nodes, "gpus_per_node": gpus_per_node, "local_batch": local_batch,
                                          "accumulation": accumulation, "total_samples": total_samples,
                                          "reference_batch": reference_batch})
+    profile, cluster = Profile.coerce(profile, "predict.profile"), ClusterSpec.coerce(cluster, "predict.cluster")
     split = split_global_batch(local_batch, workers=1, max_local_batch=profile.max_local_batch)
     rows = Rows.of([(nodes, gpus_per_node, split.local_batch, accumulation * split.accumulation)])
     model = PerformanceModel(profile, cluster)
@@ -172,6 +173,7 @@ def plan(profile: Profile, cluster: ClusterSpec, *, objective: str = "max_throug
     every profiled local batch that fits, without accumulation. The candidate table holds the
     best split at each placement, with the reason it could not be chosen, if any.
     """
+    profile, cluster = Profile.coerce(profile, "plan.profile"), ClusterSpec.coerce(cluster, "plan.cluster")
     goal = Goal(objective=objective, min_efficiency=min_efficiency, global_batch=global_batch,
                 total_samples=total_samples, deadline_s=deadline_s, budget=budget)
     check_goal(goal, cluster, max_gpus)
