@@ -77,13 +77,15 @@ def _command_names(ctx: Any) -> list[str]:
 @app.command()
 def validate(config: Path, set_: SetOption = None) -> None:
     """Check a job config (and its data set's columns, when present) without starting anything."""
+    from orchestrator.config import load_config
+
+    job = load_config(config, set_ or [])  # before torch's import: a bad file is said within a second
+
     import torch
 
-    from orchestrator.config import load_config
     from trainers.data import check_columns
     from trainers.models import build_model
 
-    job = load_config(config, set_ or [])
     with torch.device("meta"):  # checks model.name and model.kwargs without allocating weights
         build_model(job.model.name, job.model.kwargs)
     if job.data.dataset and not all(Path(p).exists() for p in job.data.paths):
@@ -109,16 +111,18 @@ def run(
 ) -> None:
     """Train a job: check data, (plan), launch on Ray Train, track in MLflow."""
     from orchestrator.config import load_config
-    from orchestrator.console_ui import RichUI, result_lines
-    from orchestrator.driver import run_job
-    from orchestrator.driver.run_record import resolve_tracking_uri
 
     overrides = list(set_ or [])
     if address:
         overrides.append(f"ray.address={address}")
     if workers is not None and workers <= 0:
         raise UserError(f"--workers: must be > 0, got {workers}")
-    job = load_config(config, overrides)
+    job = load_config(config, overrides)  # before the driver's imports (torch, Ray): a bad file fails fast
+
+    from orchestrator.console_ui import RichUI, result_lines
+    from orchestrator.driver import run_job
+    from orchestrator.driver.run_record import resolve_tracking_uri
+
     stop = threading.Event()
     with _graceful_stop(stop), RichUI(console) as ui:
         result = run_job(job, workers=workers, config_path=str(config), ui=ui, stop=stop, new_run=new_run)
@@ -173,12 +177,14 @@ def profile(
 ) -> None:
     """Profile the job on ONE worker (one GPU, or the CPU): step time per batch, memory, noise."""
     from orchestrator.config import load_config
+
+    job = load_config(config, list(set_ or []) + ([f"ray.address={address}"] if address else [])).localized()
+
     from orchestrator.driver.data import check_data
     from orchestrator.driver.sizing import live_cluster, wants_gpu
     from orchestrator.profiler import profile_job
     from orchestrator.ray_session import connect_ray
 
-    job = load_config(config, list(set_ or []) + ([f"ray.address={address}"] if address else [])).localized()
     check_data(job)
     connect_ray(job.ray.address)
     use_gpu = wants_gpu(job)

@@ -5,17 +5,21 @@ A job config, cluster spec, profile or plan is a few kilobytes. What is refused,
 - anything but a regular file (a folder, a FIFO or a device would block or never end);
 - files over `MAX_FILE_BYTES`;
 - bytes that are not UTF-8 text;
+- YAML of more than `MAX_VALUES` values or nested deeper than `MAX_DEPTH`, found by counting
+  the parser's events (libyaml's, when PyYAML has it) before anything is built: building four
+  megabytes of small values takes PyYAML a minute here, counting them stops after a tenth of a second;
 - YAML whose aliases expand to more than `MAX_VALUES` values: PyYAML shares an aliased node
   instead of copying it, so a "billion laughs" file loads in microseconds, and then every walk
   over it (overrides, validation, logging) expands it exponentially;
-- nesting deeper than Python's recursion allows, and duplicate keys in one mapping (PyYAML keeps
-  the last one silently; which one the user meant is not ours to guess).
+- duplicate keys in one mapping (PyYAML keeps the last one silently; which one the user meant is
+  not ours to guess).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,8 @@ from orchestrator.errors import UserError
 
 MAX_FILE_BYTES = 4 * 2**20
 MAX_VALUES = 100_000
+MAX_DEPTH = 64
+_Parser = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser where PyYAML was built with it
 
 
 def _text(path: str | Path, what: str) -> tuple[Path, str]:
@@ -44,8 +50,8 @@ def _text(path: str | Path, what: str) -> tuple[Path, str]:
                         f"is this the {what} file?") from None
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses duplicate keys in a mapping."""
+class _StrictLoader(_Parser):  # type: ignore[misc,valid-type]
+    """A safe loader (libyaml's parser where there is one) that refuses duplicate keys in a mapping."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -82,16 +88,38 @@ def _expanded_values(data: Any, limit: int) -> int:
     return size(data)
 
 
+def _check_shape(text: str, path: Path, what: str) -> None:
+    """Count the parser's events (every scalar, alias and collection start is one value) and the
+    nesting, stopping at the first limit passed: nothing is built yet, so this is fast for any file."""
+    values = depth = 0
+    for event in yaml.parse(text, Loader=_Parser):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise UserError(f"{path}: nested too deeply to be a {what} file (more than {MAX_DEPTH} levels)")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+        if isinstance(event, (yaml.CollectionStartEvent, yaml.ScalarEvent, yaml.AliasEvent)):
+            values += 1
+            if values > MAX_VALUES:
+                raise UserError(f"{path}: more than {MAX_VALUES:,} values; a {what} file is far smaller")
+
+
 def read_yaml(path: str | Path, what: str) -> Any:
     """The data of a YAML file (None when it is empty), loaded with a safe loader."""
     path, text = _text(path, what)
     try:
+        _check_shape(text, path, what)
         data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
-        problem = getattr(exc, "problem", None)
-        detail = f": {problem}" if problem and "duplicate key" in problem else ""
+        problem = getattr(exc, "problem", None) or ""
+        if "nesting depth" in problem:  # libyaml's own limit (1,000 levels)
+            raise UserError(f"{path}: nested too deeply to be a {what} file (more than {MAX_DEPTH} levels)") from None
+        detail = f": {problem}" if "duplicate key" in problem else ""
+        if tag := re.search(r"constructor for the tag '([^']*)'", problem):  # !!python/object...: data only
+            detail = f": tag {tag[1].replace('tag:yaml.org,2002:', '!!')} is not allowed"
         raise UserError(f"{path}: not valid YAML{where}{detail}") from None
     except RecursionError:
         raise UserError(f"{path}: nested too deeply to be a {what} file") from None

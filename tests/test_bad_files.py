@@ -28,6 +28,12 @@ HOSTILE: dict[str, tuple[bytes, str]] = {
     "binary": (bytes(range(256)) * 8, "not UTF-8 text (byte 128 is 0x80)"),
     "billion-laughs": (_billion_laughs().encode(), "expands to more than 100,000 values"),
     "deep": (b"a: " + b"[" * 20000 + b"]" * 20000 + b"\n", "nested too deeply"),
+    "deep-block": (b"- " * 5000 + b"x\n", "nested too deeply"),
+    # 4 MB of small values (within the size limit): building them took PyYAML a minute, past the
+    # command test's 30 s timeout; counting the parser's events stops at the limit
+    "many-values": (b"x: [" + b",".join([b"1"] * 2_000_000) + b"]\n", "more than 100,000 values"),
+    "python-tag": (b"name: !!python/object/apply:os.system [echo]\n",
+                   "not valid YAML (line 1): tag !!python/object/apply:os.system is not allowed"),
     "duplicate-key": (b"name: a\nname: b\n", "not valid YAML (line 2): duplicate key 'name'"),
     "oversized": (b"#" * (MAX_FILE_BYTES + 1), "too large for a config file"),
     "tab-indent": (b"name: x\nmodel:\n\tname: cnn\n", "not valid YAML (line 3)"),
@@ -51,7 +57,7 @@ def test_hostile_config_is_one_user_error(kind: str, tmp_path: Path) -> None:
     assert "\n" not in text and str(path) in text and message in text, text
 
 
-@pytest.mark.parametrize("kind", ["binary", "billion-laughs"])
+@pytest.mark.parametrize("kind", ["binary", "billion-laughs", "many-values"])
 def test_hostile_config_through_the_command_is_one_line_exit_2(kind: str, tmp_path: Path) -> None:
     content, message = HOSTILE[kind]
     path = tmp_path / f"{kind}.yaml"
@@ -87,3 +93,17 @@ def test_aliases_within_reason_still_load(tmp_path: Path) -> None:
     path = tmp_path / "anchors.yaml"
     path.write_text("defaults: &d {lr: 0.1, seed: 1}\ntraining: *d\nother: *d\n")
     assert read_yaml(path, "config")["training"] == {"lr": 0.1, "seed": 1}
+
+
+@pytest.mark.parametrize("command", ["validate", "run", "profile"])
+def test_a_bad_config_is_refused_before_torch_or_ray_are_imported(command: str, tmp_path: Path) -> None:
+    """What makes the error come within a second: importing torch alone takes ~2 s here."""
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(HOSTILE["binary"][0])
+    probe = ("import sys\nfrom orchestrator.cli import main\nsys.argv = ['orchestrator', sys.argv[1], sys.argv[2]]\n"
+             "try:\n    main()\nexcept SystemExit as exc:\n"
+             "    print(exc.code, sorted(m for m in ('torch', 'ray', 'mlflow') if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", probe, command, str(path)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.stdout.split() == ["2", "[]"], result.stdout + result.stderr[-2000:]
+    assert "not UTF-8 text" in result.stderr
