@@ -158,6 +158,7 @@ _EXPECTED = {
     "float_parsing": "a number", "float_type": "a number", "bool_parsing": "true or false",
     "bool_type": "true or false", "string_type": "a string", "list_type": "a list",
     "dict_type": "a mapping", "model_type": "a mapping", "model_attributes_type": "a mapping",
+    "finite_number": "a finite number",
 }
 
 

@@ -30,6 +30,9 @@ def write(tmp_path: Path, overrides: list[str], *, drop: str | None = None) -> P
     ("overrides", "expected"),
     [
         (["training.lr=-0.1"], "training.lr: must be > 0, got -0.1"),
+        (["training.lr=.inf"], "training.lr: must be a finite number, got inf"),
+        (["training.lr=.nan"], "training.lr: must be a finite number, got nan"),
+        (["resources.deadline_hours=1e400"], "resources.deadline_hours: must be a finite number"),
         (["training.global_batch_size=0"], "training.global_batch_size: must be > 0, got 0"),
         (["training.epochs=abc"], "training.epochs: "),
         (["training.optimizer=adamx"], "training.optimizer: must be 'adamw', 'adam' or 'sgd', got 'adamx'"),
