@@ -23,6 +23,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import tempfile
 import threading
 import uuid
@@ -32,6 +33,8 @@ import psutil
 import ray
 from ray.train.torch import TorchConfig
 from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch_process_group, _TorchBackend
+
+from orchestrator.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,9 @@ WORKER_ENV = {"RAY_TRAIN_V2_ENABLED": "1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"
 FOOTER_READERS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 FOOTER_READERS = 1
 
+# How long a cluster's address may take to accept a TCP connection before it is called unreachable.
+REACH_TIMEOUT_S = 5.0
+
 _embedded = False
 
 
@@ -69,8 +75,13 @@ def connect_ray(address: str | None) -> None:
     # ray.init() installs its own SIGTERM handler; the caller's (a graceful stop) stays in charge.
     sigterm = signal.getsignal(signal.SIGTERM)
     try:
-        if address:
-            ray.init(address=address, runtime_env={"env_vars": worker_env()}, log_to_driver=False)
+        if address and address != "local":  # "local": a new single-machine Ray, i.e. the embedded one
+            check_reachable(address)
+            try:
+                ray.init(address=address, runtime_env={"env_vars": worker_env()}, log_to_driver=False)
+            except (ConnectionError, ValueError) as exc:  # "auto" with no cluster, a malformed address
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise UserError(f"Ray address {address!r}: {first}") from None
             return
         loopback_only()
         embedded_token()
@@ -81,6 +92,23 @@ def connect_ray(address: str | None) -> None:
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, sigterm)
+
+
+def check_reachable(address: str) -> None:
+    """A `host:port` (or `ray://host:port`) nothing answers at is one line within seconds; Ray
+    itself retries its GCS connection for minutes, logging a warning at each try."""
+    if address.startswith(("http://", "https://")):
+        raise UserError(f"Ray address {address!r}: that is a dashboard (Jobs) URL; give the cluster's GCS "
+                        "address (host:6379) or ray://host:10001, or use `orchestrator submit`")
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto" and the like: Ray resolves them and says what is wrong
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=REACH_TIMEOUT_S).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UserError(f"Ray address {address!r}: nothing answers at {host}:{port} ({reason}); is the cluster up?")\
+            from None
 
 
 def worker_env() -> dict[str, str]:

@@ -18,6 +18,7 @@ from orchestrator.console_ui import ui_command
 from orchestrator.quiet import quiet_noise
 from orchestrator.errors import UserError
 from orchestrator.ray_jobs import check_transport, exit_code, resolve_address
+from orchestrator.ray_session import check_reachable
 
 USAGE_ERRORS = {
     "no arguments": ([], r"Usage: orchestrator \[OPTIONS\] COMMAND", r"Missing command; one of: calibrate, data, jobs, .*validate"),
@@ -137,3 +138,28 @@ def test_python_dash_m_orchestrator_exits_the_same_way() -> None:
     result = subprocess.run([sys.executable, "-m", "orchestrator", "frob"], capture_output=True, text=True,
                             cwd=ROOT, env=base_env(), timeout=60)
     assert result.returncode == 2 and "No such command 'frob'" in result.stderr
+
+
+
+UNREACHABLE = {
+    # Port 1 on the loopback: nothing listens there. Ray alone retries its GCS for minutes.
+    "nothing listens": ("127.0.0.1:1", r"nothing answers at 127\.0\.0\.1:1 \(Connection refused\); is the cluster up\?"),
+    "Ray client": ("ray://127.0.0.1:1", r"nothing answers at 127\.0\.0\.1:1"),
+    "dashboard URL": ("http://127.0.0.1:8265", r"that is a dashboard \(Jobs\) URL"),
+}
+
+
+@pytest.mark.parametrize("address, error", UNREACHABLE.values(), ids=UNREACHABLE.keys())
+def test_a_ray_address_nothing_answers_at_is_refused_before_ray_tries(address: str, error: str) -> None:
+    with pytest.raises(UserError, match=rf"^Ray address '{re.escape(address)}': {error}"):
+        check_reachable(address)
+    check_reachable("auto")  # Ray resolves it (and its error becomes one line in connect_ray)
+
+
+@pytest.mark.parametrize("command", ["probe-network", "run"])
+def test_an_unreachable_ray_address_is_one_line_through_the_command(command: str, tmp_path: Path) -> None:
+    args = ["run", str(ROOT / "configs/digits.yaml")] if command == "run" else ["probe-network"]
+    result = run_cli([*args, "--address", "127.0.0.1:1"], env=base_env(), cwd=tmp_path, timeout_s=60)
+    assert result.returncode == 2, result.stdout + result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: Ray address '127.0.0.1:1': nothing answers"), lines
