@@ -228,13 +228,17 @@ def plan(
     import json
 
     from orchestrator import planner
+    from orchestrator.calibrations import newest
     from orchestrator.plots import print_plan, scaling_plot
 
     if objective not in planner.OBJECTIVES:
         raise UserError(f"--objective: must be one of {', '.join(planner.OBJECTIVES)}, got {objective!r}")
     profile = planner.Profile.load(profile_path)
+    spec, said = newest(planner.load_cluster(cluster))
+    if said:
+        note(said)
     chosen = planner.plan(
-        profile, planner.load_cluster(cluster), objective=objective, min_efficiency=min_efficiency,
+        profile, spec, objective=objective, min_efficiency=min_efficiency,
         global_batch=_held_global_batch(profile, global_batch=global_batch, config=config, vary=vary_batch),
         total_samples=total_samples, deadline_s=deadline_hours * 3600 if deadline_hours else None, budget=budget,
     )
@@ -286,7 +290,9 @@ def probe_network(
 
 @app.command()
 def calibrate(
-    cluster: Annotated[Path, typer.Option(help="Cluster YAML to calibrate (line rates, link kinds).")],
+    cluster: Annotated[Path | None, typer.Option(
+        help="Cluster YAML to calibrate (line rates, link kinds); with --experiment, by default the cluster its "
+             "newest run was planned on.")] = None,
     observations: Annotated[list[Path] | None, typer.Option(help="Observations: a JSON list or JSON lines file "
                                                                    "(repeatable).")] = None,
     experiment: Annotated[str | None, typer.Option(help="Read the observations of every run of this MLflow "
@@ -294,19 +300,29 @@ def calibrate(
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI; default: MLFLOW_TRACKING_URI.")] = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="Calibrated cluster YAML to write.")] = Path("cluster.calibrated.yaml"),
 ) -> None:
-    """Fit the cluster's network to observed step times of any number of models and placements."""
+    """Fit the cluster's network to observed step times of any number of models and placements;
+    `plan` and `run` on that cluster use the newest such calibration from then on."""
     import math
 
-    from orchestrator import planner
+    from orchestrator import calibrations, planner
     from orchestrator.planner.explain import describe_calibration
 
+    spec = planner.load_cluster(cluster) if cluster is not None else None
+    if spec is None and not experiment:
+        raise UserError("calibrate: --cluster: required without --experiment (whose runs say their cluster)")
     found = [o for path in observations or [] for o in planner.load_observations(path)]
     if experiment:
-        found += _observations_from_mlflow(experiment, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+        past = calibrations.history(experiment, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), spec)
+        found += past.observations
+        spec = spec or past.cluster
+        out.print(f"{experiment}: {past.summary()}", highlight=False)
+        if spec is None:
+            raise UserError(f"--experiment {experiment}: no run logged the cluster it ran on; give --cluster FILE")
     if not found:
         raise UserError("calibrate: no observations; give --observations FILE or --experiment NAME")
-    result = planner.calibrate(planner.load_cluster(cluster), found)
+    result = planner.calibrate(spec, found)
     planner.save_cluster(result, output)
+    stored = calibrations.store(result)
     section = result.calibration
     out.print(f"wrote {output}: {describe_calibration(section)}", highlight=False)
     if section.residuals is not None:
@@ -315,27 +331,8 @@ def calibrate(
                   f"{math.exp(r.high) - 1:+.0%} of the prediction", highlight=False)
     for name, why in section.not_fitted.items():
         out.print(f"not fitted: {name}: {why}", highlight=False)
-
-
-def _observations_from_mlflow(experiment: str, tracking_uri: str | None) -> list[Any]:
-    """Every run's observations artifact in the MLflow experiment (runs without one are skipped)."""
-    import tempfile
-
-    from mlflow.tracking import MlflowClient
-
-    from orchestrator.planner import OBSERVATIONS_ARTIFACT, load_observations
-
-    client = MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        raise UserError(f"--experiment: no MLflow experiment named {experiment!r} at {client.tracking_uri}")
-    folder, name = OBSERVATIONS_ARTIFACT.rsplit("/", 1)
-    result = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for run in client.search_runs([found.experiment_id]):
-            if any(a.path == OBSERVATIONS_ARTIFACT for a in client.list_artifacts(run.info.run_id, folder)):
-                result += load_observations(client.download_artifacts(run.info.run_id, OBSERVATIONS_ARTIFACT, tmp))
-    return result
+    out.print(f"stored as cluster {calibrations.cluster_key(result)}'s calibration ({stored}): `plan` and `run` "
+              "on this cluster use the newest one", highlight=False)
 
 
 k8s_app = typer.Typer(help="Kubernetes manifests (KubeRay RayJob / RayCluster).")

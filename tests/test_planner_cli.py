@@ -4,10 +4,12 @@ through a pipe (not a terminal), one-line errors with exit code 2."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+from orchestrator.calibrations import CLUSTER_ARTIFACT, cluster_key
 from orchestrator.planner import (
     OBSERVATIONS_ARTIFACT,
     ClusterSpec,
@@ -27,9 +29,9 @@ CPU_PROFILE = {
 }
 
 
-def orchestrator(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def orchestrator(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, timeout=300,
-                          cwd=cwd)
+                          cwd=cwd, env={**os.environ, **(env or {})})
 
 
 def test_plan_output_is_whole_says_what_it_held_assumed_and_warns(tmp_path: Path) -> None:
@@ -105,3 +107,42 @@ def test_calibrate_from_files_and_from_an_mlflow_experiment(tmp_path: Path) -> N
     (tmp_path / "bad.json").write_text("[{\"nodes\": 1}]")
     bad = orchestrator("calibrate", "--cluster", "cluster.yaml", "--observations", "bad.json", cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "bad.json: observations[0]" in bad.stderr
+
+
+def test_calibrate_an_experiment_on_the_cluster_its_runs_logged_then_plan_with_it(tmp_path: Path) -> None:
+    """`orchestrator calibrate --experiment NAME -o FILE`, as issue 11 spells it: the cluster is the
+    one the newest run was planned on; runs on another cluster are left out and counted; the
+    result is stored, and `plan` on that cluster uses it and says so."""
+    from mlflow.tracking import MlflowClient
+
+    here = ClusterSpec(nodes=2, gpus_per_node=2, intra_node_GBps=16, inter_node_GBps=1.25)
+    elsewhere = here.replace(nodes=4)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("jobs", artifact_location=(tmp_path / "artifacts").as_uri())
+    obs = _observations()
+    for i, (spec, part, start) in enumerate(((here, obs[:5], 1000), (elsewhere, obs[5:], 2000), (here, obs[5:], 3000))):
+        run = client.create_run(experiment, start_time=start).info.run_id
+        client.log_artifact(run, str(save_observations(part, tmp_path / f"run{i}" / "observations.json")), "plan")
+        (tmp_path / f"run{i}" / "cluster.json").write_text(json.dumps(spec.to_dict()))
+        client.log_artifact(run, str(tmp_path / f"run{i}" / "cluster.json"), CLUSTER_ARTIFACT.rsplit("/", 1)[0])
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    proc = orchestrator("calibrate", "--experiment", "jobs", "--tracking-uri", uri, "-o", "cluster.yaml",
+                        cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    key = cluster_key(here)
+    assert f"jobs: 9 observations from 2 run(s) on cluster {key} (1 run(s) left out: on another cluster" in proc.stdout
+    calibrated = load_cluster(tmp_path / "cluster.yaml")
+    assert calibrated.nodes == 2 and calibrated.calibration.observations == 9
+    stored = tmp_path / "cache" / "orchestrator" / "clusters" / f"calibrated-{key}.yaml"
+    assert load_cluster(stored) == calibrated and str(stored) in proc.stdout
+
+    (tmp_path / "profile.json").write_text(json.dumps(CPU_PROFILE))
+    (tmp_path / "spec.yaml").write_text("nodes: 2\ngpus_per_node: 2\nintra_node_GBps: 16\ninter_node_GBps: 1.25\n")
+    planned = orchestrator("plan", "--profile", "profile.json", "--cluster", "spec.yaml", "--json", cwd=tmp_path,
+                           env=env)
+    assert planned.returncode == 0, planned.stderr
+    assert planned.stderr.startswith("calibration: the newest of this cluster, from jobs (9 observations")
+    assert any("stored by `orchestrator calibrate`" in a for a in json.loads(planned.stdout)["assumptions"])
+    unknown = orchestrator("calibrate", "--observations", "obs.json", cwd=tmp_path, env=env)
+    assert unknown.returncode == 2 and "--cluster: required without --experiment" in unknown.stderr

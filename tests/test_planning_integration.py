@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,16 +11,18 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator.planner import Plan, Profile
+from orchestrator.calibrations import CLUSTER_ARTIFACT, CLUSTER_KEY_TAG, cluster_key
+from orchestrator.planner import OBSERVATIONS_ARTIFACT, ClusterSpec, Plan, Profile, load_cluster
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "configs" / "digits.yaml"
 
 
-def orchestrator(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+def orchestrator(*args: str, cwd: Path, timeout: int = 600, env: dict[str, str] | None = None
+                 ) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd)
+                          timeout=timeout, cwd=cwd, env={**os.environ, **(env or {})})
 
 
 def sets(overrides: list[str]) -> list[str]:
@@ -76,3 +79,13 @@ def test_auto_workers_profile_plan_and_log_prediction(ray_cluster, job_overrides
     metrics = run.data.metrics
     assert metrics["plan/predicted_step_time_s"] == pytest.approx(plan.step_time_s)
     assert metrics["plan/observed_step_time_s"] > 0
+    # The cluster it was planned on, by key, for `orchestrator calibrate --experiment` to group runs by
+    assert {CLUSTER_ARTIFACT, OBSERVATIONS_ARTIFACT} <= artifacts
+    cluster = ClusterSpec.load(client.download_artifacts(run_id, CLUSTER_ARTIFACT, str(tmp_path)))
+    assert run.data.tags[CLUSTER_KEY_TAG] == cluster_key(cluster)
+    assert run.data.tags["plan.calibration"].startswith("network calibrated from probe-network")
+    calibrated = orchestrator("calibrate", "--experiment", "digits", "--tracking-uri",
+                              f"sqlite:///{tmp_path / 'mlflow.db'}", "-o", "cluster.yaml", cwd=tmp_path, env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert calibrated.returncode == 0, calibrated.stderr[-3000:]
+    assert f"from 1 run(s) on cluster {cluster_key(cluster)}" in calibrated.stdout
+    assert load_cluster(tmp_path / "cluster.yaml").calibration.source == "jobs"

@@ -60,12 +60,16 @@ def redacted_yaml(path: str) -> str:
 
 
 def _calibration_tags(sizing: Sizing) -> dict[str, str]:
+    """Which network the plan used, and the cluster's key (`orchestrator calibrate` groups runs by it)."""
+    from orchestrator.calibrations import CLUSTER_KEY_TAG, cluster_key
+    from orchestrator.planner.explain import describe_calibration
+
     cluster = sizing.cluster
-    calibration = getattr(cluster, "calibration", None) if cluster is not None else None
-    if calibration is None:
-        return {"plan.calibration": "none: spec and documented priors"} if cluster is not None else {}
-    summary = calibration.summary() if hasattr(calibration, "summary") else str(calibration)
-    return {"plan.calibration": summary[:5000]}
+    if cluster is None:
+        return {}
+    cal = cluster.calibration
+    network = describe_calibration(cal) if cal is not None else "none: spec and documented priors"
+    return {"plan.calibration": network[:5000], CLUSTER_KEY_TAG: cluster_key(cluster)}
 
 
 def description(prepared: Prepared, sizing: Sizing) -> str:
@@ -102,8 +106,12 @@ def _log_sizing(run: Any, sizing: Sizing) -> None:
     """profile.json, plan.json and the scaling plot, plus the prediction as metrics at step 0."""
     from orchestrator.plots import scaling_plot
 
+    from orchestrator.calibrations import CLUSTER_ARTIFACT
+
     if sizing.profile is not None:
         run.log_dict(sizing.profile.to_dict(), "profile/profile.json")
+    if sizing.cluster is not None:  # what the run's observations were taken on
+        run.log_dict(sizing.cluster.to_dict(), CLUSTER_ARTIFACT)
     if sizing.plan is not None:
         run.log_dict(sizing.plan.to_dict(), "plan/plan.json")
         with tempfile.TemporaryDirectory() as tmp:

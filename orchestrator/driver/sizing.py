@@ -94,17 +94,22 @@ def live_cluster(job: JobConfig, *, use_gpu: bool) -> ClusterSpec:
     (`orchestrator probe-network` runs once per cluster fingerprint, cached for this user)."""
     import ray
 
+    from orchestrator.calibrations import newest
     from orchestrator.cluster import calibrated_live_cluster, load_cluster
     from orchestrator.files import user_cache_dir
     from orchestrator.ray_session import embedded
 
     if job.resources.cluster:
-        return load_cluster(job.resources.cluster)
-    per_worker = job.resources.cpus_per_worker
-    if embedded() and not use_gpu:
-        # An embedded Ray declares extra logical CPUs for Ray Data; plan (and probe) the real cores.
-        per_worker *= ray.cluster_resources().get("CPU", 1) / (os.cpu_count() or 1)
-    return calibrated_live_cluster(user_cache_dir("clusters"), use_gpu=use_gpu, cpus_per_worker=per_worker)
+        spec = load_cluster(job.resources.cluster)
+    else:
+        per_worker = job.resources.cpus_per_worker
+        if embedded() and not use_gpu:
+            # An embedded Ray declares extra logical CPUs for Ray Data; plan (and probe) the real cores.
+            per_worker *= ray.cluster_resources().get("CPU", 1) / (os.cpu_count() or 1)
+        spec = calibrated_live_cluster(user_cache_dir("clusters"), use_gpu=use_gpu, cpus_per_worker=per_worker)
+    # A calibration `orchestrator calibrate` fitted later than the spec's own; its note says so in
+    # the plan's explanation and the run's `plan.calibration` tag.
+    return newest(spec)[0]
 
 
 def size_job(job: JobConfig, *, workers: int | None, use_gpu: bool, total_samples: int,

@@ -106,7 +106,7 @@ def describe_calibration(cal: Calibration) -> str:
             f"{_plural(len(cal.models), 'model')}, {cal.measured_at}){kept}: {cal.intra_GBps:.3g} GB/s per GPU "
             f"inside a node, {cal.inter_GBps:.3g} GB/s per node between nodes, {cal.latency_us:.3g}/"
             f"{cal.inter_latency_us:.3g} us per ring step, overlap {cal.overlap:.2f}, "
-            f"straggler jitter {cal.jitter:.0%}; fitted: {fitted}")
+            f"straggler jitter {cal.jitter:.0%}; fitted: {fitted}" + (f" ({cal.note})" if cal.note else ""))
 
 
 def _percent(log_ratio: float) -> str:

@@ -1,0 +1,164 @@
+"""The cluster learns from every job: where its calibrations are kept, which one `plan` and `run`
+use, and the job history `orchestrator calibrate --experiment` fits them to.
+
+Every run logs the cluster it was planned on (`CLUSTER_ARTIFACT`, tag `CLUSTER_KEY_TAG`) beside
+its observations (`OBSERVATIONS_ARTIFACT`). `orchestrator calibrate --experiment NAME` reads them,
+keeps the runs on the cluster of the newest one (or on `--cluster FILE`'s), fits, and stores the
+result in this user's cache, ``$XDG_CACHE_HOME/orchestrator/clusters/calibrated-<key>.yaml``.
+A cluster is known by `cluster_key`: a digest of its hardware as the spec states it (node count,
+GPUs per node, GPU type, link kinds, line rates), so a cluster file and the live cluster it
+describes meet at one key, and a grown or changed cluster gets another. `plan` and `run` then
+take the newest calibration of that cluster, the stored one or the spec's own (a cluster file's,
+a probe's), by `measured_at`, and say which.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import UserError
+from orchestrator.files import user_cache_dir
+from orchestrator.planner import OBSERVATIONS_ARTIFACT, ClusterSpec, Observation, load_cluster, save_cluster
+
+log = logging.getLogger(__name__)
+
+CLUSTER_ARTIFACT = "plan/cluster.json"  # the spec a run was planned on, its calibration included
+CLUSTER_KEY_TAG = "plan.cluster_key"
+KEY_FIELDS = ("nodes", "gpus_per_node", "gpu", "intra_node_GBps", "inter_node_GBps", "intra_link", "inter_link")
+
+
+def cluster_key(spec: ClusterSpec) -> str:
+    """16 hex digits naming the cluster's hardware as `spec` states it (pure; the calibration,
+    latency, price and samples are not part of it)."""
+    blob = json.dumps({f: getattr(spec, f) for f in KEY_FIELDS}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def stored_path(spec: ClusterSpec, root: str | Path | None = None) -> Path:
+    return Path(root or user_cache_dir("clusters")) / f"calibrated-{cluster_key(spec)}.yaml"
+
+
+def store(spec: ClusterSpec, root: str | Path | None = None) -> Path:
+    """Keep `spec` (calibrated) as its cluster's newest calibration, unless a newer one is stored."""
+    if spec.calibration is None:
+        raise ValueError("store: the spec has no calibration")
+    path = stored_path(spec, root)
+    current = _read(path)
+    if current is not None and _when(current) > _when(spec):
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        staged = Path(tmp.name)
+    save_cluster(spec, staged).replace(path)  # whole or not at all: plan and run may read it now
+    return path
+
+
+def newest(spec: ClusterSpec, root: str | Path | None = None) -> tuple[ClusterSpec, str | None]:
+    """`spec` with its cluster's newest calibration, and a line saying where it came from when
+    that is not the spec's own (None: the spec's own calibration, or its priors, stand)."""
+    path = stored_path(spec, root)
+    stored = _read(path)
+    if stored is None or stored.calibration is None or cluster_key(stored) != cluster_key(spec):
+        return spec, None
+    if spec.calibration is not None and _when(spec) >= _when(stored):
+        return spec, None
+    cal = stored.calibration
+    note = f"the newest calibration of this cluster ({cluster_key(spec)}), stored by `orchestrator calibrate`"
+    said = (f"calibration: the newest of this cluster, from {cal.source} ({cal.observations} observations, "
+            f"{cal.measured_at}), {path}" + (f"; newer than the spec's own ({spec.calibration.measured_at})"
+                                             if spec.calibration is not None else ""))
+    return spec.replace(calibration=cal.replace(note=note)), said
+
+
+def _read(path: Path) -> ClusterSpec | None:
+    if not path.is_file():
+        return None
+    try:
+        return load_cluster(path)
+    except UserError as exc:  # a damaged cache never stops a job: the spec's own figures stand
+        log.warning("ignoring a stored calibration: %s", exc)
+        return None
+
+
+def _when(spec: ClusterSpec) -> datetime:
+    text = spec.calibration.measured_at if spec.calibration is not None else ""
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        return datetime.min.replace(tzinfo=timezone.utc)
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+# ---------------------------------------------------------------------------------------------
+# The job history in MLflow
+
+
+@dataclass(frozen=True)
+class History:
+    """The observations to calibrate on, the cluster they were taken on, and what was left out."""
+
+    observations: list[Observation]
+    cluster: ClusterSpec | None  # the newest run's cluster (None: no run logged one)
+    runs: int
+    left_out: dict[str, int]  # why -> runs
+
+    def summary(self) -> str:
+        gone = "; ".join(f"{n} run(s) left out: {why}" for why, n in self.left_out.items())
+        on = f"cluster {cluster_key(self.cluster)}" if self.cluster is not None else "the cluster given"
+        return f"{len(self.observations)} observations from {self.runs} run(s) on {on}" + (f" ({gone})" if gone else "")
+
+
+def history(experiment: str, tracking_uri: str | None, cluster: ClusterSpec | None = None) -> History:
+    """Every run of the MLflow experiment that logged observations, on `cluster` (by key) or,
+    without one, on the cluster of the newest such run. Runs that logged no cluster (older ones)
+    count for a given `cluster` and are left out otherwise."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise UserError(f"--experiment: no MLflow experiment named {experiment!r} at {client.tracking_uri}")
+    logged = []  # (run id, observations, cluster or None), newest first
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"]):
+            run_id = run.info.run_id
+            artifacts = {a.path for a in client.list_artifacts(run_id, OBSERVATIONS_ARTIFACT.rsplit("/", 1)[0])}
+            if OBSERVATIONS_ARTIFACT not in artifacts:
+                continue
+            folder = Path(tmp, run_id)
+            obs = _artifact(client, run_id, OBSERVATIONS_ARTIFACT, folder)
+            spec = _artifact(client, run_id, CLUSTER_ARTIFACT, folder) if CLUSTER_ARTIFACT in artifacts else None
+            logged.append((run_id, obs, spec))
+    chosen = cluster or next((spec for _, _, spec in logged if spec is not None), None)
+    key = cluster_key(chosen) if chosen is not None else None
+    kept: list[Observation] = []
+    runs, left_out = 0, Counter()
+    for _, obs, spec in logged:
+        if spec is None and cluster is None and key is not None:
+            left_out["no cluster logged"] += 1
+        elif spec is not None and key is not None and cluster_key(spec) != key:
+            left_out[f"on another cluster ({cluster_key(spec)})"] += 1
+        else:
+            kept += obs
+            runs += 1
+    return History(kept, None if cluster is not None else chosen, runs, left_out)
+
+
+def _artifact(client: Any, run_id: str, name: str, folder: Path) -> Any:
+    from orchestrator.planner import load_observations
+
+    local = client.download_artifacts(run_id, name, str(folder))
+    try:
+        if name == OBSERVATIONS_ARTIFACT:
+            return load_observations(local)
+        return ClusterSpec.load(local)
+    except UserError as exc:
+        raise UserError(f"run {run_id}: {exc}") from None

@@ -1,0 +1,54 @@
+"""Where a cluster's calibrations live and which one plan and run take: the newest, by when it
+was measured, of the spec's own and the one `orchestrator calibrate` stored for that cluster."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from orchestrator.calibrations import cluster_key, newest, store, stored_path
+from orchestrator.planner import Calibration, ClusterSpec
+
+SPEC = ClusterSpec(nodes=2, gpus_per_node=4, intra_node_GBps=32, inter_node_GBps=3.125, intra_link="pcie",
+                   inter_link="ethernet", gpu="A10")
+
+
+def _calibrated(spec: ClusterSpec, when: str, inter: float) -> ClusterSpec:
+    return spec.replace(calibration=Calibration(source="jobs", measured_at=when, intra_GBps=5.0, inter_GBps=inter,
+                                                base_latency_us=10.0, latency_us=5.0, inter_latency_us=20.0,
+                                                overlap=0.5, observations=12))
+
+
+def test_a_cluster_is_known_by_its_hardware_not_its_calibration_or_price() -> None:
+    assert cluster_key(SPEC) == cluster_key(_calibrated(SPEC, "2026-01-01T00:00:00Z", 1.0))
+    assert cluster_key(SPEC) == cluster_key(SPEC.replace(gpu_hour_cost=2.5, latency_us=9.0))
+    assert cluster_key(SPEC) != cluster_key(SPEC.replace(nodes=3))
+    assert cluster_key(SPEC) != cluster_key(SPEC.replace(inter_link="infiniband"))
+
+
+def test_the_newest_calibration_of_the_cluster_is_used_and_said(tmp_path: Path) -> None:
+    assert newest(SPEC, tmp_path) == (SPEC, None)  # nothing stored: the spec as given
+    stored = store(_calibrated(SPEC, "2026-06-01T00:00:00Z", 0.9), tmp_path)
+    assert stored == stored_path(SPEC, tmp_path) and stored.name == f"calibrated-{cluster_key(SPEC)}.yaml"
+    used, said = newest(SPEC, tmp_path)
+    assert used.calibration.inter_GBps == 0.9 and "newest calibration of this cluster" in used.calibration.note
+    assert said.startswith("calibration: the newest of this cluster, from jobs (12 observations, 2026-06-01")
+    older = _calibrated(SPEC, "2026-01-01T00:00:00Z", 2.0)
+    assert newest(older, tmp_path)[0].calibration.inter_GBps == 0.9  # the stored one is newer
+    fresher = _calibrated(SPEC, "2026-07-01T00:00:00Z", 2.0)
+    assert newest(fresher, tmp_path) == (fresher, None)  # the spec's own is newer: it stands
+    other = SPEC.replace(nodes=4)
+    assert newest(other, tmp_path) == (other, None)  # another cluster's calibration is not this one's
+
+
+def test_an_older_calibration_never_replaces_a_stored_newer_one(tmp_path: Path) -> None:
+    store(_calibrated(SPEC, "2026-06-01T00:00:00Z", 0.9), tmp_path)
+    store(_calibrated(SPEC, "2026-05-01T00:00:00Z", 0.5), tmp_path)
+    assert newest(SPEC, tmp_path)[0].calibration.inter_GBps == 0.9
+    store(_calibrated(SPEC, "2026-06-02T00:00:00Z", 0.5), tmp_path)
+    assert newest(SPEC, tmp_path)[0].calibration.inter_GBps == 0.5
+    assert [p.name for p in tmp_path.iterdir()] == [f"calibrated-{cluster_key(SPEC)}.yaml"]  # no temp files left
+
+
+def test_a_damaged_stored_calibration_is_passed_over(tmp_path: Path) -> None:
+    stored_path(SPEC, tmp_path).write_text("nodes: [\n")
+    assert newest(SPEC, tmp_path) == (SPEC, None)
