@@ -90,3 +90,20 @@ def test_compute_is_refit_from_steps_without_sync_apart_from_the_network() -> No
     assert at(result.profile, CLUSTER, Placement(1, 1)) == pytest.approx(at(PROFILE, CLUSTER, Placement(1, 1)))
     without = refit(PROFILE, CLUSTER, placement=ONE_NODE, local_batch=64, step_times=steps(observed))
     assert without.changed == ("intra",)  # without no-sync steps the network takes the blame
+
+
+def test_bad_arguments_are_one_line_naming_the_argument() -> None:
+    from orchestrator.errors import UserError
+
+    good = steps(at(PROFILE, CLUSTER, TWO_NODES) * 1.5)
+    as_mapping = refit(PROFILE, CLUSTER, placement={"nodes": 2, "gpus_per_node": 4}, local_batch=64, step_times=good)
+    assert as_mapping == refit(PROFILE, CLUSTER, placement=TWO_NODES, local_batch=64, step_times=good)
+    bad = {
+        "placement": ({"placement": "2x4"}, r"^refit\.placement: must be a Placement or a mapping, got str$"),
+        "step_times": ({"step_times": "0.1 0.2"}, r"^refit\.step_times: must be a list of seconds, got str$"),
+        "a step time": ({"step_times": [0.1, "0.2"]}, r"^refit\.step_times\[1\]: must be a number \(seconds\), got '0.2'$"),
+        "warmup": ({"warmup": -5}, r"^refit\.warmup: must be an integer >= 0, got -5$"),
+    }
+    for change, message in bad.values():
+        with pytest.raises(UserError, match=message):
+            refit(PROFILE, CLUSTER, **{"placement": TWO_NODES, "local_batch": 64, "step_times": good, **change})

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 from orchestrator.errors import UserError
@@ -109,6 +109,20 @@ def _steady(times: Sequence[float] | None, warmup: int) -> tuple[int, float, flo
     return len(kept), median, 1.2533 * (q3 - q1) / 1.349 / median / math.sqrt(len(kept))
 
 
+def _times(values: Any, name: str) -> list[float] | None:
+    """A list of seconds (None stays None). Zero, negative and non-finite entries are bad
+    measurements that `_steady` passes over; anything but numbers is the caller's mistake."""
+    if values is None:
+        return None
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
+        raise UserError(f"refit.{name}: must be a list of seconds, got {type(values).__name__}")
+    values = list(values)
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise UserError(f"refit.{name}[{i}]: must be a number (seconds), got {v!r}")
+    return values
+
+
 def refit(profile: Profile, cluster: ClusterSpec, *, placement: Placement, local_batch: int, accumulation: int = 1,
           step_times: Sequence[float], compute_step_times: Sequence[float] | None = None,
           warmup: int = REFIT_WARMUP_STEPS) -> RefitResult:
@@ -116,6 +130,12 @@ def refit(profile: Profile, cluster: ClusterSpec, *, placement: Placement, local
     (seconds per optimizer step, in order), and the same steps without gradient sync if measured.
     The local batch is split into accumulation as `predict` does."""
     check_arguments("refit", integers={"local_batch": local_batch, "accumulation": accumulation})
+    profile, cluster = Profile.coerce(profile, "refit.profile"), ClusterSpec.coerce(cluster, "refit.cluster")
+    placement = Placement.coerce(placement, "refit.placement")
+    step_times = _times(step_times, "step_times")
+    compute_step_times = _times(compute_step_times, "compute_step_times")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise UserError(f"refit.warmup: must be an integer >= 0, got {warmup!r}")
     where = dict(nodes=placement.nodes, gpus_per_node=placement.gpus_per_node, local_batch=local_batch,
                  accumulation=accumulation, reference_batch=profile.max_local_batch)
     before = predict(profile, cluster, **where)
