@@ -11,6 +11,7 @@ The driver half (`orchestrator.profiler`) caches, schedules and assembles the pr
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import platform
@@ -112,6 +113,23 @@ class Bench:
         sample = {"local_batch": size, "step_time_s": fb + op, "fwd_bwd_s": fb, "optimizer_s": op}
         return sample | ({"peak_memory_bytes": peak} if peak is not None else {})
 
+    def fits(self, rows: dict[str, Any], size: int) -> bool:
+        """Whether one step at local batch `size` fits in device memory: one step of the module run
+        eagerly (nothing compiled for the shape, nothing timed). Eager holds at least what the
+        compiled step does (compilation fuses away intermediates), so a fit here is a fit there."""
+        try:
+            self.plain.accumulate([self.batch(rows, size)])
+            self.plain.apply()
+            _sync(self.device)
+            return True
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+            if not _is_oom(exc):
+                raise
+            self.plain.discard()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return False
+
     def grad_sq_norm(self) -> float:
         return float(sum(float(p.grad.float().pow(2).sum()) for p in self.model.parameters() if p.grad is not None))
 
@@ -193,14 +211,15 @@ def measure(config: dict[str, Any], *, budget_s: float, data_s: float) -> dict[s
     bench = Bench(cfg, device)
     sizes = ladder.sizes()
     rows = sample_rows(cfg, max(sizes) * 2)
-    samples, meta = _climb(bench, rows, sizes, started, ladder.budget_s)
+    samples, meta = _climb(bench, rows, sizes, started, ladder.budget_s, check_fit=device.type == "cuda")
     fitted = [s["local_batch"] for s in samples]
     noise_sizes = (fitted[0], fitted[-1]) if len(fitted) > 1 else (max(fitted[0] // 4, 1), fitted[0])
     params = [p for p in bench.model.parameters() if p.requires_grad]
     result = {
         "model": cfg.model.name, "device": device_name(device), "param_count": sum(p.numel() for p in params),
         "grad_bytes": sum(p.numel() * p.element_size() for p in params), "samples": samples,
-        "max_local_batch": fitted[-1],  # the largest measured batch that fitted
+        # the largest batch that fitted: measured, or past the time budget checked by one step
+        "max_local_batch": max(fitted[-1], *meta.get("fits_unmeasured", [0])),
         "gradient_noise_scale": _noise_scale(bench, rows, noise_sizes),
         # (data_s 0: no Ray Data here, e.g. a GPU check without Ray)
         "data_samples_per_s": (data_rate(cfg, batch_size=fitted[-1], seconds=data_s) or None) if data_s > 0 else None,
@@ -213,8 +232,12 @@ def measure(config: dict[str, Any], *, budget_s: float, data_s: float) -> dict[s
     return {**result, "meta": meta}
 
 
-def _climb(bench: Bench, rows: dict[str, Any], sizes: list[int], started: float, budget_s: float
-           ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _climb(bench: Bench, rows: dict[str, Any], sizes: list[int], started: float, budget_s: float, *,
+           check_fit: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Time each rung until OOM or the budget. Past the budget, with `check_fit` (a GPU, whose
+    memory is what limits the local batch), the rungs left are only checked to fit, one untimed
+    step each, so that a slow first rung (compiling) does not leave max_local_batch at it; the
+    planner then extrapolates their step time from the measured rungs (proportionally: cautious)."""
     samples: list[dict[str, Any]] = []
     meta: dict[str, Any] = {}
     for size in sizes:
@@ -230,6 +253,12 @@ def _climb(bench: Bench, rows: dict[str, Any], sizes: list[int], started: float,
             break
         if time.perf_counter() - started > budget_s:
             meta["stopped_by_budget_at"] = size
+            rest = sizes[sizes.index(size) + 1:] if check_fit else []
+            fits = list(itertools.takewhile(lambda b: bench.fits(rows, b), rest))
+            if fits:
+                meta["fits_unmeasured"] = fits
+            if len(fits) < len(rest):
+                meta["oom_at_local_batch"] = rest[len(fits)]
             break
     if not samples:
         raise RuntimeError(f"profiling: even local batch {sizes[0]} does not fit on {device_name(bench.device)}")
