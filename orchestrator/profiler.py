@@ -50,8 +50,11 @@ def profile_job(job: JobConfig, *, use_gpu: bool, gpus_per_node: int = 1, refres
     if path.is_file() and not refresh:
         return Profile.load(path), True
     raw = _measure_one(job, use_gpu=use_gpu)
+    # At the largest timed rung (max_local_batch may be past it, only checked to fit): the node's
+    # contention is its step time over that rung's, so both must be measured.
+    timed = raw["samples"][-1]["local_batch"]
     node_samples = [s for g in _node_counts(gpus_per_node)
-                    if (s := _measure_node(job, use_gpu=use_gpu, gpus=g, local_batch=raw["max_local_batch"]))]
+                    if (s := _measure_node(job, use_gpu=use_gpu, gpus=g, local_batch=timed))]
     if node_samples:
         raw["node_samples"] = node_samples
     profile = Profile.from_dict({"version": PROFILE_VERSION, **raw})
