@@ -26,6 +26,7 @@ from typing import Any
 
 from orchestrator.errors import UserError
 from orchestrator.files import user_cache_dir
+from orchestrator.redact import redact_uri, tracking_credentials
 from orchestrator.planner import OBSERVATIONS_ARTIFACT, ClusterSpec, Observation, load_cluster, save_cluster
 
 log = logging.getLogger(__name__)
@@ -120,9 +121,22 @@ def history(experiment: str, tracking_uri: str | None, cluster: ClusterSpec | No
     """Every run of the MLflow experiment that logged observations, on `cluster` (by key) or,
     without one, on the cluster of the newest such run. Runs that logged no cluster (older ones)
     count for a given `cluster` and are left out otherwise."""
-    from mlflow.tracking import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from requests.exceptions import RequestException
 
-    client = MlflowClient(tracking_uri)
+    from orchestrator.tracking import bounded_requests, client as mlflow_client
+
+    # Credentials in the URI travel as MLflow's variables, never in a message.
+    client = mlflow_client(redact_uri(tracking_uri) if tracking_uri else None)
+    try:
+        with bounded_requests(env=tracking_credentials(tracking_uri or "")):
+            return _history(client, experiment, cluster)
+    except (MlflowException, RequestException, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"--tracking-uri {client.tracking_uri}: could not read the experiment's runs ({reason})") from None
+
+
+def _history(client: Any, experiment: str, cluster: ClusterSpec | None) -> History:
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise UserError(f"--experiment: no MLflow experiment named {experiment!r} at {client.tracking_uri}")

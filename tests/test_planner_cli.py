@@ -146,3 +146,12 @@ def test_calibrate_an_experiment_on_the_cluster_its_runs_logged_then_plan_with_i
     assert any("stored by `orchestrator calibrate`" in a for a in json.loads(planned.stdout)["assumptions"])
     unknown = orchestrator("calibrate", "--observations", "obs.json", cwd=tmp_path, env=env)
     assert unknown.returncode == 2 and "--cluster: required without --experiment" in unknown.stderr
+
+
+def test_calibrate_against_a_tracking_server_that_is_down_is_one_line_without_its_credentials(tmp_path: Path) -> None:
+    # Port 1 on the loopback: nothing listens. MLflow alone retries for ~4 minutes, then a traceback.
+    proc = orchestrator("calibrate", "--experiment", "jobs", "--tracking-uri", "http://bob:s3cret@127.0.0.1:1",
+                        cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: --tracking-uri http://127.0.0.1:1: could not read the experiment's runs")
+    assert "s3cret" not in proc.stderr + proc.stdout and "bob" not in proc.stderr

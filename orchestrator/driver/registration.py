@@ -4,30 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import contextmanager
 from typing import Any
 
 from orchestrator import constants
+from orchestrator.tracking import bounded_requests
 from orchestrator.driver.ports import FitOutcome, Prepared
 from orchestrator.driver.fit import read_checkpoint
 
 log = logging.getLogger(__name__)
-
-
-@contextmanager
-def _bounded_requests():
-    """MLflow's REST calls in this block fail within seconds instead of retrying for minutes."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(constants.TRACKING_REQUEST_TIMEOUT_S))
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def requirements() -> list[str]:
@@ -56,7 +40,7 @@ def log_model_now(job: Any, state: dict[str, Any], example: Any, run: Any, *, st
                       "is back to log and register it")
         return None
     try:
-        with _bounded_requests():
+        with bounded_requests():
             return log_and_register(job, state, example, run_id=run.run_id, tracking_uri=run.tracking_uri)
     except Exception as exc:  # noqa: BLE001 - training is done and checkpointed; this is recoverable
         _tell(status, f"model not logged ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); run the same "

@@ -48,6 +48,9 @@ registration (unbounded: MLflow's own retries).
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from orchestrator.tracking.handle import CloseReport, RunHandle
@@ -58,11 +61,32 @@ from orchestrator.tracking.tracker import Tracker
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
-__all__ = ["RUN_KEY_TAG", "CloseReport", "ReplayResult", "ResolvedRun", "RunHandle", "Tracker", "client",
-           "default_spill_dir", "replay", "run_key"]
+__all__ = ["RUN_KEY_TAG", "CloseReport", "ReplayResult", "ResolvedRun", "RunHandle", "Tracker", "bounded_requests",
+           "client", "default_spill_dir", "replay", "run_key"]
 
 
 def client(tracking_uri: str | None) -> MlflowClient:
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri)
+
+
+@contextmanager
+def bounded_requests(timeout_s: float | None = None, env: Mapping[str, str] | None = None) -> Iterator[None]:
+    """MLflow's REST calls in this block fail within seconds instead of retrying for minutes
+    (its default: 7 retries, 120 s timeout each); `env` adds variables for the block (credentials
+    taken out of a tracking URI, `orchestrator.redact.tracking_credentials`)."""
+    from orchestrator import constants
+
+    values = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+              "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(timeout_s or constants.TRACKING_REQUEST_TIMEOUT_S)), **(env or {})}
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
