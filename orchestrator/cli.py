@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from orchestrator.errors import UserError
 from orchestrator.quiet import quiet_noise
@@ -39,13 +40,13 @@ def main() -> None:
         # returns (not raises) the code of a `typer.Exit`.
         code = app(standalone_mode=False)
     except UserError as exc:
-        note(f"[red]error:[/red] {exc}")
+        note(f"[red]error:[/red] {escape(str(exc))}")
         code = exc.exit_code
     except ClickUsageError as exc:  # no or unknown command, unknown option, missing argument, bad value
         _usage_error(exc.ctx, exc.format_message())
         code = exc.exit_code
     except ClickException as exc:
-        note(f"[red]error:[/red] {exc.format_message()}")
+        note(f"[red]error:[/red] {escape(exc.format_message())}")
         code = exc.exit_code
     except (typer.Abort, KeyboardInterrupt):
         console.print("aborted")
@@ -67,7 +68,7 @@ def _usage_error(ctx: Any, message: str) -> None:
     if ctx is not None:
         console.print(ctx.get_usage(), highlight=False, markup=False, soft_wrap=True)
         message += f" (see `{ctx.command_path} --help`)"
-    note(f"[red]error:[/red] {message}")
+    note(f"[red]error:[/red] {escape(message)}")
 
 
 def _command_names(ctx: Any) -> list[str]:
@@ -96,7 +97,7 @@ def validate(config: Path, set_: SetOption = None) -> None:
     out.print(f"{config}: ok ({job.name}: model {job.model.name}, data {', '.join(job.data.paths)}: {data})")
     renamed = any(o.partition("=")[0].strip() == "name" for o in set_ or [])
     if renamed and job.tracking.registered_model:
-        note(f"note: the model is still registered as {job.tracking.registered_model!r} "
+        note(f"note: the model is still registered as {escape(repr(job.tracking.registered_model))} "
              "(tracking.registered_model); --set name=... renames the job and its MLflow run only")
 
 
@@ -236,7 +237,7 @@ def plan(
     profile = planner.Profile.load(profile_path)
     spec, said = newest(planner.load_cluster(cluster))
     if said:
-        note(said)
+        note(escape(said))
     chosen = planner.plan(
         profile, spec, objective=objective, min_efficiency=min_efficiency,
         global_batch=_held_global_batch(profile, global_batch=global_batch, config=config, vary=vary_batch),

@@ -163,3 +163,9 @@ def test_an_unreachable_ray_address_is_one_line_through_the_command(tmp_path: Pa
     assert result.returncode == 2, result.stdout + result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: Ray address '127.0.0.1:1': nothing answers"), lines
+
+
+def test_an_error_shows_the_value_given_even_when_it_looks_like_markup() -> None:
+    """The console renders rich markup; a user's value in an error is printed as typed."""
+    result = run_cli(["validate", "configs/digits.yaml", "--set", "training.lr=[red]x[/red]"], env=base_env())
+    assert (result.returncode, result.stderr) == (2, "error: training.lr: must be a number, got '[red]x[/red]'\n")

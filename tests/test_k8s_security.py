@@ -255,3 +255,14 @@ def test_render_says_what_it_assumed_without_a_plan_or_an_image(tmp_path: Any) -
     quiet = k8s_render_command(DIGITS, plan_path=None, image="registry.example/job:1", output=None, cluster=True,
                                overrides=["resources.workers=3"])
     assert [n for n in quiet.notes if "--image" in n] == []
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--image", "evil;rm -rf /", "is not a container image reference"),
+    ("--image", "Upper/Case:1", "is not a container image reference"),
+    ("--owner", "a" * 254, "254 characters is too long (at most 253"),
+])
+def test_render_refuses_an_image_or_owner_a_cluster_could_not_use(option: str, value: str, message: str) -> None:
+    args = {"image": "ghcr.io/acme/orch:1.2", "owner": OWNER} | {option.removeprefix("--"): value}
+    with pytest.raises(UserError, match=re.escape(f"{option}: ") + ".*" + re.escape(message)):
+        k8s_render_command(str(DIGITS), plan_path=None, output=None, cluster=False, overrides=[], **args)

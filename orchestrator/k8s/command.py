@@ -27,6 +27,12 @@ from orchestrator.redact import userinfo
 # shared volume): deploy/k8s/base/admission/rayjobs.yaml checks the same pattern.
 OWNER_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]*")
 WHOAMI = "kubectl auth whoami -o jsonpath='{.status.userInfo.username}'"
+OWNER_MAX = 253  # the owner is one directory name on the shared volume (filesystems allow 255 bytes)
+# A container image reference: [registry[:port]/]path[:tag][@sha256:digest] (the distribution
+# project's reference grammar, lower-case path components).
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+IMAGE_PATTERN = re.compile(rf"(?:[A-Za-z0-9.-]+(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*"
+                           r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +83,16 @@ def check_owner(owner: str | None) -> str:
     if not OWNER_PATTERN.fullmatch(owner) or ".." in owner:
         raise UserError(f"--owner: {owner!r} is not a user name the cluster accepts "
                         f"(letters, digits and . _ @ : - only, starting with a letter or digit)")
+    if len(owner) > OWNER_MAX:
+        raise UserError(f"--owner: {len(owner)} characters is too long (at most {OWNER_MAX}: it names the job's "
+                        "folder on the shared volume)")
     return owner
+
+
+def check_image(image: str) -> str:
+    if not IMAGE_PATTERN.fullmatch(image):
+        raise UserError(f"--image: {image!r} is not a container image reference (like registry.example.com/team/name:tag or name@sha256:digest)")
+    return image
 
 
 def render_notes(config: JobConfig, group: WorkerGroup, *, plan_path: str | None, image: str | None,
@@ -102,6 +117,8 @@ def k8s_render_command(config_path: str, *, plan_path: str | None, image: str | 
     """Without `cluster`: the job's ConfigMap, NetworkPolicy and RayJob, owned by `owner`; with it,
     a RayCluster and its NetworkPolicy. `image` None picks the -cuda or -cpu tag of IMAGE by
     whether the workers get GPUs. With `output`, the YAML goes there and the text says so."""
+    if image is not None:
+        check_image(image)
     config = load_config(config_path, overrides)
     plan = load_plan(plan_path) if plan_path else None
     group = worker_group(config, plan)
