@@ -303,6 +303,8 @@ def test_bad_plan_arguments_name_the_argument() -> None:
         plan(make_profile(), make_cluster(), min_efficiency=1.5)
     with pytest.raises(UserError, match=r"^plan\.global_batch: must be > 0, got -4"):
         plan(make_profile(), make_cluster(), global_batch=-4)
+    with pytest.raises(UserError, match=r"^plan\.deadline_s: must be a finite number, got inf"):
+        plan(make_profile(), make_cluster(), deadline_s=float("inf"), total_samples=1000)
 
 
 def test_planning_1024_gpus_considers_every_placement() -> None:

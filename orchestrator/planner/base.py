@@ -207,7 +207,9 @@ def check_arguments(where: str, *, integers: dict[str, Any] | None = None,
             ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
             if isinstance(value, bool) or not ok_type:
                 raise UserError(f"{where}.{name}: must be {'an integer' if integer else 'a number'}, got {value!r}")
-            if not value > 0 or value != value or value == float("inf"):
+            if value != value or value in (float("inf"), float("-inf")):
+                raise UserError(f"{where}.{name}: must be a finite number, got {value!r}")
+            if not value > 0:
                 raise UserError(f"{where}.{name}: must be > 0, got {value!r}")
     for name, high in (at_most or {}).items():
         value = (numbers or {}).get(name)
