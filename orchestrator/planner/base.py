@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextvars
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
@@ -195,6 +195,13 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
             if found is not None:
                 return found
     return None
+
+
+def as_list(values: Any, where: str, what: str = "a list") -> list[Any]:
+    """A list argument (any iterable but a string or a mapping), else `where: must be <what>`."""
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
+        raise UserError(f"{where}: must be {what}, got {type(values).__name__}")
+    return list(values)
 
 
 def check_arguments(where: str, *, integers: dict[str, Any] | None = None,

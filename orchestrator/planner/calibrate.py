@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from orchestrator.errors import UserError
+from orchestrator.planner.base import as_list
 from orchestrator.planner.fit import LOG_RANGE, Space, data_loss, minimize, polish, sensitive
 from orchestrator.planner.model import PerformanceModel, effective_network
 from orchestrator.planner.network import Network, expected_max_normal, exposed_s, ring_latency, ring_links, ring_volume
@@ -282,7 +283,8 @@ def calibrate(cluster: ClusterSpec, observations: Iterable[Observation], *, sour
               measured_at: str | None = None) -> ClusterSpec:
     """`cluster` with a calibration section fitted to the observed step times (module doc)."""
     cluster = ClusterSpec.coerce(cluster, "calibrate.cluster")
-    items = [Observation.coerce(o, f"calibrate.observations[{i}]") for i, o in enumerate(_listed(observations))]
+    listed = as_list(observations, "calibrate.observations")
+    items = [Observation.coerce(o, f"calibrate.observations[{i}]") for i, o in enumerate(listed)]
     if not items:
         raise UserError("calibrate.observations: must be a non-empty list, got []")
     return _calibrated(cluster, step_problem(cluster, items), allowed=range(5), source=source,
@@ -294,14 +296,10 @@ def calibrate_allreduce(cluster: ClusterSpec, samples: Iterable[AllReduceSample]
                         measured_at: str | None = None) -> ClusterSpec:
     """`cluster` with a calibration section fitted to measured all-reduce times."""
     cluster = ClusterSpec.coerce(cluster, "calibrate.cluster")
-    items = [AllReduceSample.coerce(s, f"calibrate.samples[{i}]") for i, s in enumerate(_listed(samples, "samples"))]
+    listed = as_list(samples, "calibrate.samples")
+    items = [AllReduceSample.coerce(s, f"calibrate.samples[{i}]") for i, s in enumerate(listed)]
     if not items:
         raise UserError("calibrate.samples: must be a non-empty list, got []")
     return _calibrated(cluster, allreduce_problem(items), allowed=range(3), source=source, measured_at=measured_at,
                        total=len(items), models=[], placements=sorted({f"{s.nodes}x{s.gpus_per_node}" for s in items}))
 
-
-def _listed(values: Any, name: str = "observations") -> list[Any]:
-    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
-        raise UserError(f"calibrate.{name}: must be a list, got {type(values).__name__}")
-    return list(values)

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from orchestrator.errors import UserError
-from orchestrator.planner.base import Model, NonNegativeFloat, NonNegativeInt, PositiveFloat, check_arguments
+from orchestrator.planner.base import Model, as_list, NonNegativeFloat, NonNegativeInt, PositiveFloat, check_arguments
 from orchestrator.planner.calibrate import network_fields, now_utc
 from orchestrator.planner.model import ComputeCurve, Contention, PerformanceModel, Rows, effective_network
 from orchestrator.planner.network import Network
@@ -114,9 +114,7 @@ def _times(values: Any, name: str) -> list[float] | None:
     measurements that `_steady` passes over; anything but numbers is the caller's mistake."""
     if values is None:
         return None
-    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
-        raise UserError(f"refit.{name}: must be a list of seconds, got {type(values).__name__}")
-    values = list(values)
+    values = as_list(values, f"refit.{name}", "a list of seconds")
     for i, v in enumerate(values):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise UserError(f"refit.{name}[{i}]: must be a number (seconds), got {v!r}")
