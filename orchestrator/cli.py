@@ -323,7 +323,6 @@ def calibrate(
         raise UserError("calibrate: no observations; give --observations FILE or --experiment NAME")
     result = planner.calibrate(spec, found)
     planner.save_cluster(result, output)
-    stored = calibrations.store(result)
     section = result.calibration
     out.print(f"wrote {output}: {describe_calibration(section)}", highlight=False)
     if section.residuals is not None:
@@ -332,8 +331,13 @@ def calibrate(
                   f"{math.exp(r.high) - 1:+.0%} of the prediction", highlight=False)
     for name, why in section.not_fitted.items():
         out.print(f"not fitted: {name}: {why}", highlight=False)
-    out.print(f"stored as cluster {calibrations.cluster_key(result)}'s calibration ({stored}): `plan` and `run` "
-              "on this cluster use the newest one", highlight=False)
+    key = calibrations.cluster_key(result)
+    if not section.fitted:  # it would only stand in front of the figures it kept
+        out.print(f"not stored as cluster {key}'s calibration: these observations identify nothing", highlight=False)
+        return
+    stored = calibrations.store(result)
+    out.print(f"stored as cluster {key}'s calibration ({stored}): `plan` and `run` on this cluster use the "
+              "newest one", highlight=False)
 
 
 k8s_app = typer.Typer(help="Kubernetes manifests (KubeRay RayJob / RayCluster).")

@@ -144,6 +144,15 @@ def test_calibrate_an_experiment_on_the_cluster_its_runs_logged_then_plan_with_i
     assert planned.returncode == 0, planned.stderr
     assert planned.stderr.startswith("calibration: the newest of this cluster, from jobs (9 observations")
     assert any("stored by `orchestrator calibrate`" in a for a in json.loads(planned.stdout)["assumptions"])
+    solo = client.create_experiment("solo", artifact_location=(tmp_path / "solo").as_uri())
+    run = client.create_run(solo).info.run_id
+    one_gpu = [o.replace(nodes=1, gpus_per_node=1) for o in obs[:3]]
+    client.log_artifact(run, str(save_observations(one_gpu, tmp_path / "solo-obs" / "observations.json")), "plan")
+    client.log_artifact(run, str(tmp_path / "run0" / "cluster.json"), CLUSTER_ARTIFACT.rsplit("/", 1)[0])
+    nothing = orchestrator("calibrate", "--experiment", "solo", "--tracking-uri", uri, "-o", "solo.yaml", cwd=tmp_path,
+                           env=env)
+    assert nothing.returncode == 0 and "not stored as cluster" in nothing.stdout, nothing.stdout + nothing.stderr
+    assert load_cluster(stored) == calibrated  # one GPU says nothing of the network: the stored fit stands
     unknown = orchestrator("calibrate", "--observations", "obs.json", cwd=tmp_path, env=env)
     assert unknown.returncode == 2 and "--cluster: required without --experiment" in unknown.stderr
 
