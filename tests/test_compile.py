@@ -61,3 +61,21 @@ def test_a_model_without_a_stack_of_blocks_is_compiled_whole() -> None:
     assert repeated_blocks(cnn) == []
     assert isinstance(compiled(cnn, CFG), torch._dynamo.eval_frame.OptimizedModule)
     assert compiled(cnn, CFG.model_copy(update={"compile": False})) is cnn
+
+
+def test_the_profilers_fit_check_compiles_nothing() -> None:
+    """Past its time budget the profiler checks bigger batches fit with the module run eagerly
+    (`Bench.fits`): blocks compiled in place must not compile those shapes."""
+    from trainers.profiling import Bench
+
+    torch._dynamo.reset()
+    counters.clear()
+    bench = Bench.__new__(Bench)  # the parts `fits` uses, without a data set
+    bench.device = torch.device("cpu")
+    bench.model = compiled(build_model("gpt", GPT), CFG)
+    bench.plain = TrainStep(bench.model, make_optimizer(bench.model, CFG), cfg=CFG, device=bench.device)
+    bench.batch = lambda rows, size: (torch.randint(0, 64, (size, 16)), None)
+    _step(bench.model, torch.randint(0, 64, (4, 16)))
+    assert counters["stats"]["unique_graphs"] == 1
+    assert bench.fits({}, 8) and bench.fits({}, 16)
+    assert counters["stats"]["unique_graphs"] == 1

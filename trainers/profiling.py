@@ -118,8 +118,9 @@ class Bench:
         eagerly (nothing compiled for the shape, nothing timed). Eager holds at least what the
         compiled step does (compilation fuses away intermediates), so a fit here is a fit there."""
         try:
-            self.plain.accumulate([self.batch(rows, size)])
-            self.plain.apply()
+            with eager():  # blocks compiled in place (step.compiled) run eagerly too
+                self.plain.accumulate([self.batch(rows, size)])
+                self.plain.apply()
             _sync(self.device)
             return True
         except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
