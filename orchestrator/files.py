@@ -121,8 +121,6 @@ def read_yaml(path: str | Path, what: str) -> Any:
         if tag := re.search(r"constructor for the tag '([^']*)'", problem):  # !!python/object...: data only
             detail = f": tag {tag[1].replace('tag:yaml.org,2002:', '!!')} is not allowed"
         raise UserError(f"{path}: not valid YAML{where}{detail}") from None
-    except RecursionError:
-        raise UserError(f"{path}: nested too deeply to be a {what} file") from None
     if _expanded_values(data, MAX_VALUES) > MAX_VALUES:
         raise UserError(f"{path}: expands to more than {MAX_VALUES:,} values (nested YAML aliases?); "
                         f"a {what} file is far smaller")

@@ -104,9 +104,8 @@ def _data_schema(job: JobConfig) -> dict[str, str]:
 
 def _log_sizing(run: Any, sizing: Sizing) -> None:
     """profile.json, plan.json and the scaling plot, plus the prediction as metrics at step 0."""
-    from orchestrator.plots import scaling_plot
-
     from orchestrator.calibrations import CLUSTER_ARTIFACT
+    from orchestrator.plots import scaling_plot
 
     if sizing.profile is not None:
         run.log_dict(sizing.profile.to_dict(), "profile/profile.json")
