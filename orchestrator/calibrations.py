@@ -27,7 +27,14 @@ from typing import Any
 from orchestrator.errors import UserError
 from orchestrator.files import user_cache_dir
 from orchestrator.redact import redact_uri, tracking_credentials
-from orchestrator.planner import OBSERVATIONS_ARTIFACT, ClusterSpec, Observation, load_cluster, save_cluster
+from orchestrator.planner import (
+    OBSERVATIONS_ARTIFACT,
+    ClusterSpec,
+    Observation,
+    load_cluster,
+    load_observations,
+    save_cluster,
+)
 
 log = logging.getLogger(__name__)
 
@@ -133,14 +140,16 @@ def history(experiment: str, tracking_uri: str | None, cluster: ClusterSpec | No
             return _history(client, experiment, cluster)
     except (MlflowException, RequestException, OSError) as exc:
         reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"--tracking-uri {client.tracking_uri}: could not read the experiment's runs ({reason})") from None
+        raise UserError(f"--tracking-uri {client.tracking_uri}: could not read the experiment's runs "
+                        f"({reason})") from None
 
 
 def _history(client: Any, experiment: str, cluster: ClusterSpec | None) -> History:
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise UserError(f"--experiment: no MLflow experiment named {experiment!r} at {client.tracking_uri}")
-    logged = []  # (run id, observations, cluster or None), newest first
+    logged = []  # (observations, cluster or None), newest run first
+    left_out: Counter[str] = Counter()
     with tempfile.TemporaryDirectory() as tmp:
         for run in client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"]):
             run_id = run.info.run_id
@@ -148,14 +157,20 @@ def _history(client: Any, experiment: str, cluster: ClusterSpec | None) -> Histo
             if OBSERVATIONS_ARTIFACT not in artifacts:
                 continue
             folder = Path(tmp, run_id)
-            obs = _artifact(client, run_id, OBSERVATIONS_ARTIFACT, folder)
-            spec = _artifact(client, run_id, CLUSTER_ARTIFACT, folder) if CLUSTER_ARTIFACT in artifacts else None
-            logged.append((run_id, obs, spec))
-    chosen = cluster or next((spec for _, _, spec in logged if spec is not None), None)
+            try:
+                obs = load_observations(client.download_artifacts(run_id, OBSERVATIONS_ARTIFACT, str(folder)))
+                spec = (ClusterSpec.load(client.download_artifacts(run_id, CLUSTER_ARTIFACT, str(folder)))
+                        if CLUSTER_ARTIFACT in artifacts else None)
+            except UserError as exc:  # one damaged run does not stop the others from counting
+                log.warning("run %s: %s", run_id, exc)
+                left_out["unreadable artifacts"] += 1
+                continue
+            logged.append((obs, spec))
+    chosen = cluster or next((spec for _, spec in logged if spec is not None), None)
     key = cluster_key(chosen) if chosen is not None else None
     kept: list[Observation] = []
-    runs, left_out = 0, Counter()
-    for _, obs, spec in logged:
+    runs = 0
+    for obs, spec in logged:
         if spec is None and cluster is None and key is not None:
             left_out["no cluster logged"] += 1
         elif spec is not None and key is not None and cluster_key(spec) != key:
@@ -164,15 +179,3 @@ def _history(client: Any, experiment: str, cluster: ClusterSpec | None) -> Histo
             kept += obs
             runs += 1
     return History(kept, None if cluster is not None else chosen, runs, left_out)
-
-
-def _artifact(client: Any, run_id: str, name: str, folder: Path) -> Any:
-    from orchestrator.planner import load_observations
-
-    local = client.download_artifacts(run_id, name, str(folder))
-    try:
-        if name == OBSERVATIONS_ARTIFACT:
-            return load_observations(local)
-        return ClusterSpec.load(local)
-    except UserError as exc:
-        raise UserError(f"run {run_id}: {exc}") from None

@@ -126,12 +126,17 @@ def test_calibrate_an_experiment_on_the_cluster_its_runs_logged_then_plan_with_i
         client.log_artifact(run, str(save_observations(part, tmp_path / f"run{i}" / "observations.json")), "plan")
         (tmp_path / f"run{i}" / "cluster.json").write_text(json.dumps(spec.to_dict()))
         client.log_artifact(run, str(tmp_path / f"run{i}" / "cluster.json"), CLUSTER_ARTIFACT.rsplit("/", 1)[0])
+    damaged = client.create_run(experiment, start_time=500).info.run_id  # an old run with a torn artifact
+    (tmp_path / "torn" / "observations.json").parent.mkdir()
+    (tmp_path / "torn" / "observations.json").write_text('[{"nodes": 2')
+    client.log_artifact(damaged, str(tmp_path / "torn" / "observations.json"), "plan")
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
     proc = orchestrator("calibrate", "--experiment", "jobs", "--tracking-uri", uri, "-o", "cluster.yaml",
                         cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
     key = cluster_key(here)
-    assert f"jobs: 9 observations from 2 run(s) on cluster {key} (1 run(s) left out: on another cluster" in proc.stdout
+    assert (f"jobs: 9 observations from 2 run(s) on cluster {key} (1 run(s) left out: unreadable artifacts; "
+            "1 run(s) left out: on another cluster") in proc.stdout
     calibrated = load_cluster(tmp_path / "cluster.yaml")
     assert calibrated.nodes == 2 and calibrated.calibration.observations == 9
     stored = tmp_path / "cache" / "orchestrator" / "clusters" / f"calibrated-{key}.yaml"
