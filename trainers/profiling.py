@@ -64,6 +64,13 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
+def _free(step: TrainStep, device: torch.device) -> None:
+    """After a step ran out of memory: drop its gradients and give CUDA's cached blocks back."""
+    step.discard()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def sample_rows(cfg: WorkerConfig, rows: int) -> dict[str, Any]:
     """Enough rows of the real data set, in memory, for the largest batch (repeated if short)."""
     import numpy as np
@@ -126,9 +133,7 @@ class Bench:
         except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
             if not _is_oom(exc):
                 raise
-            self.plain.discard()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+            _free(self.plain, self.device)
             return False
 
     def grad_sq_norm(self) -> float:
@@ -248,9 +253,7 @@ def _climb(bench: Bench, rows: dict[str, Any], sizes: list[int], started: float,
             if not _is_oom(exc):
                 raise
             meta["oom_at_local_batch"] = size
-            bench.step.discard()
-            if bench.device.type == "cuda":
-                torch.cuda.empty_cache()
+            _free(bench.step, bench.device)
             break
         if time.perf_counter() - started > budget_s:
             meta["stopped_by_budget_at"] = size

@@ -72,14 +72,14 @@ def client(tracking_uri: str | None) -> MlflowClient:
 
 
 @contextmanager
-def bounded_requests(timeout_s: float | None = None, env: Mapping[str, str] | None = None) -> Iterator[None]:
+def bounded_requests(env: Mapping[str, str] | None = None) -> Iterator[None]:
     """MLflow's REST calls in this block fail within seconds instead of retrying for minutes
     (its default: 7 retries, 120 s timeout each); `env` adds variables for the block (credentials
     taken out of a tracking URI, `orchestrator.redact.tracking_credentials`)."""
     from orchestrator import constants
 
     values = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-              "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(timeout_s or constants.TRACKING_REQUEST_TIMEOUT_S)), **(env or {})}
+              "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(constants.TRACKING_REQUEST_TIMEOUT_S)), **(env or {})}
     saved = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
