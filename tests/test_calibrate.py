@@ -194,6 +194,10 @@ def test_public_functions_take_mappings_and_name_what_is_not_one() -> None:
         predict(profile, SPEC, nodes=1, gpus_per_node=2, local_batch=32)
     with pytest.raises(UserError, match=r"^calibrate\.observations: must be a list, got NoneType$"):
         calibrate(SPEC, None)  # type: ignore[arg-type]
+    with pytest.raises(UserError, match=r"^calibrate\.observations: must be a list, got Observation$"):
+        calibrate(SPEC, obs[0])  # type: ignore[arg-type]
+    with pytest.raises(UserError, match=r"^calibrate\.observations\[0\]: must be an Observation or a mapping, got int$"):
+        calibrate(SPEC, [1])  # type: ignore[list-item]
     with pytest.raises(UserError, match=r"^calibrate\.observations\[1\]\.step_time_s: must be > 0, got -1$"):
         calibrate(SPEC, [obs[0], {**obs[1].to_dict(), "step_time_s": -1}])
     with pytest.raises(UserError, match=r"^plan\.profile: must be a Profile or a mapping, got str$"):

@@ -189,6 +189,21 @@ def test_a_batch_too_large_for_memory_becomes_accumulation() -> None:
     assert (prime.local_batch, prime.accumulation) == (1, 97)
 
 
+def test_a_huge_global_batch_is_split_without_trying_every_accumulation() -> None:
+    # The split looks at most min(max_local_batch, sqrt(batch)) candidates: a batch of 10**12
+    # (or a prime just above it) would otherwise try ~10**10 accumulations one by one.
+    assert split_global_batch(10**12, workers=8, max_local_batch=128) == \
+        split_global_batch(10**12, workers=8, max_local_batch=128, accumulation=976_562_500)
+    prime = 10**12 + 39
+    assert split_global_batch(prime, workers=1, max_local_batch=prime).accumulation == 1
+    assert split_global_batch(prime, workers=1, max_local_batch=prime - 1).local_batch == 1
+    assert split_global_batch(3 * 999_983, workers=1, max_local_batch=2_000_000).local_batch == 999_983
+    chosen = plan(make_profile(), make_cluster(), global_batch=10**12).choice
+    assert chosen.global_batch == 10**12 and chosen.local_batch == 128
+    with pytest.raises(UserError, match=r"^plan\.global_batch: must be <= 2\*\*53, got 9007199254740993$"):
+        plan(make_profile(), make_cluster(), global_batch=2**53 + 1)
+
+
 def test_statistical_efficiency_and_goodput() -> None:
     profile = make_profile(gradient_noise_scale=1000.0)
     p = predict(profile, make_cluster(), nodes=1, gpus_per_node=8, local_batch=128)
@@ -262,7 +277,7 @@ def test_budget_caps_the_choice() -> None:
     capped = plan(profile, cluster, total_samples=50_000_000, min_efficiency=0.1, budget=budget)
     assert capped.cost <= budget < spend.cost
     assert thrift.workers <= capped.workers < spend.workers
-    with pytest.raises(UserError, match=r"^budget: no placement fits"):
+    with pytest.raises(UserError, match=r"^budget: no placement fits .*; the cheapest \(1 GPU\) costs"):
         plan(profile, cluster, total_samples=50_000_000, budget=1e-9)
     with pytest.raises(UserError, match=r"plan\.total_samples: required"):
         plan(profile, cluster, budget=10.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -29,8 +30,19 @@ def split_global_batch(
     per_worker = max(global_batch // workers, 1)
     if accumulation is not None:
         return BatchSplit(max(per_worker // accumulation, 1), accumulation, workers)
-    limit = max_local_batch or per_worker
-    for accum in range(1, per_worker + 1):
-        if per_worker % accum == 0 and per_worker // accum <= limit:
-            return BatchSplit(per_worker // accum, accum, workers)
-    return BatchSplit(1, per_worker, workers)
+    local = _largest_divisor(per_worker, at_most=max(min(max_local_batch or per_worker, per_worker), 1))
+    return BatchSplit(local, per_worker // local, workers)
+
+
+def _largest_divisor(n: int, *, at_most: int) -> int:
+    """The largest divisor of `n` that is <= `at_most` (the local batch of the smallest
+    accumulation), in min(at_most, sqrt(n)) trials whatever the size of `n`."""
+    root = math.isqrt(n)
+    if at_most <= root:
+        return next(d for d in range(at_most, 0, -1) if n % d == 0)
+    # Divisors above sqrt(n) pair with those below it: the largest within reach is n // (the
+    # smallest small divisor whose pair is within it), else the largest small divisor.
+    for small in range(max(1, -(-n // at_most)), root + 1):
+        if n % small == 0:
+            return n // small
+    return next(d for d in range(root, 0, -1) if n % d == 0)

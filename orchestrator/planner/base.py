@@ -73,7 +73,8 @@ class Model(BaseModel):
             return value
         if isinstance(value, Mapping):
             return cls.from_dict(value, where)
-        raise UserError(f"{where}: must be a {cls.__name__} or a mapping, got {type(value).__name__}")
+        article = "an" if cls.__name__[0] in "AEIOU" else "a"
+        raise UserError(f"{where}: must be {article} {cls.__name__} or a mapping, got {type(value).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, without unset optional fields (None, empty lists and mappings)."""
@@ -199,9 +200,14 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
 
 def as_list(values: Any, where: str, what: str = "a list") -> list[Any]:
     """A list argument (any iterable but a string or a mapping), else `where: must be <what>`."""
-    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
+    if isinstance(values, (str, bytes, Mapping, BaseModel)) or not isinstance(values, Iterable):
         raise UserError(f"{where}: must be {what}, got {type(values).__name__}")
     return list(values)
+
+
+# The planner computes in float64: integers beyond 2**53 (GPU counts, batches, samples) would not
+# be exact in it, and no real job comes near.
+MAX_INTEGER = 2**53
 
 
 def check_arguments(where: str, *, integers: dict[str, Any] | None = None,
@@ -218,6 +224,8 @@ def check_arguments(where: str, *, integers: dict[str, Any] | None = None,
                 raise UserError(f"{where}.{name}: must be a finite number, got {value!r}")
             if not value > 0:
                 raise UserError(f"{where}.{name}: must be > 0, got {value!r}")
+            if integer and value > MAX_INTEGER:
+                raise UserError(f"{where}.{name}: must be <= 2**53, got {value!r}")
     for name, high in (at_most or {}).items():
         value = (numbers or {}).get(name)
         if value is not None and value > high:

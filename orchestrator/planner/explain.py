@@ -22,7 +22,7 @@ def duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _plural(n: int, word: str) -> str:
+def plural(n: int, word: str) -> str:
     return f"{n} {word}{'s' if n != 1 else ''}"
 
 
@@ -30,7 +30,7 @@ def explanation(goal: Goal, choice: Candidate, candidates: list[Candidate], mode
                 warned: tuple[str, ...]) -> str:
     """One sentence on the choice and why, then the network's basis and any warning."""
     p = choice.prediction
-    what = (f"Chose {_plural(p.gpus, 'GPU')} ({p.placement}), local batch {p.local_batch} x "
+    what = (f"Chose {plural(p.gpus, 'GPU')} ({p.placement}), local batch {p.local_batch} x "
             f"{p.accumulation} accumulation")
     interval = f"80 % interval {p.throughput_low:,.0f}-{p.throughput_high:,.0f}"
     if goal.objective == "max_throughput":
@@ -102,8 +102,8 @@ def assumptions(goal: Goal, model: PerformanceModel) -> tuple[str, ...]:
 def describe_calibration(cal: Calibration) -> str:
     kept = " (the fit did not beat the figures given; they were kept)" if cal.kept_input else ""
     fitted = ", ".join(cal.fitted) or "nothing"
-    return (f"network calibrated from {cal.source} ({_plural(cal.observations, 'observation')}, "
-            f"{_plural(len(cal.models), 'model')}, {cal.measured_at}){kept}: {cal.intra_GBps:.3g} GB/s per GPU "
+    return (f"network calibrated from {cal.source} ({plural(cal.observations, 'observation')}, "
+            f"{plural(len(cal.models), 'model')}, {cal.measured_at}){kept}: {cal.intra_GBps:.3g} GB/s per GPU "
             f"inside a node, {cal.inter_GBps:.3g} GB/s per node between nodes, {cal.latency_us:.3g}/"
             f"{cal.inter_latency_us:.3g} us per ring step, overlap {cal.overlap:.2f}, "
             f"straggler jitter {cal.jitter:.0%}; fitted: {fitted}" + (f" ({cal.note})" if cal.note else ""))

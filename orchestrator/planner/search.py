@@ -8,7 +8,7 @@ import numpy as np
 
 from orchestrator.errors import UserError
 from orchestrator.planner.base import check_arguments
-from orchestrator.planner.explain import assumptions, duration, explanation, warnings
+from orchestrator.planner.explain import assumptions, duration, explanation, plural, warnings
 from orchestrator.planner.model import PerformanceModel, Rows, evaluate, placement_of, predictions
 from orchestrator.planner.results import Candidate, Placement, Plan, Prediction
 from orchestrator.planner.types import ClusterSpec, Profile
@@ -203,10 +203,10 @@ def _infeasible(goal: Goal, candidates: list[Candidate]) -> str:
     fastest = min(candidates, key=lambda c: c.prediction.time_to_finish_s or math.inf).prediction
     if goal.deadline_s is not None and fastest.time_to_finish_s > goal.deadline_s:
         return (f"deadline: no placement finishes within {duration(goal.deadline_s)}; the fastest "
-                f"({fastest.gpus} GPUs) needs {duration(fastest.time_to_finish_s)}")
+                f"({plural(fastest.gpus, 'GPU')}) needs {duration(fastest.time_to_finish_s)}")
     cheapest = min(candidates, key=lambda c: c.prediction.cost or math.inf).prediction
     if goal.budget is not None and cheapest.cost > goal.budget:
         return (f"budget: no placement fits within {goal.budget:,.2f} USD; the cheapest "
-                f"({cheapest.gpus} GPUs) costs {cheapest.cost:,.2f} USD")
+                f"({plural(cheapest.gpus, 'GPU')}) costs {cheapest.cost:,.2f} USD")
     return "plan: no placement meets the deadline and the budget together; relax one of them"
 
