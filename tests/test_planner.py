@@ -189,6 +189,16 @@ def test_a_batch_too_large_for_memory_becomes_accumulation() -> None:
     assert (prime.local_batch, prime.accumulation) == (1, 97)
 
 
+def test_a_cluster_or_profile_too_large_to_plan_in_seconds_is_refused_in_one_line() -> None:
+    with pytest.raises(UserError, match=r"^cluster\.nodes: 10,000,000 nodes x 8 GPUs is 80,000,000 GPUs; "
+                                        r"the planner plans up to 65,536$"):
+        make_cluster(nodes=10_000_000)
+    assert make_cluster(nodes=8192).gpus == 65_536
+    ladder = [{"local_batch": b, "step_time_s": 0.001 * b} for b in range(1, 1001)]
+    with pytest.raises(UserError, match=r"^profile\.samples: at most 256 local batches, got 1,000$"):
+        make_profile(samples=ladder, max_local_batch=1000)
+
+
 def test_a_huge_global_batch_is_split_without_trying_every_accumulation() -> None:
     # The split looks at most min(max_local_batch, sqrt(batch)) candidates: a batch of 10**12
     # (or a prime just above it) would otherwise try ~10**10 accumulations one by one.

@@ -46,6 +46,13 @@ class NodeSample(Model):
     step_time_s: PositiveFloat
 
 
+# Bounds that keep a plan within seconds (every placement x every profiled batch is evaluated and
+# each placement's best row becomes a candidate: 65,536 GPUs take ~2.5 s here). The profiler's
+# doubling ladder has ~30 rungs at most; the largest data-parallel jobs run on tens of thousands.
+MAX_PROFILE_SAMPLES = 256
+MAX_GPUS = 65_536
+
+
 class Profile(Document):
     """What one worker measured (`orchestrator profile`); JSON with a version number."""
 
@@ -72,6 +79,8 @@ class Profile(Document):
 
     @model_validator(mode="after")
     def _ladder(self) -> Profile:
+        if len(self.samples) > MAX_PROFILE_SAMPLES:
+            raise FieldError("samples", f"at most {MAX_PROFILE_SAMPLES} local batches, got {len(self.samples):,}")
         seen: set[int] = set()
         for i, s in enumerate(self.samples):
             if s.local_batch in seen:
@@ -174,6 +183,13 @@ class ClusterSpec(Document):
     @classmethod
     def _link(cls, value: Any) -> Any:
         return normalize_link(value)
+
+    @model_validator(mode="after")
+    def _size(self) -> ClusterSpec:
+        if self.gpus > MAX_GPUS:
+            raise FieldError("nodes", f"{self.nodes:,} nodes x {self.gpus_per_node:,} GPUs is {self.gpus:,} GPUs; "
+                                      f"the planner plans up to {MAX_GPUS:,}")
+        return self
 
     @property
     def gpus(self) -> int:
