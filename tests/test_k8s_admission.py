@@ -97,6 +97,8 @@ RAYJOB_ATTACKS: dict[str, Callable[[Obj], None]] = {
     "shell in rayStartParams": set_path("spec.rayClusterSpec.headGroupSpec.rayStartParams.num-cpus", "0; curl evil"),
     "LoadBalancer": set_path("spec.rayClusterSpec.headGroupSpec.serviceType", "LoadBalancer"),
     "owner with a path": set_path("metadata.annotations", {"ray-gpu-orchestrator/owner": "../bob"}),
+    # one directory name on the shared volume: longer than a filesystem allows (`k8s render` refuses it too)
+    "owner too long": set_path("metadata.annotations", {"ray-gpu-orchestrator/owner": "b" * 254}),
 }
 
 
@@ -183,6 +185,10 @@ def test_attacks_on_a_rayjob_are_refused(outcomes: dict[str, list[Any]]) -> None
     admitted = [name for name, (_, _, outcome) in zip(RAYJOB_ATTACKS, outcomes["attacks"], strict=True)
                 if not outcome.get("ray-training-rayjobs")]
     assert not admitted, f"admitted: {admitted}"
+    # refused for the right reason, not only for what else the change breaks (the storage path)
+    said = dict(zip(RAYJOB_ATTACKS, (o.get("ray-training-rayjobs") for _, _, o in outcomes["attacks"]), strict=True))
+    for name in ("owner with a path", "owner too long"):
+        assert any("must be your Kubernetes user name, at most 253 characters" in m for m in said[name]), said[name]
 
 
 @pytest.mark.parametrize("group", ["owners", "network"])
