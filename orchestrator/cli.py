@@ -235,12 +235,12 @@ def plan(
     if objective not in planner.OBJECTIVES:
         raise UserError(f"--objective: must be one of {', '.join(planner.OBJECTIVES)}, got {objective!r}")
     profile = planner.Profile.load(profile_path)
+    held = _held_global_batch(profile, global_batch=global_batch, config=config, vary=vary_batch)
     spec, said = newest(planner.load_cluster(cluster))
     if said:
         note(escape(said))
     chosen = planner.plan(
-        profile, spec, objective=objective, min_efficiency=min_efficiency,
-        global_batch=_held_global_batch(profile, global_batch=global_batch, config=config, vary=vary_batch),
+        profile, spec, objective=objective, min_efficiency=min_efficiency, global_batch=held,
         total_samples=total_samples, deadline_s=deadline_hours * 3600 if deadline_hours else None, budget=budget,
     )
     if output:

@@ -33,15 +33,16 @@ MAX_DEPTH = 64
 _Parser = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser where PyYAML was built with it
 
 
-def _text(path: str | Path, what: str) -> tuple[Path, str]:
+def read_text(path: str | Path, what: str, *, max_bytes: int = MAX_FILE_BYTES) -> tuple[Path, str]:
+    """The path and UTF-8 text of a regular file of at most `max_bytes`, else a one-line error."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: {what} file not found")
     if not path.is_file():
         raise UserError(f"{path}: not a regular file (the {what} must be a file)")
     size = path.stat().st_size
-    if size > MAX_FILE_BYTES:
-        raise UserError(f"{path}: {size:,} bytes is too large for a {what} file (at most {MAX_FILE_BYTES:,})")
+    if size > max_bytes:
+        raise UserError(f"{path}: {size:,} bytes is too large for a {what} file (at most {max_bytes:,})")
     payload = path.read_bytes()
     try:
         return path, payload.decode("utf-8")
@@ -107,7 +108,7 @@ def _check_shape(text: str, path: Path, what: str) -> None:
 
 def read_yaml(path: str | Path, what: str) -> Any:
     """The data of a YAML file (None when it is empty), loaded with a safe loader."""
-    path, text = _text(path, what)
+    path, text = read_text(path, what)
     try:
         _check_shape(text, path, what)
         data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
@@ -128,7 +129,7 @@ def read_yaml(path: str | Path, what: str) -> Any:
 
 
 def read_json(path: str | Path, what: str) -> Any:
-    path, text = _text(path, what)
+    path, text = read_text(path, what)
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +28,13 @@ os.environ.setdefault("ORCH_TRACKING_FLUSH_S", "0.5")
 # reacts to node drains no test makes, is off. Together: a digits job ~20 % sooner here.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+# The orchestrator's per-user cache (each cluster's probe and newest calibration, tracking spills)
+# lives under $XDG_CACHE_HOME: one fresh folder per test session, so what a developer's own runs
+# cached never changes what a test sees, and the tests never write into it.
+_CACHE = tempfile.mkdtemp(prefix="orchestrator-test-cache-")
+os.environ["XDG_CACHE_HOME"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

@@ -7,6 +7,7 @@ Ethernet clusters are) plus noise and stragglers, so every test can say what the
 from __future__ import annotations
 
 import json
+import re
 import math
 from pathlib import Path
 
@@ -180,6 +181,19 @@ def test_observations_round_trip_and_bad_ones_are_one_line(tmp_path: Path) -> No
     (tmp_path / "bad.json").write_text(json.dumps([obs[0].to_dict(), bad]))
     with pytest.raises(UserError, match=r"bad\.json: observations\[1\]\.step_time_s: must be > 0"):
         load_observations(tmp_path / "bad.json")
+    hostile = {  # each one line naming the file (before: tracebacks for the binary and the deep one)
+        "torn.jsonl": ("\n".join(json.dumps(o.to_dict()) for o in obs) + '\n{"profile": ',
+                       r"not valid JSON \(line 4\)"),
+        "binary.json": (b"\x00\x01\xff" * 100, r"not UTF-8 text \(byte 2 is 0xff\); is this the observations file\?"),
+        "deep.json": ("[" * 100_000 + "]" * 100_000, r"nested too deeply to be an observations file"),
+    }
+    for name, (content, message) in hostile.items():
+        path = tmp_path / name
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+        with pytest.raises(UserError, match=rf"^{re.escape(str(path))}: {message}$"):
+            load_observations(path)
+    with pytest.raises(UserError, match=r"not a regular file \(the observations must be a file\)$"):
+        load_observations(tmp_path)
     with pytest.raises(UserError, match=r"^calibrate\.observations: must be a non-empty list"):
         calibrate(SPEC, [])
 

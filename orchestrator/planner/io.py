@@ -11,13 +11,15 @@ from typing import TypeVar
 import yaml
 
 from orchestrator.errors import UserError
-from orchestrator.files import read_json, read_yaml
+from orchestrator.files import read_json, read_text, read_yaml
 from orchestrator.planner.base import Model
 from orchestrator.planner.types import ClusterSpec, Observation
 
 M = TypeVar("M", bound=Model)
 # Where a run logs its observations in MLflow (a JSON list), for `orchestrator calibrate --experiment`.
 OBSERVATIONS_ARTIFACT = "plan/observations.json"
+# An observation carries its profile (~1 KB): 10,000 of them are ~10 MB, far above a config's limit.
+MAX_OBSERVATIONS_BYTES = 256 * 2**20
 
 
 def _validated(cls: type[M], raw: object, path: str | Path) -> M:
@@ -55,14 +57,20 @@ def save_cluster(cluster: ClusterSpec, path: str | Path) -> Path:
 
 def load_observations(path: str | Path) -> list[Observation]:
     """Observations from a JSON list, or one JSON object per line."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: observations file not found")
-    text = path.read_text()
+    path, text = read_text(path, "observations", max_bytes=MAX_OBSERVATIONS_BYTES)
+    line = 0
     try:
-        raw = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x.strip()]
+        if text.lstrip().startswith("["):
+            raw = json.loads(text)
+        else:
+            raw = []
+            for line, x in enumerate(text.splitlines(), 1):
+                if x.strip():
+                    raw.append(json.loads(x))
     except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON (line {exc.lineno})") from None
+        raise UserError(f"{path}: not valid JSON (line {line or exc.lineno})") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to be an observations file") from None
     try:
         return [Observation.from_dict(o, f"observations[{i}]") for i, o in enumerate(raw)]
     except UserError as exc:
