@@ -308,6 +308,15 @@ def test_replay_leaves_a_torn_last_line_and_sends_lines_appended_later(fake: Fak
     assert replay(path, URI).points == 1 and fake.run("k").steps() == [*range(5), 99]
 
 
+def test_replay_skips_lines_that_are_not_operations_and_sends_the_rest(fake: FakeStore, spill_dir: Path) -> None:
+    _spill_while_down(fake, spill_dir, "k", range(3))
+    path = spill_path(spill_dir, URI, "k")
+    with open(path, "a") as f:  # JSON nested past the decoder's recursion limit, not JSON, not an operation
+        f.write("[" * 100_000 + "]" * 100_000 + "\n" + "not json\n" + '{"op": "rm -rf"}\n')
+    result = replay(path, URI)
+    assert result.unreadable == 3 and fake.run("k").steps() == list(range(3))
+
+
 def test_a_new_tracker_sends_an_earlier_jobs_spill_before_its_own_run(fake: FakeStore, spill_dir: Path) -> None:
     _spill_while_down(fake, spill_dir, "earlier", range(10))
     earlier = spill_path(spill_dir, URI, "earlier")

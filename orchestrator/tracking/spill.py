@@ -175,7 +175,7 @@ def _ops(path: Path, offset: int) -> Iterator[tuple[int, Op | None]]:
             offset += len(raw)
             try:
                 op = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON, or nested past the decoder
                 op = None
             yield offset, op if well_formed(op) else None
 
