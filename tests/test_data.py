@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -165,3 +166,15 @@ def test_missing_or_empty_path(tmp_path: Path) -> None:
     (tmp_path / "_hidden.parquet").write_bytes(b"")
     with pytest.raises(UserError, match="data.path: no Parquet files found in"):
         check_columns([str(tmp_path)], PIXELS, LABEL)
+
+
+def test_a_path_that_is_no_parquet_data_is_one_line(tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\n")
+    with pytest.raises(UserError, match=rf"^data\.path: {text} is not a readable Parquet data set \(.*\)$"):
+        check_columns([str(text)], PIXELS, LABEL)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # opening it would block
+    for path in (fifo, Path("/dev/zero")):
+        with pytest.raises(UserError, match=rf"^data\.path: {path} is neither a Parquet file nor a folder of them$"):
+            check_columns([str(path)], PIXELS, LABEL)

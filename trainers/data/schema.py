@@ -41,7 +41,15 @@ def open_dataset(paths: list[str]) -> pads.Dataset:
         raise UserError("data.path: no path given")
     filesystem, _ = _resolve(paths[0])
     files = [f for path in paths for f in _parquet_files(path)]
-    return pads.dataset(files, format="parquet", filesystem=filesystem)
+    try:
+        return pads.dataset(files, format="parquet", filesystem=filesystem)
+    except (pa.ArrowException, OSError) as exc:  # not Parquet, or not readable by us
+        raise UserError(f"data.path: {', '.join(paths)} is not a readable Parquet data set "
+                        f"({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _resolve(path: str) -> tuple[pafs.FileSystem, str]:
@@ -58,7 +66,12 @@ def _parquet_files(path: str) -> list[str]:
         raise UserError(f"data.path: {path} not found")
     if info.type == pafs.FileType.File:
         return [root]
-    listing = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+    if info.type != pafs.FileType.Directory:  # a device, a FIFO, a socket: listing or reading it fails or blocks
+        raise UserError(f"data.path: {path} is neither a Parquet file nor a folder of them")
+    try:
+        listing = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+    except OSError as exc:  # a folder below it we may not read
+        raise UserError(f"data.path: cannot list {path} ({_first_line(exc)})") from None
     files = sorted(f.path for f in listing if _is_data_file(f, root))
     if not files:
         raise UserError(f"data.path: no Parquet files found in {path}")
