@@ -178,3 +178,16 @@ def test_a_path_that_is_no_parquet_data_is_one_line(tmp_path: Path) -> None:
     for path in (fifo, Path("/dev/zero")):
         with pytest.raises(UserError, match=rf"^data\.path: {path} is neither a Parquet file nor a folder of them$"):
             check_columns([str(path)], PIXELS, LABEL)
+
+
+def test_preparing_into_a_place_that_is_no_folder_is_one_line(tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\n")
+    with pytest.raises(UserError, match=rf"^data\.path: {text} is not a folder$"):
+        prepare_dataset("digits", text)
+    with pytest.raises(UserError, match=rf"^data\.path: {text} is neither a Parquet file nor a folder$"):
+        ensure_prepared("digits", text)
+    for prepare in (prepare_dataset, ensure_prepared):
+        with pytest.raises(UserError, match=r"^data\.path: cannot write /proc/orchestrator-test/digits \(.+\)$"):
+            prepare("digits", "/proc/orchestrator-test/digits")
+    assert text.read_text() == "hello\n"  # nothing written over it

@@ -39,7 +39,12 @@ def prepare_dataset(name: str, out_dir: str | Path, /, **kwargs: Any) -> Path:
     out_dir = Path(out_dir)
     if _has_parquet(out_dir):
         raise UserError(f"data.path: {out_dir} already holds Parquet files; remove them first")
-    return call_with_kwargs(prepare, kwargs, field="data.dataset_kwargs", args=(out_dir,))
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"data.path: {out_dir} is not a folder")
+    try:
+        return call_with_kwargs(prepare, kwargs, field="data.dataset_kwargs", args=(out_dir,))
+    except OSError as exc:  # a read-only or missing place, a full disk
+        raise UserError(f"data.path: cannot write {out_dir} ({exc.strerror or exc})") from None
 
 
 def ensure_prepared(name: str, path: str | Path, /, **kwargs: Any) -> Path:
@@ -53,10 +58,15 @@ def ensure_prepared(name: str, path: str | Path, /, **kwargs: Any) -> Path:
         return path
     if path.is_dir() and any(path.iterdir()):
         raise UserError(f"data.path: {path} is not empty but holds no Parquet files")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"data.path: {path} is neither a Parquet file nor a folder")
     # Not tempfile.mkdtemp: its 0700 mode would stay on the renamed folder.
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise UserError(f"data.path: cannot write {path} ({exc.strerror or exc})") from None
     try:
         prepare_dataset(name, tmp, **kwargs)
         _move_into_place(tmp, path)
