@@ -8,15 +8,27 @@ else.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 class Section(BaseModel):
     """A config section: frozen, unknown keys rejected."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads `true` as 1 for a number; YAML's true is never a batch size
+        if isinstance(value, bool) and info.field_name:
+            kinds = set(get_args(cls.model_fields[info.field_name].annotation)) or \
+                {cls.model_fields[info.field_name].annotation}
+            if bool not in kinds and kinds & {int, float}:
+                what = "a number" if float in kinds else "an integer"
+                raise ValueError(f"must be {what}, got {str(value).lower()}")
+        return value
 
 
 class ModelConfig(Section):
