@@ -77,6 +77,29 @@ def test_bad_dataset_kwargs(tmp_path: Path) -> None:
         prepare_dataset("corpus", tmp_path / "c", seq_len=100, max_bytes=50)
 
 
+def test_synthetic_too_big_is_refused_before_writing(tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    with pytest.raises(UserError, match=r"^data.dataset_kwargs.rows: 1,000,000,000,000 rows of 3x32x32 images need about .* free$"):
+        prepare_dataset("synthetic", out, rows=10**12)
+    with pytest.raises(UserError, match=r"^data.dataset_kwargs.size: one 3x100000x100000 image is 111.8 GiB"):
+        prepare_dataset("synthetic", out, size=100_000)
+    with pytest.raises(UserError, match=r"^data.dataset_kwargs.num_classes: 1,000,000 class patterns"):
+        prepare_dataset("synthetic", out, num_classes=10**6)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_synthetic_large_images_are_written_in_small_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import trainers.data.datasets as datasets
+
+    monkeypatch.setattr(datasets, "_CHUNK_BYTES", 3 * 4 * 3 * 4 * 4)  # three 3x4x4 rows
+    table = _read(prepare_dataset("synthetic", tmp_path / "s", rows=64, size=4))
+    assert table.num_rows == 64  # 8 files of 8 rows, each written 3 rows at a time
+    assert {len(row) for row in table["image"].to_pylist()} == {48}
+    assert max(batch.num_rows for batch in table.to_batches()) <= 3
+
+
 def test_prepare_refuses_to_overwrite(digits_dir: Path) -> None:
     with pytest.raises(UserError, match="already holds Parquet"):
         prepare_dataset("digits", digits_dir)

@@ -29,6 +29,11 @@ DATASETS: Registry[Callable[..., Path]] = Registry(kind="data set", field="data.
 _MIN_FILES = 8
 _MAX_ROWS_PER_FILE = 16_384
 _CHUNK_ROWS = 1_024
+# A synthetic data set is checked before its first row is written: one chunk stays this small in
+# memory (and under Arrow's int32 list offsets), the class patterns too, and the whole set must
+# fit in the free space where it goes.
+_CHUNK_BYTES = 64 << 20
+_MAX_PATTERN_BYTES = 1 << 30
 # Third-party code differs from machine to machine; the corpus must not.
 _CORPUS_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
@@ -167,11 +172,14 @@ def synthetic(
     Each class has its own smooth mean pattern under unit noise, so models can learn it.
     """
     _require_positive(rows=rows, channels=channels, size=size, num_classes=num_classes)
+    row_bytes = 4 * channels * size * size
+    _check_synthetic_fits(out_dir, rows, row_bytes, num_classes, f"{channels}x{size}x{size}")
+    chunk_rows = max(1, min(_CHUNK_ROWS, _CHUNK_BYTES // row_bytes))
     ranges = _file_ranges(rows)
     pattern_seed, *file_seeds = np.random.SeedSequence(seed).spawn(len(ranges) + 1)
     patterns = _class_patterns(np.random.default_rng(pattern_seed), num_classes, channels, size)
     parts = (
-        _synthetic_chunks(np.random.default_rng(s), patterns, len(r))
+        _synthetic_chunks(np.random.default_rng(s), patterns, len(r), chunk_rows)
         for s, r in zip(file_seeds, ranges)
     )
     return _write_parts(out_dir, parts)
@@ -186,11 +194,48 @@ def _class_patterns(
     return coarse[:, :, index][:, :, :, index].reshape(classes, -1)
 
 
+def _check_synthetic_fits(
+    out_dir: Path, rows: int, row_bytes: int, classes: int, shape: str
+) -> None:
+    if row_bytes > _CHUNK_BYTES:
+        raise UserError(
+            f"data.dataset_kwargs.size: one {shape} image is {_bytes(row_bytes)}; "
+            f"at most {_bytes(_CHUNK_BYTES)} per row"
+        )
+    if classes * row_bytes > _MAX_PATTERN_BYTES:
+        raise UserError(
+            f"data.dataset_kwargs.num_classes: {classes:,} class patterns of {shape} need "
+            f"{_bytes(classes * row_bytes)} of memory; at most {_bytes(_MAX_PATTERN_BYTES)}"
+        )
+    need = rows * (row_bytes + 8)
+    place = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists())
+    try:
+        free = shutil.disk_usage(place).free
+    except OSError:
+        return  # not a place one can ask; writing says what is wrong
+    if need > free:
+        raise UserError(
+            f"data.dataset_kwargs.rows: {rows:,} rows of {shape} images need about "
+            f"{_bytes(need)}, but {place} has {_bytes(free)} free"
+        )
+
+
+def _bytes(n: int) -> str:
+    if n < 1024:
+        return f"{n:,} bytes"
+    size = float(n)
+    for unit in ("KiB", "MiB", "GiB"):
+        size /= 1024
+        if size < 1024:
+            return f"{size:,.1f} {unit}"
+    return f"{size / 1024:,.1f} TiB"
+
+
 def _synthetic_chunks(
-    rng: np.random.Generator, patterns: np.ndarray, rows: int
+    rng: np.random.Generator, patterns: np.ndarray, rows: int, chunk_rows: int
 ) -> Iterator[pa.Table]:
-    for start in range(0, rows, _CHUNK_ROWS):
-        n = min(_CHUNK_ROWS, rows - start)
+    for start in range(0, rows, chunk_rows):
+        n = min(chunk_rows, rows - start)
         labels = rng.integers(0, len(patterns), n)
         images = patterns[labels] + rng.standard_normal((n, patterns.shape[1]), dtype=np.float32)
         yield pa.table({"image": _list_column(images), "label": pa.array(labels, pa.int64())})
