@@ -52,6 +52,7 @@ def write(tmp_path: Path, overrides: list[str], *, drop: str | None = None) -> P
         (["data.val_fraction=1.5"], "data.val_fraction: must be < 1"),
         (["data.features.dtype=float16"], "data.features.dtype: must be 'float32', 'float64', 'int32' or 'int64'"),
         (["data.features.shape=[1, -8, 8]"], "data.features.shape: must be a non-empty list of positive sizes"),
+        (["data.features.shape=[true, 8]"], "data.features.shape: must be a list of integers, got [true, 8]"),
         (["name=bad name!"], "name: "),
         (["training.epochs=null", "training.max_steps=null"], "training: set epochs or max_steps"),
     ],

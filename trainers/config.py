@@ -41,6 +41,13 @@ class ColumnConfig(Section):
     dtype: Literal["float32", "float64", "int32", "int64"]
     shape: list[int] | None = None
 
+    @field_validator("shape", mode="before")
+    @classmethod
+    def _no_bool_in_shape(cls, v: Any) -> Any:
+        if isinstance(v, list) and any(isinstance(d, bool) for d in v):
+            raise ValueError(f"must be a list of integers, got {str(v).lower()}")
+        return v
+
     @field_validator("shape")
     @classmethod
     def _positive_shape(cls, v: list[int] | None) -> list[int] | None:
