@@ -136,6 +136,16 @@ def test_calibrated_cluster_round_trips_and_plans(tmp_path: Path) -> None:
     assert "Network calibrated" in result.explanation
 
 
+def test_a_fixed_worker_count_says_which_network_predicted_it() -> None:
+    from orchestrator.driver.sizing import Sizing
+
+    cal = calibrate(SPEC, observe(MODELS))
+    for cluster, basis in ((SPEC, "Network from uncalibrated priors."), (cal, "Network calibrated from jobs.")):
+        prediction = predict(MODELS[0], cluster, nodes=2, gpus_per_node=4, local_batch=64)
+        explanation = Sizing(8, 64, MODELS[0], cluster=cluster, prediction=prediction).explanation
+        assert explanation.startswith("8 workers as configured: predicted ") and explanation.endswith(basis)
+
+
 def test_a_calibrated_network_plans_sharper_than_the_priors() -> None:
     # The truth is faster than ethernet's pessimistic prior end: calibrated, the plan dares more GPUs.
     fast_truth = with_network(SPEC, effective_network(SPEC).scaled(0.5))

@@ -31,9 +31,10 @@ class Sizing:
         if self.plan is not None:
             return self.plan.explanation
         if self.prediction is not None:
-            p = self.prediction
+            p, cal = self.prediction, self.cluster.calibration if self.cluster else None
+            basis = f"Network calibrated from {cal.source}." if cal else "Network from uncalibrated priors."
             return (f"{p.gpus} workers as configured: predicted {p.step_time_s * 1e3:.1f} ms/step, "
-                    f"{p.throughput:,.0f} samples/s, scaling efficiency {p.efficiency:.2f}.")
+                    f"{p.throughput:,.0f} samples/s, scaling efficiency {p.efficiency:.2f}. {basis}")
         return "workers as configured (profiling off)."
 
     @property
