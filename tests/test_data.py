@@ -203,6 +203,27 @@ def test_a_path_that_is_no_parquet_data_is_one_line(tmp_path: Path) -> None:
             check_columns([str(path)], PIXELS, LABEL)
 
 
+def test_linked_folders_are_read_but_a_link_loop_or_a_huge_tree_is_one_line(
+    digits_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import trainers.data.schema as schema
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "digits").symlink_to(digits_dir)  # a data set kept elsewhere, linked in
+    assert check_columns([str(data)], PIXELS, LABEL) == 1797
+    (data / "_logs").mkdir()
+    (data / "_logs" / "old.parquet").write_bytes(b"")  # hidden from readers
+    assert check_columns([str(data)], PIXELS, LABEL) == 1797
+    (data / "_logs" / "here").symlink_to("..")  # as Debian's /usr/bin/X11 -> .: pyarrow's listing never ends
+    with pytest.raises(UserError, match=rf"^data\.path: {data} loops through a symbolic link at {data / '_logs/here'}$"):
+        check_columns([str(data)], PIXELS, LABEL)
+    (data / "_logs" / "here").unlink()
+    monkeypatch.setattr(schema, "MAX_LISTED", 5)  # the digits folder holds 8 files
+    with pytest.raises(UserError, match=rf"^data\.path: {data} holds more than 5 files and folders; point it at"):
+        check_columns([str(data)], PIXELS, LABEL)
+
+
 def test_preparing_into_a_place_that_is_no_folder_is_one_line(tmp_path: Path) -> None:
     text = tmp_path / "notes.txt"
     text.write_text("hello\n")

@@ -18,6 +18,8 @@ import pyarrow.fs as pafs
 from trainers.config import ColumnConfig
 from trainers.errors import UserError
 
+MAX_LISTED = 1_000_000  # entries walked under one local data.path
+
 
 def check_columns(paths: list[str], features: ColumnConfig, label: ColumnConfig | None) -> int:
     """Raise UserError on a missing path or column, a wrong dtype or shape; return the row count."""
@@ -69,21 +71,53 @@ def _parquet_files(path: str) -> list[str]:
     if info.type != pafs.FileType.Directory:  # a device, a FIFO, a socket: listing or reading it fails or blocks
         raise UserError(f"data.path: {path} is neither a Parquet file nor a folder of them")
     try:
-        listing = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+        if isinstance(filesystem, pafs.LocalFileSystem):
+            files = sorted(_local_data_files(root, path))
+        else:
+            listing = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+            files = sorted(f.path for f in listing if _is_data_file(f, root))
     except OSError as exc:  # a folder below it we may not read
         raise UserError(f"data.path: cannot list {path} ({_first_line(exc)})") from None
-    files = sorted(f.path for f in listing if _is_data_file(f, root))
     if not files:
         raise UserError(f"data.path: no Parquet files found in {path}")
     return files
 
 
+def _local_data_files(root: str, path: str) -> list[str]:
+    """The data files under a local folder, following symbolic links as pyarrow does, but never
+    round a loop of them (pyarrow's own listing of a folder holding `X11 -> .` never ends) and
+    never through more than `MAX_LISTED` entries (a mistyped data.path of `/`)."""
+    files: list[str] = []
+    listed = 0
+    stack = [(root, frozenset[tuple[int, int]]())]
+    while stack:
+        folder, above = stack.pop()
+        st = os.stat(folder)
+        here = above | {(st.st_dev, st.st_ino)}
+        if len(here) == len(above):
+            raise UserError(f"data.path: {path} loops through a symbolic link at {folder}")
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                listed += 1
+                if listed > MAX_LISTED:
+                    raise UserError(f"data.path: {path} holds more than {MAX_LISTED:,} files and folders; "
+                                    "point it at the folder of Parquet files")
+                if entry.is_dir():  # hidden ones too: Ray Data's own listing walks them
+                    stack.append((entry.path, here))
+                elif entry.is_file() and entry.name.endswith(".parquet") and not _hidden(entry.path, root):
+                    files.append(entry.path)
+    return files
+
+
 def _is_data_file(info: pafs.FileInfo, root: str) -> bool:
+    return info.type == pafs.FileType.File and info.path.endswith(".parquet") and not _hidden(info.path, root)
+
+
+def _hidden(path: str, root: str) -> bool:
     # Same rule as pyarrow and Ray Data: names starting with "." or "_" are metadata or
     # unfinished writes, not data.
-    parts = PurePosixPath(info.path).relative_to(PurePosixPath(root)).parts
-    hidden = any(p.startswith((".", "_")) for p in parts)
-    return info.type == pafs.FileType.File and info.path.endswith(".parquet") and not hidden
+    parts = PurePosixPath(path).relative_to(PurePosixPath(root)).parts
+    return any(p.startswith((".", "_")) for p in parts)
 
 
 def _column_type(schema: pa.Schema, column: ColumnConfig, field: str, where: str) -> pa.DataType:
