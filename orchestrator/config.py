@@ -84,7 +84,8 @@ class RayConfig(Section):
 
 
 class JobConfig(Section):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    # A folder under checkpoint.storage_path (255 bytes on most filesystems), a Ray job id, an MLflow run name
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     model: ModelConfig
     data: DataConfig
     training: TrainingConfig
@@ -173,6 +174,8 @@ def _describe(error: dict[str, Any], alternatives: list[str]) -> str:
     for bound, word in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
         if bound in ctx and error["type"].startswith(("greater", "less")):
             msg = f"must be {word} {ctx[bound]:g}"
+    if error["type"] == "string_too_long":
+        return f"{where}: must be at most {ctx['max_length']} characters, got {len(error['input']):,}"
     if error["type"] == "string_pattern_mismatch":
         msg = "must use only letters, digits, '_', '.', '-' and start with a letter or digit"
     if error["type"] in _EXPECTED or error["type"] == "literal_error":

@@ -54,6 +54,7 @@ def write(tmp_path: Path, overrides: list[str], *, drop: str | None = None) -> P
         (["data.features.shape=[1, -8, 8]"], "data.features.shape: must be a non-empty list of positive sizes"),
         (["data.features.shape=[true, 8]"], "data.features.shape: must be a list of integers, got [true, 8]"),
         (["name=bad name!"], "name: "),
+        (["name=" + "x" * 300], "name: must be at most 128 characters, got 300"),
         (["training.epochs=null", "training.max_steps=null"], "training: set epochs or max_steps"),
     ],
 )

@@ -43,6 +43,14 @@ def test_a_second_driver_of_the_same_job_is_refused_naming_the_holder(tmp_path: 
     assert subprocess.run(args, capture_output=True, text=True, cwd=ROOT).returncode == 0  # free again
 
 
+def test_a_storage_path_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("kept\n")
+    for storage, why in ((tmp_path / "file" / "runs", "Not a directory"), (Path("/proc/orchestrator-test"), ".+")):
+        with pytest.raises(UserError, match=rf"^checkpoint\.storage_path: cannot write {storage / 'digits'} \({why}\)$"):
+            claim(job(str(storage)))
+    assert (tmp_path / "file").read_text() == "kept\n"
+
+
 def test_a_changed_config_is_refused_naming_the_fields_unless_new_run(tmp_path: Path) -> None:
     claim(job(str(tmp_path))).release()
     with pytest.raises(UserError, match=r"config changed since this job ran \(model.kwargs.hidden, training.lr\)"):

@@ -79,8 +79,11 @@ class JobLock:
         import json
 
         path = self.storage.local_path(self.name, LOCK_FILE)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
+        except OSError as exc:  # a read-only or missing place, a file where the folder goes
+            raise UserError(f"checkpoint.storage_path: cannot write {path.parent} ({exc.strerror or exc})") from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
