@@ -34,8 +34,13 @@ def main() -> None:
     from typer._click.exceptions import ClickException, UsageError as ClickUsageError
 
     quiet_noise()
-    logging.basicConfig(level=os.environ.get("ORCH_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    level = os.environ.get("ORCH_LOG_LEVEL", "WARNING")
+    if not isinstance(logging.getLevelName(level.upper()), int):
+        note(f"[red]error:[/red] ORCH_LOG_LEVEL: must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {escape(repr(level))}")
+        sys.exit(2)
+    logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
+        from orchestrator import constants  # noqa: F401 - an ORCH_... variable that is no number: one line
         # standalone_mode=False: typer raises usage errors instead of printing its boxed help, and
         # returns (not raises) the code of a `typer.Exit`.
         code = app(standalone_mode=False)

@@ -5,12 +5,23 @@ Tests set them small; nothing else in the package hard-codes a wait.
 
 from __future__ import annotations
 
+import math
 import os
+
+from orchestrator.errors import UserError
 
 
 def _env_float(name: str, default: float) -> float:
     value = os.environ.get(name)
-    return float(value) if value not in (None, "") else default
+    if value is None or not value.strip():
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or number < 0:
+        raise UserError(f"{name}: must be a number >= 0, got {value!r}")
+    return number
 
 
 # Driver polls the training progress actor this often (seconds).

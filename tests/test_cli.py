@@ -57,6 +57,22 @@ def test_user_error_is_one_line_exit_2() -> None:
     assert (result.returncode, result.stderr) == (2, "error: training.lr: must be > 0, got -0.1\n")
 
 
+@pytest.mark.parametrize("name, value, error", [
+    ("ORCH_SYSTEM_METRICS_S", "abc", "ORCH_SYSTEM_METRICS_S: must be a number >= 0, got 'abc'"),
+    ("ORCH_PROGRESS_POLL_S", "-1", "ORCH_PROGRESS_POLL_S: must be a number >= 0, got '-1'"),
+    ("ORCH_JOB_POLL_S", "inf", "ORCH_JOB_POLL_S: must be a number >= 0, got 'inf'"),
+    ("ORCH_LOG_LEVEL", "loud", "ORCH_LOG_LEVEL: must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got 'loud'"),
+])
+def test_a_bad_environment_variable_is_one_line_exit_2(name: str, value: str, error: str) -> None:
+    result = run_cli(["validate", "configs/digits.yaml"], env={**base_env(), name: value})
+    assert (result.returncode, result.stderr) == (2, f"error: {error}\n")
+
+
+def test_a_lower_case_log_level_is_taken() -> None:
+    result = run_cli(["validate", "configs/digits.yaml"], env={**base_env(), "ORCH_LOG_LEVEL": "info"})
+    assert result.returncode == 0, result.stderr
+
+
 def test_validate_says_a_mistyped_builtin_path_means_a_new_copy_and_whose_name_registers() -> None:
     result = run_cli(["validate", "configs/digits.yaml", "--set", "data.path=data/digts", "--set", "name=mine"],
                      env=base_env())
