@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import UserError
-from orchestrator.files import user_cache_dir
+from orchestrator.files import cannot_write, user_cache_dir
 from orchestrator.redact import redact_uri, tracking_credentials
 from orchestrator.planner import (
     OBSERVATIONS_ARTIFACT,
@@ -62,9 +62,12 @@ def store(spec: ClusterSpec, root: str | Path | None = None) -> Path:
     current = _read(path)
     if current is not None and _when(current) > _when(spec):
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        staged = Path(tmp.name)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
+            staged = Path(tmp.name)
+    except OSError as exc:
+        raise cannot_write(path, exc) from None
     save_cluster(spec, staged).replace(path)  # whole or not at all: plan and run may read it now
     return path
 

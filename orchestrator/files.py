@@ -51,6 +51,25 @@ def read_text(path: str | Path, what: str, *, max_bytes: int = MAX_FILE_BYTES) -
                         f"is this the {what} file?") from None
 
 
+def write_text(path: str | Path, text: str) -> Path:
+    """Write `text` to `path`, its folder made; a place that cannot be written is a one-line error
+    naming it. (Written in place, not staged and renamed: `-o /dev/stdout` must stay a device.)"""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as exc:
+        raise cannot_write(path, exc) from None
+    return path
+
+
+def cannot_write(path: str | Path, exc: OSError) -> UserError:
+    """The one-line error for a place `path` that could not be written."""
+    blocking = next((p for p in Path(path).parents if p.exists() and not p.is_dir()), None)
+    why = f"{blocking} is a file, not a folder" if blocking else exc.strerror or exc
+    return UserError(f"{path}: cannot write ({why})")
+
+
 class _StrictLoader(_Parser):  # type: ignore[misc,valid-type]
     """A safe loader (libyaml's parser where there is one) that refuses duplicate keys in a mapping."""
 

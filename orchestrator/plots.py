@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from orchestrator.files import cannot_write
 from orchestrator.planner import Candidate, Plan
 
 
@@ -55,8 +56,11 @@ def scaling_plot(plan: Plan, path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, format="png")
+    except OSError as exc:
+        raise cannot_write(path, exc) from None
     return path
 
 

@@ -19,7 +19,9 @@ from typing import Any
 
 from orchestrator import constants
 from orchestrator.config import JobConfig
+from orchestrator.files import user_cache_dir, write_text
 from orchestrator.planner import PROFILE_VERSION, Profile
+from orchestrator.storage import is_remote
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +30,15 @@ NODE_STEPS = 20
 
 
 def cache_path(job: JobConfig, device_key: str, gpus_per_node: int = 1) -> Path:
+    """Beside the job's checkpoints when they are local, else in this user's cache (a URI is no
+    local folder: `Path("s3://b/runs")` would make one named `s3:` in the working directory)."""
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device_key).strip("-").lower()
     per_node = f"-x{gpus_per_node}" if gpus_per_node > 1 else ""
-    return Path(job.checkpoint.storage_path) / "profiles" / f"{job.digest()}-{slug}{per_node}.json"
+    name = f"{job.digest()}-{slug}{per_node}.json"
+    storage = job.checkpoint.storage_path
+    if is_remote(storage):
+        return user_cache_dir("profiles", name)
+    return Path(storage.removeprefix("file://"), "profiles", name)
 
 
 def device_key(use_gpu: bool) -> str:
@@ -58,10 +66,8 @@ def profile_job(job: JobConfig, *, use_gpu: bool, gpus_per_node: int = 1, refres
     if node_samples:
         raw["node_samples"] = node_samples
     profile = Profile.from_dict({"version": PROFILE_VERSION, **raw})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(profile.to_dict(), indent=2) + "\n")
-    os.replace(tmp, path)
+    tmp = write_text(path.with_suffix(".tmp"), json.dumps(profile.to_dict(), indent=2) + "\n")
+    os.replace(tmp, path)  # whole or not at all: another job may read the cache now
     return profile, False
 
 

@@ -16,11 +16,16 @@ from pathlib import Path
 from typing import Any
 
 
+def is_remote(location: str) -> bool:
+    """Whether a storage location is object storage (a URI other than `file://`)."""
+    return "://" in location and not location.startswith("file://")
+
+
 class Storage:
     def __init__(self, location: str, *, filesystem: Any = None) -> None:
         """`filesystem`: a pyarrow filesystem to use as object storage for `location` (tests)."""
         self.uri = location
-        self.remote = filesystem is not None or ("://" in location and not location.startswith("file://"))
+        self.remote = filesystem is not None or is_remote(location)
         if filesystem is not None:
             self._fs, self._root = filesystem, location.split("://", 1)[-1]
         elif self.remote:

@@ -16,6 +16,7 @@ from orchestrator.errors import UserError
 from orchestrator.files import MAX_FILE_BYTES, read_json, read_yaml
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _billion_laughs(levels: int = 12) -> str:
@@ -87,6 +88,26 @@ def test_json_files_get_the_same_care(tmp_path: Path) -> None:
     binary.write_bytes(b"\xff\xfe{}")
     with pytest.raises(UserError, match="not UTF-8 text"):
         read_json(binary, "profile")
+
+
+def test_a_place_that_cannot_be_written_is_one_line_and_a_uri_is_no_local_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orchestrator.planner import ClusterSpec, save_cluster
+    from orchestrator.profiler import cache_path
+
+    (tmp_path / "file").write_text("kept\n")
+    for place, why in ((tmp_path / "file" / "c.yaml", f"{tmp_path / 'file'} is a file, not a folder"), (Path("/proc/orchestrator/c.yaml"), ".+")):
+        with pytest.raises(UserError, match=rf"^{place}: cannot write \({why}\)$"):
+            save_cluster(ClusterSpec(nodes=1, gpus_per_node=1, intra_node_GBps=16, inter_node_GBps=12.5), place)
+    assert (tmp_path / "file").read_text() == "kept\n"
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    for storage, folder in ((str(tmp_path / "runs"), tmp_path / "runs" / "profiles"),
+                            (f"file://{tmp_path}/runs", tmp_path / "runs" / "profiles"),
+                            ("s3://bucket/runs", tmp_path / "cache" / "orchestrator" / "profiles")):
+        job = load_config(ROOT / "configs" / "digits.yaml", [f"checkpoint.storage_path={storage}"])
+        assert cache_path(job, "cpu").parent == folder
 
 
 def test_aliases_within_reason_still_load(tmp_path: Path) -> None:

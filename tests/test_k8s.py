@@ -432,7 +432,7 @@ def test_command_errors_name_the_field_or_file(tmp_path: Path) -> None:
         (dict(plan_path=None), ["checkpoint.storage_path=/data/ckpt"],
          "checkpoint.storage_path: /data/ckpt is outside the job's storage"),
         (dict(plan_path=None), ["data.path=../../etc"], "data.path: ../../etc is outside the job's storage"),
-        (dict(plan_path=None, output=str(tmp_path / "no" / "such" / "dir.yaml")), [], "cannot write"),
+        (dict(plan_path=None, output=str(tmp_path / "bad.json" / "dir.yaml")), [], "cannot write ("),
         (dict(plan_path=None, owner=None), [], "--owner: required for a RayJob"),
         (dict(plan_path=None, owner="../bob"), [], "--owner: '../bob' is not a user name"),
     ]

@@ -11,7 +11,7 @@ import yaml
 
 from orchestrator.config import JobConfig, load_config
 from orchestrator.errors import UserError
-from orchestrator.files import read_json
+from orchestrator.files import read_json, write_text
 from orchestrator.k8s.names import CONFIG_DIR, CONFIG_FILE, MLFLOW_SECRET, default_image, resource_name
 from orchestrator.k8s.render import (
     render_cluster_network_policy,
@@ -137,9 +137,6 @@ def k8s_render_command(config_path: str, *, plan_path: str | None, image: str | 
     text = dump_manifests(objs, notes)
     if output is None:
         return Rendered(text, notes)
-    try:
-        Path(output).write_text(text)
-    except OSError as exc:
-        raise UserError(f"{output}: cannot write ({exc.strerror})") from None
+    write_text(output, text)
     names = ", ".join(f"{o['kind']} {o['metadata']['name']}" for o in objs)
     return Rendered(f"wrote {names} ({group}) to {output}", notes)

@@ -11,7 +11,7 @@ from typing import TypeVar
 import yaml
 
 from orchestrator.errors import UserError
-from orchestrator.files import read_json, read_text, read_yaml
+from orchestrator.files import read_json, read_text, read_yaml, write_text
 from orchestrator.planner.base import Model
 from orchestrator.planner.types import ClusterSpec, Observation
 
@@ -34,10 +34,7 @@ def load_json(cls: type[M], path: str | Path) -> M:
 
 
 def save_json(obj: Model, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj.to_dict(), indent=2) + "\n")
-    return path
+    return write_text(path, json.dumps(obj.to_dict(), indent=2) + "\n")
 
 
 def load_cluster(path: str | Path) -> ClusterSpec:
@@ -49,10 +46,7 @@ def load_cluster(path: str | Path) -> ClusterSpec:
 
 
 def save_cluster(cluster: ClusterSpec, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cluster.to_dict(), sort_keys=False))
-    return path
+    return write_text(path, yaml.safe_dump(cluster.to_dict(), sort_keys=False))
 
 
 def load_observations(path: str | Path) -> list[Observation]:
@@ -78,7 +72,4 @@ def load_observations(path: str | Path) -> list[Observation]:
 
 
 def save_observations(observations: Iterable[Observation], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps([o.to_dict() for o in observations], indent=1) + "\n")
-    return path
+    return write_text(path, json.dumps([o.to_dict() for o in observations], indent=1) + "\n")
