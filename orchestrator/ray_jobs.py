@@ -43,7 +43,12 @@ def resolve_address(address: str | None) -> str:
     if not address:
         raise UserError("--address: no Ray cluster given; pass --address http://HEAD:8265 or set RAY_ADDRESS")
     url = address if "://" in address else f"http://{address}"
-    if urlsplit(url).scheme not in ("http", "https"):
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port out of range or no number
+    except ValueError as exc:
+        raise UserError(f"--address {address}: not a valid URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UserError(f"--address {address}: expected the Ray dashboard's http://HOST:PORT (usually port 8265)")
     return url.rstrip("/")
 

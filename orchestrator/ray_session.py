@@ -103,6 +103,8 @@ def check_reachable(address: str) -> None:
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         return  # "auto" and the like: Ray resolves them and says what is wrong
+    if not 0 < int(port) < 65536:
+        raise UserError(f"Ray address {address!r}: port {port} is not a port (1-65535)")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=REACH_TIMEOUT_S).close()
     except OSError as exc:

@@ -123,6 +123,17 @@ def test_address_without_scheme_is_http() -> None:
     assert resolve_address("127.0.0.1:8265/") == "http://127.0.0.1:8265"
 
 
+@pytest.mark.parametrize("address, error", [
+    ("http://[::1", "not a valid URL (Invalid IPv6 URL)"),
+    ("http://127.0.0.1:99999", "not a valid URL (Port out of range 0-65535)"),
+    ("127.0.0.1:abc", "not a valid URL (Port could not be cast to integer value as 'abc')"),
+    ("http://:8265", "expected the Ray dashboard's http://HOST:PORT"),
+])
+def test_a_malformed_dashboard_address_is_one_line(address: str, error: str) -> None:
+    with pytest.raises(UserError, match=rf"^--address {re.escape(address)}: {re.escape(error)}"):
+        resolve_address(address)
+
+
 def test_follow_exit_codes_say_the_outcome() -> None:
     assert [exit_code(s) for s in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING")] == [0, 1, 3, 1]
 
@@ -162,6 +173,7 @@ UNREACHABLE = {
     "nothing listens": ("127.0.0.1:1", r"nothing answers at 127\.0\.0\.1:1 \(Connection refused\); is the cluster up\?"),
     "Ray client": ("ray://127.0.0.1:1", r"nothing answers at 127\.0\.0\.1:1"),
     "dashboard URL": ("http://127.0.0.1:8265", r"that is a dashboard \(Jobs\) URL"),
+    "no port": ("127.0.0.1:99999", r"port 99999 is not a port \(1-65535\)"),
 }
 
 

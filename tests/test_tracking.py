@@ -355,7 +355,10 @@ def test_replay_of_a_missing_or_other_file_is_a_one_line_error(tmp_path: Path) -
     (tmp_path / "notes.txt").write_text("hello\n")
     with pytest.raises(UserError, match="not a spill file"):
         replay(tmp_path / "notes.txt", URI)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    (tmp_path / "folder.jsonl").mkdir()
+    with pytest.raises(UserError, match=r"folder.jsonl: not a regular file \(a spill file is one\)$"):
+        replay(tmp_path / "folder.jsonl", URI)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.jsonl", "notes.txt"]
 
 
 def test_an_unwritable_spill_dir_is_a_one_line_error_at_open(fake: FakeStore, tmp_path: Path) -> None:

@@ -296,8 +296,10 @@ class ReplayResult:
 def replay(path: str | Path, tracking_uri: str) -> ReplayResult:
     """Send a spill file's unsent lines to `tracking_uri` (idempotent: see the module docstring)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path}: no such spill file")
+    if not path.is_file():
+        raise UserError(f"{path}: not a regular file (a spill file is one)")
     if path.suffix != SUFFIX:  # progress is recorded beside the file: not beside just any file
         raise UserError(f"{path}: not a spill file (their names end in {SUFFIX})")
     from orchestrator.tracking.store import Store
