@@ -86,6 +86,7 @@ def validate(config: Path, set_: SetOption = None) -> None:
     from orchestrator.config import load_config
 
     job = load_config(config, set_ or [])  # before torch's import: a bad file is said within a second
+    job.resolved_tracking_uri()  # MLFLOW_TRACKING_URI, when the config names no tracking_uri
 
     import torch
 
@@ -318,7 +319,7 @@ def calibrate(
         raise UserError("calibrate: --cluster: required without --experiment (whose runs say their cluster)")
     found = [o for path in observations or [] for o in planner.load_observations(path)]
     if experiment:
-        past = calibrations.history(experiment, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), spec)
+        past = calibrations.history(experiment, _tracking_uri(tracking_uri), spec)
         found += past.observations
         spec = spec or past.cluster
         out.print(f"{experiment}: {past.summary()}", highlight=False)
@@ -457,6 +458,15 @@ def jobs_stop(job_id: str, address: AddressOption = None, insecure: InsecureOpti
     out.print(f"{job_id}: {status}" + ("" if status in TERMINAL else " (stop requested; still ending)"))
 
 
+def _tracking_uri(flag: str | None) -> str | None:
+    """--tracking-uri, else MLFLOW_TRACKING_URI, checked to be a tracking store MLflow knows."""
+    from orchestrator.config import check_tracking_uri
+
+    if flag:
+        return check_tracking_uri(flag, "--tracking-uri")
+    return check_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"), "MLFLOW_TRACKING_URI")
+
+
 @tracking_app.command("replay")
 def tracking_replay(
     spill_file: Path,
@@ -467,7 +477,7 @@ def tracking_replay(
     Safe to repeat: only lines not sent before go (progress is kept beside the file)."""
     from orchestrator.tracking import replay
 
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = _tracking_uri(tracking_uri)
     if not uri:
         raise UserError("--tracking-uri: required (or set MLFLOW_TRACKING_URI)")
     for line in replay(spill_file, uri).lines(spill_file):

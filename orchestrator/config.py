@@ -9,8 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
@@ -68,6 +70,39 @@ class ResourcesConfig(Section):
         return v
 
 
+# The tracking stores MLflow itself knows (a database dialect may name its driver: postgresql+psycopg2).
+TRACKING_SCHEMES = ("", "file", "http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks",
+                    "databricks-uc", "uc")
+
+
+def tracking_uri_problem(uri: str) -> str | None:
+    """What is wrong with an MLflow tracking URI (None: nothing we can tell before sending to it)."""
+    try:
+        parts = urlsplit(uri)
+        parts.port  # noqa: B018 - raises on a port out of range or no number
+    except ValueError as exc:
+        return f"not a valid URI ({exc})"
+    if parts.scheme.split("+")[0] not in TRACKING_SCHEMES:
+        return (f"scheme {parts.scheme!r} is no MLflow tracking store; use http(s)://HOST:PORT, a database "
+                "URI (sqlite:///..., postgresql://...) or a local folder")
+    if parts.scheme in ("http", "https") and not parts.hostname:
+        return "no host; expected http://HOST:PORT"
+    return None
+
+
+def _shown(uri: str) -> str:
+    """A URI as an error may show it: without the credentials it may carry, even when malformed."""
+    return re.sub(r"//[^/@]*@", "//", uri)
+
+
+def check_tracking_uri(uri: str | None, where: str) -> str | None:
+    """`uri`, or a one-line UserError naming `where` (a flag or variable) and what is wrong."""
+    problem = tracking_uri_problem(uri) if uri else None
+    if problem and uri:
+        raise UserError(f"{where}: {problem}, got {_shown(uri)!r}")
+    return uri
+
+
 class TrackingConfig(Section):
     experiment: str = "default"
     tracking_uri: str | None = None
@@ -77,6 +112,13 @@ class TrackingConfig(Section):
     # for the next run against that server, which sends it by itself): a local folder, never the
     # checkpoint storage. None: $XDG_CACHE_HOME/orchestrator/tracking (~/.cache/...).
     spill_dir: str | None = None
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _a_tracking_store(cls, v: str | None) -> str | None:
+        if v and (problem := tracking_uri_problem(v)):
+            raise ValueError(f"{problem}, got {_shown(v)!r}")
+        return v
 
 
 class RayConfig(Section):
@@ -120,7 +162,8 @@ class JobConfig(Section):
 
     def resolved_tracking_uri(self) -> str | None:
         """`--set`/config, then MLFLOW_TRACKING_URI, then MLflow's default (None)."""
-        return self.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+        return self.tracking.tracking_uri or check_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"),
+                                                                "MLFLOW_TRACKING_URI") or None
 
 
 # ---------------------------------------------------------------------------------------------

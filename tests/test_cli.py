@@ -62,6 +62,8 @@ def test_user_error_is_one_line_exit_2() -> None:
     ("ORCH_PROGRESS_POLL_S", "-1", "ORCH_PROGRESS_POLL_S: must be a number >= 0, got '-1'"),
     ("ORCH_JOB_POLL_S", "inf", "ORCH_JOB_POLL_S: must be a number >= 0, got 'inf'"),
     ("ORCH_LOG_LEVEL", "loud", "ORCH_LOG_LEVEL: must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got 'loud'"),
+    ("MLFLOW_TRACKING_URI", "ftp://bob:pw@host", "MLFLOW_TRACKING_URI: scheme 'ftp' is no MLflow tracking store; use "
+     "http(s)://HOST:PORT, a database URI (sqlite:///..., postgresql://...) or a local folder, got 'ftp://host'"),
 ])
 def test_a_bad_environment_variable_is_one_line_exit_2(name: str, value: str, error: str) -> None:
     result = run_cli(["validate", "configs/digits.yaml"], env={**base_env(), name: value})

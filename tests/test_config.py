@@ -55,6 +55,13 @@ def write(tmp_path: Path, overrides: list[str], *, drop: str | None = None) -> P
         (["data.features.shape=[true, 8]"], "data.features.shape: must be a list of integers, got [true, 8]"),
         (["name=bad name!"], "name: "),
         (["name=" + "x" * 300], "name: must be at most 128 characters, got 300"),
+        (["tracking.tracking_uri=ftp://host/x"], "tracking.tracking_uri: scheme 'ftp' is no MLflow tracking store"),
+        (["tracking.tracking_uri=http:///x"], "tracking.tracking_uri: no host; expected http://HOST:PORT, got 'http:///x'"),
+        # the credentials a URI carries are not echoed, even when it is malformed
+        (["tracking.tracking_uri=http://alice:s3cret@[::1"],
+         "tracking.tracking_uri: not a valid URI (Invalid IPv6 URL), got 'http://[::1'"),
+        (["tracking.tracking_uri=https://alice:s3cret@h:99999"],
+         "tracking.tracking_uri: not a valid URI (Port out of range 0-65535), got 'https://h:99999'"),
         (["training.epochs=null", "training.max_steps=null"], "training: set epochs or max_steps"),
     ],
 )
