@@ -113,6 +113,15 @@ class TrackingConfig(Section):
     # checkpoint storage. None: $XDG_CACHE_HOME/orchestrator/tracking (~/.cache/...).
     spill_dir: str | None = None
 
+    @field_validator("registered_model")
+    @classmethod
+    def _a_model_name(cls, v: str | None) -> str | None:
+        # MLflow's own rule (mlflow.utils.validation._validate_model_name), checked before training
+        # rather than found when the model is registered at the end
+        if v is not None and (not v.strip() or any(c in v for c in "/:") or v == "." or v.startswith("..")):
+            raise ValueError(f"must be a model name without '/' or ':' and not '.' or '..' (MLflow's rule), got {v!r}")
+        return v
+
     @field_validator("tracking_uri")
     @classmethod
     def _a_tracking_store(cls, v: str | None) -> str | None:

@@ -62,6 +62,9 @@ def write(tmp_path: Path, overrides: list[str], *, drop: str | None = None) -> P
          "tracking.tracking_uri: not a valid URI (Invalid IPv6 URL), got 'http://[::1'"),
         (["tracking.tracking_uri=https://alice:s3cret@h:99999"],
          "tracking.tracking_uri: not a valid URI (Port out of range 0-65535), got 'https://h:99999'"),
+        (["tracking.registered_model=team/cnn"],
+         "tracking.registered_model: must be a model name without '/' or ':' and not '.' or '..' (MLflow's rule), got 'team/cnn'"),
+        (["tracking.registered_model=..cnn"], "tracking.registered_model: must be a model name without '/'"),
         (["training.epochs=null", "training.max_steps=null"], "training: set epochs or max_steps"),
     ],
 )
