@@ -261,6 +261,7 @@ def test_render_says_what_it_assumed_without_a_plan_or_an_image(tmp_path: Any) -
     ("--image", "evil;rm -rf /", "is not a container image reference"),
     ("--image", "Upper/Case:1", "is not a container image reference"),
     ("--owner", "a" * 254, "254 characters is too long (at most 253"),
+    ("--image", "ghcr.io/" + "x" * 248 + ":1", "is 256 characters; at most 255"),
 ])
 def test_render_refuses_an_image_or_owner_a_cluster_could_not_use(option: str, value: str, message: str) -> None:
     args = {"image": "ghcr.io/acme/orch:1.2", "owner": OWNER} | {option.removeprefix("--"): value}

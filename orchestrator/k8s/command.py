@@ -33,6 +33,8 @@ OWNER_MAX = 253  # the owner is one directory name on the shared volume (filesys
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 IMAGE_PATTERN = re.compile(rf"(?:[A-Za-z0-9.-]+(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*"
                            r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?")
+_TAG_OR_DIGEST = re.compile(r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$")
+MAX_IMAGE_NAME = 255
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +94,9 @@ def check_owner(owner: str | None) -> str:
 def check_image(image: str) -> str:
     if not IMAGE_PATTERN.fullmatch(image):
         raise UserError(f"--image: {image!r} is not a container image reference (like registry.example.com/team/name:tag or name@sha256:digest)")
+    name = _TAG_OR_DIGEST.sub("", image)
+    if len(name) > MAX_IMAGE_NAME:  # the reference grammar's NameTotalLengthMax: registries refuse longer
+        raise UserError(f"--image: the name {name[:40]}... is {len(name):,} characters; at most {MAX_IMAGE_NAME}")
     return image
 
 
