@@ -40,6 +40,7 @@ def write(tmp_path: Path, overrides: list[str], *, drop: str | None = None) -> P
         (["training.epochs=abc"], "training.epochs: "),
         (["training.optimizer=adamx"], "training.optimizer: must be 'adamw', 'adam' or 'sgd', got 'adamx'"),
         (["training.precision=fp8"], "training.precision: must be 'auto', 'fp32' or 'bf16', got 'fp8'"),
+        (["training.seed=-1"], "training.seed: must be >= 0, got -1"),
         (["training.grad_accumulation=-2"], "training.grad_accumulation: must be > 0 or 'auto', got -2"),
         (["training.lr_typo=0.1"], "training.lr_typo: unknown key"),
         (["bogus=1"], "bogus: unknown key"),

@@ -75,6 +75,9 @@ def test_bad_dataset_kwargs(tmp_path: Path) -> None:
         prepare_dataset("synthetic", tmp_path / "s", rows=0)
     with pytest.raises(UserError, match="data.dataset_kwargs.seq_len"):
         prepare_dataset("corpus", tmp_path / "c", seq_len=100, max_bytes=50)
+    for name in ("digits", "synthetic", "corpus"):
+        with pytest.raises(UserError, match=r"^data.dataset_kwargs.seed: must be >= 0, got -1$"):
+            prepare_dataset(name, tmp_path / name, seed=-1)
 
 
 def test_synthetic_too_big_is_refused_before_writing(tmp_path: Path) -> None:

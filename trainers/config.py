@@ -92,7 +92,7 @@ class TrainingConfig(Section):
     grad_accumulation: Literal["auto"] | int = "auto"
     max_local_batch: int | None = Field(default=None, gt=0)
     grad_clip: float | None = Field(default=None, gt=0)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**63)  # numpy's generators take no negative seed
     log_every: int = Field(default=1, gt=0)
     compile: bool = False
 

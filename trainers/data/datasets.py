@@ -101,6 +101,11 @@ def _require_positive(**values: int) -> None:
             raise UserError(f"data.dataset_kwargs.{key}: must be > 0, got {value}")
 
 
+def _require_seed(seed: int) -> None:
+    if seed < 0:  # numpy's generators take no negative seed
+        raise UserError(f"data.dataset_kwargs.seed: must be >= 0, got {seed}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Writing
 
@@ -147,6 +152,7 @@ def _list_column(values: np.ndarray) -> pa.ListArray:
 @DATASETS.register("digits")
 def digits(out_dir: Path, *, seed: int = 0) -> Path:
     """scikit-learn's 1,797 8x8 digits: ``pixels`` list<float32>[64] in [0, 1], ``label`` int64."""
+    _require_seed(seed)
     from sklearn.datasets import load_digits  # bundled with scikit-learn; no download
 
     bunch = load_digits()
@@ -172,6 +178,7 @@ def synthetic(
     Each class has its own smooth mean pattern under unit noise, so models can learn it.
     """
     _require_positive(rows=rows, channels=channels, size=size, num_classes=num_classes)
+    _require_seed(seed)
     row_bytes = 4 * channels * size * size
     _check_synthetic_fits(out_dir, rows, row_bytes, num_classes, f"{channels}x{size}x{size}")
     chunk_rows = max(1, min(_CHUNK_ROWS, _CHUNK_BYTES // row_bytes))
@@ -251,6 +258,7 @@ def corpus(
     one token longer than the context so inputs and shifted targets come from one row.
     """
     _require_positive(seq_len=seq_len, max_bytes=max_bytes)
+    _require_seed(seed)
     text = _stdlib_source(max_bytes)
     windows = len(text) // (seq_len + 1)
     if windows == 0:
