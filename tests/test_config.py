@@ -138,3 +138,15 @@ def test_cli_exits_2_with_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: training.lr: must be > 0, got -0.1"
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_a_job_longer_than_the_planner_can_count_is_one_line(tmp_path: Path) -> None:
+    from orchestrator.driver.data import total_steps
+
+    job = load_config(write(tmp_path, []), ["training.max_steps=100000000000000000", "training.epochs=null"])
+    with pytest.raises(UserError, match=r"^training.max_steps: 100,000,000,000,000,000 steps of .* more than 2\*\*53"):
+        total_steps(job, per_epoch=10)
+    by_epochs = load_config(write(tmp_path, []), ["training.epochs=1000000000000000", "training.max_steps=null"])
+    with pytest.raises(UserError, match=r"^training.epochs: "):
+        total_steps(by_epochs, per_epoch=1000)
+    assert total_steps(load_config(write(tmp_path, []), ["training.max_steps=7", "training.epochs=1"]), per_epoch=10) == 7

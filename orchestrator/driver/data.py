@@ -8,6 +8,7 @@ from typing import Any
 
 from orchestrator.config import JobConfig
 from orchestrator.errors import UserError
+from orchestrator.planner.base import MAX_INTEGER
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,10 @@ def steps_per_epoch(train_rows: int, global_batch: int) -> int:
 
 def total_steps(job: JobConfig, per_epoch: int) -> int:
     t = job.training
-    if t.max_steps is not None and t.epochs is not None:
-        return min(t.max_steps, t.epochs * per_epoch)
-    return t.max_steps if t.max_steps is not None else t.epochs * per_epoch  # type: ignore[operator]
+    by_epochs = t.epochs * per_epoch if t.epochs is not None else None
+    steps = min(s for s in (t.max_steps, by_epochs) if s is not None)
+    if steps * t.global_batch_size > MAX_INTEGER:  # the planner counts samples exactly, in floats
+        field = "max_steps" if steps == t.max_steps else "epochs"
+        raise UserError(f"training.{field}: {steps:,} steps of {t.global_batch_size:,} samples is more than "
+                        f"2**53 samples; no job runs that long")
+    return steps
