@@ -76,30 +76,28 @@ TRACKING_SCHEMES = ("", "file", "http", "https", "sqlite", "postgresql", "mysql"
 
 
 def tracking_uri_problem(uri: str) -> str | None:
-    """What is wrong with an MLflow tracking URI (None: nothing we can tell before sending to it)."""
+    """What is wrong with an MLflow tracking URI, ending in the URI as given less any credentials
+    (None: nothing we can tell before sending to it)."""
     try:
         parts = urlsplit(uri)
         parts.port  # noqa: B018 - raises on a port out of range or no number
+        problem = None
     except ValueError as exc:
-        return f"not a valid URI ({exc})"
-    if parts.scheme.split("+")[0] not in TRACKING_SCHEMES:
-        return (f"scheme {parts.scheme!r} is no MLflow tracking store; use http(s)://HOST:PORT, a database "
-                "URI (sqlite:///..., postgresql://...) or a local folder")
-    if parts.scheme in ("http", "https") and not parts.hostname:
-        return "no host; expected http://HOST:PORT"
-    return None
-
-
-def _shown(uri: str) -> str:
-    """A URI as an error may show it: without the credentials it may carry, even when malformed."""
-    return re.sub(r"//[^/@]*@", "//", uri)
+        problem = f"not a valid URI ({exc})"
+    else:
+        if parts.scheme.split("+")[0] not in TRACKING_SCHEMES:
+            problem = (f"scheme {parts.scheme!r} is no MLflow tracking store; use http(s)://HOST:PORT, a "
+                       "database URI (sqlite:///..., postgresql://...) or a local folder")
+        elif parts.scheme in ("http", "https") and not parts.hostname:
+            problem = "no host; expected http://HOST:PORT"
+    # shown without the credentials it may carry, even when malformed
+    return problem and f"{problem}, got {re.sub(r'//[^/@]*@', '//', uri)!r}"
 
 
 def check_tracking_uri(uri: str | None, where: str) -> str | None:
     """`uri`, or a one-line UserError naming `where` (a flag or variable) and what is wrong."""
-    problem = tracking_uri_problem(uri) if uri else None
-    if problem and uri:
-        raise UserError(f"{where}: {problem}, got {_shown(uri)!r}")
+    if uri and (problem := tracking_uri_problem(uri)):
+        raise UserError(f"{where}: {problem}")
     return uri
 
 
@@ -126,7 +124,7 @@ class TrackingConfig(Section):
     @classmethod
     def _a_tracking_store(cls, v: str | None) -> str | None:
         if v and (problem := tracking_uri_problem(v)):
-            raise ValueError(f"{problem}, got {_shown(v)!r}")
+            raise ValueError(problem)
         return v
 
 
