@@ -287,8 +287,10 @@ def test_budget_caps_the_choice() -> None:
     capped = plan(profile, cluster, total_samples=50_000_000, min_efficiency=0.1, budget=budget)
     assert capped.cost <= budget < spend.cost
     assert thrift.workers <= capped.workers < spend.workers
-    with pytest.raises(UserError, match=r"^budget: no placement fits .*; the cheapest \(1 GPU\) costs"):
+    with pytest.raises(UserError, match=r"^budget: no placement fits within 1e-09 USD; the cheapest \(1 GPU\) costs"):
         plan(profile, cluster, total_samples=50_000_000, budget=1e-9)
+    with pytest.raises(UserError, match=r"within 0\.002 s; the fastest \(\d+ GPUs\) needs 0\.\d*[1-9]"):
+        plan(profile, cluster, objective="min_cost", total_samples=100, deadline_s=0.002)
     with pytest.raises(UserError, match=r"plan\.total_samples: required"):
         plan(profile, cluster, budget=10.0)
     with pytest.raises(UserError, match=r"cluster\.gpu_hour_cost: required"):

@@ -15,11 +15,18 @@ if TYPE_CHECKING:
 
 
 def duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.2g} s"
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 2 * 3600:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def usd(amount: float) -> str:
+    """Cents, or two significant digits below a cent (a tiny budget still reads as a number)."""
+    return f"{amount:,.2f} USD" if abs(amount) >= 0.01 or amount == 0 else f"{amount:.2g} USD"
 
 
 def plural(n: int, word: str) -> str:
@@ -40,7 +47,7 @@ def explanation(goal: Goal, choice: Candidate, candidates: list[Candidate], mode
         why = (f"the highest predicted goodput ({p.goodput:,.0f} samples/s at statistical efficiency "
                f"{p.statistical_efficiency:.2f}; throughput {interval}), scaling efficiency {p.efficiency:.2f}")
     else:
-        price = (f"{p.cost:,.2f} USD" if p.cost is not None
+        price = (usd(p.cost) if p.cost is not None
                  else f"{p.gpus / p.goodput * 1e6 / 3600:.3g} GPU-hours per million samples")
         why = f"the lowest predicted cost ({price})"
     if goal.deadline_s is not None:

@@ -8,7 +8,7 @@ import numpy as np
 
 from orchestrator.errors import UserError
 from orchestrator.planner.base import check_arguments
-from orchestrator.planner.explain import assumptions, duration, explanation, plural, warnings
+from orchestrator.planner.explain import assumptions, duration, explanation, plural, usd, warnings
 from orchestrator.planner.model import PerformanceModel, Rows, evaluate, placement_of, predictions
 from orchestrator.planner.results import Candidate, Placement, Plan, Prediction
 from orchestrator.planner.types import ClusterSpec, Profile
@@ -93,7 +93,7 @@ class Goal:
         if self.deadline_s is not None and p.time_to_finish_s > self.deadline_s:
             return f"finishes in {duration(p.time_to_finish_s)} > deadline {duration(self.deadline_s)}"
         if self.budget is not None and p.cost > self.budget:
-            return f"costs {p.cost:,.2f} USD > budget {self.budget:,.2f} USD"
+            return f"costs {usd(p.cost)} > budget {usd(self.budget)}"
         return None
 
     def scalar(self, p: Prediction) -> float:
@@ -206,7 +206,7 @@ def _infeasible(goal: Goal, candidates: list[Candidate]) -> str:
                 f"({plural(fastest.gpus, 'GPU')}) needs {duration(fastest.time_to_finish_s)}")
     cheapest = min(candidates, key=lambda c: c.prediction.cost or math.inf).prediction
     if goal.budget is not None and cheapest.cost > goal.budget:
-        return (f"budget: no placement fits within {goal.budget:,.2f} USD; the cheapest "
-                f"({plural(cheapest.gpus, 'GPU')}) costs {cheapest.cost:,.2f} USD")
+        return (f"budget: no placement fits within {usd(goal.budget)}; the cheapest "
+                f"({plural(cheapest.gpus, 'GPU')}) costs {usd(cheapest.cost)}")
     return "plan: no placement meets the deadline and the budget together; relax one of them"
 
