@@ -184,8 +184,10 @@ def profile(
 ) -> None:
     """Profile the job on ONE worker (one GPU, or the CPU): step time per batch, memory, noise."""
     from orchestrator.config import load_config
+    from orchestrator.files import check_writable
 
     job = load_config(config, list(set_ or []) + ([f"ray.address={address}"] if address else [])).localized()
+    check_writable(output)
 
     from orchestrator.driver.data import check_data
     from orchestrator.driver.sizing import live_cluster, wants_gpu
@@ -283,9 +285,17 @@ def probe_network(
     cpus_per_worker: Annotated[float, typer.Option(help="CPUs per worker slot on a CPU-only cluster.")] = 1.0,
 ) -> None:
     """Measure all-reduce across the live cluster (NCCL on GPUs, gloo on CPUs) and fit its network."""
+    import math
+
     from orchestrator.cluster import DEFAULT_PROBE_SIZES, probe_network as measure
+    from orchestrator.files import check_writable
     from orchestrator.planner.explain import describe_calibration
 
+    if max_mib < 1:
+        raise UserError(f"--max-mib: must be at least 1, got {max_mib}")
+    if not (math.isfinite(cpus_per_worker) and cpus_per_worker > 0):
+        raise UserError(f"--cpus-per-worker: must be a number > 0, got {cpus_per_worker}")
+    check_writable(output)
     sizes = [s for s in DEFAULT_PROBE_SIZES if s <= max_mib * 2**20]
     spec = measure(address or os.environ.get("RAY_ADDRESS"), sizes, output, cpus_per_worker=cpus_per_worker)
     places = sorted({f"{s.nodes}x{s.gpus_per_node}" for s in spec.allreduce_samples})

@@ -63,6 +63,22 @@ def write_text(path: str | Path, text: str) -> Path:
     return path
 
 
+def check_writable(path: str | Path) -> Path:
+    """Fail now, in one line, if `path` could not be written later (before long work whose result
+    it is to hold); its folder is made, a file that was not there is not left behind."""
+    path = Path(path)
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a"):
+            pass
+    except OSError as exc:
+        raise cannot_write(path, exc) from None
+    if not existed:
+        path.unlink(missing_ok=True)
+    return path
+
+
 def cannot_write(path: str | Path, exc: OSError) -> UserError:
     """The one-line error for a place `path` that could not be written."""
     blocking = next((p for p in Path(path).parents if p.exists() and not p.is_dir()), None)

@@ -128,3 +128,15 @@ def test_a_bad_config_is_refused_before_torch_or_ray_are_imported(command: str, 
                             timeout=60)
     assert result.stdout.split() == ["2", "[]"], result.stdout + result.stderr[-2000:]
     assert "not UTF-8 text" in result.stderr
+
+
+def test_an_output_that_cannot_be_written_is_found_before_the_work_it_would_hold(tmp_path: Path) -> None:
+    from orchestrator.files import check_writable
+
+    (tmp_path / "file").write_text("kept\n")
+    with pytest.raises(UserError, match=rf"^{tmp_path / 'file' / 'c.yaml'}: cannot write \(.+ is a file, not a folder\)$"):
+        check_writable(tmp_path / "file" / "c.yaml")
+    assert check_writable(tmp_path / "new" / "c.yaml").parent.is_dir()
+    assert not (tmp_path / "new" / "c.yaml").exists()  # no empty file left where the result goes
+    check_writable(tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "kept\n"  # an existing file is untouched

@@ -195,6 +195,17 @@ def test_an_unreachable_ray_address_is_one_line_through_the_command(tmp_path: Pa
     assert len(lines) == 1 and lines[0].startswith("error: Ray address '127.0.0.1:1': nothing answers"), lines
 
 
+@pytest.mark.parametrize("flags, error", [
+    (["--max-mib", "0"], "--max-mib: must be at least 1, got 0"),
+    (["--cpus-per-worker", "nan"], "--cpus-per-worker: must be a number > 0, got nan"),
+    (["-o", "configs/digits.yaml/cluster.yaml"], "configs/digits.yaml/cluster.yaml: cannot write (configs/digits.yaml is a file, not a folder)"),
+], ids=["max-mib", "cpus-per-worker", "output"])
+def test_probe_network_flags_are_checked_before_it_connects(flags: list[str], error: str) -> None:
+    # The address answers nothing: an unchecked flag would end in the address's error instead.
+    result = run_cli(["probe-network", "--address", "127.0.0.1:1", *flags], env=base_env(), timeout_s=60)
+    assert (result.returncode, result.stderr) == (2, f"error: {error}\n")
+
+
 def test_an_error_shows_the_value_given_even_when_it_looks_like_markup() -> None:
     """The console renders rich markup; a user's value in an error is printed as typed."""
     result = run_cli(["validate", "configs/digits.yaml", "--set", "training.lr=[red]x[/red]"], env=base_env())
