@@ -399,9 +399,11 @@ InsecureOption = Annotated[bool, typer.Option(
 FOLLOW_HELP = "Stream the logs until the job ends; exit 0 SUCCEEDED, 1 FAILED, 3 STOPPED."
 
 
-def _jobs_client(address: str | None, insecure: bool) -> Any:
-    from orchestrator.ray_jobs import JobsClient
+def _jobs_client(address: str | None, insecure: bool, job_id: str | None = None) -> Any:
+    from orchestrator.ray_jobs import JobsClient, check_job_id
 
+    if job_id is not None:
+        check_job_id(job_id)
     return JobsClient(address, insecure=insecure)
 
 
@@ -440,7 +442,7 @@ def jobs_status(job_id: str, address: AddressOption = None, insecure: InsecureOp
     """A job's status, message and MLflow run name."""
     from orchestrator.ray_jobs import format_info
 
-    for line in format_info(_jobs_client(address, insecure).info(job_id)):
+    for line in format_info(_jobs_client(address, insecure, job_id).info(job_id)):
         typer.echo(line)
 
 
@@ -452,7 +454,7 @@ def jobs_logs(
     follow: Annotated[bool, typer.Option(help=FOLLOW_HELP)] = False,
 ) -> None:
     """A job's driver logs."""
-    client = _jobs_client(address, insecure)
+    client = _jobs_client(address, insecure, job_id)
     if not follow:
         sys.stdout.write(client.logs(job_id))
         return
@@ -464,7 +466,7 @@ def jobs_stop(job_id: str, address: AddressOption = None, insecure: InsecureOpti
     """Stop a job (SIGTERM, then ORCH_JOB_STOP_GRACE_S to checkpoint) and wait for STOPPED."""
     from orchestrator.ray_jobs import TERMINAL
 
-    status = _jobs_client(address, insecure).stop(job_id)
+    status = _jobs_client(address, insecure, job_id).stop(job_id)
     out.print(f"{job_id}: {status}" + ("" if status in TERMINAL else " (stop requested; still ending)"))
 
 

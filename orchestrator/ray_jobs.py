@@ -53,6 +53,17 @@ def resolve_address(address: str | None) -> str:
     return url.rstrip("/")
 
 
+def check_job_id(job_id: str) -> str:
+    """A job id goes into the Jobs API's URL path: one that would change the path (a '/', '?', '#',
+    '%', '..') or holds spaces or control characters is refused, so no id can name another job."""
+    bad = next((c for c in job_id if c in "/\\?#%" or not c.isprintable() or c.isspace()), None)
+    if not job_id or job_id in (".", "..") or bad is not None or len(job_id) > 256:
+        why = ("is empty" if not job_id else f"holds {bad!r}" if bad is not None
+               else f"is {len(job_id)} characters (at most 256)" if len(job_id) > 256 else f"cannot be {job_id!r}")
+        raise UserError(f"job id {job_id[:64]!r}: {why}; see `orchestrator jobs list` for the ids")
+    return job_id
+
+
 def is_loopback(host: str | None) -> bool:
     if host == "localhost":
         return True

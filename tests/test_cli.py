@@ -17,7 +17,7 @@ from live_servers import BIN, ROOT, base_env, run_cli
 from orchestrator.console_ui import ui_command
 from orchestrator.quiet import quiet_noise
 from orchestrator.errors import UserError
-from orchestrator.ray_jobs import check_transport, exit_code, resolve_address
+from orchestrator.ray_jobs import check_job_id, check_transport, exit_code, resolve_address
 from orchestrator.ray_session import check_reachable
 
 USAGE_ERRORS = {
@@ -204,6 +204,23 @@ def test_probe_network_flags_are_checked_before_it_connects(flags: list[str], er
     # The address answers nothing: an unchecked flag would end in the address's error instead.
     result = run_cli(["probe-network", "--address", "127.0.0.1:1", *flags], env=base_env(), timeout_s=60)
     assert (result.returncode, result.stderr) == (2, f"error: {error}\n")
+
+
+@pytest.mark.parametrize("job_id, why", [
+    ("", "is empty"), ("a/../b", "holds '/'"), ("..", "cannot be '..'"), ("x?y", "holds '?'"),
+    ("a%2fb", "holds '%'"), ("a b", "holds ' '"), ("a\nb", "holds '\\n'"), ("j" * 257, "is 257 characters"),
+])
+def test_a_job_id_that_would_change_the_jobs_api_path_is_refused(job_id: str, why: str) -> None:
+    with pytest.raises(UserError, match=rf"^job id .*: {re.escape(why)}"):
+        check_job_id(job_id)
+
+
+def test_job_ids_ray_and_submit_make_pass() -> None:
+    for job_id in ("raysubmit_Xy12AbCdEf", "digits-1a2b3c", "digits-resume-1a2b3c", "j" * 256):
+        assert check_job_id(job_id) == job_id
+    # checked before connecting: the address answers nothing, the id's error comes first
+    result = run_cli(["jobs", "stop", "a/../b", "--address", "127.0.0.1:1"], env=base_env(), timeout_s=60)
+    assert (result.returncode, result.stderr) == (2, "error: job id 'a/../b': holds '/'; see `orchestrator jobs list` for the ids\n")
 
 
 def test_an_error_shows_the_value_given_even_when_it_looks_like_markup() -> None:
