@@ -158,15 +158,17 @@ def _graceful_stop(stop: threading.Event):
 @data_app.command("prepare")
 def data_prepare(
     name: Annotated[str, typer.Argument(help="digits | synthetic | corpus")],
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write Parquet files into.")],
+    out_dir: Annotated[str, typer.Option("--out", help="Folder to write Parquet files into.")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="Data set option, e.g. --set rows=1024")] = None,
 ) -> None:
     """Write a built-in data set as Parquet."""
     from orchestrator.config import parse_override
     from trainers.data import prepare_dataset
 
+    if not out_dir.strip():  # an unset shell variable: not a quiet "the current folder"
+        raise UserError("--out: empty; give the folder to write the Parquet files into")
     kwargs = {".".join(k): v for k, v in (parse_override(s) for s in set_ or [])}
-    path = prepare_dataset(name, out_dir, **kwargs)
+    path = prepare_dataset(name, Path(out_dir), **kwargs)
     out.print(f"wrote {name} to {path}")
 
 

@@ -223,6 +223,12 @@ def test_job_ids_ray_and_submit_make_pass() -> None:
     assert (result.returncode, result.stderr) == (2, "error: job id 'a/../b': holds '/'; see `orchestrator jobs list` for the ids\n")
 
 
+def test_data_prepare_refuses_an_empty_out_instead_of_writing_here(tmp_path: Path) -> None:
+    result = run_cli(["data", "prepare", "digits", "--out", ""], env=base_env(), cwd=tmp_path, timeout_s=60)
+    assert (result.returncode, result.stderr) == (2, "error: --out: empty; give the folder to write the Parquet files into\n")
+    assert not any(tmp_path.iterdir())
+
+
 def test_an_error_shows_the_value_given_even_when_it_looks_like_markup() -> None:
     """The console renders rich markup; a user's value in an error is printed as typed."""
     result = run_cli(["validate", "configs/digits.yaml", "--set", "training.lr=[red]x[/red]"], env=base_env())
