@@ -230,6 +230,11 @@ def _describe(error: dict[str, Any], alternatives: list[str]) -> str:
         msg = "must use only letters, digits, '_', '.', '-' and start with a letter or digit"
     if error["type"] in _EXPECTED or error["type"] == "literal_error":
         msg = "must be " + " or ".join(alternatives)
+    if isinstance(error.get("input"), dict):  # a section-wide check: its message names the field
+        field, sep, rest = msg.partition(": ")
+        if sep and field in error["input"]:
+            return f"{where}.{field}: {rest}"
+        return f"{where}: {msg}"
     if "got" in msg:
         return f"{where}: {msg}"
     return f"{where}: {msg}, got {error.get('input')!r}"

@@ -78,6 +78,9 @@ class DataConfig(Section):
         return [self.features.column] + ([self.label.column] if self.label else [])
 
 
+MAX_SAMPLES = 2**53  # samples one job may train: the planner counts them exactly, in floats
+
+
 class TrainingConfig(Section):
     epochs: int | None = Field(default=None, gt=0)
     max_steps: int | None = Field(default=None, gt=0)
@@ -107,6 +110,9 @@ class TrainingConfig(Section):
     def _one_length(self) -> TrainingConfig:
         if self.epochs is None and self.max_steps is None:
             raise ValueError("set epochs or max_steps")
+        if self.epochs is None and self.max_steps * self.global_batch_size > MAX_SAMPLES:
+            raise ValueError(f"max_steps: {self.max_steps:,} steps of {self.global_batch_size:,} samples is more "
+                             "than 2**53 samples; no job runs that long")
         return self
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from orchestrator.config import JobConfig
 from orchestrator.errors import UserError
-from orchestrator.planner.base import MAX_INTEGER
+from trainers.config import MAX_SAMPLES
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def total_steps(job: JobConfig, per_epoch: int) -> int:
     t = job.training
     by_epochs = t.epochs * per_epoch if t.epochs is not None else None
     steps = min(s for s in (t.max_steps, by_epochs) if s is not None)
-    if steps * t.global_batch_size > MAX_INTEGER:  # the planner counts samples exactly, in floats
+    if steps * t.global_batch_size > MAX_SAMPLES:
         field = "max_steps" if steps == t.max_steps else "epochs"
         raise UserError(f"training.{field}: {steps:,} steps of {t.global_batch_size:,} samples is more than "
                         f"2**53 samples; no job runs that long")
