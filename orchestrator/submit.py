@@ -96,10 +96,18 @@ def build_submission(
     config_path = Path(config_path)
     overrides = list(overrides or [])
     suffix = secrets.token_hex(3)
+    if resume is not None and not resume.strip():
+        raise UserError("--resume: empty; give the NAME of the job to continue (see `orchestrator jobs list`)")
     name = resume or f"{load_config(config_path, overrides).name}-{suffix}"
-    job = load_config(config_path, [*overrides, f"name={name}"])  # a bad --resume NAME fails here, naming `name`
+    try:
+        job = load_config(config_path, [*overrides, f"name={name}"])
+    except UserError as exc:  # a bad --resume NAME breaks the name rule: say it of the flag
+        if resume and str(exc).startswith("name: "):
+            raise UserError(f"--resume: {str(exc).removeprefix('name: ')}") from None
+        raise
     if requirements is not None and not requirements.is_file():
-        raise UserError(f"--pip: {requirements} not found")
+        why = "is not a file" if requirements.exists() else "not found"
+        raise UserError(f"--pip: {requirements} {why} (a requirements.txt)")
     config_stripped = _stage_config(config_path, staging)
     _stage_inputs(job, staging)
     write_entry(staging)

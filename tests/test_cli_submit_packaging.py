@@ -74,6 +74,19 @@ def test_resume_keeps_the_job_name_under_a_new_submission_id(tmp_path: Path, mon
     assert sub.entrypoint.endswith("--set name=digits-cnn-0a1b2c")
 
 
+@pytest.mark.parametrize("kwargs, error", [
+    ({"resume": ""}, r"--resume: empty; give the NAME of the job to continue"),
+    ({"resume": "../x"}, r"--resume: must use only letters, digits"),
+    ({"requirements": Path("configs")}, r"--pip: configs is not a file \(a requirements.txt\)"),
+    ({"requirements": Path("nowhere.txt")}, r"--pip: nowhere.txt not found"),
+], ids=["empty-resume", "resume-path", "pip-folder", "pip-missing"])
+def test_bad_flags_are_one_line_naming_the_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 kwargs: dict, error: str) -> None:
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(UserError, match=rf"^{error}"):
+        build_submission(CONFIG, staging=tmp_path, **kwargs)
+
+
 def test_relative_path_outside_the_project_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)
     with pytest.raises(UserError, match=r"^data.path: \.\./elsewhere is outside the current directory"):

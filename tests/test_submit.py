@@ -267,4 +267,4 @@ def _run_named(client: MlflowClient, name: str):
 @pytest.mark.slow
 def test_bad_resume_name_fails_before_submitting(head: RayHead) -> None:
     result = run_cli(["submit", CONFIG, "--resume", "bad name!", "--address", head.address], env=head.env())
-    _assert_one_line_error(result, "name:")
+    _assert_one_line_error(result, "--resume: must use only letters")
