@@ -82,6 +82,18 @@ def test_credentials_in_a_tracking_uri_never_reach_the_manifests() -> None:
         assert env[key]["valueFrom"]["secretKeyRef"] == {"name": names.MLFLOW_SECRET, "key": key}
 
 
+@pytest.mark.parametrize("uri, error", [
+    ("", "--mlflow-uri: empty; leave it out for the in-cluster MLflow"),
+    ("ftp://mlflow.example", "--mlflow-uri: scheme 'ftp' is no MLflow tracking store"),
+    ("http://trainer:s3cr3t-pw@mlflow.example:99999", "--mlflow-uri: not a valid URI (Port out of range 0-65535), got 'http://mlflow.example:99999'"),
+])
+def test_a_bad_mlflow_uri_is_one_line_without_its_credentials(uri: str, error: str) -> None:
+    with pytest.raises(UserError) as err:
+        k8s_render_command(DIGITS, plan_path=None, image=None, output=None, cluster=False, overrides=[],
+                           owner=OWNER, mlflow_uri=uri)
+    assert str(err.value).startswith(error) and "s3cr3t" not in str(err.value), str(err.value)
+
+
 def test_mlflow_has_authentication_and_no_password_on_its_command_line(overlays: dict[str, list[Obj]]) -> None:
     for objs in overlays.values():
         pod = one(objs, "Deployment", "mlflow")["spec"]["template"]["spec"]
