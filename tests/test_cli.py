@@ -229,6 +229,16 @@ def test_data_prepare_refuses_an_empty_out_instead_of_writing_here(tmp_path: Pat
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("args, flag", [
+    (["run", "configs/digits.yaml", "--address", ""], "--address"),  # would start an embedded Ray instead
+    (["jobs", "list", "--address", " "], "--address"),
+    (["calibrate", "--experiment", "x", "--tracking-uri", ""], "--tracking-uri"),
+], ids=["run", "jobs", "calibrate"])
+def test_a_flag_given_empty_is_refused_not_read_as_left_out(args: list[str], flag: str) -> None:
+    result = run_cli(args, env=base_env(), timeout_s=60)
+    assert (result.returncode, result.stderr) == (2, f"error: {flag}: empty; leave it out for the default or give a value\n")
+
+
 def test_an_error_shows_the_value_given_even_when_it_looks_like_markup() -> None:
     """The console renders rich markup; a user's value in an error is printed as typed."""
     result = run_cli(["validate", "configs/digits.yaml", "--set", "training.lr=[red]x[/red]"], env=base_env())
