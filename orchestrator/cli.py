@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from orchestrator.errors import UserError
+from orchestrator.errors import UserError, given
 from orchestrator.quiet import quiet_noise
 
 app = typer.Typer(add_completion=False, help="Plan, train and track data-parallel jobs on Ray.")
@@ -80,14 +80,6 @@ def _command_names(ctx: Any) -> list[str]:
     return sorted(ctx.command.list_commands(ctx)) if hasattr(ctx.command, "list_commands") else []
 
 
-def _given(value: str | None, flag: str) -> str | None:
-    """A flag given empty (an unset shell variable, `--address "$RAY_ADDRESS"`) is refused, not
-    read as "not given": that would quietly pick the default (an embedded Ray, another MLflow)."""
-    if value is not None and not value.strip():
-        raise UserError(f"{flag}: empty; leave it out for the default or give a value")
-    return value
-
-
 @app.command()
 def validate(config: Path, set_: SetOption = None) -> None:
     """Check a job config (and its data set's columns, when present) without starting anything."""
@@ -128,7 +120,7 @@ def run(
     from orchestrator.config import load_config
 
     overrides = list(set_ or [])
-    if _given(address, "--address"):
+    if given(address, "--address"):
         overrides.append(f"ray.address={address}")
     if workers is not None and workers <= 0:
         raise UserError(f"--workers: must be > 0, got {workers}")
@@ -173,8 +165,7 @@ def data_prepare(
     from orchestrator.config import parse_override
     from trainers.data import prepare_dataset
 
-    if not out_dir.strip():  # an unset shell variable: not a quiet "the current folder"
-        raise UserError("--out: empty; give the folder to write the Parquet files into")
+    given(out_dir, "--out", "give the folder to write the Parquet files into")  # not the current folder
     kwargs = {".".join(k): v for k, v in (parse_override(s) for s in set_ or [])}
     path = prepare_dataset(name, Path(out_dir), **kwargs)
     out.print(f"wrote {name} to {path}")
@@ -196,7 +187,7 @@ def profile(
     from orchestrator.config import load_config
     from orchestrator.files import check_writable
 
-    overrides = list(set_ or []) + ([f"ray.address={address}"] if _given(address, "--address") else [])
+    overrides = list(set_ or []) + ([f"ray.address={address}"] if given(address, "--address") else [])
     job = load_config(config, overrides).localized()
     check_writable(output)
 
@@ -302,7 +293,7 @@ def probe_network(
     from orchestrator.files import check_writable
     from orchestrator.planner.explain import describe_calibration
 
-    _given(address, "--address")
+    given(address, "--address")
     if max_mib < 1:
         raise UserError(f"--max-mib: must be at least 1, got {max_mib}")
     if not (math.isfinite(cpus_per_worker) and cpus_per_worker > 0):
@@ -414,7 +405,7 @@ FOLLOW_HELP = "Stream the logs until the job ends; exit 0 SUCCEEDED, 1 FAILED, 3
 def _jobs_client(address: str | None, insecure: bool, job_id: str | None = None) -> Any:
     from orchestrator.ray_jobs import JobsClient, check_job_id
 
-    _given(address, "--address")
+    given(address, "--address")
     if job_id is not None:
         check_job_id(job_id)
     return JobsClient(address, insecure=insecure)
@@ -434,7 +425,7 @@ def submit(
     """Submit a job to a Ray cluster (Ray Jobs API); each submission is its own job."""
     from orchestrator.submit import submit_job
 
-    _given(address, "--address")
+    given(address, "--address")
     if workers is not None and workers <= 0:
         raise UserError(f"--workers: must be > 0, got {workers}")
     code = submit_job(config, address=address, insecure=insecure, overrides=list(set_ or []), workers=workers,
@@ -488,7 +479,7 @@ def _tracking_uri(flag: str | None) -> str | None:
     """--tracking-uri, else MLFLOW_TRACKING_URI, checked to be a tracking store MLflow knows."""
     from orchestrator.config import check_tracking_uri
 
-    if _given(flag, "--tracking-uri"):
+    if given(flag, "--tracking-uri"):
         return check_tracking_uri(flag, "--tracking-uri")
     return check_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"), "MLFLOW_TRACKING_URI")
 

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from orchestrator.config import JobConfig, check_tracking_uri, load_config
-from orchestrator.errors import UserError
+from orchestrator.errors import UserError, given
 from orchestrator.files import read_json, write_text
 from orchestrator.k8s.names import CONFIG_DIR, CONFIG_FILE, MLFLOW_SECRET, default_image, resource_name
 from orchestrator.k8s.render import (
@@ -124,8 +124,7 @@ def k8s_render_command(config_path: str, *, plan_path: str | None, image: str | 
     whether the workers get GPUs. With `output`, the YAML goes there and the text says so."""
     if image is not None:
         check_image(image)
-    if mlflow_uri is not None and not mlflow_uri.strip():  # an unset variable: not a quiet default
-        raise UserError("--mlflow-uri: empty; leave it out for the in-cluster MLflow or give http://HOST:PORT")
+    given(mlflow_uri, "--mlflow-uri", "leave it out for the in-cluster MLflow or give http://HOST:PORT")
     check_tracking_uri(mlflow_uri, "--mlflow-uri")
     config = load_config(config_path, overrides)
     plan = load_plan(plan_path) if plan_path else None
