@@ -44,7 +44,7 @@ import orchestrator
 import trainers
 from orchestrator import constants
 from orchestrator.config import JobConfig, load_config
-from orchestrator.errors import UserError
+from orchestrator.errors import UserError, given
 from orchestrator.files import read_yaml
 from orchestrator.job_entry import entrypoint, write_entry
 from orchestrator.ray_jobs import JOB_KEY, JobsClient, Write
@@ -96,8 +96,7 @@ def build_submission(
     config_path = Path(config_path)
     overrides = list(overrides or [])
     suffix = secrets.token_hex(3)
-    if resume is not None and not resume.strip():
-        raise UserError("--resume: empty; give the NAME of the job to continue (see `orchestrator jobs list`)")
+    given(resume, "--resume", "give the NAME of the job to continue (see `orchestrator jobs list`)")
     name = resume or f"{load_config(config_path, overrides).name}-{suffix}"
     try:
         job = load_config(config_path, [*overrides, f"name={name}"])
