@@ -1,0 +1,162 @@
+"""Commands that plan: plan (orchestrator/planner), probe-network (cluster.py), calibrate
+(calibrations.py)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+
+from orchestrator.cli.app import app, note, out, tracking_uri_flag
+from orchestrator.errors import UserError, given
+
+
+@app.command()
+def plan(
+    profile_path: Annotated[Path, typer.Option("--profile", help="Profile JSON from `orchestrator profile`.")],
+    cluster: Annotated[Path, typer.Option(help="Cluster YAML (see configs/clusters/*.yaml).")],
+    objective: Annotated[str, typer.Option(help="max_throughput | min_cost | max_goodput")] = "max_throughput",
+    min_efficiency: Annotated[float, typer.Option(help="Scaling-efficiency floor for max_throughput, checked "
+                                                       "against the interval's pessimistic end.")] = 0.8,
+    global_batch: Annotated[int | None, typer.Option(help="Hold this global batch at every GPU count.")] = None,
+    config: Annotated[Path | None, typer.Option(help="Job config: hold its training.global_batch_size, as "
+                                                     "`orchestrator run` does.")] = None,
+    vary_batch: Annotated[bool, typer.Option(help="Let the global batch vary: each placement tries the "
+                                                  "profiled local batches.")] = False,
+    total_samples: Annotated[int | None, typer.Option(help="Samples to train (for time to finish and cost).")] = None,
+    deadline_hours: Annotated[float | None, typer.Option(help="min_cost: finish within this many hours.")] = None,
+    budget: Annotated[float | None, typer.Option(help="Spend at most this many USD (needs gpu_hour_cost).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Also write plan.json here.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write the scaling plot (PNG) here.")] = None,
+) -> None:
+    """Choose workers, placement, local batch and accumulation from a profile and a cluster.
+
+    Like `orchestrator run`, the plan holds the job's global batch fixed: --global-batch, else
+    --config's, else the one the profile was taken for (profile meta.global_batch_size);
+    --vary-batch lets it vary instead. The output says which.
+    """
+    import json
+
+    from orchestrator import planner
+    from orchestrator.calibrations import newest
+    from orchestrator.plots import print_plan, scaling_plot
+
+    if objective not in planner.OBJECTIVES:
+        raise UserError(f"--objective: must be one of {', '.join(planner.OBJECTIVES)}, got {objective!r}")
+    profile = planner.Profile.load(profile_path)
+    held = _held_global_batch(profile, global_batch=global_batch, config=config, vary=vary_batch)
+    spec, said = newest(planner.load_cluster(cluster))
+    if said:
+        note(escape(said))
+    chosen = planner.plan(
+        profile, spec, objective=objective, min_efficiency=min_efficiency, global_batch=held,
+        total_samples=total_samples, deadline_s=deadline_hours * 3600 if deadline_hours else None, budget=budget,
+    )
+    if output:
+        chosen.save(output)
+    if plot:
+        scaling_plot(chosen, plot)
+    if as_json:
+        typer.echo(json.dumps(chosen.to_dict(), indent=2))
+        return
+    print_plan(out, chosen)  # its caption is the plan's explanation
+
+
+def _held_global_batch(profile: Any, *, global_batch: int | None, config: Path | None, vary: bool) -> int | None:
+    """The global batch `plan` holds, by the same default as `run` (see `plan`)."""
+    if vary:
+        if global_batch is not None or config is not None:
+            raise UserError("--vary-batch: lets the global batch vary; drop --global-batch / --config to use it")
+        return None
+    if global_batch is not None:
+        return global_batch
+    if config is not None:
+        from orchestrator.config import load_config
+
+        return load_config(config).training.global_batch_size
+    meta = profile.meta.get("global_batch_size")
+    return meta if isinstance(meta, int) and not isinstance(meta, bool) and meta > 0 else None
+
+
+@app.command("probe-network")
+def probe_network(
+    address: Annotated[str | None, typer.Option(help="Ray address; default: RAY_ADDRESS or a new local Ray on 127.0.0.1.")] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Cluster YAML to write (its figures kept where not measured).")] = Path("cluster.yaml"),
+    max_mib: Annotated[int, typer.Option(help="Largest all-reduce message, MiB.")] = 64,
+    cpus_per_worker: Annotated[float, typer.Option(help="CPUs per worker slot on a CPU-only cluster.")] = 1.0,
+) -> None:
+    """Measure all-reduce across the live cluster (NCCL on GPUs, gloo on CPUs) and fit its network."""
+    import math
+
+    from orchestrator.cluster import DEFAULT_PROBE_SIZES, probe_network as measure
+    from orchestrator.files import check_writable
+    from orchestrator.planner.explain import describe_calibration
+
+    given(address, "--address")
+    if max_mib < 1:
+        raise UserError(f"--max-mib: must be at least 1, got {max_mib}")
+    if not (math.isfinite(cpus_per_worker) and cpus_per_worker > 0):
+        raise UserError(f"--cpus-per-worker: must be a number > 0, got {cpus_per_worker}")
+    check_writable(output)
+    sizes = [s for s in DEFAULT_PROBE_SIZES if s <= max_mib * 2**20]
+    spec = measure(address or os.environ.get("RAY_ADDRESS"), sizes, output, cpus_per_worker=cpus_per_worker)
+    places = sorted({f"{s.nodes}x{s.gpus_per_node}" for s in spec.allreduce_samples})
+    out.print(f"wrote {output}: {len(spec.allreduce_samples)} all-reduce samples at {', '.join(places)} on "
+              f"{spec.nodes} node(s) x {spec.gpus_per_node} worker(s)", highlight=False)
+    out.print(describe_calibration(spec.calibration), highlight=False)
+    out.print(f"{spec.calibration.note}", highlight=False)
+
+
+@app.command()
+def calibrate(
+    cluster: Annotated[Path | None, typer.Option(
+        help="Cluster YAML to calibrate (line rates, link kinds); with --experiment, by default the cluster its "
+             "newest run was planned on.")] = None,
+    observations: Annotated[list[Path] | None, typer.Option(help="Observations: a JSON list or JSON lines file "
+                                                                   "(repeatable).")] = None,
+    experiment: Annotated[str | None, typer.Option(help="Read the observations of every run of this MLflow "
+                                                        "experiment (artifact plan/observations.json).")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI; default: MLFLOW_TRACKING_URI.")] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Calibrated cluster YAML to write.")] = Path("cluster.calibrated.yaml"),
+) -> None:
+    """Fit the cluster's network to observed step times of any number of models and placements;
+    `plan` and `run` on that cluster use the newest such calibration from then on."""
+    import math
+
+    from orchestrator import calibrations, planner
+    from orchestrator.planner.explain import describe_calibration
+
+    spec = planner.load_cluster(cluster) if cluster is not None else None
+    if spec is None and not experiment:
+        raise UserError("calibrate: --cluster: required without --experiment (whose runs say their cluster)")
+    found = [o for path in observations or [] for o in planner.load_observations(path)]
+    if experiment:
+        past = calibrations.history(experiment, tracking_uri_flag(tracking_uri), spec)
+        found += past.observations
+        spec = spec or past.cluster
+        out.print(f"{experiment}: {past.summary()}", highlight=False)
+        if spec is None:
+            raise UserError(f"--experiment {experiment}: no run logged the cluster it ran on; give --cluster FILE")
+    if not found:
+        raise UserError("calibrate: no observations; give --observations FILE or --experiment NAME")
+    result = planner.calibrate(spec, found)
+    planner.save_cluster(result, output)
+    section = result.calibration
+    out.print(f"wrote {output}: {describe_calibration(section)}", highlight=False)
+    if section.residuals is not None:
+        r = section.residuals
+        out.print(f"residuals ({r.method}, n={r.n}): 80 % of steps within {math.exp(r.low) - 1:+.0%} .. "
+                  f"{math.exp(r.high) - 1:+.0%} of the prediction", highlight=False)
+    for name, why in section.not_fitted.items():
+        out.print(f"not fitted: {name}: {why}", highlight=False)
+    key = calibrations.cluster_key(result)
+    if not section.fitted:  # it would only stand in front of the figures it kept
+        out.print(f"not stored as cluster {key}'s calibration: these observations identify nothing", highlight=False)
+        return
+    stored = calibrations.store(result)
+    out.print(f"stored as cluster {key}'s calibration ({stored}): `plan` and `run` on this cluster use the "
+              "newest one", highlight=False)

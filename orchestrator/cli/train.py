@@ -1,0 +1,142 @@
+"""Commands that train: validate, run, data prepare, profile."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+
+from orchestrator.cli.app import SetOption, app, console, data_app, note, out
+from orchestrator.errors import UserError, given
+
+
+@app.command()
+def validate(config: Path, set_: SetOption = None) -> None:
+    """Check a job config (and its data set's columns, when present) without starting anything."""
+    from orchestrator.config import load_config
+
+    job = load_config(config, set_ or [])  # before torch's import: a bad file is said within a second
+    job.resolved_tracking_uri()  # MLFLOW_TRACKING_URI, when the config names no tracking_uri
+
+    import torch
+
+    from trainers.data import check_columns
+    from trainers.models import build_model
+
+    with torch.device("meta"):  # checks model.name and model.kwargs without allocating weights
+        build_model(job.model.name, job.model.kwargs)
+    if job.data.dataset and not all(Path(p).exists() for p in job.data.paths):
+        # A mistyped path validates too: say that the first run prepares a new copy there.
+        data = f"not there yet, a new copy of the built-in {job.data.dataset!r} data set is prepared there on first run"
+    else:
+        data = f"{check_columns(job.data.paths, job.data.features, job.data.label)} rows"
+    out.print(f"{config}: ok ({job.name}: model {job.model.name}, data {', '.join(job.data.paths)}: {data})")
+    renamed = any(o.partition("=")[0].strip() == "name" for o in set_ or [])
+    if renamed and job.tracking.registered_model:
+        note(f"note: the model is still registered as {escape(repr(job.tracking.registered_model))} "
+             "(tracking.registered_model); --set name=... renames the job and its MLflow run only")
+
+
+@app.command()
+def run(
+    config: Path,
+    workers: Annotated[int | None, typer.Option(help="Worker count; skips planning.")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray address; default: config ray.address or embedded.")] = None,
+    new_run: Annotated[bool, typer.Option("--new-run", help="Start a fresh run under this job name (the old "
+                                          "checkpoints and MLflow run stay as they are).")] = False,
+    set_: SetOption = None,
+) -> None:
+    """Train a job: check data, (plan), launch on Ray Train, track in MLflow."""
+    from orchestrator.config import load_config
+
+    overrides = list(set_ or [])
+    if given(address, "--address"):
+        overrides.append(f"ray.address={address}")
+    if workers is not None and workers <= 0:
+        raise UserError(f"--workers: must be > 0, got {workers}")
+    job = load_config(config, overrides)  # before the driver's imports (torch, Ray): a bad file fails fast
+
+    from orchestrator.console_ui import RichUI, result_lines
+    from orchestrator.driver import run_job
+    from orchestrator.driver.run_record import resolve_tracking_uri
+
+    stop = threading.Event()
+    with _graceful_stop(stop), RichUI(console) as ui:
+        result = run_job(job, workers=workers, config_path=str(config), ui=ui, stop=stop, new_run=new_run)
+    for line in result_lines(result, tracking_uri=resolve_tracking_uri(job)):
+        out.print(line, highlight=False)
+
+
+@contextmanager
+def _graceful_stop(stop: threading.Event):
+    """First SIGTERM/Ctrl-C: checkpoint and stop cleanly; a second one exits at once."""
+    def handler(signum: int, _frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        console.print(f"[yellow]{signal.Signals(signum).name}: writing a final checkpoint, then stopping "
+                      "(again to abort)[/yellow]")
+        stop.set()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@data_app.command("prepare")
+def data_prepare(
+    name: Annotated[str, typer.Argument(help="digits | synthetic | corpus")],
+    out_dir: Annotated[str, typer.Option("--out", help="Folder to write Parquet files into.")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Data set option, e.g. --set rows=1024")] = None,
+) -> None:
+    """Write a built-in data set as Parquet."""
+    from orchestrator.config import parse_override
+    from trainers.data import prepare_dataset
+
+    given(out_dir, "--out", "give the folder to write the Parquet files into")  # not the current folder
+    kwargs = {".".join(k): v for k, v in (parse_override(s) for s in set_ or [])}
+    path = prepare_dataset(name, Path(out_dir), **kwargs)
+    out.print(f"wrote {name} to {path}")
+
+
+@app.command()
+def profile(
+    config: Path,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the profile JSON.")] = Path("profile.json"),
+    address: Annotated[str | None, typer.Option(help="Ray address; default: config ray.address or embedded.")] = None,
+    refresh: Annotated[bool, typer.Option(help="Measure again even if a cached profile exists.")] = False,
+    set_: SetOption = None,
+) -> None:
+    """Profile the job on ONE worker (one GPU, or the CPU): step time per batch, memory, noise."""
+    from orchestrator.config import load_config
+    from orchestrator.files import check_writable
+
+    overrides = list(set_ or []) + ([f"ray.address={address}"] if given(address, "--address") else [])
+    job = load_config(config, overrides).localized()
+    check_writable(output)
+
+    from orchestrator.driver.data import check_data
+    from orchestrator.driver.sizing import live_cluster, wants_gpu
+    from orchestrator.profiler import profile_job
+    from orchestrator.ray_session import connect_ray
+
+    check_data(job)
+    connect_ray(job.ray.address)
+    use_gpu = wants_gpu(job)
+    per_node = live_cluster(job, use_gpu=use_gpu).gpus_per_node
+    measured, cached = profile_job(job, use_gpu=use_gpu, gpus_per_node=per_node, refresh=refresh)
+    measured.save(output)
+    seconds = measured.meta.get("profile_seconds", 0)
+    out.print(f"wrote {output} ({'cached' if cached else f'measured in {seconds:.1f} s'}, {measured.device}):")
+    for sample in measured.samples:
+        out.print(f"  local batch {sample.local_batch:>5}: {sample.step_time_s * 1e3:8.2f} ms/step")
+    noise = measured.gradient_noise_scale
+    out.print(f"  max local batch {measured.max_local_batch}, gradient bytes {measured.grad_bytes:,}, "
+              f"data {measured.data_samples_per_s or 0:,.0f} samples/s, noise scale {noise or float('nan'):.4g}")
