@@ -335,3 +335,16 @@ def tool_venv(package: str, version: str) -> Path:
             pytest.skip(f"pip cannot install {package}=={version}: {pip.stderr.strip().splitlines()[-1:]}")
         stamp.write_text(version)
     return venv / "bin"
+
+
+def mlflow_uris(obj: Obj) -> list[str]:
+    """Every MLFLOW_TRACKING_URI a job or cluster sets, and its job config's tracking_uri."""
+    uris = [e["value"] for _, t in pod_templates(obj) for c in containers(t) for e in c.get("env", [])
+            if e["name"] == "MLFLOW_TRACKING_URI"]
+    if obj["kind"] == "RayJob":
+        uris.append(yaml.safe_load(obj["spec"]["runtimeEnvYAML"])["env_vars"]["MLFLOW_TRACKING_URI"])
+    from orchestrator.k8s.names import CONFIG_FILE
+
+    if obj["kind"] == "ConfigMap" and CONFIG_FILE in obj.get("data", {}):
+        uris.append(yaml.safe_load(obj["data"][CONFIG_FILE])["tracking"]["tracking_uri"])
+    return uris

@@ -1,5 +1,6 @@
 """Imports go one way: the orchestrator uses the trainers, never the reverse; the planner stays
-pure (no Ray, no torch); the driver's controller and policies import neither Ray nor MLflow."""
+pure (no Ray, no torch); the driver's controller and policies import neither Ray nor MLflow; no
+source file grows much past 400 lines."""
 
 from __future__ import annotations
 
@@ -62,3 +63,13 @@ def test_the_check_would_catch_an_upward_import(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from orchestrator.config import JobConfig\n")
     assert "orchestrator" in top_level(imported_modules(bad))
+
+
+MAX_LINES = 420  # the style guide's "no file over ~400 lines"
+
+
+@pytest.mark.parametrize("folder", ["orchestrator", "trainers", "benchmarks", "tests"])
+def test_no_python_file_is_much_over_400_lines(folder: str) -> None:
+    long = {str(p.relative_to(ROOT)): n for p in sorted((ROOT / folder).rglob("*.py"))
+            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"split these by concern: {long}"

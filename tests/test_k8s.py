@@ -3,7 +3,8 @@ is rendered, then each object is checked against the Kubernetes API schemas (kub
 strict), RayCluster and RayJob against the real KubeRay CRDs, the whole against checkov's
 Kubernetes checks, and against our own rules (secrets resolve and are never inline, services
 select pods, the MLflow URI and GPU counts are what the plan says). The attacks on these
-manifests are in test_k8s_security.py, test_k8s_network.py and test_k8s_admission.py."""
+manifests are in test_k8s_security.py, test_k8s_network.py and test_k8s_admission.py; the render
+command's edges and the container image in test_k8s_render.py."""
 
 from __future__ import annotations
 
@@ -12,10 +13,8 @@ import fnmatch
 import json
 import math
 import os
-import re
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,24 +26,19 @@ import pytest
 import yaml
 from k8s_fixtures import deploy_dir, manifests, overlays, variants  # noqa: F401 (fixtures)
 from k8s_util import (
-    DIGITS,
     OVERLAYS,
-    OWNER,
     PLAN,
-    SMALL_PLAN,
     VARIANTS,
     all_objects,
     by_kind,
     containers,
+    mlflow_uris,
     one,
     pod_templates,
 )
-from packaging.requirements import Requirement
 
-from orchestrator.errors import UserError
 from orchestrator.k8s import names
-from orchestrator.k8s.command import dump_manifests, k8s_render_command, load_plan
-from orchestrator.k8s.sizing import deadline_seconds, worker_group
+from orchestrator.k8s.command import dump_manifests
 from orchestrator.redact import is_secret_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,17 +233,6 @@ def mlflow_service(objs: list[Obj]) -> tuple[set[str], int, list[str]]:
     return hosts, service["spec"]["ports"][0]["port"], allowed.split(",")
 
 
-def mlflow_uris(obj: Obj) -> list[str]:
-    """Every MLFLOW_TRACKING_URI a job or cluster sets, and its job config's tracking_uri."""
-    uris = [e["value"] for _, t in pod_templates(obj) for c in containers(t) for e in c.get("env", [])
-            if e["name"] == "MLFLOW_TRACKING_URI"]
-    if obj["kind"] == "RayJob":
-        uris.append(yaml.safe_load(obj["spec"]["runtimeEnvYAML"])["env_vars"]["MLFLOW_TRACKING_URI"])
-    if obj["kind"] == "ConfigMap" and names.CONFIG_FILE in obj.get("data", {}):
-        uris.append(yaml.safe_load(obj["data"][names.CONFIG_FILE])["tracking"]["tracking_uri"])
-    return uris
-
-
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_mlflow_uri_points_at_the_mlflow_service(overlay: str, overlays: dict[str, list[Obj]],
                                                  variants: dict[str, list[Obj]]) -> None:
@@ -396,128 +379,10 @@ def test_pods_are_locked_down(manifests: dict[str, list[Obj]]) -> None:
                     assert "readinessProbe" in c and "livenessProbe" in c, what
 
 
-# ---------------------------------------------------------------------------------------------
-# The render functions' edges
-
-
-def test_render_without_a_plan_uses_the_configured_workers() -> None:
-    from orchestrator.config import load_config
-
-    config = load_config(DIGITS, ["resources.workers={min: 2, max: 5}", "resources.use_gpu=true"])
-    group = worker_group(config, None)
-    assert (group.pods, group.workers, group.gpus_per_pod) == (5, 5, 1)
-    assert worker_group(load_config(DIGITS), None).workers == 1
-    config = load_config(DIGITS, ["resources.deadline_hours=2"])
-    assert deadline_seconds(config, None) == 2 * 7200 + 900
-
-
-@pytest.mark.parametrize(("plan_dict", "message"), [
-    ({}, "plan.choice: missing"),
-    ({"choice": {"nodes": 0, "gpus_per_node": 8}}, "plan.choice.nodes: must be a positive integer, got 0"),
-    ({"choice": {"nodes": 2, "gpus_per_node": "8"}}, "plan.choice.gpus_per_node"),
-    ({"workers": 17, "choice": {"nodes": 2, "gpus_per_node": 8}}, "plan.workers: must be between 1 and 16"),
-])
-def test_bad_plans_are_user_errors(plan_dict: dict[str, Any], message: str, tmp_path: Path) -> None:
-    path = tmp_path / "plan.json"
-    path.write_text(json.dumps(plan_dict))
-    with pytest.raises(UserError, match=re.escape(f"{path}: {message}")):
-        load_plan(path)
-
-
-def test_command_errors_name_the_field_or_file(tmp_path: Path) -> None:
-    (tmp_path / "bad.json").write_text("{nope")
-    cases = [
-        (dict(plan_path=str(tmp_path / "bad.json")), [], "bad.json: not valid JSON (line 1)"),
-        (dict(plan_path=str(tmp_path / "missing.json")), [], "missing.json: plan file not found"),
-        (dict(plan_path=None), ["checkpoint.storage_path=/data/ckpt"],
-         "checkpoint.storage_path: /data/ckpt is outside the job's storage"),
-        (dict(plan_path=None), ["data.path=../../etc"], "data.path: ../../etc is outside the job's storage"),
-        (dict(plan_path=None, output=str(tmp_path / "bad.json" / "dir.yaml")), [], "cannot write ("),
-        (dict(plan_path=None, owner=None), [], "--owner: required for a RayJob"),
-        (dict(plan_path=None, owner="../bob"), [], "--owner: '../bob' is not a user name"),
-    ]
-    for kwargs, overrides, message in cases:
-        kwargs = {"image": None, "output": None, "cluster": False, "owner": OWNER, **kwargs}
-        with pytest.raises(UserError, match=re.escape(message)):
-            k8s_render_command(DIGITS, overrides=overrides, **kwargs)
-    plan_path = tmp_path / "plan.json"
-    plan_path.write_text(json.dumps(SMALL_PLAN))
-    with pytest.raises(UserError, match="resources.use_gpu: false, but the plan"):
-        k8s_render_command(DIGITS, plan_path=str(plan_path), image=None, output=None, cluster=False,
-                           overrides=["resources.use_gpu=false"], owner=OWNER)
-
-
-def test_command_writes_the_file(tmp_path: Path) -> None:
-    out = tmp_path / "job.yaml"
-    rendered = k8s_render_command(DIGITS, plan_path=None, image="registry.example/job:1", output=str(out),
-                                  cluster=False, overrides=["name=digits-cnn-v2"], owner=OWNER)
-    assert rendered.text.startswith("wrote ConfigMap digits-cnn-v2-config, NetworkPolicy digits-cnn-v2-net, "
-                                    "RayJob digits-cnn-v2 (") and str(out) in rendered.text
-    objs = [d for d in yaml.safe_load_all(out.read_text()) if d]
-    assert [o["kind"] for o in objs] == ["ConfigMap", "NetworkPolicy", "RayJob"]
-    images = {c["image"] for _, t in pod_templates(objs[2]) for c in containers(t)}
-    assert images == {"registry.example/job:1"}
-
-
-def test_namespace_moves_the_job_but_not_mlflow() -> None:
-    from orchestrator.config import load_config
-    from orchestrator.k8s.render import render_rayjob
-
-    job = render_rayjob(load_config(DIGITS), owner=OWNER, config_path="configs/digits.yaml", plan=SMALL_PLAN,
-                        image="img:1", namespace="team-a")
-    assert job["metadata"]["namespace"] == "team-a"
-    assert set(mlflow_uris(job)) == {"http://mlflow.ml-tracking.svc:5000"}
-    assert job["spec"]["entrypoint"] == "orchestrator run configs/digits.yaml --workers 3"
-
-
 def test_default_images_are_the_overlays(overlays: dict[str, list[Obj]]) -> None:
     for overlay, gpu in (("gpu", True), ("dev", False)):
         images = {c["image"] for _, t in pod_templates(one(overlays[overlay], "RayCluster")) for c in containers(t)}
         assert images == {names.default_image(gpu=gpu)}
-
-
-# ---------------------------------------------------------------------------------------------
-# The image
-
-
-def dockerfile_args() -> tuple[dict[str, str], list[tuple[str, str]]]:
-    """(ARG defaults, [(stage, its last USER)])."""
-    args: dict[str, str] = {}
-    stages: list[list[str]] = []
-    for line in re.sub(r"\\\n", " ", (ROOT / "deploy" / "docker" / "Dockerfile").read_text()).splitlines():
-        words = line.split()
-        if not words or words[0].startswith("#"):
-            continue
-        if words[0] == "ARG" and "=" in words[1]:
-            name, value = words[1].split("=", 1)
-            args[name] = value
-        elif words[0] == "FROM":
-            stages.append([words[-1], "root"])
-        elif words[0] == "USER":
-            stages[-1][1] = words[1]
-    return args, [(name, user) for name, user in stages]
-
-
-def test_dockerfile_pins_what_the_project_pins() -> None:
-    args, stages = dockerfile_args()
-    assert [name for name, _ in stages] == ["mlflow-server", "job"]
-    for name, user in stages:
-        assert user.split(":")[0] not in ("root", "0"), f"stage {name} runs as root"
-    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
-                if "==" in line and not line.startswith("#"))
-    assert (args["RAY_VERSION"], args["MLFLOW_VERSION"], args["TORCH_VERSION"]) == \
-        (pins["ray"], pins["mlflow"], pins["torch"])
-    tomllib = pytest.importorskip("tomllib")
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    requirements = {Requirement(r).name: Requirement(r).specifier for r in project["dependencies"]}
-    for package, arg in (("ray", "RAY_VERSION"), ("mlflow", "MLFLOW_VERSION"), ("torch", "TORCH_VERSION")):
-        assert args[arg] in requirements[package], f"{arg}={args[arg]} is outside pyproject's {package} range"
-    assert args["RAY_VERSION"] == names.RAY_VERSION
-    assert args["BASE_IMAGE"].startswith("rayproject/ray:${RAY_VERSION}-")
-    assert re.fullmatch(r"python:[\d.]+-slim-\w+", args["PYTHON_IMAGE"])
-    assert '"mlflow[auth]==${MLFLOW_VERSION}"' in (ROOT / "deploy" / "docker" / "Dockerfile").read_text()
-    ignored = (ROOT / ".dockerignore").read_text().split()
-    assert {".venv", ".git", "deploy/k8s/overlays/*/secrets/*.env"} <= set(ignored)
 
 
 def test_manifests_name_the_project_ray_version(overlays: dict[str, list[Obj]]) -> None:

@@ -1,14 +1,11 @@
-"""Unit tests of the performance model and planner: pure, no processes, milliseconds each."""
+"""Unit tests of the performance model and planner: pure, no processes, milliseconds each. Their
+files and fields are in test_planner_files.py."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any
-
 import pytest
+from planner_util import make_cluster, make_profile
 
-from orchestrator.cluster import load_cluster, spec_from_nodes
 from orchestrator.errors import UserError
 from trainers.batching import split_global_batch
 from orchestrator.planner import (
@@ -16,7 +13,6 @@ from orchestrator.planner import (
     DDP_BUCKET_BYTES,
     ClusterSpec,
     Placement,
-    Plan,
     Profile,
     placement_for,
     placements,
@@ -24,38 +20,6 @@ from orchestrator.planner import (
     predict,
     ring_allreduce_s,
 )
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def profile_dict(**overrides: Any) -> dict[str, Any]:
-    data = {
-        "version": 1,
-        "model": "toy",
-        "device": "A100",
-        "param_count": 25_000_000,
-        "grad_bytes": 100_000_000,
-        "samples": [
-            {"local_batch": 32, "step_time_s": 0.040, "optimizer_s": 0.004},
-            {"local_batch": 64, "step_time_s": 0.070, "optimizer_s": 0.004},
-            {"local_batch": 128, "step_time_s": 0.130, "optimizer_s": 0.004},
-        ],
-        "max_local_batch": 128,
-    }
-    data.update(overrides)
-    return data
-
-
-def make_profile(**overrides: Any) -> Profile:
-    return Profile.from_dict(profile_dict(**overrides))
-
-
-def make_cluster(**overrides: Any) -> ClusterSpec:
-    data = {"nodes": 4, "gpus_per_node": 8, "intra_node_GBps": 300, "inter_node_GBps": 25,
-            "gpu_hour_cost": 2.0}
-    data.update(overrides)
-    return ClusterSpec.from_dict(data)
-
 
 def step(p: Profile, c: ClusterSpec, nodes: int, per_node: int, batch: int = 64) -> float:
     return predict(p, c, nodes=nodes, gpus_per_node=per_node, local_batch=batch).step_time_s
@@ -340,125 +304,3 @@ def test_planning_1024_gpus_considers_every_placement() -> None:
     assert len(result.candidates) == 1024
     assert {c.prediction.placement for c in result.candidates} == set(
         placements(make_cluster(nodes=128, gpus_per_node=8)))
-
-
-# --- files and fields ----------------------------------------------------------------------
-
-
-def test_plan_json_round_trip(tmp_path: Path) -> None:
-    result = plan(make_profile(gradient_noise_scale=500.0), make_cluster(),
-                  total_samples=1_000_000, deadline_s=10_000.0)
-    again = Plan.from_dict(json.loads(json.dumps(result.to_dict())))
-    assert again == result
-    assert Plan.load(result.save(tmp_path / "plan.json")) == result
-    data = result.to_dict()
-    assert data["workers"] == result.workers and data["explanation"] == result.explanation
-    assert data["choice"]["gpus"] == result.choice.gpus
-
-
-def test_profile_round_trip(tmp_path: Path) -> None:
-    profile = make_profile(data_samples_per_s=3000.0, precision="bf16", meta={"oom_at": 256})
-    assert Profile.from_dict(json.loads(json.dumps(profile.to_dict()))) == profile
-    assert Profile.load(profile.save(tmp_path / "profile.json")) == profile
-
-
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        ({"samples": [{"local_batch": 8, "step_time_s": 0.01},
-                      {"local_batch": 16, "step_time_s": 0.02},
-                      {"local_batch": 32, "step_time_s": -1}]},
-         r"^profile\.samples\[2\]\.step_time_s: must be > 0, got -1$"),
-        ({"grad_bytes": None}, r"^profile\.grad_bytes: required field is missing$"),
-        ({"param_count": "many"}, r"^profile\.param_count: must be an integer, got 'many'$"),
-        ({"samples": []}, r"^profile\.samples: must be a non-empty list, got \[\]$"),
-        ({"samples": [{"local_batch": 8, "step_time": 0.1}]},
-         r"^profile\.samples\[0\]\.step_time: unknown key"),
-        ({"max_local_batch": 4}, r"^profile\.max_local_batch: must be >= the smallest"),
-        ({"gradient_noise_scale": 0}, r"^profile\.gradient_noise_scale: must be > 0, got 0$"),
-        ({"batch": 3}, r"^profile\.batch: unknown key"),
-        ({"samples": [{"local_batch": 8, "step_time_s": 0.1},
-                      {"local_batch": 8, "step_time_s": 0.2}]},
-         r"^profile\.samples\[1\]\.local_batch: duplicate local batch 8$"),
-    ],
-)
-def test_bad_profile_fields_are_named(change: dict[str, Any], message: str) -> None:
-    raw = {k: v for k, v in profile_dict(**change).items() if v is not None}
-    with pytest.raises(UserError, match=message):
-        Profile.from_dict(raw)
-
-
-@pytest.mark.parametrize("version", [2, 0, None, "1"])
-def test_another_profile_version_is_refused(version: Any) -> None:
-    raw = profile_dict(version=version)
-    with pytest.raises(UserError, match=r"^profile\.version: this planner reads profile version 1"):
-        Profile.from_dict({k: v for k, v in raw.items() if v is not None})
-
-
-def test_a_newer_profile_reports_its_version_not_its_new_keys() -> None:
-    raw = {**profile_dict(version=2), "activation_bytes": 123}
-    with pytest.raises(UserError, match=r"^profile\.version: .* got version 2; re-run"):
-        Profile.from_dict(raw)
-
-
-def test_profile_file_errors_name_the_file(tmp_path: Path) -> None:
-    path = tmp_path / "p.json"
-    with pytest.raises(UserError, match=r"p\.json: profile file not found"):
-        Profile.load(path)
-    path.write_text("{not json")
-    with pytest.raises(UserError, match=r"p\.json: not valid JSON \(line 1\)"):
-        Profile.load(path)
-    path.write_text(json.dumps(profile_dict(device="")))
-    with pytest.raises(UserError, match=r"p\.json: profile\.device: must be a non-empty string"):
-        Profile.load(path)
-
-
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        ({"nodes": 0}, r"cluster\.nodes: must be > 0, got 0"),
-        ({"gpus_per_node": 2.5}, r"cluster\.gpus_per_node: must be an integer, got 2\.5"),
-        ({"link_efficiency": 1.5}, r"cluster\.link_efficiency: must be <= 1, got 1\.5"),
-        ({"intra_node_bw": 5}, r"cluster\.intra_node_bw: unknown key"),
-        ({"allreduce_samples": [{"bytes": 1024, "nodes": 1, "gpus_per_node": 2, "seconds": 0}]},
-         r"cluster\.allreduce_samples\[0\]\.seconds: must be > 0, got 0"),
-    ],
-)
-def test_bad_cluster_fields_are_named(change: dict[str, Any], message: str) -> None:
-    with pytest.raises(UserError, match=message):
-        make_cluster(**change)
-
-
-def test_cluster_file_errors_name_the_file_and_field(tmp_path: Path) -> None:
-    path = tmp_path / "c.yaml"
-    with pytest.raises(UserError, match=r"c\.yaml: cluster file not found"):
-        load_cluster(path)
-    path.write_text("nodes: 2\ngpus_per_node: 8\nintra_node_GBps: 0\ninter_node_GBps: 25\n")
-    with pytest.raises(UserError, match=r"c\.yaml: cluster\.intra_node_GBps: must be > 0, got 0"):
-        load_cluster(path)
-    path.write_text("nodes: [1\n")
-    with pytest.raises(UserError, match=r"c\.yaml: not valid YAML"):
-        load_cluster(path)
-
-
-@pytest.mark.parametrize("name", ["clusters/cpu_local.yaml", "clusters/dgx_a100.yaml"])
-def test_shipped_cluster_files_load(name: str) -> None:
-    cluster = load_cluster(REPO / "configs" / name)
-    assert cluster.gpus >= 2
-    assert ClusterSpec.from_dict(cluster.to_dict()) == cluster
-
-
-def test_cluster_from_ray_nodes() -> None:
-    def node(alive: bool = True, **resources: float) -> dict[str, Any]:
-        return {"Alive": alive, "Resources": resources}
-
-    gpus = [node(CPU=16, GPU=8, **{"accelerator_type:A100": 1}), node(CPU=16, GPU=4),
-            node(alive=False, CPU=16, GPU=8), node(CPU=4)]
-    spec = spec_from_nodes(gpus, {"inter_node_GBps": 25})
-    assert (spec.nodes, spec.gpus_per_node, spec.gpu, spec.inter_node_GBps) == (1, 8, "A100", 25)
-    same = spec_from_nodes([node(CPU=8, GPU=4), node(CPU=8, GPU=4)])
-    assert (same.nodes, same.gpus_per_node) == (2, 4)
-    cpu = spec_from_nodes([node(CPU=2), node(CPU=3)], cpus_per_worker=1)
-    assert (cpu.nodes, cpu.gpus_per_node, cpu.gpu) == (2, 2, "cpu")
-    with pytest.raises(UserError, match="no alive node"):
-        spec_from_nodes([node(alive=False, CPU=8)])
