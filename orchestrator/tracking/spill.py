@@ -205,6 +205,13 @@ class Pass:
     offset: int
     unreadable: int
     incomplete: bool
+    first_unreadable: int | None = None  # the byte the first unreadable line ends at
+
+    def skipped(self) -> str | None:
+        """The unreadable lines in one sentence (a damaged file can have thousands: said once)."""
+        if not self.unreadable:
+            return None
+        return f"{self.unreadable} unreadable lines were skipped (the first ends at byte {self.first_unreadable})"
 
 
 def send_file(path: Path, writer: Writer, *, wait_s: float = 0.0, stop: Callable[[], bool] = lambda: False
@@ -217,7 +224,7 @@ def send_file(path: Path, writer: Writer, *, wait_s: float = 0.0, stop: Callable
             return None
         progress = Progress.load(path)
         writer.adopt(progress.runs)
-        files, unreadable = artifacts_dir(path), 0
+        files, unreadable, first = artifacts_dir(path), 0, None
         for batch, end in _batches(path, progress.offset):
             if stop():
                 break
@@ -225,12 +232,12 @@ def send_file(path: Path, writer: Writer, *, wait_s: float = 0.0, stop: Callable
                 writer.apply(batch, files=files)
             else:
                 unreadable += 1
-                log.warning("%s: an unreadable line before byte %d is skipped", path, end)
+                first = first or end
             progress.offset = end
             progress.note_runs(batch, writer)
             progress.save(path)
             remove_staged(batch, files)
-        return Pass(progress.offset, unreadable, _torn(path, progress.offset))
+        return Pass(progress.offset, unreadable, _torn(path, progress.offset), first)
 
 
 def _torn(path: Path, offset: int) -> bool:
@@ -278,16 +285,23 @@ class ReplayResult:
     points: int
     operations: int
     skipped_points: int  # per-step points at or below the resumed run's floor
-    unreadable: int
-    incomplete: bool
+    done: Pass
     refusals: tuple[str, ...]
+
+    @property
+    def unreadable(self) -> int:
+        return self.done.unreadable
+
+    @property
+    def incomplete(self) -> bool:
+        return self.done.incomplete
 
     def lines(self, path: Path) -> list[str]:
         lines = [f"sent {self.points} metric points and {self.operations} other operations from {path}"]
         if self.skipped_points:
             lines.append(f"{self.skipped_points} per-step points were already in the resumed run; not sent again")
-        if self.unreadable:
-            lines.append(f"{self.unreadable} unreadable lines were skipped")
+        if skipped := self.done.skipped():
+            lines.append(skipped)
         if self.incomplete:
             lines.append("an incomplete last line is left for a later replay")
         return lines + list(self.refusals)
@@ -320,5 +334,5 @@ def replay(path: str | Path, tracking_uri: str) -> ReplayResult:
     if done is None:
         raise UserError(f"{path}: another process (a running job or a replay) is sending this file; "
                         "try again when it is done")
-    return ReplayResult(writer.sent_points, writer.sent_operations, writer.skipped_points, done.unreadable,
-                        done.incomplete, tuple(writer.refusals))
+    return ReplayResult(writer.sent_points, writer.sent_operations, writer.skipped_points, done,
+                        tuple(writer.refusals))

@@ -25,7 +25,7 @@ from orchestrator.errors import UserError
 from orchestrator.tracking.handle import CloseReport, RunHandle
 from orchestrator.tracking.ops import BATCH_LIMIT, Op, describe, leading_batch, open_op, server_name, weight
 from orchestrator.tracking.spill import (
-    SpillWriter, artifacts_dir, pending_files, fully_sent, remove_if_sent, replay_command, send_file,
+    Pass, SpillWriter, artifacts_dir, pending_files, fully_sent, remove_if_sent, replay_command, send_file,
     spill_path,
 )
 from orchestrator.tracking.writer import RunRefused, Writer, remove_staged
@@ -293,6 +293,7 @@ class Tracker:
                     raise Busy(f"{path} is being sent by another process")
                 if done is not None and path == self.spill_file:
                     self._own_sent_to(done.offset)
+                self._say_skipped(path, done)
             finally:
                 self._publish(writer)
             self._leftovers.pop(0)  # a file another process is sending is left to it
@@ -327,9 +328,14 @@ class Tracker:
         self._publish(writer)
         if done is None:
             raise Busy(f"{self._spill.path} is being sent by another process")
+        self._say_skipped(self._spill.path, done)
         if not self._stopped and done.offset <= self._sent_to:
             raise RuntimeError(f"{self._spill.path}: no progress past byte {done.offset}")
         self._own_sent_to(done.offset)
+
+    def _say_skipped(self, path: Path, done: Pass | None) -> None:
+        if done is not None and (skipped := done.skipped()):
+            self._warn(f"MLflow: {path}: {skipped}")
 
     def _own_sent_to(self, offset: int) -> None:
         with self._lock:

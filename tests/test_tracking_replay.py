@@ -1,0 +1,105 @@
+"""Spill files and `tracking replay` with an in-memory store (tracking_fakes.py): each line is
+sent once however often replay runs, a torn last line waits, unreadable lines are skipped and
+said once. The tracker itself is in test_tracking.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tracking_fakes import URI, FakeStore, fake, quick, spill_dir, spill_while_down  # noqa: F401 (fixtures)
+
+from orchestrator.errors import UserError
+from orchestrator.tracking import replay
+from orchestrator.tracking.spill import send_file, spill_path
+from orchestrator.tracking.writer import Writer
+
+
+def test_close_spills_and_replay_sends_each_line_once_however_often_it_runs(fake: FakeStore, spill_dir: Path) -> None:
+    report = spill_while_down(fake, spill_dir, "k", range(30))
+    path = spill_path(spill_dir, URI, "k")
+    assert report.spill_file == path and (report.waiting_points, report.waiting_operations) == (30, 3)
+    assert report.replay_command == f"orchestrator tracking replay {path} --tracking-uri {URI}"
+    assert fake.runs == {}
+
+    fake.down, calls = True, fake.calls
+    with pytest.raises(UserError, match="run the same command again"):
+        replay(path, URI)
+    fake.down = False
+    result = replay(path, URI)
+    assert (result.points, result.operations) == (30, 3) and not result.incomplete
+    assert replay(path, URI).points == 0  # twice in a row: nothing sent again
+    assert fake.opens == 1 and fake.run("k").steps() == list(range(30)) and fake.run("k").status == "FINISHED"
+    assert fake.calls > calls
+
+
+def test_replay_that_died_halfway_resends_at_most_one_batch_and_creates_one_run(fake: FakeStore,
+                                                                               spill_dir: Path) -> None:
+    spill_while_down(fake, spill_dir, "k", range(2500))  # three batches of points after the open
+    path = spill_path(spill_dir, URI, "k")
+    writer = Writer(fake)
+    original = fake.log_metrics
+
+    def stored_but_no_answer(run_id: str, points: list) -> None:
+        original(run_id, points)
+        raise ConnectionError("the replay dies here")
+
+    fake.log_metrics = stored_but_no_answer  # type: ignore[method-assign]
+    with pytest.raises(ConnectionError):
+        send_file(path, writer)
+    fake.log_metrics = original  # type: ignore[method-assign]
+    result = replay(path, URI)  # a new process: the run comes from the progress record, not a second create
+    assert fake.opens == 1 and fake.run("k").steps() == list(range(2500))
+    assert result.points == 2500  # the first batch again (MLflow kept one copy), then the rest
+
+
+def test_replay_leaves_a_torn_last_line_and_sends_lines_appended_later(fake: FakeStore, spill_dir: Path) -> None:
+    spill_while_down(fake, spill_dir, "k", range(5))
+    path = spill_path(spill_dir, URI, "k")
+    handle = next(iter(Path(path).read_text().splitlines())).split('"handle":"')[1].split('"')[0]
+    line = ('{"op":"metrics","handle":"%s","t":1,"points":[["train/loss",0.5,2000000,99]],"per_step":true}\n'
+            % handle).encode()
+    with open(path, "ab") as f:
+        f.write(line[:20])  # a job still writing this line
+    result = replay(path, URI)
+    assert result.incomplete and fake.run("k").steps() == list(range(5))
+    with open(path, "ab") as f:
+        f.write(line[20:])
+    assert replay(path, URI).points == 1 and fake.run("k").steps() == [*range(5), 99]
+
+
+def test_replay_skips_lines_that_are_not_operations_and_sends_the_rest(fake: FakeStore, spill_dir: Path) -> None:
+    spill_while_down(fake, spill_dir, "k", range(3))
+    path = spill_path(spill_dir, URI, "k")
+    with open(path, "a") as f:  # JSON nested past the decoder's recursion limit, not JSON, not an operation
+        f.write("[" * 100_000 + "]" * 100_000 + "\n" + "not json\n" + '{"op": "rm -rf"}\n')
+    result = replay(path, URI)
+    assert result.unreadable == 3 and fake.run("k").steps() == list(range(3))
+    first_end = len(path.read_bytes().split(b"]\n")[0]) + 2
+    assert f"3 unreadable lines were skipped (the first ends at byte {first_end})" in result.lines(path)
+
+
+def test_unreadable_and_malformed_lines_are_skipped_and_said(fake: FakeStore, spill_dir: Path) -> None:
+    spill_while_down(fake, spill_dir, "k", range(2))
+    path = spill_path(spill_dir, URI, "k")
+    lines = path.read_bytes().splitlines(keepends=True)
+    handle = next(iter(path.read_text().splitlines())).split('"handle":"')[1].split('"')[0]
+    broken = [b"not json\n", b'{"op":"metrics","handle":"%s","t":1}\n' % handle.encode(),
+              b'{"op":"metrics","handle":"%s","t":1,"points":[["k"]],"per_step":false}\n' % handle.encode()]
+    path.write_bytes(b"".join(lines[:2] + broken + lines[2:]))
+    result = replay(path, URI)
+    assert fake.run("k").steps() == [0, 1] and fake.run("k").status == "FINISHED"
+    assert result.unreadable == 2 and any("malformed" in r for r in result.refusals)
+
+
+def test_replay_of_a_missing_or_other_file_is_a_one_line_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="no such spill file"):
+        replay(tmp_path / "nope.jsonl", URI)
+    (tmp_path / "notes.txt").write_text("hello\n")
+    with pytest.raises(UserError, match="not a spill file"):
+        replay(tmp_path / "notes.txt", URI)
+    (tmp_path / "folder.jsonl").mkdir()
+    with pytest.raises(UserError, match=r"folder.jsonl: not a regular file \(a spill file is one\)$"):
+        replay(tmp_path / "folder.jsonl", URI)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.jsonl", "notes.txt"]
