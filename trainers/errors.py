@@ -15,3 +15,8 @@ class UserError(Exception):
     """
 
     exit_code = 2
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line (a library's multi-line message is no one-line error), else its type."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -23,18 +23,14 @@ def validate(config: Path, set_: SetOption = None) -> None:
     job = load_config(config, set_ or [])  # before torch's import: a bad file is said within a second
     job.resolved_tracking_uri()  # MLFLOW_TRACKING_URI, when the config names no tracking_uri
 
-    import torch
+    from trainers.compat import check_fit, output_classes
 
-    from trainers.data import check_columns
-    from trainers.models import build_model
-
-    with torch.device("meta"):  # checks model.name and model.kwargs without allocating weights
-        build_model(job.model.name, job.model.kwargs)
     if job.data.dataset and not all(Path(p).exists() for p in job.data.paths):
         # A mistyped path validates too: say that the first run prepares a new copy there.
+        output_classes(job.model, job.data)  # the model takes the features (a pass on the meta device)
         data = f"not there yet, a new copy of the built-in {job.data.dataset!r} data set is prepared there on first run"
     else:
-        data = f"{check_columns(job.data.paths, job.data.features, job.data.label)} rows"
+        data = f"{check_fit(job.model, job.data)} rows"
     out.print(f"{config}: ok ({job.name}: model {job.model.name}, data {', '.join(job.data.paths)}: {data})")
     renamed = any(o.partition("=")[0].strip() == "name" for o in set_ or [])
     if renamed and job.tracking.registered_model:

@@ -20,14 +20,16 @@ class Datasets:
 
 
 def check_data(job: JobConfig) -> int:
-    """Prepare a built-in data set if missing, then check columns and dtypes; returns row count."""
-    from trainers.data import check_columns, ensure_prepared
+    """Prepare a built-in data set if missing, then check columns and dtypes, and that the model
+    takes the features and the targets are in range; returns row count."""
+    from trainers.compat import check_fit
+    from trainers.data import ensure_prepared
 
     if job.data.dataset is not None:
         if len(job.data.paths) != 1:
             raise UserError("data.path: a built-in data set needs exactly one folder")
         ensure_prepared(job.data.dataset, job.data.paths[0], **job.data.dataset_kwargs)
-    return check_columns(job.data.paths, job.data.features, job.data.label)
+    return check_fit(job.model, job.data)
 
 
 def load_datasets(job: JobConfig) -> Datasets:

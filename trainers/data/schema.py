@@ -16,15 +16,18 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from trainers.config import ColumnConfig
-from trainers.errors import UserError
+from trainers.errors import UserError, first_line
 
 MAX_LISTED = 1_000_000  # entries walked under one local data.path
 
 
 def check_columns(paths: list[str], features: ColumnConfig, label: ColumnConfig | None) -> int:
     """Raise UserError on a missing path or column, a wrong dtype or shape; return the row count."""
-    dataset = open_dataset(paths)
-    where = ", ".join(paths)
+    return check_schema(open_dataset(paths), ", ".join(paths), features, label)
+
+
+def check_schema(dataset: pads.Dataset, where: str, features: ColumnConfig, label: ColumnConfig | None) -> int:
+    """`check_columns` on a data set already open; `where` names it in messages."""
     feature_type = _column_type(dataset.schema, features, "data.features", where)
     _check_feature_type(feature_type, features)
     if label is not None:
@@ -47,11 +50,7 @@ def open_dataset(paths: list[str]) -> pads.Dataset:
         return pads.dataset(files, format="parquet", filesystem=filesystem)
     except (pa.ArrowException, OSError) as exc:  # not Parquet, or not readable by us
         raise UserError(f"data.path: {', '.join(paths)} is not a readable Parquet data set "
-                        f"({_first_line(exc)})") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                        f"({first_line(exc)})") from None
 
 
 def _resolve(path: str) -> tuple[pafs.FileSystem, str]:
@@ -77,7 +76,7 @@ def _parquet_files(path: str) -> list[str]:
             listing = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
             files = sorted(f.path for f in listing if _is_data_file(f, root))
     except OSError as exc:  # a folder below it we may not read
-        raise UserError(f"data.path: cannot list {path} ({_first_line(exc)})") from None
+        raise UserError(f"data.path: cannot list {path} ({first_line(exc)})") from None
     if not files:
         raise UserError(f"data.path: no Parquet files found in {path}")
     return files

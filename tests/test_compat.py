@@ -1,0 +1,114 @@
+"""A model and its data set are checked to fit before anything starts (trainers/compat.py): the
+model takes the features (a forward pass on the meta device), labels and token ids lie within its
+classes, nothing is null. Each of these was a worker's traceback once the job ran."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from orchestrator.config import load_config
+from orchestrator.errors import UserError
+from trainers.compat import check_fit, output_classes
+from trainers.config import DataConfig, ModelConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CNN = ModelConfig(name="cnn", kwargs={"in_channels": 1, "num_classes": 10})
+
+
+def digits_like(folder: Path, labels: list[int | None], *, pixels: list | None = None, **write: object) -> DataConfig:
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = len(labels)
+    pixels = pixels if pixels is not None else [list(np.random.rand(64).astype("float32")) for _ in range(rows)]
+    table = pa.table({"pixels": pa.array(pixels, type=pa.list_(pa.float32())),
+                      "label": pa.array(labels, type=pa.int64())})
+    pq.write_table(table, folder / "part-0.parquet", **write)
+    return DataConfig(path=str(folder), features={"column": "pixels", "dtype": "float32", "shape": [1, 8, 8]},
+                      label={"column": "label", "dtype": "int64"})
+
+
+@pytest.mark.parametrize(("config", "classes"), [("digits", 10), ("synthetic_resnet", 10), ("tiny_gpt", 256)])
+def test_the_shipped_models_take_their_data(config: str, classes: int) -> None:
+    job = load_config(ROOT / "configs" / f"{config}.yaml")
+    assert output_classes(job.model, job.data) == classes
+
+
+@pytest.mark.parametrize(("model", "features", "message"), [
+    (ModelConfig(name="cnn", kwargs={"in_channels": 3}), {"dtype": "float32", "shape": [1, 8, 8]},
+     "model: cnn with kwargs {'in_channels': 3} does not take data.features (column 'x', float32, shape [1, 8, 8]): "),
+    (ModelConfig(name="mlp", kwargs={"in_features": 32}), {"dtype": "float32", "shape": [1, 8, 8]},
+     "model: mlp with kwargs {'in_features': 32} does not take data.features"),
+    (ModelConfig(name="gpt", kwargs={}), {"dtype": "float32", "shape": [129]},
+     "model: gpt with kwargs {} does not take data.features (column 'x', float32, shape [129]): Expected tensor"),
+    (ModelConfig(name="gpt", kwargs={"context": 64}), {"dtype": "int64", "shape": [129]},
+     "model.kwargs.context: sequence length 128 exceeds context 64"),
+])
+def test_a_model_that_does_not_take_the_features_is_one_line(model: ModelConfig, features: dict,
+                                                             message: str) -> None:
+    data = DataConfig(path="unused", features={"column": "x", **features},
+                      label=None if model.name == "gpt" else {"column": "y", "dtype": "int64"})
+    with pytest.raises(UserError, match=re.escape(message)) as caught:
+        output_classes(model, data)
+    assert "\n" not in str(caught.value)
+
+
+def test_features_of_no_configured_shape_are_not_checked() -> None:
+    data = DataConfig(path="unused", features={"column": "x", "dtype": "float32"}, label={"column": "y", "dtype": "int64"})
+    assert output_classes(CNN, data) is None
+
+
+def test_labels_within_the_classes_pass(tmp_path: Path) -> None:
+    assert check_fit(CNN, digits_like(tmp_path / "ok", [0, 9, 3, 3])) == 4
+
+
+@pytest.mark.parametrize(("labels", "says"), [([0, 10, 3], "labels 0..10"), ([-1, 2], "labels -1..2"),
+                                              ([10**12], "labels 1000000000000..1000000000000")])
+def test_labels_outside_the_classes_are_refused_naming_the_file(tmp_path: Path, labels: list[int], says: str) -> None:
+    data = digits_like(tmp_path / "bad", labels)
+    with pytest.raises(UserError, match=re.escape(f"data.label: column 'label' holds {says} in "
+                                                  f"{tmp_path / 'bad' / 'part-0.parquet'}, but model cnn predicts "
+                                                  "10 classes: they must be 0..9")):
+        check_fit(CNN, data)
+
+
+def test_null_labels_and_null_features_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"data.label: column 'label' holds null \(or empty\) values in .*; fill or drop"):
+        check_fit(CNN, digits_like(tmp_path / "a", [1, None]))
+    pixels = [[0.5] * 64, None]
+    with pytest.raises(UserError, match=r"data.features: column 'pixels' holds null \(or empty\) values in .*; fill or drop"):
+        check_fit(CNN, digits_like(tmp_path / "b", [1, 2], pixels=pixels))
+
+
+def test_a_file_written_without_statistics_is_not_checked(tmp_path: Path) -> None:
+    assert check_fit(CNN, digits_like(tmp_path / "plain", [0, 10], write_statistics=False)) == 2
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "tokens").mkdir()
+    tokens = pa.array([list(range(200, 233))] * 3, type=pa.list_(pa.int64()))
+    pq.write_table(pa.table({"tokens": tokens}), tmp_path / "tokens" / "part-0.parquet")
+    data = DataConfig(path=str(tmp_path / "tokens"), features={"column": "tokens", "dtype": "int64", "shape": [33]})
+    assert check_fit(ModelConfig(name="gpt", kwargs={"vocab_size": 256, "context": 32}), data) == 3
+    with pytest.raises(UserError, match=r"data.features: column 'tokens' holds token ids 200..232 in .*, but model "
+                                        r"gpt predicts 128 classes: they must be 0..127"):
+        check_fit(ModelConfig(name="gpt", kwargs={"vocab_size": 128, "context": 32}), data)
+
+
+def test_validate_refuses_labels_beyond_the_model_in_one_line(tmp_path: Path) -> None:
+    digits_like(tmp_path / "data", [0, 1, 12])
+    config = yaml.safe_load((ROOT / "configs" / "digits.yaml").read_text())
+    config["data"] = {**config["data"], "path": str(tmp_path / "data")}
+    del config["data"]["dataset"]
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
+    out = subprocess.run([sys.executable, "-m", "orchestrator", "validate", str(tmp_path / "job.yaml")],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr.startswith("error: data.label: column 'label' holds labels 0..12 in ")

@@ -1,0 +1,88 @@
+"""Whether a model and a data set fit each other, checked before anything starts.
+
+The model takes the configured features: one forward pass on the meta device (no weights are
+allocated, no data is read) with the batch the collate makes, which also says how many classes
+(or vocabulary entries) the model predicts. The targets are in range: every class label (or, for
+a language model, every token id) lies in 0..classes-1, read from the Parquet footers' column
+statistics, so a data set of any size costs a footer read per file. Both failures otherwise
+surface as a worker's traceback once the job runs (`Target 12 is out of bounds`, `mat1 and mat2
+shapes cannot be multiplied`).
+"""
+
+from __future__ import annotations
+
+import pyarrow.dataset as pads
+import torch
+
+from trainers.config import ColumnConfig, DataConfig, ModelConfig
+from trainers.data.schema import check_schema, open_dataset
+from trainers.errors import UserError, first_line
+from trainers.models import build_model
+
+# The dtype the collate hands the model (integer inputs become int64, as embeddings want).
+INPUT_DTYPES = {"float32": torch.float32, "float64": torch.float64, "int32": torch.int64, "int64": torch.int64}
+
+
+def check_fit(model: ModelConfig, data: DataConfig) -> int:
+    """The model takes the features, the columns are as configured, the targets in range; returns
+    the row count. Every failure is a UserError naming the field."""
+    dataset = open_dataset(data.paths)
+    rows = check_schema(dataset, ", ".join(data.paths), data.features, data.label)
+    classes = output_classes(model, data)
+    check_targets(dataset, data, model.name, classes)
+    return rows
+
+
+def output_classes(model: ModelConfig, data: DataConfig) -> int | None:
+    """How many classes the model predicts for the configured features (None when the features'
+    shape is not configured); a UserError when the model does not take them."""
+    features = data.features
+    if features.shape is None:
+        return None
+    shape = list(features.shape)
+    if data.label is None:  # next-token prediction reads tokens[:, :-1]
+        shape[-1] -= 1
+    with torch.device("meta"):
+        net = build_model(model.name, model.kwargs)
+        x = torch.zeros((2, *shape), dtype=INPUT_DTYPES[features.dtype])
+        try:
+            logits = net(x)
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever torch says about the mismatch, in one line
+            raise UserError(f"model: {model.name} with kwargs {model.kwargs} does not take data.features (column "
+                            f"{features.column!r}, {features.dtype}, shape {features.shape}): {first_line(exc)}"
+                            ) from None
+    return int(logits.shape[-1])
+
+
+def check_targets(dataset: pads.Dataset, data: DataConfig, model: str, classes: int | None) -> None:
+    """No null features or labels; labels (or a language model's tokens) within 0..classes-1,
+    as far as the files' column statistics say (a file written without them is not checked)."""
+    _check_column(dataset, data.features, "data.features", None if data.label else classes, model)
+    if data.label is not None:
+        _check_column(dataset, data.label, "data.label", classes, model)
+
+
+def _check_column(dataset: pads.Dataset, column: ColumnConfig, field: str, classes: int | None,
+                  model: str) -> None:
+    what = "token ids" if field == "data.features" else "labels"
+    for fragment in dataset.get_fragments():
+        meta = fragment.metadata
+        leaves = [j for j in range(meta.num_columns)  # "label", or a list's "pixels.list.element"
+                  if meta.schema.column(j).path == column.column or
+                  meta.schema.column(j).path.startswith(f"{column.column}.")]
+        for group in range(meta.num_row_groups):
+            for j in leaves:
+                stats = meta.row_group(group).column(j).statistics
+                if stats is None:
+                    continue
+                if stats.has_null_count and stats.null_count:
+                    raise UserError(f"{field}: column {column.column!r} holds null (or empty) values in "
+                                    f"{fragment.path}; fill or drop those rows")
+                if classes is None or not stats.has_min_max:
+                    continue
+                if stats.min < 0 or stats.max >= classes:
+                    raise UserError(f"{field}: column {column.column!r} holds {what} {stats.min}..{stats.max} in "
+                                    f"{fragment.path}, but model {model} predicts {classes} classes: "
+                                    f"they must be 0..{classes - 1} (or raise the model's class count)")
