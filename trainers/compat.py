@@ -11,17 +11,15 @@ shapes cannot be multiplied`).
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow.dataset as pads
 import torch
 
 from trainers.config import ColumnConfig, DataConfig, ModelConfig
+from trainers.data.collate import INPUT_DTYPES
 from trainers.data.schema import check_schema, open_dataset
 from trainers.errors import UserError, first_line
 from trainers.models import build_model
-
-# The dtype the collate hands the model (integer inputs become int64, as embeddings want).
-INPUT_DTYPES = {"float32": torch.float32, "float64": torch.float64, "int32": torch.int64, "int64": torch.int64}
-
 
 def check_fit(model: ModelConfig, data: DataConfig) -> int:
     """The model takes the features, the columns are as configured, the targets in range; returns
@@ -42,9 +40,10 @@ def output_classes(model: ModelConfig, data: DataConfig) -> int | None:
     shape = list(features.shape)
     if data.label is None:  # next-token prediction reads tokens[:, :-1]
         shape[-1] -= 1
+    dtype = torch.from_numpy(np.zeros(0, INPUT_DTYPES[features.dtype])).dtype  # what the collate hands it
     with torch.device("meta"):
         net = build_model(model.name, model.kwargs)
-        x = torch.zeros((2, *shape), dtype=INPUT_DTYPES[features.dtype])
+        x = torch.zeros((2, *shape), dtype=dtype)
         try:
             logits = net(x)
         except UserError:

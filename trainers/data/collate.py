@@ -20,7 +20,7 @@ import torch
 from trainers.config import DataConfig
 
 # Config dtype -> the array dtype a tensor is made from (integer inputs become int64, as embeddings want).
-_NUMPY_DTYPES = {"float32": np.float32, "float64": np.float64, "int32": np.int64, "int64": np.int64}
+INPUT_DTYPES = {"float32": np.float32, "float64": np.float64, "int32": np.int64, "int64": np.int64}
 
 
 class Collate:
@@ -31,7 +31,7 @@ class Collate:
         self.features, self.label = data.features, data.label
 
     def __call__(self, batch: pa.Table | Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = _tensor(column_array(batch, self.features.column), _NUMPY_DTYPES[self.features.dtype])
+        x = _tensor(column_array(batch, self.features.column), INPUT_DTYPES[self.features.dtype])
         if self.features.shape is not None:
             x = x.reshape(len(x), *self.features.shape)
         y = _tensor(column_array(batch, self.label.column), np.int64) if self.label else None
