@@ -33,6 +33,15 @@ def test_collate_reads_a_sliced_arrow_batch_as_the_numpy_path_does(list_type: pa
     assert torch.equal(x, x2) and torch.equal(y, y2)
 
 
+def test_a_float64_column_becomes_float32_the_models_dtype() -> None:
+    data = DataConfig(path="unused", features=ColumnConfig(column="pixels", dtype="float64", shape=[1, 2, 2]),
+                      label=ColumnConfig(column="label", dtype="int64"))
+    table = _table(3, pa.list_(pa.float64()))
+    x, _ = Collate(data)(table)
+    assert x.dtype == torch.float32 and x[2].flatten().tolist() == [20.0, 21.0, 22.0, 23.0]
+    torch.nn.Conv2d(1, 2, 1)(x)  # a float32 layer takes it
+
+
 def test_collate_refuses_ragged_rows_and_nulls() -> None:
     ragged = pa.table({"pixels": pa.array([[1.0, 2.0], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]], type=pa.list_(pa.float32())),
                        "label": pa.array([0, 1])})

@@ -60,6 +60,18 @@ def test_a_model_that_does_not_take_the_features_is_one_line(model: ModelConfig,
     assert "\n" not in str(caught.value)
 
 
+def test_integer_features_need_a_model_with_an_embedding() -> None:
+    """The meta device checks no dtypes (a Linear fed int64 passes there): said before a worker fails."""
+    data = DataConfig(path="unused", features={"column": "x", "dtype": "int64", "shape": [64]},
+                      label={"column": "y", "dtype": "int64"})
+    with pytest.raises(UserError, match=re.escape("data.features.dtype: int64 features are token ids, and model "
+                                                  "mlp has no embedding to take them; give a float column")):
+        output_classes(ModelConfig(name="mlp", kwargs={}), data)
+    data = DataConfig(path="unused", features={"column": "x", "dtype": "float64", "shape": [64]},
+                      label={"column": "y", "dtype": "int64"})
+    assert output_classes(ModelConfig(name="mlp", kwargs={}), data) == 10  # float64 columns arrive as float32
+
+
 def test_features_of_no_configured_shape_are_not_checked() -> None:
     data = DataConfig(path="unused", features={"column": "x", "dtype": "float32"}, label={"column": "y", "dtype": "int64"})
     assert output_classes(CNN, data) is None

@@ -44,6 +44,10 @@ def output_classes(model: ModelConfig, data: DataConfig) -> int | None:
     with torch.device("meta"):
         net = build_model(model.name, model.kwargs)
         x = torch.zeros((2, *shape), dtype=dtype)
+        if not dtype.is_floating_point and not any(isinstance(m, torch.nn.Embedding) for m in net.modules()):
+            # the meta device does not check dtypes: a Linear fed int64 passes here and fails on a worker
+            raise UserError(f"data.features.dtype: {features.dtype} features are token ids, and model {model.name} "
+                            "has no embedding to take them; give a float column")
         try:
             logits = net(x)
         except UserError:

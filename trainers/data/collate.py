@@ -19,8 +19,10 @@ import torch
 
 from trainers.config import DataConfig
 
-# Config dtype -> the array dtype a tensor is made from (integer inputs become int64, as embeddings want).
-INPUT_DTYPES = {"float32": np.float32, "float64": np.float64, "int32": np.int64, "int64": np.int64}
+# Config dtype -> the array dtype a tensor is made from: float inputs become float32, the dtype the
+# models' weights have (a float64 batch into a float32 layer is torch's "mat1 and mat2 must have the
+# same dtype"; autocast lowers precision from there); integer inputs become int64, as embeddings want.
+INPUT_DTYPES = {"float32": np.float32, "float64": np.float32, "int32": np.int64, "int64": np.int64}
 
 
 class Collate:
