@@ -18,7 +18,6 @@ import json
 import subprocess
 import sys
 import tempfile
-from typing import Any
 
 from benchmarks.harness import Row, SectionResult, Stat, child_env, paired_ratios
 

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import ray
 from mlflow.tracking import MlflowClient
 from ray_util import RecordingUI, assert_unique_monotone, metric_steps, wait_for, wait_until_idle, workers_of
 

@@ -34,7 +34,7 @@ def test_a_second_driver_of_the_same_job_is_refused_naming_the_holder(tmp_path: 
     """The second driver is a real process: the lock holds across processes, and dies with its holder."""
     first = claim(job(str(tmp_path)))
     code = ("from orchestrator.driver.identity import claim; from orchestrator.config import validate; import json,sys; "
-            f"claim(validate(json.loads(sys.argv[1])))")
+            "claim(validate(json.loads(sys.argv[1])))")
     args = [sys.executable, "-c", code, json.dumps(job(str(tmp_path)).to_dict())]
     refused = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
     assert refused.returncode != 0 and "digits: this job is already running (pid " in refused.stderr

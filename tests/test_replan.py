@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.cluster import worker_slots
-from orchestrator.errors import UserError
 from orchestrator.planner import (
     ClusterSpec,
     Placement,

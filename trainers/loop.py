@@ -10,7 +10,6 @@ driver only through its progress actor (`trainers.reporting`); it never writes t
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
 from collections.abc import Iterable, Iterator

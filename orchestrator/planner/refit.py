@@ -19,7 +19,7 @@ from typing import Any, Literal
 from orchestrator.errors import UserError
 from orchestrator.planner.base import Model, as_list, NonNegativeFloat, NonNegativeInt, PositiveFloat, check_arguments
 from orchestrator.planner.calibrate import network_fields, now_utc
-from orchestrator.planner.model import ComputeCurve, Contention, PerformanceModel, Rows, effective_network
+from orchestrator.planner.model import ComputeCurve, Contention, PerformanceModel, Rows
 from orchestrator.planner.network import Network
 from orchestrator.planner.results import Placement, Prediction
 from orchestrator.planner.search import predict
