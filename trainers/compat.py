@@ -21,6 +21,7 @@ from trainers.data.schema import check_schema, open_dataset
 from trainers.errors import UserError, first_line
 from trainers.models import build_model
 
+
 def check_fit(model: ModelConfig, data: DataConfig) -> int:
     """The model takes the features, the columns are as configured, the targets in range; returns
     the row count. Every failure is a UserError naming the field."""
