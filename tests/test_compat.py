@@ -73,7 +73,8 @@ def test_integer_features_need_a_model_with_an_embedding() -> None:
 
 
 def test_features_of_no_configured_shape_are_not_checked() -> None:
-    data = DataConfig(path="unused", features={"column": "x", "dtype": "float32"}, label={"column": "y", "dtype": "int64"})
+    data = DataConfig(path="unused", features={"column": "x", "dtype": "float32"},
+                      label={"column": "y", "dtype": "int64"})
     assert output_classes(CNN, data) is None
 
 
@@ -92,11 +93,11 @@ def test_labels_outside_the_classes_are_refused_naming_the_file(tmp_path: Path, 
 
 
 def test_null_labels_and_null_features_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match=r"data.label: column 'label' holds null \(or empty\) values in .*; fill or drop"):
+    refused = r"column '{}' holds null \(or empty\) values in .*; fill or drop those rows"
+    with pytest.raises(UserError, match="data.label: " + refused.format("label")):
         check_fit(CNN, digits_like(tmp_path / "a", [1, None]))
-    pixels = [[0.5] * 64, None]
-    with pytest.raises(UserError, match=r"data.features: column 'pixels' holds null \(or empty\) values in .*; fill or drop"):
-        check_fit(CNN, digits_like(tmp_path / "b", [1, 2], pixels=pixels))
+    with pytest.raises(UserError, match="data.features: " + refused.format("pixels")):
+        check_fit(CNN, digits_like(tmp_path / "b", [1, 2], pixels=[[0.5] * 64, None]))
 
 
 def test_a_file_written_without_statistics_is_not_checked(tmp_path: Path) -> None:
