@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.errors import UserError
-from orchestrator.files import read_yaml
+from orchestrator.files import load_yaml, read_yaml
 from trainers.config import (
     CheckpointConfig,
     ColumnConfig,
@@ -265,8 +265,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise UserError(f"--set {text}: expected KEY=VALUE, e.g. training.lr=0.01")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+    try:  # bounded as a config file is: a "billion laughs" value would expand at every walk over it
+        value = load_yaml(raw, f"--set {key.strip()}", "job config") if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value

@@ -1,5 +1,6 @@
 """Reading the user's YAML and JSON files: a missing, binary, oversized or malformed file is one
-line naming it, within a second, whatever its content.
+line naming it, within a second, whatever its content. `--set` values are YAML too and get the
+same bounds (`load_yaml`).
 
 A job config, cluster spec, profile or plan is a few kilobytes. What is refused, and why:
 - anything but a regular file (a folder, a FIFO or a device would block or never end);
@@ -124,7 +125,7 @@ def _expanded_values(data: Any, limit: int) -> int:
     return size(data)
 
 
-def _check_shape(text: str, path: Path, what: str) -> None:
+def _check_shape(text: str, path: Path | str, what: str) -> None:
     """Count the parser's events (every scalar, alias and collection start is one value) and the
     nesting, stopping at the first limit passed: nothing is built yet, so this is fast for any file."""
     values = depth = 0
@@ -141,12 +142,22 @@ def _check_shape(text: str, path: Path, what: str) -> None:
                 raise UserError(f"{path}: more than {MAX_VALUES:,} values; a {what} file is far smaller")
 
 
+def load_yaml(text: str, where: Path | str, what: str) -> Any:
+    """YAML text loaded with a safe loader, its size, depth and alias expansion bounded as a file's
+    are (UserError naming `where`); a syntax error stays a `yaml.YAMLError` for the caller."""
+    _check_shape(text, where, what)
+    data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    if _expanded_values(data, MAX_VALUES) > MAX_VALUES:
+        raise UserError(f"{where}: expands to more than {MAX_VALUES:,} values (nested YAML aliases?); "
+                        f"a {what} file is far smaller")
+    return data
+
+
 def read_yaml(path: str | Path, what: str) -> Any:
     """The data of a YAML file (None when it is empty), loaded with a safe loader."""
     path, text = read_text(path, what)
     try:
-        _check_shape(text, path, what)
-        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        return load_yaml(text, path, what)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
@@ -157,10 +168,6 @@ def read_yaml(path: str | Path, what: str) -> Any:
         if tag := re.search(r"constructor for the tag '([^']*)'", problem):  # !!python/object...: data only
             detail = f": tag {tag[1].replace('tag:yaml.org,2002:', '!!')} is not allowed"
         raise UserError(f"{path}: not valid YAML{where}{detail}") from None
-    if _expanded_values(data, MAX_VALUES) > MAX_VALUES:
-        raise UserError(f"{path}: expands to more than {MAX_VALUES:,} values (nested YAML aliases?); "
-                        f"a {what} file is far smaller")
-    return data
 
 
 def read_json(path: str | Path, what: str) -> Any:

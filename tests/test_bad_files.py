@@ -69,6 +69,21 @@ def test_hostile_config_through_the_command_is_one_line_exit_2(kind: str, tmp_pa
     assert len(lines) == 1 and str(path) in lines[0] and message in lines[0], result.stderr[-2000:]
 
 
+def test_a_hostile_set_value_gets_the_same_bounds_as_a_file() -> None:
+    """`--set` values are YAML too: a "billion laughs" value hung validate past 20 s."""
+    laughs = "[&a0 [1,1,1,1,1,1,1,1,1,1], " + ", ".join(
+        f"&a{i} [" + ",".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 8)) + "]"
+    result = subprocess.run([str(BIN / "orchestrator"), "validate", str(ROOT / "configs" / "digits.yaml"), "--set",
+                             f"model.kwargs.width={laughs}"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: --set model.kwargs.width: expands to more than 100,000 values (nested YAML aliases?); "
+        "a job config file is far smaller"], result.stderr[-2000:]
+    deep = "[" * 100 + "]" * 100
+    with pytest.raises(UserError, match="--set name: nested too deeply"):
+        load_config(ROOT / "configs" / "digits.yaml", [f"name={deep}"])
+    assert load_config(ROOT / "configs" / "digits.yaml", ["training.lr=0.01"]).training.lr == 0.01
+
+
 def test_not_a_regular_file_is_refused_without_reading_it(tmp_path: Path) -> None:
     fifo = tmp_path / "config.yaml"
     os.mkfifo(fifo)  # reading it would block forever
