@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from orchestrator.errors import UserError
+
 
 def is_remote(location: str) -> bool:
     """Whether a storage location is object storage (a URI other than `file://`)."""
@@ -44,17 +46,26 @@ class Storage:
         return None if self.remote else Path(self._root, *parts)
 
     def read_json(self, relative: str) -> Any:
-        """The JSON at `relative`, or None when there is none."""
+        """The JSON at `relative`, or None when there is none; UserError naming it when it is no JSON."""
         if not self.remote:
             path = Path(self._root, relative)
-            return json.loads(path.read_text()) if path.is_file() else None
-        from pyarrow import fs
+            if not path.is_file():
+                return None
+            data = path.read_bytes()
+        else:
+            from pyarrow import fs
 
-        path = posixpath.join(self._root, relative)
-        if self._fs.get_file_info(path).type != fs.FileType.File:
-            return None
-        with self._fs.open_input_stream(path) as f:
-            return json.loads(f.read().decode())
+            path = posixpath.join(self._root, relative)
+            if self._fs.get_file_info(path).type != fs.FileType.File:
+                return None
+            with self._fs.open_input_stream(path) as f:
+                data = f.read()
+        try:
+            return json.loads(data.decode())
+        except UnicodeDecodeError:
+            raise UserError(f"{self.join(relative)}: not UTF-8 text, so no JSON this program wrote") from None
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{self.join(relative)}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
 
     def write_json(self, relative: str, data: Any) -> None:
         """Write `data` at `relative`: under a temporary name and renamed, where that is atomic."""

@@ -4,6 +4,7 @@ is checked against, `--new-run`, a finished job, and storage URIs that are never
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -100,3 +101,36 @@ def test_object_storage_is_never_made_absolute_and_takes_a_lease(tmp_path: Path,
     third = JobLock(storage, "digits")
     third.acquire()  # a stale lease is taken over
     third.release()
+
+
+@pytest.mark.parametrize(("content", "says"), [
+    (b'{"name": "digits", "generati', "not valid JSON (Unterminated string starting at, line 1)"),
+    (b"\xff\xfe", "not UTF-8 text"),
+    (b"[1, 2]", "not a job record (no mapping with a job name)"),
+    (b'{"name": "digits", "generation": "2"}', "not a job record (generation is str)"),
+    (b'{"name": "digits", "trained": [1]}', "not a job record (trained is list)"),
+])
+def test_a_damaged_job_record_is_one_line_and_the_lock_is_released(tmp_path: Path, content: bytes, says: str) -> None:
+    claim(job(str(tmp_path))).release()
+    record = tmp_path / "digits" / "job.json"
+    record.write_bytes(content)
+    with pytest.raises(UserError, match=re.escape(f"{record}: {says}")) as caught:
+        claim(job(str(tmp_path)))
+    assert "\n" not in str(caught.value) and record.read_bytes() == content  # left as it was for the user
+    free = JobLock(Storage(str(tmp_path)), "digits")
+    free.acquire()  # not held by the refused claim
+    free.release()
+
+
+def test_a_torn_or_edited_lease_is_no_live_holder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(constants, "LOCK_HEARTBEAT_S", 0.2)
+    monkeypatch.setattr(constants, "LOCK_SETTLE_S", 0.05)
+    storage = Storage("s3://bucket/runs", filesystem=fs.SubTreeFileSystem(str(tmp_path), fs.LocalFileSystem()))
+    lease = tmp_path / "bucket" / "runs" / "digits" / ".lock.json"
+    lease.parent.mkdir(parents=True)
+    for content in ('{"token": "x", "heartb', '{"token": "x", "heartbeat": "now"}', '[]'):
+        lease.write_text(content)
+        taker = JobLock(storage, "digits")
+        taker.acquire()
+        assert json.loads(lease.read_text())["pid"] == os.getpid()
+        taker.release()

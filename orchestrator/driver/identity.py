@@ -65,13 +65,27 @@ class JobState:
     counts: dict[str, int] = field(default_factory=dict)  # worker groups, restarts, resizes, re-plans so far
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> JobState:
-        names = ("name", "generation", "config_digest", "trained", "length", "finished", "counts")
-        return cls(**{k: raw[k] for k in names if k in raw})
+    def from_dict(cls, raw: Any, where: str = STATE_FILE) -> JobState:
+        """The record as written; UserError naming `where` for anything else (a hand edit, a torn copy)."""
+        problem = None
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+            problem = "no mapping with a job name"
+        else:
+            problem = next((f"{k} is {type(raw[k]).__name__}" for k, kinds in _FIELD_TYPES.items()
+                            if k in raw and (not isinstance(raw[k], kinds) or isinstance(raw[k], bool))), None)
+        if problem:
+            raise UserError(f"{where}: not a job record ({problem}); it holds what this job was run with: restore "
+                            "it, or rename the job to start afresh")
+        return cls(**{k: raw[k] for k in ("name", *_FIELD_TYPES) if k in raw})
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "generation": self.generation, "config_digest": self.config_digest,
                 "trained": self.trained, "length": self.length, "finished": self.finished, "counts": self.counts}
+
+
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "generation": int, "config_digest": str, "trained": dict, "length": dict, "finished": (dict, type(None)),
+    "counts": dict}
 
 
 def _length(job: JobConfig) -> dict[str, Any]:
@@ -155,13 +169,14 @@ def claim(job: JobConfig, *, new_run: bool = False) -> JobIdentity:
 
 
 def _check(job: JobConfig, storage: Storage, lock: JobLock, *, new_run: bool) -> JobIdentity:
-    raw = storage.read_json(posixpath.join(job.name, STATE_FILE))
+    where = posixpath.join(job.name, STATE_FILE)
+    raw = storage.read_json(where)
     trained = trained_fields(job)
     fresh = JobState(name=job.name, config_digest=digest(trained), trained=redact(trained), length=_length(job))
     if raw is None:
         identity = JobIdentity(job, storage, fresh, lock)
     else:
-        previous = JobState.from_dict(raw)
+        previous = JobState.from_dict(raw, storage.join(where))
         if new_run:
             fresh.generation = previous.generation + 1
             identity = JobIdentity(job, storage, fresh, lock)

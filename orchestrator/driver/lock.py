@@ -69,7 +69,7 @@ class JobLock:
             self._stop.set()
             self._beat.join(timeout=5)
             self._beat = None
-            if (self.storage.read_json(self._lease) or {}).get("token") == self._token:
+            if (self._read_lease() or {}).get("token") == self._token:
                 self.storage.delete(self._lease)
 
     # -- local: flock --------------------------------------------------------------------------
@@ -107,18 +107,27 @@ class JobLock:
     def _lease(self) -> str:
         return posixpath.join(self.name, LEASE_FILE)
 
+    def _read_lease(self) -> dict[str, Any] | None:
+        """The lease, or None where there is none or it is no lease (torn or edited: no driver renews it)."""
+        try:
+            info = self.storage.read_json(self._lease)
+        except UserError:
+            return None
+        return info if isinstance(info, dict) else None
+
     def _fresh(self, info: dict[str, Any] | None) -> bool:
-        if not info:
+        beat = (info or {}).get("heartbeat")
+        if not isinstance(beat, (int, float)) or isinstance(beat, bool):
             return False
-        return time.time() - float(info.get("heartbeat", 0)) < LOCK_STALE_AFTER * constants.LOCK_HEARTBEAT_S
+        return time.time() - beat < LOCK_STALE_AFTER * constants.LOCK_HEARTBEAT_S
 
     def _acquire_lease(self) -> None:
-        info = self.storage.read_json(self._lease)
+        info = self._read_lease()
         if self._fresh(info) and info.get("token") != self._token:
             raise self._refuse(info, self.storage.join(self._lease))
         self._write_lease()
         time.sleep(constants.LOCK_SETTLE_S)  # a racing driver's write lands meanwhile; the last one wins
-        info = self.storage.read_json(self._lease)
+        info = self._read_lease()
         if (info or {}).get("token") != self._token:
             raise self._refuse(info, self.storage.join(self._lease))
         self._beat = threading.Thread(target=self._heartbeat, name="job-lock", daemon=True)
