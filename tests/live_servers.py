@@ -3,6 +3,7 @@ by their own process group (never by name: other Ray clusters and servers share 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shutil
@@ -17,6 +18,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -242,3 +245,22 @@ def make_project(root: Path, digits_data: Path) -> Path:
     shutil.copy(ROOT / "configs" / "digits.yaml", root / "digits.yaml")
     shutil.copytree(digits_data, root / "data" / "digits")
     return root
+
+
+def is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip.split("%")[0])
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+def listeners(procs: list[psutil.Process]) -> dict[tuple[str, int], str]:
+    """(address, port) -> process name, for every listening TCP socket of these processes."""
+    found: dict[tuple[str, int], str] = {}
+    for proc in procs:
+        try:
+            for conn in proc.net_connections(kind="tcp"):
+                if conn.status == psutil.CONN_LISTEN:
+                    found[(conn.laddr.ip, conn.laddr.port)] = proc.name()
+        except psutil.Error:
+            continue
+    return found

@@ -9,7 +9,6 @@ here is what the code itself sets up.
 
 from __future__ import annotations
 
-import ipaddress
 import subprocess
 import sys
 import time
@@ -18,32 +17,16 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.live_servers import BIN, ROOT, base_env, short_tmpdir, start, stop
+from tests.live_servers import BIN, ROOT, base_env, is_loopback, listeners, short_tmpdir, start, stop
 
 pytestmark = pytest.mark.slow
 
 
-def _is_loopback(ip: str) -> bool:
-    address = ipaddress.ip_address(ip.split("%")[0])
-    mapped = getattr(address, "ipv4_mapped", None)
-    return (mapped or address).is_loopback
-
-
-def _listeners(root: psutil.Process) -> dict[tuple[str, int], str]:
-    """(address, port) -> process name, for every listening TCP socket of `root` and its descendants."""
-    found: dict[tuple[str, int], str] = {}
+def _tree(root: psutil.Process) -> list[psutil.Process]:
     try:
-        procs = [root, *root.children(recursive=True)]
+        return [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return found
-    for proc in procs:
-        try:
-            for conn in proc.net_connections(kind="tcp"):
-                if conn.status == psutil.CONN_LISTEN:
-                    found[(conn.laddr.ip, conn.laddr.port)] = proc.name()
-        except psutil.Error:
-            continue
-    return found
+        return []
 
 
 def _gcs_port(root: psutil.Process) -> int | None:
@@ -81,7 +64,7 @@ def test_embedded_job_listens_on_loopback_only_and_refuses_clients_without_its_t
     try:
         deadline = time.monotonic() + 600
         while proc.poll() is None and time.monotonic() < deadline:
-            seen.update(_listeners(root))
+            seen.update(listeners(_tree(root)))
             port = _gcs_port(root) if attack is None else None
             if port is not None:
                 attack = _connect_without_token(port, home)
@@ -91,7 +74,7 @@ def test_embedded_job_listens_on_loopback_only_and_refuses_clients_without_its_t
         stop(proc)
     names = set(seen.values())
     assert {"gcs_server", "raylet"} <= names, f"the job's Ray servers were never seen listening: {seen}"
-    exposed = {addr: name for addr, name in seen.items() if not _is_loopback(addr[0])}
+    exposed = {addr: name for addr, name in seen.items() if not is_loopback(addr[0])}
     assert not exposed, f"listening off loopback: {exposed}"
     assert attack is not None, "the GCS port was never found"
     assert attack.returncode != 0 and "CONNECTED" not in attack.stdout

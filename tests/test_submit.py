@@ -12,6 +12,7 @@ must say so in their exit codes.
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import shutil
@@ -23,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from live_servers import (BIN, ROOT, MlflowServer, RayHead, doc_blocks, free_port, make_project, mlflow_server, run_cli,
-                          shell_lines, short_tmpdir, wait_until)
+import psutil
+from live_servers import (BIN, ROOT, MlflowServer, RayHead, doc_blocks, free_port, is_loopback, listeners, make_project,
+                          mlflow_server, run_cli, shell_lines, short_tmpdir, wait_until)
 from mlflow.tracking import MlflowClient
 
 CONFIG = "configs/digits.yaml"
@@ -235,6 +237,25 @@ def test_unreachable_address_is_one_line(head: RayHead) -> None:
     address = f"http://127.0.0.1:{free_port()}"
     result = run_cli(["submit", CONFIG, "--address", address], env=head.env())
     _assert_one_line_error(result, f"--address {address}: cannot reach the Ray dashboard")
+
+
+@pytest.mark.slow
+def test_the_documented_head_listens_on_loopback_only(head: RayHead) -> None:
+    """Every server of the head started as docs/cluster-jobs.md says (GCS, raylet, dashboard, its
+    agents, the client server) listens on 127.0.0.1: a neighbour on the network reaches none."""
+    assert head.proc is not None
+    seen = listeners([p for p in psutil.process_iter() if _group(p) == head.proc.pid])  # `ray start`'s daemons
+    names = set(seen.values())
+    assert {"gcs_server", "raylet"} <= names, f"the head's servers were never seen listening: {seen}"
+    exposed = {addr: name for addr, name in seen.items() if not is_loopback(addr[0])}
+    assert not exposed, f"listening off loopback: {exposed}"
+
+
+def _group(proc: psutil.Process) -> int | None:
+    try:
+        return os.getpgid(proc.pid)
+    except OSError:
+        return None
 
 
 @pytest.mark.slow
