@@ -17,7 +17,7 @@ from orchestrator.errors import UserError, given
 
 @app.command()
 def validate(config: Path, set_: SetOption = None) -> None:
-    """Check a job config (and its data set's columns, when present) without starting anything."""
+    """Check a job config, its model against the features, and its data when present; starts nothing."""
     from orchestrator.config import load_config
 
     job = load_config(config, set_ or [])  # before torch's import: a bad file is said within a second
