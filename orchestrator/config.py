@@ -101,6 +101,12 @@ def check_tracking_uri(uri: str | None, where: str) -> str | None:
     return uri
 
 
+# MLflow's limits, without importing MLflow here (validation stays fast): mlflow.utils.validation's
+# MAX_EXPERIMENT_NAME_LENGTH and the width of its SQL registry's registered_models.name column.
+MAX_EXPERIMENT_NAME = 500
+MAX_MODEL_NAME = 256
+
+
 class TrackingConfig(Section):
     experiment: str = "default"
     tracking_uri: str | None = None
@@ -111,13 +117,24 @@ class TrackingConfig(Section):
     # checkpoint storage. None: $XDG_CACHE_HOME/orchestrator/tracking (~/.cache/...).
     spill_dir: str | None = None
 
+    @field_validator("experiment")
+    @classmethod
+    def _an_experiment_name(cls, v: str) -> str:
+        # MLflow's rule (mlflow.utils.validation._validate_experiment_name), before any run opens
+        if not v.strip() or len(v) > MAX_EXPERIMENT_NAME:
+            raise ValueError(f"must be a name of 1 to {MAX_EXPERIMENT_NAME} characters (MLflow's limit), "
+                             f"got {len(v):,} characters" if v.strip() else f"must be a name, got {v!r}")
+        return v
+
     @field_validator("registered_model")
     @classmethod
     def _a_model_name(cls, v: str | None) -> str | None:
-        # MLflow's own rule (mlflow.utils.validation._validate_model_name), checked before training
-        # rather than found when the model is registered at the end
+        # MLflow's own rule (mlflow.utils.validation._validate_model_name, and its SQL stores' column
+        # width), checked before training rather than found when the model is registered at the end
         if v is not None and (not v.strip() or any(c in v for c in "/:") or v == "." or v.startswith("..")):
             raise ValueError(f"must be a model name without '/' or ':' and not '.' or '..' (MLflow's rule), got {v!r}")
+        if v is not None and len(v) > MAX_MODEL_NAME:
+            raise ValueError(f"must be at most {MAX_MODEL_NAME} characters (MLflow's registry), got {len(v):,}")
         return v
 
     @field_validator("tracking_uri")

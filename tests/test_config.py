@@ -66,6 +66,10 @@ def write(tmp_path: Path, overrides: list[str], *, drop: str | None = None) -> P
         (["tracking.registered_model=team/cnn"],
          "tracking.registered_model: must be a model name without '/' or ':' and not '.' or '..' (MLflow's rule), got 'team/cnn'"),
         (["tracking.registered_model=..cnn"], "tracking.registered_model: must be a model name without '/'"),
+        (["tracking.registered_model=" + "m" * 257], "tracking.registered_model: must be at most 256 characters"),
+        (["tracking.experiment=" + "e" * 501], "tracking.experiment: must be a name of 1 to 500 characters (MLflow's "
+                                                "limit), got 501 characters"),
+        (["tracking.experiment='  '"], "tracking.experiment: must be a name, got '  '"),
         (["training.epochs=null", "training.max_steps=null"], "training: set epochs or max_steps"),
     ],
 )
@@ -150,3 +154,13 @@ def test_a_job_longer_than_the_planner_can_count_is_one_line(tmp_path: Path) -> 
     with pytest.raises(UserError, match=r"^training.epochs: "):
         total_steps(by_epochs, per_epoch=1000)
     assert total_steps(load_config(write(tmp_path, []), ["training.max_steps=7", "training.epochs=1"]), per_epoch=10) == 7
+
+
+def test_the_mlflow_name_limits_are_mlflows() -> None:
+    from mlflow.store.model_registry.dbmodels.models import SqlRegisteredModel
+    from mlflow.utils.validation import MAX_EXPERIMENT_NAME_LENGTH
+
+    from orchestrator.config import MAX_EXPERIMENT_NAME, MAX_MODEL_NAME
+
+    assert MAX_EXPERIMENT_NAME == MAX_EXPERIMENT_NAME_LENGTH
+    assert MAX_MODEL_NAME == SqlRegisteredModel.__table__.c.name.type.length
