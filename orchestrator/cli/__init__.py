@@ -23,8 +23,9 @@ __all__ = ["app", "main"]
 
 def main() -> None:
     """Entry point. Exit codes: 0 done, 2 bad input (a UserError or a usage error: one line, no
-    traceback), 130 interrupted; `submit --follow` and `jobs logs --follow` add 1 (FAILED) and
-    3 (STOPPED), see `orchestrator.ray_jobs.exit_code`."""
+    traceback), 130 interrupted; `run` stopped by a signal (a final checkpoint written) exits 128 +
+    that signal (130 Ctrl-C, 143 SIGTERM); `submit --follow` and `jobs logs --follow` add 1 (FAILED)
+    and 3 (STOPPED), see `orchestrator.ray_jobs.exit_code`."""
     from typer._click.exceptions import ClickException, UsageError as ClickUsageError
 
     quiet_noise()

@@ -62,25 +62,31 @@ def run(
     from orchestrator.driver.run_record import resolve_tracking_uri
 
     stop = threading.Event()
-    with _graceful_stop(stop), RichUI(console) as ui:
+    with _graceful_stop(stop) as received, RichUI(console) as ui:
         result = run_job(job, workers=workers, config_path=str(config), ui=ui, stop=stop, new_run=new_run)
     for line in result_lines(result, tracking_uri=resolve_tracking_uri(job)):
         out.print(line, highlight=False)
+    if result.stopped:  # checkpointed, not finished: 128 + the signal, as the shell reports a killed process,
+        raise typer.Exit(128 + (received[0] if received else signal.SIGTERM))  # so a scheduler sees it unfinished
 
 
 @contextmanager
 def _graceful_stop(stop: threading.Event):
-    """First SIGTERM/Ctrl-C: checkpoint and stop cleanly; a second one exits at once."""
+    """First SIGTERM/Ctrl-C: checkpoint and stop cleanly; a second one exits at once. Yields the
+    list the first signal's number is appended to."""
+    received: list[int] = []
+
     def handler(signum: int, _frame: Any) -> None:
         if stop.is_set():
             raise KeyboardInterrupt
         console.print(f"[yellow]{signal.Signals(signum).name}: writing a final checkpoint, then stopping "
                       "(again to abort)[/yellow]")
+        received.append(signum)
         stop.set()
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield received
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
