@@ -68,6 +68,23 @@ class DataConfig(Section):
     # validation shard (evaluated from memory after its first pass); 0 streams every epoch.
     cache_mb: float = Field(default=1024, ge=0)
 
+    @field_validator("path")
+    @classmethod
+    def _distinct_paths(cls, v: str | list[str]) -> str | list[str]:
+        listed = [v] if isinstance(v, str) else v
+        if any(not p.strip() for p in listed):  # "" reads the working directory
+            raise ValueError(f"every path must name a file or folder, got {v!r}")
+        if twice := sorted({p for p in listed if listed.count(p) > 1}):
+            raise ValueError(f"lists {', '.join(twice)} more than once (its rows would be read twice)")
+        return v
+
+    @model_validator(mode="after")
+    def _one_folder_for_a_built_in_set(self) -> DataConfig:
+        if self.dataset is not None and len(self.paths) != 1:
+            raise ValueError(f"path: a built-in data set ({self.dataset}) is prepared into exactly one folder, "
+                             f"got {len(self.paths)} paths")
+        return self
+
     @property
     def paths(self) -> list[str]:
         return [self.path] if isinstance(self.path, str) else list(self.path)

@@ -25,9 +25,7 @@ def check_data(job: JobConfig) -> int:
     from trainers.compat import check_fit
     from trainers.data import ensure_prepared
 
-    if job.data.dataset is not None:
-        if len(job.data.paths) != 1:
-            raise UserError("data.path: a built-in data set needs exactly one folder")
+    if job.data.dataset is not None:  # one folder (checked at validation)
         ensure_prepared(job.data.dataset, job.data.paths[0], **job.data.dataset_kwargs)
     return check_fit(job.model, job.data)
 
