@@ -121,9 +121,11 @@ class TrackingConfig(Section):
     @classmethod
     def _an_experiment_name(cls, v: str) -> str:
         # MLflow's rule (mlflow.utils.validation._validate_experiment_name), before any run opens
-        if not v.strip() or len(v) > MAX_EXPERIMENT_NAME:
+        if not v.strip():
+            raise ValueError(f"must be a name, got {v!r}")
+        if len(v) > MAX_EXPERIMENT_NAME:
             raise ValueError(f"must be a name of 1 to {MAX_EXPERIMENT_NAME} characters (MLflow's limit), "
-                             f"got {len(v):,} characters" if v.strip() else f"must be a name, got {v!r}")
+                             f"got {len(v):,} characters")
         return v
 
     @field_validator("registered_model")

@@ -67,7 +67,6 @@ class JobState:
     @classmethod
     def from_dict(cls, raw: Any, where: str = STATE_FILE) -> JobState:
         """The record as written; UserError naming `where` for anything else (a hand edit, a torn copy)."""
-        problem = None
         if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
             problem = "no mapping with a job name"
         else:
