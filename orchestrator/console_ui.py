@@ -79,8 +79,11 @@ def result_lines(result: Any, *, tracking_uri: str) -> list[str]:
         lines.append(f"stopped at step {result.final_step}; "
                      + (f"resume with: {again}" if again else "run the same command again to resume."))
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and k != "step"}
-    lines.append(f"MLflow run: {result.run_id or 'not created yet (tracking server unreachable)'}")
-    lines.append(f"final step: {result.final_step}; " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
+    none = "none (stopped before training started)" if result.stopped and not result.groups else \
+        "not created yet (tracking server unreachable)"
+    lines.append(f"MLflow run: {result.run_id or none}")
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items()))
+    lines.append(f"final step: {result.final_step}" + (f"; {shown}" if shown else ""))
     if result.model_version:
         lines.append(f"registered model version: {result.model_version}")
     if result.tracking is not None:  # what MLflow did not take, and the command that sends it

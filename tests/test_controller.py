@@ -12,7 +12,8 @@ from orchestrator import constants
 from orchestrator.config import validate
 from orchestrator.driver import controller as controller_module
 from orchestrator.driver.controller import JobController
-from orchestrator.driver.ports import FitOutcome
+from orchestrator.console_ui import result_lines
+from orchestrator.driver.ports import FitOutcome, JobResult
 from orchestrator.driver.policies import Keep, Resize, State
 from orchestrator.driver.replan import Replan
 from orchestrator.driver.sizing import Sizing
@@ -124,6 +125,21 @@ def test_autoscaler_gives_up_below_the_minimum_before_any_run_exists() -> None:
     with pytest.raises(UserError, match="0 of the 4 workers wanted arrived within 3 s"):
         controller.run()
     assert controller.state is State.FAILED and world.run.status is None and scaler.releases == 1
+
+
+def test_a_stop_while_preparing_starts_no_workers_and_opens_no_run() -> None:
+    stop = threading.Event()
+    world = World(job(workers=2), [finished_fit()])
+    prepare = world._prepare
+    world._prepare = lambda: (stop.set(), prepare())[1]  # Ctrl-C while profiling
+    controller = run(world, stop=stop)
+    assert controller.state is State.STOPPED and world.run.status is None and not world.started
+    assert world.prepared == 1 and world.sized_with == []
+    lines = result_lines(JobResult(State.STOPPED), tracking_uri="sqlite:///m.db")
+    assert lines[:3] == ["stopped at step 0; run the same command again to resume.",
+                         "MLflow run: none (stopped before training started)", "final step: 0"]
+    assert result_lines(JobResult(State.FINISHED), tracking_uri="sqlite:///m.db")[0] == \
+        "MLflow run: not created yet (tracking server unreachable)"
 
 
 def test_a_stop_while_waiting_for_workers_stops_without_a_run() -> None:

@@ -116,6 +116,8 @@ class JobController:
         from orchestrator.driver.sizing import sizes_before_autoscaling
 
         assert self.prepared is not None
+        if self.stop_event.is_set():
+            return State.STOPPED  # asked while preparing (data, profile, network probe): nothing started, no run
         scaler = self.ports.autoscale
         if scaler is None or not scaler.enabled(self.prepared.job):
             return self._launch(self.ports.size(self.prepared, None))
