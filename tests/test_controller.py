@@ -14,11 +14,11 @@ from orchestrator.driver import controller as controller_module
 from orchestrator.driver.controller import JobController
 from orchestrator.console_ui import result_lines
 from orchestrator.driver.ports import FitOutcome, JobResult
-from orchestrator.driver.policies import Keep, Resize, State
+from orchestrator.driver.policies import Keep, Resize, State, diverged
 from orchestrator.driver.replan import Replan
 from orchestrator.driver.sizing import Sizing
 from orchestrator.errors import UserError
-from trainers.events import GroupEnded, WorkerFailed, WorkerWarning
+from trainers.events import GroupEnded, StepPoint, StepsDone, WorkerFailed, WorkerWarning
 
 BASE = {"name": "job", "model": {"name": "mlp"}, "training": {"max_steps": 10, "global_batch_size": 32},
         "data": {"path": "data", "features": {"column": "x", "dtype": "float32"}}}
@@ -77,6 +77,20 @@ def test_a_failed_fit_fails_the_run_and_raises() -> None:
     with pytest.raises(ValueError, match="boom"):
         controller.run()
     assert controller.state is State.FAILED and world.run.status == "FAILED" and world.identity.released
+
+
+def test_a_diverged_loss_stops_the_workers_and_fails_the_run_in_one_line() -> None:
+    nan = steps(4, 6)
+    nan = StepsDone(step=6, points=(nan.points[0], StepPoint(step=5, metrics={"train/loss": float("nan")}, at_ms=5),
+                                    nan.points[2]), step_times_s=nan.step_times_s)
+    world = World(job(), [FakeFit([[group()], [steps(1, 3)], [nan], [steps(7, 10)]], FitOutcome({"step": 10}))])
+    controller = JobController(world.job, world.ports())
+    with pytest.raises(UserError, match=r"^train/loss: nan at step 5: training diverged; lower training.lr"):
+        controller.run()
+    assert controller.state is State.FAILED and world.run.status == "FAILED" and world.stops == 1
+    assert 4 in world.run.steps_of("train/loss")  # the steps before it are logged
+    assert diverged(steps(1, 3).points) is None
+    assert diverged([StepPoint(step=2, metrics={"train/loss": float("inf")}, at_ms=0)]).step == 2
 
 
 def test_a_group_that_ends_early_without_a_stop_is_a_failure() -> None:

@@ -6,9 +6,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
 import torch
 
-from trainers.profiling import _climb
+from trainers.profiling import _climb, gradient_noise_scale
 
 
 class _Bench:
@@ -61,3 +62,11 @@ def test_without_a_fit_check_the_budget_just_stops_the_ladder() -> None:
     samples, meta = _climb(bench, {}, SIZES, time.perf_counter(), budget_s=0.01)
     assert [s["local_batch"] for s in samples] == [8] and meta == {"stopped_by_budget_at": 8}
     assert bench.checked == []
+
+
+def test_the_noise_scale_is_none_unless_the_norms_give_a_finite_positive_one() -> None:
+    # E|G_B|^2 = |G|^2 + tr(S)/B with |G|^2 = 1, tr(S) = 64: B_simple = 64
+    assert gradient_noise_scale((8, [1 + 64 / 8] * 3), (32, [1 + 64 / 32] * 3)) == pytest.approx(64)
+    nan, inf = float("nan"), float("inf")
+    for small, big in (([nan] * 3, [3.0] * 3), ([inf] * 3, [inf] * 3), ([1.0] * 3, [2.0] * 3)):
+        assert gradient_noise_scale((8, small), (32, big)) is None, (small, big)

@@ -152,9 +152,10 @@ def gradient_noise_scale(small: tuple[int, list[float]], big: tuple[int, list[fl
     g_small, g_big = statistics.fmean(n_small), statistics.fmean(n_big)
     true_sq = (b_big * g_big - b_small * g_small) / (b_big - b_small)
     trace = (g_small - g_big) / (1 / b_small - 1 / b_big)
-    if true_sq <= 0 or trace <= 0:
+    if not (true_sq > 0 and trace > 0):  # NaN fails this too (gradients of weights the timed steps blew up)
         return None  # too noisy to tell at these sizes
-    return trace / true_sq
+    scale = trace / true_sq
+    return scale if math.isfinite(scale) else None
 
 
 def _noise_scale(bench: Bench, rows: dict[str, Any], sizes: tuple[int, int]) -> float | None:

@@ -25,6 +25,7 @@ from orchestrator.driver.policies import (
     State,
     StopReason,
     after_fit,
+    diverged,
     group_kind,
     replan_ready,
     stop_to_request,
@@ -226,6 +227,9 @@ class JobController:
         rec = self.recorder
         if isinstance(event, StepsDone):
             rec.steps(event)
+            if (bad := diverged(event.points)) is not None:  # the run ends FAILED, the workers stop
+                raise UserError(f"train/loss: {bad.metrics['train/loss']} at step {bad.step}: training diverged; "
+                                "lower training.lr, set training.grad_clip, or look for NaN values in the data")
         elif isinstance(event, GroupStarted):
             self._note_observation()
             kind = group_kind(groups_before=rec.groups_started, resize_pending=bool(self.resize_reason))

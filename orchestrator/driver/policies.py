@@ -6,7 +6,11 @@ clock: everything a decision depends on is an argument, so each is unit-tested i
 from __future__ import annotations
 
 import enum
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+from trainers.events import StepPoint
 
 
 class State(enum.Enum):
@@ -122,6 +126,12 @@ def replan_ready(*, observed_steps: int, min_steps: int, last_at: int, settled: 
     trusted after that many), until a refit learned nothing new (each refit moves the model by a
     bounded factor, so a model far off takes a few rounds)."""
     return not settled and observed_steps >= last_at + min_steps
+
+
+def diverged(points: Iterable[StepPoint]) -> StepPoint | None:
+    """The first step whose training loss is not a finite number: every step after it is NaN too
+    (the optimizer has written it into the weights), so training on only burns the GPUs."""
+    return next((p for p in points if not math.isfinite(p.metrics.get("train/loss", 0.0))), None)
 
 
 # ---------------------------------------------------------------------------------------------
