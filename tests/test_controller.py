@@ -88,6 +88,7 @@ def test_a_diverged_loss_stops_the_workers_and_fails_the_run_in_one_line() -> No
     with pytest.raises(UserError, match=r"^train/loss: nan at step 5: training diverged; lower training.lr"):
         controller.run()
     assert controller.state is State.FAILED and world.run.status == "FAILED" and world.stops == 1
+    assert "the job cannot go on at step 6; stopping the worker group" in world.ui.statuses
     assert 4 in world.run.steps_of("train/loss")  # the steps before it are logged
     assert diverged(steps(1, 3).points) is None
     assert diverged([StepPoint(step=2, metrics={"train/loss": float("inf")}, at_ms=0)]).step == 2
@@ -207,4 +208,4 @@ def test_a_driver_failure_mid_run_stops_the_worker_group_and_ends_the_run_failed
     # The group was asked to stop and had ended before the run was closed: nothing trains on unrecorded.
     assert world.stops == 1 and fit.done()
     assert world.run.status == "FAILED" and world.identity.released
-    assert any("driver failed at step 4 (RuntimeError); stopping the worker group" in s for s in world.ui.statuses)
+    assert any("driver failed (RuntimeError) at step 4; stopping the worker group" in s for s in world.ui.statuses)

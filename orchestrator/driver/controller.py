@@ -307,8 +307,8 @@ class JobController:
         process that outlives this call (a notebook, a service, a test session)."""
         if self.fit is None or self.fit.done():
             return
-        self._status(f"driver failed at step {self.recorder.last_step if self.recorder else 0} "
-                     f"({type(exc).__name__}); stopping the worker group")
+        why = "the job cannot go on" if isinstance(exc, UserError) else f"driver failed ({type(exc).__name__})"
+        self._status(f"{why} at step {self.recorder.last_step if self.recorder else 0}; stopping the worker group")
         try:
             self.ports.request_stop()
         except Exception as stop_error:  # noqa: BLE001 - the original failure is the one to raise
