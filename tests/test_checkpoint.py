@@ -4,6 +4,7 @@ the previous checkpoint when the newest is corrupt (no Ray, no training)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,19 @@ def test_damaged_checkpoint_is_reported(tmp_path: Path, damage: str) -> None:
     else:
         (folder / ckpt.MANIFEST_FILE).unlink()
     with pytest.raises(ckpt.CorruptCheckpoint, match="checksum mismatch|missing"):
+        ckpt.read(folder)
+
+
+@pytest.mark.parametrize(("manifest", "says"), [
+    (b'{"step": 10, "by', "unreadable (Unterminated string"),
+    (b"\xff\xfe", "unreadable ('utf-8' codec can't decode"),
+    (b"[" * 100_000, "unreadable (nested too deeply)"),
+    (b"[10]", "not a manifest"),
+])
+def test_a_damaged_manifest_is_reported(tmp_path: Path, manifest: bytes, says: str) -> None:
+    folder = write(tmp_path, 10)
+    (folder / ckpt.MANIFEST_FILE).write_bytes(manifest)
+    with pytest.raises(ckpt.CorruptCheckpoint, match=re.escape(says)):
         ckpt.read(folder)
 
 

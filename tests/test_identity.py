@@ -44,6 +44,16 @@ def test_a_second_driver_of_the_same_job_is_refused_naming_the_holder(tmp_path: 
     assert subprocess.run(args, capture_output=True, text=True, cwd=ROOT).returncode == 0  # free again
 
 
+@pytest.mark.parametrize("content", [b"\xff\xfe", b"[" * 100_000, b"[1]", b'{"pid": 1'])
+def test_a_held_lock_whose_file_was_damaged_still_refuses_in_one_line(tmp_path: Path, content: bytes) -> None:
+    first = JobLock(Storage(str(tmp_path)), "digits")
+    first.acquire()
+    (tmp_path / "digits" / ".lock").write_bytes(content)  # edited while held: the flock still holds
+    with pytest.raises(UserError, match=r"^digits: this job is already running \(another driver; lock "):
+        JobLock(Storage(str(tmp_path)), "digits").acquire()
+    first.release()
+
+
 def test_a_storage_path_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("kept\n")
     for storage, why in ((tmp_path / "file" / "runs", "Not a directory"), (Path("/proc/orchestrator-test"), ".+")):
@@ -106,6 +116,7 @@ def test_object_storage_is_never_made_absolute_and_takes_a_lease(tmp_path: Path,
 @pytest.mark.parametrize(("content", "says"), [
     (b'{"name": "digits", "generati', "not valid JSON (Unterminated string starting at, line 1)"),
     (b"\xff\xfe", "not UTF-8 text"),
+    (b"[" * 100_000, "nested too deeply to be JSON this program wrote"),
     (b"[1, 2]", "not a job record (no mapping with a job name)"),
     (b'{"name": "digits", "generation": "2"}', "not a job record (generation is str)"),
     (b'{"name": "digits", "trained": [1]}', "not a job record (trained is list)"),

@@ -5,6 +5,7 @@ said once. The tracker itself is in test_tracking.py.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,14 @@ def test_replay_of_a_missing_or_other_file_is_a_one_line_error(tmp_path: Path) -
     with pytest.raises(UserError, match=r"folder.jsonl: not a regular file \(a spill file is one\)$"):
         replay(tmp_path / "folder.jsonl", URI)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.jsonl", "notes.txt"]
+
+
+@pytest.mark.parametrize("record", [b'{"offset": 1', b"\xff", b"[" * 100_000, b'{"offset": 1}'])
+def test_a_damaged_progress_record_is_one_line_and_kept(fake: FakeStore, spill_dir: Path, record: bytes) -> None:
+    spill_while_down(fake, spill_dir, "k", range(3))
+    path = spill_path(spill_dir, URI, "k")
+    offset = path.with_name(path.name + ".offset")
+    offset.write_bytes(record)
+    with pytest.raises(UserError, match=rf"^{re.escape(str(offset))}: not a progress record \(.*\); delete it to send"):
+        replay(path, URI)
+    assert offset.read_bytes() == record and fake.runs == {}

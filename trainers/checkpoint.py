@@ -112,6 +112,8 @@ def read(folder: Path) -> dict[str, Any]:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CorruptCheckpoint(f"{manifest_path}: unreadable ({exc})") from None
+    except RecursionError:  # thousands of nested brackets: past the decoder's stack
+        raise CorruptCheckpoint(f"{manifest_path}: unreadable (nested too deeply)") from None
     if not isinstance(manifest, dict):
         raise CorruptCheckpoint(f"{manifest_path}: not a manifest")
     payload = state_path.read_bytes()

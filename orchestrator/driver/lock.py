@@ -34,7 +34,7 @@ def holder() -> dict[str, Any]:
 
 
 def _describe(info: dict[str, Any] | None) -> str:
-    if not info:
+    if not isinstance(info, dict) or not info:  # none, or a holder's file someone edited
         return "another driver"
     return f"pid {info.get('pid')} on {info.get('host')} since {info.get('since')}"
 
@@ -88,12 +88,12 @@ class JobLock:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            text = f.read()
-            f.close()
-            try:
+            try:  # the holder's name, as far as its file says (edited or damaged: no name)
+                text = f.read()
                 info = json.loads(text) if text.strip() else None
-            except ValueError:
+            except (ValueError, RecursionError):  # not UTF-8 or not JSON, or nested past the decoder
                 info = None
+            f.close()
             raise self._refuse(info, str(path)) from None
         f.seek(0)
         f.truncate()

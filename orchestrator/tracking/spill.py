@@ -127,7 +127,7 @@ class Progress:
         try:
             data = json.loads(record.read_text())
             return cls(int(data["offset"]), dict(data["runs"]))
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise UserError(f"{record}: not a progress record ({exc}); delete it to send the file from its start "
                             "(MLflow drops metric points it already has)") from exc
 
@@ -327,6 +327,8 @@ def replay(path: str | Path, tracking_uri: str) -> ReplayResult:
         done = send_file(path, writer, wait_s=constants.TRACKING_REPLAY_LOCK_WAIT_S)
     except RunRefused as exc:
         raise UserError(f"{path}: MLflow at {server} refused to open {exc}") from exc
+    except UserError:  # the file's own progress record is damaged: said as it is, not blamed on MLflow
+        raise
     except Exception as exc:  # noqa: BLE001 - no answer: the progress so far is recorded
         raise UserError(f"{path}: MLflow at {server} did not take it ({describe(exc)}); "
                         f"{writer.sent_points} points and {writer.sent_operations} operations were sent first: "
