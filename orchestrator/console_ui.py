@@ -49,6 +49,10 @@ class RichUI:
                            + (" [dim](resuming MLflow run)[/dim]" if resumed else ""))
         self._start_bar()
 
+    def training(self) -> bool:
+        """Whether the job was sized and its workers are starting or training (a stop checkpoints)."""
+        return self._progress is not None
+
     def _start_bar(self) -> None:
         columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                    TimeElapsedColumn()]

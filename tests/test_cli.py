@@ -5,10 +5,13 @@ clear, and the hints it prints are commands that work. No Ray is started."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -243,3 +246,19 @@ def test_an_error_shows_the_value_given_even_when_it_looks_like_markup() -> None
     """The console renders rich markup; a user's value in an error is printed as typed."""
     result = run_cli(["validate", "configs/digits.yaml", "--set", "training.lr=[red]x[/red]"], env=base_env())
     assert (result.returncode, result.stderr) == (2, "error: training.lr: must be a number, got '[red]x[/red]'\n")
+
+
+@pytest.mark.parametrize(("training", "says"), [(False, "SIGTERM: stopping before training starts (again to abort)"),
+                                                (True, "SIGTERM: writing a final checkpoint, then stopping")])
+def test_a_stop_signal_says_what_it_will_do_and_a_second_one_aborts(training: bool, says: str,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from orchestrator.cli.train import _graceful_stop
+
+    stop = threading.Event()
+    before = signal.getsignal(signal.SIGTERM)
+    with _graceful_stop(stop, training=lambda: training) as received:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.wait(5) and received == [signal.SIGTERM]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert says in capsys.readouterr().err and signal.getsignal(signal.SIGTERM) is before

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -62,7 +63,7 @@ def run(
     from orchestrator.driver.run_record import resolve_tracking_uri
 
     stop = threading.Event()
-    with _graceful_stop(stop) as received, RichUI(console) as ui:
+    with RichUI(console) as ui, _graceful_stop(stop, training=ui.training) as received:
         result = run_job(job, workers=workers, config_path=str(config), ui=ui, stop=stop, new_run=new_run)
     for line in result_lines(result, tracking_uri=resolve_tracking_uri(job)):
         out.print(line, highlight=False)
@@ -71,16 +72,16 @@ def run(
 
 
 @contextmanager
-def _graceful_stop(stop: threading.Event):
-    """First SIGTERM/Ctrl-C: checkpoint and stop cleanly; a second one exits at once. Yields the
-    list the first signal's number is appended to."""
+def _graceful_stop(stop: threading.Event, *, training: Callable[[], bool]):
+    """First SIGTERM/Ctrl-C: checkpoint and stop cleanly (before training starts: just stop); a
+    second one exits at once. Yields the list the first signal's number is appended to."""
     received: list[int] = []
 
     def handler(signum: int, _frame: Any) -> None:
         if stop.is_set():
             raise KeyboardInterrupt
-        console.print(f"[yellow]{signal.Signals(signum).name}: writing a final checkpoint, then stopping "
-                      "(again to abort)[/yellow]")
+        then = "writing a final checkpoint, then stopping" if training() else "stopping before training starts"
+        console.print(f"[yellow]{signal.Signals(signum).name}: {then} (again to abort)[/yellow]")
         received.append(signum)
         stop.set()
 
