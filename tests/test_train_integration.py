@@ -122,3 +122,26 @@ def test_held_out_rows_make_the_validation_set_and_none_make_none(ray_cluster, j
     assert held_out.val is not None and 0 < held_out.train_rows < 1797  # digits: 1,797 rows
     none = load_datasets(load_config(DIGITS, [*job_overrides, "data.val_fraction=0"]).localized())
     assert none.val is None and none.train_rows == 1797  # Ray Train gets no "val" set (fit.py)
+
+
+def test_a_diverged_job_fails_in_one_line_and_leaves_no_checkpoint_of_nan_weights(ray_cluster, job_overrides) -> None:
+    """lr 1e30: the weights overflow within a few steps. The driver stops the group at the first NaN
+    loss and fails the run; the stop's checkpoint of NaN weights is not written, so what a resume
+    would load (the newest checkpoint, if any) holds numbers."""
+    import torch
+
+    from orchestrator.errors import UserError
+    from trainers import checkpoint as ckpt
+
+    job = load_config(DIGITS, job_overrides + ["training.lr=1e30", "training.epochs=null", "training.max_steps=400",
+                                               "data.val_fraction=0", "checkpoint.every_steps=1",
+                                               "resources.profile=false"])
+    with pytest.raises(UserError, match=r"^train/loss: (nan|inf) at step \d+: training diverged; lower training.lr"):
+        run_job(job, workers=2)
+    run_dir = Path(job.localized().checkpoint.storage_path) / job.name
+    for folder in (p for p in run_dir.glob(f"{ckpt.DIR_PREFIX}*") if p.is_dir()):
+        state = ckpt.read(folder)
+        assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point()), folder.name
+    client = MlflowClient(job.localized().tracking.tracking_uri)
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FAILED"

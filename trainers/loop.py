@@ -79,6 +79,12 @@ class TrainState:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "step": self.step, "rng": ckpt.rng_state(), **extra}
 
+    def finite(self) -> bool:
+        """Whether every weight and buffer is a number: a diverged step leaves NaN or inf ones."""
+        flags = [torch.isfinite(t).all() for t in (*self.model.parameters(), *self.model.buffers())
+                 if t.is_floating_point()]
+        return bool(torch.stack(flags).all()) if flags else True  # one host sync, not one per tensor
+
     def load(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -343,7 +349,12 @@ def _save_and_report(w: Worker) -> None:
         ray.train.report(metrics)
         return
     start = time.perf_counter()
-    w.reporter.flush()
+    w.reporter.flush()  # the driver sees a diverged loss before this checkpoint is weighed
+    if not w.state.finite():  # never a checkpoint a resume cannot train from
+        w.reporter.warn(w.state.step, f"step {w.state.step}: the weights are NaN or infinite (training diverged); "
+                                      "no checkpoint written, so a resume starts from the one before")
+        ray.train.report(metrics)
+        return
     run_dir = Path(w.args.run_dir) if w.args.run_dir else None
     with tempfile.TemporaryDirectory() as tmp:
         extra = {"local_batch": w.split.local_batch, "accumulation": w.split.accumulation, "workers": w.split.workers}
