@@ -8,6 +8,7 @@ else.
 
 from __future__ import annotations
 
+import posixpath
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -56,6 +57,12 @@ class ColumnConfig(Section):
         return v
 
 
+def _path_key(path: str) -> str:
+    """One spelling per place: `data/x`, `./data/x` and `data/x/` compare equal (a URI keeps its scheme)."""
+    scheme, sep, rest = path.rpartition("://")
+    return scheme + sep + posixpath.normpath(rest.strip()).rstrip("/")
+
+
 class DataConfig(Section):
     dataset: str | None = None  # built-in data set name, prepared into `path` when missing
     path: str | list[str]  # Parquet file(s) or folder(s)
@@ -74,8 +81,14 @@ class DataConfig(Section):
         listed = [v] if isinstance(v, str) else v
         if any(not p.strip() for p in listed):  # "" reads the working directory
             raise ValueError(f"every path must name a file or folder, got {v!r}")
-        if twice := sorted({p for p in listed if listed.count(p) > 1}):
-            raise ValueError(f"lists {', '.join(twice)} more than once (its rows would be read twice)")
+        keys = [_path_key(p) for p in listed]
+        if again := next((k for k in keys if keys.count(k) > 1), None):
+            spellings = list(dict.fromkeys(p for p, k in zip(listed, keys) if k == again))
+            said = " and ".join(spellings) + " (one place)" if len(spellings) > 1 else spellings[0] + " more than once"
+            raise ValueError(f"lists {said}: its rows would be read twice")
+        for inner, k in zip(listed, keys):
+            if outer := next((o for o, ko in zip(listed, keys) if k.startswith(ko + "/")), None):
+                raise ValueError(f"lists {inner} inside {outer}, also listed (its rows would be read twice)")
         return v
 
     @model_validator(mode="after")
