@@ -5,6 +5,7 @@ said once. The tracker itself is in test_tracking.py.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -91,7 +92,44 @@ def test_unreadable_and_malformed_lines_are_skipped_and_said(fake: FakeStore, sp
     path.write_bytes(b"".join(lines[:2] + broken + lines[2:]))
     result = replay(path, URI)
     assert fake.run("k").steps() == [0, 1] and fake.run("k").status == "FINISHED"
-    assert result.unreadable == 2 and any("malformed" in r for r in result.refusals)
+    assert result.unreadable == 3 and not result.refusals  # a point that is no (key, value, ms, step): unreadable
+
+
+@pytest.mark.parametrize("staged", ["{victim}", "../../victim.txt", "{hexdir}/victim.txt", "0" * 32 + "/..", 7])
+def test_a_planted_file_line_never_uploads_or_deletes_a_file_outside_its_copies(
+        fake: FakeStore, spill_dir: Path, tmp_path: Path, staged: object) -> None:
+    """A spill line is read back from disk: one naming a file outside the artifacts folder (absolute,
+    ../, or through a symbolic link planted in the folder) is dropped as malformed, the file untouched."""
+    spill_while_down(fake, spill_dir, "k", range(2))
+    path = spill_path(spill_dir, URI, "k")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    hexdir = path.with_suffix(".artifacts") / ("a" * 32)
+    hexdir.parent.mkdir(exist_ok=True)
+    hexdir.symlink_to(tmp_path, target_is_directory=True)
+    if isinstance(staged, str):
+        staged = staged.format(victim=victim, hexdir="a" * 32)
+    handle = path.read_text().split('"handle":"')[1].split('"')[0]
+    lines = path.read_text().splitlines(keepends=True)
+    line = json.dumps({"op": "file", "handle": handle, "t": 1, "staged": staged, "artifact_path": "x",
+                       "new_run_only": False})
+    path.write_text("".join(lines[:2]) + line + "\n" + "".join(lines[2:]))
+    result = replay(path, URI)
+    assert victim.read_text() == "precious\n" and hexdir.is_symlink()
+    assert not fake.run("k").artifacts and fake.run("k").steps() == [0, 1]
+    assert result.unreadable == 1 if staged == 7 else any("malformed" in r for r in result.refusals)
+
+
+def test_a_text_or_file_line_cannot_name_an_artifact_outside_its_run(fake: FakeStore, spill_dir: Path) -> None:
+    spill_while_down(fake, spill_dir, "k", range(1))
+    path = spill_path(spill_dir, URI, "k")
+    handle = path.read_text().split('"handle":"')[1].split('"')[0]
+    lines = path.read_text().splitlines(keepends=True)
+    planted = [json.dumps({"op": "text", "handle": handle, "t": 1, "text": "x", "name": name}) + "\n"
+               for name in ("../../other-run/x.txt", "/abs.txt", "ok/fine.txt")]
+    path.write_text("".join(lines[:2] + planted + lines[2:]))
+    result = replay(path, URI)
+    assert list(fake.run("k").artifacts) == ["ok/fine.txt"] and sum("malformed" in r for r in result.refusals) == 2
 
 
 def test_replay_of_a_missing_or_other_file_is_a_one_line_error(tmp_path: Path) -> None:
@@ -106,7 +144,10 @@ def test_replay_of_a_missing_or_other_file_is_a_one_line_error(tmp_path: Path) -
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.jsonl", "notes.txt"]
 
 
-@pytest.mark.parametrize("record", [b'{"offset": 1', b"\xff", b"[" * 100_000, b'{"offset": 1}'])
+@pytest.mark.parametrize("record", [b'{"offset": 1', b"\xff", b"[" * 100_000, b'{"offset": 1}',
+                                    b'{"offset": 1e400, "runs": {}}', b'{"offset": -5, "runs": {}}',
+                                    b'{"offset": 99999999999999999999999, "runs": {}}', b'{"offset": 5, "runs": {"h": 5}}',
+                                    b'{"offset": 5, "runs": {"h": {"x": 1}}}', b'{"offset": true, "runs": {}}'])
 def test_a_damaged_progress_record_is_one_line_and_kept(fake: FakeStore, spill_dir: Path, record: bytes) -> None:
     spill_while_down(fake, spill_dir, "k", range(3))
     path = spill_path(spill_dir, URI, "k")
@@ -115,3 +156,14 @@ def test_a_damaged_progress_record_is_one_line_and_kept(fake: FakeStore, spill_d
     with pytest.raises(UserError, match=rf"^{re.escape(str(offset))}: not a progress record \(.*\); delete it to send"):
         replay(path, URI)
     assert offset.read_bytes() == record and fake.runs == {}
+
+
+@pytest.mark.parametrize("sibling", [".offset", ".lock"])
+def test_a_folder_in_place_of_a_progress_record_or_lock_is_one_line(fake: FakeStore, spill_dir: Path,
+                                                                      sibling: str) -> None:
+    spill_while_down(fake, spill_dir, "k", range(3))
+    path = spill_path(spill_dir, URI, "k")
+    path.with_name(path.name + sibling).mkdir()
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}{sibling}: cannot (read|open) the "):
+        replay(path, URI)
+    assert fake.runs == {}

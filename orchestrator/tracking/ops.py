@@ -60,7 +60,13 @@ class ResolvedRun:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ResolvedRun:
-        return cls(**data)
+        """Read back from a spill file or its progress record: TypeError unless every field has its type."""
+        run = cls(**data)
+        if not (all(isinstance(v, str) for v in (run.run_id, run.experiment_id, run.artifact_uri))
+                and isinstance(run.resumed, bool) and (run.floor is None or _integer(run.floor))
+                and all(isinstance(m, dict) for m in (run.params, run.tags, run.last_steps))):
+            raise TypeError(f"not a resolved run: {dict(data)!r:.200}")
+        return run
 
 
 def server_name(tracking_uri: str) -> str:
@@ -135,7 +141,7 @@ def file_op(handle: str, staged: str, artifact_path: str | None, *, new_run_only
 
 def dataset_op(handle: str, *, name: str, uri: str, rows: int, schema: Mapping[str, str],
                new_run_only: bool) -> Op:
-    return _op("dataset", handle, name=name, uri=uri, rows=int(rows), schema=dict(schema),
+    return _op("dataset", handle, name=name, uri=uri, rows=int(rows), schema={str(k): str(v) for k, v in schema.items()},
                new_run_only=new_run_only)
 
 
@@ -161,10 +167,39 @@ FIELDS = {
 }
 
 
+def _integer(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _strings(v: object) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str) for k, x in v.items())
+
+
+def _point(p: object) -> bool:
+    return (isinstance(p, list) and len(p) == 4 and isinstance(p[0], str) and _number(p[1])
+            and _integer(p[2]) and _integer(p[3]))
+
+
+# What each field of a line read back must be (a line edited by hand, or planted, is skipped).
+_TYPES = {
+    "handle": lambda v: isinstance(v, str), "t": _number, "experiment": lambda v: isinstance(v, str),
+    "run_key": lambda v: isinstance(v, str), "run_name": lambda v: isinstance(v, str),
+    "floor_key": lambda v: isinstance(v, str), "per_step": lambda v: isinstance(v, bool),
+    "points": lambda v: isinstance(v, list) and all(_point(p) for p in v), "params": _strings, "tags": _strings,
+    "text": lambda v: isinstance(v, str), "name": lambda v: isinstance(v, str), "staged": lambda v: isinstance(v, str),
+    "artifact_path": lambda v: v is None or isinstance(v, str), "uri": lambda v: isinstance(v, str),
+    "rows": _integer, "schema": _strings, "status": lambda v: v in STATUSES,
+}
+
+
 def well_formed(op: object) -> bool:
     """Whether a line read back from a spill file is an operation this version can send."""
-    return (isinstance(op, dict) and op.get("op") in FIELDS and isinstance(op.get("points", []), list)
-            and all(k in op for k in ("handle", "t", *FIELDS[op["op"]])))
+    return (isinstance(op, dict) and op.get("op") in FIELDS
+            and all(k in op and _TYPES[k](op[k]) for k in ("handle", "t", *FIELDS[op["op"]])))
 
 
 def weight(op: Op) -> int:

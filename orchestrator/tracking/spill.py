@@ -38,7 +38,7 @@ from typing import IO, Any
 from orchestrator import constants
 from orchestrator.files import user_cache_dir
 from orchestrator.errors import UserError
-from orchestrator.tracking.ops import Op, describe, joins, server_name, weight, well_formed
+from orchestrator.tracking.ops import Op, ResolvedRun, describe, joins, server_name, weight, well_formed
 from orchestrator.tracking.writer import RunRefused, Writer, remove_staged
 
 log = logging.getLogger(__name__)
@@ -126,10 +126,17 @@ class Progress:
             return cls()
         try:
             data = json.loads(record.read_text())
-            return cls(int(data["offset"]), dict(data["runs"]))
+            offset, runs = data["offset"], dict(data["runs"])
+            if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset < 2**62:
+                raise ValueError(f"offset {offset!r} is no byte offset")
+            for resolved in runs.values():  # each a run as MLflow answered it
+                ResolvedRun.from_json(resolved)
+            return cls(offset, runs)
+        except OSError as exc:  # a folder in its place, say
+            raise UserError(f"{record}: cannot read the progress record ({exc.strerror or exc})") from None
         except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise UserError(f"{record}: not a progress record ({exc}); delete it to send the file from its start "
-                            "(MLflow drops metric points it already has)") from exc
+                            "(MLflow drops metric points it already has)") from None
 
     def save(self, path: Path) -> None:
         record = _sibling(path, ".offset")
@@ -148,7 +155,11 @@ class Progress:
 def file_lock(path: Path, wait_s: float) -> Iterator[bool]:
     """Hold the file's send lock; yields False when another sender keeps it past `wait_s`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(_sibling(path, ".lock"), "a") as lock:
+    try:
+        lock = open(_sibling(path, ".lock"), "a")  # noqa: SIM115 - closed below, after the flock
+    except OSError as exc:  # a folder in its place, say
+        raise UserError(f"{_sibling(path, '.lock')}: cannot open the send lock ({exc.strerror or exc})") from None
+    with lock:
         deadline = time.monotonic() + wait_s
         while True:
             try:

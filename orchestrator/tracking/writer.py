@@ -10,11 +10,12 @@ decided here, at send time, because a job may resume while MLflow is down.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.tracking.ops import Op, ResolvedRun, describe, server_name
+from orchestrator.tracking.ops import Op, ResolvedRun, artifact_name, describe, server_name
 
 if TYPE_CHECKING:
     from orchestrator.tracking.store import Store
@@ -124,14 +125,16 @@ class Writer:
         self.store.set_tags(run.run_id, op["tags"])
 
     def _text(self, run: ResolvedRun, op: Op, files: Path) -> None:
-        self.store.log_text(run, op["text"], op["name"])
+        self.store.log_text(run, op["text"], artifact_name(op["name"]))
 
     def _file(self, run: ResolvedRun, op: Op, files: Path) -> None:
-        local = files / op["staged"]
+        local = staged_copy(files, op["staged"])
+        if local is None:  # not a name _stage makes: never a file elsewhere, read or deleted
+            raise ValueError(f"staged copy {op['staged']!r} is not inside {files}")
         if not local.is_file():  # removed by hand, or already sent by a replay that died before recording it
             self._refused([op], f"its copy {local} is gone")
             return
-        self.store.log_artifact(run, local, op["artifact_path"])
+        self.store.log_artifact(run, local, op["artifact_path"] and artifact_name(op["artifact_path"]))
 
     def _dataset(self, run: ResolvedRun, op: Op, files: Path) -> None:
         self.store.log_dataset(run.run_id, name=op["name"], uri=op["uri"], rows=op["rows"], schema=op["schema"])
@@ -140,11 +143,30 @@ class Writer:
         self.store.set_status(run.run_id, op["status"], op["t"])
 
 
+_STAGED = re.compile(r"[0-9a-f]{32}/[^/\x00]+")
+
+
+def staged_copy(files: Path, staged: Any) -> Path | None:
+    """The copy `staged` names in the artifacts folder `files`, or None when it names anything else.
+
+    A spill line is read back from disk, so it is not trusted: the name must be what the tracker's
+    _stage makes (`<uuid hex>/<file name>`), and no symbolic link may lead it out of `files`;
+    otherwise a planted or edited line would upload, then delete, any file this user can write.
+    """
+    if not isinstance(staged, str) or not _STAGED.fullmatch(staged) or staged.endswith(("/.", "/..")):
+        return None
+    local = files / staged
+    try:
+        inside = local.resolve() == files.resolve() / staged
+    except (OSError, RuntimeError):  # a link loop
+        return None
+    return local if inside else None
+
+
 def remove_staged(batch: list[Op], files: Path) -> None:
     """Delete the artifact copies a sent batch made at call time."""
     for op in batch:
-        if op["op"] == "file":
-            local = files / op["staged"]
+        if op["op"] == "file" and (local := staged_copy(files, op.get("staged"))) is not None:
             local.unlink(missing_ok=True)
             try:
                 local.parent.rmdir()
