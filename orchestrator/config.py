@@ -256,7 +256,8 @@ def _describe(error: dict[str, Any], alternatives: list[str]) -> str:
         return f"{where}: {msg}"
     if "got" in msg:
         return f"{where}: {msg}"
-    return f"{where}: {msg}, got {error.get('input')!r}"
+    shown = repr(error.get("input"))
+    return f"{where}: {msg}, got {shown if len(shown) <= 80 else shown[:60] + f'... ({len(shown):,} characters)'}"
 
 
 def _alternatives(errors: list[dict[str, Any]], where: str) -> list[str]:

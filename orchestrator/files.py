@@ -88,7 +88,16 @@ def cannot_write(path: str | Path, exc: OSError) -> UserError:
 
 
 class _StrictLoader(_Parser):  # type: ignore[misc,valid-type]
-    """A safe loader (libyaml's parser where there is one) that refuses duplicate keys in a mapping."""
+    """A safe loader (libyaml's parser where there is one) that refuses duplicate keys in a mapping,
+    reads what looks like a date as the text written (a job has no date fields; JSON has no dates),
+    and says which value it cannot read (an int past Python's 4,300 digits, a 13th month)."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except ValueError as exc:  # a constructor's own error, without the line it is on
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {str(node.value)[:40]!r} ({str(exc)[:80]})", node.start_mark) from None
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -100,6 +109,19 @@ class _StrictLoader(_Parser):  # type: ignore[misc,valid-type]
                         None, None, f"duplicate key {key!r}", key_node.start_mark)
                 seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader.construct_scalar)
+
+
+def _refuse_tag(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+    """Sets and bytes: values no job, profile or plan holds, and JSON (MLflow params, job.json) cannot."""
+    raise yaml.constructor.ConstructorError(None, None, f"tag {node.tag.replace('tag:yaml.org,2002:', '!!')} "
+                                            "is not allowed", node.start_mark)
+
+
+for _tag in ("set", "binary"):
+    _StrictLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _refuse_tag)
 
 
 def _expanded_values(data: Any, limit: int) -> int:
@@ -164,7 +186,7 @@ def read_yaml(path: str | Path, what: str) -> Any:
         problem = getattr(exc, "problem", None) or ""
         if "nesting depth" in problem:  # libyaml's own limit (1,000 levels)
             raise UserError(f"{path}: nested too deeply to be a {what} file (more than {MAX_DEPTH} levels)") from None
-        detail = f": {problem}" if "duplicate key" in problem else ""
+        detail = f": {problem}" if problem.startswith(("duplicate key", "cannot read", "tag ")) else ""
         if tag := re.search(r"constructor for the tag '([^']*)'", problem):  # !!python/object...: data only
             detail = f": tag {tag[1].replace('tag:yaml.org,2002:', '!!')} is not allowed"
         raise UserError(f"{path}: not valid YAML{where}{detail}") from None
@@ -176,6 +198,8 @@ def read_json(path: str | Path, what: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON (line {exc.lineno})") from None
+    except ValueError as exc:  # an integer past Python's 4,300 digits
+        raise UserError(f"{path}: not valid JSON ({str(exc)[:80]})") from None
     except RecursionError:
         raise UserError(f"{path}: nested too deeply to be a {what} file") from None
 

@@ -66,6 +66,8 @@ class Storage:
             raise UserError(f"{self.join(relative)}: not UTF-8 text, so no JSON this program wrote") from None
         except json.JSONDecodeError as exc:
             raise UserError(f"{self.join(relative)}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+        except ValueError as exc:  # an integer past Python's 4,300 digits
+            raise UserError(f"{self.join(relative)}: not valid JSON ({str(exc)[:80]})") from None
         except RecursionError:  # thousands of nested brackets: past the decoder's stack
             raise UserError(f"{self.join(relative)}: nested too deeply to be JSON this program wrote") from None
 

@@ -39,6 +39,13 @@ HOSTILE: dict[str, tuple[bytes, str]] = {
     "oversized": (b"#" * (MAX_FILE_BYTES + 1), "too large for a config file"),
     "tab-indent": (b"name: x\nmodel:\n\tname: cnn\n", "not valid YAML (line 3)"),
     "utf16": ("name: x\n".encode("utf-16"), "not UTF-8 text"),
+    "huge-int": (b"name: x\ntraining:\n  epochs: " + b"1" * 5000 + b"\n",
+                 "not valid YAML (line 3): cannot read '1111111111111111111111111111111111111111' (Exceeds the limit"),
+    "bad-int-tag": (b"name: x\nseed: !!int abc\n", "not valid YAML (line 2): cannot read 'abc' (invalid literal"),
+    "no-such-month": (b"name: x\nseed: !!timestamp 2020-13-45\nx: !!float y\n",
+                      "not valid YAML (line 3): cannot read 'y'"),
+    "set-tag": (b"name: !!set {a, b}\n", "not valid YAML (line 1): tag !!set is not allowed"),
+    "binary-tag": (b"name: !!binary aGVsbG8=\n", "not valid YAML (line 1): tag !!binary is not allowed"),
 }
 
 
@@ -82,6 +89,15 @@ def test_a_hostile_set_value_gets_the_same_bounds_as_a_file() -> None:
     assert load_config(ROOT / "configs" / "digits.yaml", ["training.lr=0.01"]).training.lr == 0.01
 
 
+def test_a_date_is_read_as_the_text_written_and_a_long_bad_value_is_cut(tmp_path: Path) -> None:
+    """YAML's implicit dates became datetime.date objects (a JSON TypeError traceback in validate)."""
+    job = load_config(ROOT / "configs" / "digits.yaml", ["name=2020-01-01"])
+    assert job.name == "2020-01-01"
+    with pytest.raises(UserError) as caught:
+        load_config(ROOT / "configs" / "digits.yaml", ["training.seed=" + "1" * 5000])
+    assert str(caught.value).startswith("training.seed: ") and str(caught.value).endswith("... (5,002 characters)")
+
+
 def test_not_a_regular_file_is_refused_without_reading_it(tmp_path: Path) -> None:
     fifo = tmp_path / "config.yaml"
     os.mkfifo(fifo)  # reading it would block forever
@@ -101,6 +117,10 @@ def test_json_files_get_the_same_care(tmp_path: Path) -> None:
     binary.write_bytes(b"\xff\xfe{}")
     with pytest.raises(UserError, match="not UTF-8 text"):
         read_json(binary, "profile")
+    huge = tmp_path / "huge.json"
+    huge.write_text('{"param_count": ' + "2" * 5000 + "}")
+    with pytest.raises(UserError, match=r"huge.json: not valid JSON \(Exceeds the limit \(4300 digits\)"):
+        read_json(huge, "profile")
 
 
 def test_a_place_that_cannot_be_written_is_one_line_and_a_uri_is_no_local_folder(

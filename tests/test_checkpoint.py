@@ -45,6 +45,7 @@ def test_damaged_checkpoint_is_reported(tmp_path: Path, damage: str) -> None:
     (b'{"step": 10, "by', "unreadable (Unterminated string"),
     (b"\xff\xfe", "unreadable ('utf-8' codec can't decode"),
     (b"[" * 100_000, "unreadable (nested too deeply)"),
+    (b'{"step": ' + b"1" * 5000 + b"}", "unreadable (Exceeds the limit (4300 digits)"),
     (b"[10]", "not a manifest"),
 ])
 def test_a_damaged_manifest_is_reported(tmp_path: Path, manifest: bytes, says: str) -> None:

@@ -110,7 +110,7 @@ def read(folder: Path) -> dict[str, Any]:
         raise CorruptCheckpoint(f"{folder}: missing {MANIFEST_FILE} or {STATE_FILE}")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # not JSON, not UTF-8, or an integer past Python's 4,300 digits
         raise CorruptCheckpoint(f"{manifest_path}: unreadable ({exc})") from None
     except RecursionError:  # thousands of nested brackets: past the decoder's stack
         raise CorruptCheckpoint(f"{manifest_path}: unreadable (nested too deeply)") from None
