@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 # Progress-bar fields: the latest loss and accuracy, and the group's median samples/s.
@@ -37,13 +38,14 @@ class RichUI:
             p = sizing.profile
             how = "cached" if sizing.profile_cached else f"measured in {p.meta.get('profile_seconds', 0):.1f} s"
             self.console.print(f"profile ({how}): {p.device}, {p.param_count:,} parameters, max local batch "
-                               f"{p.max_local_batch}, data {p.data_samples_per_s or 0:,.0f} samples/s", highlight=False)
+                               f"{p.max_local_batch}, data {p.data_samples_per_s or 0:,.0f} samples/s", highlight=False,
+                               markup=False)
         if sizing.plan is not None:
             from orchestrator.plots import print_plan
 
             print_plan(self.console, sizing.plan)  # full width in `jobs logs` and pipes too
         else:
-            self.console.print(f"[bold]plan:[/bold] {sizing.explanation}", highlight=False)
+            self.console.print(f"[bold]plan:[/bold] {escape(sizing.explanation)}", highlight=False)
         self.console.print(f"[bold]{job.name}[/bold]: {describe(sizing.workers)} worker(s), {prepared.total_steps} "
                            f"steps ({prepared.steps_per_epoch}/epoch), global batch {job.training.global_batch_size}"
                            + (" [dim](resuming MLflow run)[/dim]" if resumed else ""))

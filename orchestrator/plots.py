@@ -10,6 +10,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from orchestrator.files import cannot_write
 from orchestrator.planner import Candidate, Plan
@@ -83,14 +84,15 @@ def plan_table(plan: Plan, *, max_rows: int = 24) -> Table:
     if len(rows) > max_rows:
         keep = {rows[-1].prediction.gpus, plan.choice.gpus}
         rows = [c for c in rows if c.prediction.gpus in keep or _power_of_two(c.prediction.gpus)]
-    table = Table(title=f"{plan.model}: {plan.objective}", caption=plan.explanation)
+    # Text, never markup: a model name or a calibration note from a file may hold '[/]' or '[red]'.
+    table = Table(title=Text(f"{plan.model}: {plan.objective}"), caption=Text(plan.explanation))
     for name in ("GPUs", "placement", "batch x accum", "step (ms)", "80 % (ms)", "samples/s", "efficiency",
                  "pessimistic", "goodput", "time", "cost (USD)", "bound", "note"):
         left = name in ("placement", "batch x accum", "bound", "note")
         table.add_column(name, justify="left" if left else "right", no_wrap=name != "note")
     for c in rows:
         chosen = c.prediction == plan.choice
-        table.add_row(*_cells(c, chosen, plan.global_batch), style="bold green" if chosen else None)
+        table.add_row(*map(Text, _cells(c, chosen, plan.global_batch)), style="bold green" if chosen else None)
     return table
 
 
@@ -129,7 +131,7 @@ def print_plan(console: Console, plan: Plan) -> None:
         console.width = width
     console.print("Assumed:", highlight=False)
     for line in plan.assumptions:
-        console.print(f"  - {line}", highlight=False, soft_wrap=True)
+        console.print(f"  - {line}", highlight=False, soft_wrap=True, markup=False)
 
 
 def _hours(seconds: float) -> str:

@@ -4,6 +4,7 @@ clear, and the hints it prints are commands that work. No Ray is started."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -262,3 +263,19 @@ def test_a_stop_signal_says_what_it_will_do_and_a_second_one_aborts(training: bo
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGTERM)
     assert says in capsys.readouterr().err and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_names_and_paths_that_look_like_markup_are_printed_as_given(tmp_path: Path) -> None:
+    """Rich read '[/]' in a path or a profile's model name as markup: a MarkupError traceback after
+    the work was done (data written), or '[red]' silently dropped from what was printed."""
+    env = base_env(XDG_CACHE_HOME=str(tmp_path / "cache"))
+    odd = tmp_path / "dp[/]x[red]"
+    made = run_cli(["data", "prepare", "synthetic", "--out", str(odd), "--set", "rows=16"], env=env, cwd=tmp_path)
+    assert made.returncode == 0 and f"wrote synthetic to {odd}" in made.stdout, made.stderr[-2000:]
+    profile = {"version": 1, "model": "[bold]x[/bold] [/]", "device": "cpu [red]", "param_count": 30_000,
+               "grad_bytes": 120_000, "max_local_batch": 64,
+               "samples": [{"local_batch": b, "step_time_s": t} for b, t in ((8, 0.002), (64, 0.009))]}
+    (tmp_path / "p.json").write_text(json.dumps(profile))
+    planned = run_cli(["plan", "--profile", "p.json", "--cluster", str(ROOT / "configs" / "clusters" / "dgx_a100.yaml")],
+                      env=env, cwd=tmp_path)
+    assert planned.returncode == 0 and "[bold]x[/bold] [/]: " in planned.stdout, planned.stderr[-2000:]

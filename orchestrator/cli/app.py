@@ -20,7 +20,7 @@ app.add_typer(jobs_app, name="jobs")
 tracking_app = typer.Typer(help="MLflow tracking helpers.")
 app.add_typer(tracking_app, name="tracking")
 console = Console(stderr=True)
-out = Console(soft_wrap=True)  # result lines stay whole for scripts that parse them
+out = Console(soft_wrap=True, markup=False)  # whole lines for scripts; paths and names as given ('a[/]b')
 
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a field: --set training.lr=0.01")]
 
