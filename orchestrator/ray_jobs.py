@@ -13,6 +13,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -43,14 +44,21 @@ def resolve_address(address: str | None) -> str:
     if not address:
         raise UserError("--address: no Ray cluster given; pass --address http://HEAD:8265 or set RAY_ADDRESS")
     url = address if "://" in address else f"http://{address}"
+    if bad := next((c for c in url if not c.isprintable() or c.isspace()), None):
+        raise UserError(f"--address: holds the character {bad!r}; give the Ray dashboard's http://HOST:PORT")
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises on a port out of range or no number
     except ValueError as exc:
-        raise UserError(f"--address {address}: not a valid URL ({exc})") from None
+        raise UserError(f"--address {shown(address)}: not a valid URL ({exc})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UserError(f"--address {address}: expected the Ray dashboard's http://HOST:PORT (usually port 8265)")
+        raise UserError(f"--address {shown(address)}: expected the Ray dashboard's http://HOST:PORT (usually port 8265)")
     return url.rstrip("/")
+
+
+def shown(address: str) -> str:
+    """An address as messages print it: without a user:password it may carry."""
+    return re.sub(r"^([a-z][a-z0-9+.-]*://)?[^/@]*@", r"\1", address, flags=re.I)  # parses no URL: may be malformed
 
 
 def check_job_id(job_id: str) -> str:
@@ -79,7 +87,7 @@ def check_transport(address: str, *, token_source: str | None, insecure: bool) -
     if url.scheme == "https" or token_source is None or is_loopback(url.hostname):
         return
     if not insecure:
-        raise UserError(f"--address {address}: the Ray token (from {token_source}) would cross the network "
+        raise UserError(f"--address {shown(address)}: the Ray token (from {token_source}) would cross the network "
                         "unencrypted; use https://, or a tunnel to 127.0.0.1 (ssh -L, kubectl port-forward), "
                         "or pass --insecure")
     print(f"warning: sending the Ray token from {token_source} unencrypted to {url.hostname} (--insecure)",
@@ -124,7 +132,7 @@ class JobsClient:
         try:
             socket.create_connection((url.hostname, port), timeout=constants.RAY_CONNECT_TIMEOUT_S).close()
         except OSError as exc:
-            raise UserError(f"--address {self.address}: cannot reach the Ray dashboard "
+            raise UserError(f"--address {shown(self.address)}: cannot reach the Ray dashboard "
                             f"({exc.strerror or type(exc).__name__})") from None
 
     @contextmanager
@@ -136,16 +144,16 @@ class JobsClient:
             yield
         except AuthenticationError as exc:
             if "Authentication failed" in exc.message:  # 403: a token was sent and refused
-                raise UserError(f"{self.address}: the Ray cluster rejected the token from "
+                raise UserError(f"{shown(self.address)}: the Ray cluster rejected the token from "
                                 f"{self._token_source}; {TOKEN_HINT}") from None
-            raise UserError(f"{self.address}: the Ray cluster requires a token; {TOKEN_HINT}") from None
+            raise UserError(f"{shown(self.address)}: the Ray cluster requires a token; {TOKEN_HINT}") from None
         except (ConnectionError, requests.exceptions.RequestException) as exc:
-            raise UserError(f"--address {self.address}: the Ray dashboard stopped answering "
+            raise UserError(f"--address {shown(self.address)}: the Ray dashboard stopped answering "
                             f"({type(exc).__name__})") from None
         except RuntimeError as exc:  # the Jobs API answered with an error status
             if job_id is not None and "status code 404" in str(exc):
-                raise UserError(f"job {job_id}: no such job at {self.address} (see `orchestrator jobs list`)") from None
-            raise UserError(f"{self.address}: the Ray Jobs API refused: {first_line(str(exc))}") from None
+                raise UserError(f"job {job_id}: no such job at {shown(self.address)} (see `orchestrator jobs list`)") from None
+            raise UserError(f"{shown(self.address)}: the Ray Jobs API refused: {first_line(str(exc))}") from None
 
     def submit(self, **job: Any) -> str:
         """`JobSubmissionClient.submit_job(**job)`, retried while a just-started head has no job agent."""

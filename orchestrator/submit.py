@@ -47,7 +47,7 @@ from orchestrator.config import JobConfig, load_config
 from orchestrator.errors import UserError, given
 from orchestrator.files import read_yaml
 from orchestrator.job_entry import entrypoint, write_entry
-from orchestrator.ray_jobs import JOB_KEY, JobsClient, Write
+from orchestrator.ray_jobs import JOB_KEY, JobsClient, Write, shown
 from orchestrator.redact import redact_uri
 
 PASSED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK")
@@ -269,7 +269,7 @@ def submit_job(
         for note in sub.notes:
             print(f"note: {note}", file=sys.stderr)
         submission_id = jobs.submit(**sub.job())  # uploads the working_dir before returning
-    write(f"submitted {submission_id} to {jobs.address}\n")
+    write(f"submitted {submission_id} to {shown(jobs.address)}\n")
     sys.stdout.flush()
     if not follow:
         return 0

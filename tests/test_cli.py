@@ -140,6 +140,18 @@ def test_a_malformed_dashboard_address_is_one_line(address: str, error: str) -> 
         resolve_address(address)
 
 
+def test_an_address_error_never_shows_its_password_or_control_characters(tmp_path: Path) -> None:
+    for address in ("http://u:s3cret@127.0.0.1:99999", "u:s3cret@127.0.0.1:99999"):
+        with pytest.raises(UserError, match=r"^--address (http://)?127\.0\.0\.1:99999: not a valid URL") as caught:
+            resolve_address(address)
+        assert "s3cret" not in str(caught.value)
+    with pytest.raises(UserError, match=r"^--address: holds the character '\\x1b'; give"):
+        resolve_address("http://127.0.0.1:9\x1b[31m")
+    proc = run_cli(["jobs", "list", "--address", "http://u:s3cret@127.0.0.1:9"], env=base_env(), cwd=tmp_path)
+    assert proc.returncode == 2 and "s3cret" not in proc.stderr + proc.stdout, proc.stderr[-2000:]
+    assert "--address http://127.0.0.1:9: cannot reach the Ray dashboard" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_follow_exit_codes_say_the_outcome() -> None:
     assert [exit_code(s) for s in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING")] == [0, 1, 3, 1]
 
