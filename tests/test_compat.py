@@ -125,3 +125,32 @@ def test_validate_refuses_labels_beyond_the_model_in_one_line(tmp_path: Path) ->
                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
     assert out.stderr.startswith("error: data.label: column 'label' holds labels 0..12 in ")
+
+
+@pytest.mark.parametrize(("kwargs", "shape"), [({"width": 10**12}, [1, 8, 8]), ({"width": 10**22}, [1, 8, 8]),
+                                               ({"num_classes": 10**20}, [1, 8, 8]), ({"width": 10**12}, None)])
+def test_model_sizes_torch_cannot_hold_are_one_line(kwargs: dict, shape: list[int] | None) -> None:
+    """Storage size calculation overflowed (RuntimeError), Overflow when unpacking long long (TypeError):
+    both were tracebacks from `validate`, also with no shape configured."""
+    data = DataConfig(path="unused", features={"column": "x", "dtype": "float32", "shape": shape},
+                      label={"column": "y", "dtype": "int64"})
+    with pytest.raises(UserError, match=r"^model\.kwargs: model cnn cannot be built with \{.*\}: \S") as caught:
+        output_classes(ModelConfig(name="cnn", kwargs=kwargs), data)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("shape", [[1, 10**11, 10**11], [1, 10**20, 8]])
+def test_feature_shapes_torch_cannot_hold_are_one_line(shape: list[int]) -> None:
+    data = DataConfig(path="unused", features={"column": "x", "dtype": "float32", "shape": shape},
+                      label={"column": "y", "dtype": "int64"})
+    with pytest.raises(UserError, match=re.escape(f"data.features.shape: {shape} is no tensor shape torch can hold: ")):
+        output_classes(CNN, data)
+
+
+def test_validate_of_a_data_set_not_there_yet_refuses_a_huge_shape_in_one_line(tmp_path: Path) -> None:
+    """The built-in set is not prepared: only the meta pass runs, and its overflow was a traceback."""
+    out = subprocess.run([sys.executable, "-m", "orchestrator", "validate", str(ROOT / "configs" / "digits.yaml"),
+                          "--set", f"data.path={tmp_path / 'nothere'}", "--set", f"data.features.shape=[1,{10**20},8]"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr.startswith(f"error: data.features.shape: [1, {10**20}, 8] is no tensor shape torch can hold: ")

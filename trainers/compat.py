@@ -17,7 +17,7 @@ import torch
 
 from trainers.config import ColumnConfig, DataConfig, ModelConfig
 from trainers.data.collate import INPUT_DTYPES
-from trainers.data.schema import check_schema, open_dataset
+from trainers.data.schema import check_schema, leaf_columns, open_dataset
 from trainers.errors import UserError, first_line
 from trainers.models import build_model
 
@@ -36,15 +36,19 @@ def output_classes(model: ModelConfig, data: DataConfig) -> int | None:
     """How many classes the model predicts for the configured features (None when the features'
     shape is not configured); a UserError when the model does not take them."""
     features = data.features
-    if features.shape is None:
-        return None
-    shape = list(features.shape)
-    if data.label is None:  # next-token prediction reads tokens[:, :-1]
-        shape[-1] -= 1
-    dtype = torch.from_numpy(np.zeros(0, INPUT_DTYPES[features.dtype])).dtype  # what the collate hands it
     with torch.device("meta"):
-        net = build_model(model.name, model.kwargs)
-        x = torch.zeros((2, *shape), dtype=dtype)
+        net = _build(model)
+        if features.shape is None:
+            return None
+        shape = list(features.shape)
+        if data.label is None:  # next-token prediction reads tokens[:, :-1]
+            shape[-1] -= 1
+        dtype = torch.from_numpy(np.zeros(0, INPUT_DTYPES[features.dtype])).dtype  # what the collate hands it
+        try:
+            x = torch.zeros((2, *shape), dtype=dtype)
+        except Exception as exc:  # noqa: BLE001 - sizes past int64 (TypeError) or bytes past it (RuntimeError)
+            raise UserError(f"data.features.shape: {features.shape} is no tensor shape torch can hold: "
+                            f"{first_line(exc)}") from None
         if not dtype.is_floating_point and not any(isinstance(m, torch.nn.Embedding) for m in net.modules()):
             # the meta device does not check dtypes: a Linear fed int64 passes here and fails on a worker
             raise UserError(f"data.features.dtype: {features.dtype} features are token ids, and model {model.name} "
@@ -60,6 +64,18 @@ def output_classes(model: ModelConfig, data: DataConfig) -> int | None:
     return int(logits.shape[-1])
 
 
+def _build(model: ModelConfig) -> torch.nn.Module:
+    """The model on the current (meta) device; a UserError naming model.kwargs when torch refuses
+    its sizes (width 10**12: "Storage size calculation overflowed"), which a worker would hit too."""
+    try:
+        return build_model(model.name, model.kwargs)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever torch says about the sizes, in one line
+        raise UserError(f"model.kwargs: model {model.name} cannot be built with {model.kwargs}: "
+                        f"{first_line(exc)}") from None
+
+
 def check_targets(dataset: pads.Dataset, data: DataConfig, model: str, classes: int | None) -> None:
     """No null features or labels; labels (or a language model's tokens) within 0..classes-1,
     as far as the files' column statistics say (a file written without them is not checked)."""
@@ -72,10 +88,8 @@ def _check_column(dataset: pads.Dataset, column: ColumnConfig, field: str, class
                   model: str) -> None:
     what = "token ids" if field == "data.features" else "labels"
     for fragment in dataset.get_fragments():
-        meta = fragment.metadata
-        leaves = [j for j in range(meta.num_columns)  # "label", or a list's "pixels.list.element"
-                  if meta.schema.column(j).path == column.column or
-                  meta.schema.column(j).path.startswith(f"{column.column}.")]
+        meta = fragment.metadata  # read, and kept, by check_schema
+        leaves = leaf_columns(fragment.physical_schema, column.column)  # "label", not "label.x" too
         for group in range(meta.num_row_groups):
             for j in leaves:
                 stats = meta.row_group(group).column(j).statistics

@@ -1,7 +1,7 @@
 """Check the configured columns against the Parquet files before any worker starts.
 
-Reads only footers and schemas (plus one row when a shape is given), so a typo in a column
-name costs a second on the driver, not a failed multi-GPU job.
+Reads only the footer of each file (no data), so a typo in a column name, or one file of many
+written differently, costs a second on the driver, not a failed multi-GPU job.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from trainers.config import ColumnConfig
 from trainers.errors import UserError, first_line
@@ -32,12 +33,64 @@ def check_schema(dataset: pads.Dataset, where: str, features: ColumnConfig, labe
     _check_feature_type(feature_type, features)
     if label is not None:
         _check_label_type(_column_type(dataset.schema, label, "data.label", where), label)
-    rows = dataset.count_rows()
+    first = None
+    rows = 0
+    for fragment in dataset.get_fragments():
+        first = first or fragment.path
+        rows += _check_file(fragment, dataset.schema, first, features, label)
     if rows == 0:
         raise UserError(f"data.path: {where} holds no rows")
-    if features.shape is not None:
-        _check_shape(dataset, feature_type, features.column, features.shape)
     return rows
+
+
+def _check_file(fragment: pads.ParquetFileFragment, schema: pa.Schema, first: str, features: ColumnConfig,
+                label: ColumnConfig | None) -> int:
+    """One file's footer: readable, the job's columns typed as in the first file (the data set's
+    schema is the first file's alone), `features.shape` values per row; returns its row count.
+    The fragment keeps the footer, so compat's statistics check reads no file twice."""
+    try:
+        meta = fragment.metadata
+    except (pa.ArrowException, OSError) as exc:  # truncated, or not Parquet at all
+        raise UserError(f"data.path: {fragment.path} is not a readable Parquet file ({first_line(exc)})") from None
+    here = fragment.physical_schema
+    for column, field in ((features, "data.features"), (label, "data.label")):
+        if column is None:
+            continue
+        found = _column_type(here, column, field, fragment.path)
+        (_check_feature_type if column is features else _check_label_type)(found, column, fragment.path)
+        if _kind(found) != _kind(schema.field(column.column).type):  # list vs large_list, another fixed size
+            raise UserError(f"{field}.dtype: column {column.column!r} holds {found} in {fragment.path} but "
+                            f"{schema.field(column.column).type} in {first}; every file needs the same types")
+    if features.shape is not None:
+        _check_shape(meta, here, fragment.path, features)
+    return meta.num_rows
+
+
+def _kind(t: pa.DataType) -> object:
+    # What the collate sees: the list's kind and element type, not the element's name or nullability,
+    # which writers set differently; a worker reads either alike.
+    return (type(t).__name__, getattr(t, "list_size", None), _kind(t.value_type)) if _is_list(t) else t
+
+
+def leaf_columns(schema: pa.Schema, name: str) -> range:
+    """The footer's leaf columns of top-level column `name` (a list's one element column, a struct's
+    fields). Counted from the schema: a dotted-path prefix would take `label.x` for `label`."""
+    start = 0
+    for field in schema:
+        if field.name == name:
+            return range(start, start + _leaves(field.type))
+        start += _leaves(field.type)
+    return range(0)
+
+
+def _leaves(t: pa.DataType) -> int:
+    if _is_list(t):
+        return _leaves(t.value_type)
+    if pa.types.is_map(t):
+        return _leaves(t.key_type) + _leaves(t.item_type)
+    if pa.types.is_struct(t):
+        return sum(_leaves(t.field(i).type) for i in range(t.num_fields))
+    return 1
 
 
 def open_dataset(paths: list[str]) -> pads.Dataset:
@@ -125,6 +178,8 @@ def _column_type(schema: pa.Schema, column: ColumnConfig, field: str, where: str
             f"{field}.column: column {column.column!r} not found in {where} "
             f"(columns: {', '.join(schema.names)})"
         )
+    if len(schema.get_all_field_indices(column.column)) > 1:  # a later file; the first is refused when opened
+        raise UserError(f"{field}.column: column {column.column!r} appears more than once in {where}")
     return schema.field(column.column).type
 
 
@@ -137,39 +192,58 @@ def _describe(t: pa.DataType) -> str:
     if _is_list(t):
         return f"list<{_describe(t.value_type)}>"
     try:
-        return np.dtype(t.to_pandas_dtype()).name
+        name = np.dtype(t.to_pandas_dtype()).name
     except (NotImplementedError, TypeError):
         return str(t)
+    return str(t) if name == "object" else name  # a string column is "string", not pandas' "object"
 
 
-def _check_feature_type(found: pa.DataType, column: ColumnConfig) -> None:
+def _check_feature_type(found: pa.DataType, column: ColumnConfig, where: str | None = None) -> None:
     want = pa.type_for_alias(column.dtype)
     element = found.value_type if _is_list(found) else found
     if element != want:
         raise UserError(
-            f"data.features.dtype: column {column.column!r} holds {_describe(found)}, "
+            f"data.features.dtype: column {column.column!r} holds {_describe(found)}{_in(where)}, "
             f"expected list<{column.dtype}> or {column.dtype}"
         )
 
 
-def _check_label_type(found: pa.DataType, column: ColumnConfig) -> None:
+def _check_label_type(found: pa.DataType, column: ColumnConfig, where: str | None = None) -> None:
     if found != pa.type_for_alias(column.dtype):
         raise UserError(
-            f"data.label.dtype: column {column.column!r} holds {_describe(found)}, "
+            f"data.label.dtype: column {column.column!r} holds {_describe(found)}{_in(where)}, "
             f"expected {column.dtype}"
         )
 
 
-def _check_shape(dataset: pads.Dataset, found: pa.DataType, name: str, shape: list[int]) -> None:
-    if pa.types.is_fixed_size_list(found):
-        length = found.list_size
-    elif _is_list(found):
-        first = dataset.head(1, columns=[name]).column(0)[0]
-        length = len(first) if first.is_valid else 0
+def _in(where: str | None) -> str:
+    return f" in {where}" if where else ""
+
+
+def _check_shape(meta: pq.FileMetaData, schema: pa.Schema, path: str, features: ColumnConfig) -> None:
+    """Values per row from the footer alone: a variable list's element column holds one entry per
+    value, plus one per null or empty row, so `num_values` is rows * length when every row fits."""
+    name, shape = features.column, features.shape
+    want = math.prod(shape)
+    found = schema.field(name).type
+    if pa.types.is_fixed_size_list(found) or not _is_list(found):
+        length = found.list_size if _is_list(found) else 1
     else:
-        length = 1
-    if math.prod(shape) != length:
+        leaf = leaf_columns(schema, name)[0]
+        chunks = [meta.row_group(g).column(leaf) for g in range(meta.num_row_groups)]
+        values = sum(c.num_values for c in chunks)
+        if values == meta.num_rows * want:
+            return
+        if any(c.statistics is not None and c.statistics.has_null_count and c.statistics.null_count
+               for c in chunks):
+            raise UserError(f"data.features: column {name!r} holds null (or empty) values in {path}; "
+                            "fill or drop those rows")
+        if values % meta.num_rows:
+            raise UserError(f"data.features.shape: {shape} holds {want} values per row but column {name!r} "
+                            f"has {values} values in {meta.num_rows} rows in {path} (rows of other lengths)")
+        length = values // meta.num_rows
+    if want != length:
         raise UserError(
-            f"data.features.shape: {shape} holds {math.prod(shape)} values but "
-            f"column {name!r} has {length} per row"
+            f"data.features.shape: {shape} holds {want} values but "
+            f"column {name!r} has {length} per row{_in(path)}"
         )
