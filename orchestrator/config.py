@@ -51,7 +51,7 @@ class ResourcesConfig(Section):
     max_failures: int = Field(default=3, ge=-1)
     min_efficiency: float = Field(default=0.8, gt=0, le=1)
     objective: Literal["max_throughput", "min_cost", "max_goodput"] = "max_throughput"
-    deadline_hours: float | None = Field(default=None, gt=0)
+    deadline_hours: float | None = Field(default=None, gt=0, le=1e6)  # planner.base.MAX_DEADLINE_S in hours
     budget: float | None = Field(default=None, gt=0)
     cluster: str | None = None  # ClusterSpec YAML; None: discovered from the live Ray cluster
     profile: bool = True  # profile (cached) and log the prediction even for a fixed worker count

@@ -41,10 +41,13 @@ def read_text(path: str | Path, what: str, *, max_bytes: int = MAX_FILE_BYTES) -
         raise UserError(f"{path}: {what} file not found")
     if not path.is_file():
         raise UserError(f"{path}: not a regular file (the {what} must be a file)")
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise UserError(f"{path}: {size:,} bytes is too large for a {what} file (at most {max_bytes:,})")
-    payload = path.read_bytes()
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise UserError(f"{path}: {size:,} bytes is too large for a {what} file (at most {max_bytes:,})")
+        payload = path.read_bytes()
+    except OSError as exc:  # no permission, an I/O error
+        raise UserError(f"{path}: cannot read the {what} file ({exc.strerror or exc})") from None
     try:
         return path, payload.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -106,6 +106,8 @@ def test_not_a_regular_file_is_refused_without_reading_it(tmp_path: Path) -> Non
             read_yaml(path, "config")
     with pytest.raises(UserError, match="file not found"):
         read_yaml(tmp_path / "missing.yaml", "config")
+    with pytest.raises(UserError, match=r"^/proc/self/mem: cannot read the config file \("):
+        read_yaml("/proc/self/mem", "config")  # a regular file whose read fails (as no permission would)
 
 
 def test_json_files_get_the_same_care(tmp_path: Path) -> None:

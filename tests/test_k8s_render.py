@@ -15,7 +15,7 @@ from k8s_util import DIGITS, OWNER, SMALL_PLAN, containers, mlflow_uris, pod_tem
 from packaging.requirements import Requirement
 
 from orchestrator.errors import UserError
-from orchestrator.k8s import names
+from orchestrator.k8s import names, sizing
 from orchestrator.k8s.command import k8s_render_command, load_plan
 from orchestrator.k8s.sizing import deadline_seconds, worker_group
 
@@ -42,12 +42,36 @@ def test_render_without_a_plan_uses_the_configured_workers() -> None:
     ({"choice": {"nodes": 0, "gpus_per_node": 8}}, "plan.choice.nodes: must be a positive integer, got 0"),
     ({"choice": {"nodes": 2, "gpus_per_node": "8"}}, "plan.choice.gpus_per_node"),
     ({"workers": 17, "choice": {"nodes": 2, "gpus_per_node": 8}}, "plan.workers: must be between 1 and 16"),
+    # Past the planner's bounds (before: replicas: 10**30 rendered, an OverflowError, another version read)
+    ({"choice": {"nodes": 10**30, "gpus_per_node": 2}}, "plan.choice.nodes: must be at most 65,536"),
+    ({"choice": {"nodes": 300, "gpus_per_node": 300}}, "plan.choice: 300 nodes x 300 GPUs is more than the 65,536"),
+    ({"time_to_finish_s": 1e308, "choice": {"nodes": 2, "gpus_per_node": 2}},
+     "plan.time_to_finish_s: must be at most 3,600,000,000 s (a million hours), got 1e+308"),
+    ({"choice": {"nodes": 2, "gpus_per_node": 2, "time_to_finish_s": float("inf")}},
+     "plan.choice.time_to_finish_s: must be at most"),
+    ({"version": 99, "choice": {"nodes": 2, "gpus_per_node": 2}},
+     "plan.version: this planner reads plan version 2, got version 99"),
 ])
 def test_bad_plans_are_user_errors(plan_dict: dict[str, Any], message: str, tmp_path: Path) -> None:
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(plan_dict))
     with pytest.raises(UserError, match=re.escape(f"{path}: {message}")):
         load_plan(path)
+
+
+def test_a_deadline_past_a_million_hours_is_one_line() -> None:
+    from orchestrator.config import load_config
+    from orchestrator.planner.base import MAX_DEADLINE_S
+    from orchestrator.planner.types import MAX_GPUS
+
+    assert (sizing.MAX_DEADLINE_S, sizing.MAX_PLAN_GPUS) == (MAX_DEADLINE_S, MAX_GPUS)  # the planner's, restated
+    from orchestrator.config import ResourcesConfig
+
+    assert ResourcesConfig.model_fields["deadline_hours"].metadata[-1].le == MAX_DEADLINE_S / 3600  # validated early
+    with pytest.raises(UserError, match=r"^resources\.deadline_hours: must be <= 1e\+06, got '1e306'$"):
+        k8s_render_command(DIGITS, plan_path=None, image=None, output=None, cluster=False, owner=OWNER,
+                           overrides=["resources.deadline_hours=1e306"])
+    assert deadline_seconds(load_config(DIGITS, ["resources.deadline_hours=1e6"]), None) == 2 * 3600 * 10**6 + 900
 
 
 def test_command_errors_name_the_field_or_file(tmp_path: Path) -> None:

@@ -47,6 +47,7 @@ def plan(
 
     if objective not in planner.OBJECTIVES:
         raise UserError(f"--objective: must be one of {', '.join(planner.OBJECTIVES)}, got {objective!r}")
+    deadline_s = planner.deadline_from_hours(deadline_hours, "--deadline-hours")
     profile = planner.Profile.load(profile_path)
     held = _held_global_batch(profile, global_batch=global_batch, config=config, vary=vary_batch)
     spec, said = newest(planner.load_cluster(cluster))
@@ -54,7 +55,7 @@ def plan(
         note(escape(said))
     chosen = planner.plan(
         profile, spec, objective=objective, min_efficiency=min_efficiency, global_batch=held,
-        total_samples=total_samples, deadline_s=deadline_hours * 3600 if deadline_hours else None, budget=budget,
+        total_samples=total_samples, deadline_s=deadline_s, budget=budget,
     )
     if output:
         chosen.save(output)

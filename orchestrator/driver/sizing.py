@@ -117,7 +117,7 @@ def size_job(job: JobConfig, *, workers: int | None, use_gpu: bool, total_sample
              max_workers: int | None = None) -> Sizing:
     """Profile and plan (workers: auto or a range) or predict (a fixed count); `max_workers` caps
     the plan (the workers that arrived when the autoscaler delivered fewer)."""
-    from orchestrator.planner import placement_for, plan, predict
+    from orchestrator.planner import deadline_from_hours, placement_for, plan, predict
     from orchestrator.profiler import profile_job
 
     configured = job.resources.workers
@@ -136,7 +136,7 @@ def size_job(job: JobConfig, *, workers: int | None, use_gpu: bool, total_sample
                              local_batch=split.local_batch, accumulation=split.accumulation, total_samples=total_samples)
         return Sizing(fixed, profile.max_local_batch, profile, cached, cluster, prediction=prediction)
     r = job.resources
-    deadline = r.deadline_hours * 3600 if r.deadline_hours else None
+    deadline = deadline_from_hours(r.deadline_hours, "resources.deadline_hours")
     caps = [c for c in (configured.max if isinstance(configured, WorkerRange) else None, max_workers) if c]
     chosen = plan(profile, cluster, objective=r.objective, min_efficiency=r.min_efficiency,
                   global_batch=job.training.global_batch_size, total_samples=total_samples,

@@ -20,7 +20,7 @@ from orchestrator.k8s.render import (
     render_raycluster,
     render_rayjob,
 )
-from orchestrator.k8s.sizing import WorkerGroup, plan_placement, worker_group
+from orchestrator.k8s.sizing import WorkerGroup, plan_placement, predicted_seconds, worker_group
 from orchestrator.redact import userinfo
 
 # The user names the admission policy accepts as a RayJob's owner (a path component on the
@@ -72,7 +72,13 @@ def load_plan(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     try:
+        if "version" in raw:  # a hand-written plan may leave it out; another version reads otherwise
+            from orchestrator.planner import PLAN_VERSION
+            from orchestrator.planner.types import check_version
+
+            check_version(raw["version"], "plan", "plan", PLAN_VERSION)
         plan_placement(raw)
+        predicted_seconds(raw)
     except UserError as exc:
         raise UserError(f"{path}: {exc}") from None
     return raw

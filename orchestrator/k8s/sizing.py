@@ -18,6 +18,13 @@ MEMORY_GI_PER_GPU = 16
 DEADLINE_FACTOR = 2.0
 DEADLINE_MARGIN_S = 15 * 60
 DEFAULT_DEADLINE_S = 24 * 3600  # without a plan or a resources.deadline_hours
+# The planner's own bounds (orchestrator.planner: types.MAX_GPUS, base.MAX_DEADLINE_S; not imported,
+# the manifests need no numpy): a plan beyond them was not written by `orchestrator plan`, and a
+# deadline beyond a million hours is no schedule (and no integer activeDeadlineSeconds).
+MAX_PLAN_GPUS = 65_536
+MAX_DEADLINE_S = 3600 * 10**6
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkerGroup:
     """The Ray worker pods of one job: `pods` alike, `workers` Ray Train workers over them."""
@@ -71,10 +78,13 @@ def plan_placement(plan: Mapping[str, Any]) -> tuple[int, int, int]:
         raise UserError("plan.choice: missing; expected the plan.json that `orchestrator plan` writes")
     nodes = _positive_int(choice, "nodes")
     gpus_per_node = _positive_int(choice, "gpus_per_node")
+    if nodes * gpus_per_node > MAX_PLAN_GPUS:
+        raise UserError(f"plan.choice: {nodes:,} nodes x {gpus_per_node:,} GPUs is more than the {MAX_PLAN_GPUS:,} "
+                        "GPUs the planner plans; expected the plan.json that `orchestrator plan` writes")
     workers = plan.get("workers", choice.get("gpus", nodes * gpus_per_node))
     if not isinstance(workers, int) or isinstance(workers, bool) or not 0 < workers <= nodes * gpus_per_node:
         raise UserError(f"plan.workers: must be between 1 and {nodes * gpus_per_node} "
-                        f"(nodes x gpus_per_node), got {workers!r}")
+                        f"(nodes x gpus_per_node), got {_shown(workers)}")
     return nodes, gpus_per_node, workers
 
 
@@ -82,24 +92,42 @@ def _positive_int(section: Mapping[str, Any], key: str) -> int:
     value = section.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise UserError(f"plan.choice.{key}: must be a positive integer, got {value!r}")
+    if value > MAX_PLAN_GPUS:  # before any product: 10**400 nodes is no placement to multiply out
+        raise UserError(f"plan.choice.{key}: must be at most {MAX_PLAN_GPUS:,} (the GPUs the planner plans), "
+                        f"got {_shown(value)}")
     return value
 
 
 def predicted_seconds(plan: Mapping[str, Any]) -> float | None:
-    """The plan's predicted time to finish, when it has one."""
+    """The plan's predicted time to finish, when it has one; beyond MAX_DEADLINE_S, an error."""
     choice = plan.get("choice")
-    for source in (plan, choice if isinstance(choice, Mapping) else {}):
+    for where, source in (("plan", plan), ("plan.choice", choice if isinstance(choice, Mapping) else {})):
         value = source.get("time_to_finish_s")
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-            return float(value)
+            return _within_deadline(value, f"{where}.time_to_finish_s", "s")
     return None
 
 
 def deadline_seconds(config: JobConfig, plan: Mapping[str, Any] | None) -> int:
     """activeDeadlineSeconds: the predicted (or the config's deadline) time, doubled, plus margin."""
     expected = predicted_seconds(plan) if plan is not None else None
-    if expected is None and config.resources.deadline_hours is not None:
-        expected = config.resources.deadline_hours * 3600
+    hours = config.resources.deadline_hours
+    if expected is None and hours is not None:
+        expected = _within_deadline(hours, "resources.deadline_hours", "h") * 3600
     if expected is None:
         return DEFAULT_DEADLINE_S
     return math.ceil(DEADLINE_FACTOR * expected + DEADLINE_MARGIN_S)
+
+
+def _within_deadline(value: float, where: str, unit: str) -> float:
+    most = MAX_DEADLINE_S / (3600 if unit == "h" else 1)
+    if not value <= most:  # NaN too
+        raise UserError(f"{where}: must be at most {most:,.0f} {unit} (a million hours), got {_shown(value)}")
+    return float(value)
+
+
+def _shown(value: Any) -> str:
+    """`value` for a message, an integer of hundreds of digits by its size: the line stays one line."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 100:
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    return repr(value)

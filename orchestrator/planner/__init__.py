@@ -10,6 +10,7 @@ kind. Modules: `types` and `results` (pydantic models), `priors` (the sourced co
 documents the model, every prior and its source, and the validation.
 """
 
+from orchestrator.planner.base import deadline_from_hours
 from orchestrator.planner.calibrate import calibrate, calibrate_allreduce
 from orchestrator.planner.io import (
     OBSERVATIONS_ARTIFACT,
@@ -45,8 +46,8 @@ __all__ = [
     "BACKWARD_FRACTION", "COMPUTE_SPREAD", "COST_TIE_TOLERANCE", "DDP_BUCKET_BYTES", "INTER_LINKS",
     "INTRA_LINKS", "OBJECTIVES", "OBSERVATIONS_ARTIFACT", "PLAN_VERSION", "PROFILE_VERSION", "REFIT_BOUNDS",
     "REFIT_MIN_STEPS", "AllReduceSample", "calibrate", "calibrate_allreduce", "Calibration", "Candidate",
-    "ClusterSpec", "decide_resize", "load_cluster", "load_observations", "NodeSample", "Observation",
-    "Placement", "placement_for", "placements", "Plan", "plan", "predict", "Prediction", "Profile",
-    "ProfileSample", "refit", "RefitResult", "Residuals", "ResizeDecision", "ring_allreduce_s",
+    "ClusterSpec", "deadline_from_hours", "decide_resize", "load_cluster", "load_observations", "NodeSample",
+    "Observation", "Placement", "placement_for", "placements", "Plan", "plan", "predict", "Prediction",
+    "Profile", "ProfileSample", "refit", "RefitResult", "Residuals", "ResizeDecision", "ring_allreduce_s",
     "save_cluster", "save_observations",
 ]

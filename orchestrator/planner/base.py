@@ -5,6 +5,7 @@ and every error one line that names the field path and the bad value, in the wor
 from __future__ import annotations
 
 import contextvars
+import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -24,13 +26,51 @@ from typing_extensions import Self
 
 from orchestrator.errors import UserError
 
+# Bounds on what the planner reads: far beyond any real job or cluster, and tight enough that its
+# float64 arithmetic stays finite and above zero. Past them a figure (`grad_bytes: 1e400`, a step of
+# 5e-324 s) would surface as an overflow or an invalid prediction, far from the field that caused it.
+MAX_INTEGER = 2**53  # float64 holds integers (GPU counts, batches, samples) exactly up to here
+MAX_BATCH = 2**31  # samples per GPU per micro-batch (and micro-batches per step): no device holds more
+MAX_BYTES = 10**15  # a petabyte: gradients, device memory, one all-reduce (and parameters, a byte each)
+MAX_COUNT = 10**6  # nodes, or GPUs per node (a cluster's product is held to types.MAX_GPUS)
+MIN_SECONDS, MAX_SECONDS = 1e-9, 1e6  # a measured time: a nanosecond to 11.6 days
+MIN_RATE, MAX_RATE = 1 / MAX_SECONDS, 1 / MIN_SECONDS  # samples/s: one per MAX_SECONDS .. one per MIN_SECONDS
+MIN_GBPS, MAX_GBPS = 1e-3, 1e6  # a line rate: 1 MB/s (8 Mb/s) to 1 PB/s
+MIN_EFFICIENCY = 1e-3  # achieved / line rate
+MAX_LATENCY_US = 1e6  # one second per ring step
+MAX_USD_PER_GPU_HOUR = 1e6
+MAX_JITTER = 10.0  # a rank's step-time spread (CV) of 1,000 %; calibrate fits at most 0.5
+MAX_RESIDUAL = math.log(1e6)  # log(observed / predicted): a model a million times off calibrates nothing
+MAX_DEADLINE_S = 3600 * 10**6  # a million hours (114 years): no schedule; keeps hours x 3600 finite
+
+
+def at_least(low: float, why: str) -> AfterValidator:
+    """A floor above zero: 0 and below still read `must be > 0`, a positive figure under the floor
+    (5e-324) says the floor and why."""
+    def check(value: float) -> float:
+        if value < low:
+            raise ValueError(f"must be >= {low:g} ({why}), got {value!r}")
+        return value
+
+    return AfterValidator(check)
+
+
 PositiveInt = Annotated[StrictInt, Field(gt=0)]
 NonNegativeInt = Annotated[StrictInt, Field(ge=0)]
 PositiveFloat = Annotated[StrictFloat, Field(gt=0)]
 NonNegativeFloat = Annotated[StrictFloat, Field(ge=0)]
 Share = Annotated[StrictFloat, Field(ge=0, le=1)]
-Efficiency = Annotated[StrictFloat, Field(gt=0, le=1)]
+Efficiency = Annotated[StrictFloat, Field(gt=0, le=1), at_least(MIN_EFFICIENCY, "0.1 % of the line rate")]
 Text = Annotated[StrictStr, Field(min_length=1)]
+Batch = Annotated[StrictInt, Field(gt=0, le=MAX_BATCH)]
+Count = Annotated[StrictInt, Field(gt=0, le=MAX_COUNT)]
+Bytes = Annotated[StrictInt, Field(ge=0, le=MAX_BYTES)]
+PositiveBytes = Annotated[StrictInt, Field(gt=0, le=MAX_BYTES)]
+Seconds = Annotated[StrictFloat, Field(gt=0, le=MAX_SECONDS), at_least(MIN_SECONDS, "a nanosecond")]
+SecondsOrZero = Annotated[StrictFloat, Field(ge=0, le=MAX_SECONDS)]
+Rate = Annotated[StrictFloat, Field(gt=0, le=MAX_RATE), at_least(MIN_RATE, "one sample per 1e6 s")]
+LineRate = Annotated[StrictFloat, Field(gt=0, le=MAX_GBPS), at_least(MIN_GBPS, "1 MB/s")]
+Latency = Annotated[StrictFloat, Field(ge=0, le=MAX_LATENCY_US)]
 
 
 _NESTED = contextvars.ContextVar("planner_document_depth", default=0)
@@ -57,6 +97,7 @@ class Model(BaseModel):
         where = where or cls.where
         if not isinstance(raw, Mapping):
             raise UserError(f"{where}: expected a mapping, got {type(raw).__name__}")
+        check_keys(raw, where)
         token = _WHERE.set(where)
         try:
             return cls.model_validate(dict(raw))
@@ -103,6 +144,8 @@ class Document(Model):
     `__init__`: pydantic calls an overriding `__init__` for every nested instance too.)"""
 
     def __init__(self, /, **data: Any) -> None:
+        if not _NESTED.get():
+            check_keys(data, _WHERE.get() or self.where)
         token = _NESTED.set(_NESTED.get() + 1)
         try:
             super().__init__(**data)
@@ -112,6 +155,22 @@ class Document(Model):
             raise UserError(describe(exc, type(self), _WHERE.get() or self.where)) from None
         finally:
             _NESTED.reset(token)
+
+
+def check_keys(raw: Mapping[Any, Any], where: str) -> None:
+    """Every key of `raw`, nested ones too, is a string: a YAML `1: 2` or `null: 3` would reach a
+    model's keyword arguments and fail there as a TypeError. (A loop, not recursion: a file may nest
+    as deep as its reader allows.)"""
+    todo: list[tuple[str, Any]] = [(where, raw)]
+    while todo:
+        path, value = todo.pop()
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise UserError(f"{path}: keys must be strings (field names), got {shown(key)}")
+                todo.append((f"{path}.{key}", item))
+        elif isinstance(value, (list, tuple)):
+            todo.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,13 +208,24 @@ def describe(exc: ValidationError, model: type[BaseModel], where: str | None = N
         return f"{path}: must be a non-empty list, got {value!r}"
     for bound, word in _BOUNDS.items():
         if bound in ctx and kind.startswith(("greater", "less")):
-            return f"{path}: must be {word} {ctx[bound]:g}, got {value!r}"
+            return f"{path}: must be {word} {_number(ctx[bound])}, got {shown(value)}"
     if kind in _EXPECTED:
-        return f"{path}: must be {_EXPECTED[kind]}, got {value!r}"
+        return f"{path}: must be {_EXPECTED[kind]}, got {shown(value)}"
     if kind == "literal_error":
-        return f"{path}: must be one of {ctx.get('expected', '')}, got {value!r}"
+        return f"{path}: must be one of {ctx.get('expected', '')}, got {shown(value)}"
     message = error["msg"].removeprefix("Value error, ")
-    return f"{path}: {message}" + ("" if "got" in message else f", got {value!r}")
+    return f"{path}: {message}" + ("" if "got" in message else f", got {shown(value)}")
+
+
+def _number(limit: float) -> str:
+    return f"{limit:,}" if isinstance(limit, int) and limit < 10**10 else f"{limit:g}"
+
+
+def shown(value: Any) -> str:
+    """`repr(value)`, but an integer of hundreds of digits by its size: the line stays one line."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 100:
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    return repr(value)
 
 
 def _path(where: str, loc: tuple[Any, ...]) -> str:
@@ -205,11 +275,6 @@ def as_list(values: Any, where: str, what: str = "a list") -> list[Any]:
     return list(values)
 
 
-# The planner computes in float64: integers beyond 2**53 (GPU counts, batches, samples) would not
-# be exact in it, and no real job comes near.
-MAX_INTEGER = 2**53
-
-
 def check_arguments(where: str, *, integers: dict[str, Any] | None = None,
                     numbers: dict[str, Any] | None = None, at_most: dict[str, float] | None = None) -> None:
     """Keyword arguments of a planner function (`predict.nodes: must be > 0, got 0`); None passes."""
@@ -223,10 +288,23 @@ def check_arguments(where: str, *, integers: dict[str, Any] | None = None,
             if value != value or value in (float("inf"), float("-inf")):
                 raise UserError(f"{where}.{name}: must be a finite number, got {value!r}")
             if not value > 0:
-                raise UserError(f"{where}.{name}: must be > 0, got {value!r}")
+                raise UserError(f"{where}.{name}: must be > 0, got {shown(value)}")
             if integer and value > MAX_INTEGER:
-                raise UserError(f"{where}.{name}: must be <= 2**53, got {value!r}")
+                raise UserError(f"{where}.{name}: must be <= 2**53, got {shown(value)}")
+    given = {**(integers or {}), **(numbers or {})}
     for name, high in (at_most or {}).items():
-        value = (numbers or {}).get(name)
+        value = given.get(name)
         if value is not None and value > high:
-            raise UserError(f"{where}.{name}: must be <= {high:g}, got {value!r}")
+            raise UserError(f"{where}.{name}: must be <= {_number(high)}, got {shown(value)}")
+
+
+def deadline_from_hours(hours: float | None, where: str) -> float | None:
+    """A deadline given in hours (a flag, a config field) as seconds; None stays None. Anything but
+    a number of hours > 0 and at most MAX_DEADLINE_S is refused naming `where` and the value as
+    given: 0 is not "no deadline" (leaving it out is), and 1e308 h is not an overflow inside plan()."""
+    if hours is None:
+        return None
+    most = MAX_DEADLINE_S / 3600
+    if isinstance(hours, bool) or not isinstance(hours, (int, float)) or not 0 < hours <= most:
+        raise UserError(f"{where}: must be a number of hours > 0 and at most {most:,.0f}, got {shown(hours)}")
+    return hours * 3600

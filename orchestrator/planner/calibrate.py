@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from orchestrator.errors import UserError
-from orchestrator.planner.base import as_list
+from orchestrator.planner.base import MAX_RESIDUAL, as_list
 from orchestrator.planner.fit import LOG_RANGE, Space, data_loss, minimize, polish, sensitive
 from orchestrator.planner.model import PerformanceModel, effective_network
 from orchestrator.planner.network import Network, expected_max_normal, exposed_s, ring_latency, ring_links, ring_volume
@@ -247,6 +247,12 @@ def _residuals(problem: Problem, start_net: Network, start: np.ndarray, free: li
         r = np.log(problem.observed / problem.predictor(start_net)(theta)[0])
         method = "in-sample" if problem.steps else "all-reduce"
     low, median, high = np.quantile(r, [0.1, 0.5, 0.9])
+    worst = max(-low, high)
+    if worst > MAX_RESIDUAL:  # data no calibration explains: say so rather than store an interval of x1e9
+        where, what, check = (("observations", "step times", "each observation's step_time_s and its profile")
+                              if problem.steps else ("samples", "all-reduce times", "the samples' bytes and seconds"))
+        raise UserError(f"calibrate.{where}: the observed {what} are {math.exp(min(worst, 700)):.3g} times off "
+                        f"the model's (beyond the x/{math.exp(MAX_RESIDUAL):g} a calibration may hold): check {check}")
     return Residuals(low=float(low), median=float(median), high=float(high), n=len(r), method=method)
 
 
@@ -272,10 +278,15 @@ def _calibrated(cluster: ClusterSpec, problem: Problem, *, allowed: Sequence[int
         why.update({PARAMETERS[i]: "the fit did not beat the figures given on these observations" for i in free})
         free = []
     figures = network_fields(_scaled(start_net, theta))
-    section = Calibration(source=source, measured_at=measured_at or now_utc(), **figures,
-                          fitted=tuple(PARAMETERS[i] for i in free), not_fitted=why, observations=total,
-                          models=tuple(models), placements=tuple(placements),
-                          residuals=_residuals(problem, start_net, start, free, theta), kept_input=kept)
+    fields = dict(source=source, measured_at=measured_at or now_utc(), **figures,
+                  fitted=tuple(PARAMETERS[i] for i in free), not_fitted=why, observations=total, models=tuple(models),
+                  placements=tuple(placements), residuals=_residuals(problem, start_net, start, free, theta),
+                  kept_input=kept)
+    try:  # read like a file's section: a figure past the bounds is one line, not a traceback
+        section = Calibration.from_dict(fields, "calibrate.calibration")
+    except UserError as exc:  # only a fit that started from a calibration near a bound gets there
+        raise UserError(f"{exc}; the fit moves a figure up to x/1000 from the calibration it starts from: "
+                        "calibrate the cluster without its calibration section") from None
     return cluster.replace(calibration=section)
 
 

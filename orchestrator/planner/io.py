@@ -63,6 +63,8 @@ def load_observations(path: str | Path) -> list[Observation]:
                     raw.append(json.loads(x))
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON (line {line or exc.lineno})") from None
+    except ValueError as exc:  # an integer past Python's 4,300 digits
+        raise UserError(f"{path}: not valid JSON ({str(exc)[:80]})") from None
     except RecursionError:
         raise UserError(f"{path}: nested too deeply to be an observations file") from None
     try:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from orchestrator.errors import UserError
-from orchestrator.planner.base import check_arguments
+from orchestrator.planner.base import MAX_COUNT, MAX_DEADLINE_S, MAX_INTEGER, check_arguments
 from orchestrator.planner.explain import assumptions, duration, explanation, plural, usd, warnings
 from orchestrator.planner.model import PerformanceModel, Rows, evaluate, placement_of, predictions
 from orchestrator.planner.results import Candidate, Placement, Plan, Prediction
@@ -48,7 +48,11 @@ def predict(profile: Profile, cluster: ClusterSpec, *, nodes: int, gpus_per_node
     """
     check_arguments("predict", integers={"nodes": nodes, "gpus_per_node": gpus_per_node, "local_batch": local_batch,
                                          "accumulation": accumulation, "total_samples": total_samples,
-                                         "reference_batch": reference_batch})
+                                         "reference_batch": reference_batch},
+                    at_most={"nodes": MAX_COUNT, "gpus_per_node": MAX_COUNT})
+    if nodes * gpus_per_node * local_batch * accumulation > MAX_INTEGER:  # the global batch, exact in float64
+        raise UserError(f"predict.local_batch: the global batch (nodes x gpus_per_node x local_batch x accumulation) "
+                        f"must be <= 2**53, got {nodes} x {gpus_per_node} x {local_batch} x {accumulation}")
     profile, cluster = Profile.coerce(profile, "predict.profile"), ClusterSpec.coerce(cluster, "predict.cluster")
     split = split_global_batch(local_batch, workers=1, max_local_batch=profile.max_local_batch)
     rows = Rows.of([(nodes, gpus_per_node, split.local_batch, accumulation * split.accumulation)])
@@ -111,7 +115,7 @@ def check_goal(goal: Goal, cluster: ClusterSpec, max_gpus: int | None) -> None:
     check_arguments("plan", integers={"global_batch": goal.global_batch, "total_samples": goal.total_samples,
                                       "max_gpus": max_gpus},
                     numbers={"min_efficiency": goal.min_efficiency, "deadline_s": goal.deadline_s,
-                             "budget": goal.budget}, at_most={"min_efficiency": 1.0})
+                             "budget": goal.budget}, at_most={"min_efficiency": 1.0, "deadline_s": MAX_DEADLINE_S})
     if (goal.deadline_s is not None or goal.budget is not None) and goal.total_samples is None:
         raise UserError("plan.total_samples: required with a deadline or budget (from epochs or max_steps)")
     if goal.budget is not None and cluster.gpu_hour_cost is None:

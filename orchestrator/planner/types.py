@@ -3,23 +3,43 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import math
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, StrictFloat, field_validator, model_validator
 
 from orchestrator.errors import UserError
 from orchestrator.planner.base import (
+    MAX_GBPS,
+    MAX_INTEGER,
+    MAX_JITTER,
+    MAX_LATENCY_US,
+    MAX_RESIDUAL,
+    MAX_USD_PER_GPU_HOUR,
+    MIN_EFFICIENCY,
+    MIN_GBPS,
+    Batch,
+    Bytes,
+    Count,
     Document,
     Efficiency,
     FieldError,
+    Latency,
+    LineRate,
     Model,
-    NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
+    PositiveBytes,
     PositiveInt,
+    Rate,
+    Seconds,
+    SecondsOrZero,
     Share,
     Text,
+    at_least,
+    shown,
 )
+from orchestrator.planner.fit import LOG_RANGE
 from orchestrator.planner.priors import normalize_link
 
 PROFILE_VERSION = 1
@@ -29,11 +49,11 @@ class ProfileSample(Model):
     """One rung of the profiler's batch-size ladder."""
 
     where = "profile_sample"
-    local_batch: PositiveInt
-    step_time_s: PositiveFloat  # median seconds per step (forward, backward, optimizer) on one worker
-    peak_memory_bytes: NonNegativeInt | None = None
-    fwd_bwd_s: PositiveFloat | None = None
-    optimizer_s: NonNegativeFloat | None = None
+    local_batch: Batch
+    step_time_s: Seconds  # median seconds per step (forward, backward, optimizer) on one worker
+    peak_memory_bytes: Bytes | None = None
+    fwd_bwd_s: Seconds | None = None
+    optimizer_s: SecondsOrZero | None = None
 
 
 class NodeSample(Model):
@@ -41,9 +61,9 @@ class NodeSample(Model):
     data pipeline, PCIe, memory bandwidth) shows as a longer step than one GPU alone."""
 
     where = "node_sample"
-    gpus_per_node: PositiveInt
-    local_batch: PositiveInt
-    step_time_s: PositiveFloat
+    gpus_per_node: Count
+    local_batch: Batch
+    step_time_s: Seconds
 
 
 # Bounds that keep a plan within seconds (every placement x every profiled batch is evaluated and
@@ -60,14 +80,16 @@ class Profile(Document):
     version: int = PROFILE_VERSION
     model: Text
     device: Text
-    param_count: PositiveInt
-    grad_bytes: NonNegativeInt  # bytes DDP all-reduces per step: trainable parameters x gradient size
+    param_count: PositiveBytes  # at least a byte each
+    grad_bytes: Bytes  # bytes DDP all-reduces per step: trainable parameters x gradient size
     samples: tuple[ProfileSample, ...] = Field(min_length=1)
-    max_local_batch: PositiveInt  # the largest local batch that fits in device memory
-    data_samples_per_s: PositiveFloat | None = None  # one worker's data pipeline, alone
-    gradient_noise_scale: PositiveFloat | None = None  # B_noise, in samples
+    max_local_batch: Batch  # the largest local batch that fits in device memory
+    data_samples_per_s: Rate | None = None  # one worker's data pipeline, alone
+    # B_noise, in samples: unbounded above (an estimate near a zero true gradient is huge, and only
+    # means a statistical efficiency of 1)
+    gradient_noise_scale: PositiveFloat | None = None
     precision: Text | None = None
-    device_memory_bytes: PositiveInt | None = None
+    device_memory_bytes: PositiveBytes | None = None
     node_samples: tuple[NodeSample, ...] = ()  # optional in version 1: older profiles lack it
     meta: dict[str, Any] = Field(default_factory=dict)  # free-form: config digest, OOM batch, ...
 
@@ -117,19 +139,28 @@ class AllReduceSample(Model):
     """One measured all-reduce (`orchestrator probe-network`) of one message at one placement."""
 
     where = "allreduce_sample"
-    bytes: PositiveInt
-    nodes: PositiveInt
-    gpus_per_node: PositiveInt
-    seconds: PositiveFloat
+    bytes: PositiveBytes
+    nodes: Count
+    gpus_per_node: Count
+    seconds: Seconds
+
+
+# A calibration's figures: a fit moves each within x/FIT_RANGE of where it started (fit.LOG_RANGE),
+# from priors of at least MIN_EFFICIENCY of a line rate, so their bounds are that much wider.
+FIT_RANGE = 1.01 * math.exp(LOG_RANGE)  # 1 % of room for rounding
+Achieved = Annotated[StrictFloat, Field(gt=0, le=MAX_GBPS * FIT_RANGE),
+                     at_least(MIN_GBPS * MIN_EFFICIENCY / FIT_RANGE, "1 MB/s at 0.1 % efficiency, fitted down x/1000")]
+FittedLatency = Annotated[StrictFloat, Field(ge=0, le=MAX_LATENCY_US * FIT_RANGE)]
+Residual = Annotated[StrictFloat, Field(ge=-MAX_RESIDUAL, le=MAX_RESIDUAL)]
 
 
 class Residuals(Model):
     """Quantiles of log(observed / predicted step time): how far the calibrated model was off."""
 
     where = "residuals"
-    low: float  # 10th percentile
-    median: float
-    high: float  # 90th percentile
+    low: Residual  # 10th percentile
+    median: Residual
+    high: Residual  # 90th percentile
     n: NonNegativeInt
     # cross-model: each model predicted by a fit without it; all-reduce: of all-reduce times, not steps
     method: Literal["in-sample", "cross-model", "all-reduce"]
@@ -141,13 +172,14 @@ class Calibration(Model):
     where = "cluster.calibration"
     source: Literal["jobs", "probe-network", "published-table", "refit"]
     measured_at: Text  # ISO 8601, UTC
-    intra_GBps: PositiveFloat  # achieved bus bandwidth per GPU inside a node
-    inter_GBps: PositiveFloat  # achieved bus bandwidth per node between nodes
-    base_latency_us: NonNegativeFloat  # per all-reduce call
-    latency_us: NonNegativeFloat  # per ring step inside a node
-    inter_latency_us: NonNegativeFloat  # per ring step between nodes
+    intra_GBps: Achieved  # achieved bus bandwidth per GPU inside a node
+    inter_GBps: Achieved  # achieved bus bandwidth per node between nodes
+    base_latency_us: FittedLatency  # per all-reduce call
+    latency_us: FittedLatency  # per ring step inside a node
+    inter_latency_us: FittedLatency  # per ring step between nodes
     overlap: Share  # share of full all-reduce speed while backward runs
-    jitter: NonNegativeFloat = 0.0  # one rank's step-time spread (CV): the wait for the slowest rank
+    # one rank's step-time spread (CV): the wait for the slowest rank
+    jitter: Annotated[StrictFloat, Field(ge=0, le=MAX_JITTER)] = 0.0
     fitted: tuple[str, ...] = ()  # the parameters these observations identified
     not_fitted: dict[str, str] = Field(default_factory=dict)  # parameter -> why it kept its prior
     observations: NonNegativeInt = 0
@@ -166,15 +198,15 @@ class ClusterSpec(Document):
     """The GPUs available and the network between them (YAML, discovered from Ray, or measured)."""
 
     where = "cluster"
-    nodes: PositiveInt
+    nodes: PositiveInt  # nodes x gpus_per_node is held to MAX_GPUS
     gpus_per_node: PositiveInt  # on a CPU-only cluster: worker slots per node
-    intra_node_GBps: PositiveFloat  # line rate per GPU, one direction (NVLink3: 600 GB/s total -> 300)
-    inter_node_GBps: PositiveFloat  # line rate per node, one direction (one 200 Gb/s NIC -> 25)
+    intra_node_GBps: LineRate  # line rate per GPU, one direction (NVLink3: 600 GB/s total -> 300)
+    inter_node_GBps: LineRate  # line rate per node, one direction (one 200 Gb/s NIC -> 25)
     gpu: Text | None = None
     intra_link: IntraLink | None = Field(None, validation_alias=AliasChoices("intra_link", "intra", "intra_node_link"))
     inter_link: InterLink | None = Field(None, validation_alias=AliasChoices("inter_link", "inter", "inter_node_link"))
-    latency_us: NonNegativeFloat | None = None  # per ring step; default: NCCL's figures per link kind
-    gpu_hour_cost: NonNegativeFloat | None = None  # USD per GPU-hour
+    latency_us: Latency | None = None  # per ring step; default: NCCL's figures per link kind
+    gpu_hour_cost: Annotated[StrictFloat, Field(ge=0, le=MAX_USD_PER_GPU_HOUR)] | None = None  # USD per GPU-hour
     link_efficiency: Efficiency | None = None  # achieved / line rate; default: the prior per link kind
     allreduce_samples: tuple[AllReduceSample, ...] = ()
     calibration: Calibration | None = None
@@ -186,6 +218,9 @@ class ClusterSpec(Document):
 
     @model_validator(mode="after")
     def _size(self) -> ClusterSpec:
+        if max(self.nodes, self.gpus_per_node) > MAX_INTEGER:  # too many digits to multiply out in a message
+            field = "nodes" if self.nodes > MAX_INTEGER else "gpus_per_node"
+            raise FieldError(field, f"the planner plans up to {MAX_GPUS:,} GPUs, got {shown(getattr(self, field))}")
         if self.gpus > MAX_GPUS:
             raise FieldError("nodes", f"{self.nodes:,} nodes x {self.gpus_per_node:,} GPUs is {self.gpus:,} GPUs; "
                                       f"the planner plans up to {MAX_GPUS:,}")
@@ -205,11 +240,11 @@ class Observation(Document):
 
     where = "observation"
     profile: Profile
-    nodes: PositiveInt
-    gpus_per_node: PositiveInt
-    local_batch: PositiveInt  # per GPU per optimizer step (split into accumulation like `predict`)
-    step_time_s: PositiveFloat  # median seconds per optimizer step after warm-up
-    accumulation: PositiveInt = 1
-    compute_step_time_s: PositiveFloat | None = None  # the same steps without gradient sync, if measured
+    nodes: Count
+    gpus_per_node: Count
+    local_batch: Batch  # per GPU per optimizer step (split into accumulation like `predict`)
+    step_time_s: Seconds  # median seconds per optimizer step after warm-up
+    accumulation: Batch = 1
+    compute_step_time_s: Seconds | None = None  # the same steps without gradient sync, if measured
     source: str | None = None
     run_id: str | None = None
