@@ -291,3 +291,20 @@ def test_names_and_paths_that_look_like_markup_are_printed_as_given(tmp_path: Pa
     planned = run_cli(["plan", "--profile", "p.json", "--cluster", str(ROOT / "configs" / "clusters" / "dgx_a100.yaml")],
                       env=env, cwd=tmp_path)
     assert planned.returncode == 0 and "[bold]x[/bold] [/]: " in planned.stdout, planned.stderr[-2000:]
+
+
+@pytest.mark.parametrize(("flags", "error"), [
+    (["--budget", "0"], "--budget: must be > 0, got 0.0"),
+    (["--min-efficiency", "2"], "--min-efficiency: must be <= 1, got 2.0"),
+    (["--global-batch", "0"], "--global-batch: must be > 0, got 0"),
+    (["--budget", "5"], "--total-samples: required with a deadline or budget"),
+    (["--deadline-hours", "0"], "--deadline-hours: must be a number of hours > 0"),
+])
+def test_plan_names_the_flag_a_bad_goal_came_from(tmp_path: Path, flags: list[str], error: str) -> None:
+    profile = {"version": 1, "model": "cnn", "device": "cpu", "param_count": 30_000, "grad_bytes": 120_000,
+               "max_local_batch": 64, "samples": [{"local_batch": 64, "step_time_s": 0.009}]}
+    (tmp_path / "p.json").write_text(json.dumps(profile))
+    proc = run_cli(["plan", "--profile", "p.json", "--cluster", str(ROOT / "configs" / "clusters" / "dgx_a100.yaml"),
+                    *flags], env=base_env(), cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {error}"), proc.stderr[-2000:]
+    assert proc.stderr.count("\n") == 1

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -53,10 +54,17 @@ def plan(
     spec, said = newest(planner.load_cluster(cluster))
     if said:
         note(escape(said))
-    chosen = planner.plan(
-        profile, spec, objective=objective, min_efficiency=min_efficiency, global_batch=held,
-        total_samples=total_samples, deadline_s=deadline_s, budget=budget,
-    )
+    flags = {"min_efficiency", "total_samples", "budget"} | ({"global_batch"} if global_batch is not None else set())
+    try:
+        chosen = planner.plan(
+            profile, spec, objective=objective, min_efficiency=min_efficiency, global_batch=held,
+            total_samples=total_samples, deadline_s=deadline_s, budget=budget,
+        )
+    except UserError as exc:  # `plan.budget: must be > 0` names the flag the value came from
+        field = re.match(r"plan\.(\w+): ", str(exc))
+        if field is None or field[1] not in flags:
+            raise
+        raise UserError(f"--{field[1].replace('_', '-')}: {str(exc)[field.end():]}") from None
     if output:
         chosen.save(output)
     if plot:
