@@ -48,7 +48,7 @@ from orchestrator.errors import UserError, given
 from orchestrator.files import read_yaml
 from orchestrator.job_entry import entrypoint, write_entry
 from orchestrator.ray_jobs import JOB_KEY, JobsClient, Write, shown
-from orchestrator.redact import redact_uri
+from orchestrator.redact import is_secret_name, redact_uri
 
 PASSED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK")
 PASSED_ENV_PREFIX = "ORCH_"
@@ -130,7 +130,7 @@ def build_submission(
         submission_id=f"{name}-resume-{suffix}" if resume else name, job_name=name,
         entrypoint=entrypoint(["run", config_path.name, "--address", "auto", *count, *sets]),
         runtime_env=runtime_env, metadata={JOB_KEY: name, "orchestrator.config": config_path.name},
-        notes=_notes(job, name, credentials_stripped=stripped),
+        notes=_notes(job, name, credentials_stripped=stripped) + _held_back(),
     )
 
 
@@ -173,6 +173,9 @@ def _stage_inputs(job: JobConfig, staging: Path) -> None:
         if not Path(os.path.abspath(path)).is_relative_to(Path.cwd()):
             raise UserError(f"{field}: {path} is outside the current directory; give an absolute path or URI "
                             "the cluster can read")
+        if ".." in Path(path).parts:  # shipped under the path as written: '..' would climb out of the upload
+            raise UserError(f"{field}: {path} climbs with '..'; write it from the current directory "
+                            f"({os.path.relpath(os.path.abspath(path))}), as the job reads it there on the cluster")
         if not os.path.lexists(path):
             if field == "data.path" and job.data.dataset is not None:
                 continue  # a built-in data set: the job prepares it on the cluster
@@ -185,8 +188,11 @@ def _stage_inputs(job: JobConfig, staging: Path) -> None:
                             "(an absolute shared path or s3://...)")
         files += found
     for source, relative in files:
-        (staging / relative).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source, staging / relative)
+        target = staging / relative
+        if not target.resolve().is_relative_to(staging.resolve()):  # never a file outside the upload
+            raise UserError(f"data.path: {relative} would be written outside the job's upload")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
 
 
 def shipped_files(field: str, path: Path, root: Path, ancestors: frozenset[Path] = frozenset()
@@ -214,10 +220,19 @@ def _inputs(job: JobConfig) -> list[tuple[str, str]]:
 
 
 def _passed_env() -> dict[str, str]:
-    env = {k: _strip(v) for k, v in os.environ.items() if k in PASSED_ENV or k.startswith(PASSED_ENV_PREFIX)}
+    """The variables a job takes along, URIs stripped of credentials; a secret-named one
+    (`ORCH_HF_TOKEN`) never: anyone who can reach the dashboard reads a job's runtime_env."""
+    env = {k: _strip(v) for k, v in os.environ.items()
+           if (k in PASSED_ENV or k.startswith(PASSED_ENV_PREFIX)) and not is_secret_name(k)}
     # Ray sends SIGTERM on `jobs stop`; the driver then writes a final checkpoint before this runs out.
     env["RAY_JOB_STOP_WAIT_TIME_S"] = str(int(constants.JOB_STOP_GRACE_S))
     return env
+
+
+def _held_back() -> tuple[str, ...]:
+    held = sorted(k for k in os.environ if k.startswith(PASSED_ENV_PREFIX) and is_secret_name(k))
+    return (f"{', '.join(held)}: not shipped, as a secret would be readable from the Ray dashboard; set it "
+            "in the cluster's own environment (a Kubernetes Secret, the head's shell)",) if held else ()
 
 
 def _notes(job: JobConfig, name: str, *, credentials_stripped: bool) -> tuple[str, ...]:

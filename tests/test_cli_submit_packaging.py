@@ -93,6 +93,32 @@ def test_relative_path_outside_the_project_is_refused(tmp_path: Path, monkeypatc
         build_submission(CONFIG, staging=tmp_path, overrides=["data.path=../elsewhere"])
 
 
+def test_a_path_that_climbs_out_and_back_in_is_refused_and_nothing_is_written_outside(
+        project: Path, staging: Path, tmp_path: Path) -> None:
+    """`../project/data` is inside the project, but it was copied to staging/../project/data:
+    outside the upload, overwriting whatever was there."""
+    data = next(p for p in ("data", "data/digits") if (project / p).is_dir())
+    victim = staging.parent / project.name / data / "kept.txt"
+    victim.parent.mkdir(parents=True, exist_ok=True)
+    victim.write_text("kept\n")
+    outside = lambda: sorted(p for p in staging.parent.rglob("*") if not p.is_relative_to(staging))  # noqa: E731
+    before = outside()
+    with pytest.raises(UserError, match=rf"^data.path: \.\./project/{data} climbs with '\.\.'; write it from the "
+                                        rf"current directory \({data}\)"):
+        build_submission("digits.yaml", staging=staging, overrides=[f"data.path=../project/{data}"])
+    assert victim.read_text() == "kept\n" and outside() == before
+
+
+def test_secret_named_variables_stay_here_and_are_said(project: Path, staging: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ORCH_HF_TOKEN", PASSWORD)
+    monkeypatch.setenv("ORCH_SIGNING_KEY", PASSWORD)
+    monkeypatch.setenv("ORCH_LOG_LEVEL", "INFO")
+    sub = build_submission("digits.yaml", staging=staging)
+    assert PASSWORD not in str(sub.runtime_env) and sub.runtime_env["env_vars"]["ORCH_LOG_LEVEL"] == "INFO"
+    assert any(n.startswith("ORCH_HF_TOKEN, ORCH_SIGNING_KEY: not shipped") for n in sub.notes), sub.notes
+
+
 def test_mistyped_builtin_data_path_is_announced_as_a_new_copy(project: Path, staging: Path) -> None:
     sub = build_submission("digits.yaml", staging=staging, overrides=["data.path=data/digts"])
     assert any(n.startswith("data.path: data/digts does not exist here, so the job prepares a new copy")
