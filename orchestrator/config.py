@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -19,6 +18,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from orchestrator.errors import UserError
 from orchestrator.files import load_yaml, read_yaml
+from orchestrator.redact import scrub, url_error
 from trainers.config import (
     CheckpointConfig,
     ColumnConfig,
@@ -33,9 +33,16 @@ __all__ = ["CheckpointConfig", "ColumnConfig", "DataConfig", "JobConfig", "Model
            "TrackingConfig", "TrainingConfig", "WorkerConfig", "WorkerRange", "load_config", "validate"]
 
 
+# The planner's own bounds (planner.types.MAX_GPUS; planner.base.MAX_DEADLINE_S in hours), restated:
+# validating a config imports no numpy. A test checks they agree.
+MAX_WORKERS = 65_536
+MAX_CPUS_PER_WORKER = 4096  # past any machine; a Kubernetes CPU request stays a plain number
+MAX_DEADLINE_HOURS = 1e6
+
+
 class WorkerRange(Section):
-    min: int = Field(gt=0)
-    max: int = Field(gt=0)
+    min: int = Field(gt=0, le=MAX_WORKERS)
+    max: int = Field(gt=0, le=MAX_WORKERS)
 
     @model_validator(mode="after")
     def _ordered(self) -> WorkerRange:
@@ -47,11 +54,11 @@ class WorkerRange(Section):
 class ResourcesConfig(Section):
     workers: Literal["auto"] | int | WorkerRange = "auto"
     use_gpu: Literal["auto"] | bool = "auto"
-    cpus_per_worker: float = Field(default=1.0, gt=0)
+    cpus_per_worker: float = Field(default=1.0, gt=0, le=MAX_CPUS_PER_WORKER)
     max_failures: int = Field(default=3, ge=-1)
     min_efficiency: float = Field(default=0.8, gt=0, le=1)
     objective: Literal["max_throughput", "min_cost", "max_goodput"] = "max_throughput"
-    deadline_hours: float | None = Field(default=None, gt=0, le=1e6)  # planner.base.MAX_DEADLINE_S in hours
+    deadline_hours: float | None = Field(default=None, gt=0, le=MAX_DEADLINE_HOURS)
     budget: float | None = Field(default=None, gt=0)
     cluster: str | None = None  # ClusterSpec YAML; None: discovered from the live Ray cluster
     profile: bool = True  # profile (cached) and log the prediction even for a fixed worker count
@@ -65,8 +72,9 @@ class ResourcesConfig(Section):
     @field_validator("workers")
     @classmethod
     def _positive_workers(cls, v: Any) -> Any:
-        if isinstance(v, int) and v <= 0:
-            raise ValueError(f"must be > 0, 'auto' or {{min, max}}, got {v}")
+        if isinstance(v, int) and not 0 < v <= MAX_WORKERS:
+            raise ValueError(f"must be > 0 and at most {MAX_WORKERS:,} (the GPUs the planner plans), 'auto' or "
+                             f"{{min, max}}, got {v if v.bit_length() < 64 else f'{v:.3e}'}")
         return v
 
 
@@ -83,7 +91,7 @@ def tracking_uri_problem(uri: str) -> str | None:
         parts.port  # noqa: B018 - raises on a port out of range or no number
         problem = None
     except ValueError as exc:
-        problem = f"not a valid URI ({exc})"
+        problem = f"not a valid URI{url_error(uri, exc)}"
     else:
         if parts.scheme.split("+")[0] not in TRACKING_SCHEMES:
             problem = (f"scheme {parts.scheme!r} is no MLflow tracking store; use http(s)://HOST:PORT, a "
@@ -91,7 +99,7 @@ def tracking_uri_problem(uri: str) -> str | None:
         elif parts.scheme in ("http", "https") and not parts.hostname:
             problem = "no host; expected http://HOST:PORT"
     # shown without the credentials it may carry, even when malformed
-    return problem and f"{problem}, got {re.sub(r'//[^/@]*@', '//', uri)!r}"
+    return problem and f"{problem}, got {scrub(uri)!r}"
 
 
 def check_tracking_uri(uri: str | None, where: str) -> str | None:
@@ -277,7 +285,9 @@ def _pick_error(errors: list[dict[str, Any]]) -> dict[str, Any]:
     # A bad value in a union field yields one error per branch; the branch the user meant is
     # the one whose message is most specific (a value error or bound beats a type mismatch).
     rank = {"value_error": 0, "extra_forbidden": 0, "missing": 1}
-    return min(errors, key=lambda e: rank.get(e["type"], 2 if "type" not in e["type"] else 3))
+    bound = ("greater", "less")  # {min: 0, max: 1}: the range's bound, not "must be 'auto' or an integer"
+    return min(errors, key=lambda e: 0 if e["type"].startswith(bound) else
+               rank.get(e["type"], 2 if "type" not in e["type"] else 3))
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

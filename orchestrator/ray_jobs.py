@@ -13,7 +13,6 @@ import asyncio
 import ipaddress
 import logging
 import os
-import re
 import socket
 import sys
 import time
@@ -26,6 +25,7 @@ from urllib.parse import urlsplit
 
 from orchestrator import constants
 from orchestrator.errors import UserError
+from orchestrator.redact import scrub, url_error
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # `submit --follow` and `jobs logs --follow` exit with the job's outcome (2 stays "bad input").
@@ -50,7 +50,7 @@ def resolve_address(address: str | None) -> str:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises on a port out of range or no number
     except ValueError as exc:
-        raise UserError(f"--address {shown(address)}: not a valid URL ({exc})") from None
+        raise UserError(f"--address {shown(address)}: not a valid URL{url_error(address, exc)}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UserError(f"--address {shown(address)}: expected the Ray dashboard's http://HOST:PORT (usually port 8265)")
     return url.rstrip("/")
@@ -58,7 +58,8 @@ def resolve_address(address: str | None) -> str:
 
 def shown(address: str) -> str:
     """An address as messages print it: without a user:password it may carry."""
-    return re.sub(r"^([a-z][a-z0-9+.-]*://)?[^/@]*@", r"\1", address, flags=re.I)  # parses no URL: may be malformed
+    # a regex, not urllib: the address may be malformed (a password holding '/' splits no URL)
+    return scrub(address) if "://" in address else scrub(f"http://{address}").removeprefix("http://")
 
 
 def check_job_id(job_id: str) -> str:

@@ -9,18 +9,46 @@ credentials travel, where they must, as those variables.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 # Key names (config fields, query parameters, environment variables) whose values are secrets.
-SECRET_HINTS = ("password", "passwd", "secret", "token", "access_key", "credential", "api_key", "apikey")
+SECRET_HINTS = ("password", "passwd", "pass", "pwd", "secret", "token", "credential", "private", "apikey", "auth")
 REDACTED = "***"
 
 
 def is_secret_name(name: str) -> bool:
+    """`db_password`, `HF_TOKEN`, `private_key`, `AWS_KEY`, `api-key`: a hint anywhere, or a last
+    word `key` (so `run_key` or `sort_key` are kept: `key` alone names no secret often enough)."""
     lowered = name.lower()
-    return any(hint in lowered for hint in SECRET_HINTS)
+    return any(hint in lowered for hint in SECRET_HINTS) or bool(re.search(r"(^|[^a-z])(api|access|secret|"
+                                                                           r"signing|private|aws|ssh)?[_-]?key$",
+                                                                           lowered) and not _PLAIN_KEY.search(lowered))
+
+
+# Keys named `..._key` that hold no secret: the run-identity and metric keys this program writes.
+_PLAIN_KEY = re.compile(r"(run|floor|sort|metric|cache|partition|group)[_-]?key$")
+
+# `scheme://anything@` up to the last '@' before a space or quote: the userinfo of every URI in a
+# text, even one urllib cannot parse (a password holding '/', '#', '?' or '@').
+_USERINFO = re.compile(r"([a-z][a-z0-9+.-]*://)[^\s'\"@]*(?:@[^\s'\"@/]*)*@", re.I)
+# a value does not end in the punctuation of the sentence around it ("...?token=abc: cannot reach")
+_SECRET_QUERY = re.compile(r"([?&;])([^=&\s'\"#]+)=((?:[^&\s'\"#]*[^&\s'\"#:,.;)])?)")
+
+
+def url_error(uri: str, exc: ValueError) -> str:
+    """urllib's reason a URI does not split, as " (reason)"; none where it quotes a part of a URI
+    with userinfo ("Port could not be cast to integer value as 's3cr3t'": a password's start)."""
+    return "" if "@" in uri and "'" in str(exc) else f" ({exc})"
+
+
+def scrub(text: str) -> str:
+    """`text` (a message, an error, a description) with every URI's userinfo removed and the values
+    of secret-named query parameters masked: the last guard before anything is printed or logged."""
+    text = _USERINFO.sub(r"\1", text)
+    return _SECRET_QUERY.sub(lambda m: f"{m[1]}{m[2]}={REDACTED}" if is_secret_name(m[2]) else m[0], text)
 
 
 def userinfo(uri: str) -> tuple[str, str | None] | None:
@@ -64,5 +92,9 @@ def redact(value: Any, key: str = "") -> Any:
     if isinstance(value, list):
         return [redact(v) for v in value]
     if isinstance(value, str) and "://" in value:
-        return redact_uri(value)
+        try:
+            value = redact_uri(value)
+        except ValueError:  # not a URI urllib can split ("http://[::1"): scrub finds what it can
+            pass
+        return scrub(value)  # and URIs inside a longer text ("mirror of s3://key:secret@bucket")
     return value

@@ -308,3 +308,17 @@ def test_plan_names_the_flag_a_bad_goal_came_from(tmp_path: Path, flags: list[st
                     *flags], env=base_env(), cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith(f"error: {error}"), proc.stderr[-2000:]
     assert proc.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("args", [
+    ["validate", "{long}.yaml"],
+    ["validate", str(ROOT / "configs" / "digits.yaml"), "--set", "data.path={long}"],
+    ["tracking", "replay", "{long}.jsonl", "--tracking-uri", "http://127.0.0.1:9"],
+    ["data", "prepare", "digits", "--out", "{long}"],
+])
+def test_a_file_name_past_255_bytes_is_one_line_exit_2(tmp_path: Path, args: list[str]) -> None:
+    """Path.exists() raises ENAMETOOLONG rather than answer False: it was a traceback (exit 1)."""
+    long = "a" * 300
+    proc = run_cli([a.format(long=long) for a in args], env=base_env(), cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: aaaa") and "(30" in proc.stderr and "File name too long" in proc.stderr

@@ -52,6 +52,10 @@ def write(tmp_path: Path, overrides: list[str], *, drop: str | None = None) -> P
         (["checkpoint.keep_last=0"], "checkpoint.keep_last: must be > 0, got 0"),
         (["data.val_fraction=1.5"], "data.val_fraction: must be < 1"),
         (["data.path=[data/digits, data/digits]"], "data.path: lists data/digits more than once"),
+        (["resources.workers=" + "1" * 43], "resources.workers: must be > 0 and at most 65,536 (the GPUs the planner"),
+        (["resources.workers={min: 0, max: 1}"], "resources.workers.min: must be > 0, got 0"),
+        (["resources.workers={min: 1, max: 100000}"], "resources.workers.max: must be <= 65536, got 100000"),
+        (["resources.cpus_per_worker=1.0e308"], "resources.cpus_per_worker: must be <= 4096"),
         (["data.path=[d/p, ./d/p/, s3://b/x, s3://b/x/]"], "data.path: lists d/p and ./d/p/ (one place): its rows would be read twice"),
         (["data.path=[d/p/f.parquet, d/p]"], "data.path: lists d/p/f.parquet inside d/p, also listed"),
         (["data.path=''"], "data.path: every path must name a file or folder, got ''"),
@@ -169,3 +173,11 @@ def test_the_mlflow_name_limits_are_mlflows() -> None:
 
     assert MAX_EXPERIMENT_NAME == MAX_EXPERIMENT_NAME_LENGTH
     assert MAX_MODEL_NAME == SqlRegisteredModel.__table__.c.name.type.length
+
+
+def test_the_configs_bounds_are_the_planners() -> None:
+    from orchestrator import config
+    from orchestrator.planner.base import MAX_DEADLINE_S
+    from orchestrator.planner.types import MAX_GPUS
+
+    assert (config.MAX_WORKERS, config.MAX_DEADLINE_HOURS) == (MAX_GPUS, MAX_DEADLINE_S / 3600)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.redact import REDACTED, redact, redact_uri, tracking_credentials, userinfo
+from orchestrator.redact import REDACTED, is_secret_name, redact, redact_uri, scrub, tracking_credentials, userinfo
 
 
 @pytest.mark.parametrize("uri, expected", [
@@ -34,3 +34,48 @@ def test_redact_walks_a_config() -> None:
                               "data": {"path": ["s3://bucket/p", "local"]},
                               "extra": {"api_token": REDACTED, "empty_password": ""}}
     assert "b@" not in str(redact(config))
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("got 'http://user:s3cr3t/Pa55@host:5000'", "got 'http://host:5000'"),  # a password urllib cannot split
+    ("http://user:hunter2#x@host:5000", "http://host:5000"),
+    ("http://user:p@ss@host:99999/x", "http://host:99999/x"),
+    ("see http://bob:BOBPW@db:5432/x and s3://AKIA:S3SECRET@bucket/x", "see http://db:5432/x and s3://bucket/x"),
+    ("--address http://127.0.0.1:9/?token=SECRETQ: cannot reach", "--address http://127.0.0.1:9/?token=***: cannot reach"),
+    ("http://h/x?a=1&api_key=zz&b=2", "http://h/x?a=1&api_key=***&b=2"),
+    ("sqlite:////tmp/a.db and mail a@b", "sqlite:////tmp/a.db and mail a@b"),
+])
+def test_scrub_finds_credentials_anywhere_in_a_text(text: str, expected: str) -> None:
+    assert scrub(text) == expected
+
+
+@pytest.mark.parametrize(("name", "secret"), [
+    ("private_key", True), ("AWS_KEY", True), ("signing-key", True), ("pwd", True), ("pg_pass", True),
+    ("hf_token", True), ("MLFLOW_TRACKING_PASSWORD", True), ("key", True),
+    ("run_key", False), ("floor_key", False), ("monkey", False), ("tracking_uri", False), ("hidden", False),
+])
+def test_secret_names_include_keys_but_not_this_programs_own_keys(name: str, secret: bool) -> None:
+    assert is_secret_name(name) is secret
+
+
+def test_what_the_command_line_prints_and_logs_holds_no_credential(tmp_path) -> None:
+    """The sinks: an error line, validate's ok line, a tracking URI problem, an address, the params
+    and description a run logs (a URI inside a longer text, a secret-named model kwarg)."""
+    from live_servers import ROOT, base_env, run_cli
+
+    from orchestrator.tracking.ops import dataset_op, describe, params_op, tags_op
+
+    digits = str(ROOT / "configs" / "digits.yaml")
+    for args, env in (
+        (["validate", digits, "--set", "data.path=s3://AKIA:S3CRETKEY@bucket/digits"], {}),
+        (["validate", digits, "--set", "tracking.tracking_uri=http://u:S3CRETKEY/x@host:5000"], {}),
+        (["validate", digits], {"MLFLOW_TRACKING_URI": "http://bob:S3CRETKEY/Qz@127.0.0.1:9"}),
+        (["jobs", "list", "--address", "http://bob:S3CRETKEY/x@127.0.0.1:9"], {}),
+        (["jobs", "list", "--address", "127.0.0.1:9?password=S3CRETKEY"], {}),
+    ):
+        proc = run_cli(args, env=base_env(**env), cwd=tmp_path)
+        assert "S3CRETKEY" not in proc.stdout + proc.stderr and proc.stdout + proc.stderr, args
+    params = params_op("h", {"model.kwargs.private_key": "S3CRETKEY", "data.note": "see s3://a:S3CRETKEY@b/x"})
+    tags = tags_op("h", {"mlflow.note.content": "data on `s3://AKIA:S3CRETKEY@bucket/digits`"})
+    data = dataset_op("h", name="d", uri="s3://AKIA:S3CRETKEY@bucket/d", rows=1, schema={}, new_run_only=True)
+    assert "S3CRETKEY" not in str([params, tags, data, describe(ValueError("GET http://x/?token=S3CRETKEY failed"))])

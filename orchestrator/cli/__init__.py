@@ -5,6 +5,7 @@ probe-network, calibrate), `remote` (k8s, submit, jobs, tracking); `app` holds t
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -42,6 +43,13 @@ def main() -> None:
     except UserError as exc:
         note(f"[red]error:[/red] {escape(str(exc))}")
         code = exc.exit_code
+    except OSError as exc:  # a path no check caught: a name past 255 bytes, a link loop, no permission
+        if exc.errno not in _PATH_ERRORS or exc.filename is None:
+            raise
+        name = str(exc.filename)
+        shown = name if len(name) <= 120 else f"{name[:60]}... ({len(name):,} characters)"
+        note(f"[red]error:[/red] {escape(f'{shown}: {exc.strerror}')}")
+        code = 2
     except ClickUsageError as exc:  # no or unknown command, unknown option, missing argument, bad value
         _usage_error(exc.ctx, exc.format_message())
         code = exc.exit_code
@@ -52,6 +60,9 @@ def main() -> None:
         console.print("aborted")
         code = 130
     sys.exit(code if isinstance(code, int) else 0)
+
+
+_PATH_ERRORS = {errno.ENAMETOOLONG, errno.ELOOP, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EROFS}
 
 
 def _usage_error(ctx: Any, message: str) -> None:

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from orchestrator.errors import given
+from orchestrator.redact import scrub
 
 app = typer.Typer(add_completion=False, help="Plan, train and track data-parallel jobs on Ray.")
 data_app = typer.Typer(help="Prepare data sets as Parquet.")
@@ -26,8 +27,8 @@ SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a f
 
 
 def note(text: str) -> None:
-    """One line on stderr, never wrapped (rich markup allowed)."""
-    console.print(text, highlight=False, soft_wrap=True)
+    """One line on stderr, never wrapped (rich markup allowed), any URI's credentials scrubbed."""
+    console.print(scrub(text), highlight=False, soft_wrap=True)
 
 
 def tracking_uri_flag(flag: str | None) -> str | None:

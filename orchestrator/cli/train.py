@@ -14,6 +14,7 @@ from rich.markup import escape
 
 from orchestrator.cli.app import SetOption, app, console, data_app, note, out
 from orchestrator.errors import UserError, given
+from orchestrator.redact import scrub
 
 
 @app.command()
@@ -32,7 +33,7 @@ def validate(config: Path, set_: SetOption = None) -> None:
         data = f"not there yet, a new copy of the built-in {job.data.dataset!r} data set is prepared there on first run"
     else:
         data = f"{check_fit(job.model, job.data)} rows"
-    out.print(f"{config}: ok ({job.name}: model {job.model.name}, data {', '.join(job.data.paths)}: {data})")
+    out.print(scrub(f"{config}: ok ({job.name}: model {job.model.name}, data {', '.join(job.data.paths)}: {data})"))
     renamed = any(o.partition("=")[0].strip() == "name" for o in set_ or [])
     if renamed and job.tracking.registered_model:
         note(f"note: the model is still registered as {escape(repr(job.tracking.registered_model))} "

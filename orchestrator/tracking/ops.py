@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from orchestrator.redact import redact, redact_uri
+from orchestrator.redact import redact, redact_uri, scrub
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,7 @@ def server_name(tracking_uri: str) -> str:
 def describe(exc: BaseException) -> str:
     """An exception in one short line for a warning, without credentials of any URL in it."""
     lines = str(exc).strip().splitlines()
-    text = re.sub(r"(\w+://)[^/@\s]+@", r"\1", lines[0]) if lines else ""
-    return f"{type(exc).__name__}: {text[:200]}"
+    return f"{type(exc).__name__}: {scrub(lines[0])[:200] if lines else ''}"
 
 
 def _op(kind: str, handle: str, **fields: Any) -> Op:
@@ -141,7 +140,7 @@ def file_op(handle: str, staged: str, artifact_path: str | None, *, new_run_only
 
 def dataset_op(handle: str, *, name: str, uri: str, rows: int, schema: Mapping[str, str],
                new_run_only: bool) -> Op:
-    return _op("dataset", handle, name=name, uri=uri, rows=int(rows), schema={str(k): str(v) for k, v in schema.items()},
+    return _op("dataset", handle, name=name, uri=scrub(uri), rows=int(rows), schema={str(k): str(v) for k, v in schema.items()},
                new_run_only=new_run_only)
 
 
