@@ -14,22 +14,24 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
-# Key names (config fields, query parameters, environment variables) whose values are secrets.
-SECRET_HINTS = ("password", "passwd", "pass", "pwd", "secret", "token", "credential", "private", "apikey", "auth")
+# Key names (config fields, query parameters, environment variables) whose values are secrets,
+# by word: any word of SECRET_WORDS (`db_password`, `AWS_SECRET_ACCESS_KEY`), or a last word of
+# SECRET_LAST (`hf_token`, `private_key`, `pg_pass`, `sig`). Words, not substrings: `max_tokens`,
+# `num_passes` or `author` are model kwargs and config fields, not secrets.
+SECRET_WORDS = {"password", "passwd", "passphrase", "secret", "credential", "credentials", "private", "apikey"}
+SECRET_LAST = {"token", "pass", "pwd", "key", "auth", "authorization", "sig", "signature"}
+# Keys this program writes whose last word is `key` and that hold no secret.
+PLAIN_KEYS = {"run_key", "floor_key", "sort_key", "metric_key", "cache_key", "partition_key"}
 REDACTED = "***"
 
 
 def is_secret_name(name: str) -> bool:
-    """`db_password`, `HF_TOKEN`, `private_key`, `AWS_KEY`, `api-key`: a hint anywhere, or a last
-    word `key` (so `run_key` or `sort_key` are kept: `key` alone names no secret often enough)."""
-    lowered = name.lower()
-    return any(hint in lowered for hint in SECRET_HINTS) or bool(re.search(r"(^|[^a-z])(api|access|secret|"
-                                                                           r"signing|private|aws|ssh)?[_-]?key$",
-                                                                           lowered) and not _PLAIN_KEY.search(lowered))
+    words = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower()  # apiKey -> api_key
+    parts = [w for w in re.split(r"[^a-z0-9]+", words) if w]
+    if not parts or "_".join(parts) in PLAIN_KEYS:
+        return False
+    return bool(SECRET_WORDS.intersection(parts)) or parts[-1] in SECRET_LAST
 
-
-# Keys named `..._key` that hold no secret: the run-identity and metric keys this program writes.
-_PLAIN_KEY = re.compile(r"(run|floor|sort|metric|cache|partition|group)[_-]?key$")
 
 # `scheme://anything@` up to the last '@' before a space or quote: the userinfo of every URI in a
 # text, even one urllib cannot parse (a password holding '/', '#', '?' or '@').
@@ -80,6 +82,17 @@ def tracking_credentials(uri: str) -> dict[str, str]:
         return {}
     user, password = found
     return {"MLFLOW_TRACKING_USERNAME": user, **({"MLFLOW_TRACKING_PASSWORD": password} if password else {})}
+
+
+def secret_fields(value: Any, path: str = "") -> list[str]:
+    """The dotted paths of secret-named keys holding a value, in a config mapping."""
+    if not isinstance(value, Mapping):
+        return []
+    found = []
+    for k, v in value.items():
+        where = f"{path}.{k}" if path else str(k)
+        found += [where] if is_secret_name(str(k)) and v not in (None, "") else secret_fields(v, where)
+    return found
 
 
 def redact(value: Any, key: str = "") -> Any:

@@ -85,6 +85,8 @@ def test_command_errors_name_the_field_or_file(tmp_path: Path) -> None:
         (dict(plan_path=None, output=str(tmp_path / "bad.json" / "dir.yaml")), [], "cannot write ("),
         (dict(plan_path=None, owner=None), [], "--owner: required for a RayJob"),
         (dict(plan_path=None, owner="../bob"), [], "--owner: '../bob' is not a user name"),
+        (dict(plan_path=None), ["model.kwargs.private_key=PRIV"], "model.kwargs.private_key: a secret would be written "
+                                                                   "into the job's ConfigMap"),
     ]
     for kwargs, overrides, message in cases:
         kwargs = {"image": None, "output": None, "cluster": False, "owner": OWNER, **kwargs}
@@ -95,6 +97,14 @@ def test_command_errors_name_the_field_or_file(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="resources.use_gpu: false, but the plan"):
         k8s_render_command(DIGITS, plan_path=str(plan_path), image=None, output=None, cluster=False,
                            overrides=["resources.use_gpu=false"], owner=OWNER)
+
+
+def test_config_words_that_only_look_secret_render_as_given(tmp_path: Path) -> None:
+    """`max_tokens` holds the word "tokens", not a token: it reaches the job as given, not as '***'."""
+    out = tmp_path / "job.yaml"
+    k8s_render_command(DIGITS, plan_path=None, image=None, output=str(out), cluster=False, owner=OWNER,
+                       overrides=["model.kwargs.max_tokens=64", "data.dataset_kwargs.num_passes=2"])
+    assert "max_tokens: 64" in out.read_text() and "num_passes: 2" in out.read_text()
 
 
 def test_command_writes_the_file(tmp_path: Path) -> None:

@@ -53,6 +53,8 @@ def test_scrub_finds_credentials_anywhere_in_a_text(text: str, expected: str) ->
     ("private_key", True), ("AWS_KEY", True), ("signing-key", True), ("pwd", True), ("pg_pass", True),
     ("hf_token", True), ("MLFLOW_TRACKING_PASSWORD", True), ("key", True),
     ("run_key", False), ("floor_key", False), ("monkey", False), ("tracking_uri", False), ("hidden", False),
+    ("max_tokens", False), ("num_passes", False), ("author", False), ("ACCESS_KEY_ID", False), ("apiKey", True),
+    ("X-Amz-Signature", True), ("sig", True),
 ])
 def test_secret_names_include_keys_but_not_this_programs_own_keys(name: str, secret: bool) -> None:
     assert is_secret_name(name) is secret

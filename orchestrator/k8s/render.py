@@ -36,7 +36,7 @@ from orchestrator.k8s.names import (
     resource_name,
 )
 from orchestrator.k8s.sizing import WorkerGroup, deadline_seconds, worker_group
-from orchestrator.redact import redact, redact_uri
+from orchestrator.redact import redact, redact_uri, secret_fields
 
 HEAD_CPUS, HEAD_MEMORY_GI, HEAD_SHM_GI = 2, 8, 2
 AUTOSCALER_IDLE_S = 300
@@ -52,6 +52,10 @@ def cluster_job_config(config: JobConfig, *, mlflow_uri: str) -> dict[str, Any]:
     """The config with paths on the job's own storage, the in-cluster MLflow and Ray, and no
     credentials (MLflow's come from the job's Secret, not from the config)."""
     data = config.to_dict()
+    if found := secret_fields(data):  # masked, the job would run with '***' in its place
+        raise UserError(f"{found[0]}: a secret would be written into the job's ConfigMap, readable by anyone who "
+                        "can read the namespace; the cluster's jobs take only MLflow's credentials, from their "
+                        "Secret (docs/kubernetes.md)")
     data["checkpoint"]["storage_path"] = _in_pod(config.checkpoint.storage_path, "checkpoint.storage_path",
                                                  roots=(SHARED_MOUNT,))
     paths = [_in_pod(p, "data.path", roots=(SHARED_MOUNT, DATASETS_MOUNT)) for p in config.data.paths]
