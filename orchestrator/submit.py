@@ -48,7 +48,7 @@ from orchestrator.errors import UserError, given
 from orchestrator.files import read_yaml
 from orchestrator.job_entry import entrypoint, write_entry
 from orchestrator.ray_jobs import JOB_KEY, JobsClient, Write, shown
-from orchestrator.redact import is_secret_name, redact_uri
+from orchestrator.redact import is_secret_name, redact_uri, secret_fields
 
 PASSED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK")
 PASSED_ENV_PREFIX = "ORCH_"
@@ -104,6 +104,9 @@ def build_submission(
         if resume and str(exc).startswith("name: "):
             raise UserError(f"--resume: {str(exc).removeprefix('name: ')}") from None
         raise
+    if found := secret_fields(job.to_dict()):  # the entrypoint, config and runtime_env are the dashboard's to read
+        raise UserError(f"{found[0]}: a secret would be shipped where anyone who can reach the Ray dashboard reads "
+                        "it; give the job its secrets in the cluster's own environment")
     if requirements is not None and not requirements.is_file():
         why = "is not a file" if requirements.exists() else "not found"
         raise UserError(f"--pip: {requirements} {why} (a requirements.txt)")

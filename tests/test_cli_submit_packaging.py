@@ -119,6 +119,12 @@ def test_secret_named_variables_stay_here_and_are_said(project: Path, staging: P
     assert any(n.startswith("ORCH_HF_TOKEN, ORCH_SIGNING_KEY: not shipped") for n in sub.notes), sub.notes
 
 
+def test_a_secret_named_config_value_is_refused_not_shipped(project: Path, staging: Path) -> None:
+    with pytest.raises(UserError, match=r"^data\.dataset_kwargs\.private_key: a secret would be shipped"):
+        build_submission("digits.yaml", staging=staging, overrides=[f"data.dataset_kwargs.private_key={PASSWORD}"])
+    assert not any(staging.iterdir())  # refused before anything is staged
+
+
 def test_mistyped_builtin_data_path_is_announced_as_a_new_copy(project: Path, staging: Path) -> None:
     sub = build_submission("digits.yaml", staging=staging, overrides=["data.path=data/digts"])
     assert any(n.startswith("data.path: data/digts does not exist here, so the job prepares a new copy")
