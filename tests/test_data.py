@@ -238,3 +238,23 @@ def test_preparing_into_a_place_that_is_no_folder_is_one_line(tmp_path: Path) ->
         with pytest.raises(UserError, match=r"^data\.path: cannot write /proc/orchestrator-test/digits \(.+\)$"):
             prepare("digits", "/proc/orchestrator-test/digits")
     assert text.read_text() == "hello\n"  # nothing written over it
+
+
+def test_validate_checks_the_options_a_built_in_set_would_be_prepared_with(tmp_path: Path) -> None:
+    """`validate` said ok to `dataset_kwargs.bogus` while the data was not there yet; the first run
+    then failed preparing it."""
+    import subprocess
+    import sys
+
+    from trainers.data.datasets import check_dataset_kwargs
+
+    check_dataset_kwargs("digits", {"seed": 3})
+    with pytest.raises(UserError, match=r"^data\.dataset_kwargs: digits\(\) got an unexpected keyword argument 'bogus'"):
+        check_dataset_kwargs("digits", {"bogus": 1})
+    with pytest.raises(UserError, match=r"^data\.dataset_kwargs\.seed: must be int, got 'x'"):
+        check_dataset_kwargs("digits", {"seed": "x"})
+    config = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "validate", str(config), "--set",
+                           f"data.path={tmp_path / 'new'}", "--set", "data.dataset_kwargs.bogus=1"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: data.dataset_kwargs: digits() got an unexpected")

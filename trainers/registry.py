@@ -57,6 +57,13 @@ def call_with_kwargs(
     A keyword ``fn`` does not take, or a value of the wrong plain type, is reported as a
     UserError naming the field, instead of a TypeError from deep inside the call.
     """
+    bound = bind_kwargs(fn, kwargs, field=field, args=args)
+    return fn(*bound.args, **bound.kwargs)
+
+
+def bind_kwargs(fn: Callable[..., Any], kwargs: Mapping[str, Any], *, field: str,
+                args: tuple[Any, ...] = ()) -> inspect.BoundArguments:
+    """The call `fn(*args, **kwargs)` would make, checked as `call_with_kwargs` says, without making it."""
     signature = inspect.signature(fn, eval_str=True)
     try:
         bound = signature.bind(*args, **kwargs)
@@ -65,7 +72,7 @@ def call_with_kwargs(
         raise UserError(f"{field}: {fn.__name__}() {exc}; accepted: {accepted}") from None
     for key, value in kwargs.items():
         _check_type(f"{field}.{key}", signature.parameters[key].annotation, value)
-    return fn(*bound.args, **bound.kwargs)
+    return bound
 
 
 def _check_type(where: str, annotation: Any, value: Any) -> None:

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from trainers.errors import UserError
-from trainers.registry import Registry, call_with_kwargs
+from trainers.registry import Registry, bind_kwargs, call_with_kwargs
 
 DATASETS: Registry[Callable[..., Path]] = Registry(kind="data set", field="data.dataset")
 
@@ -50,6 +50,11 @@ def prepare_dataset(name: str, out_dir: str | Path, /, **kwargs: Any) -> Path:
         return call_with_kwargs(prepare, kwargs, field="data.dataset_kwargs", args=(out_dir,))
     except OSError as exc:  # a read-only or missing place, a full disk
         raise UserError(f"data.path: cannot write {out_dir} ({exc.strerror or exc})") from None
+
+
+def check_dataset_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+    """The options `prepare_dataset(name, ..., **kwargs)` would be given are ones it takes (validate)."""
+    bind_kwargs(DATASETS.get(name), kwargs, field="data.dataset_kwargs", args=(Path(),))
 
 
 def ensure_prepared(name: str, path: str | Path, /, **kwargs: Any) -> Path:
