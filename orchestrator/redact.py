@@ -33,11 +33,37 @@ def is_secret_name(name: str) -> bool:
     return bool(SECRET_WORDS.intersection(parts)) or parts[-1] in SECRET_LAST
 
 
-# `scheme://anything@` up to the last '@' before a space or quote: the userinfo of every URI in a
-# text, even one urllib cannot parse (a password holding '/', '#', '?' or '@').
-_USERINFO = re.compile(r"([a-z][a-z0-9+.-]*://)[^\s'\"@]*(?:@[^\s'\"@/]*)*@", re.I)
-# a value does not end in the punctuation of the sentence around it ("...?token=abc: cannot reach")
-_SECRET_QUERY = re.compile(r"([?&;])([^=&\s'\"#]+)=((?:[^&\s'\"#]*[^&\s'\"#:,.;)])?)")
+# Every URI in a text starts at a scheme; its authority runs to the first '/', '?', '#', quote or
+# space. Userinfo is what the authority holds before its last '@' (RFC 3986); a password holding an
+# unescaped '/', '?', '#' or quote cuts the authority short at `user:pass`, so an authority of that
+# shape (a ':' not followed by a port number) with an '@' close after it is userinfo too. Paths
+# holding '@' (`file:///data/run@2`, `s3://bucket/v1@2024`, `docker://img@sha256:...`) are kept.
+_SCHEME = re.compile(r"[a-z][a-z0-9+.-]{0,30}://", re.I)
+_AUTHORITY = re.compile(r"[^/?#'\"\s]*")
+_WORD_END = re.compile(r"\s")
+USERINFO_REACH = 1024  # how far past a cut-short `user:pass` its '@' is looked for
+# a value runs to '&', '#' or a space, and does not end in the punctuation or quote around it
+_SECRET_QUERY = re.compile(r"([?&;])([^=&\s'\"#]+)=((?:[^&\s#]*[^&\s#:,.;)'\"])?)")
+
+
+def _without_userinfo(text: str) -> str:
+    kept, at = [], 0
+    for scheme in _SCHEME.finditer(text):
+        start = scheme.end()
+        if start < at:
+            continue  # inside userinfo already cut
+        end = _AUTHORITY.match(text, start).end()
+        authority, cut = text[start:end], -1
+        if "@" in authority:
+            cut = start + authority.rindex("@") + 1
+        elif ":" in authority and not authority.startswith("[") and not authority.partition(":")[2].isdigit():
+            space = _WORD_END.search(text, end, end + USERINFO_REACH)
+            found = text.find("@", end, space.start() if space else end + USERINFO_REACH)
+            cut = found + 1 if found >= 0 else -1
+        if cut > 0:
+            kept.append(text[at:start])
+            at = cut
+    return "".join(kept) + text[at:]
 
 
 def url_error(uri: str, exc: ValueError) -> str:
@@ -49,7 +75,7 @@ def url_error(uri: str, exc: ValueError) -> str:
 def scrub(text: str) -> str:
     """`text` (a message, an error, a description) with every URI's userinfo removed and the values
     of secret-named query parameters masked: the last guard before anything is printed or logged."""
-    text = _USERINFO.sub(r"\1", text)
+    text = _without_userinfo(text)
     return _SECRET_QUERY.sub(lambda m: f"{m[1]}{m[2]}={REDACTED}" if is_secret_name(m[2]) else m[0], text)
 
 
