@@ -19,6 +19,8 @@ import json
 import logging
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,7 +28,7 @@ from typing import Any
 
 from orchestrator.errors import UserError
 from orchestrator.files import cannot_write, user_cache_dir
-from orchestrator.redact import redact_uri, tracking_credentials
+from orchestrator.redact import redact_uri, scrub, tracking_credentials
 from orchestrator.planner import (
     OBSERVATIONS_ARTIFACT,
     ClusterSpec,
@@ -136,6 +138,7 @@ def history(experiment: str, tracking_uri: str | None, cluster: ClusterSpec | No
 
     from orchestrator.tracking import bounded_requests, client as mlflow_client
 
+    _existing_store(tracking_uri)
     # Credentials in the URI travel as MLflow's variables, never in a message.
     client = mlflow_client(redact_uri(tracking_uri) if tracking_uri else None)
     try:
@@ -147,14 +150,50 @@ def history(experiment: str, tracking_uri: str | None, cluster: ClusterSpec | No
                         f"({reason})") from None
 
 
+def _existing_store(tracking_uri: str | None) -> None:
+    """Reading history creates nothing: a sqlite URI must name an MLflow database that exists (MLflow
+    would create a missing one, add its tables to any other sqlite file, and retry a folder for
+    minutes)."""
+    if not tracking_uri or not tracking_uri.startswith("sqlite:///"):
+        return
+    path = Path(tracking_uri.removeprefix("sqlite:///").split("?", 1)[0])
+    if not path.is_file():
+        raise UserError(f"--tracking-uri {tracking_uri}: no MLflow database at {path}"
+                        + (" (a folder)" if path.is_dir() else ""))
+    import sqlite3
+
+    try:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.Error as exc:
+        raise UserError(f"--tracking-uri {tracking_uri}: {path} is no sqlite database ({exc})") from None
+    if not {"experiments", "runs", "alembic_version"} <= tables:
+        raise UserError(f"--tracking-uri {tracking_uri}: {path} is no MLflow database (it has no runs table)")
+
+
+def _runs(client: Any, experiment_id: str) -> Iterator[Any]:
+    """Every run of the experiment, newest first, page by page (one search returns 1,000 at most)."""
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=1000,
+                                  page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
 def _history(client: Any, experiment: str, cluster: ClusterSpec | None) -> History:
+    from mlflow.exceptions import MlflowException
+    from requests.exceptions import RequestException
+
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise UserError(f"--experiment: no MLflow experiment named {experiment!r} at {client.tracking_uri}")
     logged = []  # (observations, cluster or None), newest run first
     left_out: Counter[str] = Counter()
     with tempfile.TemporaryDirectory() as tmp:
-        for run in client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"]):
+        for run in _runs(client, found.experiment_id):
             run_id = run.info.run_id
             artifacts = {a.path for a in client.list_artifacts(run_id, OBSERVATIONS_ARTIFACT.rsplit("/", 1)[0])}
             if OBSERVATIONS_ARTIFACT not in artifacts:
@@ -164,8 +203,10 @@ def _history(client: Any, experiment: str, cluster: ClusterSpec | None) -> Histo
                 obs = load_observations(client.download_artifacts(run_id, OBSERVATIONS_ARTIFACT, str(folder)))
                 spec = (ClusterSpec.load(client.download_artifacts(run_id, CLUSTER_ARTIFACT, str(folder)))
                         if CLUSTER_ARTIFACT in artifacts else None)
-            except UserError as exc:  # one damaged run does not stop the others from counting
-                log.warning("run %s: %s", run_id, exc)
+            except RequestException:  # the server, not the run: said for the whole history
+                raise
+            except (UserError, MlflowException, OSError) as exc:  # one damaged run (an artifact that is a
+                log.warning("run %s: %s", run_id, scrub(str(exc)))   # link, a FIFO) stops no other
                 left_out["unreadable artifacts"] += 1
                 continue
             logged.append((obs, spec))

@@ -1,0 +1,80 @@
+"""`orchestrator calibrate --experiment` reads an MLflow history and writes nothing there: a sqlite
+URI that names no MLflow database is one line (MLflow created a missing one, added its ~60 tables to
+any other sqlite file, and retried a folder for minutes); every page of runs is read (one search
+returned the newest 1,000); a run whose artifact cannot be read (a link, a FIFO) is left out alone
+(it stopped the whole history, naming no run)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from orchestrator.calibrations import _runs, history
+from orchestrator.errors import UserError
+from orchestrator.planner import OBSERVATIONS_ARTIFACT, ClusterSpec, save_observations
+from test_planner_cli import _observations
+
+SPEC = ClusterSpec(nodes=2, gpus_per_node=2, intra_node_GBps=16, inter_node_GBps=1.25)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_sqlite_uri_that_names_no_mlflow_database_is_one_line_and_nothing_is_written(tmp_path: Path) -> None:
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE notes (text TEXT)")
+    (tmp_path / "text.db").write_text("x" * 4096)
+    (tmp_path / "folder.db").mkdir()
+    cases = {"missing.db": "no MLflow database at", "folder.db": "(a folder)", "text.db": "is no sqlite database",
+             "other.db": "is no MLflow database \\(it has no runs table\\)"}
+    before = {p.name: _digest(p) for p in tmp_path.iterdir() if p.is_file()}
+    for name, says in cases.items():
+        with pytest.raises(UserError, match=rf"^--tracking-uri sqlite:///{tmp_path}/{name}: .*{says}"):
+            history("jobs", f"sqlite:///{tmp_path / name}", SPEC)
+    assert {p.name: _digest(p) for p in tmp_path.iterdir() if p.is_file()} == before
+    assert not (tmp_path / "missing.db").exists()
+
+
+class _Page(list):
+    """MLflow's PagedList: a list with the next page's token."""
+
+    def __init__(self, items: list, token: str | None) -> None:
+        super().__init__(items)
+        self.token = token
+
+
+def test_every_page_of_runs_is_read() -> None:
+    total = 2_345
+
+    class Pages:
+        def search_runs(self, ids: list[str], *, order_by: list[str], max_results: int, page_token: str | None):
+            start = int(page_token or 0)
+            end = min(start + max_results, total)
+            return _Page([SimpleNamespace(n=n) for n in range(start, end)], str(end) if end < total else None)
+
+    assert [r.n for r in _runs(Pages(), "1")] == list(range(total))
+
+
+def test_a_run_whose_artifact_cannot_be_read_is_left_out_alone(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("jobs", artifact_location=(tmp_path / "artifacts").as_uri())
+    runs = []
+    for i, obs in enumerate((_observations()[:5], _observations()[5:], _observations()[:3])):
+        runs.append(run := client.create_run(experiment).info.run_id)
+        path = save_observations(obs, tmp_path / f"run{i}" / "observations.json")
+        client.log_artifact(run, str(path), OBSERVATIONS_ARTIFACT.rsplit("/", 1)[0])
+    logged = tmp_path / "artifacts" / runs[2] / "artifacts" / OBSERVATIONS_ARTIFACT
+    logged.unlink()
+    os.mkfifo(logged)  # reading it would block: never opened as a file
+    found = history("jobs", uri, SPEC)
+    assert (len(found.observations), found.runs, found.left_out) == (9, 2, {"unreadable artifacts": 1})
