@@ -70,7 +70,14 @@ def store(spec: ClusterSpec, root: str | Path | None = None) -> Path:
             staged = Path(tmp.name)
     except OSError as exc:
         raise cannot_write(path, exc) from None
-    save_cluster(spec, staged).replace(path)  # whole or not at all: plan and run may read it now
+    try:
+        save_cluster(spec, staged).replace(path)  # whole or not at all: plan and run may read it now
+    except OSError as exc:  # a folder where the file goes: said of the file, nothing left behind
+        staged.unlink(missing_ok=True)
+        raise cannot_write(path, exc) from None
+    except UserError:  # the staged copy could not be written (a full disk): said of it
+        staged.unlink(missing_ok=True)
+        raise
     return path
 
 

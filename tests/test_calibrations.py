@@ -52,3 +52,15 @@ def test_an_older_calibration_never_replaces_a_stored_newer_one(tmp_path: Path) 
 def test_a_damaged_stored_calibration_is_passed_over(tmp_path: Path) -> None:
     stored_path(SPEC, tmp_path).write_text("nodes: [\n")
     assert newest(SPEC, tmp_path) == (SPEC, None)
+
+
+def test_a_folder_where_the_calibration_goes_is_one_line_naming_it_and_leaves_nothing(tmp_path: Path) -> None:
+    import pytest
+
+    from orchestrator.errors import UserError
+
+    calibrated = _calibrated(SPEC, "2026-01-02T00:00:00+00:00", 1.0)
+    (stored_path(SPEC, tmp_path) / "sub").mkdir(parents=True)
+    with pytest.raises(UserError, match=rf"^{stored_path(SPEC, tmp_path)}: cannot write"):
+        store(calibrated, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [stored_path(SPEC, tmp_path).name]  # no .tmp left
