@@ -195,10 +195,20 @@ def read_yaml(path: str | Path, what: str) -> Any:
         raise UserError(f"{path}: not valid YAML{where}{detail}") from None
 
 
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object_pairs_hook: a key given twice is an error, as in YAML (json keeps the last)."""
+    data = dict(pairs)
+    if len(data) < len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {twice!r}")
+    return data
+
+
 def read_json(path: str | Path, what: str) -> Any:
     path, text = read_text(path, what)
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=unique_keys)
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON (line {exc.lineno})") from None
     except ValueError as exc:  # an integer past Python's 4,300 digits

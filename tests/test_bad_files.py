@@ -123,6 +123,10 @@ def test_json_files_get_the_same_care(tmp_path: Path) -> None:
     huge.write_text('{"param_count": ' + "2" * 5000 + "}")
     with pytest.raises(UserError, match=r"huge.json: not valid JSON \(Exceeds the limit \(4300 digits\)"):
         read_json(huge, "profile")
+    twice = tmp_path / "cluster.json"
+    twice.write_text('{"nodes": 2, "gpus": {"a": 1, "a": 2}}')  # json keeps the last; YAML refuses it
+    with pytest.raises(UserError, match=r"cluster.json: not valid JSON \(duplicate key 'a'\)$"):
+        read_json(twice, "cluster")
 
 
 def test_a_place_that_cannot_be_written_is_one_line_and_a_uri_is_no_local_folder(

@@ -142,7 +142,10 @@ def test_extreme_observations_are_one_line_naming_the_file(step: float, message:
 
 def test_an_observations_file_with_an_integer_past_4300_digits_is_one_line(tmp_path: Path) -> None:
     path = tmp_path / "obs.json"
-    for text in ('[{"nodes": ' + "1" * 5000 + "}]", '{"nodes": ' + "1" * 5000 + "}\n"):
+    for text in ('[{"nodes": ' + "1" * 5000 + "}]", '{"nodes": ' + "1" * 5000 + "}\n"):  # and a key given twice
+        path.write_text(text.replace("1" * 5000, '1, "nodes": 2'))
+        with pytest.raises(UserError, match=rf"^{re.escape(str(path))}: not valid JSON \(duplicate key 'nodes'\)"):
+            load_observations(path)
         path.write_text(text)
         with pytest.raises(UserError, match=rf"^{re.escape(str(path))}: not valid JSON \(Exceeds the limit"):
             load_observations(path)

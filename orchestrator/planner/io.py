@@ -11,7 +11,7 @@ from typing import TypeVar
 import yaml
 
 from orchestrator.errors import UserError
-from orchestrator.files import read_json, read_text, read_yaml, write_text
+from orchestrator.files import read_json, read_text, read_yaml, unique_keys, write_text
 from orchestrator.planner.base import Model
 from orchestrator.planner.types import ClusterSpec, Observation
 
@@ -55,12 +55,12 @@ def load_observations(path: str | Path) -> list[Observation]:
     line = 0
     try:
         if text.lstrip().startswith("["):
-            raw = json.loads(text)
+            raw = json.loads(text, object_pairs_hook=unique_keys)
         else:
             raw = []
             for line, x in enumerate(text.splitlines(), 1):
                 if x.strip():
-                    raw.append(json.loads(x))
+                    raw.append(json.loads(x, object_pairs_hook=unique_keys))
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON (line {line or exc.lineno})") from None
     except ValueError as exc:  # an integer past Python's 4,300 digits
