@@ -197,6 +197,9 @@ def _history(client: Any, experiment: str, cluster: ClusterSpec | None) -> Histo
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise UserError(f"--experiment: no MLflow experiment named {experiment!r} at {client.tracking_uri}")
+    if found.lifecycle_stage == "deleted":  # its runs are deleted with it: say so, not "0 observations"
+        raise UserError(f"--experiment: {experiment!r} is deleted at {client.tracking_uri}; restore it "
+                        f"(`mlflow experiments restore --experiment-id {found.experiment_id}`) to learn from its runs")
     logged = []  # (observations, cluster or None), newest run first
     left_out: Counter[str] = Counter()
     with tempfile.TemporaryDirectory() as tmp:

@@ -78,3 +78,6 @@ def test_a_run_whose_artifact_cannot_be_read_is_left_out_alone(tmp_path: Path) -
     os.mkfifo(logged)  # reading it would block: never opened as a file
     found = history("jobs", uri, SPEC)
     assert (len(found.observations), found.runs, found.left_out) == (9, 2, {"unreadable artifacts": 1})
+    client.delete_experiment(experiment)
+    with pytest.raises(UserError, match=r"^--experiment: 'jobs' is deleted at sqlite:///.*; restore it"):
+        history("jobs", uri, SPEC)
