@@ -75,9 +75,9 @@ def store(spec: ClusterSpec, root: str | Path | None = None) -> Path:
     except OSError as exc:  # a folder where the file goes: said of the file, nothing left behind
         staged.unlink(missing_ok=True)
         raise cannot_write(path, exc) from None
-    except UserError:  # the staged copy could not be written (a full disk): said of it
+    except UserError as exc:  # too large to read back, or a full disk: said of the stored file
         staged.unlink(missing_ok=True)
-        raise
+        raise UserError(str(exc).replace(str(staged), str(path))) from None
     return path
 
 

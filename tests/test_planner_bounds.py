@@ -193,3 +193,16 @@ def test_a_deadline_in_hours_names_where_it_came_from() -> None:
     for bad in (0, -1.0, math.inf, math.nan, 1e308, True, "2"):
         with pytest.raises(UserError, match=r"^resources\.deadline_hours: must be a number of hours > 0"):
             base.deadline_from_hours(bad, "resources.deadline_hours")  # type: ignore[arg-type]
+
+
+def test_a_cluster_too_large_to_read_back_is_not_written(tmp_path: Path) -> None:
+    """30,000 all-reduce samples (a run's logged cluster): calibrate stored it, and plan then ignored
+    it as more than a cluster file holds. Now nothing unreadable is written."""
+    from orchestrator.planner import save_cluster
+
+    samples = [{"bytes": 2**20 + i, "nodes": 1, "gpus_per_node": 2, "seconds": 0.01} for i in range(30_000)]
+    big = make_cluster().replace(allreduce_samples=tuple(samples))
+    with pytest.raises(UserError, match=r"more than 100,000 values.*: not written \(30,000 all-reduce samples\)$"):
+        save_cluster(big, tmp_path / "big.yaml")
+    assert not (tmp_path / "big.yaml").exists()
+    assert load_cluster(save_cluster(make_cluster(), tmp_path / "ok.yaml")) == make_cluster()

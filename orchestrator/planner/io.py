@@ -11,7 +11,7 @@ from typing import TypeVar
 import yaml
 
 from orchestrator.errors import UserError
-from orchestrator.files import read_json, read_text, read_yaml, unique_keys, write_text
+from orchestrator.files import MAX_FILE_BYTES, load_yaml, read_json, read_text, read_yaml, unique_keys, write_text
 from orchestrator.planner.base import Model
 from orchestrator.planner.types import ClusterSpec, Observation
 
@@ -46,7 +46,17 @@ def load_cluster(path: str | Path) -> ClusterSpec:
 
 
 def save_cluster(cluster: ClusterSpec, path: str | Path) -> Path:
-    return write_text(path, yaml.safe_dump(cluster.to_dict(), sort_keys=False))
+    """Write `cluster` as YAML; a UserError, nothing written, if it would be more than `load_cluster`
+    reads back (a cluster logged with tens of thousands of all-reduce samples)."""
+    text = yaml.safe_dump(cluster.to_dict(), sort_keys=False)
+    size = len(text.encode())
+    try:
+        if size > MAX_FILE_BYTES:
+            raise UserError(f"{path}: {size:,} bytes is too large for a cluster file (at most {MAX_FILE_BYTES:,})")
+        load_yaml(text, path, "cluster")  # the value and nesting bounds a reader applies
+    except UserError as exc:
+        raise UserError(f"{exc}: not written ({len(cluster.allreduce_samples):,} all-reduce samples)") from None
+    return write_text(path, text)
 
 
 def load_observations(path: str | Path) -> list[Observation]:
