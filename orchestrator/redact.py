@@ -20,15 +20,16 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 # `num_passes` or `author` are model kwargs and config fields, not secrets.
 SECRET_WORDS = {"password", "passwd", "passphrase", "secret", "credential", "credentials", "private", "apikey"}
 SECRET_LAST = {"token", "pass", "pwd", "key", "auth", "authorization", "sig", "signature"}
-# Keys this program writes whose last word is `key` and that hold no secret.
-PLAIN_KEYS = {"run_key", "floor_key", "sort_key", "metric_key", "cache_key", "partition_key"}
+# Names ending in these two words hold no secret: the identity keys this program writes as tags
+# and params (`orchestrator.run_key`, `plan.cluster_key`) and ordinary data keys.
+PLAIN_KEYS = {"run_key", "cluster_key", "floor_key", "sort_key", "metric_key", "cache_key", "partition_key"}
 REDACTED = "***"
 
 
 def is_secret_name(name: str) -> bool:
     words = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower()  # apiKey -> api_key
     parts = [w for w in re.split(r"[^a-z0-9]+", words) if w]
-    if not parts or "_".join(parts) in PLAIN_KEYS:
+    if not parts or "_".join(parts[-2:]) in PLAIN_KEYS:
         return False
     return bool(SECRET_WORDS.intersection(parts)) or parts[-1] in SECRET_LAST
 

@@ -67,7 +67,7 @@ def test_scrub_is_linear_on_adversarial_text() -> None:
 @pytest.mark.parametrize(("name", "secret"), [
     ("private_key", True), ("AWS_KEY", True), ("signing-key", True), ("pwd", True), ("pg_pass", True),
     ("hf_token", True), ("MLFLOW_TRACKING_PASSWORD", True), ("key", True),
-    ("run_key", False), ("floor_key", False), ("monkey", False), ("tracking_uri", False), ("hidden", False),
+    ("run_key", False), ("floor_key", False), ("orchestrator.run_key", False), ("plan.cluster_key", False), ("monkey", False), ("tracking_uri", False), ("hidden", False),
     ("max_tokens", False), ("num_passes", False), ("author", False), ("ACCESS_KEY_ID", False), ("apiKey", True),
     ("X-Amz-Signature", True), ("sig", True),
 ])
@@ -96,3 +96,19 @@ def test_what_the_command_line_prints_and_logs_holds_no_credential(tmp_path) -> 
     tags = tags_op("h", {"mlflow.note.content": "data on `s3://AKIA:S3CRETKEY@bucket/digits`"})
     data = dataset_op("h", name="d", uri="s3://AKIA:S3CRETKEY@bucket/d", rows=1, schema={}, new_run_only=True)
     assert "S3CRETKEY" not in str([params, tags, data, describe(ValueError("GET http://x/?token=S3CRETKEY failed"))])
+
+
+def test_no_name_this_program_writes_reads_as_a_secret() -> None:
+    """A tag or param masked as '***' loses what it says: `plan.cluster_key` (which calibrate groups
+    runs by) was masked when names ending in 'key' became secret. Every tag this program sets and
+    every field of the shipped configs stays as written."""
+    from pathlib import Path
+
+    from orchestrator.calibrations import CLUSTER_KEY_TAG
+    from orchestrator.config import flatten, load_config
+    from orchestrator.tracking.ops import DESCRIPTION_TAG, HANDLE_TAG, RUN_KEY_TAG
+
+    names = [RUN_KEY_TAG, CLUSTER_KEY_TAG, HANDLE_TAG, DESCRIPTION_TAG]
+    for config in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
+        names += flatten(load_config(config).to_dict())
+    assert [n for n in names if is_secret_name(n)] == []
