@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from orchestrator.errors import UserError
+from orchestrator.errors import UserError, shown
 from orchestrator.files import load_yaml, read_yaml
 from orchestrator.redact import scrub, url_error
 from trainers.config import (
@@ -264,8 +264,7 @@ def _describe(error: dict[str, Any], alternatives: list[str]) -> str:
         return f"{where}: {msg}"
     if "got" in msg:
         return f"{where}: {msg}"
-    shown = repr(error.get("input"))
-    return f"{where}: {msg}, got {shown if len(shown) <= 80 else shown[:60] + f'... ({len(shown):,} characters)'}"
+    return f"{where}: {msg}, got {shown(error.get('input'))}"
 
 
 def _alternatives(errors: list[dict[str, Any]], where: str) -> list[str]:

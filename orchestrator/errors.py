@@ -6,9 +6,21 @@ orchestrator; this is the name the orchestrator's modules use.
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 from trainers.errors import UserError
 
-__all__ = ["UserError", "given"]
+__all__ = ["UserError", "given", "shown"]
+
+
+def shown(value: Any) -> str:
+    """A bad value as an error line shows it: `repr`, an integer of hundreds of digits by its size,
+    anything longer cut with its length, so the line stays one short line."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 100:
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text):,} characters)"
 
 
 def given(value: str | None, flag: str, hint: str = "leave it out for the default or give a value") -> str | None:

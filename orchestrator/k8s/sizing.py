@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.config import JobConfig, WorkerRange
-from orchestrator.errors import UserError
+from orchestrator.errors import UserError, shown
 
 MEMORY_GI_PER_CPU = 4
 MEMORY_GI_PER_GPU = 16
@@ -84,7 +84,7 @@ def plan_placement(plan: Mapping[str, Any]) -> tuple[int, int, int]:
     workers = plan.get("workers", choice.get("gpus", nodes * gpus_per_node))
     if not isinstance(workers, int) or isinstance(workers, bool) or not 0 < workers <= nodes * gpus_per_node:
         raise UserError(f"plan.workers: must be between 1 and {nodes * gpus_per_node} "
-                        f"(nodes x gpus_per_node), got {_shown(workers)}")
+                        f"(nodes x gpus_per_node), got {shown(workers)}")
     return nodes, gpus_per_node, workers
 
 
@@ -94,7 +94,7 @@ def _positive_int(section: Mapping[str, Any], key: str) -> int:
         raise UserError(f"plan.choice.{key}: must be a positive integer, got {value!r}")
     if value > MAX_PLAN_GPUS:  # before any product: 10**400 nodes is no placement to multiply out
         raise UserError(f"plan.choice.{key}: must be at most {MAX_PLAN_GPUS:,} (the GPUs the planner plans), "
-                        f"got {_shown(value)}")
+                        f"got {shown(value)}")
     return value
 
 
@@ -122,12 +122,5 @@ def deadline_seconds(config: JobConfig, plan: Mapping[str, Any] | None) -> int:
 def _within_deadline(value: float, where: str, unit: str) -> float:
     most = MAX_DEADLINE_S / (3600 if unit == "h" else 1)
     if not value <= most:  # NaN too
-        raise UserError(f"{where}: must be at most {most:,.0f} {unit} (a million hours), got {_shown(value)}")
+        raise UserError(f"{where}: must be at most {most:,.0f} {unit} (a million hours), got {shown(value)}")
     return float(value)
-
-
-def _shown(value: Any) -> str:
-    """`value` for a message, an integer of hundreds of digits by its size: the line stays one line."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 100:
-        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
-    return repr(value)

@@ -24,7 +24,7 @@ from pydantic import (
 )
 from typing_extensions import Self
 
-from orchestrator.errors import UserError
+from orchestrator.errors import UserError, shown
 
 # Bounds on what the planner reads: far beyond any real job or cluster, and tight enough that its
 # float64 arithmetic stays finite and above zero. Past them a figure (`grad_bytes: 1e400`, a step of
@@ -219,13 +219,6 @@ def describe(exc: ValidationError, model: type[BaseModel], where: str | None = N
 
 def _number(limit: float) -> str:
     return f"{limit:,}" if isinstance(limit, int) and limit < 10**10 else f"{limit:g}"
-
-
-def shown(value: Any) -> str:
-    """`repr(value)`, but an integer of hundreds of digits by its size: the line stays one line."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 100:
-        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
-    return repr(value)
 
 
 def _path(where: str, loc: tuple[Any, ...]) -> str:
