@@ -52,7 +52,8 @@ def resolve_address(address: str | None) -> str:
     except ValueError as exc:
         raise UserError(f"--address {shown(address)}: not a valid URL{url_error(address, exc)}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UserError(f"--address {shown(address)}: expected the Ray dashboard's http://HOST:PORT (usually port 8265)")
+        raise UserError(f"--address {shown(address)}: expected the Ray dashboard's http://HOST:PORT "
+                        "(usually port 8265)")
     return url.rstrip("/")
 
 
@@ -153,7 +154,8 @@ class JobsClient:
                             f"({type(exc).__name__})") from None
         except RuntimeError as exc:  # the Jobs API answered with an error status
             if job_id is not None and "status code 404" in str(exc):
-                raise UserError(f"job {job_id}: no such job at {shown(self.address)} (see `orchestrator jobs list`)") from None
+                raise UserError(f"job {job_id}: no such job at {shown(self.address)} "
+                                "(see `orchestrator jobs list`)") from None
             raise UserError(f"{shown(self.address)}: the Ray Jobs API refused: {first_line(str(exc))}") from None
 
     def submit(self, **job: Any) -> str:

@@ -140,8 +140,8 @@ def file_op(handle: str, staged: str, artifact_path: str | None, *, new_run_only
 
 def dataset_op(handle: str, *, name: str, uri: str, rows: int, schema: Mapping[str, str],
                new_run_only: bool) -> Op:
-    return _op("dataset", handle, name=name, uri=scrub(uri), rows=int(rows), schema={str(k): str(v) for k, v in schema.items()},
-               new_run_only=new_run_only)
+    return _op("dataset", handle, name=name, uri=scrub(uri), rows=int(rows),
+               schema={str(k): str(v) for k, v in schema.items()}, new_run_only=new_run_only)
 
 
 def finish_op(handle: str, status: str) -> Op:
