@@ -116,7 +116,7 @@ def build_submission(
     shipped = [_without_credentials(o) for o in overrides]
     sets = [part for o in [*shipped, f"name={name}"] for part in ("--set", o)]
     count = ["--workers", str(workers)] if workers else []
-    env = _passed_env()
+    env, held = _passed_env()
     env[RESUME_HINT_ENV] = shlex.join(["orchestrator", "submit", str(config_path), "--resume", name, *count,
                                        *(part for o in shipped for part in ("--set", o))])
     runtime_env: dict[str, Any] = {
@@ -133,7 +133,7 @@ def build_submission(
         submission_id=f"{name}-resume-{suffix}" if resume else name, job_name=name,
         entrypoint=entrypoint(["run", config_path.name, "--address", "auto", *count, *sets]),
         runtime_env=runtime_env, metadata={JOB_KEY: name, "orchestrator.config": config_path.name},
-        notes=_notes(job, name, credentials_stripped=stripped) + _held_back(),
+        notes=_notes(job, name, credentials_stripped=stripped) + _held_back(held),
     )
 
 
@@ -222,18 +222,18 @@ def _inputs(job: JobConfig) -> list[tuple[str, str]]:
     return found
 
 
-def _passed_env() -> dict[str, str]:
-    """The variables a job takes along, URIs stripped of credentials; a secret-named one
-    (`ORCH_HF_TOKEN`) never: anyone who can reach the dashboard reads a job's runtime_env."""
-    env = {k: _strip(v) for k, v in os.environ.items()
-           if (k in PASSED_ENV or k.startswith(PASSED_ENV_PREFIX)) and not is_secret_name(k)}
+def _passed_env() -> tuple[dict[str, str], list[str]]:
+    """The variables a job takes along, URIs stripped of credentials, and the names held back: a
+    secret-named one (`ORCH_HF_TOKEN`) never travels, as anyone who can reach the dashboard reads a
+    job's runtime_env."""
+    wanted = sorted(k for k in os.environ if k in PASSED_ENV or k.startswith(PASSED_ENV_PREFIX))
+    env = {k: _strip(os.environ[k]) for k in wanted if not is_secret_name(k)}
     # Ray sends SIGTERM on `jobs stop`; the driver then writes a final checkpoint before this runs out.
     env["RAY_JOB_STOP_WAIT_TIME_S"] = str(int(constants.JOB_STOP_GRACE_S))
-    return env
+    return env, [k for k in wanted if is_secret_name(k)]
 
 
-def _held_back() -> tuple[str, ...]:
-    held = sorted(k for k in os.environ if k.startswith(PASSED_ENV_PREFIX) and is_secret_name(k))
+def _held_back(held: list[str]) -> tuple[str, ...]:
     return (f"{', '.join(held)}: not shipped, as a secret would be readable from the Ray dashboard; set it "
             "in the cluster's own environment (a Kubernetes Secret, the head's shell)",) if held else ()
 
