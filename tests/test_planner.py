@@ -11,6 +11,7 @@ from trainers.batching import split_global_batch
 from orchestrator.planner import (
     BACKWARD_FRACTION,
     DDP_BUCKET_BYTES,
+    AllReduceSample,
     ClusterSpec,
     Placement,
     Profile,
@@ -121,7 +122,9 @@ def test_measured_allreduce_samples_replace_the_spec() -> None:
                for b, s in ((2**20, 0.001), (2**22, 0.004), (2**26, 0.050))]
     cluster = make_cluster(allreduce_samples=samples)
     at = predict(profile, cluster, nodes=1, gpus_per_node=4, local_batch=64)
-    assert 0.004 < at.comm_s < 0.050  # interpolated in log(bytes) between the two rungs
+    # interpolated linearly in bytes between the two rungs (exact for latency + bytes / bandwidth)
+    half = DDP_BUCKET_BYTES // 2
+    assert at.comm_s == pytest.approx(0.004 + (half - 2**22) / (2**26 - 2**22) * 0.046)
     exact = predict(profile.replace(grad_bytes=2**22), cluster, nodes=1, gpus_per_node=4,
                     local_batch=64)
     assert exact.comm_s == pytest.approx(0.004)
@@ -133,6 +136,23 @@ def test_measured_allreduce_samples_replace_the_spec() -> None:
     # a placement without samples falls back to the spec figures
     spec = predict(profile, make_cluster(), nodes=1, gpus_per_node=8, local_batch=64)
     assert predict(profile, cluster, nodes=1, gpus_per_node=8, local_batch=64).comm_s == spec.comm_s
+
+
+def test_samples_that_agree_with_the_formula_change_no_prediction() -> None:
+    # probe-network's sizes (1 KiB..64 MiB, 4x apart) timed exactly as the model would: the table
+    # must give back the formula at every bucket size between them, so placements stay in order.
+    cluster = make_cluster(nodes=4, gpus_per_node=8, intra_node_GBps=16.0, inter_node_GBps=3.125,
+                           intra_link="pcie", inter_link="ethernet")
+    samples = [{"bytes": 4**k * 1024, "nodes": n, "gpus_per_node": g,
+                "seconds": ring_allreduce_s(cluster, nodes=n, gpus_per_node=g, nbytes=4**k * 1024)}
+               for n, g in ((1, 8), (2, 1), (2, 8)) for k in range(9)]
+    probed = cluster.replace(allreduce_samples=tuple(AllReduceSample.from_dict(x) for x in samples))
+    for grad_bytes in (10**6, 5 * 10**6, 10**8, 1_000_000_007):
+        profile = make_profile(grad_bytes=grad_bytes)
+        for nodes in (1, 2, 3, 4):
+            spec = predict(profile, cluster, nodes=nodes, gpus_per_node=8, local_batch=128)
+            table = predict(profile, probed, nodes=nodes, gpus_per_node=8, local_batch=128)
+            assert table.step_time_s == pytest.approx(spec.step_time_s, rel=1e-9)
 
 
 def test_data_loading_bounds_the_step() -> None:

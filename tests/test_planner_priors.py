@@ -104,6 +104,20 @@ def test_the_last_bucket_is_exposed_and_a_slow_network_cannot_hide() -> None:
     assert slow.bound == "communication" and slow.step_time_s == pytest.approx(slow.compute_s + slow.exposed_comm_s)
 
 
+@pytest.mark.parametrize("kind", [{"intra_link": "pcie"}, {"intra_link": "nvlink", "intra_node_GBps": 300}])
+def test_a_larger_gradient_never_predicts_a_faster_step(kind: dict[str, Any]) -> None:
+    # DDP fills full 25 MiB buckets and leaves the rest to the last one: one byte past a multiple of
+    # the cap adds a one-byte bucket behind a full one; it must not shrink the exposed all-reduce.
+    c = cluster(**kind)
+    sizes = sorted({int(f * DDP_BUCKET_BYTES) + d for f in (0.5, 1, 1.5, 2, 3, 7.9, 8) for d in (-1, 0, 1)})
+    steps = [predict(profile(grad_bytes=size), c, nodes=2, gpus_per_node=4, local_batch=64) for size in sizes]
+    for smaller, larger in zip(steps, steps[1:]):
+        assert larger.step_time_s >= smaller.step_time_s and larger.exposed_comm_s >= smaller.exposed_comm_s
+    past = predict(profile(grad_bytes=DDP_BUCKET_BYTES + 1), c, nodes=1, gpus_per_node=4, local_batch=64)
+    full = predict(profile(grad_bytes=DDP_BUCKET_BYTES), c, nodes=1, gpus_per_node=4, local_batch=64)
+    assert past.exposed_comm_s >= full.exposed_comm_s  # the full bucket is ready only at the very end
+
+
 def test_node_samples_scale_compute_with_gpus_per_node() -> None:
     contended = profile(node_samples=[{"gpus_per_node": 2, "local_batch": 64, "step_time_s": 0.077},
                                       {"gpus_per_node": 4, "local_batch": 64, "step_time_s": 0.105}])

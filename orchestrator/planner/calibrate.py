@@ -27,7 +27,15 @@ from orchestrator.errors import UserError
 from orchestrator.planner.base import MAX_RESIDUAL, as_list
 from orchestrator.planner.fit import LOG_RANGE, Space, data_loss, minimize, polish, sensitive
 from orchestrator.planner.model import PerformanceModel, effective_network
-from orchestrator.planner.network import Network, expected_max_normal, exposed_s, ring_latency, ring_links, ring_volume
+from orchestrator.planner.network import (
+    Buckets,
+    Network,
+    expected_max_normal,
+    exposed_s,
+    ring_latency,
+    ring_links,
+    ring_volume,
+)
 from orchestrator.planner.types import AllReduceSample, Calibration, ClusterSpec, Observation, Residuals
 from trainers.batching import split_global_batch
 
@@ -76,35 +84,44 @@ class Problem:
 
     nodes: np.ndarray
     gpus_per_node: np.ndarray
-    size: np.ndarray  # bytes per all-reduce (per DDP bucket for steps)
+    size: np.ndarray  # bytes per all-reduce (per full DDP bucket for steps)
     observed: np.ndarray
     models: np.ndarray  # model name per row ("" for all-reduce samples)
     steps: bool
-    buckets: np.ndarray | None = None
+    buckets: np.ndarray | None = None  # DDP buckets per step
+    last_size: np.ndarray | None = None  # the last bucket's bytes
     compute: np.ndarray | None = None
     backward: np.ndarray | None = None
     data: np.ndarray | None = None
-    table: np.ndarray | None = None  # measured per-bucket all-reduce, NaN where the formula applies
+    table: np.ndarray | None = None  # measured all-reduce of a full bucket, NaN where the formula applies
+    last_table: np.ndarray | None = None  # the same for the last bucket
 
     def predictor(self, start: Network) -> Any:
         # the parts that do not move with the parameters, once: ring volume per crossed link
         # (network.ring_bus: the slowest crossed link sets the pace) and latency at the start
-        volume = ring_volume(self.size, self.nodes, self.gpus_per_node)
         crosses_intra, crosses_inter = ring_links(self.nodes, self.gpus_per_node)
-        intra_volume, inter_volume = volume * crosses_intra, volume * crosses_inter
         latency = ring_latency(self.nodes, self.gpus_per_node, start)
-        known = ~np.isnan(self.table) if self.steps else None
         slowest = expected_max_normal(self.nodes * self.gpus_per_node)  # of P ranks, in standard deviations
+
+        def one(size: np.ndarray, table: np.ndarray | None) -> Any:
+            volume = ring_volume(size, self.nodes, self.gpus_per_node)
+            intra_volume, inter_volume = volume * crosses_intra, volume * crosses_inter
+
+            def seconds(t: np.ndarray) -> np.ndarray:
+                per = np.maximum(intra_volume * (np.exp(-t[:, 0:1]) / start.intra_Bps),
+                                 inter_volume * (np.exp(-t[:, 1:2]) / start.inter_Bps)) + latency * np.exp(t[:, 2:3])
+                return per if table is None else np.where(np.isnan(table), per, table)
+            return seconds
+
+        if not self.steps:
+            return lambda theta: one(self.size, None)(np.atleast_2d(theta))
+        full, last = one(self.size, self.table), one(self.last_size, self.last_table)
+        buckets = Buckets(count=self.buckets, full_bytes=self.size, last_bytes=self.last_size)
 
         def predict(theta: np.ndarray) -> np.ndarray:
             t = np.atleast_2d(theta)
-            per = np.maximum(intra_volume * (np.exp(-t[:, 0:1]) / start.intra_Bps),
-                             inter_volume * (np.exp(-t[:, 1:2]) / start.inter_Bps)) + latency * np.exp(t[:, 2:3])
-            if not self.steps:
-                return per
-            per = np.where(known, self.table, per)
             compute = self.compute * (1.0 + t[:, 4:5] * slowest)  # network.straggler_factor, precomputed
-            return np.maximum(compute + exposed_s(per, self.buckets, self.backward, t[:, 3:4]), self.data)
+            return np.maximum(compute + exposed_s(full(t), last(t), buckets, self.backward, t[:, 3:4]), self.data)
         return predict
 
     def subset(self, mask: np.ndarray) -> Problem:
@@ -129,8 +146,8 @@ def step_problem(cluster: ClusterSpec, observations: Sequence[Observation]) -> P
         if o.nodes * o.gpus_per_node > 1 and o.profile.grad_bytes:
             groups.setdefault(_profile_key(o), []).append(o)
     parts = [_group_arrays(cluster, members) for members in groups.values()]
-    fields = ("nodes", "gpus_per_node", "size", "observed", "models", "buckets", "compute", "backward", "data",
-              "table")
+    fields = ("nodes", "gpus_per_node", "size", "observed", "models", "buckets", "last_size", "compute", "backward",
+              "data", "table", "last_table")
     if not parts:
         return Problem(**{f: np.array([]) for f in fields}, steps=True)
     return Problem(**{f: np.concatenate([p[f] for p in parts]) for f in fields}, steps=True)
@@ -147,10 +164,11 @@ def _group_arrays(cluster: ClusterSpec, members: list[Observation]) -> dict[str,
     measured = np.array([np.nan if o.compute_step_time_s is None else o.compute_step_time_s for o in members])
     compute, backward, data = model.compute_terms(per_node, micro, accum, measured)
     n = len(members)
-    return {"nodes": nodes, "gpus_per_node": per_node, "size": np.full(n, model.bucket_bytes),
+    full, last = float(model.buckets.full_bytes), float(model.buckets.last_bytes)
+    return {"nodes": nodes, "gpus_per_node": per_node, "size": np.full(n, full), "last_size": np.full(n, last),
             "observed": np.array([o.step_time_s for o in members]), "models": np.array([model.profile.model] * n),
-            "buckets": np.full(n, model.buckets), "compute": compute, "backward": backward, "data": data,
-            "table": model.table_per_bucket(nodes, per_node)}
+            "buckets": np.full(n, float(model.buckets.count)), "compute": compute, "backward": backward, "data": data,
+            "table": model.table_per_bucket(nodes, per_node, full), "last_table": model.table_per_bucket(nodes, per_node, last)}
 
 
 def allreduce_problem(samples: Iterable[AllReduceSample]) -> Problem:

@@ -10,9 +10,10 @@ contention with g GPUs per node stepping at once, compute is multiplied by the p
           measured node factor step_time(g) / step_time(1) at the nearest measured batch
           (interpolated in g, flat beyond the measured range; 1 without node samples).
 network   network.py: a ring all-reduce per DDP bucket (k = ceil(gradient bytes /
-          ``DDP_BUCKET_BYTES``)), the buckets queued behind backward; the figures come from the
-          cluster's calibration, else the priors of its link kinds (priors.py). Measured all-reduce
-          samples for the very placement replace the formula: t(S/k), interpolated in log(bytes).
+          ``DDP_BUCKET_BYTES``): k-1 full buckets and the rest in the last), the buckets queued
+          behind backward; the figures come from the cluster's calibration, else the priors of its
+          link kinds (priors.py). Measured all-reduce samples for the very placement replace the
+          formula at each bucket's size (network.AllReduceTable).
 step      max(A x t_fb + t_opt + exposed all-reduce, data), A the accumulation; data: one worker
           loading A x b samples at ``data_samples_per_s`` (prefetching hides it otherwise).
 interval  (~80 %) with a calibration: its residual quantiles; without: the network time at 1/w
@@ -35,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator.planner.network import AllReduceTable, Network, allreduce_s, exposed_s, straggler_factor
+from orchestrator.planner.network import AllReduceTable, Buckets, Network, allreduce_s, exposed_s, straggler_factor
 from orchestrator.planner.priors import LinkKinds, link_kinds, prior_network, prior_width
 from orchestrator.planner.results import Placement, Prediction
 from orchestrator.planner.types import ClusterSpec, Profile, ProfileSample
@@ -67,10 +68,6 @@ def effective_network(cluster: ClusterSpec, kinds: LinkKinds | None = None) -> N
 def ring_allreduce_s(cluster: ClusterSpec, *, nodes: int, gpus_per_node: int, nbytes: float, messages: int = 1) -> float:
     """Seconds to all-reduce `nbytes` split into `messages` all-reduces, from the cluster's figures."""
     return messages * float(allreduce_s(nbytes / messages, nodes, gpus_per_node, effective_network(cluster)))
-
-
-def buckets_for(grad_bytes: Any) -> Any:
-    return np.maximum(np.ceil(np.asarray(grad_bytes, dtype=float) / DDP_BUCKET_BYTES), 1.0)
 
 
 class ComputeCurve:
@@ -174,7 +171,7 @@ class PerformanceModel:
         self.contention = Contention(profile, self.curve)
         self.kinds = link_kinds(cluster)
         self.network = effective_network(cluster, self.kinds)
-        self.buckets = float(buckets_for(profile.grad_bytes))
+        self.buckets = Buckets.of(profile.grad_bytes, DDP_BUCKET_BYTES)
         grouped: dict[tuple[int, int], list[tuple[int, float]]] = {}
         for s in cluster.allreduce_samples:
             grouped.setdefault((s.nodes, s.gpus_per_node), []).append((s.bytes, s.seconds))
@@ -187,25 +184,26 @@ class PerformanceModel:
     def fwd_bwd(self, batch: Any) -> np.ndarray:
         return np.maximum(self.curve(batch) - self.optimizer_s, 0.0)
 
-    def table_per_bucket(self, nodes: Any, gpus_per_node: Any) -> np.ndarray:
-        """One bucket's measured all-reduce where the cluster has samples for the placement, else NaN."""
+    def table_per_bucket(self, nodes: Any, gpus_per_node: Any, nbytes: float) -> np.ndarray:
+        """One all-reduce of `nbytes` measured where the cluster has samples for the placement, else NaN."""
         nodes, gpus_per_node = np.broadcast_arrays(np.asarray(nodes, dtype=float), np.asarray(gpus_per_node, dtype=float))
         out = np.full(nodes.shape, np.nan)
         for (n, g), table in self.tables.items():
-            out[(nodes == n) & (gpus_per_node == g) & (nodes * gpus_per_node > 1)] = table(self.bucket_bytes)
+            out[(nodes == n) & (gpus_per_node == g) & (nodes * gpus_per_node > 1)] = table(nbytes)
         return out
 
-    @property
-    def bucket_bytes(self) -> float:
-        return self.profile.grad_bytes / self.buckets
-
-    def per_bucket(self, nodes: Any, gpus_per_node: Any) -> np.ndarray:
-        """One bucket's all-reduce at each row's placement (measured tables where they exist)."""
+    def per_bucket(self, nodes: Any, gpus_per_node: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(a full bucket's, the last bucket's) all-reduce at each row's placement (measured
+        tables where they exist)."""
+        shape = np.broadcast(nodes, gpus_per_node).shape
         if not self.profile.grad_bytes:
-            return np.zeros(np.broadcast(nodes, gpus_per_node).shape)
-        formula = allreduce_s(self.bucket_bytes, nodes, gpus_per_node, self.network)
-        table = self.table_per_bucket(nodes, gpus_per_node)
-        return np.where(np.isnan(table), formula, table)
+            return np.zeros(shape), np.zeros(shape)
+        out = []
+        for nbytes in (float(self.buckets.full_bytes), float(self.buckets.last_bytes)):
+            formula = allreduce_s(nbytes, nodes, gpus_per_node, self.network)
+            table = self.table_per_bucket(nodes, gpus_per_node, nbytes)
+            out.append(np.broadcast_to(np.where(np.isnan(table), formula, table), shape))
+        return out[0], out[1]
 
     def compute_terms(self, gpus_per_node: Any, micro: Any, accum: Any,
                       compute_s: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -230,9 +228,9 @@ class PerformanceModel:
         compute, backward, data = self.compute_terms(gpus_per_node, micro, accum, compute_s)
         if self.network.jitter:
             compute = compute * straggler_factor(nodes, gpus_per_node, self.network.jitter)
-        per_bucket = self.per_bucket(nodes, gpus_per_node) * comm_factor
-        exposed = exposed_s(per_bucket, self.buckets, backward, self.network.overlap)
-        return Steps(step=np.maximum(compute + exposed, data), compute=compute, comm=self.buckets * per_bucket,
+        full, last = (t * comm_factor for t in self.per_bucket(nodes, gpus_per_node))
+        exposed = exposed_s(full, last, self.buckets, backward, self.network.overlap)
+        return Steps(step=np.maximum(compute + exposed, data), compute=compute, comm=self.buckets.total_s(full, last),
                      exposed=exposed, data=data, backward=backward)
 
     def single_rate(self, micro: Any, accum: Any) -> np.ndarray:

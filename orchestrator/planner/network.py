@@ -11,13 +11,18 @@ ring      an all-reduce of S bytes over P = N x g ranks moves 2(P-1)/P x S bytes
 latency   NCCL's own model (src/graph/tuning.cc, ring): a base cost per call plus one hop
           latency per ring step, 2(P-N) steps inside nodes and 2(N-1) across them.
 overlap   DDP all-reduces k buckets, each as soon as backward has produced it (Li et al.,
-          "PyTorch Distributed", VLDB 2020, section 3.2.3). Bucket j is ready at j/k of backward;
-          the buckets queue on one communication stream that progresses at `overlap` of its full
-          rate while backward still runs. The last bucket is only ready when backward ends, so at
-          least its all-reduce is exposed; when the queue falls behind, the rest is exposed too:
-              exposed = k c - min((k-1) c, overlap x T_bwd x (k-1)/k)
-          (c: one bucket's all-reduce, T_bwd: the backward pass). overlap = 1 is the most a
-          separate stream allows; 0 is no overlap at all.
+          "PyTorch Distributed", VLDB 2020, section 3.2.3): k-1 full buckets of the cap C and a
+          last one holding the rest, r = S - (k-1) C (the parameters nearest the input, whose
+          gradients come last). A bucket is ready once backward has produced its bytes: full
+          bucket j at j f of the window W = overlap x T_bwd (f = C/S), the last at W; the
+          buckets queue on one communication stream that progresses at `overlap` of its full
+          rate while backward still runs. The last bucket's all-reduce is exposed, and so is
+          whatever of the queue before it runs past W:
+              exposed = c_r + max(0, (k-1) c - W (1 - f), c - W r/S)
+          (c, c_r: a full and the last bucket's all-reduce). With equal buckets (S = k C) this is
+          k c - min((k-1) c, W (k-1)/k); a gradient one byte past a multiple of C exposes a full
+          bucket and one byte more, never less. overlap = 1 is the most a separate stream
+          allows; 0 is no overlap at all.
 stragglers a synchronous step waits for the slowest rank: with each rank's compute varying
           independently by a coefficient of variation `jitter`, the expected slowest of P is
           1 + jitter x E[max of P standard normals] times the mean (order statistics; Blom's
@@ -28,7 +33,6 @@ stragglers a synchronous step waits for the slowest rank: with each rank's compu
 from __future__ import annotations
 
 import bisect
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from statistics import NormalDist
@@ -98,10 +102,48 @@ def ring_latency(nodes: Array, gpus_per_node: Array, net: Network | Any) -> Arra
     return np.where(ranks > 1, latency, 0.0)
 
 
-def exposed_s(per_bucket: Array, buckets: Array, backward_s: Array, overlap: Array) -> Array:
-    """Seconds of all-reduce left after backward (module doc: the bucket queue)."""
-    hidden = np.minimum((buckets - 1) * per_bucket, overlap * backward_s * (buckets - 1) / buckets)
-    return buckets * per_bucket - hidden
+@dataclass(frozen=True, slots=True)
+class Buckets:
+    """How DDP splits S gradient bytes (module doc: overlap): k-1 full buckets of `full_bytes`,
+    then the last of `last_bytes`. Fields broadcast (one gradient size or an array of them)."""
+
+    count: Array
+    full_bytes: Array
+    last_bytes: Array
+
+    @classmethod
+    def of(cls, grad_bytes: Array, cap: float) -> Buckets:
+        size = np.asarray(grad_bytes, dtype=float)
+        count = np.maximum(np.ceil(size / cap), 1.0)
+        return cls(count=count, full_bytes=np.minimum(size, cap), last_bytes=size - (count - 1) * cap)
+
+    @property
+    def full_share(self) -> Array:
+        """f: a full bucket's share of the gradient (1 with no full bucket before the last)."""
+        return self._share(self.full_bytes)
+
+    @property
+    def last_share(self) -> Array:
+        return self._share(self.last_bytes)
+
+    def _share(self, part: Array) -> Array:
+        total = (self.count - 1) * self.full_bytes + self.last_bytes
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(self.count > 1, part / total, 1.0)
+
+    def total_s(self, full_s: Array, last_s: Array) -> Array:
+        """Every bucket's all-reduce, one after another."""
+        return (self.count - 1) * full_s + last_s
+
+
+def exposed_s(full_s: Array, last_s: Array, buckets: Buckets, backward_s: Array, overlap: Array) -> Array:
+    """Seconds of all-reduce left after backward (module doc: the bucket queue); `full_s` and
+    `last_s` are one full and the last bucket's all-reduce."""
+    window = overlap * backward_s
+    earlier = buckets.count - 1
+    full = np.where(earlier > 0, full_s, 0.0)
+    behind = np.maximum(earlier * full - window * (1 - buckets.full_share), full - window * buckets.last_share)
+    return last_s + np.maximum(behind, 0.0)
 
 
 def straggler_factor(nodes: Array, gpus_per_node: Array, jitter: Array) -> Array:
@@ -122,14 +164,16 @@ def expected_max_normal(n: Array) -> Array:
 
 
 class AllReduceTable:
-    """Measured all-reduce seconds by message size for one placement (raw probe samples)."""
+    """Measured all-reduce seconds by message size for one placement (raw probe samples),
+    interpolated linearly in bytes between measured sizes: an all-reduce's time is a latency plus
+    bytes over a bandwidth, which that reproduces exactly between any two sizes (interpolating in
+    log(bytes) overstated a bandwidth-bound size between two 4x-apart samples by up to 25 %)."""
 
     def __init__(self, sizes_seconds: Iterable[tuple[int, float]]) -> None:
         by_size: dict[int, list[float]] = {}
         for size, seconds in sizes_seconds:
             by_size.setdefault(size, []).append(seconds)
         self.bytes = sorted(by_size)
-        self.log_bytes = [math.log(b) for b in self.bytes]
         medians = [sorted(by_size[b])[len(by_size[b]) // 2] for b in self.bytes]
         # A larger message is never faster; noise (often on the smallest, first-measured sizes)
         # says otherwise, so each size takes the least time seen at it or any larger size.
@@ -140,7 +184,6 @@ class AllReduceTable:
             return self.seconds[0]
         if nbytes >= self.bytes[-1]:
             return self.seconds[-1] * nbytes / self.bytes[-1]
-        x = math.log(nbytes)
-        i = bisect.bisect_left(self.log_bytes, x)
-        w = (x - self.log_bytes[i - 1]) / (self.log_bytes[i] - self.log_bytes[i - 1])
+        i = bisect.bisect_left(self.bytes, nbytes)
+        w = (nbytes - self.bytes[i - 1]) / (self.bytes[i] - self.bytes[i - 1])
         return self.seconds[i - 1] + w * (self.seconds[i] - self.seconds[i - 1])
