@@ -126,6 +126,38 @@ def test_what_the_observations_cannot_identify_keeps_its_prior() -> None:
     assert one_gpu.calibration.fitted == () and one_gpu.calibration.residuals is None
 
 
+def widths(cluster: ClusterSpec, nodes: int, gpus: int) -> tuple[float, float]:
+    """(step interval, efficiency interval) as high / low at one placement."""
+    p = predict(MODELS[0], cluster, nodes=nodes, gpus_per_node=gpus, local_batch=64)
+    assert p.step_time_low_s <= p.step_time_s <= p.step_time_high_s
+    return p.step_time_high_s / p.step_time_low_s, p.efficiency_high / p.efficiency_low
+
+
+def test_too_few_residuals_keep_the_priors_width() -> None:
+    # One observation (or one repeated) is no 80 % interval: its "quantiles" are that one residual.
+    one = observe(MODELS[:1], places=((2, 4),))[2:3]
+    for given in (one, one * 5):
+        cal = calibrate(SPEC, given)
+        assert cal.calibration.residuals.n < 10
+        for nodes, gpus in ((1, 4), (2, 4)):
+            step, efficiency = widths(cal, nodes, gpus)
+            prior_step, prior_efficiency = widths(SPEC, nodes, gpus)
+            assert step > 1.05 / 0.95 and efficiency > 1.0  # wider than the compute spread alone
+            # the priors' widths, around a network the one step made slower: no narrower than uncalibrated
+            assert step > prior_step / 1.2 and efficiency > prior_efficiency / 1.2
+        assert any("residuals are fewer than 10" in a for a in plan(MODELS[0], cal, min_efficiency=0.5).assumptions)
+
+
+def test_a_level_the_calibration_did_not_fit_keeps_its_prior_width() -> None:
+    single_node = calibrate(SPEC, observe(MODELS, places=((1, 2), (1, 4))))
+    assert single_node.calibration.residuals.n >= 10 and "inter_GBps" not in single_node.calibration.fitted
+    inside, _ = widths(single_node, 1, 4)
+    across, across_efficiency = widths(single_node, 2, 4)
+    assert across > inside and across_efficiency > 1.5  # ethernet's prior x/2.5 on the network time
+    assert any("levels it did not fit keep the prior width" in a
+               for a in plan(MODELS[0], single_node, min_efficiency=0.5).assumptions)
+
+
 def test_calibrated_cluster_round_trips_and_plans(tmp_path: Path) -> None:
     cal = calibrate(SPEC, observe(MODELS))
     assert ClusterSpec.from_dict(json.loads(json.dumps(cal.to_dict()))) == cal

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from orchestrator.planner.model import COMPUTE_SPREAD, PerformanceModel
+from orchestrator.planner.model import COMPUTE_SPREAD, MIN_RESIDUALS, PerformanceModel
 from orchestrator.planner.priors import PRIOR_WIDTH, describe_priors
 from orchestrator.planner.results import Candidate
 from orchestrator.planner.types import Calibration, ClusterSpec, Profile
@@ -85,12 +85,18 @@ def assumptions(goal: Goal, model: PerformanceModel) -> tuple[str, ...]:
     links = list(kinds.assumed) or [f"links as given: {kinds.intra} inside nodes, {kinds.inter} between nodes"]
     cal = cluster.calibration
     network = describe_calibration(cal) if cal else describe_priors(cluster, kinds)
-    if cal is not None and cal.residuals is not None and cal.residuals.n:
-        r = cal.residuals
+    r = model.residuals
+    if r is not None:
         interval = (f"80 % interval from the calibration's {r.method} residuals (n={r.n}): multi-GPU step "
                     f"times {_percent(r.low)} to {_percent(r.high)}")
+        unfitted = [f"{kind} x/{PRIOR_WIDTH[kind]:g}" for kind, level in ((kinds.intra, "intra_GBps"),
+                                                                          (kinds.inter, "inter_GBps"))
+                    if level not in cal.fitted]
+        interval += f"; levels it did not fit keep the prior width ({', '.join(unfitted)})" if unfitted else ""
     else:
-        interval = (f"80 % interval from prior widths: network time within x/{PRIOR_WIDTH[kinds.intra]:g} "
+        few = (f" (the calibration's {cal.residuals.n} residuals are fewer than {MIN_RESIDUALS})"
+               if cal is not None and cal.residuals is not None else "")
+        interval = (f"80 % interval from prior widths{few}: network time within x/{PRIOR_WIDTH[kinds.intra]:g} "
                     f"({kinds.intra}) and x/{PRIOR_WIDTH[kinds.inter]:g} ({kinds.inter}), compute "
                     f"within {COMPUTE_SPREAD:.0%}")
     batch = (f"global batch held at {goal.global_batch} at every GPU count (local batch = "

@@ -39,7 +39,7 @@ import numpy as np
 from orchestrator.planner.network import AllReduceTable, Buckets, Network, allreduce_s, exposed_s, straggler_factor
 from orchestrator.planner.priors import LinkKinds, link_kinds, prior_network, prior_width
 from orchestrator.planner.results import Placement, Prediction
-from orchestrator.planner.types import ClusterSpec, Profile, ProfileSample
+from orchestrator.planner.types import ClusterSpec, Profile, ProfileSample, Residuals
 from trainers.batching import split_global_batch
 
 # Backward costs about twice the forward (two matmuls per forward one), so 2/3 of fwd+bwd.
@@ -53,6 +53,9 @@ COMPUTE_SPREAD = 0.05
 # its measured spread is widened by this factor either way for the overlap it could not observe
 # (a judgement).
 PROBE_STEP_WIDTH = 1.25
+# Fewer residuals than this make no 80 % interval (its 10th and 90th percentiles would be one or
+# two observations): the prediction keeps the priors' widths around the calibrated figures.
+MIN_RESIDUALS = 10
 
 
 def effective_network(cluster: ClusterSpec, kinds: LinkKinds | None = None) -> Network:
@@ -251,12 +254,21 @@ class PerformanceModel:
         exact = self.single_rate(micro, accum)
         return np.maximum(below, exact)[inverse]
 
-    def interval_factors(self, nodes: np.ndarray, gpus_per_node: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(low, high) multipliers of the network time at each row: the prior width w."""
-        intra = prior_width(self.kinds, nodes=1, gpus_per_node=2)
-        inter = prior_width(self.kinds, nodes=2, gpus_per_node=1)
+    def interval_factors(self, nodes: np.ndarray, gpus_per_node: np.ndarray, *,
+                         known: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """(low, high) multipliers of the network time at each row: the prior width w of the
+        widest crossed level whose bandwidth is not in `known` (a calibration's fitted figures)."""
+        intra = 1.0 if "intra_GBps" in known else prior_width(self.kinds, nodes=1, gpus_per_node=2)
+        inter = 1.0 if "inter_GBps" in known else prior_width(self.kinds, nodes=2, gpus_per_node=1)
         widths = np.maximum(np.where(gpus_per_node > 1, intra, 1.0), np.where(nodes > 1, inter, 1.0))
         return 1 / widths, widths
+
+    @property
+    def residuals(self) -> Residuals | None:
+        """The calibration's residuals when there are enough to make an interval of (module doc)."""
+        cal = self.cluster.calibration
+        r = cal.residuals if cal is not None else None
+        return r if r is not None and r.n >= MIN_RESIDUALS else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,8 +320,12 @@ def evaluate(model: PerformanceModel, rows: Rows, *, reference_batch: np.ndarray
 def _step_interval(model: PerformanceModel, rows: Rows, s: Steps) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
     """((step low, network-only step low), (step high, network-only step high)) per row."""
     alone = rows.gpus == 1
-    cal = model.cluster.calibration
-    residuals = cal.residuals if cal is not None and cal.residuals is not None and cal.residuals.n else None
+    residuals, cal = model.residuals, model.cluster.calibration
+
+    def network_scaled(lo: Any, hi: Any) -> tuple[np.ndarray, np.ndarray]:
+        return tuple(model.steps(rows.nodes, rows.gpus_per_node, rows.micro, rows.accum, comm_factor=f).step
+                     for f in (lo, hi))
+
     if residuals is not None and residuals.method != "all-reduce":
         # Residuals of whole steps: they hold the compute's error too.
         net_low = s.step * np.where(alone, 1.0, math.exp(min(residuals.low, 0.0)))
@@ -321,9 +337,13 @@ def _step_interval(model: PerformanceModel, rows: Rows, s: Steps) -> tuple[tuple
             hi = math.exp(max(residuals.high, 0.0)) * PROBE_STEP_WIDTH
         else:
             lo, hi = model.interval_factors(rows.nodes, rows.gpus_per_node)
-        net_low = model.steps(rows.nodes, rows.gpus_per_node, rows.micro, rows.accum, comm_factor=lo).step
-        net_high = model.steps(rows.nodes, rows.gpus_per_node, rows.micro, rows.accum, comm_factor=hi).step
+        net_low, net_high = network_scaled(lo, hi)
         spread = COMPUTE_SPREAD
+    if residuals is not None and cal is not None:  # a level the calibration did not fit keeps its prior's width
+        lo, hi = model.interval_factors(rows.nodes, rows.gpus_per_node, known=cal.fitted)
+        if (hi > 1).any():
+            prior_low, prior_high = network_scaled(lo, hi)
+            net_low, net_high = np.minimum(net_low, prior_low), np.maximum(net_high, prior_high)
     return (net_low * (1 - spread), net_low), (net_high * (1 + spread), net_high)
 
 
