@@ -307,6 +307,32 @@ def test_a_global_batch_stays_constant() -> None:
     assert all(c.prediction.efficiency <= 1 + 1e-12 for c in result.candidates)
 
 
+def test_one_gpu_is_the_baseline_even_where_the_batch_splits_badly() -> None:
+    # 256 on a GPU that fits 96 trains as 64 x 4, slower per sample than 96 would: still one GPU's
+    # efficiency (its own baseline), so a floor never excludes it.
+    profile = make_profile(grad_bytes=100_000_000, max_local_batch=96,
+                           samples=[{"local_batch": b, "step_time_s": 0.2 * (0.3 + 0.7 * b / 96)} for b in (32, 64, 96)])
+    single = make_cluster(nodes=1, gpus_per_node=1)
+    result = plan(profile, single, global_batch=256, min_efficiency=0.99)
+    assert (result.choice.gpus, result.choice.local_batch, result.choice.accumulation) == (1, 64, 4)
+    assert result.choice.efficiency == pytest.approx(1.0) and result.choice.efficiency_low == pytest.approx(1.0)
+
+
+def test_a_deadline_missed_only_under_the_floor_names_the_floor() -> None:
+    profile = make_profile(grad_bytes=100_000_000, samples=[
+        {"local_batch": b, "step_time_s": 0.2 * (0.1 + 0.9 * b / 128)} for b in (32, 64, 128, 256)], max_local_batch=256)
+    cluster = make_cluster(nodes=4, gpus_per_node=1, intra_node_GBps=16.0, inter_node_GBps=1.25,
+                           intra_link="pcie", inter_link="ethernet")
+    loose = plan(profile, cluster, total_samples=10_000_000, min_efficiency=0.1)
+    deadline = loose.choice.time_to_finish_s * 1.01  # the whole cluster makes it, below the floor
+    assert loose.choice.gpus == 4 and loose.choice.efficiency_low < 0.8
+    with pytest.raises(UserError, match=r"^deadline: no placement at pessimistic efficiency >= 0\.8 \(min_efficiency\) "
+                                        r"finishes within .*; the fastest \(\d GPUs?\) needs"):
+        plan(profile, cluster, total_samples=10_000_000, deadline_s=deadline, min_efficiency=0.8)
+    with pytest.raises(UserError, match=r"^deadline: no placement finishes within"):  # nothing could: no floor said
+        plan(profile, cluster, total_samples=10_000_000, deadline_s=deadline / 2, min_efficiency=0.8)
+
+
 def test_bad_plan_arguments_name_the_argument() -> None:
     with pytest.raises(UserError, match=r"^objective: must be one of"):
         plan(make_profile(), make_cluster(), objective="fastest")

@@ -19,8 +19,8 @@ step      max(A x t_fb + t_opt + exposed all-reduce, data), A the accumulation; 
 interval  (~80 %) with a calibration: its residual quantiles; without: the network time at 1/w
           and w times (w: the widest crossed link's prior width), compute within
           ``COMPUTE_SPREAD``. Scaling efficiency's ends move with the network only.
-efficiency throughput / (GPUs x the best one GPU does on a batch no larger than this global
-          batch); with a fixed global batch that baseline is one GPU training the same batch.
+efficiency throughput / (GPUs x one GPU's throughput on the same global batch, with
+          accumulation where it does not fit; a row's own micro-batch where that is faster).
 stat. eff McCandlish et al. 2018: reaching a given loss at global batch B takes
           E(B) = E_min (1 + B / B_noise) samples, so relative to a reference batch B0 the
           statistical efficiency is (B_noise + B0) / (B_noise + B); goodput = throughput x that.
@@ -243,16 +243,11 @@ class PerformanceModel:
         return micro * accum / self.steps(ones, ones, micro, accum).step
 
     def reference(self, global_batch: np.ndarray) -> np.ndarray:
-        """The best one GPU does on a batch no larger than `global_batch` (with accumulation, the
-        very same batch): the baseline of scaling efficiency."""
+        """One GPU training the very same global batch (with accumulation where it does not fit):
+        the baseline of scaling efficiency, so one GPU's efficiency is 1."""
         unique, inverse = np.unique(global_batch, return_inverse=True)
-        options = np.array(self.batch_options, dtype=float)
-        best_at = np.maximum.accumulate(self.single_rate(options, np.ones_like(options)))
-        index = np.searchsorted(options, unique, side="right") - 1
-        below = np.where(index >= 0, best_at[np.maximum(index, 0)], 0.0)
         micro, accum = one_gpu_split(unique, self.profile.max_local_batch)
-        exact = self.single_rate(micro, accum)
-        return np.maximum(below, exact)[inverse]
+        return self.single_rate(micro, accum)[inverse]
 
     def interval_factors(self, nodes: np.ndarray, gpus_per_node: np.ndarray, *,
                          known: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray]:

@@ -204,13 +204,32 @@ def plan(profile: Profile, cluster: ClusterSpec, *, objective: str = "max_throug
 
 
 def _infeasible(goal: Goal, candidates: list[Candidate]) -> str:
-    fastest = min(candidates, key=lambda c: c.prediction.time_to_finish_s or math.inf).prediction
-    if goal.deadline_s is not None and fastest.time_to_finish_s > goal.deadline_s:
-        return (f"deadline: no placement finishes within {duration(goal.deadline_s)}; the fastest "
-                f"({plural(fastest.gpus, 'GPU')}) needs {duration(fastest.time_to_finish_s)}")
-    cheapest = min(candidates, key=lambda c: c.prediction.cost or math.inf).prediction
-    if goal.budget is not None and cheapest.cost > goal.budget:
-        return (f"budget: no placement fits within {usd(goal.budget)}; the cheapest "
-                f"({plural(cheapest.gpus, 'GPU')}) costs {usd(cheapest.cost)}")
-    return "plan: no placement meets the deadline and the budget together; relax one of them"
+    """Which constraint leaves no placement, with the nearest miss."""
+    predictions = [c.prediction for c in candidates]
+    floor = goal.objective == "max_throughput"
+    efficient = [p for p in predictions if p.efficiency_low >= goal.min_efficiency] if floor else predictions
+    if not efficient:
+        best = max(predictions, key=lambda p: p.efficiency_low)
+        return (f"min_efficiency: no placement keeps pessimistic efficiency >= {goal.min_efficiency:.3g}; the "
+                f"best ({plural(best.gpus, 'GPU')}) has {best.efficiency_low:.3f} (predicted {best.efficiency:.3f})")
+    floor_says = f" at pessimistic efficiency >= {goal.min_efficiency:.3g} (min_efficiency)"
 
+    def nearest(key: str, limit: float) -> tuple[Prediction, str]:
+        """The best placement by `key`; said with the floor where only the floor keeps it past `limit`."""
+        overall = min(predictions, key=lambda p: getattr(p, key) or math.inf)
+        if getattr(overall, key) > limit:
+            return overall, ""
+        return min(efficient, key=lambda p: getattr(p, key) or math.inf), floor_says
+
+    if goal.deadline_s is not None:
+        fastest, within = nearest("time_to_finish_s", goal.deadline_s)
+        if fastest.time_to_finish_s > goal.deadline_s:
+            return (f"deadline: no placement{within} finishes within {duration(goal.deadline_s)}; the fastest "
+                    f"({plural(fastest.gpus, 'GPU')}) needs {duration(fastest.time_to_finish_s)}")
+    if goal.budget is not None:
+        cheapest, within = nearest("cost", goal.budget)
+        if cheapest.cost > goal.budget:
+            return (f"budget: no placement{within} fits within {usd(goal.budget)}; the cheapest "
+                    f"({plural(cheapest.gpus, 'GPU')}) costs {usd(cheapest.cost)}")
+    within = floor_says if len(efficient) < len(predictions) else ""
+    return f"plan: no placement{within} meets the deadline and the budget together; relax one of them"
