@@ -158,6 +158,30 @@ def test_a_level_the_calibration_did_not_fit_keeps_its_prior_width() -> None:
                for a in plan(MODELS[0], single_node, min_efficiency=0.5).assumptions)
 
 
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"source": "manual"}, r"^calibrate\.source: must be one of jobs, probe-network, published-table, refit, got 'manual'$"),
+    ({"measured_at": 20261201}, r"^calibrate\.measured_at: must be an ISO 8601 time .*, got 20261201$"),
+    ({"measured_at": "yesterday"}, r"^calibrate\.measured_at: must be an ISO 8601 time .*, got 'yesterday'$"),
+])
+def test_a_bad_section_stamp_is_named_before_any_fit(kwargs: dict[str, object], message: str) -> None:
+    for call in (lambda: calibrate(SPEC, observe(MODELS[:1]), **kwargs),
+                 lambda: calibrate_allreduce(SPEC, [AllReduceSample(bytes=2**20, nodes=1, gpus_per_node=2, seconds=1e-3)],
+                                             **kwargs)):
+        with pytest.raises(UserError, match=message):
+            call()
+
+
+def test_measured_at_is_kept_as_utc_so_the_newest_sorts_last() -> None:
+    obs = observe(MODELS[:1])
+    stamps = {"2026-12-01T10:00:00+02:00": "2026-12-01T08:00:00Z", "2026-12-01T09:00:00": "2026-12-01T09:00:00Z",
+              "2026-12-01T09:30:00Z": "2026-12-01T09:30:00Z"}
+    for given, kept in stamps.items():
+        assert calibrate(SPEC, obs, measured_at=given).calibration.measured_at == kept
+    with pytest.raises(UserError, match=r"^cluster\.calibration\.measured_at: must be an ISO 8601 time"):
+        ClusterSpec.from_dict({**SPEC.to_dict(), "calibration": {**calibrate(SPEC, obs).calibration.to_dict(),
+                                                                 "measured_at": "last week"}})
+
+
 def test_calibrated_cluster_round_trips_and_plans(tmp_path: Path) -> None:
     cal = calibrate(SPEC, observe(MODELS))
     assert ClusterSpec.from_dict(json.loads(json.dumps(cal.to_dict()))) == cal

@@ -342,6 +342,15 @@ def test_bad_plan_arguments_name_the_argument() -> None:
         plan(make_profile(), make_cluster(), global_batch=-4)
     with pytest.raises(UserError, match=r"^plan\.deadline_s: must be a finite number, got inf"):
         plan(make_profile(), make_cluster(), deadline_s=float("inf"), total_samples=1000)
+    with pytest.raises(UserError, match=r"^plan\.min_efficiency: must be a number, got None$"):
+        plan(make_profile(), make_cluster(), min_efficiency=None)
+
+
+@pytest.mark.parametrize("name", ["nodes", "gpus_per_node", "local_batch", "accumulation"])
+def test_a_required_predict_argument_given_none_is_one_line(name: str) -> None:
+    given = {"nodes": 2, "gpus_per_node": 4, "local_batch": 64, "accumulation": 1, name: None}
+    with pytest.raises(UserError, match=rf"^predict\.{name}: must be an integer, got None$"):
+        predict(make_profile(), make_cluster(), **given)
 
 
 def test_planning_1024_gpus_considers_every_placement() -> None:

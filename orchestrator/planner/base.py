@@ -5,6 +5,7 @@ and every error one line that names the field path and the bad value, in the wor
 from __future__ import annotations
 
 import contextvars
+import datetime
 import math
 import types
 import typing
@@ -55,6 +56,18 @@ def at_least(low: float, why: str) -> AfterValidator:
     return AfterValidator(check)
 
 
+def utc_time(value: str) -> str:
+    """An ISO 8601 time as UTC `2026-12-01T09:00:00Z` (no offset: UTC), so that the newest of
+    several calibrations is the greatest string."""
+    try:
+        when = datetime.datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise ValueError(f"must be an ISO 8601 time such as 2026-12-01T09:00:00Z, got {value!r}") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return when.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 PositiveInt = Annotated[StrictInt, Field(gt=0)]
 NonNegativeInt = Annotated[StrictInt, Field(ge=0)]
 PositiveFloat = Annotated[StrictFloat, Field(gt=0)]
@@ -62,6 +75,7 @@ NonNegativeFloat = Annotated[StrictFloat, Field(ge=0)]
 Share = Annotated[StrictFloat, Field(ge=0, le=1)]
 Efficiency = Annotated[StrictFloat, Field(gt=0, le=1), at_least(MIN_EFFICIENCY, "0.1 % of the line rate")]
 Text = Annotated[StrictStr, Field(min_length=1)]
+UtcTime = Annotated[StrictStr, AfterValidator(utc_time)]
 Batch = Annotated[StrictInt, Field(gt=0, le=MAX_BATCH)]
 Count = Annotated[StrictInt, Field(gt=0, le=MAX_COUNT)]
 Bytes = Annotated[StrictInt, Field(ge=0, le=MAX_BYTES)]
@@ -269,10 +283,14 @@ def as_list(values: Any, where: str, what: str = "a list") -> list[Any]:
 
 
 def check_arguments(where: str, *, integers: dict[str, Any] | None = None,
-                    numbers: dict[str, Any] | None = None, at_most: dict[str, float] | None = None) -> None:
-    """Keyword arguments of a planner function (`predict.nodes: must be > 0, got 0`); None passes."""
+                    numbers: dict[str, Any] | None = None, at_most: dict[str, float] | None = None,
+                    required: tuple[str, ...] = ()) -> None:
+    """Keyword arguments of a planner function (`predict.nodes: must be > 0, got 0`); None passes
+    except for the `required` ones."""
     for kinds, integer in ((integers or {}, True), (numbers or {}, False)):
         for name, value in kinds.items():
+            if value is None and name in required:
+                raise UserError(f"{where}.{name}: must be {'an integer' if integer else 'a number'}, got None")
             if value is None:
                 continue
             ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))

@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import math
 import time
+import typing
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from orchestrator.errors import UserError
-from orchestrator.planner.base import MAX_RESIDUAL, as_list
+from orchestrator.errors import UserError, shown
+from orchestrator.planner.base import MAX_RESIDUAL, as_list, utc_time
 from orchestrator.planner.fit import LOG_RANGE, Space, data_loss, minimize, polish, sensitive
 from orchestrator.planner.model import PerformanceModel, effective_network
 from orchestrator.planner.network import (
@@ -308,9 +309,24 @@ def _calibrated(cluster: ClusterSpec, problem: Problem, *, allowed: Sequence[int
     return cluster.replace(calibration=section)
 
 
+def _check_stamp(source: Any, measured_at: Any) -> None:
+    """`source` and `measured_at` as the section will hold them, before any fitting."""
+    sources = typing.get_args(Calibration.model_fields["source"].annotation)
+    if source not in sources or not isinstance(source, str):
+        raise UserError(f"calibrate.source: must be one of {', '.join(sources)}, got {shown(source)}")
+    if measured_at is not None:
+        try:
+            if not isinstance(measured_at, str):
+                raise ValueError(f"must be an ISO 8601 time such as 2026-12-01T09:00:00Z, got {shown(measured_at)}")
+            utc_time(measured_at)
+        except ValueError as exc:
+            raise UserError(f"calibrate.measured_at: {exc}") from None
+
+
 def calibrate(cluster: ClusterSpec, observations: Iterable[Observation], *, source: str = "jobs",
               measured_at: str | None = None) -> ClusterSpec:
     """`cluster` with a calibration section fitted to the observed step times (module doc)."""
+    _check_stamp(source, measured_at)
     cluster = ClusterSpec.coerce(cluster, "calibrate.cluster")
     listed = as_list(observations, "calibrate.observations")
     items = [Observation.coerce(o, f"calibrate.observations[{i}]") for i, o in enumerate(listed)]
@@ -324,6 +340,7 @@ def calibrate(cluster: ClusterSpec, observations: Iterable[Observation], *, sour
 def calibrate_allreduce(cluster: ClusterSpec, samples: Iterable[AllReduceSample], *, source: str = "probe-network",
                         measured_at: str | None = None) -> ClusterSpec:
     """`cluster` with a calibration section fitted to measured all-reduce times."""
+    _check_stamp(source, measured_at)
     cluster = ClusterSpec.coerce(cluster, "calibrate.cluster")
     listed = as_list(samples, "calibrate.samples")
     items = [AllReduceSample.coerce(s, f"calibrate.samples[{i}]") for i, s in enumerate(listed)]

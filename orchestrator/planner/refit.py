@@ -127,7 +127,8 @@ def refit(profile: Profile, cluster: ClusterSpec, *, placement: Placement, local
     """Refit compute and the network level `placement` exercises from a worker group's step times
     (seconds per optimizer step, in order), and the same steps without gradient sync if measured.
     The local batch is split into accumulation as `predict` does."""
-    check_arguments("refit", integers={"local_batch": local_batch, "accumulation": accumulation})
+    check_arguments("refit", integers={"local_batch": local_batch, "accumulation": accumulation},
+                    required=("local_batch", "accumulation"))
     profile, cluster = Profile.coerce(profile, "refit.profile"), ClusterSpec.coerce(cluster, "refit.cluster")
     placement = Placement.coerce(placement, "refit.placement")
     step_times = _times(step_times, "step_times")

@@ -49,7 +49,8 @@ def predict(profile: Profile, cluster: ClusterSpec, *, nodes: int, gpus_per_node
     check_arguments("predict", integers={"nodes": nodes, "gpus_per_node": gpus_per_node, "local_batch": local_batch,
                                          "accumulation": accumulation, "total_samples": total_samples,
                                          "reference_batch": reference_batch},
-                    at_most={"nodes": MAX_COUNT, "gpus_per_node": MAX_COUNT})
+                    at_most={"nodes": MAX_COUNT, "gpus_per_node": MAX_COUNT},
+                    required=("nodes", "gpus_per_node", "local_batch", "accumulation"))
     if nodes * gpus_per_node * local_batch * accumulation > MAX_INTEGER:  # the global batch, exact in float64
         raise UserError(f"predict.local_batch: the global batch (nodes x gpus_per_node x local_batch x accumulation) "
                         f"must be <= 2**53, got {nodes} x {gpus_per_node} x {local_batch} x {accumulation}")
@@ -115,7 +116,8 @@ def check_goal(goal: Goal, cluster: ClusterSpec, max_gpus: int | None) -> None:
     check_arguments("plan", integers={"global_batch": goal.global_batch, "total_samples": goal.total_samples,
                                       "max_gpus": max_gpus},
                     numbers={"min_efficiency": goal.min_efficiency, "deadline_s": goal.deadline_s,
-                             "budget": goal.budget}, at_most={"min_efficiency": 1.0, "deadline_s": MAX_DEADLINE_S})
+                             "budget": goal.budget}, at_most={"min_efficiency": 1.0, "deadline_s": MAX_DEADLINE_S},
+                    required=("min_efficiency",))
     if (goal.deadline_s is not None or goal.budget is not None) and goal.total_samples is None:
         raise UserError("plan.total_samples: required with a deadline or budget (from epochs or max_steps)")
     if goal.budget is not None and cluster.gpu_hour_cost is None:

@@ -36,6 +36,7 @@ from orchestrator.planner.base import (
     SecondsOrZero,
     Share,
     Text,
+    UtcTime,
     at_least,
     shown,
 )
@@ -171,7 +172,7 @@ class Calibration(Model):
 
     where = "cluster.calibration"
     source: Literal["jobs", "probe-network", "published-table", "refit"]
-    measured_at: Text  # ISO 8601, UTC
+    measured_at: UtcTime  # ISO 8601, kept as UTC
     intra_GBps: Achieved  # achieved bus bandwidth per GPU inside a node
     inter_GBps: Achieved  # achieved bus bandwidth per node between nodes
     base_latency_us: FittedLatency  # per all-reduce call
