@@ -46,6 +46,11 @@ def bus_GBps(c: ClusterSpec, nodes: int, gpus: int) -> float:
     ({"intra": "NVLink", "inter": "IB"}, "nvlink", "infiniband"),
     ({"intra_node_link": "pcie_host_staged", "inter_node_link": "Ethernet"}, "pcie-host-staged", "ethernet"),
     ({"intra": "PCIe", "inter": "RoCE"}, "pcie", "roce"),
+    ({"intra": "NVLink4", "inter": "HDR"}, "nvlink", "infiniband"),
+    ({"intra": "PCIe Gen4 x16", "inter": "RoCEv2"}, "pcie", "roce"),
+    ({"intra": "PCI-E", "inter": "100GbE"}, "pcie", "ethernet"),
+    ({"intra": "pcie5", "inter": "InfiniBand NDR400"}, "pcie", "infiniband"),
+    ({"intra": "NVSwitch", "inter": "10 GbE"}, "nvlink", "ethernet"),
 ])
 def test_link_kinds_and_their_spellings(raw: dict[str, str], intra: str, inter: str) -> None:
     c = cluster(**raw)
@@ -57,6 +62,10 @@ def test_link_kinds_and_their_spellings(raw: dict[str, str], intra: str, inter: 
 def test_an_unknown_link_kind_is_one_line() -> None:
     with pytest.raises(UserError, match=r"^cluster\.intra_link: must be one of .*nvlink.*got 'copper'$"):
         cluster(intra_link="copper")
+    with pytest.raises(UserError, match=r"^cluster\.inter_link: must be one of .*infiniband.*got 'efa'$"):
+        cluster(inter_link="EFA")  # its own transport: no prior of ours describes it
+    with pytest.raises(UserError, match=r"^cluster\.intra: another name for intra_link, which is given too; keep one$"):
+        cluster(intra="nvlink", intra_link="pcie")
 
 
 def test_link_kinds_inferred_from_line_rates_and_said_so() -> None:

@@ -214,6 +214,9 @@ def describe(exc: ValidationError, model: type[BaseModel], where: str | None = N
     if isinstance(inner, FieldError):
         return f"{_join(path, inner.path)}: {inner.message}"
     if kind == "extra_forbidden":
+        twin = _alias_of(_model_at(model, loc[:-1]), loc[-1])
+        if twin:
+            return f"{path}: another name for {twin}, which is given too; keep one"
         allowed = _fields_at(model, loc[:-1])
         return f"{path}: unknown key" + (f" (expected one of {', '.join(allowed)})" if allowed else "")
     if kind == "missing":
@@ -248,19 +251,33 @@ def _join(path: str, below: str) -> str:
     return path + below if below.startswith("[") else f"{path}.{below}"
 
 
-def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """The field names of the model that `loc` leads to (for "expected one of ...")."""
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model that `loc` leads to, if any."""
     current: Any = model
     for part in loc:
         if isinstance(part, int):
             continue
         field = getattr(current, "model_fields", {}).get(part)
         if field is None:
-            return []
+            return None
         current = _model_in(field.annotation)
         if current is None:
-            return []
-    return list(getattr(current, "model_fields", {}))
+            return None
+    return current
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the model that `loc` leads to (for "expected one of ...")."""
+    return list(getattr(_model_at(model, loc), "model_fields", {}))
+
+
+def _alias_of(model: type[BaseModel] | None, key: Any) -> str | None:
+    """The field of `model` that `key` is another accepted name of (AliasChoices), if any."""
+    for name, field in getattr(model, "model_fields", {}).items():
+        choices = getattr(field.validation_alias, "choices", ())
+        if key != name and key in choices:
+            return name
+    return None
 
 
 def _model_in(annotation: Any) -> type[BaseModel] | None:

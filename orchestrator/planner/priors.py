@@ -10,6 +10,7 @@ bandwidth an all-reduce reaches, comparable to the hardware bottleneck's line ra
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -84,12 +85,26 @@ NVLINK_ABOVE_GBps = 64.0  # a PCIe Gen5 x16 link's one-direction rate; NVLink2 s
 ETHERNET_UP_TO_GBps = 12.5  # 100 Gb/s; HDR InfiniBand and faster fabrics are above
 
 
+# Generations, speeds and widths named with a kind (`NVLink4`, `PCIe Gen4 x16`, `HDR`, `RoCEv2`,
+# `100GbE`): the kind is what the priors need; a line rate comes from the GBps fields.
+LINK_PATTERNS = (
+    (re.compile(r"nv(link|switch)-?(v|gen)?\d*"), "nvlink"),
+    (re.compile(r"pci-?e?(-?(gen|g)?-?\d(\.\d)?)?(-?x\d+)?"), "pcie"),
+    (re.compile(r"((ib|infiniband)-?)?([fehnx]dr|qdr)(-?(ib|infiniband))?(-?\d+)?"), "infiniband"),
+    (re.compile(r"roce-?(v\d)?"), "roce"),
+    (re.compile(r"(\d+(\.\d+)?-?g(b|bit)?-?(e|eth|ethernet)|gig-?e|gbe|tcp[-/]?ip)"), "ethernet"),
+)
+
+
 def normalize_link(value: object) -> object:
-    """`NVLink`, `pcie_host_staged`, `IB` ... -> the canonical names (others pass through)."""
+    """`NVLink`, `pcie_host_staged`, `IB`, `PCIe Gen4`, `RoCEv2`, `100GbE` ... -> the canonical
+    names (others pass through, to be refused naming the kinds known)."""
     if not isinstance(value, str):
         return value
     name = value.strip().lower().replace("_", "-").replace(" ", "-")
-    return LINK_SYNONYMS.get(name, name)
+    if name in LINK_SYNONYMS:
+        return LINK_SYNONYMS[name]
+    return next((kind for pattern, kind in LINK_PATTERNS if pattern.fullmatch(name)), name)
 
 
 @dataclass(frozen=True, slots=True)
