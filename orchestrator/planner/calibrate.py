@@ -236,8 +236,12 @@ def _why_not(problem: Problem, name: str) -> str:
 
 
 def _strided(problem: Problem, most: int) -> Problem:
-    """At most `most` rows, evenly strided (deterministic): a sample of every part of the data."""
-    return problem if len(problem) <= most else problem.subset(np.arange(len(problem))[:: -(-len(problem) // most)])
+    """At most `most` rows, evenly strided through them ordered by model, placement and step time:
+    a sample of every part of the data, the same whatever order the observations came in."""
+    if len(problem) <= most:
+        return problem
+    order = np.lexsort((problem.observed, problem.gpus_per_node, problem.nodes, problem.models))
+    return problem.subset(np.sort(order[:: -(-len(problem) // most)]))
 
 
 def _fit(problem: Problem, start_net: Network, start: np.ndarray, free: list[int]) -> tuple[np.ndarray, bool]:
