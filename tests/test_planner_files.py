@@ -52,6 +52,9 @@ def test_profile_round_trip(tmp_path: Path) -> None:
         ({"samples": [{"local_batch": 8, "step_time_s": 0.1},
                       {"local_batch": 8, "step_time_s": 0.2}]},
          r"^profile\.samples\[1\]\.local_batch: duplicate local batch 8$"),
+        ({"node_samples": [{"gpus_per_node": 4, "local_batch": 8, "step_time_s": 0.12},
+                           {"gpus_per_node": 4, "local_batch": 8, "step_time_s": 0.3}]},
+         r"^profile\.node_samples\[1\]: duplicate of gpus_per_node 4 at local batch 8$"),
     ],
 )
 def test_bad_profile_fields_are_named(change: dict[str, Any], message: str) -> None:

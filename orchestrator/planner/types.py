@@ -112,6 +112,12 @@ class Profile(Document):
             if s.optimizer_s is not None and s.optimizer_s >= s.step_time_s:
                 raise FieldError(f"samples[{i}].optimizer_s",
                                  f"must be < step_time_s ({s.step_time_s:g}), got {s.optimizer_s:g}")
+        measured: set[tuple[int, int]] = set()
+        for i, n in enumerate(self.node_samples):
+            if (n.gpus_per_node, n.local_batch) in measured:  # which one would the model believe?
+                raise FieldError(f"node_samples[{i}]", f"duplicate of gpus_per_node {n.gpus_per_node} at local "
+                                                      f"batch {n.local_batch}")
+            measured.add((n.gpus_per_node, n.local_batch))
         smallest = min(seen)
         if self.max_local_batch < smallest:
             raise FieldError("max_local_batch", f"must be >= the smallest profiled local_batch ({smallest}), "
