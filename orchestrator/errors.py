@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from trainers.errors import UserError
+from trainers.errors import UserError, first_line
 
-__all__ = ["UserError", "given", "shown"]
+__all__ = ["UserError", "given", "shown", "worker_user_error"]
 
 
 def shown(value: Any) -> str:
@@ -29,3 +29,12 @@ def given(value: str | None, flag: str, hint: str = "leave it out for the defaul
     if value is not None and not value.strip():
         raise UserError(f"{flag}: empty; {hint}")
     return value
+
+
+def worker_user_error(exc: BaseException) -> UserError | None:
+    """A worker's UserError (its data went empty, no checkpoint of the run verifies) inside Ray
+    Train's failure (`WorkerGroupError.worker_failures`, rank -> the worker's exception), as the
+    one line to say; None for any other failure."""
+    failures = getattr(exc, "worker_failures", None)
+    found = [f for _, f in sorted(failures.items()) if isinstance(f, UserError)] if isinstance(failures, dict) else []
+    return UserError(first_line(found[0])) if found else None

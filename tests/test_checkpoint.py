@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from trainers import checkpoint as ckpt
+from trainers.errors import UserError
 
 
 def write(run_dir: Path, step: int, name: str | None = None) -> Path:
@@ -111,8 +112,11 @@ def test_a_state_that_does_not_fit_the_job_is_passed_over(tmp_path: Path) -> Non
     write(tmp_path, 20)
     ckpt.write(tmp_path / ckpt.dir_name(30), {"step": 30, "model": {"other": torch.zeros(2)}}, step=30)
     model = torch.nn.Linear(2, 2)
-    restored = ckpt.restore_newest(tmp_path, apply=lambda state: model.load_state_dict(state["model"]))
-    assert restored is None  # step 20's {"w": ...} does not fit a Linear either: nothing usable
+    # step 20's {"w": ...} does not fit a Linear either: nothing usable, and starting over would
+    # train and log the run's steps twice
+    with pytest.raises(UserError, match=r"^checkpoint: none of the 2 checkpoints under .* is usable \(the newest: .*"
+                                        r"does not fit this job .*--new-run$"):
+        ckpt.restore_newest(tmp_path, apply=lambda state: model.load_state_dict(state["model"]))
     assert ckpt.restore_newest(tmp_path, apply=lambda state: None).state["step"] == 30
 
 

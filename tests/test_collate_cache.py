@@ -1,13 +1,22 @@
-"""Arrow -> tensor collate, and the in-memory shard cache the training loop switches to."""
+"""Arrow -> tensor collate, the in-memory shard cache the training loop switches to, and an epoch
+that reads nothing."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
 import pytest
+import ray.train
 import torch
 
-from orchestrator.config import ColumnConfig, DataConfig
+from orchestrator.config import ColumnConfig, DataConfig, load_config
+from trainers import loop
+from trainers.batching import split_global_batch
+from trainers.config import WorkerConfig
+from trainers.errors import UserError
 from trainers.data.cache import EvalCache, ShardCache
 from trainers.data.collate import Collate
 
@@ -107,3 +116,17 @@ def test_eval_cache_keeps_every_batch_in_order_and_gives_up_over_budget() -> Non
     assert not small.seal() and not small.enabled
     with pytest.raises(RuntimeError):
         small.batches()
+
+
+def test_an_epoch_that_reads_nothing_is_one_line_not_a_spin(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The data set's files removed while the job ran: a restarted group's shard yields no batch. The
+    # loop used to start the next epoch at once, forever, and never reached a stop check.
+    job = load_config(Path(__file__).resolve().parents[1] / "configs" / "digits.yaml")
+    cfg = WorkerConfig.model_validate(job.localized().worker_config().model_dump(mode="json"))
+    shard = SimpleNamespace(iter_torch_batches=lambda **_: iter(()))
+    monkeypatch.setattr(ray.train, "get_dataset_shard", lambda name: shard)
+    worker = SimpleNamespace(cfg=cfg, args=loop.LoopArgs(config={}, steps_per_epoch=10, total_steps=30), rank=0,
+                             split=split_global_batch(64, workers=2, max_local_batch=None), device=None,
+                             state=SimpleNamespace(step=10))
+    with pytest.raises(UserError, match=r"^data: epoch 1 of the training set gave this worker no full batch of 32 rows"):
+        loop._train(worker, None)

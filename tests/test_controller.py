@@ -79,6 +79,22 @@ def test_a_failed_fit_fails_the_run_and_raises() -> None:
     assert controller.state is State.FAILED and world.run.status == "FAILED" and world.identity.released
 
 
+def test_a_workers_user_error_is_one_line_not_ray_trains_failure() -> None:
+    from ray.train import WorkerGroupError
+
+    bad = UserError("data: epoch 2 of the training set gave this worker no full batch of 64 rows")
+    failed = WorkerGroupError("rank 1 failed", {1: bad, 0: RuntimeError("peer gone")})
+    world = World(job(), [FakeFit([[group()], [steps(1, 3)]], FitOutcome({}, error=failed))])
+    controller = JobController(world.job, world.ports())
+    with pytest.raises(UserError, match=r"^data: epoch 2 of the training set gave this worker no full batch"):
+        controller.run()
+    assert controller.state is State.FAILED and world.run.status == "FAILED" and world.identity.released
+    other = WorkerGroupError("rank 0 failed", {0: RuntimeError("peer gone")})  # not the user's to fix
+    world = World(job(), [FakeFit([[group()], [steps(1, 3)]], FitOutcome({}, error=other))])
+    with pytest.raises(WorkerGroupError):
+        JobController(world.job, world.ports()).run()
+
+
 def test_a_diverged_loss_stops_the_workers_and_fails_the_run_in_one_line() -> None:
     nan = steps(4, 6)
     nan = StepsDone(step=6, points=(nan.points[0], StepPoint(step=5, metrics={"train/loss": float("nan")}, at_ms=5),

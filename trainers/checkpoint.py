@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainers.errors import UserError
+
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
@@ -150,15 +152,18 @@ def candidates(run_dir: Path) -> list[Path]:
     return sorted((p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith(DIR_PREFIX)), reverse=True)
 
 
+class UnusableCheckpoints(UserError):
+    """Every checkpoint of a run failed verification: starting over would train (and log) its
+    steps a second time, and retrying the worker group cannot mend a file."""
+
+
 def restore_newest(run_dir: Path, apply: Callable[[dict[str, Any]], None] | None = None) -> Restored | None:
-    """The newest verified checkpoint in a run folder, registered with Ray Train or not.
+    """The newest verified checkpoint in a run folder, registered with Ray Train or not; None
+    when the run has no checkpoint folder, UnusableCheckpoints when none of them verifies.
 
     `apply` (loading the state into the model and optimizer) is part of reading: a checkpoint it
     fails on (another model's weights, missing keys) is passed over like a corrupt one."""
-    return _first_valid(candidates(run_dir), apply)
-
-
-def _first_valid(folders: list[Path], apply: Callable[[dict[str, Any]], None] | None) -> Restored | None:
+    folders = candidates(run_dir)
     skipped: list[str] = []
     for folder in folders:
         try:
@@ -169,6 +174,11 @@ def _first_valid(folders: list[Path], apply: Callable[[dict[str, Any]], None] | 
         except CorruptCheckpoint as exc:
             log.warning("checkpoint %s is corrupt, trying the previous one: %s", folder.name, exc)
             skipped.append(str(exc))
+    if folders:
+        raise UnusableCheckpoints(
+            f"checkpoint: none of the {len(folders)} checkpoints under {run_dir} is usable (the newest: "
+            f"{skipped[0]}); move the damaged ones aside to resume from an older one, or start afresh with "
+            "--new-run")
     return None
 
 

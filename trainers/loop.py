@@ -27,6 +27,7 @@ from trainers.batching import BatchSplit, split_global_batch
 from trainers.config import WorkerConfig
 from trainers.data.cache import EvalCache, ShardCache
 from trainers.data.arrow_collate import ArrowCollate
+from trainers.errors import UserError
 from trainers.events import CheckpointSaved, Evaluated, GroupEnded, GroupStarted
 from trainers.models import build_model
 from trainers.reporting import Reporter, StopSignal, SystemSampler, observed_step_time, register
@@ -113,7 +114,8 @@ def restore(state: TrainState, run_dir: Path | None) -> Resume | None:
     restored = ckpt.restore_newest(folder, state.load) if folder is not None else None
     if restored is None:
         if latest is not None:
-            raise RuntimeError(f"no readable checkpoint under {folder}")
+            raise UserError(f"checkpoint: Ray Train registered {latest.path}, but no checkpoint folder is left "
+                            f"under {folder}; start afresh with --new-run")
         return None
     return Resume(state.step, restored.folder.name, restored.skipped)
 
@@ -187,6 +189,7 @@ def _train(w: Worker, resume: Resume | None) -> None:
         skip = (w.state.step % args.steps_per_epoch) * w.split.accumulation  # resumed mid-epoch
         batches = _epoch_batches(w, train_shard, collate, cache, epoch)
         tick = time.perf_counter()
+        before = w.state.step
         for micro in _optimizer_steps(batches, w.split.accumulation, skip=skip, limit=micro_per_epoch, cache=cache):
             if w.state.step >= args.total_steps:
                 continue  # every rank reads the whole epoch, so streaming shards stay in step
@@ -204,6 +207,9 @@ def _train(w: Worker, resume: Resume | None) -> None:
             if _after_step(w):
                 return
             tick = time.perf_counter()  # checkpoint writing stays out of the next step's time
+        if w.state.step == before:  # another pass would read nothing again, and never see a stop signal
+            raise UserError(f"data: epoch {epoch} of the training set gave this worker no full batch of "
+                            f"{w.split.local_batch} rows (were its files removed or emptied while the job ran?)")
         _end_of_epoch(w, cache, val_cache, val_shard, collate, epoch)
     if w.rank == 0:
         w.reporter.send(GroupEnded(step=w.state.step, reason="finished"))

@@ -35,7 +35,7 @@ from orchestrator.driver.ports import Fit, FitOutcome, Identity, JobResult, Port
 from orchestrator.driver.recorder import Recorder
 from orchestrator.driver.replan import comparison, observation, predicted_at, replan
 from orchestrator.driver.sizing import Sizing, Workers, fixed_workers, least_workers, most
-from orchestrator.errors import UserError
+from orchestrator.errors import UserError, worker_user_error
 from orchestrator.planner import OBSERVATIONS_ARTIFACT, REFIT_MIN_STEPS
 from trainers.events import (
     CheckpointSaved,
@@ -187,7 +187,7 @@ class JobController:
         completed = int(self.outcome.metrics.get("step", 0)) >= self.prepared.total_steps
         state = after_fit(error=self.outcome.error is not None, stop=self.stop_requested, completed=completed)
         if state is State.FAILED and self.outcome.error is not None:
-            raise self.outcome.error
+            raise worker_user_error(self.outcome.error) or self.outcome.error
         if state is State.FAILED:
             raise RuntimeError(f"the worker group stopped at step {self.recorder.last_step} of "
                                f"{self.prepared.total_steps} without an error")
