@@ -82,9 +82,18 @@ class Storage:
             return
         path = Path(self._root, relative)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-            f.write(payload)
-        os.replace(f.name, path)
+        temporary: str | None = None
+        try:
+            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+                temporary = f.name
+                f.write(payload)
+            os.replace(temporary, path)
+        except OSError as exc:  # a full disk, a quota: no half-written file left, the file named
+            if temporary is not None:
+                Path(temporary).unlink(missing_ok=True)
+            if exc.filename is None:
+                raise OSError(exc.errno, exc.strerror, str(path)) from None
+            raise
 
     def delete(self, relative: str) -> None:
         if self.remote:

@@ -322,3 +322,18 @@ def test_a_file_name_past_255_bytes_is_one_line_exit_2(tmp_path: Path, args: lis
     proc = run_cli([a.format(long=long) for a in args], env=base_env(), cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
     assert proc.stderr.startswith("error: aaaa") and "(30" in proc.stderr and "File name too long" in proc.stderr
+
+
+def test_a_full_disk_is_one_line_naming_the_file(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import errno
+
+    import orchestrator.cli as cli
+
+    def full(**_: object) -> None:  # a checkpoint record written while the disk fills (storage.write_json)
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/runs/digits/.job.json")
+
+    monkeypatch.setattr(cli, "app", full)
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == "error: /data/runs/digits/.job.json: No space left on device\n"

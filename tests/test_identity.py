@@ -62,6 +62,24 @@ def test_a_storage_path_that_cannot_be_written_is_one_line(tmp_path: Path) -> No
     assert (tmp_path / "file").read_text() == "kept\n"
 
 
+def test_a_full_disk_leaves_no_half_written_record_and_names_the_file(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    storage = Storage(str(tmp_path))
+    storage.write_json("job.json", {"restarts": 1})
+
+    def full(*_: object) -> None:  # what a write past the last free block raises: no file name
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(OSError) as raised:
+        storage.write_json("job.json", {"restarts": 2})
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(tmp_path / "job.json")
+    assert [p.name for p in tmp_path.iterdir()] == ["job.json"]  # no .job.json.<random> left behind
+    assert json.loads((tmp_path / "job.json").read_text()) == {"restarts": 1}
+
+
 def test_a_changed_config_is_refused_naming_the_fields_unless_new_run(tmp_path: Path) -> None:
     claim(job(str(tmp_path))).release()
     with pytest.raises(UserError, match=r"config changed since this job ran \(model.kwargs.hidden, training.lr\)"):

@@ -62,7 +62,8 @@ def main() -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
-_PATH_ERRORS = {errno.ENAMETOOLONG, errno.ELOOP, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EROFS}
+_PATH_ERRORS = {errno.ENAMETOOLONG, errno.ELOOP, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EROFS,
+                errno.ENOSPC, errno.EDQUOT}  # and a full disk or quota where a file is written
 
 
 def _usage_error(ctx: Any, message: str) -> None:
