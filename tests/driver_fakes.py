@@ -50,6 +50,7 @@ class FakeIdentity:
 class FakeRun:
     run_id: str | None = "run-1"
     resumed: bool | None = False
+    resume_floor: int | None = None
     metrics: list[tuple[str, float, int, bool]] = field(default_factory=list)
     tags: dict[str, Any] = field(default_factory=dict)
     dicts: dict[str, Any] = field(default_factory=dict)

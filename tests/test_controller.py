@@ -206,10 +206,26 @@ def test_a_second_ctrl_c_aborts_and_ends_the_run_killed() -> None:
     def interrupt(world: World) -> None:
         raise KeyboardInterrupt
 
-    world = World(job(), [finished_fit()], on_poll=interrupt)
+    world = World(job(), [FakeFit([[group()], [steps(1, 3)], [steps(4, 10)]], FitOutcome({"step": 10}))],
+                  on_poll=interrupt)
     with pytest.raises(KeyboardInterrupt):
         JobController(world.job, world.ports()).run()
     assert world.run.status == "KILLED" and world.identity.released
+    assert world.stops == 1  # the workers are told to stop: they must not train on, unrecorded
+
+
+def test_resuming_past_the_runs_last_logged_step_says_which_steps_have_no_metrics() -> None:
+    # An earlier driver was killed at step 125 while its workers trained on to a checkpoint at 200.
+    world = World(job(), [FakeFit([[group(200, resumed=200)], [steps(201, 210)]], FitOutcome({"step": 210}))])
+    world.run.resumed, world.run.resume_floor = True, 125
+    run(world)
+    assert world.run.tags["metrics.gap"] == ("steps 126-200 were trained by an earlier driver that stopped before "
+                                             "sending their metrics; this run has none for them")
+    assert any("resumed from step 200: steps 126-200" in w for w in world.ui.statuses)
+    whole = World(job(), [FakeFit([[group(200, resumed=200)], [steps(201, 210)]], FitOutcome({"step": 210}))])
+    whole.run.resumed, whole.run.resume_floor = True, 200
+    run(whole)
+    assert "metrics.gap" not in whole.run.tags
 
 
 def test_a_driver_failure_mid_run_stops_the_worker_group_and_ends_the_run_failed() -> None:

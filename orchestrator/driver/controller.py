@@ -88,6 +88,7 @@ class JobController:
                 self.state = self.step()
         except KeyboardInterrupt:  # a second Ctrl-C: abort without waiting for a checkpoint
             self.state = State.STOPPED
+            self._stop_live_fit(None)
             raise
         except BaseException as exc:
             self.state = State.FAILED
@@ -301,20 +302,22 @@ class JobController:
 
     # -- the end ---------------------------------------------------------------------------------
 
-    def _stop_live_fit(self, exc: BaseException) -> None:
-        """The driver failed while its worker group trains: stop the group (at its next stop check,
-        with a final checkpoint) before the run is closed, so it does not train on unrecorded in a
-        process that outlives this call (a notebook, a service, a test session)."""
+    def _stop_live_fit(self, exc: BaseException | None) -> None:
+        """The driver failed (`exc`) or was aborted (None: a second Ctrl-C, which does not wait)
+        while its worker group trains: stop the group (at its next stop check, with a final
+        checkpoint) before the run is closed, so it does not train on unrecorded in a process
+        that outlives this call (a notebook, a service, a test session)."""
         if self.fit is None or self.fit.done():
             return
-        why = "the job cannot go on" if isinstance(exc, UserError) else f"driver failed ({type(exc).__name__})"
+        why = ("aborted" if exc is None else "the job cannot go on" if isinstance(exc, UserError)
+               else f"driver failed ({type(exc).__name__})")
         self._status(f"{why} at step {self.recorder.last_step if self.recorder else 0}; stopping the worker group")
         try:
             self.ports.request_stop()
         except Exception as stop_error:  # noqa: BLE001 - the original failure is the one to raise
             self._status(f"could not ask the workers to stop: {stop_error}")
             return
-        if not self.fit.wait(constants.JOB_STOP_GRACE_S):
+        if exc is not None and not self.fit.wait(constants.JOB_STOP_GRACE_S):
             self._status(f"the worker group did not stop within {constants.JOB_STOP_GRACE_S:g} s")
 
     def _close(self) -> None:

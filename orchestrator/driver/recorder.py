@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 class RunLog(Protocol):
     """The job's MLflow run as the driver writes it: every call returns at once."""
 
+    resume_floor: int | None  # the last training step a resumed run holds, once resolved
+
     def log_params(self, params: Mapping[str, Any]) -> None: ...
     def set_tags(self, tags: Mapping[str, Any]) -> None: ...
     def log_metrics(self, metrics: Mapping[str, float], *, step: int, at_ms: int | None = None,
@@ -172,6 +174,8 @@ class Recorder:
             cause = self._cause or "the worker group stopped (no cause reported)"
             self._record("restart", event.step, f"{cause}; {where} on {group.shape}")
             self._recovering_since_ms = self._failed_at_ms
+        elif event.resumed_from is not None:
+            self._gap_before(event.resumed_from)
         self._cause = self._failed_at_ms = None
         self.run.set_tags({f"worker_group.{self.count('worker_group')}": f"{group.shape}, {where}"})
         self.log_metrics({"elastic/workers": group.workers, "elastic/local_batch": group.local_batch,
@@ -185,6 +189,18 @@ class Recorder:
             self.run.set_tags({"checkpoint.fallback": f"{skipped}; {where}"})
         self.group = group
         return group
+
+    def _gap_before(self, resumed_from: int) -> None:
+        """A run resumed from a checkpoint past its last logged step: an earlier driver stopped (a
+        kill, a second Ctrl-C) while its workers trained on, so those steps' metrics never reached
+        MLflow. Said on the console and as a tag, not left for the charts to hide."""
+        floor = self.run.resume_floor
+        if floor is None or floor >= resumed_from:
+            return
+        text = (f"steps {floor + 1}-{resumed_from} were trained by an earlier driver that stopped before "
+                "sending their metrics; this run has none for them")
+        self.run.set_tags({"metrics.gap": text})
+        self.status(f"resumed from step {resumed_from}: {text}", warning=True)
 
     def _record(self, kind: str, step: int, text: str) -> None:
         n = self.count(kind)

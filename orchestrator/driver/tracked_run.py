@@ -37,6 +37,11 @@ class TrackedRun:
         return self.handle.resumed
 
     @property
+    def resume_floor(self) -> int | None:
+        """The last training step the resumed run holds (None: a new run, or not resolved yet)."""
+        return self.handle.resume_floor
+
+    @property
     def tracking_uri(self) -> str:
         return self.tracker.tracking_uri
 
