@@ -241,3 +241,12 @@ def test_a_driver_failure_mid_run_stops_the_worker_group_and_ends_the_run_failed
     assert world.stops == 1 and fit.done()
     assert world.run.status == "FAILED" and world.identity.released
     assert any("driver failed (RuntimeError) at step 4; stopping the worker group" in s for s in world.ui.statuses)
+
+
+def test_ranks_that_failed_alike_are_said_once() -> None:
+    from orchestrator.driver.fit import failure_causes
+
+    gone = UserError("data: epoch 1 of the training set gave this worker no full batch of 32 rows")
+    causes = failure_causes({2: gone, 0: RuntimeError("peer gone"), 1: gone})
+    assert causes == ("rank 0: RuntimeError: peer gone; "
+                      "ranks 1, 2: UserError: data: epoch 1 of the training set gave this worker no full batch of 32 rows")

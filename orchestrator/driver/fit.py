@@ -103,9 +103,17 @@ class FailureForwarder(ray.train.UserCallback):
     def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
         from orchestrator.autoscale import refresh_cluster_view
 
-        causes = [f"rank {rank}: {describe_error(exc)}" for rank, exc in sorted(worker_exceptions.items())]
-        self.progress.record_failure.remote("; ".join(causes))
+        self.progress.record_failure.remote(failure_causes(worker_exceptions))
         refresh_cluster_view()
+
+
+def failure_causes(worker_exceptions: dict[int, Exception]) -> str:
+    """`rank 0: ...; ranks 1, 2: ...`: ranks that failed alike (every rank finding the same data
+    gone or the same checkpoint damaged) said once."""
+    ranks: dict[str, list[int]] = {}
+    for rank, exc in sorted(worker_exceptions.items()):
+        ranks.setdefault(describe_error(exc), []).append(rank)
+    return "; ".join(f"rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}: {cause}" for cause, r in ranks.items())
 
 
 def describe_error(exc: BaseException) -> str:
