@@ -191,6 +191,8 @@ def test_a_level_the_calibration_did_not_fit_keeps_its_prior_width() -> None:
     ({"source": "manual"}, r"^calibrate\.source: must be one of jobs, probe-network, published-table, refit, got 'manual'$"),
     ({"measured_at": 20261201}, r"^calibrate\.measured_at: must be an ISO 8601 time .*, got 20261201$"),
     ({"measured_at": "yesterday"}, r"^calibrate\.measured_at: must be an ISO 8601 time .*, got 'yesterday'$"),
+    ({"measured_at": "9999-12-31T23:59:59-05:00"}, r"^calibrate\.measured_at: must be an ISO 8601 time .*, got '9999-12-31"),
+    ({"measured_at": "0001-01-01T00:00:00+05:00"}, r"^calibrate\.measured_at: must be an ISO 8601 time .*, got '0001-01-01"),
 ])
 def test_a_bad_section_stamp_is_named_before_any_fit(kwargs: dict[str, object], message: str) -> None:
     for call in (lambda: calibrate(SPEC, observe(MODELS[:1]), **kwargs),
