@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import UserError
-from orchestrator.files import cannot_write, user_cache_dir
+from orchestrator.files import user_cache_dir
 from orchestrator.redact import redact_uri, scrub, tracking_credentials
 from orchestrator.planner import (
     OBSERVATIONS_ARTIFACT,
@@ -64,21 +64,7 @@ def store(spec: ClusterSpec, root: str | Path | None = None) -> Path:
     current = _read(path)
     if current is not None and _when(current) > _when(spec):
         return path
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
-            staged = Path(tmp.name)
-    except OSError as exc:
-        raise cannot_write(path, exc) from None
-    try:
-        save_cluster(spec, staged).replace(path)  # whole or not at all: plan and run may read it now
-    except OSError as exc:  # a folder where the file goes: said of the file, nothing left behind
-        staged.unlink(missing_ok=True)
-        raise cannot_write(path, exc) from None
-    except UserError as exc:  # too large to read back, or a full disk: said of the stored file
-        staged.unlink(missing_ok=True)
-        raise UserError(str(exc).replace(str(staged), str(path))) from None
-    return path
+    return save_cluster(spec, path)  # whole or not at all (files.write_text): plan and run may read it now
 
 
 def newest(spec: ClusterSpec, root: str | Path | None = None) -> tuple[ClusterSpec, str | None]:

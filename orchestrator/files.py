@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -57,14 +59,35 @@ def read_text(path: str | Path, what: str, *, max_bytes: int = MAX_FILE_BYTES) -
 
 def write_text(path: str | Path, text: str) -> Path:
     """Write `text` to `path`, its folder made; a place that cannot be written is a one-line error
-    naming it. (Written in place, not staged and renamed: `-o /dev/stdout` must stay a device.)"""
+    naming it. A file is written whole or not at all (staged beside it and renamed over it, its
+    mode kept; through a symbolic link to its target), so a full disk leaves the previous file as
+    it was; a device or pipe (`-o /dev/stdout`) is written in place."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        target = path.resolve() if path.is_symlink() else path
+        if target.exists() and not target.is_file():
+            target.write_text(text)
+            return path
+        _replace_with(target, text.encode())
     except OSError as exc:
         raise cannot_write(path, exc) from None
     return path
+
+
+def _replace_with(path: Path, payload: bytes) -> None:
+    staged = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    # created as open(2) creates any new file (0666 less the umask); an existing file's mode is kept
+    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        if path.exists():
+            os.chmod(staged, stat.S_IMODE(path.stat().st_mode))
+        os.replace(staged, path)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
 
 
 def check_writable(path: str | Path) -> Path:

@@ -179,3 +179,25 @@ def test_an_output_that_cannot_be_written_is_found_before_the_work_it_would_hold
     assert not (tmp_path / "new" / "c.yaml").exists()  # no empty file left where the result goes
     check_writable(tmp_path / "file")
     assert (tmp_path / "file").read_text() == "kept\n"  # an existing file is untouched
+
+
+def test_an_output_that_fails_midway_leaves_the_previous_file_whole(tmp_path: Path) -> None:
+    """`plan -o`, `calibrate -o`, `k8s render -o` write through files.write_text: a full disk or a
+    quota (here RLIMIT_FSIZE, in a child) used to leave the first 4 KiB of the new file."""
+    import stat
+
+    keep, link = tmp_path / "keep.json", tmp_path / "link.json"
+    keep.write_text('{"old": true}\n')
+    keep.chmod(0o640)
+    script = ("import resource, signal\nsignal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "from orchestrator.files import write_text\nfrom orchestrator.errors import UserError\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+              f"try:\n    write_text({str(keep)!r}, 'x' * 10000)\nexcept UserError as exc:\n    print(exc)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.stdout == f"{keep}: cannot write (File too large)\n", result.stdout + result.stderr[-2000:]
+    assert keep.read_text() == '{"old": true}\n' and sorted(p.name for p in tmp_path.iterdir()) == ["keep.json"]
+    from orchestrator.files import write_text
+
+    link.symlink_to(keep)
+    write_text(link, "new\n")  # through the link to its file, whose mode stays
+    assert link.is_symlink() and keep.read_text() == "new\n" and stat.S_IMODE(keep.stat().st_mode) == 0o640
