@@ -90,6 +90,29 @@ def _replace_with(path: Path, payload: bytes) -> None:
         raise
 
 
+def distinct_outputs(outputs: dict[str, str | Path | None], inputs: dict[str, str | Path | None]) -> None:
+    """Refuse, naming both flags, an output that is one of the command's inputs or another output
+    (the same file under any spelling or link): writing it would destroy what was read or written."""
+    seen: list[tuple[str, Path]] = [(flag, Path(p)) for flag, p in inputs.items() if p is not None]
+    for flag, given in outputs.items():
+        if given is None:
+            continue
+        path = Path(given)
+        for other, before in seen:
+            if _same_file(path, before):
+                raise UserError(f"{flag} {path}: the same file as {other}; write it elsewhere")
+        seen.append((flag, path))
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except OSError:  # a name the OS refuses: the write or read of it says so
+        return False
+
+
 def check_writable(path: str | Path) -> Path:
     """Fail now, in one line, if `path` could not be written later (before long work whose result
     it is to hold); its folder is made, a file that was not there is not left behind."""

@@ -63,6 +63,26 @@ def test_plan_refuses_contradicting_batch_options_in_one_line(tmp_path: Path) ->
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--vary-batch" in proc.stderr
 
 
+def test_an_output_that_is_an_input_or_the_other_output_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "profile.json").write_text(json.dumps(CPU_PROFILE))
+    (tmp_path / "cluster.yaml").write_text(DGX.read_text())
+    save_observations(_observations(), tmp_path / "obs.json")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for args, message in (
+        (["plan", "--profile", "profile.json", "--cluster", "cluster.yaml", "-o", "profile.json"],
+         "error: -o profile.json: the same file as --profile; write it elsewhere"),
+        (["plan", "--profile", "profile.json", "--cluster", "cluster.yaml", "--plot", "./cluster.yaml"],
+         "error: --plot cluster.yaml: the same file as --cluster; write it elsewhere"),
+        (["plan", "--profile", "profile.json", "--cluster", "cluster.yaml", "-o", "p.json", "--plot", "x/../p.json"],
+         "error: --plot x/../p.json: the same file as -o; write it elsewhere"),
+        (["calibrate", "--cluster", "cluster.yaml", "--observations", "obs.json", "-o", "obs.json"],
+         "error: -o obs.json: the same file as --observations obs.json; write it elsewhere"),
+    ):
+        proc = orchestrator(*args, cwd=tmp_path)
+        assert proc.returncode == 2 and proc.stderr == message + "\n", proc.stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing read was overwritten
+
+
 def _observations() -> list[Observation]:
     spec = ClusterSpec(nodes=2, gpus_per_node=2, intra_node_GBps=16, inter_node_GBps=1.25)
     slow = spec.replace(intra_node_GBps=4, inter_node_GBps=0.2)  # what the cluster really does

@@ -44,8 +44,10 @@ def plan(
 
     from orchestrator import planner
     from orchestrator.calibrations import newest
+    from orchestrator.files import distinct_outputs
     from orchestrator.plots import print_plan, scaling_plot
 
+    distinct_outputs({"-o": output, "--plot": plot}, {"--profile": profile_path, "--cluster": cluster, "--config": config})
     if objective not in planner.OBJECTIVES:
         raise UserError(f"--objective: must be one of {', '.join(planner.OBJECTIVES)}, got {objective!r}")
     deadline_s = planner.deadline_from_hours(deadline_hours, "--deadline-hours")
@@ -137,8 +139,10 @@ def calibrate(
     import math
 
     from orchestrator import calibrations, planner
+    from orchestrator.files import distinct_outputs
     from orchestrator.planner.explain import describe_calibration
 
+    distinct_outputs({"-o": output}, {"--cluster": cluster, **{f"--observations {path}": path for path in observations or []}})
     spec = planner.load_cluster(cluster) if cluster is not None else None
     if spec is None and not experiment:
         raise UserError("calibrate: --cluster: required without --experiment (whose runs say their cluster)")
