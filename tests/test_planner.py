@@ -333,6 +333,22 @@ def test_a_deadline_missed_only_under_the_floor_names_the_floor() -> None:
         plan(profile, cluster, total_samples=10_000_000, deadline_s=deadline / 2, min_efficiency=0.8)
 
 
+def test_the_table_shows_the_chosen_row_and_the_floor_as_given() -> None:
+    # At 4 GPUs the fastest split (1x4) misses a 0.985 floor that 4x1 meets: the table's row for 4
+    # GPUs used to be 1x4, so no row was the one chosen.
+    profile = make_profile(grad_bytes=2_000_000_000, max_local_batch=256, samples=[
+        {"local_batch": b, "step_time_s": t, "optimizer_s": 0.005}
+        for b, t in ((32, 0.06), (64, 0.11), (128, 0.21), (256, 0.41))])
+    cluster = make_cluster(nodes=4, gpus_per_node=4, intra_node_GBps=70, inter_node_GBps=25,
+                           intra_link="pcie-host-staged", inter_link="infiniband")
+    result = plan(profile, cluster, min_efficiency=0.985, global_batch=1024)
+    rows = [c.prediction for c in result.best_per_gpu_count()]
+    assert result.choice in rows and len(rows) == len({p.gpus for p in rows})
+    others = [c for c in result.candidates if c.prediction.gpus == result.choice.gpus and c.prediction != result.choice]
+    assert any(c.prediction.throughput > result.choice.throughput for c in others)  # the case this guards
+    assert f"(pessimistic {result.choice.efficiency_low:.3f}) >= 0.985;" in result.explanation
+
+
 def test_bad_plan_arguments_name_the_argument() -> None:
     with pytest.raises(UserError, match=r"^objective: must be one of"):
         plan(make_profile(), make_cluster(), objective="fastest")

@@ -42,7 +42,7 @@ def explanation(goal: Goal, choice: Candidate, candidates: list[Candidate], mode
     interval = f"80 % interval {p.throughput_low:,.0f}-{p.throughput_high:,.0f}"
     if goal.objective == "max_throughput":
         why = (f"the highest predicted throughput ({p.throughput:,.0f} samples/s, {interval}) at scaling "
-               f"efficiency {p.efficiency:.2f} (pessimistic {p.efficiency_low:.2f}) >= {goal.min_efficiency:.2f}")
+               f"efficiency {p.efficiency:.2f} (pessimistic {p.efficiency_low:.3f}) >= {goal.min_efficiency:.3g}")
     elif goal.objective == "max_goodput":
         why = (f"the highest predicted goodput ({p.goodput:,.0f} samples/s at statistical efficiency "
                f"{p.statistical_efficiency:.2f}; throughput {interval}), scaling efficiency {p.efficiency:.2f}")

@@ -185,10 +185,14 @@ class Plan(Document):
         return super().from_dict(data, where)
 
     def best_per_gpu_count(self) -> list[Candidate]:
-        """The highest-throughput candidate at each GPU count, by count (for tables and plots)."""
+        """One candidate per GPU count, by count (for tables and plots): the choice at its count,
+        elsewhere the highest-throughput eligible one, else the highest-throughput one."""
         best: dict[int, Candidate] = {}
         for c in self.candidates:
             held = best.get(c.prediction.gpus)
-            if held is None or c.prediction.throughput > held.prediction.throughput:
+            if held is None or (c.eligible, c.prediction.throughput) > (held.eligible, held.prediction.throughput):
                 best[c.prediction.gpus] = c
+        chosen = next((c for c in self.candidates if c.prediction == self.choice), None)
+        if chosen is not None:
+            best[chosen.prediction.gpus] = chosen
         return [best[n] for n in sorted(best)]
