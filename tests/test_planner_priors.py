@@ -66,6 +66,10 @@ def test_an_unknown_link_kind_is_one_line() -> None:
         cluster(inter_link="EFA")  # its own transport: no prior of ours describes it
     with pytest.raises(UserError, match=r"^cluster\.intra: another name for intra_link, which is given too; keep one$"):
         cluster(intra="nvlink", intra_link="pcie")
+    # "none" between nodes with two nodes was planned as a free, certain link
+    with pytest.raises(UserError, match=r"^cluster\.inter_link: none \(no link between nodes\) needs nodes: 1, got nodes: 2"):
+        cluster(inter_link="none")
+    assert cluster(nodes=1, inter_link="none").inter_link == "none"
 
 
 def test_link_kinds_inferred_from_line_rates_and_said_so() -> None:

@@ -231,6 +231,9 @@ class ClusterSpec(Document):
         if self.gpus > MAX_GPUS:
             raise FieldError("nodes", f"{self.nodes:,} nodes x {self.gpus_per_node:,} GPUs is {self.gpus:,} GPUs; "
                                       f"the planner plans up to {MAX_GPUS:,}")
+        if self.inter_link == "none" and self.nodes > 1:  # no link between nodes: nothing to plan across them
+            raise FieldError("inter_link", f"none (no link between nodes) needs nodes: 1, got nodes: {self.nodes}; "
+                                           "name the link between the nodes")
         return self
 
     @property
