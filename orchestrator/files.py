@@ -161,6 +161,11 @@ class _StrictLoader(_Parser):  # type: ignore[misc,valid-type]
 
 
 _StrictLoader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader.construct_scalar)
+# YAML 1.2 (and JSON) read `1e-4` and `1.25e1` as numbers; PyYAML's 1.1 rules want a dot and a
+# signed exponent (`1.0e-4`) and read them as text, which a number field then refuses with no hint why.
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"))
 
 
 def _refuse_tag(loader: yaml.SafeLoader, node: yaml.Node) -> Any:

@@ -201,3 +201,21 @@ def test_an_output_that_fails_midway_leaves_the_previous_file_whole(tmp_path: Pa
     link.symlink_to(keep)
     write_text(link, "new\n")  # through the link to its file, whose mode stays
     assert link.is_symlink() and keep.read_text() == "new\n" and stat.S_IMODE(keep.stat().st_mode) == 0o640
+
+
+def test_numbers_in_exponent_form_read_as_numbers_as_in_yaml_1_2(tmp_path: Path) -> None:
+    # PyYAML's YAML 1.1 rules read 1e-4 and 1.25e1 as text: a cluster's `inter_node_GBps: 1.25e1`
+    # was refused as "must be a number, got '1.25e1'".
+    from orchestrator.planner import load_cluster
+
+    path = tmp_path / "c.yaml"
+    path.write_text("nodes: 2\ngpus_per_node: 4\nintra_node_GBps: 3e1\ninter_node_GBps: 1.25e1\n")
+    spec = load_cluster(path)
+    assert (spec.intra_node_GBps, spec.inter_node_GBps) == (30.0, 12.5)
+    assert read_yaml_text("a: 1e-4\nb: '1e-4'\nc: e5\nd: 0x10\n") == {"a": 1e-4, "b": "1e-4", "c": "e5", "d": 16}
+
+
+def read_yaml_text(text: str) -> object:
+    from orchestrator.files import load_yaml
+
+    return load_yaml(text, "x.yaml", "job")
