@@ -37,6 +37,24 @@ def test_render_without_a_plan_uses_the_configured_workers() -> None:
     assert deadline_seconds(config, None) == 2 * 7200 + 900
 
 
+def test_a_plan_made_on_a_cpu_cluster_renders_cpu_workers(tmp_path: Path) -> None:
+    # A plan on configs/clusters/cpu_local.yaml (gpu: cpu) rendered nvidia.com/gpu pods and the -cuda image.
+    from orchestrator.config import load_config
+
+    plan = {**SMALL_PLAN, "gpu": "cpu"}
+    group = worker_group(load_config(DIGITS), plan)
+    assert (group.pods, group.workers, group.gpus_per_pod) == (2, 3, 0) and not group.gpu
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    text = k8s_render_command(str(DIGITS), plan_path=str(path), image=None, output=None, cluster=False,
+                              owner=OWNER, overrides=[]).text
+    assert "nvidia.com/gpu" not in text and "-cuda" not in text and "-cpu" in text
+    with pytest.raises(UserError, match=r"^resources\.use_gpu: true, but the plan places the job on CPU workers"):
+        worker_group(load_config(DIGITS, ["resources.use_gpu=true"]), plan)
+    with pytest.raises(UserError, match=r"^resources\.use_gpu: false, but the plan places the job on GPUs$"):
+        worker_group(load_config(DIGITS, ["resources.use_gpu=false"]), SMALL_PLAN)
+
+
 @pytest.mark.parametrize(("plan_dict", "message"), [
     ({}, "plan.choice: missing"),
     ({"choice": {"nodes": 0, "gpus_per_node": 8}}, "plan.choice.nodes: must be a positive integer, got 0"),

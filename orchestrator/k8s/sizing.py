@@ -51,9 +51,13 @@ class WorkerGroup:
 def worker_group(config: JobConfig, plan: Mapping[str, Any] | None) -> WorkerGroup:
     """Pods from the plan's placement; without a plan, one pod per configured worker."""
     if plan is not None:
-        if config.resources.use_gpu is False:
-            raise UserError("resources.use_gpu: false, but the plan places the job on GPUs")
-        pods, gpus_per_pod, workers = plan_placement(plan)
+        on_cpu = str(plan.get("gpu") or "").strip().lower() == "cpu"  # planned on a `gpu: cpu` cluster
+        if config.resources.use_gpu is on_cpu:  # true on a CPU plan, false on a GPU plan
+            where = "CPU workers (its cluster says gpu: cpu)" if on_cpu else "GPUs"
+            raise UserError(f"resources.use_gpu: {str(config.resources.use_gpu).lower()}, but the plan places the "
+                            f"job on {where}")
+        pods, per_node, workers = plan_placement(plan)
+        gpus_per_pod = 0 if on_cpu else per_node
     else:
         workers = _configured_workers(config)
         pods, gpus_per_pod = workers, 1 if config.resources.use_gpu is True else 0
