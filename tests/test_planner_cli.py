@@ -83,6 +83,12 @@ def test_an_output_that_is_an_input_or_the_other_output_is_refused(tmp_path: Pat
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing read was overwritten
 
 
+def test_calibrate_on_a_file_of_no_observations_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / "obs.json").write_text("[]\n")
+    proc = orchestrator("calibrate", "--cluster", str(DGX), "--observations", "obs.json", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr == "error: --observations obs.json: no observations in it\n"
+
+
 def _observations() -> list[Observation]:
     spec = ClusterSpec(nodes=2, gpus_per_node=2, intra_node_GBps=16, inter_node_GBps=1.25)
     slow = spec.replace(intra_node_GBps=4, inter_node_GBps=0.2)  # what the cluster really does

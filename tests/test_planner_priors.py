@@ -51,6 +51,8 @@ def bus_GBps(c: ClusterSpec, nodes: int, gpus: int) -> float:
     ({"intra": "PCI-E", "inter": "100GbE"}, "pcie", "ethernet"),
     ({"intra": "pcie5", "inter": "InfiniBand NDR400"}, "pcie", "infiniband"),
     ({"intra": "NVSwitch", "inter": "10 GbE"}, "nvlink", "ethernet"),
+    ({"intra": "NVLink 3.0", "inter": "10 Gigabit Ethernet"}, "nvlink", "ethernet"),
+    ({"intra": "PCIe (no P2P)", "inter": "RoCE2"}, "pcie-host-staged", "roce"),
 ])
 def test_link_kinds_and_their_spellings(raw: dict[str, str], intra: str, inter: str) -> None:
     c = cluster(**raw)
@@ -64,8 +66,10 @@ def test_an_unknown_link_kind_is_one_line() -> None:
         cluster(intra_link="copper")
     with pytest.raises(UserError, match=r"^cluster\.inter_link: must be one of .*infiniband.*got 'efa'$"):
         cluster(inter_link="EFA")  # its own transport: no prior of ours describes it
-    with pytest.raises(UserError, match=r"^cluster\.intra: another name for intra_link, which is given too; keep one$"):
-        cluster(intra="nvlink", intra_link="pcie")
+    for twins in ({"intra": "nvlink", "intra_link": "pcie"}, {"intra": "nvlink", "intra_node_link": "pcie"}):
+        with pytest.raises(UserError, match=r"^cluster\.intra(_node_link)?: another name for intra_link, which is given "
+                                            r"under another name too; keep one$"):
+            cluster(**twins)
     # "none" between nodes with two nodes was planned as a free, certain link
     with pytest.raises(UserError, match=r"^cluster\.inter_link: none \(no link between nodes\) needs nodes: 1, got nodes: 2"):
         cluster(inter_link="none")

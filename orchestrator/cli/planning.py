@@ -154,6 +154,9 @@ def calibrate(
         out.print(f"{experiment}: {past.summary()}", highlight=False)
         if spec is None:
             raise UserError(f"--experiment {experiment}: no run logged the cluster it ran on; give --cluster FILE")
+    if not found and observations and not experiment:
+        raise UserError(f"--observations {', '.join(map(str, observations))}: no observations in "
+                        f"{'it' if len(observations) == 1 else 'them'}")
     if not found:
         raise UserError("calibrate: no observations; give --observations FILE or --experiment NAME")
     result = planner.calibrate(spec, found)

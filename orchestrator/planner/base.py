@@ -216,7 +216,7 @@ def describe(exc: ValidationError, model: type[BaseModel], where: str | None = N
     if kind == "extra_forbidden":
         twin = _alias_of(_model_at(model, loc[:-1]), loc[-1])
         if twin:
-            return f"{path}: another name for {twin}, which is given too; keep one"
+            return f"{path}: another name for {twin}, which is given under another name too; keep one"
         allowed = _fields_at(model, loc[:-1])
         return f"{path}: unknown key" + (f" (expected one of {', '.join(allowed)})" if allowed else "")
     if kind == "missing":

@@ -88,11 +88,11 @@ ETHERNET_UP_TO_GBps = 12.5  # 100 Gb/s; HDR InfiniBand and faster fabrics are ab
 # Generations, speeds and widths named with a kind (`NVLink4`, `PCIe Gen4 x16`, `HDR`, `RoCEv2`,
 # `100GbE`): the kind is what the priors need; a line rate comes from the GBps fields.
 LINK_PATTERNS = (
-    (re.compile(r"nv(link|switch)-?(v|gen)?\d*"), "nvlink"),
+    (re.compile(r"nv(link|switch)-?(v|gen)?(\d+(\.\d+)?)?"), "nvlink"),
     (re.compile(r"pci-?e?(-?(gen|g)?-?\d(\.\d)?)?(-?x\d+)?"), "pcie"),
     (re.compile(r"((ib|infiniband)-?)?([fehnx]dr|qdr)(-?(ib|infiniband))?(-?\d+)?"), "infiniband"),
-    (re.compile(r"roce-?(v\d)?"), "roce"),
-    (re.compile(r"(\d+(\.\d+)?-?g(b|bit)?-?(e|eth|ethernet)|gig-?e|gbe|tcp[-/]?ip)"), "ethernet"),
+    (re.compile(r"roce-?(v?\d)?"), "roce"),
+    (re.compile(r"(\d+(\.\d+)?-?(g|gb|gbit|gig|gigabit)-?(e|eth|ethernet)|gig-?e|gbe|tcp[-/]?ip)"), "ethernet"),
 )
 
 
@@ -101,7 +101,7 @@ def normalize_link(value: object) -> object:
     names (others pass through, to be refused naming the kinds known)."""
     if not isinstance(value, str):
         return value
-    name = value.strip().lower().replace("_", "-").replace(" ", "-")
+    name = value.strip().lower().replace("_", "-").replace(" ", "-").replace("(", "").replace(")", "")
     if name in LINK_SYNONYMS:
         return LINK_SYNONYMS[name]
     return next((kind for pattern, kind in LINK_PATTERNS if pattern.fullmatch(name)), name)
