@@ -89,6 +89,13 @@ def test_calibrate_on_a_file_of_no_observations_names_the_file(tmp_path: Path) -
     assert proc.returncode == 2 and proc.stderr == "error: --observations obs.json: no observations in it\n"
 
 
+def test_a_held_global_batch_out_of_range_names_where_it_came_from(tmp_path: Path) -> None:
+    (tmp_path / "profile.json").write_text(json.dumps({**CPU_PROFILE, "meta": {"global_batch_size": 2**60}}))
+    proc = orchestrator("plan", "--profile", "profile.json", "--cluster", str(DGX), cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr == (
+        f"error: profile.json: profile.meta.global_batch_size: must be <= 2**53, got {2**60}\n")
+
+
 def _observations() -> list[Observation]:
     spec = ClusterSpec(nodes=2, gpus_per_node=2, intra_node_GBps=16, inter_node_GBps=1.25)
     slow = spec.replace(intra_node_GBps=4, inter_node_GBps=0.2)  # what the cluster really does

@@ -62,8 +62,12 @@ def plan(
             profile, spec, objective=objective, min_efficiency=min_efficiency, global_batch=held,
             total_samples=total_samples, deadline_s=deadline_s, budget=budget,
         )
-    except UserError as exc:  # `plan.budget: must be > 0` names the flag the value came from
+    except UserError as exc:  # `plan.budget: must be > 0` names the flag (or file) the value came from
         field = re.match(r"plan\.(\w+): ", str(exc))
+        if field is not None and field[1] == "global_batch" and global_batch is None:
+            source = (f"{config}: training.global_batch_size" if config is not None
+                      else f"{profile_path}: profile.meta.global_batch_size")
+            raise UserError(f"{source}: {str(exc)[field.end():]}") from None
         if field is None or field[1] not in flags:
             raise
         raise UserError(f"--{field[1].replace('_', '-')}: {str(exc)[field.end():]}") from None
