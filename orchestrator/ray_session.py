@@ -19,6 +19,7 @@ to its own processes and never written to disk. ``RAY_AUTH_MODE=disabled`` opts 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import os
 import secrets
@@ -77,6 +78,8 @@ def connect_ray(address: str | None) -> None:
     try:
         if address and address != "local":  # "local": a new single-machine Ray, i.e. the embedded one
             check_reachable(address)
+            if _is_loopback(address):  # else Ray rewrites 127.0.0.1 to this machine's routable address
+                loopback_only()
             try:
                 ray.init(address=address, runtime_env={"env_vars": worker_env()}, log_to_driver=False)
             except (ConnectionError, ValueError) as exc:  # "auto" with no cluster, a malformed address
@@ -92,6 +95,17 @@ def connect_ray(address: str | None) -> None:
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, sigterm)
+
+
+def _is_loopback(address: str) -> bool:
+    """Does `address` (`host:port`, `ray://host:port`) name this machine's loopback interface?"""
+    host = address.removeprefix("ray://").rpartition(":")[0].strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def check_reachable(address: str) -> None:

@@ -3,6 +3,7 @@ group also carries gloo for the loop's small CPU flags (stop and cache agreement
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ray.train.torch import TorchConfig
@@ -28,3 +29,21 @@ def test_cuda_workers_get_nccl_with_gloo_beside_it_and_cpu_workers_gloo() -> Non
     assert _is_backend_nccl(CUDA_BACKEND)  # Ray Train still sets NCCL's environment for it
     assert _resolved(_Group(cuda=False), TorchConfig(backend=AUTO_BACKEND)).backend == "gloo"
     assert _resolved(_Group(cuda=True), TorchConfig(backend="gloo")).backend == "gloo"  # an explicit choice stays
+
+
+def test_joining_a_cluster_at_a_loopback_address_keeps_it_loopback(monkeypatch: Any) -> None:
+    # Without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 in the shell, ray.init rewrote 127.0.0.1:PORT to
+    # this machine's routable address, where nothing listens, and retried for minutes.
+    import ray
+
+    from orchestrator import ray_session
+
+    seen: list[tuple[str, str | None]] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray_session, "check_reachable", lambda address: None)
+    monkeypatch.setattr(ray, "init", lambda address, **_: seen.append((address, os.environ.get(ray_session.SINGLE_MACHINE_ENV))))
+    for address, loopback in (("127.0.0.1:6379", True), ("ray://localhost:10001", True), ("[::1]:6379", True),
+                              ("10.1.2.3:6379", False), ("head.example:6379", False)):
+        monkeypatch.delenv(ray_session.SINGLE_MACHINE_ENV, raising=False)
+        ray_session.connect_ray(address)
+        assert seen[-1] == (address, "0" if loopback else None)
