@@ -378,17 +378,22 @@ def cluster_fingerprint(nodes: list[dict[str, Any]]) -> str:
 def calibrated_live_cluster(cache_dir: str | Path, *, use_gpu: bool | None = None, cpus_per_worker: float = 1.0,
                             sizes: list[int] | None = None) -> ClusterSpec:
     """The connected Ray cluster's calibrated spec: from `cache_dir` when this cluster (by its
-    fingerprint) was probed before, else probed now (`probe_network`, quick sizes) and cached."""
+    fingerprint) was probed before, else probed now (`probe_network`, quick sizes) and cached.
+    Its shape is always the live one at `cpus_per_worker` (a probe at another worker size measured
+    the same network); one worker slot has no all-reduce to measure: its uncalibrated spec."""
     import ray
 
     if not ray.is_initialized():
         raise RuntimeError("calibrated_live_cluster needs a connected Ray: call ray.init() first")
     gpu = _has_gpus() if use_gpu is None else use_gpu
+    live = discover_cluster(use_gpu=gpu, cpus_per_worker=cpus_per_worker)
+    if live.gpus == 1:
+        return live
     path = Path(cache_dir) / f"cluster-{cluster_fingerprint(ray.nodes())}-{'gpu' if gpu else 'cpu'}.yaml"
     if path.is_file():
         cached = load_cluster(path)
         if cached.calibration is not None:
-            return cached
+            return cached.replace(nodes=live.nodes, gpus_per_node=live.gpus_per_node)
     return probe_network(None, sizes or QUICK_PROBE_SIZES, path, use_gpu=gpu, cpus_per_worker=cpus_per_worker,
                          repeats=3, warmup=1)
 

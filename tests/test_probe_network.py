@@ -62,6 +62,43 @@ def test_a_live_cluster_is_probed_once_per_fingerprint(ray_cluster: Any, tmp_pat
     assert predict_step(first) > 0
 
 
+def test_the_live_shape_wins_over_the_cached_one_and_one_slot_probes_nothing(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # The cache is per cluster fingerprint, not per worker size: a probe at 1 CPU per worker (2x2)
+    # was planned as 2x2 for 2-CPU workers that fit 2x1. One worker slot has no all-reduce: probing
+    # it failed the job ("there is no all-reduce to measure"), even with --workers 1.
+    import ray
+
+    from orchestrator.planner import save_cluster
+
+    nodes = [node("127.0.0.1", gpus=0), node("127.0.0.2", gpus=0)]
+    shape = {"now": (2, 1)}
+    probes: list[Any] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    monkeypatch.setattr(clusters, "discover_cluster", lambda **_: ClusterSpec(
+        nodes=shape["now"][0], gpus_per_node=shape["now"][1], gpu="cpu", intra_node_GBps=1, inter_node_GBps=1))
+    monkeypatch.setattr(clusters, "probe_network", lambda *a, **k: probes.append(a))
+    probed = ClusterSpec(nodes=2, gpus_per_node=2, gpu="cpu", intra_node_GBps=1, inter_node_GBps=1)
+    from orchestrator.planner import Observation, calibrate
+
+    observed = [Observation(profile=load_profile(), nodes=2, gpus_per_node=g, local_batch=8, step_time_s=0.02 * g)
+                for g in (1, 2)]
+    save_cluster(calibrate(probed, observed), tmp_path / f"cluster-{cluster_fingerprint(nodes)}-cpu.yaml")
+    spec = calibrated_live_cluster(tmp_path, use_gpu=False, cpus_per_worker=2)
+    assert (spec.nodes, spec.gpus_per_node) == (2, 1) and spec.calibration is not None and not probes
+    shape["now"] = (1, 1)
+    alone = calibrated_live_cluster(tmp_path, use_gpu=False, cpus_per_worker=4)
+    assert (alone.nodes, alone.gpus_per_node) == (1, 1) and alone.calibration is None and not probes
+
+
+def load_profile() -> Any:
+    from orchestrator.planner import Profile
+
+    return Profile(model="m", device="cpu", param_count=10, grad_bytes=40, max_local_batch=8,
+                   samples=[{"local_batch": 8, "step_time_s": 0.01}])
+
+
 def predict_step(spec: ClusterSpec) -> float:
     from orchestrator.planner import Profile
 
