@@ -284,7 +284,7 @@ def submit_job(
         sub = build_submission(config_path, staging=Path(staging), overrides=overrides, workers=workers,
                                resume=resume, requirements=requirements)
         jobs = JobsClient(address, insecure=insecure)
-        for note in sub.notes:
+        for note in sub.notes + _unknown_resume(jobs, resume):
             print(f"note: {note}", file=sys.stderr)
         submission_id = jobs.submit(**sub.job())  # uploads the working_dir before returning
     write(f"submitted {submission_id} to {shown(jobs.address)}\n")
@@ -292,3 +292,12 @@ def submit_job(
     if not follow:
         return 0
     return jobs.follow(submission_id, write)
+
+
+def _unknown_resume(jobs: JobsClient, resume: str | None) -> tuple[str, ...]:
+    """A note when `--resume NAME` names no job this cluster knows: a typo trains a new job from
+    step 0. Not refused: the cluster's job list is lost with its head (checkpoints are not)."""
+    if not resume or any((j.metadata or {}).get(JOB_KEY) == resume for j in jobs.list()):
+        return ()
+    return (f"--resume {resume}: no job of that name was submitted to this cluster (`orchestrator jobs list`); "
+            "it continues only if its checkpoints are in checkpoint.storage_path, else it starts at step 0",)

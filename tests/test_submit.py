@@ -289,3 +289,17 @@ def _run_named(client: MlflowClient, name: str):
 def test_bad_resume_name_fails_before_submitting(head: RayHead) -> None:
     result = run_cli(["submit", CONFIG, "--resume", "bad name!", "--address", head.address], env=head.env())
     _assert_one_line_error(result, "--resume: must use only letters")
+
+
+def test_resuming_a_name_the_cluster_never_ran_says_so() -> None:
+    # A typo in --resume NAME trained a new job from step 0 without a word.
+    from types import SimpleNamespace
+
+    from orchestrator.ray_jobs import JOB_KEY
+    from orchestrator.submit import _unknown_resume
+
+    jobs = SimpleNamespace(list=lambda: [SimpleNamespace(metadata={JOB_KEY: "digits-cnn-1a2b3c"}),
+                                         SimpleNamespace(metadata=None)])
+    assert _unknown_resume(jobs, None) == () and _unknown_resume(jobs, "digits-cnn-1a2b3c") == ()
+    (note,) = _unknown_resume(jobs, "digits-cnn-1a2b3d")
+    assert note.startswith("--resume digits-cnn-1a2b3d: no job of that name was submitted to this cluster")
