@@ -97,9 +97,15 @@ def connect_ray(address: str | None) -> None:
             signal.signal(signal.SIGTERM, sigterm)
 
 
+def _host_port(address: str) -> tuple[str, str]:
+    """(host, port) of `host:port` or `ray://host:port` (an IPv6 host keeps its brackets)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    return host, port
+
+
 def _is_loopback(address: str) -> bool:
     """Does `address` (`host:port`, `ray://host:port`) name this machine's loopback interface?"""
-    host = address.removeprefix("ray://").rpartition(":")[0].strip("[]").lower()
+    host = _host_port(address)[0].strip("[]").lower()
     if host == "localhost":
         return True
     try:
@@ -114,7 +120,7 @@ def check_reachable(address: str) -> None:
     if address.startswith(("http://", "https://")):
         raise UserError(f"Ray address {address!r}: that is a dashboard (Jobs) URL; give the cluster's GCS "
                         "address (host:6379) or ray://host:10001, or use `orchestrator submit`")
-    host, _, port = address.removeprefix("ray://").rpartition(":")
+    host, port = _host_port(address)
     if not host or not port.isdigit():
         return  # "auto" and the like: Ray resolves them and says what is wrong
     if not 0 < int(port) < 65536:
