@@ -38,8 +38,22 @@ from orchestrator.planner import (
 # a cluster file's figures as `defaults`, or run `orchestrator probe-network`, to do better.
 GPU_DEFAULTS: dict[str, Any] = {"intra_node_GBps": 16.0, "inter_node_GBps": 1.25}
 CPU_DEFAULTS: dict[str, Any] = {"gpu": "cpu", "intra_node_GBps": 2.0, "inter_node_GBps": 1.25}
+# The largest message `probe-network --max-mib` takes: 40x DDP's 25 MiB bucket, a tensor every
+# worker allocates twice; beyond it a typo asks each GPU (or CPU worker) for gigabytes.
+MAX_PROBE_MIB = 1024
+
+
+def probe_sizes(max_bytes: int) -> list[int]:
+    """Message sizes to probe up to `max_bytes`: 1 KiB upwards in 4x steps, ending at `max_bytes`
+    itself (so `--max-mib 256` probes 256 MiB, and `--max-mib 3` 3 MiB)."""
+    sizes = [1024]
+    while sizes[-1] * 4 <= max_bytes:
+        sizes.append(sizes[-1] * 4)
+    return sizes if sizes[-1] == max_bytes or max_bytes < 1024 else [*sizes, max_bytes]
+
+
 # 1 KiB .. 64 MiB in 4x steps: latency-bound to bandwidth-bound, and DDP's 25 MiB buckets.
-DEFAULT_PROBE_SIZES = [4**k * 1024 for k in range(9)]
+DEFAULT_PROBE_SIZES = probe_sizes(64 * 2**20)
 
 
 def spec_from_nodes(

@@ -16,12 +16,22 @@ from orchestrator.cluster import (
     nic_speed_gbps,
     probe_network,
     probe_placements,
+    probe_sizes,
     rdma_kind,
     with_detected_links,
 )
 from orchestrator.planner import ClusterSpec, Placement, load_cluster, predict, ring_allreduce_s
 
 SIZES = [4 * 1024, 256 * 1024, 4 * 1024 * 1024]
+MiB = 2**20
+
+
+def test_probe_sizes_end_at_the_largest_message_asked_for() -> None:
+    # `--max-mib 256` probed 64 MiB at most without a word; 3 probed 1 MiB.
+    assert probe_sizes(64 * MiB) == [4**k * 1024 for k in range(9)]
+    assert probe_sizes(256 * MiB)[-2:] == [64 * MiB, 256 * MiB]
+    assert probe_sizes(3 * MiB)[-2:] == [MiB, 3 * MiB]
+    assert probe_sizes(MiB)[-1] == MiB and probe_sizes(1024) == [1024]
 
 
 @pytest.mark.slow

@@ -107,17 +107,17 @@ def probe_network(
     """Measure all-reduce across the live cluster (NCCL on GPUs, gloo on CPUs) and fit its network."""
     import math
 
-    from orchestrator.cluster import DEFAULT_PROBE_SIZES, probe_network as measure
+    from orchestrator.cluster import MAX_PROBE_MIB, probe_network as measure, probe_sizes
     from orchestrator.files import check_writable
     from orchestrator.planner.explain import describe_calibration
 
     given(address, "--address")
-    if max_mib < 1:
-        raise UserError(f"--max-mib: must be at least 1, got {max_mib}")
+    if not 1 <= max_mib <= MAX_PROBE_MIB:
+        raise UserError(f"--max-mib: must be 1 to {MAX_PROBE_MIB}, got {max_mib}")
     if not (math.isfinite(cpus_per_worker) and cpus_per_worker > 0):
         raise UserError(f"--cpus-per-worker: must be a number > 0, got {cpus_per_worker}")
     check_writable(output)
-    sizes = [s for s in DEFAULT_PROBE_SIZES if s <= max_mib * 2**20]
+    sizes = probe_sizes(max_mib * 2**20)
     spec = measure(address or os.environ.get("RAY_ADDRESS"), sizes, output, cpus_per_worker=cpus_per_worker)
     places = sorted({f"{s.nodes}x{s.gpus_per_node}" for s in spec.allreduce_samples})
     out.print(f"wrote {output}: {len(spec.allreduce_samples)} all-reduce samples at {', '.join(places)} on "
