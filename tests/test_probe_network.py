@@ -13,13 +13,11 @@ from orchestrator import cluster as clusters
 from orchestrator.cluster import (
     calibrated_live_cluster,
     cluster_fingerprint,
-    nic_speed_gbps,
     probe_network,
     probe_placements,
     probe_sizes,
-    rdma_kind,
-    with_detected_links,
 )
+from orchestrator.node_facts import nic_speed_gbps, rdma_kind, with_detected_links
 from orchestrator.planner import ClusterSpec, Placement, load_cluster, predict, ring_allreduce_s
 
 SIZES = [4 * 1024, 256 * 1024, 4 * 1024 * 1024]
