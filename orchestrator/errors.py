@@ -11,7 +11,7 @@ from typing import Any
 
 from trainers.errors import UserError, first_line
 
-__all__ = ["UserError", "given", "shown", "worker_user_error"]
+__all__ = ["UserError", "given", "shown", "user_error_among", "worker_user_error"]
 
 
 def shown(value: Any) -> str:
@@ -36,5 +36,10 @@ def worker_user_error(exc: BaseException) -> UserError | None:
     Train's failure (`WorkerGroupError.worker_failures`, rank -> the worker's exception), as the
     one line to say; None for any other failure."""
     failures = getattr(exc, "worker_failures", None)
-    found = [f for _, f in sorted(failures.items()) if isinstance(f, UserError)] if isinstance(failures, dict) else []
+    return user_error_among(failures) if isinstance(failures, dict) else None
+
+
+def user_error_among(failures: dict[int, BaseException]) -> UserError | None:
+    """The lowest rank's UserError among a worker group's failures (rank -> exception), as one line."""
+    found = [f for _, f in sorted(failures.items()) if isinstance(f, UserError)]
     return UserError(first_line(found[0])) if found else None

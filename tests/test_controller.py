@@ -250,3 +250,46 @@ def test_ranks_that_failed_alike_are_said_once() -> None:
     causes = failure_causes({2: gone, 0: RuntimeError("peer gone"), 1: gone})
     assert causes == ("rank 0: RuntimeError: peer gone; "
                       "ranks 1, 2: UserError: data: epoch 1 of the training set gave this worker no full batch of 32 rows")
+
+
+def test_a_workers_user_error_ends_the_job_at_the_first_failure() -> None:
+    # Ray Train restarts the group on any worker error (max_failures); a UserError (the data went
+    # empty, no checkpoint verifies) meets every restart again, so the first report ends the job.
+    unusable = "checkpoint: none of the 2 checkpoints under runs/x is usable"
+    failed = WorkerFailed(step=4, cause=f"ranks 0, 1: UnusableCheckpoints: {unusable}", user_error=unusable)
+    fit = FakeFit([[group()], [steps(1, 4)], [failed], [steps(5, 8)]], FitOutcome({"step": 8}))
+    world = World(job(), [fit])
+    controller = JobController(world.job, world.ports())
+    with pytest.raises(UserError, match=r"^checkpoint: none of the 2 checkpoints"):
+        controller.run()
+    assert controller.state is State.FAILED and world.run.status == "FAILED" and world.stops == 1
+    assert any("the job cannot go on at step 4" in s for s in world.ui.statuses)
+
+
+def test_the_failure_forwarder_marks_a_user_error_among_the_ranks() -> None:
+    from orchestrator.driver.fit import FailureForwarder
+
+    class Remote:
+        def __init__(self) -> None:
+            self.calls: list[tuple] = []
+            self.remote = lambda *args: self.calls.append(args)
+
+    class Progress:
+        record_failure = Remote()
+
+    progress = Progress()
+    forwarder = FailureForwarder(progress)
+    gone = UserError("data: epoch 1 of the training set gave this worker no full batch of 32 rows\nmore")
+    forwarder.after_exception(None, {1: gone, 0: RuntimeError("peer gone")})
+    forwarder.after_exception(None, {0: RuntimeError("peer gone")})
+    (_, first), (_, second) = progress.record_failure.calls
+    assert first == "data: epoch 1 of the training set gave this worker no full batch of 32 rows" and second is None
+
+
+def test_a_failure_before_any_group_trained_is_not_said_to_be_after_step_0() -> None:
+    # A rerun whose first group fails restoring: the progress actor has seen no step of this run.
+    fit = FakeFit([[WorkerFailed(step=0, cause="rank 0: OSError: disk gone")], [group(30, resumed=30)],
+                   [steps(31, 40)]], FitOutcome({"step": 40}))
+    world = World(job(), [fit])
+    run(world)
+    assert "worker failure before its first step: rank 0: OSError: disk gone" in world.ui.statuses

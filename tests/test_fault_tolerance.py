@@ -220,3 +220,34 @@ def test_online_replan_resizes_an_elastic_job_at_a_checkpoint(
     assert observed and predicted
     assert_unique_monotone(metric_steps(client, result.run_id, "plan/observed_step_time_s"))
     assert metric_steps(client, result.run_id) == list(range(1, 121))
+
+
+def test_a_workers_bad_input_ends_the_job_at_the_first_failure_not_after_every_restart(
+    ray_cluster, job_overrides, tmp_path: Path
+) -> None:
+    """Every checkpoint of a stopped job is damaged: the restarted group's restore raises the same
+    UserError whatever Ray Train retries. The first failure ends the job in that one line; the
+    groups Ray Train still starts (max_failures 3) leave at once instead of failing again."""
+    import threading
+
+    from orchestrator.errors import UserError
+
+    job = load_config(DIGITS, job_overrides + SHORT + ["training.max_steps=400", "resources.max_failures=3"])
+    stop = threading.Event()
+    first = run_job(job, workers=2, ui=RecordingUI(on_progress=lambda step, total, info: step >= 12 and stop.set()),
+                    stop=stop)
+    assert first.stopped and first.final_step >= 12
+    folders = ckpt.candidates(Path(job.localized().checkpoint.storage_path) / job.name)
+    assert len(folders) >= 2
+    for folder in folders:
+        state = folder / ckpt.STATE_FILE
+        state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+
+    ui = RecordingUI()
+    with pytest.raises(UserError, match=r"^checkpoint: .*(no checkpoint|none of the \d+ checkpoints)"):
+        run_job(job, workers=2, ui=ui)
+    failures = [s for s in ui.statuses if s.startswith("worker failure")]
+    assert len(failures) == 1 and failures[0].startswith("worker failure before its first step: "), ui.statuses
+    run = MlflowClient(job.localized().tracking.tracking_uri).get_run(first.run_id)
+    assert run.info.status == "FAILED"
+    assert all(folder.exists() for folder in folders)  # nothing deleted: the damaged files are the user's to look at

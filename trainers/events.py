@@ -105,11 +105,14 @@ class GroupEnded:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkerFailed:
-    """Sent by Ray Train's controller (not a worker) when the group failed, before it restarts."""
+    """Sent by Ray Train's controller (not a worker) when the group failed, before it restarts.
+    `user_error`: the one line of a worker's UserError among the causes (bad input, which no
+    restart mends: the job gives up instead of restarting on it)."""
 
     step: int
     cause: str
     at_ms: int = field(default_factory=now_ms)
+    user_error: str | None = None
 
 
 Event = GroupStarted | StepsDone | Evaluated | CheckpointSaved | SystemSample | WorkerWarning | GroupEnded | WorkerFailed
@@ -121,3 +124,4 @@ class ProgressChannel(Protocol):
     publish: Any  # .remote(events: list[Event])
     register_worker: Any  # .remote(rank, pid, node_id)
     stop_requested: Any  # .remote() -> bool
+    given_up: Any  # .remote() -> str | None

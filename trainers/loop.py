@@ -30,7 +30,7 @@ from trainers.data.arrow_collate import ArrowCollate
 from trainers.errors import UserError
 from trainers.events import CheckpointSaved, Evaluated, GroupEnded, GroupStarted
 from trainers.models import build_model
-from trainers.reporting import Reporter, StopSignal, SystemSampler, observed_step_time, register
+from trainers.reporting import Reporter, StopSignal, SystemSampler, given_up, observed_step_time, register
 from trainers.step import Batch, TrainStep, compiled, eval_sums, make_optimizer, make_scheduler, seed_everything
 
 
@@ -141,7 +141,10 @@ class Worker:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    worker, resume = _start(LoopArgs(**config))
+    args = LoopArgs(**config)
+    if given_up(args.progress):  # an earlier group failed on bad input: the driver is saying so
+        return
+    worker, resume = _start(args)
     try:
         _train(worker, resume)
     finally:

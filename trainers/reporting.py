@@ -209,6 +209,13 @@ class SystemSampler:
         self._progress.publish.remote([SystemSample(step=step, node=self._node, metrics=metrics)])
 
 
+def given_up(progress: Any) -> bool:
+    """Whether an earlier worker group of this job failed on a UserError (bad input: the data went
+    empty, no checkpoint verifies), which a restart only meets again: Ray Train restarts the group
+    up to `max_failures` times, and each restarted worker leaves at once instead."""
+    return progress is not None and ray.get(progress.given_up.remote()) is not None
+
+
 def register(progress: Any, rank: int) -> None:
     """Tell the driver where this rank runs (process and node): the actual placement, and the
     process a fault-injection test or benchmark kills."""

@@ -249,6 +249,8 @@ class JobController:
             rec.warning(event)
         elif isinstance(event, WorkerFailed):
             rec.failed(event)
+            if event.user_error is not None:  # bad input: the restarted group leaves at once (given_up)
+                raise UserError(event.user_error)
 
     def _compare_and_replan(self) -> None:
         rec, sizing = self.recorder, self.sizing

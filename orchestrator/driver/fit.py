@@ -14,6 +14,7 @@ from ray.train.torch import TorchTrainer
 from orchestrator import constants
 from orchestrator.driver.ports import FitOutcome, Prepared
 from orchestrator.driver.sizing import Sizing, Workers
+from orchestrator.errors import user_error_among
 from orchestrator.ray_session import torch_config
 from trainers.loop import LoopArgs, train_loop_per_worker
 
@@ -103,7 +104,8 @@ class FailureForwarder(ray.train.UserCallback):
     def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
         from orchestrator.autoscale import refresh_cluster_view
 
-        self.progress.record_failure.remote(failure_causes(worker_exceptions))
+        fatal = user_error_among(worker_exceptions)
+        self.progress.record_failure.remote(failure_causes(worker_exceptions), str(fatal) if fatal else None)
         refresh_cluster_view()
 
 

@@ -31,6 +31,7 @@ class ProgressActor:
         self._workers: dict[int, dict[str, Any]] = {}
         self._last_step = 0
         self._stop = False
+        self._given_up: str | None = None
 
     def publish(self, events: list[Event]) -> None:
         for event in events:
@@ -44,9 +45,14 @@ class ProgressActor:
     def register_worker(self, rank: int, pid: int, node_id: str) -> None:
         self._workers[rank] = {"pid": pid, "node_id": node_id}
 
-    def record_failure(self, cause: str) -> None:
+    def record_failure(self, cause: str, user_error: str | None = None) -> None:
         # The last step the group reported trained (rank 0 sends every step before a checkpoint).
-        self._events.append(WorkerFailed(step=self._last_step, cause=cause))
+        self._events.append(WorkerFailed(step=self._last_step, cause=cause, user_error=user_error))
+        self._given_up = self._given_up or user_error
+
+    def given_up(self) -> str | None:
+        """A worker's UserError ended an earlier group: the restarted group leaves at once."""
+        return self._given_up
 
     def drain(self) -> tuple[list[Event], dict[int, dict[str, Any]]]:
         events, self._events = self._events, []

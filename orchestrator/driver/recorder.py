@@ -160,7 +160,8 @@ class Recorder:
     def failed(self, event: WorkerFailed) -> None:
         self.failures.append(event)
         self._cause, self._failed_at_ms = event.cause, event.at_ms
-        self.status(f"worker failure after step {event.step}: {event.cause}", warning=True)
+        when = f"after step {event.step}" if self.groups else "before its first step"  # no group of this run trained
+        self.status(f"worker failure {when}: {event.cause}", warning=True)
 
     def group_started(self, event: GroupStarted, kind: GroupKind, *, resize_reason: str | None = None) -> Group:
         group = Group(event.workers, event.local_batch, event.accumulation, event.step, kind,
