@@ -48,7 +48,7 @@ from orchestrator.errors import UserError, given
 from orchestrator.files import read_yaml
 from orchestrator.job_entry import entrypoint, write_entry
 from orchestrator.ray_jobs import JOB_KEY, JobsClient, Write, shown
-from orchestrator.redact import is_secret_name, redact_uri, secret_fields
+from orchestrator.redact import is_secret_name, redact, secret_fields
 
 PASSED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK")
 PASSED_ENV_PREFIX = "ORCH_"
@@ -138,7 +138,9 @@ def build_submission(
 
 
 def _strip(text: str) -> str:
-    return redact_uri(text) if "://" in text else text
+    # `redact` as MLflow params get it: urllib's split (secret query parameters), then the scrub that
+    # also finds a URI inside a longer text and a password holding '/', which urllib splits wrongly
+    return redact(text) if "://" in text else text
 
 
 def _without_credentials(override: str) -> str:

@@ -154,6 +154,21 @@ def test_tracking_credentials_are_stripped_from_env_overrides_and_config(
     assert any("credentials in a URI are not shipped" in n and "MLFLOW_TRACKING_USERNAME" in n for n in sub.notes)
 
 
+def test_credentials_urllib_cannot_split_or_inside_a_text_are_not_shipped(
+    project: Path, staging: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # an S3 secret key holds '/' (urllib then sees no userinfo), and a variable may hold a URI in a longer text
+    monkeypatch.setenv("ORCH_MIRROR", f"mirror of s3://AKIA1:{PASSWORD}@bucket/x")
+    override = f"checkpoint.storage_path=s3://AKIA1:wJal/{PASSWORD}@bucket/runs"
+
+    sub = build_submission("digits.yaml", staging=staging, overrides=[override])
+
+    shipped = [str(sub.runtime_env), sub.entrypoint, *(p.read_text(errors="replace") for p in staging.rglob("*.y*ml"))]
+    assert all(PASSWORD not in text for text in shipped)
+    assert "--set checkpoint.storage_path=s3://bucket/runs" in sub.entrypoint
+    assert sub.runtime_env["env_vars"]["ORCH_MIRROR"] == "mirror of s3://bucket/x"
+
+
 # ---------------------------------------------------------------------------------------------
 # Links in the data folder: followed only inside the project, counted as shipped
 
