@@ -167,3 +167,33 @@ def test_a_folder_in_place_of_a_progress_record_or_lock_is_one_line(fake: FakeSt
     with pytest.raises(UserError, match=rf"^{re.escape(str(path))}{sibling}: cannot (read|open) the "):
         replay(path, URI)
     assert fake.runs == {}
+
+
+@pytest.mark.parametrize("where", ["open line", "progress record"])
+def test_an_artifact_uri_read_back_from_disk_is_never_where_artifacts_go(tmp_path: Path, where: str) -> None:
+    """A recorded resolution (an open line's `resolved`, the progress record's runs) is read back from
+    disk: its artifact URI pointing at a local folder (or another host) must not be written to; the
+    store's own answer for that run is."""
+    from orchestrator.tracking.spill import Progress
+    from orchestrator.tracking.store import Store
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    real = Store(uri, timeout_s=5).open_run(experiment="e", run_key="k", run_name="job", handle="h0",
+                                            floor_key="train/loss", start_ms=1)
+    victim = tmp_path / "home"
+    victim.mkdir()
+    resolved = dict(real.to_json(), artifact_uri=victim.as_uri())
+    path = tmp_path / "spill" / "planted.jsonl"
+    path.parent.mkdir()
+    open_line = {"op": "open", "handle": "h1", "t": 1, "experiment": "e", "run_key": "k", "run_name": "job",
+                 "floor_key": "train/loss", "tracking_uri": uri, "resolved": resolved if where == "open line" else None}
+    text_line = {"op": "text", "handle": "h1", "t": 2, "text": "echo pwned\n", "name": ".bashrc", "new_run_only": False}
+    path.write_text("".join(json.dumps(line) + "\n" for line in (open_line, text_line)))
+    if where == "progress record":
+        Progress(0, {"h1": resolved}).save(path)
+
+    result = replay(path, uri)
+
+    assert result.operations == 1 and not result.refusals
+    assert not list(victim.iterdir())
+    assert (Path(real.artifact_uri.removeprefix("file://")) / ".bashrc").read_text() == "echo pwned\n"

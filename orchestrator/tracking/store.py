@@ -78,6 +78,10 @@ class Store:
         self.timeout_s = timeout_s
         self._mlflow = _mlflow_store(tracking_uri, timeout_s)
         self._repos: dict[str, Any] = {}  # artifact repository by artifact URI
+        # Each run's artifact URI as the store answered, by run id. Never as a spill file or its
+        # progress record says: those are untrusted, and an artifact URI they named (file:///home/u,
+        # http://elsewhere) would have a replay write files anywhere or send credentials elsewhere.
+        self._artifact_uris: dict[str, str] = {}
 
     def open_run(self, *, experiment: str, run_key: str, run_name: str, handle: str, floor_key: str,
                  start_ms: int) -> ResolvedRun:
@@ -88,8 +92,10 @@ class Store:
         if not found:
             run = self._mlflow.create_run(experiment_id, "unknown", start_ms,
                                           [RunTag(RUN_KEY_TAG, run_key), RunTag(HANDLE_TAG, handle)], run_name)
+            self._artifact_uris[run.info.run_id] = run.info.artifact_uri
             return _resolved(run, resumed=False, floor_key=floor_key)
         run = found[0]
+        self._artifact_uris[run.info.run_id] = run.info.artifact_uri
         if run.data.tags.get(HANDLE_TAG) == handle:  # this handle's create, stored before it timed out
             return _resolved(run, resumed=False, floor_key=floor_key)
         self._mlflow.update_run_info(run.info.run_id, RunStatus.RUNNING, run.info.end_time, None)
@@ -138,14 +144,22 @@ class Store:
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
         from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
 
-        repo = self._repos.get(run.artifact_uri)
+        artifact_uri = self._artifact_uri(run.run_id)
+        repo = self._repos.get(artifact_uri)
         if repo is None:
-            repo = get_artifact_repository(run.artifact_uri, tracking_uri=self.tracking_uri)
-            self._repos[run.artifact_uri] = repo
+            repo = get_artifact_repository(artifact_uri, tracking_uri=self.tracking_uri)
+            self._repos[artifact_uri] = repo
         if isinstance(repo, HttpArtifactRepository):  # the server's artifact proxy: one bounded PUT
             self._put(repo.artifact_uri, local, artifact_path)
         else:  # a folder, or object storage the client writes itself (bounded by its own client)
             repo.log_artifact(str(local), artifact_path)
+
+    def _artifact_uri(self, run_id: str) -> str:
+        """The run's artifact URI from the store (asked once per run), not the one a ResolvedRun
+        read back from disk carries."""
+        if (uri := self._artifact_uris.get(run_id)) is None:
+            uri = self._artifact_uris[run_id] = self._mlflow.get_run(run_id).info.artifact_uri
+        return uri
 
     def _put(self, artifacts_url: str, local: Path, artifact_path: str | None) -> None:
         from mlflow.utils.mime_type_utils import _guess_mime_type
