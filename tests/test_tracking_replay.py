@@ -197,3 +197,32 @@ def test_an_artifact_uri_read_back_from_disk_is_never_where_artifacts_go(tmp_pat
     assert result.operations == 1 and not result.refusals
     assert not list(victim.iterdir())
     assert (Path(real.artifact_uri.removeprefix("file://")) / ".bashrc").read_text() == "echo pwned\n"
+
+
+def test_links_planted_beside_a_spill_file_are_never_written_through(fake: FakeStore, spill_dir: Path,
+                                                                      tmp_path: Path) -> None:
+    """In a shared spill_dir, a link at the progress record's staging name, the lock or the spill file
+    itself must not make a replay (or a tracker) overwrite, append to or create the link's target."""
+    from orchestrator.tracking.spill import SpillWriter
+
+    spill_while_down(fake, spill_dir, "k", range(2))
+    path = spill_path(spill_dir, URI, "k")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    staging = path.with_name(path.name + ".offset.tmp")
+    staging.symlink_to(victim)
+    assert replay(path, URI).points == 2
+    assert victim.read_text() == "precious\n"
+
+    lock, created = path.with_name(path.name + ".lock"), tmp_path / "created-by-lock"
+    lock.unlink()
+    lock.symlink_to(created)
+    with pytest.raises(UserError, match="cannot open the send lock"):
+        replay(path, URI)
+    assert not created.exists()
+
+    planted = spill_dir / "planted.jsonl"
+    planted.symlink_to(victim)
+    with pytest.raises(OSError):
+        SpillWriter(planted).append([{"op": "tags", "handle": "h", "t": 1, "tags": {}}])
+    assert victim.read_text() == "precious\n"

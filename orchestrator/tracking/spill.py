@@ -93,7 +93,7 @@ class SpillWriter:
 
     def _open(self) -> IO[bytes]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        file = open(self.path, "ab")
+        file = os.fdopen(_open_own(self.path, os.O_WRONLY | os.O_APPEND), "ab")
         if file.tell() and not _ends_with_newline(self.path):
             # A writer died mid-line: end that line, so it stays one unreadable line instead of
             # spoiling the first line written now.
@@ -104,6 +104,13 @@ class SpillWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _open_own(path: Path, flags: int) -> int:
+    """A file descriptor of `path`, created (this user's only) if missing, never through a symbolic
+    link: in a shared spill_dir a link planted at a name this program writes (the spill file, its
+    lock, its progress record's staging name) would have it append to or overwrite the link's target."""
+    return os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
 
 def _ends_with_newline(path: Path) -> bool:
@@ -141,7 +148,9 @@ class Progress:
     def save(self, path: Path) -> None:
         record = _sibling(path, ".offset")
         tmp = _sibling(path, ".offset.tmp")
-        tmp.write_text(json.dumps({"offset": self.offset, "runs": self.runs}))
+        tmp.unlink(missing_ok=True)  # a stale one, or a link planted in its place: never written through
+        with os.fdopen(_open_own(tmp, os.O_WRONLY | os.O_EXCL), "w") as f:
+            f.write(json.dumps({"offset": self.offset, "runs": self.runs}))
         os.replace(tmp, record)  # never half written
 
     def note_runs(self, batch: list[Op], writer: Writer) -> None:
@@ -156,7 +165,7 @@ def file_lock(path: Path, wait_s: float) -> Iterator[bool]:
     """Hold the file's send lock; yields False when another sender keeps it past `wait_s`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        lock = open(_sibling(path, ".lock"), "a")  # noqa: SIM115 - closed below, after the flock
+        lock = os.fdopen(_open_own(_sibling(path, ".lock"), os.O_WRONLY | os.O_APPEND), "a")  # noqa: SIM115 - closed below
     except OSError as exc:  # a folder in its place, say
         raise UserError(f"{_sibling(path, '.lock')}: cannot open the send lock ({exc.strerror or exc})") from None
     with lock:
