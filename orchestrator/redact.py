@@ -112,7 +112,10 @@ def tracking_credentials(uri: str) -> dict[str, str]:
 
 
 def secret_fields(value: Any, path: str = "") -> list[str]:
-    """The dotted paths of secret-named keys holding a value, in a config mapping."""
+    """The dotted paths of secret-named keys holding a value, in a config mapping (lists walked,
+    as `redact` walks them: `kwargs.mirrors[0].hf_token`)."""
+    if isinstance(value, list):
+        return [f for i, v in enumerate(value) for f in secret_fields(v, f"{path}[{i}]")]
     if not isinstance(value, Mapping):
         return []
     found = []

@@ -125,6 +125,13 @@ def test_a_secret_named_config_value_is_refused_not_shipped(project: Path, stagi
     assert not any(staging.iterdir())  # refused before anything is staged
 
 
+def test_a_secret_named_value_inside_a_list_is_refused_not_shipped(project: Path, staging: Path) -> None:
+    override = f"data.dataset_kwargs.mirrors=[{{url: https://hub.example, hf_token: {PASSWORD}}}]"
+    with pytest.raises(UserError, match=r"^data\.dataset_kwargs\.mirrors\[0\]\.hf_token: a secret would be shipped"):
+        build_submission("digits.yaml", staging=staging, overrides=[override])
+    assert not any(staging.iterdir())
+
+
 def test_mistyped_builtin_data_path_is_announced_as_a_new_copy(project: Path, staging: Path) -> None:
     sub = build_submission("digits.yaml", staging=staging, overrides=["data.path=data/digts"])
     assert any(n.startswith("data.path: data/digts does not exist here, so the job prepares a new copy")
