@@ -98,6 +98,17 @@ def test_what_the_command_line_prints_and_logs_holds_no_credential(tmp_path) -> 
     assert "S3CRETKEY" not in str([params, tags, data, describe(ValueError("GET http://x/?token=S3CRETKEY failed"))])
 
 
+@pytest.mark.parametrize("path", ["s3://AKIA:S3CRETKEY@bucket", "s3://AKIA:S3CRETKEY@bucket/", "s3://AKIA:S3/CRETKEY@b"])
+def test_the_data_sets_name_in_mlflow_holds_no_credential(path: str) -> None:
+    from live_servers import ROOT
+
+    from orchestrator.config import load_config
+    from orchestrator.driver.run_record import dataset_name
+
+    job = load_config(ROOT / "configs" / "digits.yaml", ["data.dataset=null", f"data.path={path}"])
+    assert "S3" not in dataset_name(job) and dataset_name(job)
+
+
 def test_no_name_this_program_writes_reads_as_a_secret() -> None:
     """A tag or param masked as '***' loses what it says: `plan.cluster_key` (which calibrate groups
     runs by) was masked when names ending in 'key' became secret. Every tag this program sets and

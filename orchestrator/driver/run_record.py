@@ -45,9 +45,15 @@ def initial_records(run: Any, prepared: Prepared, sizing: Sizing, *, config_path
     if config_path:
         run.log_text(redacted_yaml(config_path), f"config/{Path(config_path).name}", new_run_only=True)
     run.log_dict(redact(job.to_dict()), "config/resolved.json")
-    run.log_dataset(name=job.data.dataset or Path(job.data.paths[0]).name, uri=job.data.paths[0],
+    run.log_dataset(name=dataset_name(job), uri=job.data.paths[0],
                     rows=prepared.data.train_rows, schema=_data_schema(job))
     _log_sizing(run, sizing)
+
+
+def dataset_name(job: JobConfig) -> str:
+    """The data set's name in MLflow: the built-in set's, else the last part of its (first) path,
+    taken without credentials (of `s3://KEY:SECRET@bucket` that part is the userinfo and bucket)."""
+    return job.data.dataset or Path(redact(job.data.paths[0])).name
 
 
 def redacted_yaml(path: str) -> str:
