@@ -54,6 +54,16 @@ def test_a_held_lock_whose_file_was_damaged_still_refuses_in_one_line(tmp_path: 
     first.release()
 
 
+def test_a_link_planted_at_the_lock_is_refused_and_its_target_untouched(tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (tmp_path / "runs" / "digits").mkdir(parents=True)
+    (tmp_path / "runs" / "digits" / ".lock").symlink_to(victim)
+    with pytest.raises(UserError, match=r"^checkpoint\.storage_path: cannot write .*\.lock is a symbolic link; remove it\)$"):
+        JobLock(Storage(str(tmp_path / "runs")), "digits").acquire()
+    assert victim.read_text() == "precious\n"
+
+
 def test_a_storage_path_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("kept\n")
     for storage, why in ((tmp_path / "file" / "runs", "Not a directory"), (Path("/proc/orchestrator-test"), ".+")):

@@ -81,9 +81,13 @@ class JobLock:
         path = self.storage.local_path(self.name, LOCK_FILE)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            f = open(path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
-        except OSError as exc:  # a read-only or missing place, a file where the folder goes
-            raise UserError(f"checkpoint.storage_path: cannot write {path.parent} ({exc.strerror or exc})") from None
+            # never through a link: on a shared storage one planted at .lock would have the holder's
+            # name truncate and overwrite the link's target (any file this user can write)
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+            f = os.fdopen(fd, "a+")  # noqa: SIM115 - held open for the lock's lifetime
+        except OSError as exc:  # a read-only or missing place, a file where the folder goes, a link
+            why = f"{path} is a symbolic link; remove it" if path.is_symlink() else exc.strerror or exc
+            raise UserError(f"checkpoint.storage_path: cannot write {path.parent} ({why})") from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
