@@ -64,6 +64,31 @@ def test_a_link_planted_at_the_lock_is_refused_and_its_target_untouched(tmp_path
     assert victim.read_text() == "precious\n"
 
 
+def _ray_snapshot(*names: str) -> str:
+    results = [{"checkpoint_dir_name": n, "metrics": {}} for n in names]
+    return json.dumps({"ray_version": "2.60.0", "checkpoint_results": results, "checkpoint_report_indices": [0] * len(names),
+                       "latest_checkpoint_result": results[-1], "pending_training_results": [],
+                       "pending_validation_specs": [], "current_report_index": len(names),
+                       "validated_checkpoint_dir_names": [], "timed_out_validation_checkpoint_dir_names": [],
+                       "failed_validation_checkpoint_dir_names": []})
+
+
+@pytest.mark.parametrize("name", ["{victim}", "../../victim", "checkpoint_1/../../../victim"])
+def test_a_ray_snapshot_naming_a_checkpoint_outside_the_run_is_refused(tmp_path: Path, name: str) -> None:
+    """Ray Train deletes the checkpoints its snapshot lists past keep_last, by the path it joins to the
+    run folder: a planted one naming /home/... would have the job delete that folder."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    run = tmp_path / "runs" / "digits"
+    run.mkdir(parents=True)
+    (run / "checkpoint_manager_snapshot.json").write_text(_ray_snapshot("checkpoint_000000010", name.format(victim=victim)))
+    with pytest.raises(UserError, match=r"checkpoint_manager_snapshot\.json: names checkpoint .* outside the run folder"):
+        claim(job(str(tmp_path / "runs")))
+    assert victim.is_dir()
+    (run / "checkpoint_manager_snapshot.json").write_text(_ray_snapshot("checkpoint_000000010", "checkpoint_000000020.1"))
+    claim(job(str(tmp_path / "runs"))).release()  # Ray's own names pass
+
+
 def test_a_storage_path_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("kept\n")
     for storage, why in ((tmp_path / "file" / "runs", "Not a directory"), (Path("/proc/orchestrator-test"), ".+")):

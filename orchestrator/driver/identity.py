@@ -25,6 +25,9 @@ from orchestrator.redact import redact
 from orchestrator.storage import Storage
 
 STATE_FILE = "job.json"
+# Ray Train's record of a run's checkpoints, in the run folder: read back when a fit starts there,
+# and the checkpoints it lists past keep_last are deleted by the paths it names.
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 # Fields a rerun may change and still continue the same run: how long to train, how often to
 # checkpoint and log, where and on what it runs, how it is tracked. Anything else changes what
 # is trained, and continuing from the old checkpoints would train something nobody asked for.
@@ -109,10 +112,25 @@ class JobIdentity:
         return job_key(self.storage.uri, self.name, self.state.generation)
 
     @property
+    def run_prefix(self) -> str:
+        """This generation's run folder, relative to the storage."""
+        return self.name if self.state.generation == 1 else posixpath.join(self.name, f"run-{self.state.generation}")
+
+    @property
     def run_dir(self) -> str:
         """Where Ray Train keeps this generation's checkpoints (a path or URI)."""
-        prefix = self.storage.join(self.name)
-        return prefix if self.state.generation == 1 else posixpath.join(prefix, f"run-{self.state.generation}")
+        return self.storage.join(self.run_prefix)
+
+    def check_ray_snapshot(self) -> None:
+        """Refuse a Ray Train snapshot that names a checkpoint outside the run folder: Ray joins each
+        name to the folder (an absolute name or '..' leads anywhere) and deletes those past keep_last,
+        so one planted in a shared storage would delete any folder the job can. UserError naming it."""
+        where = posixpath.join(self.run_prefix, RAY_SNAPSHOT)
+        bad = next((n for n in _snapshot_names(self.storage.read_json(where)) if not _plain_name(n)), None)
+        if bad is not None:
+            raise UserError(f"{self.storage.join(where)}: names checkpoint {bad!r}, outside the run folder; Ray "
+                            "Train would read it and delete it as an old checkpoint. Restore or remove the file, "
+                            "or start afresh with --new-run")
 
     @property
     def complete(self) -> bool:
@@ -148,6 +166,29 @@ class JobIdentity:
 
     def release(self) -> None:
         self.lock.release()
+
+
+def _snapshot_names(raw: Any) -> list[Any]:
+    """Every checkpoint name a Ray Train snapshot holds (`checkpoint_dir_name` fields and the
+    `*_checkpoint_dir_names` lists, wherever they are)."""
+    found: list[Any] = []
+    if isinstance(raw, dict):
+        for key, value in raw.items():
+            if key == "checkpoint_dir_name":
+                found.append(value)
+            elif isinstance(key, str) and key.endswith("checkpoint_dir_names") and isinstance(value, list):
+                found += value
+            else:
+                found += _snapshot_names(value)
+    elif isinstance(raw, list):
+        for value in raw:
+            found += _snapshot_names(value)
+    return found
+
+
+def _plain_name(name: Any) -> bool:
+    return (isinstance(name, str) and name not in ("", ".", "..")
+            and not any(c in name for c in "/\\\x00"))
 
 
 def claim(job: JobConfig, *, new_run: bool = False) -> JobIdentity:
@@ -189,6 +230,7 @@ def _check(job: JobConfig, storage: Storage, lock: JobLock, *, new_run: bool) ->
         else:
             previous.trained = fresh.trained
             identity = JobIdentity(job, storage, previous, lock)
+    identity.check_ray_snapshot()
     if raw is None or new_run:
         identity.save()
     return identity

@@ -141,6 +141,7 @@ class RayPorts:
             from orchestrator.autoscale import refresh_cluster_view
 
             refresh_cluster_view()  # count the workers the driver saw arrive, not those of 20 s ago
+        self.identity.check_ray_snapshot()  # each fit reads it back: a file planted since the claim too
         trainer = build_trainer(prepared, sizing, workers, progress=self.actor, run_dir=self.identity.run_dir)
         return RayFit(trainer)
 
