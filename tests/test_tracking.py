@@ -16,7 +16,7 @@ from tracking_fakes import (  # noqa: F401 (fixtures: fake, quick, spill_dir, tr
 
 from orchestrator.errors import UserError
 from orchestrator.tracking import Tracker, default_spill_dir
-from orchestrator.tracking.spill import fully_sent, spill_path
+from orchestrator.tracking.spill import Progress, fully_sent, spill_path
 
 
 def test_calls_return_while_the_store_is_stalled_and_then_everything_arrives(fake: FakeStore, tracker: Tracker,
@@ -116,17 +116,23 @@ def test_a_new_tracker_sends_an_earlier_jobs_spill_before_its_own_run(fake: Fake
 
 
 def test_a_damaged_earlier_spill_is_said_once_not_per_line(fake: FakeStore, spill_dir: Path,
-                                                           caplog: pytest.LogCaptureFixture) -> None:
+                                                           caplog: pytest.LogCaptureFixture,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     spill_while_down(fake, spill_dir, "earlier", range(3))
     earlier = spill_path(spill_dir, URI, "earlier")
     sent_lines, garbage = earlier.stat().st_size, b"\x00\xff garbage\n"
     with open(earlier, "ab") as f:
         f.write(garbage * 5000)
+    saves: list[int] = []
+    save = Progress.save
+    monkeypatch.setattr(Progress, "save", lambda self, path: (saves.append(self.offset), save(self, path))[1])
     tracker = Tracker(URI, spill_dir=spill_dir)
     with caplog.at_level(logging.WARNING):
         tracker.open_run(experiment="e", run_key="now", run_name="job").finish()
         report = tracker.close(timeout_s=5)
     assert fake.run("earlier").steps() == list(range(3)) and fully_sent(earlier)
+    # progress recorded once past the garbage, not once per line (5,000 renames outran the 5 s close)
+    assert saves.count(earlier.stat().st_size) == 1 and len(saves) < 10, len(saves)
     said = [w for w in report.warnings if "unreadable" in w]
     assert said == [f"MLflow: {earlier}: 5000 unreadable lines were skipped (the first ends at byte "
                     f"{sent_lines + len(garbage)})"]

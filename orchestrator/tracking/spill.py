@@ -244,19 +244,22 @@ def send_file(path: Path, writer: Writer, *, wait_s: float = 0.0, stop: Callable
             return None
         progress = Progress.load(path)
         writer.adopt(progress.runs)
-        files, unreadable, first = artifacts_dir(path), 0, None
+        files, unreadable, first, unsaved = artifacts_dir(path), 0, None, False
         for batch, end in _batches(path, progress.offset):
             if stop():
                 break
-            if batch:
-                writer.apply(batch, files=files)
-            else:
-                unreadable += 1
-                first = first or end
+            if not batch:  # nothing sent: recorded with the next batch or at the end, not per line
+                unreadable, first, unsaved = unreadable + 1, first or end, True
+                progress.offset = end
+                continue
+            writer.apply(batch, files=files)
             progress.offset = end
             progress.note_runs(batch, writer)
             progress.save(path)
+            unsaved = False
             remove_staged(batch, files)
+        if unsaved:
+            progress.save(path)
         return Pass(progress.offset, unreadable, _torn(path, progress.offset), first)
 
 
