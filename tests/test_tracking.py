@@ -6,6 +6,7 @@ against a real `mlflow server` in test_tracking_server.py.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -15,8 +16,8 @@ from tracking_fakes import (  # noqa: F401 (fixtures: fake, quick, spill_dir, tr
 )
 
 from orchestrator.errors import UserError
-from orchestrator.tracking import Tracker, default_spill_dir
-from orchestrator.tracking.spill import Progress, fully_sent, spill_path
+from orchestrator.tracking import Tracker, default_spill_dir, replay
+from orchestrator.tracking.spill import Progress, SpillWriter, fully_sent, spill_path
 
 
 def test_calls_return_while_the_store_is_stalled_and_then_everything_arrives(fake: FakeStore, tracker: Tracker,
@@ -185,3 +186,53 @@ def test_a_spill_that_cannot_be_written_keeps_the_operations_in_memory(
     report = tracker.close(timeout_s=5)
     assert fake.run("k").steps() == list(range(20))
     assert sum("No space left on device" in w for w in report.warnings) == 1  # said once, not per call
+
+
+def test_a_spill_write_that_failed_once_still_gives_the_file_its_open_line(
+    fake: FakeStore, spill_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run opened while the server was up; the first spill hit a full disk, later ones went
+    through and the server stayed down to the end: the file must still say which run its lines
+    belong to, or a replay drops every one of them."""
+    tracker = Tracker(URI, spill_dir=spill_dir, max_queued=10)
+    run = tracker.open_run(experiment="e", run_key="k", run_name="job")
+    assert run.wait_resolved(5)
+    fake.down = True
+    original, failures = SpillWriter.append, [OSError(28, "No space left on device")]
+
+    def full_once(self: SpillWriter, ops: list) -> int:
+        if failures:
+            raise failures.pop()
+        return original(self, ops)
+
+    monkeypatch.setattr(SpillWriter, "append", full_once)
+    log_steps(run, range(40))
+    run.finish()
+    report = tracker.close(timeout_s=0.2)
+    assert not failures and report.spill_file is not None and report.waiting_points == 40
+    fake.down = False
+    result = replay(report.spill_file, URI)
+    assert not result.refusals and fake.run("k").steps() == list(range(40)) and fake.run("k").status == "FINISHED"
+
+
+def test_a_spill_writer_whose_write_failed_reopens_and_ends_the_torn_line(tmp_path: Path) -> None:
+    path = tmp_path / "s.jsonl"
+    writer = SpillWriter(path)
+    writer.append([{"op": "tags", "handle": "h", "t": 1, "tags": {"a": "1"}}])
+    with open(path, "ab") as f:
+        f.write(b'{"op":"ta')  # what a full disk let through of the next write
+
+    class Full:
+        def write(self, data: bytes) -> int:
+            raise OSError(28, "No space left on device")
+
+        def close(self) -> None:
+            raise OSError(28, "No space left on device")
+
+    writer._file = Full()  # type: ignore[assignment]
+    with pytest.raises(OSError):
+        writer.append([{"op": "tags", "handle": "h", "t": 2, "tags": {"a": "2"}}])
+    writer.append([{"op": "tags", "handle": "h", "t": 3, "tags": {"a": "3"}}])
+    writer.close()
+    lines = path.read_bytes().splitlines()
+    assert lines[1] == b'{"op":"ta' and json.loads(lines[2])["t"] == 3

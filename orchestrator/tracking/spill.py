@@ -87,9 +87,22 @@ class SpillWriter:
         """Returns the file's end: every line up to it is complete."""
         if self._file is None:
             self._file = self._open()
-        self._file.write(b"".join(encode(op) for op in ops))  # one write: whole lines, in order
-        self._file.flush()
+        try:
+            self._file.write(b"".join(encode(op) for op in ops))  # one write: whole lines, in order
+            self._file.flush()
+        except OSError:
+            # A full disk may have taken part of the write: drop the rest of the buffer (the caller
+            # keeps the operations); reopening ends the torn line before the next one is written.
+            self._discard()
+            raise
         return self._file.tell()
+
+    def _discard(self) -> None:
+        file, self._file = self._file, None
+        try:
+            file.close()
+        except OSError:  # the flush on close fails as the write did: the file is closed all the same
+            pass
 
     def _open(self) -> IO[bytes]:
         self.path.parent.mkdir(parents=True, exist_ok=True)

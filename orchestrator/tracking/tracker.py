@@ -162,8 +162,8 @@ class Tracker:
         if not self._header_written and spilled[0] is not self._open:
             resolved = self._run.resolution
             spilled = [dict(self._open, resolved=resolved.to_json() if resolved else None), *spilled]
-        self._header_written = True
         self._spilled_to = self._spill.append(spilled)
+        self._header_written = True  # only once it is on disk: a failed write (a full disk) writes it next time
         points = sum(weight(op) for op in spilled if op["op"] == "metrics")
         self._unsent_points += points
         self._unsent_ops += len(spilled) - sum(op["op"] == "metrics" for op in spilled)
