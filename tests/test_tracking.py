@@ -236,3 +236,26 @@ def test_a_spill_writer_whose_write_failed_reopens_and_ends_the_torn_line(tmp_pa
     writer.close()
     lines = path.read_bytes().splitlines()
     assert lines[1] == b'{"op":"ta' and json.loads(lines[2])["t"] == 3
+
+
+def test_a_second_ctrl_c_while_close_waits_for_the_server_still_spills_what_waits(
+    fake: FakeStore, spill_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At the end of a job during an outage close() waits up to TRACKING_CLOSE_TIMEOUT_S; a second
+    Ctrl-C then (the CLI raises KeyboardInterrupt) must not lose the queue held in memory."""
+    fake.down = True
+    tracker = Tracker(URI, spill_dir=spill_dir)
+    run = tracker.open_run(experiment="e", run_key="k", run_name="job")
+    log_steps(run, range(50))
+    run.finish()
+
+    def interrupted_join(timeout: float | None = None) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tracker._thread, "join", interrupted_join)
+    with pytest.raises(KeyboardInterrupt):
+        tracker.close(timeout_s=30)
+    assert tracker.queued_in_memory == 0 and tracker.spill_file is not None and tracker.spill_file.exists()
+    fake.down = False
+    replay(tracker.spill_file, URI)
+    assert fake.run("k").steps() == list(range(50)) and fake.run("k").status == "FINISHED"

@@ -190,7 +190,16 @@ class Tracker:
         self._deadline = time.monotonic() + timeout_s
         self._closing.set()
         self._wake.set()
-        self._thread.join(timeout_s)
+        try:
+            self._thread.join(timeout_s)
+        except BaseException:  # a second Ctrl-C cuts the wait short, not the spill: what waits is kept
+            self._stop_and_spill()
+            self._report()  # logged: where it went, and the command that sends it
+            raise
+        self._stop_and_spill()
+        return self._report()
+
+    def _stop_and_spill(self) -> None:
         with self._lock:
             self._stopped = True  # a request still in flight is abandoned: its batch is spilled too
             rest = list(self._queue)
@@ -200,7 +209,6 @@ class Tracker:
                 self._spill_at_close(rest)
         if self._spill is not None:
             self._spill.close()
-        return self._report()
 
     def _spill_at_close(self, rest: list[Op]) -> None:
         try:
