@@ -10,6 +10,7 @@ from typing import Any
 
 from orchestrator.driver.ports import FitOutcome, Ports, Prepared
 from orchestrator.driver.sizing import Sizing
+from orchestrator.errors import UserError
 from trainers.events import Event, GroupEnded, GroupStarted, StepPoint, StepsDone
 
 
@@ -34,6 +35,7 @@ class FakeIdentity:
     state: Any = field(default_factory=lambda: SimpleNamespace(finished=None, counts={}))
     finished: dict[str, Any] | None = None
     released: bool = False
+    lost: str | None = None
 
     def mark_finished(self, *, step: int, run_id: str | None, model_version: str | None,
                       checkpoint: str | None = None) -> None:
@@ -44,6 +46,10 @@ class FakeIdentity:
 
     def release(self) -> None:
         self.released = True
+
+    def check_held(self) -> None:
+        if self.lost:
+            raise UserError(f"digits: the lock was taken over by {self.lost}")
 
 
 @dataclass

@@ -293,3 +293,15 @@ def test_a_failure_before_any_group_trained_is_not_said_to_be_after_step_0() -> 
     world = World(job(), [fit])
     run(world)
     assert "worker failure before its first step: rank 0: OSError: disk gone" in world.ui.statuses
+
+
+def test_a_driver_whose_job_lock_was_taken_over_stops_its_workers_and_fails() -> None:
+    def taken_over(world: World) -> None:
+        if world.current and len(world.current.batches) == 2:
+            world.identity.lost = "pid 7 on other-host since 2026-01-01T00:00:00+00:00"
+
+    fit = FakeFit([[group()], [steps(1, 4)], [steps(5, 8)], [steps(9, 10)]], FitOutcome({"step": 10}))
+    world = World(job(), [fit], on_poll=taken_over)
+    with pytest.raises(UserError, match="taken over by pid 7 on other-host"):
+        JobController(world.job, world.ports()).run()
+    assert world.stops == 1 and fit.done() and world.run.status == "FAILED" and world.identity.released

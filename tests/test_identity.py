@@ -199,3 +199,27 @@ def test_a_torn_or_edited_lease_is_no_live_holder(tmp_path: Path, monkeypatch: p
         taker.acquire()
         assert json.loads(lease.read_text())["pid"] == os.getpid()
         taker.release()
+
+
+def test_a_holder_whose_lease_was_taken_over_stops_renewing_it_and_says_it_lost_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The holder misses three beats (storage down, the driver paused) and another driver takes the
+    job over: the first must not write its lease back (both would run the job, renewing in turn)."""
+    monkeypatch.setattr(constants, "LOCK_HEARTBEAT_S", 0.2)
+    monkeypatch.setattr(constants, "LOCK_SETTLE_S", 0.05)
+    storage = Storage("s3://bucket/runs", filesystem=fs.SubTreeFileSystem(str(tmp_path), fs.LocalFileSystem()))
+    lease = tmp_path / "bucket" / "runs" / "digits" / ".lock.json"
+    first = JobLock(storage, "digits")
+    first.acquire()
+    write, down = first._write_lease, [True]
+    monkeypatch.setattr(first, "_write_lease", lambda: (_ for _ in ()).throw(OSError("503")) if down[0] else write())
+    time.sleep(constants.LOCK_HEARTBEAT_S * 3.5)
+    second = JobLock(storage, "digits")
+    second.acquire()
+    down[0] = False
+    time.sleep(constants.LOCK_HEARTBEAT_S * 3)
+    assert json.loads(lease.read_text())["token"] == second._token
+    assert first.lost is not None and first.lost.startswith(f"pid {os.getpid()} on ")
+    first.release()  # leaves the new holder's lease alone
+    assert json.loads(lease.read_text())["token"] == second._token
+    second.release()

@@ -210,6 +210,7 @@ class JobController:
 
     def _poll(self) -> None:
         assert self.recorder is not None and self.prepared is not None
+        self.identity.check_held()  # another driver took the job over: stop before both train it
         events, ranks = self.ports.drain()
         for event in events:
             self._handle(event)

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from orchestrator.config import JobConfig, flatten
-from orchestrator.driver.lock import JobLock
+from orchestrator.driver.lock import LEASE_FILE, JobLock
 from orchestrator.errors import UserError
 from orchestrator.redact import redact
 from orchestrator.storage import Storage
@@ -166,6 +166,13 @@ class JobIdentity:
 
     def release(self) -> None:
         self.lock.release()
+
+    def check_held(self) -> None:
+        """UserError once another driver took the job's lease over (this one missed its heartbeats)."""
+        if self.lock.lost:
+            raise UserError(f"{self.name}: the lock {self.storage.join(self.name, LEASE_FILE)} was taken over by "
+                            f"{self.lock.lost} after this driver missed its heartbeats; stopping, so that two "
+                            "drivers never train one job")
 
 
 def _snapshot_names(raw: Any) -> list[Any]:

@@ -6,6 +6,8 @@ storage has no locks: a lease object `<prefix>/.lock.json` (holder, token, heart
 holder renews every `LOCK_HEARTBEAT_S`; a lease whose heartbeat is older than
 `LOCK_STALE_AFTER` heartbeats is taken over (its driver died). Two drivers racing for a free lease
 both write it, wait, and read it back: only the one whose token is there goes on.
+A holder that finds another token in its lease at a beat was taken over: it stops renewing and
+says so (`lost`); the driver then stops the job.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class JobLock:
         self._holder = holder()
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
+        self.lost: str | None = None  # who took the lease over, once another driver did
 
     def _refuse(self, info: dict[str, Any] | None, where: str) -> UserError:
         return UserError(f"{self.name}: this job is already running ({_describe(info)}; lock {where}); "
@@ -143,6 +146,12 @@ class JobLock:
     def _heartbeat(self) -> None:
         while not self._stop.wait(constants.LOCK_HEARTBEAT_S):
             try:
+                info = self._read_lease()
+                if info is not None and info.get("token") != self._token:
+                    # Taken over after this driver missed its beats (storage down, the driver paused):
+                    # writing it back would let two drivers run the job, each renewing in turn.
+                    self.lost = _describe(info)
+                    return
                 self._write_lease()
             except Exception:  # noqa: BLE001 - a missed beat is retried; three in a row lose the lease
                 continue
