@@ -223,3 +223,17 @@ def test_a_holder_whose_lease_was_taken_over_stops_renewing_it_and_says_it_lost_
     first.release()  # leaves the new holder's lease alone
     assert json.loads(lease.read_text())["token"] == second._token
     second.release()
+
+
+def test_spellings_of_one_storage_place_are_one_job_with_one_mlflow_run(tmp_path: Path) -> None:
+    """They share the job's lock, job.json and checkpoints: a rerun written with a trailing slash or
+    as a file:// URI must not open a second MLflow run that lacks every step before the checkpoint."""
+    spellings = [str(tmp_path), f"{tmp_path}/", f"file://{tmp_path}", f"file://{tmp_path}/"]
+    keys = set()
+    for where in spellings:
+        identity = claim(job(where).localized())
+        keys.add(identity.key)
+        identity.release()
+    assert keys == {job_key(str(tmp_path), "digits")}
+    assert job_key("s3://bucket/runs/", "digits") == job_key("s3://bucket/runs", "digits")
+    assert job_key("s3://bucket/runs", "digits") != job_key("s3://bucket/other", "digits")

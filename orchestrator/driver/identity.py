@@ -39,8 +39,11 @@ SAFE_TO_CHANGE = ("training.max_steps", "training.epochs", "training.log_every",
 
 def job_key(storage: str, name: str, generation: int = 1) -> str:
     """Identity of one run of a job: storage (path or URI, as given), name and generation. It keys
-    the MLflow run, the progress actor and the autoscaler request."""
-    base = f"{storage}::{name}" + (f"::{generation}" if generation > 1 else "")
+    the MLflow run, the progress actor and the autoscaler request. Spellings of one place key one
+    job, as they share its lock and `job.json`: a trailing slash, and `file://` before a local path."""
+    where = storage.removeprefix("file://") if storage.startswith("file:///") else storage
+    where = where.rstrip("/") or where
+    base = f"{where}::{name}" + (f"::{generation}" if generation > 1 else "")
     return hashlib.sha256(base.encode()).hexdigest()[:16]
 
 
