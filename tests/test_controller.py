@@ -305,3 +305,19 @@ def test_a_driver_whose_job_lock_was_taken_over_stops_its_workers_and_fails() ->
     with pytest.raises(UserError, match="taken over by pid 7 on other-host"):
         JobController(world.job, world.ports()).run()
     assert world.stops == 1 and fit.done() and world.run.status == "FAILED" and world.identity.released
+
+
+def test_a_rerun_that_starts_while_mlflow_is_down_still_says_which_steps_have_no_metrics() -> None:
+    """The killed driver's workers trained on to 200 while MLflow got 125; the rerun resumes from
+    200 before the server answers (the run is not resolved at the group's start): the gap is said
+    once it is."""
+    def mlflow_answers(world: World) -> None:
+        if world.current and len(world.current.batches) == 1:
+            world.run.resumed, world.run.resume_floor = True, 125
+
+    fit = FakeFit([[group(200, resumed=200)], [steps(201, 205)], [steps(206, 210)]], FitOutcome({"step": 210}))
+    world = World(job(), [fit], on_poll=mlflow_answers)
+    world.run.resumed, world.run.resume_floor = None, None
+    run(world)
+    assert world.run.tags["metrics.gap"].startswith("steps 126-200 were trained by an earlier driver")
+    assert sum("steps 126-200" in w for w in world.ui.statuses) == 1

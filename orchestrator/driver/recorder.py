@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 class RunLog(Protocol):
     """The job's MLflow run as the driver writes it: every call returns at once."""
 
+    resumed: bool | None  # None until the tracking server answers
     resume_floor: int | None  # the last training step a resumed run holds, once resolved
 
     def log_params(self, params: Mapping[str, Any]) -> None: ...
@@ -91,6 +92,7 @@ class Recorder:
         self._failed_at_ms: int | None = None
         self._recovering_since_ms: int | None = None
         self._logged: dict[str, int] = {}
+        self._gap_from: int | None = None  # the step resumed from, while the run is not resolved yet
         self.last_metrics: dict[str, float] = {}
 
     @property
@@ -118,6 +120,8 @@ class Recorder:
     # -- events ------------------------------------------------------------------------------
 
     def steps(self, event: StepsDone) -> None:
+        if self._gap_from is not None and self.run.resumed is not None:  # MLflow answered: say it now
+            self._gap_before(self._gap_from)
         for point in event.points:  # steps redone after a failure keep their first record
             self._log_once(point.metrics, step=point.step, at_ms=point.at_ms, per_step=True)
         self.last_step = max(self.last_step, event.step)
@@ -195,6 +199,8 @@ class Recorder:
         """A run resumed from a checkpoint past its last logged step: an earlier driver stopped (a
         kill, a second Ctrl-C) while its workers trained on, so those steps' metrics never reached
         MLflow. Said on the console and as a tag, not left for the charts to hide."""
+        # Resumed while MLflow was down: the run (and what it holds) is known once it answers.
+        self._gap_from = resumed_from if self.run.resumed is None else None
         floor = self.run.resume_floor
         if floor is None or floor >= resumed_from:
             return
