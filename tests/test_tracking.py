@@ -259,3 +259,36 @@ def test_a_second_ctrl_c_while_close_waits_for_the_server_still_spills_what_wait
     fake.down = False
     replay(tracker.spill_file, URI)
     assert fake.run("k").steps() == list(range(50)) and fake.run("k").status == "FINISHED"
+
+
+def test_a_complete_job_whose_owed_model_still_fails_leaves_its_run_finished(
+    fake: FakeStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rerun of a complete job reopens its run to log the model (which sets it RUNNING); when the
+    model cannot be logged this time either, the run must end FINISHED again, not stay RUNNING."""
+    from test_identity import job
+
+    from orchestrator.driver import data, fit, registration
+    from orchestrator.driver.identity import claim
+    from orchestrator.driver.job import RayPorts, SilentUI
+
+    config = job(str(tmp_path))
+    config = config.model_copy(update={"tracking": config.tracking.model_copy(update={
+        "registered_model": "m", "tracking_uri": URI, "spill_dir": str(tmp_path / "spill")})})
+    identity = claim(config)
+    first = Tracker(URI, spill_dir=tmp_path / "spill")
+    run = first.open_run(experiment=config.tracking.experiment, run_key=identity.key, run_name=config.name)
+    run.finish("FINISHED")
+    first.close(timeout_s=5)
+    identity.mark_finished(step=10, run_id=run.run_id, model_version=None, checkpoint=str(tmp_path / "ckpt"))
+    identity.release()
+    monkeypatch.setattr(registration, "log_model_now", lambda *args, **kwargs: None)
+    monkeypatch.setattr(fit, "read_checkpoint", lambda checkpoint: {})
+    monkeypatch.setattr(data, "input_example", lambda job: None)
+    identity = claim(config)
+    assert identity.complete and identity.model_pending
+    try:
+        assert RayPorts(config, None, None, False, SilentUI()).register_finished(identity) is None
+    finally:
+        identity.release()
+    assert fake.run(identity.key).status == "FINISHED"

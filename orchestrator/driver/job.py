@@ -179,9 +179,10 @@ class RayPorts:
             version = log_model_now(self.job, state, input_example(self.job), run, status=self.ui.status)
             if version is not None:
                 identity.mark_model(version, run.run_id)
-                run.finish("FINISHED")
             return version
         finally:
+            # Opening the finished run set it RUNNING again; the job is complete whatever became of the model.
+            run.finish("FINISHED")
             for line in run.close().lines():
                 self.ui.status(line)
 
