@@ -239,12 +239,12 @@ def test_a_spill_writer_whose_write_failed_reopens_and_ends_the_torn_line(tmp_pa
 
 
 def test_a_second_ctrl_c_while_close_waits_for_the_server_still_spills_what_waits(
-    fake: FakeStore, spill_dir: Path, monkeypatch: pytest.MonkeyPatch
+    fake: FakeStore, spill_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """At the end of a job during an outage close() waits up to TRACKING_CLOSE_TIMEOUT_S; a second
     Ctrl-C then (the CLI raises KeyboardInterrupt) must not lose the queue held in memory."""
     fake.down = True
-    tracker = Tracker(URI, spill_dir=spill_dir)
+    tracker = Tracker(URI, spill_dir=spill_dir, log_warnings=False)  # as the driver's: no caller shows it now
     run = tracker.open_run(experiment="e", run_key="k", run_name="job")
     log_steps(run, range(50))
     run.finish()
@@ -253,9 +253,10 @@ def test_a_second_ctrl_c_while_close_waits_for_the_server_still_spills_what_wait
         raise KeyboardInterrupt
 
     monkeypatch.setattr(tracker._thread, "join", interrupted_join)
-    with pytest.raises(KeyboardInterrupt):
+    with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
         tracker.close(timeout_s=30)
     assert tracker.queued_in_memory == 0 and tracker.spill_file is not None and tracker.spill_file.exists()
+    assert any("orchestrator tracking replay" in r.getMessage() for r in caplog.records)
     fake.down = False
     replay(tracker.spill_file, URI)
     assert fake.run("k").steps() == list(range(50)) and fake.run("k").status == "FINISHED"
@@ -292,3 +293,16 @@ def test_a_complete_job_whose_owed_model_still_fails_leaves_its_run_finished(
     finally:
         identity.release()
     assert fake.run(identity.key).status == "FINISHED"
+
+
+def test_a_tracker_whose_caller_shows_its_warnings_does_not_log_them_too(fake: FakeStore, spill_dir: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    # The driver prints drain_warnings() and the close report as status lines; the CLI's log
+    # handler printed each a second time ("WARNING orchestrator.tracking.tracker: ...").
+    fake.down = True
+    tracker = Tracker(URI, spill_dir=spill_dir, log_warnings=False)
+    with caplog.at_level(logging.WARNING):
+        log_steps(tracker.open_run(experiment="e", run_key="k", run_name="job"), range(5))
+        report = tracker.close(timeout_s=0.5)
+    assert report.spill_file is not None and any("orchestrator tracking replay" in line for line in report.lines())
+    assert not [r for r in caplog.records if r.name.startswith("orchestrator.tracking")]

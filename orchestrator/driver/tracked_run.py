@@ -15,7 +15,8 @@ from orchestrator.tracking import CloseReport, RunHandle, Tracker, default_spill
 
 
 def open_tracker(tracking_uri: str, spill_dir: str | None) -> Tracker:
-    return Tracker(tracking_uri, spill_dir=Path(spill_dir) if spill_dir else default_spill_dir())
+    # The driver shows the tracker's warnings and its close report on the console (status lines).
+    return Tracker(tracking_uri, spill_dir=Path(spill_dir) if spill_dir else default_spill_dir(), log_warnings=False)
 
 
 class TrackedRun:

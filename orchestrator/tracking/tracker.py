@@ -43,8 +43,13 @@ class Busy(Exception):
 
 
 class Tracker:
-    def __init__(self, tracking_uri: str, *, spill_dir: str | Path, max_queued: int | None = None) -> None:
+    def __init__(self, tracking_uri: str, *, spill_dir: str | Path, max_queued: int | None = None,
+                 log_warnings: bool = True) -> None:
+        """`log_warnings=False` where the caller shows `drain_warnings()` and `close()`'s report
+        itself (the driver's console): they go to the log at DEBUG, so the console says each once.
+        A close cut short by an interrupt logs its report as a warning all the same."""
         self.tracking_uri = tracking_uri
+        self._level = logging.WARNING if log_warnings else logging.DEBUG
         self.spill_dir = Path(spill_dir)
         self._max_queued = max(1, constants.TRACKING_MAX_QUEUED if max_queued is None else max_queued)
         self._lock = threading.Lock()
@@ -115,7 +120,7 @@ class Tracker:
         return drained
 
     def _warn(self, message: str) -> None:
-        log.warning("%s", message)
+        log.log(self._level, "%s", message)
         self._warnings.append(message)
 
     def _put(self, op: Op) -> None:
@@ -194,7 +199,7 @@ class Tracker:
             self._thread.join(timeout_s)
         except BaseException:  # a second Ctrl-C cuts the wait short, not the spill: what waits is kept
             self._stop_and_spill()
-            self._report()  # logged: where it went, and the command that sends it
+            self._report(logging.WARNING)  # logged, as no caller shows it: where it went, the replay command
             raise
         self._stop_and_spill()
         return self._report()
@@ -217,7 +222,7 @@ class Tracker:
             self._warn(f"MLflow: cannot write {self.spill_file} ({exc.strerror}); {sum(map(weight, rest))} "
                        "operations and metric points that MLflow did not take are lost")
 
-    def _report(self) -> CloseReport:
+    def _report(self, level: int | None = None) -> CloseReport:
         path = self.spill_file
         unsent = path is not None and not fully_sent(path)
         if path is not None and not unsent:
@@ -234,7 +239,7 @@ class Tracker:
             warnings=tuple(self.drain_warnings()),
         )
         for line in report.summary():
-            log.warning("%s", line)
+            log.log(self._level if level is None else level, "%s", line)
         return report
 
     # -- the sender thread -------------------------------------------------------------------
