@@ -306,3 +306,16 @@ def test_a_tracker_whose_caller_shows_its_warnings_does_not_log_them_too(fake: F
         report = tracker.close(timeout_s=0.5)
     assert report.spill_file is not None and any("orchestrator tracking replay" in line for line in report.lines())
     assert not [r for r in caplog.records if r.name.startswith("orchestrator.tracking")]
+
+
+def test_a_spill_held_by_a_replay_is_not_blamed_on_the_server(fake: FakeStore, spill_dir: Path) -> None:
+    from orchestrator.tracking.tracker import Busy
+
+    tracker = Tracker(URI, spill_dir=spill_dir, log_warnings=False)
+    tracker._failed(Busy("/spill/x.jsonl is being sent by another process"))
+    tracker._failed(ConnectionRefusedError("refused"))  # the same outage: not said again
+    said = tracker.drain_warnings()
+    tracker.close(timeout_s=0.5)
+    assert len(said) == 1
+    first = said[0]
+    assert first.startswith("MLflow: /spill/x.jsonl is being sent by another process; ") and "did not take" not in first

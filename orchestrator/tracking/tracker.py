@@ -370,8 +370,9 @@ class Tracker:
         self._failures += 1
         waiting_now = self.waiting
         if self._failures == 1 or waiting_now >= 2 * max(self._warned_at, 1):
-            self._warn(f"MLflow at {server_name(self.tracking_uri)} did not take the last request ({describe(exc)}); "
-                       f"{waiting_now} operations and metric points wait to be sent (retrying)")
+            why = (f"MLflow: {exc}" if isinstance(exc, Busy)  # a local lock (`tracking replay`), not the server
+                   else f"MLflow at {server_name(self.tracking_uri)} did not take the last request ({describe(exc)})")
+            self._warn(f"{why}; {waiting_now} operations and metric points wait to be sent (retrying)")
             self._warned_at = waiting_now
 
     def _answered(self) -> None:
