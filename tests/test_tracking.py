@@ -319,3 +319,41 @@ def test_a_spill_held_by_a_replay_is_not_blamed_on_the_server(fake: FakeStore, s
     assert len(said) == 1
     first = said[0]
     assert first.startswith("MLflow: /spill/x.jsonl is being sent by another process; ") and "did not take" not in first
+
+
+def test_a_proxys_too_large_answer_is_a_refusal_not_retried_for_good() -> None:
+    # nginx before MLflow answers an over-limit body with 413 and an HTML page; MLflow's client
+    # reads that as a 500, which the tracker retried for good, every later operation stuck behind it.
+    import http.server
+    import threading
+
+    from mlflow.entities import Metric, RunTag
+    from mlflow.exceptions import MlflowException
+
+    from orchestrator.tracking.store import BoundedRestStore, is_refusal
+
+    class Proxy(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            code = 413 if self.path.endswith("/runs/log-batch") else 502
+            self.send_response(code)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(b"<html><body>nope</body></html>")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        store = BoundedRestStore(f"http://127.0.0.1:{server.server_address[1]}", timeout_s=5)
+        with pytest.raises(MlflowException) as too_large:
+            store.log_batch("r1", metrics=[Metric("m", 1.0, 0, 0)], params=[], tags=[])
+        assert is_refusal(too_large.value) and "HTTP 413 (payload too large)" in str(too_large.value)
+        with pytest.raises(MlflowException) as bad_gateway:
+            store.set_tag("r1", RunTag("k", "v"))
+        assert not is_refusal(bad_gateway.value)  # a proxy whose server is down: retried
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 from mlflow.entities import ExperimentTag, Metric, Param, RunStatus, RunTag, ViewType
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.store.tracking.rest_store import RestStore
 from mlflow.utils.credentials import get_default_host_creds
 from mlflow.utils.proto_json_utils import parse_dict
@@ -34,10 +34,22 @@ PARAMS_PER_REQUEST = 100  # MLflow's log_batch limit for params and for tags
 # HTTP statuses of a request the store understood and refused (a bad value, no such run): sending
 # it again cannot succeed. Anything else (no answer, 5xx, 429, auth) may pass later.
 REFUSED = (400, 404, 409)
+# Statuses a proxy in front of the server answers a request too large for it with (nginx's default
+# body limit is 1 MiB): MLflow's client reads them as 500, which would be retried for good and
+# stall every later operation behind it. Refusals: sending it again cannot succeed.
+TOO_LARGE = {413: "payload too large", 414: "URI too long", 431: "request header fields too large"}
 
 
 def is_refusal(exc: BaseException) -> bool:
     return isinstance(exc, MlflowException) and exc.get_http_status_code() in REFUSED
+
+
+def verified(response: Any, endpoint: str) -> Any:
+    """`verify_rest_response`, with a too-large answer made the refusal it is (HTTP 400 to `is_refusal`)."""
+    if (why := TOO_LARGE.get(response.status_code)) is not None:
+        raise MlflowException(f"{endpoint}: HTTP {response.status_code} ({why}) from the server or a proxy before "
+                              "it; raise its request size limit", error_code=INVALID_PARAMETER_VALUE)
+    return verify_rest_response(response, endpoint)
 
 
 class BoundedRestStore(RestStore):
@@ -55,7 +67,7 @@ class BoundedRestStore(RestStore):
         payload = {"params": body} if method == "GET" else {"json": body}
         response = http_request(self.get_host_creds(), endpoint, method, max_retries=0,
                                 timeout=self.timeout_s, **payload)
-        response = verify_rest_response(response, endpoint)
+        response = verified(response, endpoint)
         proto = response_proto or api.Response()
         if response.status_code != 204:
             parse_dict(js_dict=response.json(), message=proto)
@@ -169,7 +181,7 @@ class Store:
             response = http_request(get_default_host_creds(artifacts_url), endpoint, "PUT", data=data,
                                     extra_headers={"Content-Type": _guess_mime_type(local.name)},
                                     max_retries=0, timeout=self.timeout_s)
-        verify_rest_response(response, endpoint)
+        verified(response, endpoint)
 
     def log_dataset(self, run_id: str, *, name: str, uri: str, rows: int, schema: Mapping[str, str]) -> None:
         """A dataset entry (MLflow's run inputs) for the Parquet data the job reads."""
