@@ -57,6 +57,10 @@ RAYJOB_ATTACKS: dict[str, Callable[[Obj], None]] = {
     "projected token": lambda j: head(j)["volumes"].append(
         {"name": "x", "projected": {"sources": [{"serviceAccountToken": {"path": "t"}}]}}),
     "hostPath": lambda j: worker(j)["volumes"].append({"name": "x", "hostPath": {"path": "/"}}),
+    "pinned to a node": lambda j: worker(j).update(nodeName="gpu-node-7"),
+    "another scheduler": lambda j: worker(j).update(schedulerName="my-scheduler"),
+    "preempting priority": lambda j: head(j).update(priorityClassName="system-cluster-critical"),
+    "another runtime": lambda j: head(j).update(runtimeClassName="runc-unsandboxed"),
     "another job's ConfigMap": lambda j: head(j)["volumes"].append({"name": "x", "configMap": {"name": "bob-config"}}),
     "secretKeyRef to another Secret": lambda j: head(j)["containers"][0]["env"].append(
         {"name": "MLFLOW_TRACKING_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "ray-auth-token", "key": "auth_token"}}}),
