@@ -6,6 +6,10 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.cluster import worker_slots
+from orchestrator.driver.policies import GroupKind
+from orchestrator.driver.recorder import Group
+from orchestrator.driver.replan import observation, replan
+from orchestrator.driver.sizing import Sizing
 from orchestrator.planner import (
     ClusterSpec,
     Placement,
@@ -86,6 +90,30 @@ def test_a_faster_network_than_assumed_grows_the_job() -> None:
     decision = decide_resize(PROFILE, cluster, current=TWO, min_workers=1, max_workers=4, global_batch=64,
                              remaining_samples=64 * 100_000, min_efficiency=0.5, margin=0.1, restart_cost_s=30)
     assert decision.resize and decision.workers == 4 and decision.reason.startswith("resize 2 -> 4 workers")
+
+
+def test_the_workers_compute_only_steps_lack_the_optimizer_and_replan_adds_it() -> None:
+    """`trainers.loop._compute_only_s` times forward and backward without sync, never the optimizer
+    (that would train on the probe): a group whose compute is exactly as profiled must not read as
+    faster compute, nor leave the optimizer's time to the network."""
+    profile = Profile.from_dict({
+        "version": 1, "model": "toy", "device": "A10", "param_count": 25_000_000, "grad_bytes": 100_000_000,
+        "max_local_batch": 64, "samples": [{"local_batch": 32, "step_time_s": 0.040, "optimizer_s": 0.008},
+                                           {"local_batch": 64, "step_time_s": 0.070, "optimizer_s": 0.008}]})
+    cluster = ClusterSpec(nodes=2, gpus_per_node=4, intra_node_GBps=16, inter_node_GBps=12.5)
+    for placement in (Placement(1, 1), Placement(2, 4)):
+        truth = predict(profile, cluster, nodes=placement.nodes, gpus_per_node=placement.gpus_per_node, local_batch=64)
+        group = Group(workers=placement.gpus, local_batch=64, accumulation=1, start_step=0, kind=GroupKind.FIRST,
+                      compute_step_times=(truth.compute_s - 0.008,) * 30, placement=placement,
+                      observed_step_time_s=truth.step_time_s, observed_steps=40, step_times=(truth.step_time_s,) * 40)
+        sizing = Sizing(placement.gpus, 64, profile, cluster=cluster)
+        result = replan(sizing, group, profile=profile, cluster=cluster, step=40, total_steps=1000, global_batch=64,
+                        objective="max_throughput", min_efficiency=0.7, bounds=None, replan_enabled=True, resizes=0,
+                        slots=placement.gpus)
+        assert result.record["refit"]["changed"] == [], result.text
+        assert result.profile is profile and result.cluster is cluster
+        seen = observation(sizing, group, run_id=None)
+        assert seen is not None and seen["compute_step_time_s"] == pytest.approx(truth.compute_s)
 
 
 def test_worker_slots_count_what_each_alive_node_can_host() -> None:

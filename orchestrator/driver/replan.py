@@ -13,6 +13,7 @@ from orchestrator.driver.policies import Keep, ReplanDecision, Resize, replan_gu
 from orchestrator.driver.recorder import Group
 from orchestrator.driver.sizing import Sizing
 from orchestrator.planner import ClusterSpec, Observation, Prediction, Profile, decide_resize, predict, refit
+from orchestrator.planner.model import optimizer_share
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +47,15 @@ def comparison(observed: float, predicted: Prediction) -> dict[str, float]:
     return metrics
 
 
+def compute_steps(profile: Profile, group: Group) -> list[float]:
+    """The group's steps without gradient sync as whole-step compute, the planner's `compute_s`.
+    The worker times only their forward and backward (an optimizer step there would train on
+    the probe), so the profile's optimizer time is added: without it the refit took compute for
+    faster than profiled and left the optimizer's time to the network."""
+    optimizer = optimizer_share(profile.samples)
+    return [t + optimizer for t in group.compute_step_times]
+
+
 def replan(sizing: Sizing, group: Group, *, profile: Profile, cluster: ClusterSpec, step: int, total_steps: int,
            global_batch: int, objective: str, min_efficiency: float, bounds: tuple[int, int] | None,
            replan_enabled: bool, resizes: int, slots: int) -> Replan:
@@ -55,7 +65,7 @@ def replan(sizing: Sizing, group: Group, *, profile: Profile, cluster: ClusterSp
     assert group.placement is not None and group.observed_step_time_s is not None
     learned = refit(profile, cluster, placement=group.placement, local_batch=group.local_batch,
                     accumulation=group.accumulation, step_times=group.step_times,
-                    compute_step_times=group.compute_step_times or None)
+                    compute_step_times=compute_steps(profile, group) or None)
     decision = replan_guard(elastic=bounds is not None, replan_enabled=replan_enabled, resizes=resizes,
                             max_resizes=constants.MAX_RESIZES, current=group.workers)
     if decision is None:
@@ -85,10 +95,7 @@ def observation(sizing: Sizing, group: Group, *, run_id: str | None) -> dict[str
     if (sizing.profile is None or group.placement is None or group.observed_step_time_s is None
             or group.observed_steps < constants.REPLAN_MIN_STEPS):
         return None
-    compute = None
-    if group.compute_step_times:
-        optimizer = statistics.median(s.optimizer_s or 0.0 for s in sizing.profile.samples)
-        compute = statistics.median(group.compute_step_times) + optimizer
+    compute = statistics.median(compute_steps(sizing.profile, group)) if group.compute_step_times else None
     return Observation(profile=sizing.profile, nodes=group.placement.nodes, gpus_per_node=group.placement.gpus_per_node,
                        local_batch=group.local_batch, accumulation=group.accumulation,
                        step_time_s=group.observed_step_time_s, compute_step_time_s=compute, source="job",
