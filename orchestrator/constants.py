@@ -87,7 +87,7 @@ TRACKING_REPLAY_LOCK_WAIT_S = _env_float("ORCH_TRACKING_REPLAY_LOCK_WAIT_S", 30.
 # Tracking: how often a sender waiting for a spill file's lock tries again (seconds).
 TRACKING_LOCK_POLL_S = _env_float("ORCH_TRACKING_LOCK_POLL_S", 0.05)
 # Profiler: how long to wait for a node's GPUs (CPU slots) to be free together for the per-node
-# contention measurement before planning without it (seconds).
+# contention measurement before planning without it, and then for its workers to warm up (seconds).
 PROFILE_NODE_WAIT_S = _env_float("ORCH_PROFILE_NODE_WAIT_S", 30.0)
 # Training workers: every node samples its CPU, memory and GPU memory this often for MLflow's
 # system metrics (seconds; tracking.log_system_metrics turns them off).

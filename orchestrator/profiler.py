@@ -10,6 +10,7 @@ GPUs per node).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -90,6 +91,19 @@ def _measure_one(job: JobConfig, *, use_gpu: bool) -> dict[str, Any]:
                                data_s=constants.PROFILE_DATA_S))
 
 
+class Barrier:
+    """Releases a node's workers together once every one has warmed up (an async Ray actor)."""
+
+    def __init__(self, parties: int) -> None:
+        self._left, self._all = parties, asyncio.Event()
+
+    async def wait(self) -> None:
+        self._left -= 1
+        if self._left <= 0:
+            self._all.set()
+        await self._all.wait()
+
+
 def _measure_node(job: JobConfig, *, use_gpu: bool, gpus: int, local_batch: int) -> dict[str, Any] | None:
     """`gpus` workers packed on one node, stepping at once: their median step time, or None when
     the cluster cannot place them on one node now (the planner then assumes no contention)."""
@@ -105,10 +119,16 @@ def _measure_node(job: JobConfig, *, use_gpu: bool, gpus: int, local_batch: int)
         if not pg.wait(timeout_seconds=constants.PROFILE_NODE_WAIT_S):
             log.warning("profile: %d workers do not fit on one node now; per-node contention not measured", gpus)
             return None
+        barrier = ray.remote(num_cpus=0)(Barrier).remote(gpus)
         task = ray.remote(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0))(time_steps)
         refs = [task.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i))
-                .remote(_worker_config(job), local_batch=local_batch, steps=NODE_STEPS) for i in range(gpus)]
+                .remote(_worker_config(job), local_batch=local_batch, steps=NODE_STEPS, barrier=barrier,
+                        wait_s=constants.PROFILE_NODE_WAIT_S) for i in range(gpus)]
         median = overlapping_median(ray.get(refs))
     finally:
         remove_placement_group(pg)
-    return None if median is None else {"gpus_per_node": gpus, "local_batch": local_batch, "step_time_s": median}
+    if median is None:
+        log.warning("profile: the %d workers of one node did not step at the same time; per-node contention "
+                    "not measured", gpus)
+        return None
+    return {"gpus_per_node": gpus, "local_batch": local_batch, "step_time_s": median}

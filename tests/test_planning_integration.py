@@ -55,6 +55,17 @@ def test_profile_then_plan_from_the_cli(ray_cluster, job_overrides, tmp_path: Pa
     assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_workers_of_one_node_are_timed_stepping_together(ray_cluster, job_overrides) -> None:
+    """Per-node contention: 2 workers packed on one node, released together after their warm-up
+    (their start-ups differ by more than their timed steps take), so their steps overlap."""
+    from orchestrator.config import load_config
+    from orchestrator.profiler import _measure_node
+
+    job = load_config(DIGITS, job_overrides).localized()
+    sample = _measure_node(job, use_gpu=False, gpus=2, local_batch=64)
+    assert sample is not None and sample["gpus_per_node"] == 2 and sample["step_time_s"] > 0
+
+
 def test_bad_profile_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "p.json").write_text(json.dumps({"version": 99, "model": "x"}))
     cluster = ROOT / "configs" / "clusters" / "cpu_local.yaml"

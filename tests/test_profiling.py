@@ -1,15 +1,16 @@
 """The profiler's ladder (`trainers.profiling._climb`) with a fake bench: what stops it, and what
-it says fits. No model, no processes."""
+it says fits; a node's workers stepping together (`stepping`). No model, no processes."""
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
 import pytest
 import torch
 
-from trainers.profiling import _climb, gradient_noise_scale
+from trainers.profiling import _climb, gradient_noise_scale, overlapping_median, stepping
 
 
 class _Bench:
@@ -70,3 +71,23 @@ def test_the_noise_scale_is_none_unless_the_norms_give_a_finite_positive_one() -
     nan, inf = float("nan"), float("inf")
     for small, big in (([nan] * 3, [3.0] * 3), ([inf] * 3, [inf] * 3), ([1.0] * 3, [2.0] * 3)):
         assert gradient_noise_scale((8, small), (32, big)) is None, (small, big)
+
+
+def test_a_nodes_workers_time_their_steps_together_whatever_their_start_up() -> None:
+    """Workers of one node start seconds apart (a process, the model, compiling each); 20 short
+    steps each would not overlap and the contention would go unmeasured: each waits for the others
+    once warmed up."""
+    barrier = threading.Barrier(2)
+    timed: list[Any] = [None, None]
+
+    def worker(i: int, start_up_s: float) -> None:
+        time.sleep(start_up_s)
+        timed[i] = stepping(lambda: time.sleep(0.002), steps=20, ready=barrier.wait)
+
+    threads = [threading.Thread(target=worker, args=(i, s)) for i, s in enumerate((0.0, 0.5))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(timed[0]) == len(timed[1]) == 20
+    assert abs(timed[0][0][0] - timed[1][0][0]) < 0.1 and overlapping_median(timed) is not None

@@ -17,6 +17,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -270,24 +271,45 @@ def _climb(bench: Bench, rows: dict[str, Any], sizes: list[int], started: float,
     return samples, meta
 
 
-def time_steps(config: dict[str, Any], *, local_batch: int, steps: int) -> list[tuple[float, float]]:
+def time_steps(config: dict[str, Any], *, local_batch: int, steps: int, barrier: Any = None,
+               wait_s: float = 60.0) -> list[tuple[float, float]]:
     """One of a node's workers stepping beside the others, no gradient sync: (wall-clock start,
     seconds) of each of `steps` steps after warm-up. The driver keeps the steps that ran while
-    every worker was stepping (`overlapping_median`)."""
+    every worker was stepping (`overlapping_median`). `barrier` (the driver's actor) holds each
+    worker after its warm-up until all have warmed up, for at most `wait_s`: their start-ups (a
+    process, the model, compiling) differ by seconds, longer than the timed steps take."""
     cfg = WorkerConfig.model_validate(config)
     device = this_device()
     bench = Bench(cfg, device)
     micro = [bench.batch(sample_rows(cfg, local_batch), local_batch)]
-    for _ in range(WARMUP_STEPS):
+
+    def step() -> None:
         bench.step(micro)
-    _sync(device)
+        _sync(device)
+
+    return stepping(step, steps=steps, ready=lambda: _arrive(barrier, wait_s) if barrier is not None else None)
+
+
+def stepping(step: Callable[[], None], *, steps: int, ready: Callable[[], None]) -> list[tuple[float, float]]:
+    """(wall-clock start, seconds) of `steps` steps, timed once warmed up and `ready` returned."""
+    for _ in range(WARMUP_STEPS):
+        step()
+    ready()
     timed = []
     for _ in range(steps):
         wall, t0 = time.time(), time.perf_counter()
-        bench.step(micro)
-        _sync(device)
+        step()
         timed.append((wall, time.perf_counter() - t0))
     return timed
+
+
+def _arrive(barrier: Any, wait_s: float) -> None:
+    import ray
+
+    try:
+        ray.get(barrier.wait.remote(), timeout=wait_s)
+    except ray.exceptions.GetTimeoutError:
+        pass  # a worker never came (it failed to start): the steps that overlap, if any, are what there is
 
 
 def overlapping_median(workers: list[list[tuple[float, float]]]) -> float | None:
