@@ -107,3 +107,20 @@ def test_bad_arguments_are_one_line_naming_the_argument() -> None:
     for change, message in bad.values():
         with pytest.raises(UserError, match=message):
             refit(PROFILE, CLUSTER, **{"placement": TWO_NODES, "local_batch": 64, "step_times": good, **change})
+
+
+def test_compute_faster_than_profiled_at_several_gpus_per_node_is_learned_and_settles() -> None:
+    """A node sample's factor never goes below 1 (sharing a node cannot speed a GPU up): compute
+    measured faster beside 3 others than profiled alone is the device, and must not be lost to
+    that clamp, a refit reporting 'compute' changed at every round while predicting the same."""
+    fast = PROFILE.replace(samples=tuple(s.replace(step_time_s=s.step_time_s * 0.7, optimizer_s=s.optimizer_s * 0.7)
+                                         for s in PROFILE.samples))
+    truth = predict(fast, CLUSTER, nodes=1, gpus_per_node=4, local_batch=64)
+    result = refit(PROFILE, CLUSTER, placement=ONE_NODE, local_batch=64, step_times=steps(truth.step_time_s),
+                   compute_step_times=steps(truth.compute_s))
+    assert result.changed == ("compute",) and result.compute_scale == pytest.approx(0.7, rel=0.03)
+    assert at(result.profile, CLUSTER, ONE_NODE) == pytest.approx(truth.step_time_s, rel=0.03)
+    assert at(result.profile, CLUSTER, Placement(1, 1)) == pytest.approx(at(fast, CLUSTER, Placement(1, 1)), rel=0.03)
+    again = refit(result.profile, result.cluster, placement=ONE_NODE, local_batch=64,
+                  step_times=steps(truth.step_time_s), compute_step_times=steps(truth.compute_s))
+    assert again.changed == ()

@@ -181,16 +181,29 @@ def _refit_compute(profile: Profile, before: Prediction, placement: Placement,
     g, batch = placement.gpus_per_node, before.local_batch
     curve = ComputeCurve(sorted(profile.samples, key=lambda s: s.local_batch))
     if g == 1:  # the device itself is slower or faster than profiled: every rung alike
-        samples = tuple(s.replace(step_time_s=s.step_time_s * scale,
-                                  fwd_bwd_s=None if s.fwd_bwd_s is None else s.fwd_bwd_s * scale,
-                                  optimizer_s=None if s.optimizer_s is None else s.optimizer_s * scale)
-                        for s in profile.samples)
-        return profile.replace(samples=samples), scale, observed, f"compute x{scale:.3g} on every batch size"
-    node_time = float(Contention(profile, curve)(g, batch) * curve(batch)) * scale
+        return _device_scaled(profile, scale), scale, observed, f"compute x{scale:.3g} on every batch size"
+    factor = float(Contention(profile, curve)(g, batch)) * scale
+    if factor < 1:  # faster beside g-1 others than profiled alone: sharing a node cannot do that, the device does
+        device = _device_scaled(profile, factor)
+        others = tuple(s for s in device.node_samples if (s.gpus_per_node, s.local_batch) != (g, batch))
+        alone = NodeSample(gpus_per_node=g, local_batch=batch, step_time_s=float(curve(batch)) * factor)
+        return (device.replace(node_samples=(*others, alone)), scale, observed,
+                f"compute x{scale:.3g} with {g} GPUs per node, faster than profiled alone: every batch size "
+                f"x{factor:.3g}, no node contention")
     others = tuple(s for s in profile.node_samples if (s.gpus_per_node, s.local_batch) != (g, batch))
-    sample = NodeSample(gpus_per_node=g, local_batch=batch, step_time_s=node_time)
+    sample = NodeSample(gpus_per_node=g, local_batch=batch, step_time_s=float(curve(batch)) * factor)
     return (profile.replace(node_samples=(*others, sample)), scale, observed,
             f"compute x{scale:.3g} with {g} GPUs per node (node contention, from steps without sync)")
+
+
+def _device_scaled(profile: Profile, factor: float) -> Profile:
+    """`profile` on a device `factor` times as slow: every rung and node sample alike."""
+    samples = tuple(s.replace(step_time_s=s.step_time_s * factor,
+                              fwd_bwd_s=None if s.fwd_bwd_s is None else s.fwd_bwd_s * factor,
+                              optimizer_s=None if s.optimizer_s is None else s.optimizer_s * factor)
+                    for s in profile.samples)
+    nodes = tuple(s.replace(step_time_s=s.step_time_s * factor) for s in profile.node_samples)
+    return profile.replace(samples=samples, node_samples=nodes)
 
 
 def _refit_network_level(profile: Profile, cluster: ClusterSpec, after: Prediction, observed: float,
