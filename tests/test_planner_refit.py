@@ -124,3 +124,18 @@ def test_compute_faster_than_profiled_at_several_gpus_per_node_is_learned_and_se
     again = refit(result.profile, result.cluster, placement=ONE_NODE, local_batch=64,
                   step_times=steps(truth.step_time_s), compute_step_times=steps(truth.compute_s))
     assert again.changed == ()
+
+
+def test_twenty_probe_times_refit_compute_and_fewer_say_how_many() -> None:
+    # The workers' probe warms up before it times: its 20 times are all steady ones. Leaving 5 out
+    # as warm-up, as for training steps, asked for 25, which a 0.1 s step's 2 s probe never gave.
+    contended = PROFILE.replace(node_samples=({"gpus_per_node": 4, "local_batch": 64, "step_time_s": 0.098},))
+    observed = at(contended, CLUSTER, ONE_NODE)
+    compute = predict(contended, CLUSTER, nodes=1, gpus_per_node=4, local_batch=64).compute_s
+    probe = steps(compute, n=REFIT_MIN_STEPS)[5:]
+    result = refit(PROFILE, CLUSTER, placement=ONE_NODE, local_batch=64, step_times=steps(observed),
+                   compute_step_times=probe)
+    assert result.changed == ("compute",) and result.cluster is CLUSTER
+    short = refit(PROFILE, CLUSTER, placement=ONE_NODE, local_batch=64, step_times=steps(observed),
+                  compute_step_times=probe[1:])
+    assert "compute as profiled (19 steps without gradient sync, 20 needed)" in short.reason, short.reason

@@ -134,3 +134,32 @@ def test_global_batch_holds_for_every_elastic_worker_count(workers: int, expecte
     split = split_global_batch(48, workers=workers, max_local_batch=64)
     assert (split.local_batch, split.accumulation) == expected and split.global_batch == 48
     assert split_global_batch(48, workers=workers, max_local_batch=8).global_batch == 48
+
+
+def test_the_workers_probe_gives_the_refit_enough_times_however_long_a_step_takes(monkeypatch) -> None:
+    # A 2 s budget alone gave a 0.1 s step 19 times and a 0.165 s one 12: the refit then had no
+    # compute to go on and put a slower compute on the network.
+    import torch
+
+    from orchestrator.planner import REFIT_MIN_STEPS
+    from trainers import loop
+
+    clock = [0.0]
+
+    class Step:
+        model = torch.nn.BatchNorm1d(3)
+
+        def accumulate(self, micro, sync: bool) -> None:
+            assert not sync
+            clock[0] += 0.165
+
+        def discard(self) -> None:
+            pass
+
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: clock[0])
+    times = loop._compute_only_s(Step(), [], torch.device("cpu"))
+    assert loop.COMPUTE_PROBE_MIN >= REFIT_MIN_STEPS and len(times) == loop.COMPUTE_PROBE_MIN
+    assert all(t == pytest.approx(0.165) for t in times)
+    clock[0] = 0.0
+    Step.accumulate = lambda self, micro, sync: clock.__setitem__(0, clock[0] + 0.01)
+    assert len(loop._compute_only_s(Step(), [], torch.device("cpu"))) == loop.COMPUTE_PROBE_STEPS  # quick: more

@@ -36,6 +36,11 @@ from trainers.step import Batch, TrainStep, compiled, eval_sums, make_optimizer,
 
 # The compute-only probe at a group's start: at most this many repeats, or this long (seconds);
 # enough repeats for the driver's online refit of compute (a median after warm-up).
+# The compute-only probe at a group's start: after COMPUTE_PROBE_WARMUP untimed passes, at least
+# COMPUTE_PROBE_MIN timed ones (the online refit trusts a median of 20, orchestrator.planner.refit),
+# more up to COMPUTE_PROBE_STEPS while within COMPUTE_PROBE_S.
+COMPUTE_PROBE_WARMUP = 2
+COMPUTE_PROBE_MIN = 20
 COMPUTE_PROBE_STEPS = 30
 COMPUTE_PROBE_S = 2.0
 
@@ -262,20 +267,22 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
 
 def _compute_only_s(step_fn: TrainStep, micro: list[Batch], device: torch.device) -> tuple[float, ...]:
     """One optimizer step's forward and backward without gradient sync (the compute the network
-    adds to), timed on this group's first batch: after a warm-up, `COMPUTE_PROBE_STEPS` times or
-    for `COMPUTE_PROBE_S`, whichever ends first (at least 3), gradients and buffers (batch-norm
+    adds to), timed on this group's first batch: after `COMPUTE_PROBE_WARMUP` untimed passes, at
+    least `COMPUTE_PROBE_MIN` times (what the refit needs, however long a step takes: a time budget
+    alone gave a 0.1 s step too few, and the refit then put compute's change on the network), more
+    up to `COMPUTE_PROBE_STEPS` within `COMPUTE_PROBE_S`; gradients and buffers (batch-norm
     statistics) left as they were."""
     buffers = {name: value.detach().clone() for name, value in step_fn.model.named_buffers()}
     times: list[float] = []
     started = time.perf_counter()
-    for i in range(COMPUTE_PROBE_STEPS + 1):
+    for i in range(COMPUTE_PROBE_WARMUP + COMPUTE_PROBE_STEPS):
         _sync(device)
         start = time.perf_counter()
         step_fn.accumulate(micro, sync=False)
         _sync(device)
-        if i:
+        if i >= COMPUTE_PROBE_WARMUP:
             times.append(time.perf_counter() - start)
-        if len(times) >= 3 and time.perf_counter() - started > COMPUTE_PROBE_S:
+        if len(times) >= COMPUTE_PROBE_MIN and time.perf_counter() - started > COMPUTE_PROBE_S:
             break
     step_fn.discard()
     with torch.no_grad():

@@ -145,7 +145,7 @@ def refit(profile: Profile, cluster: ClusterSpec, *, placement: Placement, local
                            reason=f"no refit: {count} steps after {warmup} warm-up steps, {REFIT_MIN_STEPS} needed",
                            **common)
     measured = dict(observed_step_s=median, noise=noise, steps=count, **common)
-    profile2, compute_scale, compute_s, said = _refit_compute(profile, before, placement, compute_step_times, warmup)
+    profile2, compute_scale, compute_s, said = _refit_compute(profile, before, placement, compute_step_times)
     after = predict(profile2, cluster, **where)
     changed: list[Level] = ["compute"] if compute_scale != 1.0 else []
     tolerance = max(REFIT_MIN_CHANGE, NOISE_SIGMAS * noise)
@@ -168,11 +168,15 @@ def refit(profile: Profile, cluster: ClusterSpec, *, placement: Placement, local
 
 
 def _refit_compute(profile: Profile, before: Prediction, placement: Placement,
-                   compute_step_times: Sequence[float] | None, warmup: int) -> tuple[Profile, float, float | None, str]:
-    """(profile, compute scale, observed compute, what was said) from the steps without sync."""
-    count, observed, noise = _steady(compute_step_times, warmup)
+                   compute_step_times: Sequence[float] | None) -> tuple[Profile, float, float | None, str]:
+    """(profile, compute scale, observed compute, what was said) from the steps without sync.
+    They come from the workers' probe, which warms up before it times (`trainers.loop`): none are
+    left out (a caller's slow first few move a median of 20 little), so 20 probe times suffice."""
+    count, observed, noise = _steady(compute_step_times, 0)
     if not observed:
-        return profile, 1.0, None, "compute as profiled (no steps without gradient sync measured)"
+        measured = f"{count} steps without gradient sync, {REFIT_MIN_STEPS} needed" if count else \
+            "no steps without gradient sync measured"
+        return profile, 1.0, None, f"compute as profiled ({measured})"
     ratio = observed / before.compute_s
     tolerance = max(REFIT_MIN_CHANGE, NOISE_SIGMAS * noise)
     if abs(math.log(ratio)) <= tolerance:
