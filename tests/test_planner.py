@@ -307,6 +307,22 @@ def test_a_global_batch_stays_constant() -> None:
     assert all(c.prediction.efficiency <= 1 + 1e-12 for c in result.candidates)
 
 
+def test_a_fixed_accumulation_is_held_at_every_placement_as_the_loop_trains_it() -> None:
+    # training.grad_accumulation 4: the loop trains global 768 on 2 GPUs as 96 x 4; the plan (and the
+    # run's sizing) predicted 128 x 3, a split that never runs, and checked its floor on it.
+    profile = make_profile()
+    result = plan(profile, make_cluster(), global_batch=768, accumulation=4)
+    for c in result.candidates:
+        split = split_global_batch(768, workers=c.prediction.gpus, accumulation=4)
+        assert (c.prediction.local_batch, c.prediction.accumulation) == (split.local_batch, 4)
+    assert 1 not in {c.prediction.gpus for c in result.candidates}  # 192 x 4 is past max_local_batch 128
+    with pytest.raises(UserError, match=r"^plan\.global_batch: 768 does not divide over any GPU count up to 1 "
+                                        r"into 4 micro-batches of at most max_local_batch 128$"):
+        plan(profile, make_cluster(), global_batch=768, accumulation=4, max_gpus=1)
+    with pytest.raises(UserError, match=r"^plan\.accumulation: must be an integer >= 1 or None, got 0$"):
+        plan(profile, make_cluster(), global_batch=768, accumulation=0)
+
+
 def test_one_gpu_is_the_baseline_even_where_the_batch_splits_badly() -> None:
     # 256 on a GPU that fits 96 trains as 64 x 4, slower per sample than 96 would: still one GPU's
     # efficiency (its own baseline), so a floor never excludes it.

@@ -202,3 +202,17 @@ def test_calibrate_against_a_tracking_server_that_is_down_is_one_line_without_it
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
     assert proc.stderr.startswith("error: --tracking-uri http://127.0.0.1:1: could not read the experiment's runs")
     assert "s3cret" not in proc.stderr + proc.stdout and "bob" not in proc.stderr
+
+
+def test_plan_with_a_config_holds_its_fixed_accumulation(tmp_path: Path) -> None:
+    import yaml
+
+    job = yaml.safe_load((ROOT / "configs" / "digits.yaml").read_text())
+    job["training"].update(global_batch_size=128, grad_accumulation=4)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    (tmp_path / "profile.json").write_text(json.dumps(CPU_PROFILE))
+    proc = orchestrator("plan", "--profile", "profile.json", "--cluster", str(DGX), "--config", "job.yaml", "--json",
+                        cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    candidates = json.loads(proc.stdout)["candidates"]
+    assert candidates and all(c["accumulation"] == 4 and c["local_batch"] * 4 * c["gpus"] == 128 for c in candidates)

@@ -163,3 +163,26 @@ def test_the_workers_probe_gives_the_refit_enough_times_however_long_a_step_take
     clock[0] = 0.0
     Step.accumulate = lambda self, micro, sync: clock.__setitem__(0, clock[0] + 0.01)
     assert len(loop._compute_only_s(Step(), [], torch.device("cpu"))) == loop.COMPUTE_PROBE_STEPS  # quick: more
+
+
+@pytest.mark.parametrize("workers", [2, None])
+def test_sizing_predicts_the_split_a_fixed_accumulation_trains(workers: int | None, monkeypatch) -> None:
+    # global 64 on 2 workers with training.grad_accumulation 4: the loop trains 8 x 4, sizing
+    # predicted (and the plan checked its floor on) 32 x 1.
+    from orchestrator import profiler
+    from orchestrator.config import validate
+    from orchestrator.driver import sizing
+
+    job = validate({"name": "job", "model": {"name": "mlp"},
+                    "training": {"max_steps": 10, "global_batch_size": 64, "grad_accumulation": 4},
+                    "data": {"path": "data", "features": {"column": "x", "dtype": "float32"}},
+                    "resources": {"workers": workers or "auto", "min_efficiency": 0.1}})
+    monkeypatch.setattr(sizing, "live_cluster", lambda job, use_gpu: CLUSTER)
+    monkeypatch.setattr(profiler, "profile_job", lambda job, use_gpu, gpus_per_node: (PROFILE, True))
+    sized = sizing.size_job(job, workers=workers, use_gpu=False, total_samples=640)
+    chosen = sized.prediction
+    expected = split_global_batch(64, workers=chosen.gpus, accumulation=4)
+    assert (chosen.local_batch, chosen.accumulation) == (expected.local_batch, 4)
+    decision = decide_resize(PROFILE, CLUSTER, current=TWO, min_workers=1, max_workers=2, global_batch=64,
+                             remaining_samples=64 * 1000, min_efficiency=0.1, accumulation=4)
+    assert (decision.current.local_batch, decision.current.accumulation) == (8, 4)

@@ -38,7 +38,8 @@ def plan(
 
     Like `orchestrator run`, the plan holds the job's global batch fixed: --global-batch, else
     --config's, else the one the profile was taken for (profile meta.global_batch_size);
-    --vary-batch lets it vary instead. The output says which.
+    --vary-batch lets it vary instead. The output says which. --config's fixed
+    training.grad_accumulation is held too.
     """
     import json
 
@@ -53,6 +54,7 @@ def plan(
     deadline_s = planner.deadline_from_hours(deadline_hours, "--deadline-hours")
     profile = planner.Profile.load(profile_path)
     held = _held_global_batch(profile, global_batch=global_batch, config=config, vary=vary_batch)
+    accumulation = _fixed_accumulation(config)
     spec, said = newest(planner.load_cluster(cluster))
     if said:
         note(escape(said))
@@ -60,7 +62,7 @@ def plan(
     try:
         chosen = planner.plan(
             profile, spec, objective=objective, min_efficiency=min_efficiency, global_batch=held,
-            total_samples=total_samples, deadline_s=deadline_s, budget=budget,
+            total_samples=total_samples, deadline_s=deadline_s, budget=budget, accumulation=accumulation,
         )
     except UserError as exc:  # `plan.budget: must be > 0` names the flag (or file) the value came from
         field = re.match(r"plan\.(\w+): ", str(exc))
@@ -79,6 +81,16 @@ def plan(
         typer.echo(json.dumps(chosen.to_dict(), indent=2))
         return
     print_plan(out, chosen)  # its caption is the plan's explanation
+
+
+def _fixed_accumulation(config: Path | None) -> int | None:
+    """--config's training.grad_accumulation when it fixes one: `run` trains that split."""
+    if config is None:
+        return None
+    from orchestrator.config import load_config
+    from orchestrator.driver.sizing import fixed_accumulation
+
+    return fixed_accumulation(load_config(config))
 
 
 def _held_global_batch(profile: Any, *, global_batch: int | None, config: Path | None, vary: bool) -> int | None:

@@ -34,7 +34,7 @@ from orchestrator.driver.policies import (
 from orchestrator.driver.ports import Fit, FitOutcome, Identity, JobResult, Ports, Prepared, Run
 from orchestrator.driver.recorder import Recorder
 from orchestrator.driver.replan import comparison, observation, predicted_at, replan
-from orchestrator.driver.sizing import Sizing, Workers, fixed_workers, least_workers, most
+from orchestrator.driver.sizing import Sizing, Workers, fixed_accumulation, fixed_workers, least_workers, most
 from orchestrator.errors import UserError, worker_user_error
 from orchestrator.planner import OBSERVATIONS_ARTIFACT, REFIT_MIN_STEPS
 from trainers.events import (
@@ -272,7 +272,8 @@ class JobController:
         result = replan(sizing, group, profile=self.profile, cluster=self.cluster, step=rec.last_step,
                         total_steps=self.prepared.total_steps, global_batch=self.job.training.global_batch_size,
                         objective=r.objective, min_efficiency=r.min_efficiency, bounds=self._bounds(),
-                        replan_enabled=r.replan, resizes=rec.resizes, slots=self.ports.slots())
+                        replan_enabled=r.replan, resizes=rec.resizes, slots=self.ports.slots(),
+                        accumulation=fixed_accumulation(self.job))
         self.profile, self.cluster = result.profile, result.cluster
         refit = result.record["refit"]
         # Settled once a refit over enough steps learned nothing new (too few steps: try again later).

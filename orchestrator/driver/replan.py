@@ -58,10 +58,10 @@ def compute_steps(profile: Profile, group: Group) -> list[float]:
 
 def replan(sizing: Sizing, group: Group, *, profile: Profile, cluster: ClusterSpec, step: int, total_steps: int,
            global_batch: int, objective: str, min_efficiency: float, bounds: tuple[int, int] | None,
-           replan_enabled: bool, resizes: int, slots: int) -> Replan:
+           replan_enabled: bool, resizes: int, slots: int, accumulation: int | None = None) -> Replan:
     """Refit compute and the network from the group's step times (the planner's robust `refit`:
     a median after warm-up, differences within the steps' spread ignored, bounded), then decide
-    whether to resize."""
+    whether to resize (holding a fixed `accumulation`, training.grad_accumulation)."""
     assert group.placement is not None and group.observed_step_time_s is not None
     learned = refit(profile, cluster, placement=group.placement, local_batch=group.local_batch,
                     accumulation=group.accumulation, step_times=group.step_times,
@@ -75,7 +75,7 @@ def replan(sizing: Sizing, group: Group, *, profile: Profile, cluster: ClusterSp
             learned.profile, learned.cluster, current=group.placement, min_workers=bounds[0], max_workers=ceiling,
             global_batch=global_batch, remaining_samples=max(total_steps - step, 0) * global_batch,
             objective=objective, min_efficiency=min_efficiency, margin=constants.REPLAN_MARGIN,
-            restart_cost_s=constants.RESIZE_COST_S)
+            restart_cost_s=constants.RESIZE_COST_S, accumulation=accumulation)
         decision = Resize(resize.workers, resize.reason) if resize.resize else Keep(resize.reason)
         details: dict[str, Any] = resize.to_dict()
     else:

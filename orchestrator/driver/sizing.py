@@ -63,6 +63,13 @@ def fixed_workers(job: JobConfig, workers: int | None) -> int | None:
     return workers or (configured if isinstance(configured, int) else None)
 
 
+def fixed_accumulation(job: JobConfig) -> int | None:
+    """training.grad_accumulation when the config fixes it (the loop then trains that split at any
+    worker count), None for auto."""
+    accumulation = job.training.grad_accumulation
+    return None if accumulation == "auto" else accumulation
+
+
 def least_workers(job: JobConfig, workers: int | None) -> int:
     """The fewest workers the job can run on: a fixed count does not shrink."""
     fixed = fixed_workers(job, workers)
@@ -131,7 +138,8 @@ def size_job(job: JobConfig, *, workers: int | None, use_gpu: bool, total_sample
     profile, cached = profile_job(job, use_gpu=use_gpu, gpus_per_node=cluster.gpus_per_node)
     if fixed:
         placement = placement_for(cluster, fixed)
-        split = split_global_batch(job.training.global_batch_size, workers=fixed, max_local_batch=profile.max_local_batch)
+        split = split_global_batch(job.training.global_batch_size, workers=fixed, max_local_batch=profile.max_local_batch,
+                                   accumulation=fixed_accumulation(job))
         prediction = predict(profile, cluster, nodes=placement.nodes, gpus_per_node=placement.gpus_per_node,
                              local_batch=split.local_batch, accumulation=split.accumulation, total_samples=total_samples)
         return Sizing(fixed, profile.max_local_batch, profile, cached, cluster, prediction=prediction)
@@ -140,7 +148,8 @@ def size_job(job: JobConfig, *, workers: int | None, use_gpu: bool, total_sample
     caps = [c for c in (configured.max if isinstance(configured, WorkerRange) else None, max_workers) if c]
     chosen = plan(profile, cluster, objective=r.objective, min_efficiency=r.min_efficiency,
                   global_batch=job.training.global_batch_size, total_samples=total_samples,
-                  deadline_s=deadline, budget=r.budget, max_gpus=min(caps) if caps else None)
+                  deadline_s=deadline, budget=r.budget, max_gpus=min(caps) if caps else None,
+                  accumulation=fixed_accumulation(job))
     count: Workers = chosen.workers
     if isinstance(configured, WorkerRange):
         count = (configured.min, max(configured.min, chosen.workers))

@@ -9,6 +9,7 @@ from orchestrator.planner.base import Model
 from orchestrator.planner.results import Placement, Prediction
 from orchestrator.planner.search import Goal, choose, plan, predict
 from orchestrator.planner.types import ClusterSpec, Profile
+from trainers.batching import split_global_batch
 
 
 class ResizeDecision(Model):
@@ -35,17 +36,20 @@ class ResizeDecision(Model):
 
 def decide_resize(profile: Profile, cluster: ClusterSpec, *, current: Placement, min_workers: int, max_workers: int,
                   global_batch: int, remaining_samples: int, objective: str = "max_throughput",
-                  min_efficiency: float = 0.8, margin: float = 0.1, restart_cost_s: float = 0.0) -> ResizeDecision:
+                  min_efficiency: float = 0.8, margin: float = 0.1, restart_cost_s: float = 0.0,
+                  accumulation: int | None = None) -> ResizeDecision:
     """Re-plan on a (refit) cluster within [min_workers, max_workers] and decide whether moving
     from the `current` placement pays: the objective must improve by more than `margin`, and the
-    time saved over `remaining_samples` (GPU-time for min_cost) must exceed a restart."""
+    time saved over `remaining_samples` (GPU-time for min_cost) must exceed a restart. A fixed
+    `accumulation` (training.grad_accumulation) is held, as the loop trains it."""
+    split = split_global_batch(global_batch, workers=current.gpus, accumulation=accumulation)
     now = predict(profile, cluster, nodes=current.nodes, gpus_per_node=current.gpus_per_node,
-                  local_batch=max(global_batch // current.gpus, 1), reference_batch=global_batch)
+                  local_batch=split.local_batch, accumulation=split.accumulation, reference_batch=global_batch)
     goal = Goal(objective=objective, min_efficiency=min_efficiency, global_batch=global_batch,
                 total_samples=None, deadline_s=None, budget=None)
     try:
         table = plan(profile, cluster, objective=objective, min_efficiency=min_efficiency,
-                     global_batch=global_batch, max_gpus=max_workers).candidates
+                     global_batch=global_batch, max_gpus=max_workers, accumulation=accumulation).candidates
     except UserError as exc:
         return _keep(now, f"keep {_workers(current.gpus)}: the refit plan has no choice ({exc})")
     allowed = [c for c in table if c.eligible and min_workers <= c.prediction.gpus <= max_workers]

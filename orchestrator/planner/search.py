@@ -124,21 +124,27 @@ def check_goal(goal: Goal, cluster: ClusterSpec, max_gpus: int | None) -> None:
         raise UserError("cluster.gpu_hour_cost: required with a budget")
 
 
-def _rows(model: PerformanceModel, candidates: list[Placement], global_batch: int | None) -> tuple[Rows, np.ndarray]:
+def _rows(model: PerformanceModel, candidates: list[Placement], global_batch: int | None,
+          accumulation: int | None = None) -> tuple[Rows, np.ndarray]:
     """Rows to evaluate and the index of each row's placement. With a global batch, the one split
     that keeps it exact (none where it does not divide over the GPUs: rounding would change the
     batch the user tuned); without, each profiled local batch that fits, no accumulation
-    (accumulating only to grow the batch buys throughput with statistical efficiency)."""
+    (accumulating only to grow the batch buys throughput with statistical efficiency). A fixed
+    `accumulation` (training.grad_accumulation) is the split the loop trains: held at every
+    placement, which is left out where its local batch is past the profile's max_local_batch."""
     nodes = np.array([p.nodes for p in candidates], dtype=float)
     per_node = np.array([p.gpus_per_node for p in candidates], dtype=float)
     if global_batch is None:
         options = np.array(model.batch_options, dtype=float)
         owner = np.repeat(np.arange(len(candidates)), len(options))
-        micro, accum = np.tile(options, len(candidates)), np.ones(len(owner))
+        micro, accum = np.tile(options, len(candidates)), np.full(len(owner), float(accumulation or 1))
     else:
         owner = np.flatnonzero(global_batch % (nodes * per_node) == 0)
-        splits = [split_global_batch(global_batch, workers=candidates[i].gpus,
+        splits = [split_global_batch(global_batch, workers=candidates[i].gpus, accumulation=accumulation,
                                      max_local_batch=model.profile.max_local_batch) for i in owner]
+        if accumulation is not None:
+            fit = [k for k, s in enumerate(splits) if s.local_batch <= model.profile.max_local_batch]
+            owner, splits = owner[fit], [splits[k] for k in fit]
         micro = np.array([s.local_batch for s in splits], dtype=float)
         accum = np.array([s.accumulation for s in splits], dtype=float)
     return Rows(nodes[owner], per_node[owner], micro, accum), owner
@@ -166,7 +172,7 @@ def choose(goal: Goal, eligible: list[Candidate]) -> Candidate:
 
 def plan(profile: Profile, cluster: ClusterSpec, *, objective: str = "max_throughput", min_efficiency: float = 0.8,
          global_batch: int | None = None, total_samples: int | None = None, deadline_s: float | None = None,
-         budget: float | None = None, max_gpus: int | None = None) -> Plan:
+         budget: float | None = None, max_gpus: int | None = None, accumulation: int | None = None) -> Plan:
     """Choose placement, local batch and accumulation over every uniform placement of `cluster`.
 
     max_throughput: the most samples/s whose scaling efficiency, at the pessimistic end of its
@@ -176,18 +182,25 @@ def plan(profile: Profile, cluster: ClusterSpec, *, objective: str = "max_throug
     deadline_s and budget (both need total_samples, the samples to train at the reference batch)
     constrain every objective; max_gpus caps the GPU count. With global_batch, every candidate
     keeps it exactly (GPU counts it does not divide are left out); without, each placement tries
-    every profiled local batch that fits, without accumulation. The candidate table holds the
-    best split at each placement, with the reason it could not be chosen, if any.
+    every profiled local batch that fits, without accumulation. `accumulation` (a job's fixed
+    training.grad_accumulation) holds that many micro-batches per step at every placement, as the
+    loop trains them. The candidate table holds the best split at each placement, with the reason
+    it could not be chosen, if any.
     """
     profile, cluster = Profile.coerce(profile, "plan.profile"), ClusterSpec.coerce(cluster, "plan.cluster")
     goal = Goal(objective=objective, min_efficiency=min_efficiency, global_batch=global_batch,
                 total_samples=total_samples, deadline_s=deadline_s, budget=budget)
     check_goal(goal, cluster, max_gpus)
+    if accumulation is not None and (isinstance(accumulation, bool) or not isinstance(accumulation, int)
+                                     or accumulation < 1):
+        raise UserError(f"plan.accumulation: must be an integer >= 1 or None, got {accumulation!r}")
     model = PerformanceModel(profile, cluster)
-    rows, owner = _rows(model, placements(cluster, max_gpus=max_gpus), global_batch)
+    rows, owner = _rows(model, placements(cluster, max_gpus=max_gpus), global_batch, accumulation)
     if not len(owner):
+        fixed = (f" into {accumulation} micro-batches of at most max_local_batch {profile.max_local_batch}"
+                 if accumulation is not None else "")
         raise UserError(f"plan.global_batch: {global_batch} does not divide over any GPU count up to "
-                        f"{max_gpus or cluster.gpus}")
+                        f"{max_gpus or cluster.gpus}{fixed}")
     columns = evaluate(model, rows, reference_batch=np.array([global_batch or profile.max_local_batch]),
                        total_samples=total_samples)
     best = _best_rows(goal, columns, rows, owner)
