@@ -338,3 +338,20 @@ def test_a_full_disk_is_one_line_naming_the_file(monkeypatch: pytest.MonkeyPatch
         cli.main()
     assert exited.value.code == 2
     assert capsys.readouterr().err == "error: /data/runs/digits/.job.json: No space left on device\n"
+
+
+def test_profile_refuses_an_output_that_is_its_config_or_cluster_file(tmp_path: Path) -> None:
+    """`profile job.yaml -o job.yaml` replaced the job's config with the profile (exit 0)."""
+    config = tmp_path / "job.yaml"
+    config.write_text((ROOT / "configs" / "digits.yaml").read_text())
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text((ROOT / "configs" / "clusters" / "cpu_local.yaml").read_text())
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for args, message in (
+        (["-o", "./job.yaml"], "error: -o job.yaml: the same file as the config; write it elsewhere\n"),
+        (["--set", "resources.cluster=cluster.yaml", "-o", "cluster.yaml"],
+         "error: -o cluster.yaml: the same file as resources.cluster; write it elsewhere\n"),
+    ):
+        proc = run_cli(["profile", "job.yaml", *args], env=base_env(), cwd=tmp_path, timeout_s=60)
+        assert proc.returncode == 2 and proc.stderr == message, proc.stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -117,6 +117,19 @@ def test_command_errors_name_the_field_or_file(tmp_path: Path) -> None:
                            overrides=["resources.use_gpu=false"], owner=OWNER)
 
 
+def test_an_output_that_is_the_config_or_the_plan_is_refused(tmp_path: Path) -> None:
+    """`k8s render job.yaml -o job.yaml` replaced the job's config with its manifests (exit 0)."""
+    config, plan_path = tmp_path / "job.yaml", tmp_path / "plan.json"
+    config.write_text(Path(DIGITS).read_text())
+    plan_path.write_text(json.dumps(SMALL_PLAN))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for output, message in ((config, "the same file as the config"), (plan_path, "the same file as --plan")):
+        with pytest.raises(UserError, match=re.escape(f"-o {output}: {message}; write it elsewhere")):
+            k8s_render_command(str(config), plan_path=str(plan_path), image=None, output=str(output), cluster=False,
+                               overrides=[], owner=OWNER)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 def test_config_words_that_only_look_secret_render_as_given(tmp_path: Path) -> None:
     """`max_tokens` holds the word "tokens", not a token: it reaches the job as given, not as '***'."""
     out = tmp_path / "job.yaml"

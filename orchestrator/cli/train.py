@@ -122,10 +122,13 @@ def profile(
 ) -> None:
     """Profile the job on ONE worker (one GPU, or the CPU): step time per batch, memory, noise."""
     from orchestrator.config import load_config
-    from orchestrator.files import check_writable
+    from orchestrator.files import check_writable, distinct_outputs
 
     overrides = list(set_ or []) + ([f"ray.address={address}"] if given(address, "--address") else [])
     job = load_config(config, overrides).localized()
+    # -o CONFIG (or the job's cluster file, or one of its data files) replaced what the job is made of
+    distinct_outputs({"-o": output}, {"the config": config, "resources.cluster": job.resources.cluster,
+                                      **{f"data.path {p}": p for p in job.data.paths if "://" not in p}})
     check_writable(output)
 
     from orchestrator.driver.data import check_data

@@ -11,7 +11,7 @@ import yaml
 
 from orchestrator.config import JobConfig, check_tracking_uri, load_config
 from orchestrator.errors import UserError, given
-from orchestrator.files import read_json, write_text
+from orchestrator.files import distinct_outputs, read_json, write_text
 from orchestrator.k8s.names import CONFIG_DIR, CONFIG_FILE, MLFLOW_SECRET, default_image, resource_name
 from orchestrator.k8s.render import (
     render_cluster_network_policy,
@@ -131,6 +131,7 @@ def k8s_render_command(config_path: str, *, plan_path: str | None, image: str | 
     if image is not None:
         check_image(image)
     given(mlflow_uri, "--mlflow-uri", "leave it out for the in-cluster MLflow or give http://HOST:PORT")
+    distinct_outputs({"-o": output}, {"the config": config_path, "--plan": plan_path})  # -o CONFIG replaced the config
     check_tracking_uri(mlflow_uri, "--mlflow-uri")
     config = load_config(config_path, overrides)
     plan = load_plan(plan_path) if plan_path else None
