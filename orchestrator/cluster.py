@@ -146,6 +146,8 @@ def probe_network(
     Figures already in `out` are kept where nothing was measured. Connects to `address` unless
     Ray is up (None: a new embedded Ray on 127.0.0.1).
     """
+    # The file's figures are read before Ray (and torch) are: a broken file is one line at once.
+    existing = load_cluster(out).to_dict() if Path(out).is_file() else None
     import ray
 
     from orchestrator.ray_session import connect_ray
@@ -156,7 +158,6 @@ def probe_network(
     if started:
         connect_ray(address)
     try:
-        existing = load_cluster(out).to_dict() if Path(out).is_file() else None
         gpu = _has_gpus() if use_gpu is None else use_gpu
         cluster = discover_cluster(existing, use_gpu=gpu, cpus_per_worker=cpus_per_worker)
         facts = node_facts(gpu=gpu, timeout_s=timeout_s)

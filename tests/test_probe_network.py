@@ -17,6 +17,7 @@ from orchestrator.cluster import (
     probe_placements,
     probe_sizes,
 )
+from orchestrator.errors import UserError
 from orchestrator.node_facts import nic_speed_gbps, rdma_kind, with_detected_links
 from orchestrator.planner import ClusterSpec, Placement, load_cluster, predict, ring_allreduce_s
 
@@ -165,3 +166,18 @@ def test_nic_speed_and_rdma_devices(tmp_path: Path) -> None:
     assert rdma_kind(tmp_path) == "infiniband"
     (port / "link_layer").write_text("Ethernet\n")
     assert rdma_kind(tmp_path) == "roce"
+
+
+def test_a_broken_output_file_is_refused_before_ray_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The figures of an existing -o file are kept, so it is read: a broken one was said only after
+    an embedded Ray had started (~18 s here)."""
+    import orchestrator.ray_session as session
+
+    def no_ray(*_: Any, **__: Any) -> None:
+        raise AssertionError("Ray was started before the output file was read")
+
+    monkeypatch.setattr(session, "connect_ray", no_ray)
+    out = tmp_path / "cluster.yaml"
+    out.write_text("nodes: 1\ngpus_per_node: 2\nintra_node_GBps: .nan\ninter_node_GBps: 1\n")
+    with pytest.raises(UserError, match=r"cluster\.yaml: cluster\.intra_node_GBps: must be finite"):
+        probe_network(None, SIZES, out, use_gpu=False)
