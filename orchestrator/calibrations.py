@@ -115,11 +115,13 @@ class History:
     cluster: ClusterSpec | None  # the newest run's cluster (None: no run logged one)
     runs: int
     left_out: dict[str, int]  # why -> runs
+    given: bool = False  # the cluster was given (--cluster), not read from the runs
 
     def summary(self) -> str:
         gone = "; ".join(f"{n} run(s) left out: {why}" for why, n in self.left_out.items())
-        on = f"cluster {cluster_key(self.cluster)}" if self.cluster is not None else "the cluster given"
-        return f"{len(self.observations)} observations from {self.runs} run(s) on {on}" + (f" ({gone})" if gone else "")
+        on = (f" on cluster {cluster_key(self.cluster)}" if self.cluster is not None
+              else " on the cluster given" if self.given else "")
+        return f"{len(self.observations)} observations from {self.runs} run(s){on}" + (f" ({gone})" if gone else "")
 
 
 def history(experiment: str, tracking_uri: str | None, cluster: ClusterSpec | None = None) -> History:
@@ -218,4 +220,4 @@ def _history(client: Any, experiment: str, cluster: ClusterSpec | None) -> Histo
         else:
             kept += obs
             runs += 1
-    return History(kept, None if cluster is not None else chosen, runs, left_out)
+    return History(kept, None if cluster is not None else chosen, runs, left_out, given=cluster is not None)

@@ -81,3 +81,32 @@ def test_a_run_whose_artifact_cannot_be_read_is_left_out_alone(tmp_path: Path) -
     client.delete_experiment(experiment)
     with pytest.raises(UserError, match=r"^--experiment: 'jobs' is deleted at sqlite:///.*; restore it"):
         history("jobs", uri, SPEC)
+
+
+def test_an_experiment_whose_runs_logged_no_observations_says_so(tmp_path: Path) -> None:
+    """Runs shorter than a worker group's first observation log the cluster but no observations:
+    calibrate said `no run logged the cluster it ran on; give --cluster FILE`, and with --cluster,
+    `no observations; give --observations FILE or --experiment NAME` (the experiment was given)."""
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.calibrations import CLUSTER_ARTIFACT
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("short", artifact_location=(tmp_path / "artifacts").as_uri())
+    run = client.create_run(experiment).info.run_id
+    SPEC.save(tmp_path / "cluster.json")
+    client.log_artifact(run, str(tmp_path / "cluster.json"), CLUSTER_ARTIFACT.rsplit("/", 1)[0])
+    SPEC.save(tmp_path / "cluster.yaml")
+    for extra in ([], ["--cluster", "cluster.yaml"]):
+        proc = subprocess.run([sys.executable, "-m", "orchestrator", "calibrate", "--experiment", "short",
+                               "--tracking-uri", uri, *extra], capture_output=True, text=True, cwd=tmp_path,
+                              timeout=120)
+        assert proc.returncode == 2 and proc.stderr == (
+            f"error: --experiment short: no run of it logged observations ({OBSERVATIONS_ARTIFACT}: a worker group "
+            "logs them once it has trained 25 steps); train longer, or give --observations FILE\n"), proc.stderr
+        assert proc.stdout == f"short: 0 observations from 0 run(s){' on the cluster given' if extra else ''}\n"
+    assert not (tmp_path / "cluster.calibrated.yaml").exists()

@@ -154,7 +154,7 @@ def calibrate(
     `plan` and `run` on that cluster use the newest such calibration from then on."""
     import math
 
-    from orchestrator import calibrations, planner
+    from orchestrator import calibrations, constants, planner
     from orchestrator.files import distinct_outputs
     from orchestrator.planner.explain import describe_calibration
 
@@ -168,8 +168,15 @@ def calibrate(
         found += past.observations
         spec = spec or past.cluster
         out.print(f"{experiment}: {past.summary()}", highlight=False)
+        if not found:  # not "no run logged the cluster": the runs may well have; none logged observations
+            files = f"; nor do {', '.join(map(str, observations))} hold any" if observations else ""
+            raise UserError(f"--experiment {experiment}: no run of it logged observations "
+                            f"({planner.OBSERVATIONS_ARTIFACT}: a worker group logs them once it has trained "
+                            f"{constants.REPLAN_MIN_STEPS} steps){files}; train longer, or give --observations FILE")
         if spec is None:
-            raise UserError(f"--experiment {experiment}: no run logged the cluster it ran on; give --cluster FILE")
+            why = "no run of it logged observations, nor so a cluster" if not past.observations else \
+                  "no run logged the cluster it ran on"
+            raise UserError(f"--experiment {experiment}: {why}; give --cluster FILE")
     if not found and observations and not experiment:
         raise UserError(f"--observations {', '.join(map(str, observations))}: no observations in "
                         f"{'it' if len(observations) == 1 else 'them'}")
