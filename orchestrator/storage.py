@@ -50,13 +50,20 @@ class Storage:
         if not self.remote:
             path = Path(self._root, relative)
             if not path.is_file():
+                # A folder in its place is no "no record": taken for a first run, whose write then
+                # failed naming its own temporary file (.job.json.<random>: Is a directory).
+                if path.exists():
+                    raise UserError(f"{self.join(relative)}: not a regular file (a folder?); move it aside")
                 return None
             data = path.read_bytes()
         else:
             from pyarrow import fs
 
             path = posixpath.join(self._root, relative)
-            if self._fs.get_file_info(path).type != fs.FileType.File:
+            kind = self._fs.get_file_info(path).type
+            if kind == fs.FileType.Directory:
+                raise UserError(f"{self.join(relative)}: not a regular file (a folder?); move it aside")
+            if kind != fs.FileType.File:
                 return None
             with self._fs.open_input_stream(path) as f:
                 data = f.read()

@@ -97,6 +97,20 @@ def test_a_storage_path_that_cannot_be_written_is_one_line(tmp_path: Path) -> No
     assert (tmp_path / "file").read_text() == "kept\n"
 
 
+def test_a_folder_in_place_of_the_record_or_the_lock_is_one_line_naming_it(tmp_path: Path) -> None:
+    """A folder at job.json was taken for no record (a first run), whose write then failed naming
+    its temporary file (`.job.json.s_pajwso: Is a directory`); one at .lock named the job's folder."""
+    (tmp_path / "digits" / "job.json").mkdir(parents=True)
+    with pytest.raises(UserError, match=rf"^{tmp_path}/digits/job.json: not a regular file \(a folder\?\); move it aside$"):
+        claim(job(str(tmp_path)))
+    (tmp_path / "digits" / "job.json").rmdir()
+    (tmp_path / "digits" / ".lock").unlink()  # the refused claim's (released) lock file
+    (tmp_path / "digits" / ".lock").mkdir()
+    with pytest.raises(UserError, match=rf"^checkpoint\.storage_path: cannot write {tmp_path}/digits/\.lock \(Is a directory\)$"):
+        claim(job(str(tmp_path)))
+    assert sorted(p.name for p in (tmp_path / "digits").iterdir()) == [".lock"]
+
+
 def test_a_full_disk_leaves_no_half_written_record_and_names_the_file(tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     import errno

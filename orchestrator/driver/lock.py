@@ -88,9 +88,12 @@ class JobLock:
             # name truncate and overwrite the link's target (any file this user can write)
             fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
             f = os.fdopen(fd, "a+")  # noqa: SIM115 - held open for the lock's lifetime
-        except OSError as exc:  # a read-only or missing place, a file where the folder goes, a link
-            why = f"{path} is a symbolic link; remove it" if path.is_symlink() else exc.strerror or exc
-            raise UserError(f"checkpoint.storage_path: cannot write {path.parent} ({why})") from None
+        except OSError as exc:  # a read-only or missing place, a file where the folder goes, a link, a folder
+            if path.is_symlink():
+                raise UserError(f"checkpoint.storage_path: cannot write {path.parent} ({path} is a symbolic link; "
+                                "remove it)") from None
+            where = path if str(exc.filename) == str(path) else path.parent  # the lock itself: a folder in its place
+            raise UserError(f"checkpoint.storage_path: cannot write {where} ({exc.strerror or exc})") from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
