@@ -83,6 +83,17 @@ def test_an_output_that_is_an_input_or_the_other_output_is_refused(tmp_path: Pat
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing read was overwritten
 
 
+def test_a_plot_that_cannot_be_written_leaves_the_plan_file_as_it_was(tmp_path: Path) -> None:
+    """-o was replaced by the new plan before a --plot into a folder failed (exit 2)."""
+    (tmp_path / "profile.json").write_text(json.dumps(CPU_PROFILE))
+    (tmp_path / "plan.json").write_text("the plan before\n")
+    (tmp_path / "folder").mkdir()
+    proc = orchestrator("plan", "--profile", "profile.json", "--cluster", str(DGX), "-o", "plan.json",
+                        "--plot", "folder", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr == "error: folder: cannot write (Is a directory)\n", proc.stderr
+    assert (tmp_path / "plan.json").read_text() == "the plan before\n"
+
+
 def test_calibrate_on_a_file_of_no_observations_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "obs.json").write_text("[]\n")
     proc = orchestrator("calibrate", "--cluster", str(DGX), "--observations", "obs.json", cwd=tmp_path)

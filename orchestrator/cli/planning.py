@@ -45,10 +45,13 @@ def plan(
 
     from orchestrator import planner
     from orchestrator.calibrations import newest
-    from orchestrator.files import distinct_outputs
+    from orchestrator.files import check_writable, distinct_outputs
     from orchestrator.plots import print_plan, scaling_plot
 
     distinct_outputs({"-o": output, "--plot": plot}, {"--profile": profile_path, "--cluster": cluster, "--config": config})
+    for path in (output, plot):  # both now: -o was replaced before a --plot that cannot be written failed
+        if path is not None:
+            check_writable(path)
     if objective not in planner.OBJECTIVES:
         raise UserError(f"--objective: must be one of {', '.join(planner.OBJECTIVES)}, got {objective!r}")
     deadline_s = planner.deadline_from_hours(deadline_hours, "--deadline-hours")
