@@ -158,6 +158,21 @@ def test_a_damaged_progress_record_is_one_line_and_kept(fake: FakeStore, spill_d
     assert offset.read_bytes() == record and fake.runs == {}
 
 
+def test_a_progress_record_past_the_end_of_a_replaced_file_is_one_line(fake: FakeStore, spill_dir: Path) -> None:
+    """A spill file removed by hand and written anew by a later outage (its progress record left):
+    every line was taken for sent, `sent 0 metric points` and exit 0, and no later run sent it."""
+    spill_while_down(fake, spill_dir, "k", range(30))
+    path = spill_path(spill_dir, URI, "k")
+    replay(path, URI)
+    path.unlink()
+    spill_while_down(fake, spill_dir, "k", range(30, 33))
+    with pytest.raises(UserError, match=r"\.offset: not a progress record \(offset \d+ is past the file's end, "
+                                        r"\d+ bytes: the file was replaced\); delete it to send"):
+        replay(path, URI)
+    path.with_name(path.name + ".offset").unlink()
+    assert replay(path, URI).points == 3 and fake.run("k").steps() == list(range(33))
+
+
 @pytest.mark.parametrize("sibling", [".offset", ".lock"])
 def test_a_folder_in_place_of_a_progress_record_or_lock_is_one_line(fake: FakeStore, spill_dir: Path,
                                                                       sibling: str) -> None:

@@ -149,6 +149,9 @@ class Progress:
             offset, runs = data["offset"], dict(data["runs"])
             if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset < 2**62:
                 raise ValueError(f"offset {offset!r} is no byte offset")
+            if path.exists() and offset > (size := path.stat().st_size):  # the file was removed and written
+                # anew: every line in it would be taken for sent (replay said "sent 0", and no later run sent it)
+                raise ValueError(f"offset {offset} is past the file's end, {size} bytes: the file was replaced")
             for resolved in runs.values():  # each a run as MLflow answered it
                 ResolvedRun.from_json(resolved)
             return cls(offset, runs)
