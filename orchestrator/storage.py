@@ -31,9 +31,14 @@ class Storage:
         if filesystem is not None:
             self._fs, self._root = filesystem, location.split("://", 1)[-1]
         elif self.remote:
+            import pyarrow as pa
             from pyarrow import fs
 
-            self._fs, self._root = fs.FileSystem.from_uri(location)
+            try:  # a scheme pyarrow has no filesystem for (ftp://), an object store it cannot reach
+                self._fs, self._root = fs.FileSystem.from_uri(location)
+            except (pa.ArrowException, OSError) as exc:
+                reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+                raise UserError(f"checkpoint.storage_path: {location}: {reason}") from None
         else:
             self._fs, self._root = None, location.removeprefix("file://")
 

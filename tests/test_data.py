@@ -140,6 +140,13 @@ def test_check_columns_counts_rows(digits_dir: Path) -> None:
     assert check_columns(files, PIXELS, None) == expected
 
 
+@pytest.mark.parametrize("uri", ["ftp://host/data", "bogus://x/y"])
+def test_a_uri_no_filesystem_reads_is_one_line_naming_data_path(uri: str) -> None:
+    """`validate --set data.path=ftp://...` ended in a 59-line ArrowInvalid traceback (exit 1)."""
+    with pytest.raises(UserError, match=rf"^data\.path: {uri}: Unrecognized filesystem type"):
+        check_columns([uri], PIXELS, LABEL)
+
+
 def test_missing_column(digits_dir: Path) -> None:
     features = ColumnConfig(column="image", dtype="float32")
     with pytest.raises(UserError) as info:

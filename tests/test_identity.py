@@ -111,6 +111,12 @@ def test_a_folder_in_place_of_the_record_or_the_lock_is_one_line_naming_it(tmp_p
     assert sorted(p.name for p in (tmp_path / "digits").iterdir()) == [".lock"]
 
 
+def test_a_storage_uri_no_filesystem_reads_is_one_line() -> None:
+    """`run --set checkpoint.storage_path=ftp://...` ended in a 110-line ArrowInvalid traceback (exit 1)."""
+    with pytest.raises(UserError, match=r"^checkpoint\.storage_path: ftp://host/runs: Unrecognized filesystem type"):
+        claim(job("ftp://host/runs"))
+
+
 def test_a_full_disk_leaves_no_half_written_record_and_names_the_file(tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     import errno

@@ -110,12 +110,18 @@ def _resolve(path: str) -> tuple[pafs.FileSystem, str]:
     # Local paths may be relative; URIs (s3://, gs://) go to pyarrow's matching filesystem.
     if "://" not in path:
         return pafs.LocalFileSystem(), os.path.abspath(path)
-    return pafs.FileSystem.from_uri(path)
+    try:  # a scheme pyarrow has no filesystem for (ftp://), an object store it cannot reach
+        return pafs.FileSystem.from_uri(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise UserError(f"data.path: {path}: {first_line(exc)}") from None
 
 
 def _parquet_files(path: str) -> list[str]:
     filesystem, root = _resolve(path)
-    info = filesystem.get_file_info(root)
+    try:
+        info = filesystem.get_file_info(root)
+    except OSError as exc:  # an object store that does not answer, a bucket we may not read
+        raise UserError(f"data.path: cannot read {path} ({first_line(exc)})") from None
     if info.type == pafs.FileType.NotFound:
         raise UserError(f"data.path: {path} not found")
     if info.type == pafs.FileType.File:
