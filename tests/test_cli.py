@@ -355,3 +355,17 @@ def test_profile_refuses_an_output_that_is_its_config_or_cluster_file(tmp_path: 
         proc = run_cli(["profile", "job.yaml", *args], env=base_env(), cwd=tmp_path, timeout_s=60)
         assert proc.returncode == 2 and proc.stderr == message, proc.stderr[-2000:]
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize("command", [["validate"], ["run"], ["profile", "-o", "profile.json"]], ids=lambda c: c[0])
+def test_a_missing_or_broken_cluster_file_is_said_before_anything_starts(tmp_path: Path, command: list[str]) -> None:
+    """`resources.cluster` naming no file, or a broken one, passed `validate`; `run` and `profile`
+    said it only once an embedded Ray had started."""
+    (tmp_path / "broken.yaml").write_text("nodes: 1\ngpus_per_node: 2\nintra_node_GBps: .nan\ninter_node_GBps: 1\n")
+    config = str(ROOT / "configs" / "digits.yaml")
+    for cluster, message in (("missing.yaml", "error: missing.yaml: cluster file not found\n"),
+                             ("broken.yaml", "error: broken.yaml: cluster.intra_node_GBps: must be finite, got nan\n")):
+        proc = run_cli([command[0], config, *command[1:], "--set", f"resources.cluster={cluster}"], env=base_env(),
+                       cwd=tmp_path, timeout_s=60)
+        assert proc.returncode == 2 and proc.stderr == message, proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.yaml"]
