@@ -72,6 +72,15 @@ def test_integer_features_need_a_model_with_an_embedding() -> None:
     assert output_classes(ModelConfig(name="mlp", kwargs={}), data) == 10  # float64 columns arrive as float32
 
 
+@pytest.mark.parametrize("features", [{"dtype": "float32", "shape": [1, 8, 8]}, {"dtype": "float32"}])
+def test_language_modelling_needs_one_sequence_of_token_ids(features: dict) -> None:
+    """`label: null` on digits' float pixels passed validate; every worker then crashed on a 0-channel input."""
+    data = DataConfig(path="unused", features={"column": "x", **features}, label=None)
+    with pytest.raises(UserError, match=r"^data\.label: null means language modelling, which needs one sequence "
+                                        r"of integer token ids per row; data\.features is float32"):
+        output_classes(CNN, data)
+
+
 def test_features_of_no_configured_shape_are_not_checked() -> None:
     data = DataConfig(path="unused", features={"column": "x", "dtype": "float32"},
                       label={"column": "y", "dtype": "int64"})

@@ -39,6 +39,7 @@ def output_classes(model: ModelConfig, data: DataConfig) -> int | None:
     with torch.device("meta"):
         net = _build(model)
         if features.shape is None:
+            _check_language_modelling(data)
             return None
         shape = list(features.shape)
         if data.label is None:  # next-token prediction reads tokens[:, :-1]
@@ -61,7 +62,18 @@ def output_classes(model: ModelConfig, data: DataConfig) -> int | None:
             raise UserError(f"model: {model.name} with kwargs {model.kwargs} does not take data.features (column "
                             f"{features.column!r}, {features.dtype}, shape {features.shape}): {first_line(exc)}"
                             ) from None
+    _check_language_modelling(data)
     return int(logits.shape[-1])
+
+
+def _check_language_modelling(data: DataConfig) -> None:
+    """`label: null` predicts each next token of a row's one sequence of token ids (the step shifts
+    dimension 1): float pixels [1, 8, 8] passed here and crashed every worker (0 channels left)."""
+    shape = data.features.shape
+    if data.label is None and (data.features.dtype.startswith("float") or (shape is not None and len(shape) != 1)):
+        raise UserError(f"data.label: null means language modelling, which needs one sequence of integer token ids "
+                        f"per row; data.features is {data.features.dtype}"
+                        f"{'' if shape is None else f' of shape {shape}'}: give a label column")
 
 
 def _build(model: ModelConfig) -> torch.nn.Module:
