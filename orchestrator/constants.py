@@ -94,6 +94,8 @@ PROFILE_NODE_WAIT_S = _env_float("ORCH_PROFILE_NODE_WAIT_S", 30.0)
 SYSTEM_METRICS_S = _env_float("ORCH_SYSTEM_METRICS_S", 10.0)
 # Training workers agree on a stop (Ctrl-C, `jobs stop`, a resize) every this many optimizer steps.
 STOP_CHECK_EVERY = int(_env_float("ORCH_STOP_CHECK_EVERY", 5))
+if STOP_CHECK_EVERY < 1:  # 0 (or 0.5) was `step % 0` in every worker: a ZeroDivisionError at step 1
+    raise UserError(f"ORCH_STOP_CHECK_EVERY: must be a number of steps >= 1, got {os.environ['ORCH_STOP_CHECK_EVERY']!r}")
 # A job's lock on object storage is a lease the driver renews this often; one not renewed for
 # three of these is taken over (its driver died) (seconds).
 LOCK_HEARTBEAT_S = _env_float("ORCH_LOCK_HEARTBEAT_S", 10.0)
