@@ -83,6 +83,11 @@ TRACKING_SCHEMES = ("", "file", "http", "https", "sqlite", "postgresql", "mysql"
                     "databricks-uc", "uc")
 
 
+def sqlite_path(uri: str) -> str:
+    """The file of a `sqlite:///path` URI (relative) or `sqlite:////path` (absolute), less any query."""
+    return uri.split("://", 1)[1].removeprefix("/").split("?", 1)[0]
+
+
 def tracking_uri_problem(uri: str) -> str | None:
     """What is wrong with an MLflow tracking URI, ending in the URI as given less any credentials
     (None: nothing we can tell before sending to it)."""
@@ -98,6 +103,10 @@ def tracking_uri_problem(uri: str) -> str | None:
                        "database URI (sqlite:///..., postgresql://...) or a local folder")
         elif parts.scheme in ("http", "https") and not parts.hostname:
             problem = "no host; expected http://HOST:PORT"
+        elif parts.scheme.split("+")[0] == "sqlite" and os.path.isdir(sqlite_path(uri)):
+            # MLflow retried "unable to open database file" for minutes (replay), or the run spilled
+            # everything it logged as if the server were down
+            problem = "names a folder, not a database file (e.g. sqlite:///FOLDER/mlflow.db)"
     # shown without the credentials it may carry, even when malformed
     return problem and f"{problem}, got {scrub(uri)!r}"
 
