@@ -359,7 +359,7 @@ def test_profile_refuses_an_output_that_is_its_config_or_cluster_file(tmp_path: 
 
 
 @pytest.mark.parametrize("command", [["validate"], ["run"], ["profile", "-o", "profile.json"]], ids=lambda c: c[0])
-def test_a_missing_or_broken_cluster_file_is_said_before_anything_starts(tmp_path: Path, command: list[str]) -> None:
+def test_a_missing_or_broken_cluster_file_or_spill_dir_is_said_before_anything_starts(tmp_path: Path, command: list[str]) -> None:
     """`resources.cluster` naming no file, or a broken one, passed `validate`; `run` and `profile`
     said it only once an embedded Ray had started."""
     (tmp_path / "broken.yaml").write_text("nodes: 1\ngpus_per_node: 2\nintra_node_GBps: .nan\ninter_node_GBps: 1\n")
@@ -370,3 +370,6 @@ def test_a_missing_or_broken_cluster_file_is_said_before_anything_starts(tmp_pat
                        cwd=tmp_path, timeout_s=60)
         assert proc.returncode == 2 and proc.stderr == message, proc.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.yaml"]
+    proc = run_cli([command[0], config, *command[1:], "--set", "tracking.spill_dir=broken.yaml"], env=base_env(),
+                   cwd=tmp_path, timeout_s=60)
+    assert proc.returncode == 2 and proc.stderr == "error: tracking.spill_dir: cannot write to broken.yaml (not a folder)\n"

@@ -24,7 +24,7 @@ def validate(config: Path, set_: SetOption = None) -> None:
 
     job = load_config(config, set_ or [])  # before torch's import: a bad file is said within a second
     job.resolved_tracking_uri()  # MLFLOW_TRACKING_URI, when the config names no tracking_uri
-    check_cluster_file(job)
+    check_job_files(job)
 
     from trainers.compat import check_fit, output_classes
     from trainers.data.datasets import check_dataset_kwargs
@@ -61,7 +61,7 @@ def run(
     if workers is not None and workers <= 0:
         raise UserError(f"--workers: must be > 0, got {workers}")
     job = load_config(config, overrides)  # before the driver's imports (torch, Ray): a bad file fails fast
-    check_cluster_file(job)
+    check_job_files(job)
 
     from orchestrator.console_ui import RichUI, result_lines
     from orchestrator.driver import run_job
@@ -76,13 +76,17 @@ def run(
         raise typer.Exit(128 + (received[0] if received else signal.SIGTERM))  # so a scheduler sees it unfinished
 
 
-def check_cluster_file(job: Any) -> None:
-    """The job's `resources.cluster` file, read now: a missing or broken one passed `validate` and
-    was said by `run` and `profile` only once an embedded Ray had started."""
+def check_job_files(job: Any) -> None:
+    """The local files a job names beside its data, checked now: a missing or broken
+    `resources.cluster` file passed `validate` and was said by `run` and `profile` only once an
+    embedded Ray had started; so was a `tracking.spill_dir` that is a file."""
     if job.resources.cluster:
         from orchestrator.planner import load_cluster
 
         load_cluster(job.resources.cluster)
+    spill = job.tracking.spill_dir
+    if spill and Path(spill).exists() and not Path(spill).is_dir():
+        raise UserError(f"tracking.spill_dir: cannot write to {spill} (not a folder)")
 
 
 @contextmanager
@@ -137,7 +141,7 @@ def profile(
 
     overrides = list(set_ or []) + ([f"ray.address={address}"] if given(address, "--address") else [])
     job = load_config(config, overrides).localized()
-    check_cluster_file(job)
+    check_job_files(job)
     # -o CONFIG (or the job's cluster file, or one of its data files) replaced what the job is made of
     distinct_outputs({"-o": output}, {"the config": config, "resources.cluster": job.resources.cluster,
                                       **{f"data.path {p}": p for p in job.data.paths if "://" not in p}})
