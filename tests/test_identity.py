@@ -194,6 +194,9 @@ def test_object_storage_is_never_made_absolute_and_takes_a_lease(tmp_path: Path,
     (b"[1, 2]", "not a job record (no mapping with a job name)"),
     (b'{"name": "digits", "generation": "2"}', "not a job record (generation is str)"),
     (b'{"name": "digits", "trained": [1]}', "not a job record (trained is list)"),
+    # edited: a rerun trained from step 0 in run-0/ (run--1/) under a new MLflow run, without a word
+    (b'{"name": "digits", "generation": 0}', "not a job record (generation 0 is no run of it)"),
+    (b'{"name": "digits", "generation": -1}', "not a job record (generation -1 is no run of it)"),
 ])
 def test_a_damaged_job_record_is_one_line_and_the_lock_is_released(tmp_path: Path, content: bytes, says: str) -> None:
     claim(job(str(tmp_path))).release()

@@ -78,6 +78,8 @@ class JobState:
         else:
             problem = next((f"{k} is {type(raw[k]).__name__}" for k, kinds in _FIELD_TYPES.items()
                             if k in raw and (not isinstance(raw[k], kinds) or isinstance(raw[k], bool))), None)
+            if problem is None and not 1 <= raw.get("generation", 1) <= MAX_GENERATION:  # run-0, run--1: a
+                problem = f"generation {raw['generation']} is no run of it"  # fresh run, silently beside the real one
         if problem:
             raise UserError(f"{where}: not a job record ({problem}); it holds what this job was run with: restore "
                             "it, or rename the job to start afresh")
@@ -88,6 +90,7 @@ class JobState:
                 "trained": self.trained, "length": self.length, "finished": self.finished, "counts": self.counts}
 
 
+MAX_GENERATION = 2**31  # `--new-run`s of one job name
 _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "generation": int, "config_digest": str, "trained": dict, "length": dict, "finished": (dict, type(None)),
     "counts": dict}
