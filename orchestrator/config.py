@@ -300,6 +300,11 @@ def _pick_error(errors: list[dict[str, Any]]) -> dict[str, Any]:
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``training.lr=0.01`` -> (["training", "lr"], 0.01); the value is parsed as YAML."""
+    # A byte of no UTF-8 text in argv arrives as a lone surrogate: YAML's parser raised a 100-line
+    # UnicodeEncodeError on it.
+    if bad := next((c for c in text if "\udc80" <= c <= "\udcff"), None):
+        shown = text.encode("utf-8", "backslashreplace").decode()
+        raise UserError(f"--set {shown}: not UTF-8 text (byte 0x{ord(bad) - 0xdc00:02x})")
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise UserError(f"--set {text}: expected KEY=VALUE, e.g. training.lr=0.01")
