@@ -28,6 +28,9 @@ def given(value: str | None, flag: str, hint: str = "leave it out for the defaul
     read as "not given": that would quietly pick the default (an embedded Ray, another MLflow)."""
     if value is not None and not value.strip():
         raise UserError(f"{flag}: empty; {hint}")
+    if value is not None and (bad := next((c for c in value if "\udc80" <= c <= "\udcff"), None)):
+        # argv bytes of no UTF-8 text (lone surrogates): said here, not as an encoding error deep below
+        raise UserError(f"{flag}: not UTF-8 text (byte 0x{ord(bad) - 0xdc00:02x})")
     return value
 
 

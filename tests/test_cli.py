@@ -373,3 +373,14 @@ def test_a_missing_or_broken_cluster_file_or_spill_dir_is_said_before_anything_s
     proc = run_cli([command[0], config, *command[1:], "--set", "tracking.spill_dir=broken.yaml"], env=base_env(),
                    cwd=tmp_path, timeout_s=60)
     assert proc.returncode == 2 and proc.stderr == "error: tracking.spill_dir: cannot write to broken.yaml (not a folder)\n"
+
+
+@pytest.mark.parametrize("args, error", [
+    (["k8s", "render", "configs/digits.yaml", "--owner", "alice", "--mlflow-uri", "http://h\udcff:5000"],
+     "--mlflow-uri: not UTF-8 text (byte 0xff)"),  # rendered into the manifest, exit 0
+    (["validate", "configs/digits.yaml", "--set", "tracking.experiment=a\udcff"],
+     "--set tracking.experiment=a\\udcff: not UTF-8 text (byte 0xff)"),  # a 100-line UnicodeEncodeError
+])
+def test_argv_bytes_of_no_utf8_text_are_one_line(args: list[str], error: str) -> None:
+    result = run_cli(args, env=base_env())  # the lone surrogate goes out as the byte 0xff
+    assert (result.returncode, result.stderr) == (2, f"error: {error}\n")
