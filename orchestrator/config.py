@@ -98,7 +98,9 @@ def tracking_uri_problem(uri: str) -> str | None:
     except ValueError as exc:
         problem = f"not a valid URI{url_error(uri, exc)}"
     else:
-        if parts.scheme.split("+")[0] not in TRACKING_SCHEMES:
+        if any("\udc80" <= c <= "\udcff" for c in uri):  # bytes of no UTF-8 text (argv, environment)
+            problem = "not UTF-8 text"
+        elif parts.scheme.split("+")[0] not in TRACKING_SCHEMES:
             problem = (f"scheme {parts.scheme!r} is no MLflow tracking store; use http(s)://HOST:PORT, a "
                        "database URI (sqlite:///..., postgresql://...) or a local folder")
         elif parts.scheme in ("http", "https") and not parts.hostname:

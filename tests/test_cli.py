@@ -66,6 +66,7 @@ def test_user_error_is_one_line_exit_2() -> None:
     ("ORCH_PROGRESS_POLL_S", "-1", "ORCH_PROGRESS_POLL_S: must be a number >= 0, got '-1'"),
     ("ORCH_JOB_POLL_S", "inf", "ORCH_JOB_POLL_S: must be a number >= 0, got 'inf'"),
     ("ORCH_STOP_CHECK_EVERY", "0.5", "ORCH_STOP_CHECK_EVERY: must be a number of steps >= 1, got '0.5'"),
+    ("MLFLOW_TRACKING_URI", "sqlite:///m\udcff.db", "MLFLOW_TRACKING_URI: not UTF-8 text, got 'sqlite:///m\\udcff.db'"),
     ("ORCH_LOG_LEVEL", "loud", "ORCH_LOG_LEVEL: must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got 'loud'"),
     ("MLFLOW_TRACKING_URI", "ftp://bob:pw@host", "MLFLOW_TRACKING_URI: scheme 'ftp' is no MLflow tracking store; use "
      "http(s)://HOST:PORT, a database URI (sqlite:///..., postgresql://...) or a local folder, got 'ftp://host'"),
