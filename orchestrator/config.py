@@ -312,6 +312,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise UserError(f"--set {text}: expected KEY=VALUE, e.g. training.lr=0.01")
     try:  # bounded as a config file is: a "billion laughs" value would expand at every walk over it
         value = load_yaml(raw, f"--set {key.strip()}", "job config") if raw.strip() else None
+    except yaml.constructor.ConstructorError as exc:
+        if not str(exc.problem).startswith("duplicate key"):  # a tag: the text as written
+            value = raw
+        else:  # `{width: 8, width: 9}` read as the text "{width: 8, width: 9}": "must be a mapping, got '{...'"
+            raise UserError(f"--set {key.strip()}: {exc.problem}") from None
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value

@@ -81,6 +81,8 @@ def write(tmp_path: Path, overrides: list[str], *, drop: str | None = None) -> P
         (["tracking.experiment=" + "e" * 501], "tracking.experiment: must be a name of 1 to 500 characters (MLflow's "
                                                 "limit), got 501 characters"),
         (["tracking.experiment='  '"], "tracking.experiment: must be a name, got '  '"),
+        # was read as the text "{width: 8, width: 9}": "model.kwargs: must be a mapping, got '{width: 8, ...'"
+        (["model.kwargs={width: 8, width: 9}"], "--set model.kwargs: duplicate key 'width'"),
         # argv bytes of no UTF-8 text (`--set $'name=\xff'`): a 100-line UnicodeEncodeError in the YAML parser
         (["tracking.experiment=a\udcff"], "--set tracking.experiment=a\\udcff: not UTF-8 text (byte 0xff)"),
         (["training.epochs=null", "training.max_steps=null"], "training: set epochs or max_steps"),
