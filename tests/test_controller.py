@@ -321,3 +321,19 @@ def test_a_rerun_that_starts_while_mlflow_is_down_still_says_which_steps_have_no
     run(world)
     assert world.run.tags["metrics.gap"].startswith("steps 126-200 were trained by an earlier driver")
     assert sum("steps 126-200" in w for w in world.ui.statuses) == 1
+
+
+def test_workers_beyond_a_cluster_nothing_adds_nodes_to_are_one_line_before_anything_starts() -> None:
+    # 1 worker of 64 CPUs on an embedded Ray of 2: Ray Train waited for its placement for good.
+    import dataclasses
+
+    world = World(job(workers=2, cpus_per_worker=8), [finished_fit()])
+    ports = dataclasses.replace(world.ports(), slots=lambda: 1)
+    controller = JobController(world.job, ports)
+    with pytest.raises(UserError, match=r"^resources\.workers: 2 worker\(s\) of 8 CPUs each do not fit this "
+                                        r"cluster, which has room for 1 and no autoscaler to add nodes"):
+        controller.run()
+    assert world.sized_with == [] and not world.started and world.run.status is None and world.identity.released
+    elastic = World(job(workers={"min": 1, "max": 4}), [finished_fit()])  # its minimum fits: it starts
+    JobController(elastic.job, dataclasses.replace(elastic.ports(), slots=lambda: 1)).run()
+    assert elastic.started

@@ -25,6 +25,7 @@ from orchestrator.driver.policies import (
     State,
     StopReason,
     after_fit,
+    beyond_cluster,
     diverged,
     group_kind,
     replan_ready,
@@ -122,6 +123,10 @@ class JobController:
             return State.STOPPED  # asked while preparing (data, profile, network probe): nothing started, no run
         scaler = self.ports.autoscale
         if scaler is None or not scaler.enabled(self.prepared.job):
+            r = self.job.resources
+            if why := beyond_cluster(least=least_workers(self.job, self.workers_flag), slots=self.ports.slots(),
+                                     use_gpu=self.prepared.use_gpu, cpus_per_worker=r.cpus_per_worker):
+                raise UserError(why)
             return self._launch(self.ports.size(self.prepared, None))
         if sizes_before_autoscaling(self.job, self.workers_flag):
             self.sizing = self.ports.size(self.prepared, None)

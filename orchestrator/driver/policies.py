@@ -75,6 +75,18 @@ def wait_decision(*, wanted: int, arrived: int, least: int, waited_s: float, tim
                   f"(at least {least} needed); raise resources.autoscale_timeout_s or check the autoscaler")
 
 
+def beyond_cluster(*, least: int, slots: int, use_gpu: bool, cpus_per_worker: float) -> str | None:
+    """Why a job cannot start on a cluster nothing adds nodes to (no autoscaler, or autoscale off),
+    or None. Ray Train waits for its workers' placement without a word: 1 worker of 64 CPUs on
+    an embedded Ray of 2 hung for good."""
+    if least <= slots:
+        return None
+    each = f"1 GPU and {cpus_per_worker:g} CPUs" if use_gpu else f"{cpus_per_worker:g} CPUs"
+    return (f"resources.workers: {least} worker(s) of {each} each do not fit this cluster, which has room for "
+            f"{slots} and no autoscaler to add nodes; lower resources.workers or resources.cpus_per_worker, or add "
+            "nodes")
+
+
 # ---------------------------------------------------------------------------------------------
 # Worker groups: first start, restart after a failure, or the resize the driver asked for
 
