@@ -337,3 +337,16 @@ def test_workers_beyond_a_cluster_nothing_adds_nodes_to_are_one_line_before_anyt
     elastic = World(job(workers={"min": 1, "max": 4}), [finished_fit()])  # its minimum fits: it starts
     JobController(elastic.job, dataclasses.replace(elastic.ports(), slots=lambda: 1)).run()
     assert elastic.started
+
+
+def test_a_warning_the_ui_shows_is_not_logged_as_a_warning_too(caplog: pytest.LogCaptureFixture) -> None:
+    # The CLI's log handler printed each driver warning a second time ("WARNING orchestrator...").
+    import logging
+
+    fit = FakeFit([[group()], [steps(1, 4)], [WorkerFailed(step=4, cause="rank 1: KilledError")], [group(4, resumed=4)],
+                   [steps(5, 10)]], FitOutcome({"step": 10}))
+    world = World(job(), [fit])
+    with caplog.at_level(logging.WARNING):
+        run(world)
+    assert "worker failure after step 4: rank 1: KilledError" in world.ui.statuses
+    assert not [r for r in caplog.records if r.name.startswith("orchestrator.driver")]

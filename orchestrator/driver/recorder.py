@@ -114,7 +114,8 @@ class Recorder:
         return self.counts[kind]
 
     def status(self, message: str, *, warning: bool = False) -> None:
-        (log.warning if warning else log.info)("%s", message)
+        # The UI shows every status line: logged at INFO, or the CLI's log handler said a warning twice.
+        log.info("%s%s", "warning: " if warning else "", message)
         self._status(message)
 
     # -- events ------------------------------------------------------------------------------

@@ -48,8 +48,10 @@ def log_model_now(job: Any, state: dict[str, Any], example: Any, run: Any, *, st
 
 
 def _tell(status: Any, message: str) -> None:
-    log.warning("%s", message)
-    if status is not None:
+    if status is None:
+        log.warning("%s", message)
+    else:  # shown by the UI: logged at INFO, or the CLI's log handler said it twice
+        log.info("%s", message)
         status(message)
 
 
