@@ -29,6 +29,7 @@ from typing import Any
 from orchestrator.errors import UserError
 from orchestrator.files import user_cache_dir
 from orchestrator.redact import redact_uri, scrub, tracking_credentials
+from orchestrator.planner.explain import plural
 from orchestrator.planner import (
     OBSERVATIONS_ARTIFACT,
     ClusterSpec,
@@ -78,7 +79,7 @@ def newest(spec: ClusterSpec, root: str | Path | None = None) -> tuple[ClusterSp
         return spec, None
     cal = stored.calibration
     note = f"the newest calibration of this cluster ({cluster_key(spec)}), stored by `orchestrator calibrate`"
-    said = (f"calibration: the newest of this cluster, from {cal.source} ({cal.observations} observations, "
+    said = (f"calibration: the newest of this cluster, from {cal.source} ({plural(cal.observations, 'observation')}, "
             f"{cal.measured_at}), {path}" + (f"; newer than the spec's own ({spec.calibration.measured_at})"
                                              if spec.calibration is not None else ""))
     return spec.replace(calibration=cal.replace(note=note)), said
@@ -121,7 +122,8 @@ class History:
         gone = "; ".join(f"{n} run(s) left out: {why}" for why, n in self.left_out.items())
         on = (f" on cluster {cluster_key(self.cluster)}" if self.cluster is not None
               else " on the cluster given" if self.given else "")
-        return f"{len(self.observations)} observations from {self.runs} run(s){on}" + (f" ({gone})" if gone else "")
+        said = f"{plural(len(self.observations), 'observation')} from {self.runs} run(s){on}"
+        return said + (f" ({gone})" if gone else "")
 
 
 def history(experiment: str, tracking_uri: str | None, cluster: ClusterSpec | None = None) -> History:

@@ -64,3 +64,9 @@ def test_a_folder_where_the_calibration_goes_is_one_line_naming_it_and_leaves_no
     with pytest.raises(UserError, match=rf"^{stored_path(SPEC, tmp_path)}: cannot write"):
         store(calibrated, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [stored_path(SPEC, tmp_path).name]  # no .tmp left
+
+
+def test_one_observation_is_said_as_one() -> None:
+    from orchestrator.calibrations import History
+
+    assert History([object()], None, 1, {}).summary() == "1 observation from 1 run(s)"  # was "1 observations"
