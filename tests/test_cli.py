@@ -385,3 +385,22 @@ def test_a_missing_or_broken_cluster_file_or_spill_dir_is_said_before_anything_s
 def test_argv_bytes_of_no_utf8_text_are_one_line(args: list[str], error: str) -> None:
     result = run_cli(args, env=base_env())  # the lone surrogate goes out as the byte 0xff
     assert (result.returncode, result.stderr) == (2, f"error: {error}\n")
+
+
+def test_run_refuses_a_config_of_another_digest_before_anything_starts(tmp_path: Path) -> None:
+    # k8s render pins the digest of the job's ConfigMap in the RayJob's entrypoint: a <job>-config
+    # another submitter created first must not train on this owner's storage.
+    import hashlib
+
+    config = tmp_path / "job.yaml"
+    config.write_text((ROOT / "configs" / "digits.yaml").read_text())
+    other = hashlib.sha256(b"the rendered config").hexdigest()
+    result = run_cli(["run", str(config), "--config-sha256", other], env=base_env(), cwd=tmp_path, timeout_s=60)
+    assert result.returncode == 2 and result.stderr.startswith(f"error: {config}: SHA-256 "), result.stderr
+    assert "nothing was run" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+    bad = run_cli(["run", str(config), "--config-sha256", "ABC"], env=base_env(), cwd=tmp_path, timeout_s=60)
+    assert (bad.returncode, bad.stderr) == (2, "error: --config-sha256: must be 64 lowercase hex digits, got 'ABC'\n")
+    from orchestrator.cli.train import check_digest
+
+    check_digest(config, hashlib.sha256(config.read_bytes()).hexdigest())  # its own digest passes

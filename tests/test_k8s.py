@@ -9,6 +9,7 @@ command's edges and the container image in test_k8s_render.py."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import fnmatch
 import json
 import math
@@ -274,14 +275,16 @@ def test_worker_group_is_sized_by_the_plan(name: str, variants: dict[str, list[O
         assert group["minReplicas"] == 0 and obj["spec"]["enableInTreeAutoscaling"] is True
     else:
         assert group["replicas"] == group["minReplicas"] == choice["nodes"]
-        assert obj["spec"]["entrypoint"].endswith(f"--workers {plan_dict['workers']}")
+        assert f" --workers {plan_dict['workers']} --config-sha256 " in obj["spec"]["entrypoint"]
 
 
 def test_rayjob_runs_the_config_and_cleans_up(variants: dict[str, list[Obj]]) -> None:
     configmap, job = one(variants["job-gpu-plan"], "ConfigMap"), one(variants["job-gpu-plan"], "RayJob")
     spec = job["spec"]
     path = f"{names.CONFIG_DIR}/{names.CONFIG_FILE}"
-    assert spec["entrypoint"] == f"orchestrator run {path} --workers {PLAN['workers']}"
+    # the digest of the ConfigMap's file: `orchestrator run` refuses another (a squatted <name>-config)
+    digest = hashlib.sha256(configmap["data"][names.CONFIG_FILE].encode()).hexdigest()
+    assert spec["entrypoint"] == f"orchestrator run {path} --workers {PLAN['workers']} --config-sha256 {digest}"
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
     assert spec["activeDeadlineSeconds"] == math.ceil(2 * PLAN["time_to_finish_s"] + 15 * 60)
     head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
@@ -296,7 +299,7 @@ def test_rayjob_runs_the_config_and_cleans_up(variants: dict[str, list[Obj]]) ->
     assert "env_vars" in yaml.safe_load(spec["runtimeEnvYAML"])
     default = one(variants["job-cpu"], "RayJob")["spec"]
     assert default["activeDeadlineSeconds"] == 24 * 3600
-    assert default["entrypoint"].endswith("--workers 2")
+    assert " --workers 2 --config-sha256 " in default["entrypoint"]
     (cpu_group,) = worker_groups(one(variants["job-cpu"], "RayJob"))
     assert gpu_limit(cpu_group) == 0 and "tolerations" not in cpu_group["template"]["spec"]
 

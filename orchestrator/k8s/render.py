@@ -100,12 +100,16 @@ def render_job_configmap(config: JobConfig, *, owner: str, namespace: str = NAME
 
 
 def render_rayjob(config: JobConfig, *, owner: str, config_path: str, plan: Mapping[str, Any] | None,
-                  image: str, namespace: str = NAMESPACE, mlflow_uri: str | None = None) -> dict[str, Any]:
+                  image: str, namespace: str = NAMESPACE, mlflow_uri: str | None = None,
+                  config_sha256: str | None = None) -> dict[str, Any]:
     """A RayJob that brings up a cluster sized for the plan, trains, and shuts the cluster down.
 
     `config_path` is the config's path inside the head pod: the job's ConfigMap mounted at
     CONFIG_DIR (see render_job_configmap), or a file baked into the image. Every pod runs as the
     token-less JOB_SERVICE_ACCOUNT and mounts only the job's own part of the shared volume.
+    `config_sha256` (of the ConfigMap's file) goes into the entrypoint: `orchestrator run` refuses a
+    config of another digest, so a `<name>-config` another submitter created first is never run
+    on this owner's storage (no admission policy can tie the ConfigMap to the RayJob's owner).
     """
     group = worker_group(config, plan)
     uri = redact_uri(mlflow_uri or default_mlflow_uri())
@@ -128,7 +132,8 @@ def render_rayjob(config: JobConfig, *, owner: str, config_path: str, plan: Mapp
         "kind": "RayJob",
         "metadata": _metadata(name, namespace, name, "ray-job", owner=owner),
         "spec": {
-            "entrypoint": f"orchestrator run {shlex.quote(config_path)} --workers {group.workers}",
+            "entrypoint": f"orchestrator run {shlex.quote(config_path)} --workers {group.workers}"
+                          + (f" --config-sha256 {config_sha256}" if config_sha256 else ""),
             "runtimeEnvYAML": yaml.safe_dump({"env_vars": {"MLFLOW_TRACKING_URI": uri}}),
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": TTL_AFTER_FINISHED_S,
