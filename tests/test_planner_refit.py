@@ -139,3 +139,16 @@ def test_twenty_probe_times_refit_compute_and_fewer_say_how_many() -> None:
     short = refit(PROFILE, CLUSTER, placement=ONE_NODE, local_batch=64, step_times=steps(observed),
                   compute_step_times=probe[1:])
     assert "compute as profiled (19 steps without gradient sync, 20 needed)" in short.reason, short.reason
+
+
+def test_compute_refit_holds_where_the_profile_has_a_one_gpu_node_sample() -> None:
+    # Contention is step(g) / step(1) with a measured 1-GPU node sample as step(1): the refit's new
+    # node sample must be scaled from that, not from the ladder (it predicted 0.1575 s for 0.126 s).
+    measured = PROFILE.replace(node_samples=({"gpus_per_node": 1, "local_batch": 64, "step_time_s": 0.056},
+                                             {"gpus_per_node": 4, "local_batch": 64, "step_time_s": 0.084}))
+    before = predict(measured, CLUSTER, nodes=1, gpus_per_node=4, local_batch=64)
+    for scale in (1.2, 0.5):  # slower (node contention) and faster than alone (the device)
+        result = refit(measured, CLUSTER, placement=ONE_NODE, local_batch=64, step_times=steps(before.step_time_s),
+                       compute_step_times=steps(before.compute_s * scale, spread=0.0))
+        after = predict(result.profile, CLUSTER, nodes=1, gpus_per_node=4, local_batch=64)
+        assert result.changed[0] == "compute" and after.compute_s == pytest.approx(before.compute_s * scale, rel=1e-6)

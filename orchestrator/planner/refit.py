@@ -187,15 +187,19 @@ def _refit_compute(profile: Profile, before: Prediction, placement: Placement,
     if g == 1:  # the device itself is slower or faster than profiled: every rung alike
         return _device_scaled(profile, scale), scale, observed, f"compute x{scale:.3g} on every batch size"
     factor = float(Contention(profile, curve)(g, batch)) * scale
+    # Contention divides a node sample by the one-GPU time at its batch: a measured 1-GPU node
+    # sample there, else the ladder's. The new sample must be that time x the factor it means.
+    alone = next((s.step_time_s for s in profile.node_samples if (s.gpus_per_node, s.local_batch) == (1, batch)),
+                 float(curve(batch)))
     if factor < 1:  # faster beside g-1 others than profiled alone: sharing a node cannot do that, the device does
         device = _device_scaled(profile, factor)
         others = tuple(s for s in device.node_samples if (s.gpus_per_node, s.local_batch) != (g, batch))
-        alone = NodeSample(gpus_per_node=g, local_batch=batch, step_time_s=float(curve(batch)) * factor)
-        return (device.replace(node_samples=(*others, alone)), scale, observed,
+        same = NodeSample(gpus_per_node=g, local_batch=batch, step_time_s=alone * factor)
+        return (device.replace(node_samples=(*others, same)), scale, observed,
                 f"compute x{scale:.3g} with {g} GPUs per node, faster than profiled alone: every batch size "
                 f"x{factor:.3g}, no node contention")
     others = tuple(s for s in profile.node_samples if (s.gpus_per_node, s.local_batch) != (g, batch))
-    sample = NodeSample(gpus_per_node=g, local_batch=batch, step_time_s=float(curve(batch)) * factor)
+    sample = NodeSample(gpus_per_node=g, local_batch=batch, step_time_s=alone * factor)
     return (profile.replace(node_samples=(*others, sample)), scale, observed,
             f"compute x{scale:.3g} with {g} GPUs per node (node contention, from steps without sync)")
 
