@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from orchestrator.planner.model import COMPUTE_SPREAD, MIN_RESIDUALS, PerformanceModel
@@ -29,6 +30,21 @@ def usd(amount: float) -> str:
     return f"{amount:,.2f} USD" if abs(amount) >= 0.01 or amount == 0 else f"{amount:.2g} USD"
 
 
+def past(value: float, limit: float, show: Callable[[float], str]) -> str:
+    """`value` as `show` writes it, with how far it is past `limit` where both would read alike
+    ("87.1 h > deadline 87.1 h" said nothing)."""
+    text = show(value)
+    return text if text != show(limit) else f"{text} (+{100 * (value / limit - 1):.2g} %)"
+
+
+def below(value: float, limit: float) -> str:
+    """An efficiency below `limit` with the digits that show it is below (0.79996 is not "0.800")."""
+    digits = 3
+    while digits < 9 and float(f"{value:.{digits}f}") >= limit:
+        digits += 1
+    return f"{value:.{digits}f}"
+
+
 def plural(n: int, word: str) -> str:
     return f"{n} {word}{'s' if n != 1 else ''}"
 
@@ -42,10 +58,10 @@ def explanation(goal: Goal, choice: Candidate, candidates: list[Candidate], mode
     interval = f"80 % interval {p.throughput_low:,.0f}-{p.throughput_high:,.0f}"
     if goal.objective == "max_throughput":
         why = (f"the highest predicted throughput ({p.throughput:,.0f} samples/s, {interval}) at scaling "
-               f"efficiency {p.efficiency:.2f} (pessimistic {p.efficiency_low:.3f}) >= {goal.min_efficiency:.3g}")
+               f"efficiency {p.efficiency:.3f} (pessimistic {p.efficiency_low:.3f}) >= {goal.min_efficiency:g}")
     elif goal.objective == "max_goodput":
         why = (f"the highest predicted goodput ({p.goodput:,.0f} samples/s at statistical efficiency "
-               f"{p.statistical_efficiency:.2f}; throughput {interval}), scaling efficiency {p.efficiency:.2f}")
+               f"{p.statistical_efficiency:.2f}; throughput {interval}), scaling efficiency {p.efficiency:.3f}")
     else:
         price = (usd(p.cost) if p.cost is not None
                  else f"{p.gpus / p.goodput * 1e6 / 3600:.3g} GPU-hours per million samples")

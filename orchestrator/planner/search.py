@@ -8,7 +8,7 @@ import numpy as np
 
 from orchestrator.errors import UserError
 from orchestrator.planner.base import MAX_COUNT, MAX_DEADLINE_S, MAX_INTEGER, check_arguments
-from orchestrator.planner.explain import assumptions, duration, explanation, plural, usd, warnings
+from orchestrator.planner.explain import assumptions, below, duration, explanation, past, plural, usd, warnings
 from orchestrator.planner.model import PerformanceModel, Rows, evaluate, placement_of, predictions
 from orchestrator.planner.results import Candidate, Placement, Plan, Prediction
 from orchestrator.planner.types import ClusterSpec, Profile
@@ -91,14 +91,15 @@ class Goal:
         return ok
 
     def reason(self, p: Prediction) -> str | None:
-        """Why `p` breaks a constraint, or None."""
+        """Why `p` breaks a constraint, or None (its figure never reads the same as the limit)."""
         if self.objective == "max_throughput" and p.efficiency_low < self.min_efficiency:
-            return (f"pessimistic efficiency {p.efficiency_low:.3f} < {self.min_efficiency:.3g} "
+            return (f"pessimistic efficiency {below(p.efficiency_low, self.min_efficiency)} < {self.min_efficiency:g} "
                     f"(predicted {p.efficiency:.3f})")
         if self.deadline_s is not None and p.time_to_finish_s > self.deadline_s:
-            return f"finishes in {duration(p.time_to_finish_s)} > deadline {duration(self.deadline_s)}"
+            took = past(p.time_to_finish_s, self.deadline_s, duration)
+            return f"finishes in {took} > deadline {duration(self.deadline_s)}"
         if self.budget is not None and p.cost > self.budget:
-            return f"costs {usd(p.cost)} > budget {usd(self.budget)}"
+            return f"costs {past(p.cost, self.budget, usd)} > budget {usd(self.budget)}"
         return None
 
     def scalar(self, p: Prediction) -> float:
