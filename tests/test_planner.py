@@ -316,6 +316,10 @@ def test_a_fixed_accumulation_is_held_at_every_placement_as_the_loop_trains_it()
         split = split_global_batch(768, workers=c.prediction.gpus, accumulation=4)
         assert (c.prediction.local_batch, c.prediction.accumulation) == (split.local_batch, 4)
     assert 1 not in {c.prediction.gpus for c in result.candidates}  # 192 x 4 is past max_local_batch 128
+    # 64 over 32 GPUs x 4 trained 1 x 4 (global 128, and chosen for its doubled samples per step)
+    small = plan(profile, make_cluster(), global_batch=64, accumulation=4, min_efficiency=0.1)
+    assert {c.prediction.global_batch for c in small.candidates} == {64}
+    assert 32 not in {c.prediction.gpus for c in small.candidates}
     with pytest.raises(UserError, match=r"^plan\.global_batch: 768 does not divide over any GPU count up to 1 "
                                         r"into 4 micro-batches of at most max_local_batch 128$"):
         plan(profile, make_cluster(), global_batch=768, accumulation=4, max_gpus=1)

@@ -132,7 +132,8 @@ def _rows(model: PerformanceModel, candidates: list[Placement], global_batch: in
     batch the user tuned); without, each profiled local batch that fits, no accumulation
     (accumulating only to grow the batch buys throughput with statistical efficiency). A fixed
     `accumulation` (training.grad_accumulation) is the split the loop trains: held at every
-    placement, which is left out where its local batch is past the profile's max_local_batch."""
+    placement, which is left out where the GPUs x it do not divide the batch or its local batch is
+    past the profile's max_local_batch."""
     nodes = np.array([p.nodes for p in candidates], dtype=float)
     per_node = np.array([p.gpus_per_node for p in candidates], dtype=float)
     if global_batch is None:
@@ -140,7 +141,8 @@ def _rows(model: PerformanceModel, candidates: list[Placement], global_batch: in
         owner = np.repeat(np.arange(len(candidates)), len(options))
         micro, accum = np.tile(options, len(candidates)), np.full(len(owner), float(accumulation or 1))
     else:
-        owner = np.flatnonzero(global_batch % (nodes * per_node) == 0)
+        # A fixed accumulation must divide the batch too: 64 over 32 GPUs x 4 trained 1 x 4, global 128.
+        owner = np.flatnonzero(global_batch % (nodes * per_node * (accumulation or 1)) == 0)
         splits = [split_global_batch(global_batch, workers=candidates[i].gpus, accumulation=accumulation,
                                      max_local_batch=model.profile.max_local_batch) for i in owner]
         if accumulation is not None:
