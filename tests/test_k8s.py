@@ -9,8 +9,8 @@ command's edges and the container image in test_k8s_render.py."""
 from __future__ import annotations
 
 import copy
-import hashlib
 import fnmatch
+import hashlib
 import json
 import math
 import os
@@ -26,17 +26,7 @@ import k8s_util
 import pytest
 import yaml
 from k8s_fixtures import deploy_dir, manifests, overlays, variants  # noqa: F401 (fixtures)
-from k8s_util import (
-    OVERLAYS,
-    PLAN,
-    VARIANTS,
-    all_objects,
-    by_kind,
-    containers,
-    mlflow_uris,
-    one,
-    pod_templates,
-)
+from k8s_util import OVERLAYS, PLAN, VARIANTS, all_objects, by_kind, containers, mlflow_uris, one, pod_templates
 
 from orchestrator.k8s import names
 from orchestrator.k8s.command import dump_manifests
@@ -282,8 +272,7 @@ def test_rayjob_runs_the_config_and_cleans_up(variants: dict[str, list[Obj]]) ->
     configmap, job = one(variants["job-gpu-plan"], "ConfigMap"), one(variants["job-gpu-plan"], "RayJob")
     spec = job["spec"]
     path = f"{names.CONFIG_DIR}/{names.CONFIG_FILE}"
-    # the digest of the ConfigMap's file: `orchestrator run` refuses another (a squatted <name>-config)
-    digest = hashlib.sha256(configmap["data"][names.CONFIG_FILE].encode()).hexdigest()
+    digest = hashlib.sha256(configmap["data"][names.CONFIG_FILE].encode()).hexdigest()  # run refuses another
     assert spec["entrypoint"] == f"orchestrator run {path} --workers {PLAN['workers']} --config-sha256 {digest}"
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
     assert spec["activeDeadlineSeconds"] == math.ceil(2 * PLAN["time_to_finish_s"] + 15 * 60)
