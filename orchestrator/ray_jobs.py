@@ -32,6 +32,9 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3}
 TOKEN_HINT = "set RAY_AUTH_TOKEN to the cluster's token (or RAY_AUTH_TOKEN_PATH to a file holding it)"
 JOB_KEY = "orchestrator.job"
+# Ray's JobSubmissionClient replaces the address it is given with either of these: the transport
+# check and the probe would judge one host while the token went to another.
+ADDRESS_OVERRIDES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 QUIET_LOGGERS = ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk",
                  "ray._private.runtime_env.packaging")
 
@@ -111,6 +114,17 @@ def auth_token() -> tuple[str | None, str]:
     return None, "no token"
 
 
+@contextmanager
+def _address_as_given() -> Iterator[None]:
+    """Hide the variables by which Ray would override the checked address (RAY_ADDRESS is already
+    `resolve_address`'s default), restoring them after."""
+    saved = {name: os.environ.pop(name) for name in ADDRESS_OVERRIDES if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 class JobsClient:
     """The Ray Jobs API at one address; every cluster error becomes a one-line UserError."""
 
@@ -124,7 +138,7 @@ class JobsClient:
 
         for name in QUIET_LOGGERS:  # Ray sets them to INFO: a line per upload and per log stream
             logging.getLogger(name).setLevel(logging.WARNING)
-        with self._errors():
+        with self._errors(), _address_as_given():
             self._client = JobSubmissionClient(self.address, headers=headers)
 
     def _probe(self) -> None:

@@ -1,0 +1,51 @@
+"""`orchestrator.ray_jobs.JobsClient` against stand-in dashboards on the loopback: the token goes
+only to the address that was checked. No Ray is started."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from orchestrator.errors import UserError
+from orchestrator.ray_jobs import ADDRESS_OVERRIDES, JobsClient
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    """Answers every request with 500 (no dashboard), keeping the path and the token it got."""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self.server.seen.append((self.path, self.headers.get("Authorization")))  # type: ignore[attr-defined]
+        self.send_response(500)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def dashboards() -> Iterator[list[http.server.HTTPServer]]:
+    servers = [http.server.HTTPServer(("127.0.0.1", 0), _Recorder) for _ in range(2)]
+    for server in servers:
+        server.seen = []  # type: ignore[attr-defined]
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield servers
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("variable", ADDRESS_OVERRIDES)
+def test_the_token_goes_only_to_the_checked_address(dashboards: list[http.server.HTTPServer], variable: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ray's client replaced the address it was given with RAY_ADDRESS / RAY_API_SERVER_ADDRESS:
+    # `--address http://127.0.0.1:...` passed the plain-http check, and the token went to the other host.
+    given, other = (f"http://127.0.0.1:{server.server_port}" for server in dashboards)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "the-token")
+    monkeypatch.setenv(variable, other)
+    with pytest.raises(UserError, match=rf"--address {given}: "):
+        JobsClient(given)
+    assert dashboards[0].seen == [("/api/version", "Bearer the-token")]  # type: ignore[attr-defined]
+    assert dashboards[1].seen == []  # type: ignore[attr-defined]
