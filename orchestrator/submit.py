@@ -117,7 +117,8 @@ def build_submission(
     sets = [part for o in [*shipped, f"name={name}"] for part in ("--set", o)]
     count = ["--workers", str(workers)] if workers else []
     env, held = _passed_env()
-    env[RESUME_HINT_ENV] = shlex.join(["orchestrator", "submit", str(config_path), "--resume", name, *count,
+    pip = ["--pip", str(requirements)] if requirements is not None else []  # the job imports what it installs
+    env[RESUME_HINT_ENV] = shlex.join(["orchestrator", "submit", str(config_path), "--resume", name, *count, *pip,
                                        *(part for o in shipped for part in ("--set", o))])
     runtime_env: dict[str, Any] = {
         "working_dir": str(staging),

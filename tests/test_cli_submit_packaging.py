@@ -72,6 +72,11 @@ def test_resume_keeps_the_job_name_under_a_new_submission_id(tmp_path: Path, mon
     assert sub.job_name == "digits-cnn-0a1b2c"
     assert sub.submission_id.startswith("digits-cnn-0a1b2c-resume-")
     assert sub.entrypoint.endswith("--set name=digits-cnn-0a1b2c")
+    (tmp_path / "requirements.txt").write_text("tqdm\n")
+    with_pip = build_submission(CONFIG, staging=tmp_path, requirements=tmp_path / "requirements.txt", workers=1)
+    # the command a stopped job prints installs what the job needs again
+    assert with_pip.runtime_env["env_vars"][RESUME_HINT_ENV] == (
+        f"orchestrator submit {CONFIG} --resume {with_pip.job_name} --workers 1 --pip {tmp_path}/requirements.txt")
 
 
 @pytest.mark.parametrize("kwargs, error", [
