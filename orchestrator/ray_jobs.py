@@ -138,8 +138,10 @@ class JobsClient:
 
         for name in QUIET_LOGGERS:  # Ray sets them to INFO: a line per upload and per log stream
             logging.getLogger(name).setLevel(logging.WARNING)
+        self._answered = False
         with self._errors(), _address_as_given():
             self._client = JobSubmissionClient(self.address, headers=headers)
+        self._answered = True
 
     def _probe(self) -> None:
         # requests waits minutes on an address that drops packets; a TCP connect says it in seconds.
@@ -164,6 +166,10 @@ class JobsClient:
                                 f"{self._token_source}; {TOKEN_HINT}") from None
             raise UserError(f"{shown(self.address)}: the Ray cluster requires a token; {TOKEN_HINT}") from None
         except (ConnectionError, requests.exceptions.RequestException) as exc:
+            if not self._answered:  # a port that takes connections but is no dashboard: often the GCS's 6379
+                raise UserError(f"--address {shown(self.address)}: no Ray dashboard answers there "
+                                f"({type(exc).__name__}); give the dashboard's http://HOST:PORT (usually 8265), "
+                                "not the cluster's Ray address (port 6379)") from None
             raise UserError(f"--address {shown(self.address)}: the Ray dashboard stopped answering "
                             f"({type(exc).__name__})") from None
         except RuntimeError as exc:  # the Jobs API answered with an error status

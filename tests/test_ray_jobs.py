@@ -3,7 +3,9 @@ only to the address that was checked. No Ray is started."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
+import socket
 import threading
 from collections.abc import Iterator
 
@@ -49,3 +51,18 @@ def test_the_token_goes_only_to_the_checked_address(dashboards: list[http.server
         JobsClient(given)
     assert dashboards[0].seen == [("/api/version", "Bearer the-token")]  # type: ignore[attr-defined]
     assert dashboards[1].seen == []  # type: ignore[attr-defined]
+
+
+def test_a_port_that_is_no_dashboard_names_the_dashboard_port() -> None:
+    # The GCS (port 6379) takes the connection and answers HTTP with nothing a client can read:
+    # it was "the Ray dashboard stopped answering", of a dashboard that never answered.
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        def close_each() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    listener.accept()[0].close()
+
+        threading.Thread(target=close_each, daemon=True).start()
+        address = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        with pytest.raises(UserError, match=rf"^--address {address}: no Ray dashboard answers there .*usually 8265"):
+            JobsClient(address)
