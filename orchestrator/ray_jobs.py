@@ -225,7 +225,7 @@ class JobsClient:
         self.info(job_id)  # an unknown id is a one-line error, not a websocket failure
         try:
             asyncio.run(self._tail(job_id, write))
-        except UserError:
+        except (UserError, BrokenPipeError):  # the reader of our output went away (`| head`)
             raise
         except KeyboardInterrupt:
             print(f"stopped following; the job goes on: orchestrator jobs logs {job_id} --follow", file=sys.stderr)
@@ -239,9 +239,14 @@ class JobsClient:
         return code
 
     async def _tail(self, job_id: str, write: Write) -> None:
-        with self._errors(job_id):
-            async for chunk in self._client.tail_job_logs(job_id):
-                write(chunk)
+        chunks = self._client.tail_job_logs(job_id)
+        while True:
+            with self._errors(job_id):  # not around `write`: a closed stdout is no dashboard failing
+                try:
+                    chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    return
+            write(chunk)
 
 
 def exit_code(status: str) -> int:

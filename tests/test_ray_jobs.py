@@ -4,10 +4,12 @@ only to the address that was checked. No Ray is started."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import http.server
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from types import SimpleNamespace
 
 import pytest
 
@@ -66,3 +68,27 @@ def test_a_port_that_is_no_dashboard_names_the_dashboard_port() -> None:
         address = f"http://127.0.0.1:{listener.getsockname()[1]}"
         with pytest.raises(UserError, match=rf"^--address {address}: no Ray dashboard answers there .*usually 8265"):
             JobsClient(address)
+
+
+class _FinishedJob:
+    """The part of JobSubmissionClient that `follow` reads, for a job whose log is one line."""
+
+    def get_job_info(self, job_id: str) -> SimpleNamespace:
+        return SimpleNamespace(status="SUCCEEDED", message="")
+
+    async def tail_job_logs(self, job_id: str) -> AsyncIterator[str]:
+        yield "line\n"
+
+
+def test_a_closed_output_is_not_blamed_on_the_dashboard() -> None:
+    # `jobs logs ID --follow | head -1` said "the Ray dashboard stopped answering (BrokenPipeError)",
+    # exit 2; it now ends as typer ends any command whose stdout is closed (quiet, exit 1).
+    client = object.__new__(JobsClient)
+    client.address, client._token_source, client._answered = "http://127.0.0.1:8265", "no token", True
+    client._client = _FinishedJob()
+
+    def closed(text: str) -> None:
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    with pytest.raises(BrokenPipeError):
+        client.follow("job-1", closed)
