@@ -104,14 +104,20 @@ def auth_token() -> tuple[str | None, str]:
     if token := os.environ.get("RAY_AUTH_TOKEN", "").strip():
         return token, "RAY_AUTH_TOKEN"
     if path := os.environ.get("RAY_AUTH_TOKEN_PATH"):
-        try:
-            return Path(path).expanduser().read_text().strip() or None, f"RAY_AUTH_TOKEN_PATH ({path})"
-        except OSError as exc:
-            raise UserError(f"RAY_AUTH_TOKEN_PATH: cannot read {path} ({exc.strerror})") from None
+        return _read_token(Path(path).expanduser(), "RAY_AUTH_TOKEN_PATH: "), f"RAY_AUTH_TOKEN_PATH ({path})"
     default = Path.home() / ".ray" / "auth_token"
     if default.is_file():
-        return default.read_text().strip() or None, str(default)
+        return _read_token(default, ""), str(default)
     return None, "no token"
+
+
+def _read_token(path: Path, flag: str) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except OSError as exc:
+        raise UserError(f"{flag}cannot read {path} ({exc.strerror})") from None
+    except UnicodeDecodeError:  # a key or certificate file given by mistake: a token is text
+        raise UserError(f"{flag}{path} is not a text file; it should hold the cluster's token") from None
 
 
 @contextmanager

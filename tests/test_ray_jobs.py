@@ -9,12 +9,13 @@ import http.server
 import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from orchestrator.errors import UserError
-from orchestrator.ray_jobs import ADDRESS_OVERRIDES, JobsClient
+from orchestrator.ray_jobs import ADDRESS_OVERRIDES, JobsClient, auth_token
 
 
 class _Recorder(http.server.BaseHTTPRequestHandler):
@@ -92,3 +93,20 @@ def test_a_closed_output_is_not_blamed_on_the_dashboard() -> None:
 
     with pytest.raises(BrokenPipeError):
         client.follow("job-1", closed)
+
+
+@pytest.mark.parametrize("where", ["RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token"])
+def test_a_token_file_that_is_not_text_is_one_line(where: str, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # A key or certificate given by mistake was a UnicodeDecodeError traceback, exit 1.
+    path = tmp_path / ".ray" / "auth_token"
+    path.parent.mkdir()
+    path.write_bytes(b"\x30\x82\x01\xff binary")
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    if where == "RAY_AUTH_TOKEN_PATH":
+        monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(path))
+    else:
+        monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    with pytest.raises(UserError, match=rf"{path} is not a text file; it should hold the cluster's token"):
+        auth_token()
