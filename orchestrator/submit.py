@@ -56,6 +56,9 @@ PASSED_ENV_PREFIX = "ORCH_"
 RESUME_HINT_ENV = "ORCH_RESUME_HINT"
 # Ray's dashboard accepts working_dir uploads up to 100 MiB.
 SHIP_LIMIT_BYTES = 100 * 2**20
+# Ray's uploader obeys these wherever they lie in the working_dir: a data folder's own `.gitignore`
+# (`*`, to keep the data out of git) dropped the data from the upload. They mean nothing to the job.
+UPLOAD_IGNORE_FILES = (".gitignore", ".rayignore")
 CREDENTIALS_NOTE = ("credentials in a URI are not shipped (the job's runtime_env is readable by anyone "
                     "who can reach the dashboard): the job gets {uri}; give the cluster "
                     "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD in its own environment or a "
@@ -215,7 +218,7 @@ def shipped_files(field: str, path: Path, root: Path, ancestors: frozenset[Path]
         return [f for child in sorted(path.iterdir()) for f in shipped_files(field, child, root, ancestors | {real})]
     if not real.exists():
         raise UserError(f"{field}: {path} is a broken link")
-    return [(real, path)] if real.is_file() else []
+    return [(real, path)] if real.is_file() and path.name not in UPLOAD_IGNORE_FILES else []
 
 
 def _inputs(job: JobConfig) -> list[tuple[str, str]]:

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import tomllib
+import zipfile
 from importlib.metadata import packages_distributions
 from pathlib import Path
 
@@ -210,6 +211,20 @@ def test_link_inside_the_project_ships_as_a_plain_file(project: Path, staging: P
     build_submission("digits.yaml", staging=staging)
     copied = staging / "data" / "digits" / "again.parquet"
     assert copied.is_file() and not copied.is_symlink() and copied.read_bytes() == shard.read_bytes()
+
+
+def test_a_data_folders_ignore_files_do_not_drop_its_data_from_the_upload(project: Path, staging: Path) -> None:
+    # A data folder kept out of git by its own `.gitignore` (`*`) was staged as it is, and Ray's
+    # uploader obeys every .gitignore / .rayignore in the working_dir: the job got no data.
+    from ray._private.runtime_env.packaging import create_package
+
+    data = project / "data" / "digits"
+    (data / ".gitignore").write_text("*\n!.gitignore\n")
+    (data / ".rayignore").write_text("*.parquet\n")
+    build_submission("digits.yaml", staging=staging)
+    create_package(str(staging), staging.parent / "upload.zip", include_parent_dir=False, include_gitignore=True)
+    uploaded = {Path(n).name for n in zipfile.ZipFile(staging.parent / "upload.zip").namelist()}
+    assert {f.name for f in data.glob("*.parquet")} <= uploaded, uploaded
 
 
 def test_size_limit_counts_what_a_linked_folder_ships(
