@@ -13,6 +13,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -37,6 +38,9 @@ JOB_KEY = "orchestrator.job"
 ADDRESS_OVERRIDES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 QUIET_LOGGERS = ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk",
                  "ray._private.runtime_env.packaging")
+
+# Ray's message for a failed entrypoint: this first line, then the job's last log lines.
+LOGS_FOLLOW = re.compile(r",? last available logs \(truncated to [\d,]+ chars\):$")
 
 Write = Callable[[str], Any]
 
@@ -240,7 +244,7 @@ class JobsClient:
             print(f"log stream lost ({type(exc).__name__}); waiting for the job to end", file=sys.stderr)
         status = self.wait(job_id)
         code = exit_code(status)
-        why = "" if code == 0 else first_line(self.info(job_id).message)
+        why = "" if code == 0 else reason(self.info(job_id).message)
         print(f"job {job_id}: {status}" + (f" ({why})" if why else "") + f"; exit code {code}", file=sys.stderr)
         return code
 
@@ -262,7 +266,7 @@ def exit_code(status: str) -> int:
 
 def format_jobs(jobs: list[Any]) -> list[str]:
     rows = [("ID", "STATUS", "STARTED", "MESSAGE")]
-    rows += [(j.submission_id, str(j.status), _when(j.start_time), first_line(j.message)[:60]) for j in jobs]
+    rows += [(j.submission_id, str(j.status), _when(j.start_time), reason(j.message)[:60]) for j in jobs]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     return [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}".rstrip() for r in rows]
 
@@ -270,7 +274,7 @@ def format_jobs(jobs: list[Any]) -> list[str]:
 def format_info(info: Any) -> list[str]:
     lines = [f"{info.submission_id}: {info.status}"]
     if info.message:
-        lines.append(f"  {first_line(info.message)}")
+        lines.append(f"  {reason(info.message)}")
     if name := (info.metadata or {}).get(JOB_KEY):
         lines.append(f"  job name: {name} (MLflow run name; --resume {name} continues it)")
     lines.append(f"  started {_when(info.start_time)}" + (f", ended {_when(info.end_time)}" if info.end_time else ""))
@@ -279,6 +283,16 @@ def format_info(info: Any) -> list[str]:
 
 def _when(ms: int | None) -> str:
     return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
+
+
+def reason(message: str | None) -> str:
+    """A job's message in one line; for a failed entrypoint, Ray's "last available logs (...):" gives
+    way to the job's own last line, which says why (`error: data.path: ... not found`)."""
+    head = first_line(message)
+    if not LOGS_FOLLOW.search(head):
+        return head
+    logs = [line.strip() for line in (message or "").strip().splitlines()[1:] if line.strip()]
+    return LOGS_FOLLOW.sub("", head) + (f": {logs[-1]}" if logs else "")
 
 
 def first_line(text: str | None) -> str:

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from orchestrator.errors import UserError
-from orchestrator.ray_jobs import ADDRESS_OVERRIDES, JobsClient, auth_token
+from orchestrator.ray_jobs import ADDRESS_OVERRIDES, JobsClient, auth_token, format_info, reason
 
 
 class _Recorder(http.server.BaseHTTPRequestHandler):
@@ -110,3 +110,16 @@ def test_a_token_file_that_is_not_text_is_one_line(where: str, tmp_path: Path,
         monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
     with pytest.raises(UserError, match=rf"{path} is not a text file; it should hold the cluster's token"):
         auth_token()
+
+
+def test_a_failed_entrypoint_says_why_in_one_line() -> None:
+    # Ray's message promises logs after a colon; its first line alone was the whole `jobs status`.
+    message = ("Job entrypoint command failed with exit code 2, last available logs (truncated to 20,000 chars):\n"
+               "Running entrypoint for job j-1: exec sh orchestrator-entry.sh run digits.yaml\n"
+               "error: data.path: data/digits not found\n\n")
+    info = SimpleNamespace(submission_id="j-1", status="FAILED", message=message, metadata={}, start_time=None,
+                           end_time=None)
+    expected = "Job entrypoint command failed with exit code 2: error: data.path: data/digits not found"
+    assert format_info(info)[1] == f"  {expected}"
+    assert reason(message.splitlines()[0]) == "Job entrypoint command failed with exit code 2"
+    assert reason("Job was intentionally stopped.\nmore") == "Job was intentionally stopped."
