@@ -55,6 +55,10 @@ def _tell(status: Any, message: str) -> None:
         status(message)
 
 
+# On the logged model and its version: the training step whose weights they hold.
+STEP_TAG = "orchestrator.step"
+
+
 def log_and_register(job: Any, state: dict[str, Any], example: Any, *, run_id: str, tracking_uri: str) -> str | None:
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -62,14 +66,19 @@ def log_and_register(job: Any, state: dict[str, Any], example: Any, *, run_id: s
     from trainers.models import build_model
 
     client = MlflowClient(tracking_uri)
-    existing = client.search_model_versions(f"run_id='{run_id}'")
-    if existing:  # a finished job run again: its model is already registered
-        return existing[0].version
+    step = str(state.get("step", ""))
+    # This step's model registered already (logged before the server lost the answer). A run trained
+    # further (a longer training.max_steps) has new weights: they are a new version.
+    for version in client.search_model_versions(f"run_id='{run_id}'"):
+        if version.tags.get(STEP_TAG) == step:
+            return str(version.version)
     model = build_model(job.model.name, job.model.kwargs)
     model.load_state_dict(state["model"])
     model.eval()
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pytorch.log_model(model, name="model", input_example=example, pip_requirements=requirements(),
-                                        registered_model_name=job.tracking.registered_model)
-    return str(info.registered_model_version) if job.tracking.registered_model else None
+                                        tags={STEP_TAG: step})
+    if not job.tracking.registered_model:
+        return None
+    return str(mlflow.register_model(info.model_uri, job.tracking.registered_model, tags={STEP_TAG: step}).version)
