@@ -123,8 +123,9 @@ def _log_sizing(run: Any, sizing: Sizing) -> None:
             run.log_artifact(scaling_plot(sizing.plan, Path(tmp) / "scaling.png"), "plan")
     if sizing.prediction is not None:
         p = sizing.prediction
+        # Per step: a resumed run keeps the prediction it has at step 0 (MLflow would show two there).
         run.log_metrics({"plan/predicted_samples_per_s": p.throughput, "plan/predicted_efficiency": p.efficiency},
-                        step=0)
+                        step=0, per_step=True)
 
 
 def _git_tags() -> dict[str, str]:
