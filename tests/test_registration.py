@@ -1,0 +1,43 @@
+"""The trained model logged to the job's run and registered (`orchestrator/driver/registration.py`),
+on a real MLflow sqlite store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def test_a_job_trained_further_registers_the_new_weights_and_a_retry_of_one_step_does_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A longer `training.max_steps` continues the same run: the model it trained to step 20 is a new
+    version (it was the step-10 version again, version 1 reported as the model trained); logging
+    one step's model twice (a retry after the server lost the answer) registers it once."""
+    import mlflow
+    import numpy as np
+    import torch
+    from mlflow.tracking import MlflowClient
+    from test_identity import job
+
+    from orchestrator.driver.registration import log_and_register
+    from trainers.models import build_model
+
+    monkeypatch.chdir(tmp_path)  # the sqlite store's artifacts
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = job(str(tmp_path))
+    config = config.model_copy(update={"tracking": config.tracking.model_copy(update={"registered_model": "m"})})
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    weights = build_model(config.model.name, config.model.kwargs).state_dict()
+
+    def register(step: int) -> str | None:
+        state = {"step": step, "model": {k: v + step for k, v in weights.items()}}
+        return log_and_register(config, state, np.zeros((2, 64), np.float32), run_id=run_id, tracking_uri=uri)
+
+    assert register(10) == "1"
+    assert register(20) == "2"
+    assert register(20) == "2"  # a retry
+    assert {str(v.version) for v in client.search_model_versions("name='m'")} == {"1", "2"}
+    loaded = mlflow.pytorch.load_model("models:/m/2").state_dict()
+    assert all(torch.equal(loaded[k], v + 20) for k, v in weights.items())  # the weights trained further
