@@ -358,3 +358,16 @@ def test_a_proxys_too_large_answer_is_a_refusal_not_retried_for_good() -> None:
         server.shutdown()
         server.server_close()
 
+
+
+def test_a_rerun_with_a_changed_param_says_so_in_a_tag(fake: FakeStore, spill_dir: Path) -> None:
+    """MLflow refuses a param's new value, so a rerun continuing the run to training.max_steps=60
+    kept showing 40 (its config/resolved.json said 60): the change is a tag."""
+    for max_steps in (40, 60, 60):
+        tracker = Tracker(URI, spill_dir=spill_dir)
+        tracker.open_run(experiment="e", run_key="k", run_name="job").log_params(
+            {"training.max_steps": max_steps, "training.lr": 0.1})
+        tracker.close(timeout_s=5)
+        got = fake.run("k")
+        assert got.params == {"training.max_steps": "40", "training.lr": "0.1"}
+        assert got.tags.get("params.changed") == (None if max_steps == 40 else "training.max_steps: 40 -> 60")

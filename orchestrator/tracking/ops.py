@@ -31,6 +31,9 @@ RUN_KEY_TAG = "orchestrator.run_key"
 HANDLE_TAG = "orchestrator.tracker_handle"
 DESCRIPTION_TAG = "mlflow.note.content"
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
+# A resumed run's params keep their first values (MLflow refuses a change); this tag says which differ.
+CHANGED_PARAMS_TAG = "params.changed"
+MAX_TAG_LEN = 8000  # MLflow's limit on a tag value
 BATCH_LIMIT = 1000  # metric points per request (MLflow's log_batch limit)
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 

@@ -15,7 +15,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.tracking.ops import Op, ResolvedRun, artifact_name, describe, server_name
+from orchestrator.tracking.ops import (
+    CHANGED_PARAMS_TAG, MAX_TAG_LEN, Op, ResolvedRun, artifact_name, describe, server_name,
+)
 
 if TYPE_CHECKING:
     from orchestrator.tracking.store import Store
@@ -120,6 +122,10 @@ class Writer:
         if fresh:
             self.store.log_params(run.run_id, fresh)
             known.update(fresh)
+        # A rerun's changed value (a longer training.max_steps) would otherwise go unseen.
+        changed = [f"{k}: {run.params[k]} -> {v}" for k, v in op["params"].items() if run.params.get(k, v) != v]
+        if changed:
+            self.store.set_tags(run.run_id, {CHANGED_PARAMS_TAG: "; ".join(changed)[:MAX_TAG_LEN]})
 
     def _tags(self, run: ResolvedRun, op: Op, files: Path) -> None:
         self.store.set_tags(run.run_id, op["tags"])
