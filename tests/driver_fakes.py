@@ -32,7 +32,7 @@ class FakeIdentity:
     complete: bool = False
     model_pending: bool = False
     key: str = "job-key"
-    state: Any = field(default_factory=lambda: SimpleNamespace(finished=None, counts={}))
+    state: Any = field(default_factory=lambda: SimpleNamespace(finished=None, counts={}, records={}))
     finished: dict[str, Any] | None = None
     released: bool = False
     lost: str | None = None
@@ -43,6 +43,9 @@ class FakeIdentity:
 
     def save_counts(self, counts: dict[str, int]) -> None:
         self.state.counts = dict(counts)
+
+    def save_records(self, name: str, rows: list[Any]) -> None:
+        self.state.records = {**self.state.records, name: list(rows)}
 
     def release(self) -> None:
         self.released = True

@@ -350,3 +350,23 @@ def test_a_warning_the_ui_shows_is_not_logged_as_a_warning_too(caplog: pytest.Lo
         run(world)
     assert "worker failure after step 4: rank 1: KilledError" in world.ui.statuses
     assert not [r for r in caplog.records if r.name.startswith("orchestrator.driver")]
+
+
+def test_a_rerun_of_the_run_adds_its_decisions_and_observations_to_the_earlier_ones(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Continued to a longer training.max_steps, the run held replan.1 and replan.2 tags, but
+    replan/decisions.json and plan/observations.json (what `calibrate` learns from) only the rerun's."""
+    monkeypatch.setattr(constants, "REPLAN_MIN_STEPS", 4)
+    monkeypatch.setattr(controller_module, "replan", lambda sizing, group, **kwargs: Replan(
+        Keep("keep 2 workers"), None, None, {"step": 10, "refit": {"scale": 1.0, "compute_scale": 1.0}}, "text"))
+    monkeypatch.setattr(controller_module, "predicted_at", lambda *a: object())
+    monkeypatch.setattr(controller_module, "comparison", lambda observed, predicted: {})
+    monkeypatch.setattr(controller_module, "observation", lambda sizing, group, run_id: {"step_time_s": 0.02})
+    world = World(job(), [FakeFit([[group(5, 2, resumed=5)], [steps(6, 10)]], FitOutcome({"step": 10}))])
+    world.identity.state.records = {"replans": [{"step": 5}], "observations": [{"step_time_s": 0.05}]}
+    world.identity.state.counts = {"replan": 1}
+    run(world)
+    assert world.run.tags["replan.2"] == "text" and [r["step"] for r in world.run.dicts["replan/decisions.json"]] == [5, 10]
+    assert world.run.dicts["plan/observations.json"] == [{"step_time_s": 0.05}, {"step_time_s": 0.02}]
+    assert world.identity.state.records["replans"] == world.run.dicts["replan/decisions.json"]  # for the next rerun

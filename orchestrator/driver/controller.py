@@ -287,7 +287,7 @@ class JobController:
         rec.log_metrics({"plan/refit_network_scale": result.record["refit"]["scale"],
                          "plan/refit_compute_scale": result.record["refit"]["compute_scale"]}, step=rec.last_step)
         self.replans.append(result.record)
-        self.run_log.log_dict(self.replans, "replan/decisions.json")
+        self.run_log.log_dict(self._run_records("replans", result.record), "replan/decisions.json")
         self._status(f"re-plan: {result.text}")
         if isinstance(result.decision, Resize):
             self.resize_to = result.decision.workers
@@ -308,6 +308,13 @@ class JobController:
         if found is not None:
             group.observed = True
             self.observations.append(found)
+            self._run_records("observations", found)
+
+    def _run_records(self, name: str, row: dict[str, Any]) -> list[dict[str, Any]]:
+        """The run's rows so far, this driver's `row` added: a rerun continues the run's artifacts."""
+        rows = [*self.identity.state.records.get(name, []), row]
+        self.identity.save_records(name, rows)
+        return rows
 
     # -- the end ---------------------------------------------------------------------------------
 
@@ -344,7 +351,7 @@ class JobController:
     def _final_records(self) -> None:
         rec = self.recorder
         if self.observations:  # what `orchestrator calibrate --experiment` learns the cluster from
-            self.run_log.log_dict(self.observations, OBSERVATIONS_ARTIFACT)
+            self.run_log.log_dict(self.identity.state.records["observations"], OBSERVATIONS_ARTIFACT)
         if self.state is State.FINISHED and self.outcome is not None:
             checkpoint = self.outcome.checkpoint.path if self.outcome.checkpoint is not None else None
             self.identity.mark_finished(step=rec.last_step, run_id=self.run_log.run_id,

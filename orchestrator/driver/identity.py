@@ -69,6 +69,8 @@ class JobState:
     length: dict[str, Any] = field(default_factory=dict)  # training.max_steps / epochs when it finished
     finished: dict[str, Any] | None = None  # {step, at, run_id, model_version}
     counts: dict[str, int] = field(default_factory=dict)  # worker groups, restarts, resizes, re-plans so far
+    # The run's re-plan decisions and observations so far: a rerun's artifacts hold them and its own.
+    records: dict[str, list[Any]] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, raw: Any, where: str = STATE_FILE) -> JobState:
@@ -87,13 +89,14 @@ class JobState:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "generation": self.generation, "config_digest": self.config_digest,
-                "trained": self.trained, "length": self.length, "finished": self.finished, "counts": self.counts}
+                "trained": self.trained, "length": self.length, "finished": self.finished, "counts": self.counts,
+                "records": self.records}
 
 
 MAX_GENERATION = 2**31  # `--new-run`s of one job name
 _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "generation": int, "config_digest": str, "trained": dict, "length": dict, "finished": (dict, type(None)),
-    "counts": dict}
+    "counts": dict, "records": dict}
 
 
 def _length(job: JobConfig) -> dict[str, Any]:
@@ -168,6 +171,11 @@ class JobIdentity:
     def save_counts(self, counts: dict[str, int]) -> None:
         """The run's numbered records (restart.N, resize.N, ...) continue from here on a rerun."""
         self.state.counts = dict(counts)
+        self.save()
+
+    def save_records(self, name: str, rows: list[Any]) -> None:
+        """The run's `replans` or `observations` so far, which a rerun's artifacts continue."""
+        self.state.records = {**self.state.records, name: list(rows)}
         self.save()
 
     def release(self) -> None:
