@@ -111,6 +111,7 @@ def test_the_workers_compute_only_steps_lack_the_optimizer_and_replan_adds_it() 
                         objective="max_throughput", min_efficiency=0.7, bounds=None, replan_enabled=True, resizes=0,
                         slots=placement.gpus)
         assert result.record["refit"]["changed"] == [], result.text
+        assert result.text.startswith("step 40, 1 worker (1x1):" if placement.gpus == 1 else "step 40, 8 workers (2x4):")
         assert result.profile is profile and result.cluster is cluster
         seen = observation(sizing, group, run_id=None)
         assert seen is not None and seen["compute_step_time_s"] == pytest.approx(truth.compute_s)

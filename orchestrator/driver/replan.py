@@ -13,6 +13,7 @@ from orchestrator.driver.policies import Keep, ReplanDecision, Resize, replan_gu
 from orchestrator.driver.recorder import Group
 from orchestrator.driver.sizing import Sizing
 from orchestrator.planner import ClusterSpec, Observation, Prediction, Profile, decide_resize, predict, refit
+from orchestrator.planner.explain import plural
 from orchestrator.planner.model import optimizer_share
 
 
@@ -81,8 +82,8 @@ def replan(sizing: Sizing, group: Group, *, profile: Profile, cluster: ClusterSp
     else:
         details = {"reason": decision.reason}
     observed, predicted = group.observed_step_time_s, learned.predicted.step_time_s
-    text = (f"step {step}, {group.workers} workers ({group.placement}): observed {observed * 1e3:.2f} ms/step vs "
-            f"predicted {predicted * 1e3:.2f} ms; {learned.reason}; {decision.reason}")
+    text = (f"step {step}, {plural(group.workers, 'worker')} ({group.placement}): observed {observed * 1e3:.2f} "
+            f"ms/step vs predicted {predicted * 1e3:.2f} ms; {learned.reason}; {decision.reason}")
     record = {"step": step, "workers": group.workers, "placement": str(group.placement), "observed_step_s": observed,
               "predicted_step_s": predicted, "refit": learned.to_dict(), "decision": details}
     return Replan(decision, learned.profile, learned.cluster, record, text)
