@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from orchestrator.errors import UserError, shown
+from orchestrator.errors import UserError, shown, undecodable
 from orchestrator.files import load_yaml, read_yaml
 from orchestrator.redact import scrub, url_error
 from trainers.config import (
@@ -98,7 +98,7 @@ def tracking_uri_problem(uri: str) -> str | None:
     except ValueError as exc:
         problem = f"not a valid URI{url_error(uri, exc)}"
     else:
-        if any("\udc80" <= c <= "\udcff" for c in uri):  # bytes of no UTF-8 text (argv, environment)
+        if undecodable(uri):  # bytes of no UTF-8 text (argv, environment)
             problem = "not UTF-8 text"
         elif parts.scheme.split("+")[0] not in TRACKING_SCHEMES:
             problem = (f"scheme {parts.scheme!r} is no MLflow tracking store; use http(s)://HOST:PORT, a "
@@ -304,9 +304,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """``training.lr=0.01`` -> (["training", "lr"], 0.01); the value is parsed as YAML."""
     # A byte of no UTF-8 text in argv arrives as a lone surrogate: YAML's parser raised a 100-line
     # UnicodeEncodeError on it.
-    if bad := next((c for c in text if "\udc80" <= c <= "\udcff"), None):
+    if bad := undecodable(text):
         shown = text.encode("utf-8", "backslashreplace").decode()
-        raise UserError(f"--set {shown}: not UTF-8 text (byte 0x{ord(bad) - 0xdc00:02x})")
+        raise UserError(f"--set {shown}: not UTF-8 text (byte {bad})")
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise UserError(f"--set {text}: expected KEY=VALUE, e.g. training.lr=0.01")

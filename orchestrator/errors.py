@@ -11,7 +11,7 @@ from typing import Any
 
 from trainers.errors import UserError, first_line
 
-__all__ = ["UserError", "given", "shown", "user_error_among", "worker_user_error"]
+__all__ = ["UserError", "given", "shown", "undecodable", "user_error_among", "worker_user_error"]
 
 
 def shown(value: Any) -> str:
@@ -23,14 +23,20 @@ def shown(value: Any) -> str:
     return text if len(text) <= 80 else f"{text[:60]}... ({len(text):,} characters)"
 
 
+def undecodable(text: str) -> str | None:
+    """The first byte of no UTF-8 text in `text`, as "0xNN" (argv and the environment carry such
+    bytes as lone surrogates, on which YAML and encoders fail deep below); None when there is none."""
+    bad = next((c for c in text if "\udc80" <= c <= "\udcff"), None)
+    return None if bad is None else f"0x{ord(bad) - 0xdc00:02x}"
+
+
 def given(value: str | None, flag: str, hint: str = "leave it out for the default or give a value") -> str | None:
     """A flag given empty (an unset shell variable, `--address "$RAY_ADDRESS"`) is refused, not
     read as "not given": that would quietly pick the default (an embedded Ray, another MLflow)."""
     if value is not None and not value.strip():
         raise UserError(f"{flag}: empty; {hint}")
-    if value is not None and (bad := next((c for c in value if "\udc80" <= c <= "\udcff"), None)):
-        # argv bytes of no UTF-8 text (lone surrogates): said here, not as an encoding error deep below
-        raise UserError(f"{flag}: not UTF-8 text (byte 0x{ord(bad) - 0xdc00:02x})")
+    if value is not None and (bad := undecodable(value)):
+        raise UserError(f"{flag}: not UTF-8 text (byte {bad})")
     return value
 
 

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from orchestrator.errors import UserError
+from orchestrator.errors import UserError, first_line
 
 
 def is_remote(location: str) -> bool:
@@ -37,8 +37,7 @@ class Storage:
             try:  # a scheme pyarrow has no filesystem for (ftp://), an object store it cannot reach
                 self._fs, self._root = fs.FileSystem.from_uri(location)
             except (pa.ArrowException, OSError) as exc:
-                reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-                raise UserError(f"checkpoint.storage_path: {location}: {reason}") from None
+                raise UserError(f"checkpoint.storage_path: {location}: {first_line(exc)[:300]}") from None
         else:
             self._fs, self._root = None, location.removeprefix("file://")
 
