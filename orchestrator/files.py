@@ -272,3 +272,10 @@ def user_cache_dir(*parts: str) -> Path:
     """``$XDG_CACHE_HOME/orchestrator/...``, else ``~/.cache/orchestrator/...``: this user's, local."""
     cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(cache, "orchestrator", *parts)
+
+
+def open_no_follow(path: Path, flags: int, *, mode: int) -> int:
+    """A file descriptor of `path`, created with `mode` (less the umask) if missing, never through a
+    symbolic link (ELOOP where one stands): a link planted in a shared folder at a name this program
+    writes would have it write to the link's target."""
+    return os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, mode)

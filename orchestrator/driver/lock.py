@@ -23,6 +23,7 @@ from typing import Any
 
 from orchestrator import constants
 from orchestrator.errors import UserError
+from orchestrator.files import open_no_follow
 from orchestrator.storage import Storage
 
 LOCK_FILE = ".lock"
@@ -86,7 +87,7 @@ class JobLock:
             path.parent.mkdir(parents=True, exist_ok=True)
             # never through a link: on a shared storage one planted at .lock would have the holder's
             # name truncate and overwrite the link's target (any file this user can write)
-            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+            fd = open_no_follow(path, os.O_RDWR | os.O_APPEND, mode=0o666)
             f = os.fdopen(fd, "a+")  # noqa: SIM115 - held open for the lock's lifetime
         except OSError as exc:  # a read-only or missing place, a file where the folder goes, a link, a folder
             if path.is_symlink():

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from orchestrator import constants
-from orchestrator.files import user_cache_dir
+from orchestrator.files import open_no_follow, user_cache_dir
 from orchestrator.errors import UserError
 from orchestrator.tracking.ops import Op, ResolvedRun, describe, joins, server_name, weight, well_formed
 from orchestrator.tracking.writer import RunRefused, Writer, remove_staged
@@ -120,10 +120,9 @@ class SpillWriter:
 
 
 def _open_own(path: Path, flags: int) -> int:
-    """A file descriptor of `path`, created (this user's only) if missing, never through a symbolic
-    link: in a shared spill_dir a link planted at a name this program writes (the spill file, its
-    lock, its progress record's staging name) would have it append to or overwrite the link's target."""
-    return os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    """In a shared spill_dir a link planted at a name this program writes (the spill file, its lock,
+    its progress record's staging name) would have it append to or overwrite the link's target."""
+    return open_no_follow(path, flags, mode=0o600)  # this user's only
 
 
 def _ends_with_newline(path: Path) -> bool:
