@@ -56,8 +56,14 @@ def plan(
         raise UserError(f"--objective: must be one of {', '.join(planner.OBJECTIVES)}, got {objective!r}")
     deadline_s = planner.deadline_from_hours(deadline_hours, "--deadline-hours")
     profile = planner.Profile.load(profile_path)
-    held = _held_global_batch(profile, global_batch=global_batch, config=config, vary=vary_batch)
-    accumulation = _fixed_accumulation(config)
+    job = None
+    if config is not None:
+        from orchestrator.config import load_config
+        from orchestrator.driver.sizing import fixed_accumulation
+
+        job = load_config(config)
+    held = _held_global_batch(profile, global_batch=global_batch, job=job, vary=vary_batch)
+    accumulation = fixed_accumulation(job) if job is not None else None  # `run` trains that split
     spec, said = newest(planner.load_cluster(cluster))
     if said:
         note(escape(said))
@@ -86,28 +92,16 @@ def plan(
     print_plan(out, chosen)  # its caption is the plan's explanation
 
 
-def _fixed_accumulation(config: Path | None) -> int | None:
-    """--config's training.grad_accumulation when it fixes one: `run` trains that split."""
-    if config is None:
-        return None
-    from orchestrator.config import load_config
-    from orchestrator.driver.sizing import fixed_accumulation
-
-    return fixed_accumulation(load_config(config))
-
-
-def _held_global_batch(profile: Any, *, global_batch: int | None, config: Path | None, vary: bool) -> int | None:
-    """The global batch `plan` holds, by the same default as `run` (see `plan`)."""
+def _held_global_batch(profile: Any, *, global_batch: int | None, job: Any, vary: bool) -> int | None:
+    """The global batch `plan` holds, by the same default as `run` (see `plan`); `job`: --config's."""
     if vary:
-        if global_batch is not None or config is not None:
+        if global_batch is not None or job is not None:
             raise UserError("--vary-batch: lets the global batch vary; drop --global-batch / --config to use it")
         return None
     if global_batch is not None:
         return global_batch
-    if config is not None:
-        from orchestrator.config import load_config
-
-        return load_config(config).training.global_batch_size
+    if job is not None:
+        return job.training.global_batch_size
     meta = profile.meta.get("global_batch_size")
     return meta if isinstance(meta, int) and not isinstance(meta, bool) and meta > 0 else None
 
