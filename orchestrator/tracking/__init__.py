@@ -38,7 +38,10 @@ Guarantees:
   `CloseReport` (sent and waiting counts, the spill file, the exact `orchestrator tracking replay
   FILE --tracking-uri URI` command with the URI redacted, warnings not yet drained).
 - `replay(path, tracking_uri)` (the CLI's ``tracking replay``) sends a spill file's unsent complete
-  lines exactly once, however often it runs; see `orchestrator.tracking.spill`.
+  lines exactly once, however often it runs; see `orchestrator.tracking.spill`. A file replayed
+  after a later run of the job logged to MLflow (another spill_dir, the server spelled otherwise)
+  only adds what the run lacks (its steps before the later driver's first, tags and artifacts the
+  run has not got); the run's status and values stay the later driver's (`ResolvedRun.stale`).
 
 `default_spill_dir()` is ``$XDG_CACHE_HOME/orchestrator/tracking`` (else
 ``~/.cache/orchestrator/tracking``); `run_key(job_name, storage_path)` is a job's identity (the

@@ -29,6 +29,9 @@ RUN_KEY_TAG = "orchestrator.run_key"
 # The handle that created a run: a create request that timed out after the server stored it is
 # recognised on retry as this handle's own run, not as a run to resume.
 HANDLE_TAG = "orchestrator.tracker_handle"
+# When the latest handle that resumed or created the run was opened (ms, the driver's clock): a
+# spill file replayed later whose handle opened before it is stale (see `later_driver`).
+OPENED_TAG = "orchestrator.opened_ms"
 DESCRIPTION_TAG = "mlflow.note.content"
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 # A resumed run's params keep their first values (MLflow refuses a change); this tag says which differ.
@@ -57,6 +60,10 @@ class ResolvedRun:
     params: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     last_steps: dict[str, int] = field(default_factory=dict)
+    # A driver opened the run after this handle did (a spill file replayed late): only what the run
+    # lacks is sent, per-step points below `cut` (the first step logged after this handle opened).
+    stale: bool = False
+    cut: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,10 +73,31 @@ class ResolvedRun:
         """Read back from a spill file or its progress record: TypeError unless every field has its type."""
         run = cls(**data)
         if not (all(isinstance(v, str) for v in (run.run_id, run.experiment_id, run.artifact_uri))
-                and isinstance(run.resumed, bool) and (run.floor is None or _integer(run.floor))
+                and isinstance(run.resumed, bool) and isinstance(run.stale, bool)
+                and all(v is None or _integer(v) for v in (run.floor, run.cut))
                 and all(isinstance(m, dict) for m in (run.params, run.tags, run.last_steps))):
             raise TypeError(f"not a resolved run: {dict(data)!r:.200}")
         return run
+
+
+def later_driver(open_ms: int, *, tags: Mapping[str, str], start_ms: int | None, end_ms: int | None) -> bool:
+    """Whether a driver opened (or finished) the run after the handle opened at `open_ms`: the spill
+    file of a job that could not reach MLflow, replayed after a later run of the job logged to it
+    (from another spill_dir, or with the server spelled differently). All three times are drivers'
+    clocks (open and finish operations), never the workers' that stamp metric points."""
+    opened = tags.get(OPENED_TAG, "")
+    times = (int(opened) if opened.isdigit() else None, start_ms, end_ms)
+    return any(t is not None and t > open_ms for t in times)
+
+
+def floor_and_cut(history: Iterable[tuple[int, int]], open_ms: int) -> tuple[int | None, int | None]:
+    """For a stale handle, from the floor key's (step, timestamp ms) points: the last step logged
+    before it opened (its floor) and the first logged after (by a later driver, which trains on
+    from there: the stale file's points from that step on are that driver's to keep)."""
+    steps = list(history)
+    before = [step for step, ms in steps if ms < open_ms]
+    after = [step for step, ms in steps if ms >= open_ms]
+    return max(before, default=None), min(after, default=None)
 
 
 def server_name(tracking_uri: str) -> str:

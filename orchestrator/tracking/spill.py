@@ -325,6 +325,7 @@ class ReplayResult:
     skipped_points: int  # per-step points at or below the resumed run's floor
     done: Pass
     refusals: tuple[str, ...]
+    kept: int = 0  # a stale handle's operations left out: the run has a later driver's values
 
     @property
     def unreadable(self) -> int:
@@ -338,6 +339,9 @@ class ReplayResult:
         lines = [f"sent {self.points} metric points and {self.operations} other operations from {path}"]
         if self.skipped_points:
             lines.append(f"{self.skipped_points} per-step points were already in the resumed run; not sent again")
+        if self.kept:
+            lines.append(f"{self.kept} operations were not sent: the run has a later driver's values for them "
+                         "(its status, tags, artifacts)")
         if skipped := self.done.skipped():
             lines.append(skipped)
         if self.incomplete:
@@ -375,4 +379,4 @@ def replay(path: str | Path, tracking_uri: str) -> ReplayResult:
         raise UserError(f"{path}: another process (a running job or a replay) is sending this file; "
                         "try again when it is done")
     return ReplayResult(writer.sent_points, writer.sent_operations, writer.skipped_points, done,
-                        tuple(writer.refusals))
+                        tuple(writer.refusals), writer.kept)

@@ -15,6 +15,7 @@ import posixpath
 import tempfile
 import warnings
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,9 @@ from mlflow.utils.credentials import get_default_host_creds
 from mlflow.utils.proto_json_utils import parse_dict
 from mlflow.utils.rest_utils import http_request, verify_rest_response
 
-from orchestrator.tracking.ops import BATCH_LIMIT, HANDLE_TAG, RUN_KEY_TAG, ResolvedRun
+from orchestrator.tracking.ops import (
+    BATCH_LIMIT, HANDLE_TAG, OPENED_TAG, RUN_KEY_TAG, ResolvedRun, floor_and_cut, later_driver,
+)
 
 PARAMS_PER_REQUEST = 100  # MLflow's log_batch limit for params and for tags
 # HTTP statuses of a request the store understood and refused (a bad value, no such run): sending
@@ -97,20 +100,27 @@ class Store:
 
     def open_run(self, *, experiment: str, run_key: str, run_name: str, handle: str, floor_key: str,
                  start_ms: int) -> ResolvedRun:
-        """Resume the run tagged with `run_key` (set RUNNING again), or create it."""
+        """Resume the run tagged with `run_key` (set RUNNING again), or create it. A handle opened
+        before the run's latest driver (`later_driver`) leaves the run's status as it is."""
         experiment_id = self._experiment_id(experiment)
         found = self._mlflow.search_runs([experiment_id], f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
                                          ViewType.ACTIVE_ONLY, max_results=1)
         if not found:
-            run = self._mlflow.create_run(experiment_id, "unknown", start_ms,
-                                          [RunTag(RUN_KEY_TAG, run_key), RunTag(HANDLE_TAG, handle)], run_name)
+            tags = [RunTag(RUN_KEY_TAG, run_key), RunTag(HANDLE_TAG, handle), RunTag(OPENED_TAG, str(start_ms))]
+            run = self._mlflow.create_run(experiment_id, "unknown", start_ms, tags, run_name)
             self._artifact_uris[run.info.run_id] = run.info.artifact_uri
             return _resolved(run, resumed=False, floor_key=floor_key)
         run = found[0]
-        self._artifact_uris[run.info.run_id] = run.info.artifact_uri
+        run_id = run.info.run_id
+        self._artifact_uris[run_id] = run.info.artifact_uri
         if run.data.tags.get(HANDLE_TAG) == handle:  # this handle's create, stored before it timed out
             return _resolved(run, resumed=False, floor_key=floor_key)
-        self._mlflow.update_run_info(run.info.run_id, RunStatus.RUNNING, run.info.end_time, None)
+        if later_driver(start_ms, tags=run.data.tags, start_ms=run.info.start_time, end_ms=run.info.end_time):
+            history = [(m.step, m.timestamp) for m in self._mlflow.get_metric_history(run_id, floor_key)]
+            floor, cut = floor_and_cut(history, start_ms)
+            return replace(_resolved(run, resumed=True, floor_key=floor_key), floor=floor, cut=cut, stale=True)
+        self._mlflow.update_run_info(run_id, RunStatus.RUNNING, run.info.end_time, None)
+        self._mlflow.set_tag(run_id, RunTag(OPENED_TAG, str(start_ms)))
         return _resolved(run, resumed=True, floor_key=floor_key)
 
     def _experiment_id(self, name: str) -> str:
@@ -153,18 +163,34 @@ class Store:
             self.log_artifact(run, local, folder or None)
 
     def log_artifact(self, run: ResolvedRun, local: Path, artifact_path: str | None) -> None:
-        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
         from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
 
-        artifact_uri = self._artifact_uri(run.run_id)
-        repo = self._repos.get(artifact_uri)
-        if repo is None:
-            repo = get_artifact_repository(artifact_uri, tracking_uri=self.tracking_uri)
-            self._repos[artifact_uri] = repo
+        repo = self._repo(run)
         if isinstance(repo, HttpArtifactRepository):  # the server's artifact proxy: one bounded PUT
             self._put(repo.artifact_uri, local, artifact_path)
         else:  # a folder, or object storage the client writes itself (bounded by its own client)
             repo.log_artifact(str(local), artifact_path)
+
+    def has_artifact(self, run: ResolvedRun, name: str) -> bool:
+        """Whether the run has a file at artifact path `name`."""
+        from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
+
+        folder, file_name = posixpath.split(name)
+        repo = self._repo(run)
+        if isinstance(repo, HttpArtifactRepository):  # the server's artifact proxy: one bounded GET
+            files = self._list(repo.artifact_uri, folder)
+        else:
+            files = [(posixpath.basename(f.path), f.is_dir) for f in repo.list_artifacts(folder or None)]
+        return (file_name, False) in files
+
+    def _list(self, artifacts_url: str, folder: str) -> list[tuple[str, bool]]:
+        endpoint = "/mlflow-artifacts/artifacts"
+        url, tail = artifacts_url.split(endpoint, maxsplit=1)
+        path = posixpath.join(tail.lstrip("/"), folder) if folder else tail.lstrip("/")
+        response = http_request(get_default_host_creds(url), endpoint, "GET", params={"path": path},
+                                max_retries=0, timeout=self.timeout_s)
+        return [(posixpath.basename(f["path"]), bool(f["is_dir"]))
+                for f in verified(response, endpoint).json().get("files", [])]
 
     def _artifact_uri(self, run_id: str) -> str:
         """The run's artifact URI from the store (asked once per run), not the one a ResolvedRun
@@ -172,6 +198,15 @@ class Store:
         if (uri := self._artifact_uris.get(run_id)) is None:
             uri = self._artifact_uris[run_id] = self._mlflow.get_run(run_id).info.artifact_uri
         return uri
+
+    def _repo(self, run: ResolvedRun) -> Any:
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        artifact_uri = self._artifact_uri(run.run_id)
+        repo = self._repos.get(artifact_uri)
+        if repo is None:
+            repo = self._repos[artifact_uri] = get_artifact_repository(artifact_uri, tracking_uri=self.tracking_uri)
+        return repo
 
     def _put(self, artifacts_url: str, local: Path, artifact_path: str | None) -> None:
         from mlflow.utils.mime_type_utils import _guess_mime_type

@@ -5,11 +5,17 @@ spill file's progress record) and applies the two rules that make a resumed run 
 per-step metric points at or below the run's resume floor are dropped, and operations meant for a
 new run only (the config file, the dataset input) are dropped when the run was resumed. Both are
 decided here, at send time, because a job may resume while MLflow is down.
+
+A handle opened before the run's latest driver (a spill file replayed after a later run of the job
+logged to MLflow, ResolvedRun.stale) only adds to the run: per-step points between its floor and the
+later driver's first step, params, tags and artifacts the run lacks. Its finish, and values the run
+already has, are the later driver's and are left as they are.
 """
 
 from __future__ import annotations
 
 import logging
+import posixpath
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,7 +45,8 @@ class Writer:
         self._param_keys: dict[str, set[str]] = {}
         self.sent_points = 0
         self.sent_operations = 0
-        self.skipped_points = 0  # per-step points at or below a resume floor
+        self.skipped_points = 0  # per-step points at or below a resume floor, or a stale handle's cut
+        self.kept = 0  # a stale handle's operations that would have overwritten the run's later values
         self.refusals: list[str] = []
 
     def adopt(self, runs: Mapping[str, Mapping[str, Any]]) -> None:
@@ -85,8 +92,9 @@ class Writer:
         elif first["op"] == "metrics":
             self._metrics(run, batch)
         else:
+            kept = self.kept
             getattr(self, f"_{first['op']}")(run, first, files)
-            self.sent_operations += 1
+            self.sent_operations += self.kept == kept
 
     def _open(self, op: Op) -> None:
         handle = op["handle"]
@@ -97,7 +105,7 @@ class Writer:
             self.runs[handle] = ResolvedRun.from_json(recorded)
             return
         try:
-            self.runs[handle] = self.store.open_run(
+            run = self.runs[handle] = self.store.open_run(
                 experiment=op["experiment"], run_key=op["run_key"], run_name=op["run_name"], handle=handle,
                 floor_key=op["floor_key"], start_ms=op["t"])
         except Exception as exc:
@@ -106,10 +114,17 @@ class Writer:
                                  f"{describe(exc)}") from exc
             raise
         self.sent_operations += 1
+        if run.stale:
+            upto = "" if run.cut is None else f" below step {run.cut}"
+            self.refusals.append(
+                f"run {op['run_name']!r} was logged to by a later driver after this one opened it: only what "
+                f"it lacks is sent (per-step points{upto}, params, tags and artifacts it has not got); "
+                "its status and the values it has are left as they are")
 
     def _metrics(self, run: ResolvedRun, batch: list[Op]) -> None:
         floor = -1 if run.floor is None else run.floor
-        points = [p for op in batch for p in op["points"] if not (op["per_step"] and p[3] <= floor)]
+        cut = float("inf") if run.cut is None else run.cut
+        points = [p for op in batch for p in op["points"] if not op["per_step"] or floor < p[3] < cut]
         self.skipped_points += sum(len(op["points"]) for op in batch) - len(points)
         if points:
             self.store.log_metrics(run.run_id, points)
@@ -124,14 +139,27 @@ class Writer:
             known.update(fresh)
         # A rerun's changed value (a longer training.max_steps) would otherwise go unseen.
         changed = [f"{k}: {run.params[k]} -> {v}" for k, v in op["params"].items() if run.params.get(k, v) != v]
-        if changed:
+        if changed and not run.stale:  # a stale handle's values are older, not changed
             self.store.set_tags(run.run_id, {CHANGED_PARAMS_TAG: "; ".join(changed)[:MAX_TAG_LEN]})
 
     def _tags(self, run: ResolvedRun, op: Op, files: Path) -> None:
-        self.store.set_tags(run.run_id, op["tags"])
+        tags = {k: v for k, v in op["tags"].items() if not (run.stale and k in run.tags)}
+        if tags or not op["tags"]:
+            self.store.set_tags(run.run_id, tags)
+        else:
+            self.kept += 1
 
     def _text(self, run: ResolvedRun, op: Op, files: Path) -> None:
-        self.store.log_text(run, op["text"], artifact_name(op["name"]))
+        name = artifact_name(op["name"])
+        if not self._overwrites(run, name):
+            self.store.log_text(run, op["text"], name)
+
+    def _overwrites(self, run: ResolvedRun, name: str) -> bool:
+        """Whether a stale handle's artifact would replace the one a later driver logged."""
+        if run.stale and self.store.has_artifact(run, name):
+            self.kept += 1
+            return True
+        return False
 
     def _file(self, run: ResolvedRun, op: Op, files: Path) -> None:
         local = staged_copy(files, op["staged"])
@@ -140,13 +168,18 @@ class Writer:
         if not local.is_file():  # removed by hand, or already sent by a replay that died before recording it
             self._refused([op], f"its copy {local} is gone")
             return
-        self.store.log_artifact(run, local, op["artifact_path"] and artifact_name(op["artifact_path"]))
+        folder = op["artifact_path"] and artifact_name(op["artifact_path"])
+        if not self._overwrites(run, posixpath.join(folder or "", local.name)):
+            self.store.log_artifact(run, local, folder)
 
     def _dataset(self, run: ResolvedRun, op: Op, files: Path) -> None:
         self.store.log_dataset(run.run_id, name=op["name"], uri=op["uri"], rows=op["rows"], schema=op["schema"])
 
     def _finish(self, run: ResolvedRun, op: Op, files: Path) -> None:
-        self.store.set_status(run.run_id, op["status"], op["t"])
+        if run.stale:  # the run's status is its later driver's
+            self.kept += 1
+        else:
+            self.store.set_status(run.run_id, op["status"], op["t"])
 
 
 _STAGED = re.compile(r"[0-9a-f]{32}/[^/\x00]+")
