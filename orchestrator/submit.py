@@ -94,8 +94,11 @@ def build_submission(
     workers: int | None = None,
     resume: str | None = None,
     requirements: Path | None = None,
+    address: str | None = None,
+    insecure: bool = False,
 ) -> Submission:
-    """Validate the config and stage its files in `staging` (the working_dir to upload)."""
+    """Validate the config and stage its files in `staging` (the working_dir to upload). `address`
+    and `insecure`, as the submit command was given them, go into the command that resumes the job."""
     config_path = Path(config_path)
     overrides = list(overrides or [])
     suffix = secrets.token_hex(3)
@@ -121,8 +124,9 @@ def build_submission(
     count = ["--workers", str(workers)] if workers else []
     env, held = _passed_env()
     pip = ["--pip", str(requirements)] if requirements is not None else []  # the job imports what it installs
-    env[RESUME_HINT_ENV] = shlex.join(["orchestrator", "submit", str(config_path), "--resume", name, *count, *pip,
-                                       *(part for o in shipped for part in ("--set", o))])
+    where = [*(["--address", shown(address)] if address else []), *(["--insecure"] if insecure else [])]
+    env[RESUME_HINT_ENV] = shlex.join(["orchestrator", "submit", str(config_path), "--resume", name, *where, *count,
+                                       *pip, *(part for o in shipped for part in ("--set", o))])
     runtime_env: dict[str, Any] = {
         "working_dir": str(staging),
         "py_modules": [str(Path(m.__file__).parent) for m in (orchestrator, trainers)],
@@ -288,7 +292,7 @@ def submit_job(
     submitted, or when following the job's outcome (`orchestrator.ray_jobs.exit_code`)."""
     with tempfile.TemporaryDirectory(prefix="orch-submit-") as staging:
         sub = build_submission(config_path, staging=Path(staging), overrides=overrides, workers=workers,
-                               resume=resume, requirements=requirements)
+                               resume=resume, requirements=requirements, address=address, insecure=insecure)
         jobs = JobsClient(address, insecure=insecure)
         for note in sub.notes + _unknown_resume(jobs, resume):
             print(f"note: {note}", file=sys.stderr)

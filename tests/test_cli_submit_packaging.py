@@ -78,6 +78,10 @@ def test_resume_keeps_the_job_name_under_a_new_submission_id(tmp_path: Path, mon
     # the command a stopped job prints installs what the job needs again
     assert with_pip.runtime_env["env_vars"][RESUME_HINT_ENV] == (
         f"orchestrator submit {CONFIG} --resume {with_pip.job_name} --workers 1 --pip {tmp_path}/requirements.txt")
+    # a job submitted with --address is resumed on that cluster (its credentials never in the hint)
+    elsewhere = build_submission(CONFIG, staging=tmp_path, address="http://u:s3cret@head.example:8265", insecure=True)
+    assert elsewhere.runtime_env["env_vars"][RESUME_HINT_ENV] == (
+        f"orchestrator submit {CONFIG} --resume {elsewhere.job_name} --address http://head.example:8265 --insecure")
 
 
 @pytest.mark.parametrize("kwargs, error", [
