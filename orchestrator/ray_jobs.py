@@ -108,16 +108,18 @@ def auth_token() -> tuple[str | None, str]:
     if token := os.environ.get("RAY_AUTH_TOKEN", "").strip():
         return token, "RAY_AUTH_TOKEN"
     if path := os.environ.get("RAY_AUTH_TOKEN_PATH"):
-        return _read_token(Path(path).expanduser(), "RAY_AUTH_TOKEN_PATH: "), f"RAY_AUTH_TOKEN_PATH ({path})"
+        token = _read_token(Path(path).expanduser(), "RAY_AUTH_TOKEN_PATH: ")
+        return token or None, f"RAY_AUTH_TOKEN_PATH ({path}{'' if token else ', an empty file'})"
     default = Path.home() / ".ray" / "auth_token"
     if default.is_file():
-        return _read_token(default, ""), str(default)
+        token = _read_token(default, "")
+        return token or None, f"{default}{'' if token else ' (an empty file)'}"
     return None, "no token"
 
 
-def _read_token(path: Path, flag: str) -> str | None:
+def _read_token(path: Path, flag: str) -> str:
     try:
-        return path.read_text().strip() or None
+        return path.read_text().strip()
     except OSError as exc:
         raise UserError(f"{flag}cannot read {path} ({exc.strerror})") from None
     except UnicodeDecodeError:  # a key or certificate file given by mistake: a token is text
@@ -174,7 +176,8 @@ class JobsClient:
             if "Authentication failed" in exc.message:  # 403: a token was sent and refused
                 raise UserError(f"{shown(self.address)}: the Ray cluster rejected the token from "
                                 f"{self._token_source}; {TOKEN_HINT}") from None
-            raise UserError(f"{shown(self.address)}: the Ray cluster requires a token; {TOKEN_HINT}") from None
+            empty = f" ({self._token_source})" if "empty file" in self._token_source else ""
+            raise UserError(f"{shown(self.address)}: the Ray cluster requires a token{empty}; {TOKEN_HINT}") from None
         except (ConnectionError, requests.exceptions.RequestException) as exc:
             if not self._answered:  # a port that takes connections but is no dashboard: often the GCS's 6379
                 raise UserError(f"--address {shown(self.address)}: no Ray dashboard answers there "

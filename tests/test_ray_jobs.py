@@ -112,6 +112,15 @@ def test_a_token_file_that_is_not_text_is_one_line(where: str, tmp_path: Path,
         auth_token()
 
 
+def test_an_empty_token_file_is_no_token_and_named_as_empty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("  \n")
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert auth_token() == (None, f"{tmp_path}/.ray/auth_token (an empty file)")
+
+
 def test_a_failed_entrypoint_says_why_in_one_line() -> None:
     # Ray's message promises logs after a colon; its first line alone was the whole `jobs status`.
     message = ("Job entrypoint command failed with exit code 2, last available logs (truncated to 20,000 chars):\n"
