@@ -5,8 +5,8 @@ network really are at its placement.
 refit); a difference from the prediction within the steps' own spread (or ``REFIT_MIN_CHANGE``)
 is noise and changes nothing; compute is refit apart from the network, from steps measured
 without gradient sync; only the network level the placement exercises moves (the node's NIC
-across nodes, the intra-node links inside one), by at most ``REFIT_BOUNDS``. `refit_network`,
-the first re-planner's one-figure refit, stays for its callers.
+across nodes, the intra-node links inside one), by at most ``REFIT_BOUNDS``, solved on the scaled
+level itself so that the refit cluster predicts the observed step.
 """
 
 from __future__ import annotations
@@ -57,13 +57,6 @@ def solve_factor(step: Any, observed_s: float, limits: tuple[float, float]) -> f
     return math.exp((low + high) / 2)
 
 
-def _comm_step(model: PerformanceModel, rows: Rows, compute_s: Any = None) -> Any:
-    def step(factor: float) -> float:
-        return float(model.steps(rows.nodes, rows.gpus_per_node, rows.micro, rows.accum, comm_factor=factor,
-                                 compute_s=compute_s).step[0])
-    return step
-
-
 Level = Literal["compute", "intra", "inter"]
 
 
@@ -75,7 +68,7 @@ class RefitResult(Model):
     cluster: ClusterSpec
     placement: Placement
     changed: tuple[Level, ...]  # empty: nothing learned
-    scale: PositiveFloat  # this placement's communication time, after / before
+    scale: PositiveFloat  # the refit level's network factor: its bandwidth divided, its hop latency multiplied
     compute_scale: PositiveFloat  # this placement's compute time, after / before
     predicted: Prediction  # at the placement, before the refit
     observed_step_s: PositiveFloat | None = None  # median after warm-up
@@ -83,10 +76,11 @@ class RefitResult(Model):
     noise: NonNegativeFloat = 0.0  # the relative standard error of the median step time
     steps: NonNegativeInt = 0  # steps the median was taken over
     reason: str  # one sentence
+    refit_comm_s: NonNegativeFloat | None = None  # this placement's communication time after a network refit
 
     @property
     def comm_s(self) -> float:
-        return self.predicted.comm_s * self.scale
+        return self.predicted.comm_s if self.refit_comm_s is None else self.refit_comm_s
 
     def to_dict(self) -> dict[str, Any]:
         return {"changed": list(self.changed), "scale": self.scale, "compute_scale": self.compute_scale,
@@ -162,6 +156,7 @@ def refit(profile: Profile, cluster: ClusterSpec, *, placement: Placement, local
     changed.append(level)
     bounded = " (bounded)" if factor in REFIT_BOUNDS else ""
     return RefitResult(profile=profile2, cluster=cluster2, changed=tuple(changed), scale=factor,
+                       refit_comm_s=predict(profile2, cluster2, **where).comm_s,
                        compute_scale=compute_scale, observed_compute_s=compute_s, **measured,
                        reason=f"{said}; {level}-node network x{factor:.3g}{bounded}: observed {median * 1e3:.4g} ms/step "
                               f"at {placement} vs predicted {after.step_time_s * 1e3:.4g} ms")
@@ -216,16 +211,26 @@ def _device_scaled(profile: Profile, factor: float) -> Profile:
 
 def _refit_network_level(profile: Profile, cluster: ClusterSpec, after: Prediction, observed: float,
                          compute_s: float | None) -> tuple[ClusterSpec, Level, float]:
-    """Scale the level the placement's ring runs at (its bottleneck) to explain `observed`."""
-    model = PerformanceModel(profile, cluster)
-    rows = Rows.of([(after.nodes, after.gpus_per_node, after.local_batch, after.accumulation)])
-    factor = solve_factor(_comm_step(model, rows, compute_s), observed, REFIT_BOUNDS)
-    net = model.network
+    """Scale the level the placement's ring runs at (its bottleneck) to explain `observed`: the
+    factor is solved on the level-scaled network itself (scaling one level moves the step less than
+    scaling all communication, as the other level's hops and the base latency stay), so the refit
+    cluster predicts the observed step wherever `REFIT_BOUNDS` reach it."""
+    net = PerformanceModel(profile, cluster).network
     # The ring runs at its slowest link; with one GPU per node there is no intra-node hop at all.
     level: Level = ("inter" if after.nodes > 1 and (after.gpus_per_node == 1 or net.inter_Bps <= net.intra_Bps)
                     else "intra")
-    scaled = net.scaled(factor, intra=level == "intra", inter=level == "inter")
-    samples = tuple(s.replace(seconds=s.seconds * factor) if (s.nodes, s.gpus_per_node) == (after.nodes, after.gpus_per_node)
-                    else s for s in cluster.allreduce_samples)
-    refit_cluster = with_network(cluster, scaled, note=f"{level}-node network x{factor:.3g} (refit at {after.placement})")
-    return refit_cluster.replace(allreduce_samples=samples), level, factor
+    rows = Rows.of([(after.nodes, after.gpus_per_node, after.local_batch, after.accumulation)])
+
+    def refit_cluster(factor: float) -> ClusterSpec:
+        scaled = net.scaled(factor, intra=level == "intra", inter=level == "inter")
+        samples = tuple(s.replace(seconds=s.seconds * factor) if (s.nodes, s.gpus_per_node) == (after.nodes, after.gpus_per_node)
+                        else s for s in cluster.allreduce_samples)
+        note = f"{level}-node network x{factor:.3g} (refit at {after.placement})"
+        return with_network(cluster, scaled, note=note).replace(allreduce_samples=samples)
+
+    def step(factor: float) -> float:
+        model = PerformanceModel(profile, refit_cluster(factor))
+        return float(model.steps(rows.nodes, rows.gpus_per_node, rows.micro, rows.accum, compute_s=compute_s).step[0])
+
+    factor = solve_factor(step, observed, REFIT_BOUNDS)
+    return refit_cluster(factor), level, factor
