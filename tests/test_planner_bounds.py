@@ -128,6 +128,20 @@ def test_predict_and_plan_arguments_past_the_bounds_are_one_line() -> None:
         plan(make_profile(), make_cluster(), total_samples=10**6, deadline_s=1e300)
 
 
+def test_an_observed_step_on_more_gpus_than_the_planner_plans_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    """Each count was held to 10**6 alone, so 10**6 x 10**6 GPUs was taken and calibrated on."""
+    path = tmp_path / "obs.json"
+    obs = {"profile": profile_dict(), "nodes": MAX_GPUS // 8, "gpus_per_node": 8, "local_batch": 64,
+           "step_time_s": 0.5}
+    path.write_text(json.dumps([obs, {**obs, "nodes": MAX_GPUS // 8 + 1}]))
+    message = r"observations\[1\]\.nodes: 8,193 nodes x 8 GPUs is 65,544 GPUs; the planner plans up to 65,536"
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}: {message}$"):
+        load_observations(path)
+    with pytest.raises(UserError, match=r"^observation\.nodes: 1,000,000 nodes x 1,000,000 GPUs is "):
+        Observation(**{**obs, "nodes": 10**6, "gpus_per_node": 10**6})
+    assert Observation.from_dict(obs).nodes == MAX_GPUS // 8  # at the bound: taken
+
+
 @pytest.mark.parametrize(("step", "message"), [
     (1e307, r"observations\[0\]\.step_time_s: must be <= 1e\+06, got 1e\+307"),
     (5e-324, r"observations\[0\]\.step_time_s: must be >= 1e-09 \(a nanosecond\), got 5e-324"),

@@ -142,6 +142,13 @@ def check_version(version: Any, where: str, what: str, expected: int) -> None:
                         f" re-run `orchestrator {what}` to write a current one")
 
 
+def check_gpus(nodes: int, gpus_per_node: int) -> None:
+    """A placement within what the planner plans (a cluster's, or an observed step's)."""
+    if nodes * gpus_per_node > MAX_GPUS:
+        raise FieldError("nodes", f"{nodes:,} nodes x {gpus_per_node:,} GPUs is {nodes * gpus_per_node:,} GPUs; "
+                                  f"the planner plans up to {MAX_GPUS:,}")
+
+
 class AllReduceSample(Model):
     """One measured all-reduce (`orchestrator probe-network`) of one message at one placement."""
 
@@ -228,9 +235,7 @@ class ClusterSpec(Document):
         if max(self.nodes, self.gpus_per_node) > MAX_INTEGER:  # too many digits to multiply out in a message
             field = "nodes" if self.nodes > MAX_INTEGER else "gpus_per_node"
             raise FieldError(field, f"the planner plans up to {MAX_GPUS:,} GPUs, got {shown(getattr(self, field))}")
-        if self.gpus > MAX_GPUS:
-            raise FieldError("nodes", f"{self.nodes:,} nodes x {self.gpus_per_node:,} GPUs is {self.gpus:,} GPUs; "
-                                      f"the planner plans up to {MAX_GPUS:,}")
+        check_gpus(self.nodes, self.gpus_per_node)
         if self.inter_link == "none" and self.nodes > 1:  # no link between nodes: nothing to plan across them
             raise FieldError("inter_link", f"none (no link between nodes) needs nodes: 1, got nodes: {self.nodes}; "
                                            "name the link between the nodes")
@@ -258,3 +263,8 @@ class Observation(Document):
     compute_step_time_s: Seconds | None = None  # the same steps without gradient sync, if measured
     source: str | None = None
     run_id: str | None = None
+
+    @model_validator(mode="after")
+    def _size(self) -> Observation:
+        check_gpus(self.nodes, self.gpus_per_node)
+        return self
