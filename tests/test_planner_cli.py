@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from orchestrator.calibrations import CLUSTER_ARTIFACT, cluster_key
 from orchestrator.planner import (
     OBSERVATIONS_ARTIFACT,
@@ -100,11 +102,12 @@ def test_calibrate_on_a_file_of_no_observations_names_the_file(tmp_path: Path) -
     assert proc.returncode == 2 and proc.stderr == "error: --observations obs.json: no observations in it\n"
 
 
-def test_a_held_global_batch_out_of_range_names_where_it_came_from(tmp_path: Path) -> None:
-    (tmp_path / "profile.json").write_text(json.dumps({**CPU_PROFILE, "meta": {"global_batch_size": 2**60}}))
+@pytest.mark.parametrize(("held", "message"), [(2**60, f"must be <= 2**53, got {2**60}"), (0, "must be > 0, got 0")])
+def test_a_held_global_batch_out_of_range_names_where_it_came_from(held: int, message: str, tmp_path: Path) -> None:
+    """A batch of 0 (or below) was passed over without a word: the plan let the batch vary."""
+    (tmp_path / "profile.json").write_text(json.dumps({**CPU_PROFILE, "meta": {"global_batch_size": held}}))
     proc = orchestrator("plan", "--profile", "profile.json", "--cluster", str(DGX), cwd=tmp_path)
-    assert proc.returncode == 2 and proc.stderr == (
-        f"error: profile.json: profile.meta.global_batch_size: must be <= 2**53, got {2**60}\n")
+    assert proc.returncode == 2 and proc.stderr == f"error: profile.json: profile.meta.global_batch_size: {message}\n"
 
 
 def _observations() -> list[Observation]:

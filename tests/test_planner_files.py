@@ -55,6 +55,11 @@ def test_profile_round_trip(tmp_path: Path) -> None:
         ({"node_samples": [{"gpus_per_node": 4, "local_batch": 8, "step_time_s": 0.12},
                            {"gpus_per_node": 4, "local_batch": 8, "step_time_s": 0.3}]},
          r"^profile\.node_samples\[1\]: duplicate of gpus_per_node 4 at local batch 8$"),
+        # the batch `plan` holds by default: no batch was taken for none, and the batch let vary
+        ({"meta": {"global_batch_size": -5}}, r"^profile\.meta\.global_batch_size: must be > 0, got -5$"),
+        ({"meta": {"global_batch_size": 0}}, r"^profile\.meta\.global_batch_size: must be > 0, got 0$"),
+        ({"meta": {"global_batch_size": 2.5}}, r"^profile\.meta\.global_batch_size: must be an integer, got 2\.5$"),
+        ({"meta": {"global_batch_size": True}}, r"^profile\.meta\.global_batch_size: must be an integer, got True$"),
     ],
 )
 def test_bad_profile_fields_are_named(change: dict[str, Any], message: str) -> None:

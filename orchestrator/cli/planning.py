@@ -75,10 +75,8 @@ def plan(
         )
     except UserError as exc:  # `plan.budget: must be > 0` names the flag (or file) the value came from
         field = re.match(r"plan\.(\w+): ", str(exc))
-        if field is not None and field[1] == "global_batch" and global_batch is None:
-            source = (f"{config}: training.global_batch_size" if config is not None
-                      else f"{profile_path}: profile.meta.global_batch_size")
-            raise UserError(f"{source}: {str(exc)[field.end():]}") from None
+        if field is not None and field[1] == "global_batch" and global_batch is None and config is not None:
+            raise UserError(f"{config}: training.global_batch_size: {str(exc)[field.end():]}") from None
         if field is None or field[1] not in flags:
             raise
         raise UserError(f"--{field[1].replace('_', '-')}: {str(exc)[field.end():]}") from None
@@ -102,8 +100,7 @@ def _held_global_batch(profile: Any, *, global_batch: int | None, job: Any, vary
         return global_batch
     if job is not None:
         return job.training.global_batch_size
-    meta = profile.meta.get("global_batch_size")
-    return meta if isinstance(meta, int) and not isinstance(meta, bool) and meta > 0 else None
+    return profile.meta.get("global_batch_size")  # checked when the profile was read
 
 
 @app.command("probe-network")

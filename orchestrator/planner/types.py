@@ -124,6 +124,19 @@ class Profile(Document):
                                                 f"got {self.max_local_batch}")
         return self
 
+    @model_validator(mode="after")
+    def _held_batch(self) -> Profile:
+        """The global batch the profile's job trains, which `plan` holds by default: one that is
+        no batch is refused, not taken for none (which would let the batch vary)."""
+        held = self.meta.get("global_batch_size")
+        if held is None:
+            return self
+        if isinstance(held, bool) or not isinstance(held, int):
+            raise FieldError("meta.global_batch_size", f"must be an integer, got {shown(held)}")
+        if not 0 < held <= MAX_INTEGER:
+            raise FieldError("meta.global_batch_size", f"must be {'> 0' if held <= 0 else '<= 2**53'}, got {shown(held)}")
+        return self
+
     @classmethod
     def from_dict(cls, raw: Any, where: str | None = None) -> Profile:
         if isinstance(raw, dict):  # a profile of another version may have other keys: say the version
