@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from orchestrator.config import load_config
+from orchestrator.driver.data import check_batch_fits, steps_per_epoch
 from orchestrator.errors import UserError
 from trainers.compat import check_fit, output_classes
 from trainers.config import DataConfig, ModelConfig
@@ -124,16 +125,49 @@ def test_token_ids_beyond_the_vocabulary_are_refused(tmp_path: Path) -> None:
         check_fit(ModelConfig(name="gpt", kwargs={"vocab_size": 128, "context": 32}), data)
 
 
-def test_validate_refuses_labels_beyond_the_model_in_one_line(tmp_path: Path) -> None:
-    digits_like(tmp_path / "data", [0, 1, 12])
+def validate_on(tmp_path: Path, labels: list[int], *, data: dict | None = None,
+                training: dict | None = None) -> subprocess.CompletedProcess:
+    """`orchestrator validate` of the digits job on a local copy with these labels."""
+    digits_like(tmp_path / "data", labels)
     config = yaml.safe_load((ROOT / "configs" / "digits.yaml").read_text())
-    config["data"] = {**config["data"], "path": str(tmp_path / "data")}
+    config["data"] = {**config["data"], "path": str(tmp_path / "data"), **(data or {})}
+    config["training"] = {**config["training"], **(training or {})}
     del config["data"]["dataset"]
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
-    out = subprocess.run([sys.executable, "-m", "orchestrator", "validate", str(tmp_path / "job.yaml")],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    return subprocess.run([sys.executable, "-m", "orchestrator", "validate", str(tmp_path / "job.yaml")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+
+
+def test_validate_refuses_labels_beyond_the_model_in_one_line(tmp_path: Path) -> None:
+    out = validate_on(tmp_path, [0, 1, 12])
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
     assert out.stderr.startswith("error: data.label: column 'label' holds labels 0..12 in ")
+
+
+@pytest.mark.parametrize(("share", "message"), [
+    (0.0, None),  # every row trains: `run`'s own message
+    (0.2, "training.global_batch_size: 11 is larger than all 10 rows (the training rows are fewer: "
+          "data.val_fraction is 0.2)"),
+])
+def test_validate_refuses_a_global_batch_larger_than_the_local_rows(share: float, message: str | None,
+                                                                    tmp_path: Path) -> None:
+    """`validate` said ok; only `run` refused it, once Ray had started."""
+    if message is None:
+        with pytest.raises(UserError) as run_says:
+            steps_per_epoch(10, 11)
+        message = str(run_says.value)
+    out = validate_on(tmp_path, list(range(10)), data={"val_fraction": share}, training={"global_batch_size": 11})
+    assert out.returncode == 2 and out.stderr == f"error: {message}\n", out.stderr
+
+
+def test_a_batch_past_the_training_rows_a_split_leaves_on_average_is_a_note() -> None:
+    """The split's exact count hashes every row (`run` makes it); the footers give all rows only."""
+    digits = ROOT / "configs" / "digits.yaml"  # data.val_fraction 0.2
+    at = {b: check_batch_fits(load_config(digits, [f"training.global_batch_size={b}"]), 1000) for b in (800, 801)}
+    assert at[800] is None
+    assert at[801] == ("note: training.global_batch_size: 801 is more than the ~800 training rows that "
+                       "data.val_fraction 0.2 leaves of 1000 on average; `run` counts them and refuses a batch "
+                       "larger than those")
 
 
 @pytest.mark.parametrize(("kwargs", "shape"), [({"width": 10**12}, [1, 8, 8]), ({"width": 10**22}, [1, 8, 8]),

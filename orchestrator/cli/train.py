@@ -27,6 +27,8 @@ def validate(config: Path, set_: SetOption = None) -> None:
     job.resolved_tracking_uri()  # MLFLOW_TRACKING_URI, when the config names no tracking_uri
     check_job_files(job)
 
+    from orchestrator.driver.data import check_batch_fits
+    from orchestrator.storage import is_remote
     from trainers.compat import check_fit, output_classes
     from trainers.data.datasets import check_dataset_kwargs
 
@@ -36,7 +38,12 @@ def validate(config: Path, set_: SetOption = None) -> None:
         check_dataset_kwargs(job.data.dataset, job.data.dataset_kwargs)  # what the first run prepares it with
         data = f"not there yet, a new copy of the built-in {job.data.dataset!r} data set is prepared there on first run"
     else:
-        data = f"{check_fit(job.model, job.data)} rows"
+        rows = check_fit(job.model, job.data)  # from the Parquet footers
+        data = f"{rows} rows"
+        if not any(is_remote(p) for p in job.data.paths):  # remote data may change before `run`: it says
+            said = check_batch_fits(job, rows)
+            if said:
+                note(escape(said))
     out.print(scrub(f"{config}: ok ({job.name}: model {job.model.name}, data {', '.join(job.data.paths)}: {data})"))
     renamed = any(o.partition("=")[0].strip() == "name" for o in set_ or [])
     if renamed and job.tracking.registered_model:

@@ -72,6 +72,26 @@ def steps_per_epoch(train_rows: int, global_batch: int) -> int:
     return train_rows // global_batch
 
 
+def check_batch_fits(job: JobConfig, rows: int) -> str | None:
+    """`validate`'s check of the global batch against the `rows` its Parquet footers count (no
+    data read): with no rows held out, `run`'s error; with some, an error where the batch exceeds
+    even all rows, else a note where it exceeds the training rows the split leaves on average.
+    The split's exact count hashes every row: `run` makes it (`steps_per_epoch`)."""
+    batch, share = job.training.global_batch_size, job.data.val_fraction
+    if not share:
+        steps_per_epoch(rows, batch)
+        return None
+    if rows < batch:
+        raise UserError(f"training.global_batch_size: {batch} is larger than all {rows} rows (the training rows "
+                        f"are fewer: data.val_fraction is {share:g})")
+    expected = rows * (1 - share)
+    if batch <= expected:
+        return None
+    return (f"note: training.global_batch_size: {batch} is more than the ~{expected:,.0f} training rows that "
+            f"data.val_fraction {share:g} leaves of {rows} on average; `run` counts them and refuses a batch "
+            "larger than those")
+
+
 def total_steps(job: JobConfig, per_epoch: int) -> int:
     t = job.training
     by_epochs = t.epochs * per_epoch if t.epochs is not None else None
