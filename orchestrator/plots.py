@@ -14,6 +14,7 @@ from rich.text import Text
 
 from orchestrator.files import cannot_write
 from orchestrator.planner import Candidate, Plan
+from orchestrator.planner.explain import plural
 
 
 def scaling_plot(plan: Plan, path: str | Path) -> Path:
@@ -32,10 +33,9 @@ def scaling_plot(plan: Plan, path: str | Path) -> Path:
     ax.fill_between(gpus, [p.throughput_low for p in rows], [p.throughput_high for p in rows], color="tab:blue",
                     alpha=0.15, lw=0, label="throughput, 80 % interval")
     ax.plot(gpus, [p.throughput for p in rows], "o-", color="tab:blue", ms=marker, label="throughput")
-    unit = "worker" if _cpu(plan) else "GPU"
     ax.plot([plan.choice.gpus], [plan.choice.throughput], "*", color="tab:red", ms=16,
-            label=f"choice: {plan.choice.gpus} {unit}{'s' if plan.choice.gpus != 1 else ''} ({plan.choice.placement})")
-    ax.set_xlabel("GPUs" if not _cpu(plan) else "workers (CPU slots)")
+            label=f"choice: {plural(plan.choice.gpus, plan.unit)} ({plan.choice.placement})")
+    ax.set_xlabel("GPUs" if plan.unit == "GPU" else "workers (CPU slots)")
     ax.set_ylabel("predicted throughput (samples/s)", color="tab:blue")
     if len(gpus) > 1 and gpus[-1] / gpus[0] >= 16:
         # log-log: linear scaling is a straight line, and 1..1024 GPUs stay readable
@@ -65,15 +65,12 @@ def scaling_plot(plan: Plan, path: str | Path) -> Path:
     return path
 
 
-def _cpu(plan: Plan) -> bool:
-    return (plan.gpu or "").lower() == "cpu"
-
-
 def plot_title(plan: Plan) -> str:
     """What was planned where: the model, the device it was profiled on, the cluster's GPUs."""
     device = plan.device or "unknown device"
-    target = "CPU workers" if _cpu(plan) else (plan.gpu or "GPUs")
-    mismatch = " - a CPU profile: compute is the CPU's" if device.lower().startswith("cpu") and not _cpu(plan) else ""
+    cpu = plan.unit == "worker"
+    target = "CPU workers" if cpu else (plan.gpu or "GPUs")
+    mismatch = " - a CPU profile: compute is the CPU's" if device.lower().startswith("cpu") and not cpu else ""
     return f"{plan.model} on {target}: {plan.objective}\nprofiled on {device}{mismatch}"
 
 
@@ -86,7 +83,7 @@ def plan_table(plan: Plan, *, max_rows: int = 24) -> Table:
         rows = [c for c in rows if c.prediction.gpus in keep or _power_of_two(c.prediction.gpus)]
     # Text, never markup: a model name or a calibration note from a file may hold '[/]' or '[red]'.
     table = Table(title=Text(f"{plan.model}: {plan.objective}"), caption=Text(plan.explanation))
-    for name in ("GPUs", "placement", "batch x accum", "step (ms)", "80 % (ms)", "samples/s", "efficiency",
+    for name in (f"{plan.unit}s", "placement", "batch x accum", "step (ms)", "80 % (ms)", "samples/s", "efficiency",
                  "pessimistic", "goodput", "time", "cost (USD)", "bound", "note"):
         left = name in ("placement", "batch x accum", "bound", "note")
         table.add_column(name, justify="left" if left else "right", no_wrap=name != "note")

@@ -128,7 +128,7 @@ def probe_network(
     places = sorted({f"{s.nodes}x{s.gpus_per_node}" for s in spec.allreduce_samples})
     out.print(f"wrote {output}: {len(spec.allreduce_samples)} all-reduce samples at {', '.join(places)} on "
               f"{spec.nodes} node(s) x {spec.gpus_per_node} worker(s)", highlight=False)
-    out.print(describe_calibration(spec.calibration), highlight=False)
+    out.print(describe_calibration(spec.calibration, unit=spec.unit), highlight=False)
     out.print(f"{spec.calibration.note}", highlight=False)
 
 
@@ -179,7 +179,7 @@ def calibrate(
     result = planner.calibrate(spec, found)
     planner.save_cluster(result, output)
     section = result.calibration
-    out.print(f"wrote {output}: {describe_calibration(section)}", highlight=False)
+    out.print(f"wrote {output}: {describe_calibration(section, unit=result.unit)}", highlight=False)
     if section.residuals is not None:
         r = section.residuals
         out.print(f"residuals ({r.method}, n={r.n}): 80 % of steps within {math.exp(r.low) - 1:+.0%} .. "

@@ -74,7 +74,7 @@ def _calibration_tags(sizing: Sizing) -> dict[str, str]:
     if cluster is None:
         return {}
     cal = cluster.calibration
-    network = describe_calibration(cal) if cal is not None else "none: spec and documented priors"
+    network = describe_calibration(cal, unit=cluster.unit) if cal is not None else "none: spec and documented priors"
     return {"plan.calibration": network[:5000], CLUSTER_KEY_TAG: cluster_key(cluster)}
 
 
@@ -89,7 +89,7 @@ def description(prepared: Prepared, sizing: Sizing) -> str:
         f"**Workers:** {describe(sizing.workers)}. {sizing.explanation}",
     ]
     if sizing.plan is not None:
-        lines += ["", "| GPUs | placement | local batch x accum | step (ms) | samples/s | efficiency | note |",
+        lines += ["", f"| {sizing.plan.unit}s | placement | local batch x accum | step (ms) | samples/s | efficiency | note |",
                   "|---:|---|---|---:|---:|---:|---|"]
         for c in sizing.plan.best_per_gpu_count():
             p = c.prediction

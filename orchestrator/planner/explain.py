@@ -52,8 +52,8 @@ def plural(n: int, word: str) -> str:
 def explanation(goal: Goal, choice: Candidate, candidates: list[Candidate], model: PerformanceModel,
                 warned: tuple[str, ...]) -> str:
     """One sentence on the choice and why, then the network's basis and any warning."""
-    p = choice.prediction
-    what = (f"Chose {plural(p.gpus, 'GPU')} ({p.placement}), local batch {p.local_batch} x "
+    p, unit = choice.prediction, model.cluster.unit
+    what = (f"Chose {plural(p.gpus, unit)} ({p.placement}), local batch {p.local_batch} x "
             f"{p.accumulation} accumulation")
     interval = f"80 % interval {p.throughput_low:,.0f}-{p.throughput_high:,.0f}"
     if goal.objective == "max_throughput":
@@ -64,23 +64,23 @@ def explanation(goal: Goal, choice: Candidate, candidates: list[Candidate], mode
                f"{p.statistical_efficiency:.2f}; throughput {interval}), scaling efficiency {p.efficiency:.3f}")
     else:
         price = (usd(p.cost) if p.cost is not None
-                 else f"{p.gpus / p.goodput * 1e6 / 3600:.3g} GPU-hours per million samples")
+                 else f"{p.gpus / p.goodput * 1e6 / 3600:.3g} {unit}-hours per million samples")
         why = f"the lowest predicted cost ({price})"
     if goal.deadline_s is not None:
         why += f", done in {duration(p.time_to_finish_s)} within the {duration(goal.deadline_s)} deadline"
-    sentence = f"{what}: {why}{_runner_up(choice, candidates)}."
+    sentence = f"{what}: {why}{_runner_up(choice, candidates, unit)}."
     basis = "Network calibrated" if model.cluster.calibration else "Network from uncalibrated priors"
     return " ".join([sentence, f"{basis} ({model.kinds.intra} / {model.kinds.inter}).", *warned])
 
 
-def _runner_up(choice: Candidate, candidates: list[Candidate]) -> str:
-    """What the next larger GPU count would have given, when the planner passed it over."""
+def _runner_up(choice: Candidate, candidates: list[Candidate], unit: str) -> str:
+    """What the next larger GPU (worker) count would have given, when the planner passed it over."""
     gpus = choice.prediction.gpus
     larger = [c for c in candidates if c.prediction.gpus > gpus and not c.eligible]
     if not larger:
         return ""
     nxt = min(larger, key=lambda c: (c.prediction.gpus, -c.prediction.throughput))
-    return f"; at {nxt.prediction.gpus} GPUs, {nxt.reason}"
+    return f"; at {nxt.prediction.gpus} {unit}s, {nxt.reason}"
 
 
 def warnings(profile: Profile, cluster: ClusterSpec) -> tuple[str, ...]:
@@ -97,13 +97,13 @@ def warnings(profile: Profile, cluster: ClusterSpec) -> tuple[str, ...]:
 
 def assumptions(goal: Goal, model: PerformanceModel) -> tuple[str, ...]:
     """Everything the plan rests on that the user did not measure or say, in units."""
-    cluster, kinds = model.cluster, model.kinds
+    cluster, kinds, unit = model.cluster, model.kinds, model.cluster.unit
     links = list(kinds.assumed) or [f"links as given: {kinds.intra} inside nodes, {kinds.inter} between nodes"]
     cal = cluster.calibration
-    network = describe_calibration(cal) if cal else describe_priors(cluster, kinds)
+    network = describe_calibration(cal, unit=unit) if cal else describe_priors(cluster, kinds)
     r = model.residuals
     if r is not None:
-        interval = (f"80 % interval from the calibration's {r.method} residuals (n={r.n}): multi-GPU step "
+        interval = (f"80 % interval from the calibration's {r.method} residuals (n={r.n}): multi-{unit} step "
                     f"times {_percent(r.low)} to {_percent(r.high)}")
         unfitted = [f"{kind} x/{PRIOR_WIDTH[kind]:g}" for kind, level in ((kinds.intra, "intra_GBps"),
                                                                           (kinds.inter, "inter_GBps"))
@@ -115,24 +115,25 @@ def assumptions(goal: Goal, model: PerformanceModel) -> tuple[str, ...]:
         interval = (f"80 % interval from prior widths{few}: network time within x/{PRIOR_WIDTH[kinds.intra]:g} "
                     f"({kinds.intra}) and x/{PRIOR_WIDTH[kinds.inter]:g} ({kinds.inter}), compute "
                     f"within {COMPUTE_SPREAD:.0%}")
-    batch = (f"global batch held at {goal.global_batch} at every GPU count (local batch = "
-             f"{goal.global_batch} / GPUs, split into accumulation where it does not fit)"
+    batch = (f"global batch held at {goal.global_batch} at every {unit} count (local batch = "
+             f"{goal.global_batch} / {unit}s, split into accumulation where it does not fit)"
              if goal.global_batch else
              "global batch not held: each placement tries the profiled local batches (give the job's "
              "global batch to hold it, as `orchestrator run` does)")
     price = cluster.gpu_hour_cost
-    cost = (f"cost at {price:g} USD per GPU-hour (gpu_hour_cost)" if price is not None
-            else "no gpu_hour_cost: cost is counted in GPU-hours")
+    cost = (f"cost at {price:g} USD per {unit}-hour (gpu_hour_cost)" if price is not None
+            else f"no gpu_hour_cost: cost is counted in {unit}-hours")
     floor = ("scaling efficiency floor checked against the interval's pessimistic end"
              if goal.objective == "max_throughput" else f"objective {goal.objective}")
     return (*links, network, interval, batch, cost, floor)
 
 
-def describe_calibration(cal: Calibration) -> str:
+def describe_calibration(cal: Calibration, *, unit: str = "GPU") -> str:
+    """One line, in units; `unit`: the cluster's (`ClusterSpec.unit`)."""
     kept = " (the fit did not beat the figures given; they were kept)" if cal.kept_input else ""
     fitted = ", ".join(cal.fitted) or "nothing"
     return (f"network calibrated from {cal.source} ({plural(cal.observations, 'observation')}, "
-            f"{plural(len(cal.models), 'model')}, {cal.measured_at}){kept}: {cal.intra_GBps:.3g} GB/s per GPU "
+            f"{plural(len(cal.models), 'model')}, {cal.measured_at}){kept}: {cal.intra_GBps:.3g} GB/s per {unit} "
             f"inside a node, {cal.inter_GBps:.3g} GB/s per node between nodes, {cal.latency_us:.3g}/"
             f"{cal.inter_latency_us:.3g} us per ring step, overlap {cal.overlap:.2f}, "
             f"straggler jitter {cal.jitter:.0%}; fitted: {fitted}" + (f" ({cal.note})" if cal.note else ""))

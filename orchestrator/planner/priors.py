@@ -169,6 +169,6 @@ def describe_priors(cluster: ClusterSpec, kinds: LinkKinds) -> str:
              else f"{LINK_SHARE[kinds.intra]:.0%} / {LINK_SHARE[kinds.inter]:.0%} of line rate")
     flows = (f", capped at {SOCKET_FLOWS_PER_NODE} TCP flows x {TCP_FLOW_GBps:.2f} GB/s"
              if kinds.inter == "ethernet" and cluster.link_efficiency is None else "")
-    return (f"network priors (uncalibrated): {kinds.intra} {net.intra_Bps / 1e9:.3g} GB/s per GPU, "
+    return (f"network priors (uncalibrated): {kinds.intra} {net.intra_Bps / 1e9:.3g} GB/s per {cluster.unit}, "
             f"{kinds.inter} {net.inter_Bps / 1e9:.3g} GB/s per node ({share}{flows}), "
             f"{net.intra_hop_s * 1e6:.3g}/{net.inter_hop_s * 1e6:.3g} us per ring step, overlap {net.overlap:g}")

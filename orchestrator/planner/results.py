@@ -143,6 +143,12 @@ class Plan(Document):
         return self.choice.gpus
 
     @property
+    def unit(self) -> str:
+        """What the plan's table and plot count: CPU workers (`gpu: cpu`, which `plan` writes for
+        every CPU cluster) or GPUs."""
+        return "worker" if (self.gpu or "").strip().lower() == "cpu" else "GPU"
+
+    @property
     def step_time_s(self) -> float:
         return self.choice.step_time_s
 

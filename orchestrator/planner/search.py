@@ -30,12 +30,13 @@ def placements(cluster: ClusterSpec, *, max_gpus: int | None = None) -> list[Pla
 def placement_for(cluster: ClusterSpec, workers: int) -> Placement:
     """The uniform placement of `workers` on the fewest nodes of `cluster` (for ``workers: N``)."""
     if workers <= 0 or workers > cluster.gpus:
-        raise UserError(f"resources.workers: must be between 1 and the cluster's {cluster.gpus} GPUs, got {workers}")
+        raise UserError(f"resources.workers: must be between 1 and the cluster's {plural(cluster.gpus, cluster.unit)}, "
+                        f"got {workers}")
     for nodes in range(math.ceil(workers / cluster.gpus_per_node), cluster.nodes + 1):
         if workers % nodes == 0 and workers // nodes <= cluster.gpus_per_node:
             return Placement(nodes, workers // nodes)
     raise UserError(f"resources.workers: {workers} workers cannot be spread evenly over "
-                    f"{cluster.nodes} nodes of {cluster.gpus_per_node} GPUs")
+                    f"{cluster.nodes} nodes of {plural(cluster.gpus_per_node, cluster.unit)}")
 
 
 def predict(profile: Profile, cluster: ClusterSpec, *, nodes: int, gpus_per_node: int, local_batch: int,
@@ -202,7 +203,7 @@ def plan(profile: Profile, cluster: ClusterSpec, *, objective: str = "max_throug
     if not len(owner):
         fixed = (f" into {accumulation} micro-batches of at most max_local_batch {profile.max_local_batch}"
                  if accumulation is not None else "")
-        raise UserError(f"plan.global_batch: {global_batch} does not divide over any GPU count up to "
+        raise UserError(f"plan.global_batch: {global_batch} does not divide over any {cluster.unit} count up to "
                         f"{max_gpus or cluster.gpus}{fixed}")
     columns = evaluate(model, rows, reference_batch=np.array([global_batch or profile.max_local_batch]),
                        total_samples=total_samples)
@@ -211,17 +212,18 @@ def plan(profile: Profile, cluster: ClusterSpec, *, objective: str = "max_throug
                   for p in predictions(columns, rows, best)]
     eligible = [c for c in candidates if c.eligible]
     if not eligible:
-        raise UserError(_infeasible(goal, candidates))
+        raise UserError(_infeasible(goal, candidates, cluster.unit))
     choice = choose(goal, eligible)
     told = warnings(profile, cluster)
-    return Plan(model=profile.model, device=profile.device, gpu=cluster.gpu, objective=objective,
+    gpu = "cpu" if cluster.is_cpu else cluster.gpu  # also a CPU cluster known by its links: Plan.unit reads it
+    return Plan(model=profile.model, device=profile.device, gpu=gpu, objective=objective,
                 explanation=explanation(goal, choice, candidates, model, told), warnings=told,
                 assumptions=assumptions(goal, model), min_efficiency=min_efficiency, global_batch=global_batch,
                 total_samples=total_samples, deadline_s=deadline_s, budget=budget, choice=choice.prediction,
                 candidates=tuple(candidates))
 
 
-def _infeasible(goal: Goal, candidates: list[Candidate]) -> str:
+def _infeasible(goal: Goal, candidates: list[Candidate], unit: str) -> str:
     """Which constraint leaves no placement, with the nearest miss."""
     predictions = [c.prediction for c in candidates]
     floor = goal.objective == "max_throughput"
@@ -229,7 +231,7 @@ def _infeasible(goal: Goal, candidates: list[Candidate]) -> str:
     if not efficient:
         best = max(predictions, key=lambda p: p.efficiency_low)
         return (f"min_efficiency: no placement keeps pessimistic efficiency >= {goal.min_efficiency:.3g}; the "
-                f"best ({plural(best.gpus, 'GPU')}) has {best.efficiency_low:.3f} (predicted {best.efficiency:.3f})")
+                f"best ({plural(best.gpus, unit)}) has {best.efficiency_low:.3f} (predicted {best.efficiency:.3f})")
     floor_says = f" at pessimistic efficiency >= {goal.min_efficiency:.3g} (min_efficiency)"
 
     def nearest(key: str, limit: float) -> tuple[Prediction, str]:
@@ -243,11 +245,11 @@ def _infeasible(goal: Goal, candidates: list[Candidate]) -> str:
         fastest, within = nearest("time_to_finish_s", goal.deadline_s)
         if fastest.time_to_finish_s > goal.deadline_s:
             return (f"deadline: no placement{within} finishes within {duration(goal.deadline_s)}; the fastest "
-                    f"({plural(fastest.gpus, 'GPU')}) needs {duration(fastest.time_to_finish_s)}")
+                    f"({plural(fastest.gpus, unit)}) needs {duration(fastest.time_to_finish_s)}")
     if goal.budget is not None:
         cheapest, within = nearest("cost", goal.budget)
         if cheapest.cost > goal.budget:
             return (f"budget: no placement{within} fits within {usd(goal.budget)}; the cheapest "
-                    f"({plural(cheapest.gpus, 'GPU')}) costs {usd(cheapest.cost)}")
+                    f"({plural(cheapest.gpus, unit)}) costs {usd(cheapest.cost)}")
     within = floor_says if len(efficient) < len(predictions) else ""
     return f"plan: no placement{within} meets the deadline and the budget together; relax one of them"

@@ -262,6 +262,11 @@ class ClusterSpec(Document):
     def is_cpu(self) -> bool:
         return (self.gpu or "").strip().lower() == "cpu" or self.intra_link in ("loopback", "shared-memory")
 
+    @property
+    def unit(self) -> str:
+        """What a plan's words count (its fields and keys say `gpus` either way)."""
+        return "worker" if self.is_cpu else "GPU"
+
 
 class Observation(Document):
     """One worker group's measured step time on a real run: what `calibrate` learns from."""
