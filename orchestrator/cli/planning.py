@@ -115,7 +115,7 @@ def probe_network(
 
     from orchestrator.cluster import MAX_PROBE_MIB, probe_network as measure, probe_sizes
     from orchestrator.files import check_writable
-    from orchestrator.planner.explain import describe_calibration
+    from orchestrator.planner.explain import above_line_rate, describe_calibration
 
     given(address, "--address")
     if not 1 <= max_mib <= MAX_PROBE_MIB:
@@ -129,6 +129,8 @@ def probe_network(
     out.print(f"wrote {output}: {len(spec.allreduce_samples)} all-reduce samples at {', '.join(places)} on "
               f"{spec.nodes} node(s) x {spec.gpus_per_node} worker(s)", highlight=False)
     out.print(describe_calibration(spec.calibration, unit=spec.unit), highlight=False)
+    if impossible := above_line_rate(spec):
+        note(escape(impossible))
     out.print(f"{spec.calibration.note}", highlight=False)
 
 
@@ -150,7 +152,7 @@ def calibrate(
 
     from orchestrator import calibrations, constants, planner
     from orchestrator.files import distinct_outputs
-    from orchestrator.planner.explain import describe_calibration
+    from orchestrator.planner.explain import above_line_rate, describe_calibration
 
     distinct_outputs({"-o": output}, {"--cluster": cluster, **{f"--observations {path}": path for path in observations or []}})
     spec = planner.load_cluster(cluster) if cluster is not None else None
@@ -180,6 +182,8 @@ def calibrate(
     planner.save_cluster(result, output)
     section = result.calibration
     out.print(f"wrote {output}: {describe_calibration(section, unit=result.unit)}", highlight=False)
+    if impossible := above_line_rate(result):
+        note(escape(impossible))
     if section.residuals is not None:
         r = section.residuals
         out.print(f"residuals ({r.method}, n={r.n}): 80 % of steps within {math.exp(r.low) - 1:+.0%} .. "

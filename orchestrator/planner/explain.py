@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from orchestrator.planner.model import COMPUTE_SPREAD, MIN_RESIDUALS, PerformanceModel
-from orchestrator.planner.priors import PRIOR_WIDTH, describe_priors
+from orchestrator.planner.priors import PRIOR_WIDTH, describe_priors, link_kinds
 from orchestrator.planner.results import Candidate
 from orchestrator.planner.types import Calibration, ClusterSpec, Profile
 
@@ -137,6 +137,29 @@ def describe_calibration(cal: Calibration, *, unit: str = "GPU") -> str:
             f"inside a node, {cal.inter_GBps:.3g} GB/s per node between nodes, {cal.latency_us:.3g}/"
             f"{cal.inter_latency_us:.3g} us per ring step, overlap {cal.overlap:.2f}, "
             f"straggler jitter {cal.jitter:.0%}; fitted: {fitted}" + (f" ({cal.note})" if cal.note else ""))
+
+
+def above_line_rate(cluster: ClusterSpec) -> str | None:
+    """One line where the calibration's achieved bandwidth exceeds the line rate the cluster
+    declares for that link (no link carries more), naming both figures; None where it does not.
+    Said, not clamped: either the declared line rate or the observations are wrong."""
+    cal = cluster.calibration
+    if cal is None:
+        return None
+    kinds = link_kinds(cluster)
+    levels = ((cal.intra_GBps, cluster.intra_node_GBps, f"per {cluster.unit} inside a node", kinds.intra,
+               "intra_node_GBps"),
+              (cal.inter_GBps, cluster.inter_node_GBps, "per node between nodes", kinds.inter, "inter_node_GBps"))
+    over = [f"{past(achieved, line, gbps)} {where} is above the {kind} line rate of {gbps(line)} ({field})"
+            for achieved, line, where, kind, field in levels if achieved > line]
+    if not over:
+        return None
+    return (f"warning: calibrated {'; '.join(over)}: no link carries more than its line rate; check the line "
+            "rate the cluster file declares, or the observations (their profiles, placements and step times)")
+
+
+def gbps(rate: float) -> str:
+    return f"{rate:.3g} GB/s"
 
 
 def _percent(log_ratio: float) -> str:
