@@ -20,7 +20,6 @@ import logging
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -151,21 +150,16 @@ def _existing_store(tracking_uri: str | None) -> None:
     """Reading history creates nothing: a sqlite URI must name an MLflow database that exists (MLflow
     would create a missing one, add its tables to any other sqlite file, and retry a folder for
     minutes)."""
+    from orchestrator.config import sqlite_path, sqlite_store_problem
+
     if not tracking_uri or not tracking_uri.startswith("sqlite:///"):
         return
-    path = Path(tracking_uri.removeprefix("sqlite:///").split("?", 1)[0])
+    path = Path(sqlite_path(tracking_uri))
     if not path.is_file():
         raise UserError(f"--tracking-uri {tracking_uri}: no MLflow database at {path}"
                         + (" (a folder)" if path.is_dir() else ""))
-    import sqlite3
-
-    try:
-        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    except sqlite3.Error as exc:
-        raise UserError(f"--tracking-uri {tracking_uri}: {path} is no sqlite database ({exc})") from None
-    if not {"experiments", "runs", "alembic_version"} <= tables:
-        raise UserError(f"--tracking-uri {tracking_uri}: {path} is no MLflow database (it has no runs table)")
+    if problem := sqlite_store_problem(str(path), empty=False):
+        raise UserError(f"--tracking-uri {tracking_uri}: {problem}")
 
 
 def _runs(client: Any, experiment_id: str) -> Iterator[Any]:

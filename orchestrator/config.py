@@ -88,6 +88,30 @@ def sqlite_path(uri: str) -> str:
     return uri.split("://", 1)[1].removeprefix("/").split("?", 1)[0]
 
 
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # the driver's store when neither the config nor MLFLOW_TRACKING_URI names one
+# The tables every MLflow sqlite store has, whatever its schema version.
+MLFLOW_TABLES = frozenset({"experiments", "runs", "alembic_version"})
+
+
+def sqlite_store_problem(path: str, *, empty: bool = True) -> str | None:
+    """Why the existing file `path` must not be opened as an MLflow sqlite store (None: it is one,
+    or with `empty` an empty database). MLflow adds its tables to whatever sqlite file it is given:
+    an application's own database would be altered. Read-only: looking changes nothing in the file."""
+    import sqlite3
+    from contextlib import closing
+
+    try:
+        with closing(sqlite3.connect(f"{Path(os.path.abspath(path)).as_uri()}?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.Error as exc:
+        return f"{path} is no sqlite database ({exc})"
+    if (tables or not empty) and not MLFLOW_TABLES <= tables:  # none: nothing of anyone's to alter (a file just created)
+        return (f"{path} is an sqlite database but no MLflow store (it lacks MLflow's tables "
+                f"{', '.join(sorted(MLFLOW_TABLES - tables))}) and MLflow would add them to it; "
+                "name a new file or an MLflow database")
+    return None
+
+
 def tracking_uri_problem(uri: str) -> str | None:
     """What is wrong with an MLflow tracking URI, ending in the URI as given less any credentials
     (None: nothing we can tell before sending to it)."""
@@ -109,6 +133,8 @@ def tracking_uri_problem(uri: str) -> str | None:
             # MLflow retried "unable to open database file" for minutes (replay), or the run spilled
             # everything it logged as if the server were down
             problem = "names a folder, not a database file (e.g. sqlite:///FOLDER/mlflow.db)"
+        elif parts.scheme.split("+")[0] == "sqlite" and os.path.isfile(sqlite_path(uri)):
+            problem = sqlite_store_problem(sqlite_path(uri))
     # shown without the credentials it may carry, even when malformed
     return problem and f"{problem}, got {scrub(uri)!r}"
 

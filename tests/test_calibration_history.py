@@ -32,8 +32,10 @@ def test_a_sqlite_uri_that_names_no_mlflow_database_is_one_line_and_nothing_is_w
         db.execute("CREATE TABLE notes (text TEXT)")
     (tmp_path / "text.db").write_text("x" * 4096)
     (tmp_path / "folder.db").mkdir()
+    (tmp_path / "empty.db").touch()  # an empty database: no history to read, and nothing to create
     cases = {"missing.db": "no MLflow database at", "folder.db": "(a folder)", "text.db": "is no sqlite database",
-             "other.db": "is no MLflow database \\(it has no runs table\\)"}
+             "other.db": "is an sqlite database but no MLflow store \\(it lacks MLflow.s tables alembic_version, "
+                         "experiments, runs\\)", "empty.db": "lacks MLflow.s tables"}
     before = {p.name: _digest(p) for p in tmp_path.iterdir() if p.is_file()}
     for name, says in cases.items():
         with pytest.raises(UserError, match=rf"^--tracking-uri sqlite:///{tmp_path}/{name}: .*{says}"):

@@ -108,7 +108,8 @@ def check_digest(config: Path, expected: str) -> None:
 def check_job_files(job: Any) -> None:
     """The local files a job names beside its data, checked now: a missing or broken
     `resources.cluster` file passed `validate` and was said by `run` and `profile` only once an
-    embedded Ray had started; so was a `tracking.spill_dir` that is a file."""
+    embedded Ray had started; so was a `tracking.spill_dir` that is a file (and the default
+    tracking store, ./mlflow.db, is checked as a given tracking_uri is)."""
     if job.resources.cluster:
         from orchestrator.planner import load_cluster
 
@@ -116,6 +117,10 @@ def check_job_files(job: Any) -> None:
     spill = job.tracking.spill_dir
     if spill and Path(spill).exists() and not Path(spill).is_dir():
         raise UserError(f"tracking.spill_dir: cannot write to {spill} (not a folder)")
+    if job.resolved_tracking_uri() is None:  # the default store, ./mlflow.db: checked as a given one is
+        from orchestrator.config import DEFAULT_TRACKING_URI, check_tracking_uri
+
+        check_tracking_uri(DEFAULT_TRACKING_URI, "tracking.tracking_uri")
 
 
 @contextmanager

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import JobConfig, flatten
+from orchestrator.config import DEFAULT_TRACKING_URI, JobConfig, flatten
 from orchestrator.driver.ports import Prepared
 from orchestrator.driver.sizing import Sizing, describe
 from orchestrator.redact import redact
@@ -19,7 +19,7 @@ from orchestrator.redact import redact
 def resolve_tracking_uri(job: JobConfig) -> str:
     """The tracking URI with a local store made absolute (`--set`/config, then
     MLFLOW_TRACKING_URI, then MLflow's default: sqlite:///mlflow.db here)."""
-    uri = job.resolved_tracking_uri() or "sqlite:///mlflow.db"
+    uri = job.resolved_tracking_uri() or DEFAULT_TRACKING_URI
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return "sqlite:///" + os.path.abspath(uri.removeprefix("sqlite:///"))
     if "://" not in uri:

@@ -363,6 +363,8 @@ def replay(path: str | Path, tracking_uri: str) -> ReplayResult:
     server = server_name(tracking_uri)
     try:
         writer = Writer(Store(tracking_uri, timeout_s=constants.TRACKING_REQUEST_TIMEOUT_S))
+    except UserError as exc:  # a store it must not open (a sqlite file that is no MLflow store)
+        raise UserError(f"--tracking-uri: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - an unusable URI, said in one line
         raise UserError(f"--tracking-uri: {server}: {describe(exc)}") from exc
     try:

@@ -29,6 +29,8 @@ from mlflow.utils.credentials import get_default_host_creds
 from mlflow.utils.proto_json_utils import parse_dict
 from mlflow.utils.rest_utils import http_request, verify_rest_response
 
+from orchestrator.config import tracking_uri_problem
+from orchestrator.errors import UserError
 from orchestrator.tracking.ops import (
     BATCH_LIMIT, HANDLE_TAG, OPENED_TAG, RUN_KEY_TAG, ResolvedRun, floor_and_cut, later_driver,
 )
@@ -80,6 +82,10 @@ class BoundedRestStore(RestStore):
 def _mlflow_store(tracking_uri: str, timeout_s: float) -> Any:
     if urlsplit(tracking_uri).scheme in ("http", "https"):
         return BoundedRestStore(tracking_uri, timeout_s)
+    # Every store opens here (the tracker, a replay called from Python), not only through the
+    # checked flags and config: MLflow would add its tables to any sqlite file (an application's own).
+    if problem := tracking_uri_problem(tracking_uri):
+        raise UserError(problem)
     from mlflow.tracking._tracking_service.utils import _get_store
 
     return _get_store(tracking_uri)
