@@ -58,7 +58,8 @@ from typing import TYPE_CHECKING
 
 from orchestrator.tracking.handle import CloseReport, RunHandle
 from orchestrator.tracking.ops import RUN_KEY_TAG, ResolvedRun, run_key
-from orchestrator.tracking.spill import ReplayResult, default_spill_dir, replay
+from orchestrator.tracking.spill import default_spill_dir
+from orchestrator.tracking.spill_replay import ReplayResult, replay
 from orchestrator.tracking.tracker import Tracker
 
 if TYPE_CHECKING:
