@@ -1,12 +1,14 @@
 """Spill files and `tracking replay` with an in-memory store (tracking_fakes.py): each line is
-sent once however often replay runs, a torn last line waits, unreadable lines are skipped and
-said once. The tracker itself is in test_tracking.py.
+sent once however often replay runs, a torn last line waits while a writer has the file open (and
+is ended once none has), unreadable lines are skipped and said once. The tracker itself is in test_tracking.py.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from tracking_fakes import URI, FakeStore, fake, quick, spill_dir, spill_while_d
 
 from orchestrator.errors import UserError
 from orchestrator.tracking import replay
-from orchestrator.tracking.spill import send_file, spill_path
+from orchestrator.tracking.spill import SpillWriter, fully_sent, send_file, spill_path
 from orchestrator.tracking.writer import Writer
 
 
@@ -56,19 +58,65 @@ def test_replay_that_died_halfway_resends_at_most_one_batch_and_creates_one_run(
     assert result.points == 2500  # the first batch again (MLflow kept one copy), then the rest
 
 
+def _point_line(path: Path, step: int) -> bytes:
+    handle = path.read_text().split('"handle":"')[1].split('"')[0]
+    return (b'{"op":"metrics","handle":"%s","t":1,"points":[["train/loss",0.5,2000000,%d]],"per_step":true}\n'
+            % (handle.encode(), step))
+
+
 def test_replay_leaves_a_torn_last_line_and_sends_lines_appended_later(fake: FakeStore, spill_dir: Path) -> None:
     spill_while_down(fake, spill_dir, "k", range(5))
     path = spill_path(spill_dir, URI, "k")
-    handle = next(iter(Path(path).read_text().splitlines())).split('"handle":"')[1].split('"')[0]
-    line = ('{"op":"metrics","handle":"%s","t":1,"points":[["train/loss",0.5,2000000,99]],"per_step":true}\n'
-            % handle).encode()
+    line = _point_line(path, 99)
+    live = SpillWriter(path)
+    live.append([])  # a job that has the file open, still writing this line
     with open(path, "ab") as f:
-        f.write(line[:20])  # a job still writing this line
+        f.write(line[:20])
     result = replay(path, URI)
-    assert result.incomplete and fake.run("k").steps() == list(range(5))
+    assert result.incomplete and not result.done.ended and fake.run("k").steps() == list(range(5))
+    assert result.lines(path)[-1] == "an incomplete last line is left for a later replay: a running job is writing the file"
     with open(path, "ab") as f:
         f.write(line[20:])
+    live.close()
     assert replay(path, URI).points == 1 and fake.run("k").steps() == [*range(5), 99]
+
+
+@pytest.mark.parametrize("cut", [20, -1], ids=["mid-line", "all but the newline"])
+def test_a_torn_last_line_no_writer_can_finish_is_ended_and_read(fake: FakeStore, spill_dir: Path, cut: int) -> None:
+    """A job that died mid-line (nothing has the file open) left its spill file waiting for good:
+    every replay said the incomplete line was left for later. Now it is ended (one newline appended,
+    nothing rewritten) and read: sent when whole, unreadable otherwise; the file is then fully sent."""
+    spill_while_down(fake, spill_dir, "k", range(5))
+    path = spill_path(spill_dir, URI, "k")
+    torn = path.read_bytes() + _point_line(path, 99)[:cut]
+    path.write_bytes(torn)
+    result = replay(path, URI)
+    assert not result.incomplete and result.done.ended and path.read_bytes() == torn + b"\n"
+    assert (result.points, result.unreadable) == ((6, 0) if cut == -1 else (5, 1))
+    assert fake.run("k").steps() == [*range(5), *([99] if cut == -1 else [])]
+    assert "the incomplete last line of a job that is no longer writing the file was ended" in " ".join(result.lines(path))
+    assert fully_sent(path)
+    again = replay(path, URI)
+    assert (again.points, again.unreadable, again.incomplete, again.done.ended) == (0, 0, False, False)
+
+
+def test_a_writer_that_dies_drops_its_hold_and_its_torn_line_is_ended(fake: FakeStore, spill_dir: Path) -> None:
+    """The writer's shared lock is the kernel's: a process killed mid-line no longer holds it."""
+    spill_while_down(fake, spill_dir, "k", range(2))
+    path = spill_path(spill_dir, URI, "k")
+    script = ("import sys; from pathlib import Path; from orchestrator.tracking.spill import SpillWriter\n"
+              "w = SpillWriter(Path(sys.argv[1])); w.append([])\n"
+              "open(sys.argv[1], 'ab').write(b'{\"op\":\"met'); print('torn', flush=True); sys.stdin.read()")
+    writer = subprocess.Popen([sys.executable, "-c", script, str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline() == "torn\n"
+        assert replay(path, URI).incomplete  # alive: it may still finish the line
+    finally:
+        writer.kill()
+        writer.wait()
+    result = replay(path, URI)
+    assert result.done.ended and not result.incomplete and result.unreadable == 1 and fully_sent(path)
 
 
 def test_replay_skips_lines_that_are_not_operations_and_sends_the_rest(fake: FakeStore, spill_dir: Path) -> None:
@@ -218,8 +266,6 @@ def test_links_planted_beside_a_spill_file_are_never_written_through(fake: FakeS
                                                                       tmp_path: Path) -> None:
     """In a shared spill_dir, a link at the progress record's staging name, the lock or the spill file
     itself must not make a replay (or a tracker) overwrite, append to or create the link's target."""
-    from orchestrator.tracking.spill import SpillWriter
-
     spill_while_down(fake, spill_dir, "k", range(2))
     path = spill_path(spill_dir, URI, "k")
     victim = tmp_path / "victim.txt"

@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator import constants
 from orchestrator.tracking import RUN_KEY_TAG, RunHandle, Tracker
-from orchestrator.tracking.spill import fully_sent
+from orchestrator.tracking.spill import SpillWriter, fully_sent
 from orchestrator.tracking.store import Store
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -219,13 +219,16 @@ def test_a_server_that_never_returns_spills_and_replay_sends_it_once(server: Mlf
     report = tracker.close(timeout_s=1)
     assert report.spill_file == path
     assert report.replay_command == f"orchestrator tracking replay {path} --tracking-uri {gone}"
+    live = SpillWriter(path)
+    live.append([])  # a writer that has the file open, in the middle of a line
     with open(path, "ab") as f:
-        f.write(path.read_bytes().splitlines(keepends=True)[-2][:25])  # a writer in the middle of a line
+        f.write(path.read_bytes().splitlines(keepends=True)[-2][:25])
     second = run_cli(replay, env=base_env())  # the lines appended since the first, not the torn one
     assert second.returncode == 0 and "incomplete last line is left" in second.stdout, second.stdout + second.stderr
     third = run_cli(replay, env=base_env())  # twice in a row: nothing is sent again
     assert "sent 0 metric points and 0 other operations" in third.stdout, third.stdout + third.stderr
     assert "incomplete last line is left" in third.stdout
+    live.close()
     _exactly_once(server, "never-returns", range(30))
     client = MlflowClient(server.uri)
     runs = client.search_runs([client.get_experiment_by_name("tracking-test").experiment_id],

@@ -15,9 +15,18 @@ run it resolved to when that was already known. Beside the file:
 Sending is idempotent: lines go in order and the offset is recorded after each batch, so a
 replay that dies halfway resends at most one batch, which MLflow takes again without duplicates
 (it drops a metric point identical in key, value, timestamp and step; tags, params and artifacts
-are set to the same values). Only complete lines are sent: a torn last line (its writer is still
-writing it, or died) is left for later, and lines a running job appends after the offset read
-wait for the next send.
+are set to the same values). Only complete lines are sent, and lines a running job appends after
+the offset read wait for the next send.
+
+A torn last line (no newline) waits while a writer may still finish it. Each `SpillWriter` holds
+a shared flock on the spill file itself from its first append to its close; the kernel drops it
+when the process dies, however it dies. A sender (holding the send lock) that takes that lock
+exclusively knows no writer has the file open: the line was torn by one that died mid-write (a
+crash, a full disk) and nothing will ever finish it. The sender ends it with a newline, appended
+under that lock (nothing is rewritten), and reads it as any other line: sent when whole, counted
+as unreadable otherwise. Before, such a file waited for good ("an incomplete last line is left").
+A writer that opens the file later takes its shared lock before it looks whether the last line
+is torn (and ends it itself), so the two never both end it.
 """
 
 from __future__ import annotations
@@ -108,6 +117,12 @@ class SpillWriter:
     def _open(self) -> IO[bytes]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         file = os.fdopen(_open_own(self.path, os.O_WRONLY | os.O_APPEND), "ab")
+        # Held until close: no sender takes a torn line for dead meanwhile (see the module docstring).
+        # It waits only while a sender ends such a line: one byte, under its exclusive lock.
+        try:
+            fcntl.flock(file, fcntl.LOCK_SH)
+        except OSError:  # a filesystem without flock: no sender can lock the file either, nor end a line
+            pass
         if file.tell() and not _ends_with_newline(self.path):
             # A writer died mid-line: end that line, so it stays one unreadable line instead of
             # spoiling the first line written now.
@@ -127,9 +142,32 @@ def _open_own(path: Path, flags: int) -> int:
 
 
 def _ends_with_newline(path: Path) -> bool:
+    """Whether the file's last line is complete (an empty file: no torn line)."""
     with open(path, "rb") as f:
+        if not f.seek(0, os.SEEK_END):
+            return True
         f.seek(-1, os.SEEK_END)
         return f.read(1) == b"\n"
+
+
+def _end_dead_line(path: Path) -> bool:
+    """End the file's torn last line when no writer has the file open (the module docstring says
+    why that is safe); True when it did."""
+    try:
+        fd = _open_own(path, os.O_RDWR | os.O_APPEND)
+    except OSError:  # not this user's to write, or a link: left as it is
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        size = os.fstat(fd).st_size
+        if not size or os.pread(fd, 1, size - 1) == b"\n":  # ended meanwhile, by a writer that came back
+            return False
+        os.write(fd, b"\n")
+        return True
+    except OSError:  # a writer has the file open (it may still finish the line), or no flock here
+        return False
+    finally:
+        os.close(fd)  # and with it the lock
 
 
 @dataclass
@@ -242,6 +280,7 @@ class Pass:
     unreadable: int
     incomplete: bool
     first_unreadable: int | None = None  # the byte the first unreadable line ends at
+    ended: bool = False  # a torn last line that no writer could finish was ended, then read
 
     def skipped(self) -> str | None:
         """The unreadable lines in one sentence (a damaged file can have thousands: said once)."""
@@ -260,6 +299,7 @@ def send_file(path: Path, writer: Writer, *, wait_s: float = 0.0, stop: Callable
             return None
         progress = Progress.load(path)
         writer.adopt(progress.runs)
+        ended = not _ends_with_newline(path) and _end_dead_line(path)
         files, unreadable, first, unsaved = artifacts_dir(path), 0, None, False
         for batch, end in _batches(path, progress.offset):
             if stop():
@@ -276,7 +316,7 @@ def send_file(path: Path, writer: Writer, *, wait_s: float = 0.0, stop: Callable
             remove_staged(batch, files)
         if unsaved:
             progress.save(path)
-        return Pass(progress.offset, unreadable, _torn(path, progress.offset), first)
+        return Pass(progress.offset, unreadable, _torn(path, progress.offset), first, ended)
 
 
 def _torn(path: Path, offset: int) -> bool:

@@ -41,10 +41,13 @@ class ReplayResult:
         if self.kept:
             lines.append(f"{self.kept} operations were not sent: the run has a later driver's values for them "
                          "(its status, tags, artifacts)")
+        if self.done.ended:
+            lines.append("the incomplete last line of a job that is no longer writing the file was ended and "
+                         "read as it was (unreadable unless whole)")
         if skipped := self.done.skipped():
             lines.append(skipped)
         if self.incomplete:
-            lines.append("an incomplete last line is left for a later replay")
+            lines.append("an incomplete last line is left for a later replay: a running job is writing the file")
         return lines + list(self.refusals)
 
 
