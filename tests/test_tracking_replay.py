@@ -15,7 +15,7 @@ import pytest
 from tracking_fakes import URI, FakeStore, fake, quick, spill_dir, spill_while_down  # noqa: F401 (fixtures)
 
 from orchestrator.errors import UserError
-from orchestrator.tracking import replay
+from orchestrator.tracking import replay, store
 from orchestrator.tracking.spill import SpillWriter, fully_sent, send_file, spill_path
 from orchestrator.tracking.writer import Writer
 
@@ -62,6 +62,37 @@ def _point_line(path: Path, step: int) -> bytes:
     handle = path.read_text().split('"handle":"')[1].split('"')[0]
     return (b'{"op":"metrics","handle":"%s","t":1,"points":[["train/loss",0.5,2000000,%d]],"per_step":true}\n'
             % (handle.encode(), step))
+
+
+def test_the_rest_of_a_file_goes_where_its_start_went(fake: FakeStore, spill_dir: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replay that died halfway, run again with another server: the recorded runs are not that
+    server's, so every later line was refused and dropped, and the file taken for sent (1,500
+    points and the run's status in neither store). Now it is one line naming both; nothing moves."""
+    spill_while_down(fake, spill_dir, "k", range(2500))
+    path = spill_path(spill_dir, URI, "k")
+    other = FakeStore("http://127.0.0.1:9/other")
+    monkeypatch.setattr(store, "Store", lambda uri, *, timeout_s: other if uri == other.tracking_uri else fake)
+    original, batches = fake.log_metrics, []
+
+    def first_batch_then_gone(run_id: str, points: list) -> None:
+        if batches:
+            raise ConnectionError("the server is gone")
+        batches.append(original(run_id, points))
+
+    fake.log_metrics = first_batch_then_gone  # type: ignore[method-assign]
+    with pytest.raises(UserError, match="run the same command again"):
+        replay(path, URI)
+    offset = path.with_name(path.name + ".offset")
+    recorded = offset.read_bytes()
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}: its first \d+ bytes were sent to {URI}, not "
+                                        rf"{other.tracking_uri}: send the rest there \(--tracking-uri {URI}\), or "
+                                        rf"delete {re.escape(str(offset))} to send the whole file to "):
+        replay(path, other.tracking_uri)
+    assert other.runs == {} and offset.read_bytes() == recorded and not fully_sent(path)
+    fake.log_metrics = original  # type: ignore[method-assign]
+    assert replay(path, URI).points == 1500
+    assert fake.run("k").steps() == list(range(2500)) and fake.run("k").status == "FINISHED" and fully_sent(path)
 
 
 def test_replay_leaves_a_torn_last_line_and_sends_lines_appended_later(fake: FakeStore, spill_dir: Path) -> None:

@@ -7,8 +7,9 @@ and of the run key). It holds JSON lines of operations (ops.py), each appended w
 rewritten, renamed or truncated. A handle's first line in a file is its open operation, with the
 run it resolved to when that was already known. Beside the file:
 
-- ``….offset``: progress, the byte offset up to which lines were sent and the run each handle
-  resolved to (so a second replay neither sends a line again nor creates a second run);
+- ``….offset``: progress, the byte offset up to which lines were sent, the run each handle
+  resolved to (so a second replay neither sends a line again nor creates a second run) and the
+  server they went to (the rest of the file goes there too);
 - ``….lock``: held (flock) by whoever is sending the file, so two senders never interleave;
 - ``….artifacts/``: the copies of artifact files, made when they were logged.
 
@@ -172,10 +173,12 @@ def _end_dead_line(path: Path) -> bool:
 
 @dataclass
 class Progress:
-    """The ``….offset`` record: bytes sent, and the run behind each handle seen in the file."""
+    """The ``….offset`` record: bytes sent, the run behind each handle seen in the file, and the
+    server both are on (None in a record written before it was recorded)."""
 
     offset: int = 0
     runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    server: str | None = None
 
     @classmethod
     def load(cls, path: Path) -> Progress:
@@ -184,15 +187,17 @@ class Progress:
             return cls()
         try:
             data = json.loads(record.read_text())
-            offset, runs = data["offset"], dict(data["runs"])
+            offset, runs, server = data["offset"], dict(data["runs"]), data.get("server")
             if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset < 2**62:
                 raise ValueError(f"offset {offset!r} is no byte offset")
+            if server is not None and not isinstance(server, str):
+                raise ValueError(f"server {server!r} is no server name")
             if path.exists() and offset > (size := path.stat().st_size):  # the file was removed and written
                 # anew: every line in it would be taken for sent (replay said "sent 0", and no later run sent it)
                 raise ValueError(f"offset {offset} is past the file's end, {size} bytes: the file was replaced")
             for resolved in runs.values():  # each a run as MLflow answered it
                 ResolvedRun.from_json(resolved)
-            return cls(offset, runs)
+            return cls(offset, runs, server)
         except OSError as exc:  # a folder in its place, say
             raise UserError(f"{record}: cannot read the progress record ({exc.strerror or exc})") from None
         except (ValueError, KeyError, TypeError, RecursionError) as exc:
@@ -204,8 +209,17 @@ class Progress:
         tmp = _sibling(path, ".offset.tmp")
         tmp.unlink(missing_ok=True)  # a stale one, or a link planted in its place: never written through
         with os.fdopen(_open_own(tmp, os.O_WRONLY | os.O_EXCL), "w") as f:
-            f.write(json.dumps({"offset": self.offset, "runs": self.runs}))
+            f.write(json.dumps({"offset": self.offset, "runs": self.runs, "server": self.server}))
         os.replace(tmp, record)  # never half written
+
+    def claim(self, path: Path, server: str) -> None:
+        """The rest of the file goes where its start went: the runs recorded are that server's, and
+        another refused every later line for them (each dropped, the file then taken for sent)."""
+        if self.offset and self.server not in (None, server):
+            raise UserError(f"{path}: its first {self.offset} bytes were sent to {self.server}, not {server}: send "
+                            f"the rest there (--tracking-uri {self.server}), or delete {_sibling(path, '.offset')} "
+                            f"to send the whole file to {server}")
+        self.server = server
 
     def note_runs(self, batch: list[Op], writer: Writer) -> None:
         for op in batch:
@@ -298,6 +312,7 @@ def send_file(path: Path, writer: Writer, *, wait_s: float = 0.0, stop: Callable
         if not held:
             return None
         progress = Progress.load(path)
+        progress.claim(path, server_name(writer.store.tracking_uri))
         writer.adopt(progress.runs)
         ended = not _ends_with_newline(path) and _end_dead_line(path)
         files, unreadable, first, unsaved = artifacts_dir(path), 0, None, False
