@@ -215,6 +215,26 @@ def test_a_spill_write_that_failed_once_still_gives_the_file_its_open_line(
     assert not result.refusals and fake.run("k").steps() == list(range(40)) and fake.run("k").status == "FINISHED"
 
 
+def test_an_operation_after_close_once_the_sent_spill_file_is_gone_keeps_its_open_line(
+        fake: FakeStore, spill_dir: Path) -> None:
+    """The run spilled during an outage, everything went once the server was back and close removed
+    the sent file; an operation after close started a new file without the open line, so no replay
+    could tell its run and it was dropped ("no run is known for handle")."""
+    fake.down = True
+    tracker = Tracker(URI, spill_dir=spill_dir, max_queued=10)
+    run = tracker.open_run(experiment="e", run_key="k", run_name="job")
+    log_steps(run, range(30))
+    path = spill_path(spill_dir, URI, "k")
+    assert path.exists()
+    fake.down = False
+    run.finish()
+    assert tracker.close(timeout_s=5).spill_file is None and not path.exists()
+    run.set_tags({"late": "yes"})  # after close: straight to the spill file
+    result = replay(path, URI)
+    assert not result.refusals and result.operations == 1 and fake.run("k").tags == {"late": "yes"}
+    assert fake.opens == 1  # the run as resolved, recorded in the new file's open line
+
+
 def test_a_spill_writer_whose_write_failed_reopens_and_ends_the_torn_line(tmp_path: Path) -> None:
     path = tmp_path / "s.jsonl"
     writer = SpillWriter(path)

@@ -226,7 +226,9 @@ class Tracker:
         path = self.spill_file
         unsent = path is not None and not fully_sent(path)
         if path is not None and not unsent:
-            remove_if_sent(path)
+            with self._lock:  # an operation after close then starts a new file with the open line again:
+                if remove_if_sent(path):  # without it, no replay could tell its run, and it was dropped
+                    self._header_written = False
         others = [p for p in list(self._leftovers or []) if p != path and p.exists()]
         writer = self._writer
         with self._lock:
