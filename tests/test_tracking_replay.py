@@ -95,6 +95,24 @@ def test_the_rest_of_a_file_goes_where_its_start_went(fake: FakeStore, spill_dir
     assert fake.run("k").steps() == list(range(2500)) and fake.run("k").status == "FINISHED" and fully_sent(path)
 
 
+def test_a_spill_file_removed_and_written_anew_is_not_taken_for_sent(fake: FakeStore, spill_dir: Path) -> None:
+    """A sent file removed by hand (its progress record left beside it), then written anew by the
+    job's next run while the server was down: the old offset, inside the new file, had its open line
+    and first bytes taken for sent and every later line dropped ("no run is known"). Now the record
+    is refused as one that is not this file's, and the file is sent whole once it is deleted."""
+    spill_while_down(fake, spill_dir, "k", range(30))
+    path = spill_path(spill_dir, URI, "k")
+    assert replay(path, URI).points == 30
+    path.unlink()
+    spill_while_down(fake, spill_dir, "k", range(30, 130))
+    record = path.with_name(path.name + ".offset")
+    with pytest.raises(UserError, match=rf"^{re.escape(str(record))}: not a progress record \(the file's first "
+                                        "line is not the one sent: the file was replaced\); delete it"):
+        replay(path, URI)
+    record.unlink()
+    assert replay(path, URI).points == 100 and fake.run("k").steps() == list(range(130))
+
+
 def test_replay_leaves_a_torn_last_line_and_sends_lines_appended_later(fake: FakeStore, spill_dir: Path) -> None:
     spill_while_down(fake, spill_dir, "k", range(5))
     path = spill_path(spill_dir, URI, "k")

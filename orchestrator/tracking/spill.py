@@ -151,6 +151,12 @@ def _ends_with_newline(path: Path) -> bool:
         return f.read(1) == b"\n"
 
 
+def _head(path: Path) -> str:
+    """A digest of the file's first line: a handle's open line, unique to the file."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.readline(1 << 16)).hexdigest()[:16]
+
+
 def _end_dead_line(path: Path) -> bool:
     """End the file's torn last line when no writer has the file open (the module docstring says
     why that is safe); True when it did."""
@@ -173,8 +179,9 @@ def _end_dead_line(path: Path) -> bool:
 
 @dataclass
 class Progress:
-    """The ``….offset`` record: bytes sent, the run behind each handle seen in the file, and the
-    server both are on (None in a record written before it was recorded)."""
+    """The ``….offset`` record: bytes sent, the run behind each handle seen in the file, the server
+    both are on, and a digest of the file's first line (the last two None in a record written
+    before they were recorded)."""
 
     offset: int = 0
     runs: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -187,14 +194,17 @@ class Progress:
             return cls()
         try:
             data = json.loads(record.read_text())
-            offset, runs, server = data["offset"], dict(data["runs"]), data.get("server")
+            offset, runs, server, head = data["offset"], dict(data["runs"]), data.get("server"), data.get("head")
             if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset < 2**62:
                 raise ValueError(f"offset {offset!r} is no byte offset")
-            if server is not None and not isinstance(server, str):
-                raise ValueError(f"server {server!r} is no server name")
+            if not all(v is None or isinstance(v, str) for v in (server, head)):
+                raise ValueError(f"server {server!r} or head {head!r} is no text")
             if path.exists() and offset > (size := path.stat().st_size):  # the file was removed and written
                 # anew: every line in it would be taken for sent (replay said "sent 0", and no later run sent it)
                 raise ValueError(f"offset {offset} is past the file's end, {size} bytes: the file was replaced")
+            if head is not None and path.exists() and _head(path) != head:  # removed and written anew past
+                # the offset: its first bytes (its open line) were taken for sent, and every later line dropped
+                raise ValueError("the file's first line is not the one sent: the file was replaced")
             for resolved in runs.values():  # each a run as MLflow answered it
                 ResolvedRun.from_json(resolved)
             return cls(offset, runs, server)
@@ -209,7 +219,8 @@ class Progress:
         tmp = _sibling(path, ".offset.tmp")
         tmp.unlink(missing_ok=True)  # a stale one, or a link planted in its place: never written through
         with os.fdopen(_open_own(tmp, os.O_WRONLY | os.O_EXCL), "w") as f:
-            f.write(json.dumps({"offset": self.offset, "runs": self.runs, "server": self.server}))
+            f.write(json.dumps({"offset": self.offset, "runs": self.runs, "server": self.server,
+                                "head": _head(path) if self.offset else None}))
         os.replace(tmp, record)  # never half written
 
     def claim(self, path: Path, server: str) -> None:
