@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import socket
 import statistics
 import tempfile
@@ -33,6 +34,8 @@ from orchestrator.planner import (
     load_cluster,
     save_cluster,
 )
+
+log = logging.getLogger(__name__)
 
 # Figures for a discovered cluster whose network nobody described: conservative guesses (PCIe
 # Gen3 x16 between GPUs, 10 GbE between nodes, gloo over TCP loopback between CPU workers). Pass
@@ -126,7 +129,7 @@ def probe_placements(cluster: ClusterSpec) -> list[Placement]:
 def probe_network(
     address: str | None,
     sizes: list[int],
-    out: Path,
+    out: Path | None,
     *,
     use_gpu: bool | None = None,
     cpus_per_worker: float = 1.0,
@@ -143,11 +146,11 @@ def probe_network(
     InfiniBand devices, addresses) sets the link kinds and the NIC line rate the file does not
     give; the samples are fitted (`calibrate_allreduce`), and the file holds the fit, its
     residuals, when it was measured, what was detected and assumed, and the samples as evidence.
-    Figures already in `out` are kept where nothing was measured. Connects to `address` unless
-    Ray is up (None: a new embedded Ray on 127.0.0.1).
+    Figures already in `out` are kept where nothing was measured (`out` None: nothing is read or
+    written). Connects to `address` unless Ray is up (None: a new embedded Ray on 127.0.0.1).
     """
     # The file's figures are read before Ray (and torch) are: a broken file is one line at once.
-    existing = load_cluster(out).to_dict() if Path(out).is_file() else None
+    existing = load_cluster(out).to_dict() if out is not None and Path(out).is_file() else None
     import ray
 
     from orchestrator.ray_session import connect_ray
@@ -173,7 +176,8 @@ def probe_network(
         fitted = calibrate_allreduce(cluster.replace(calibration=None), measured)
         spec = fitted.replace(allreduce_samples=tuple(measured),
                               calibration=fitted.calibration.replace(note="; ".join(said)))
-        save_cluster(spec, out)
+        if out is not None:
+            save_cluster(spec, out)
         return spec
     finally:
         if started:
@@ -321,12 +325,30 @@ def calibrated_live_cluster(cache_dir: str | Path, *, use_gpu: bool | None = Non
     if live.gpus == 1:
         return live
     path = Path(cache_dir) / f"cluster-{cluster_fingerprint(ray.nodes())}-{'gpu' if gpu else 'cpu'}.yaml"
-    if path.is_file():
-        cached = load_cluster(path)
-        if cached.calibration is not None:
-            return cached.replace(nodes=live.nodes, gpus_per_node=live.gpus_per_node)
-    return probe_network(None, sizes or QUICK_PROBE_SIZES, path, use_gpu=gpu, cpus_per_worker=cpus_per_worker,
+    cached = _cached_probe(path)
+    if cached is not None:
+        return cached.replace(nodes=live.nodes, gpus_per_node=live.gpus_per_node)
+    # Measured afresh: a cache entry's figures are no user's word to keep, as a cluster file's are.
+    spec = probe_network(None, sizes or QUICK_PROBE_SIZES, None, use_gpu=gpu, cpus_per_worker=cpus_per_worker,
                          repeats=3, warmup=1)
+    try:
+        save_cluster(spec, path)
+    except UserError as exc:  # the job has its calibration; the next one probes again
+        log.warning("the network probe is not cached: %s", exc)
+    return spec
+
+
+def _cached_probe(path: Path) -> ClusterSpec | None:
+    """The calibrated spec cached at `path`; None when there is none, or (said in a warning) when
+    it cannot be read: a damaged cache is probed again, never the end of a job."""
+    if not path.is_file():
+        return None
+    try:
+        cached = load_cluster(path)
+    except UserError as exc:
+        log.warning("probing the network again: the cached calibration is unusable: %s", exc)
+        return None
+    return cached if cached.calibration is not None else None
 
 
 def worker_slots(nodes: list[dict[str, Any]], *, use_gpu: bool, cpus_per_worker: float = 1.0) -> int:

@@ -181,3 +181,44 @@ def test_a_broken_output_file_is_refused_before_ray_starts(tmp_path: Path, monke
     out.write_text("nodes: 1\ngpus_per_node: 2\nintra_node_GBps: .nan\ninter_node_GBps: 1\n")
     with pytest.raises(UserError, match=r"cluster\.yaml: cluster\.intra_node_GBps: must be finite"):
         probe_network(None, SIZES, out, use_gpu=False)
+
+
+def _fake_live_cluster(monkeypatch: pytest.MonkeyPatch, nodes: list[dict[str, Any]], gpu: str) -> list[Any]:
+    """Ray faked as a live cluster of `nodes` whose GPUs are `gpu`; returns the probes made (each
+    answers a calibrated spec of that cluster)."""
+    import ray
+
+    from orchestrator.planner import Observation, calibrate
+
+    live = ClusterSpec(nodes=2, gpus_per_node=1, gpu=gpu, intra_node_GBps=1, inter_node_GBps=1)
+    observed = [Observation(profile=load_profile(), nodes=2, gpus_per_node=1, local_batch=8, step_time_s=0.03)]
+    probes: list[Any] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    monkeypatch.setattr(clusters, "discover_cluster", lambda **_: live)
+    monkeypatch.setattr(clusters, "probe_network",
+                        lambda *a, **k: probes.append(a) or calibrate(live, observed, source="probe-network"))
+    return probes
+
+
+@pytest.mark.parametrize("damage", ["nodes: [\n", "", "nodes: 2\ngpus_per_node: 1\nintra_no", "\x00\x01\x02",
+                                    "nodes: 2\ngpus_per_node: 1\nintra_node_GBps: 1\ninter_node_GBps: 1\nold_key: 1\n"])
+def test_a_damaged_cached_probe_is_a_warning_and_probed_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             caplog: pytest.LogCaptureFixture, damage: str) -> None:
+    # A corrupt, truncated, empty or older-format cache entry failed the job ("not valid YAML",
+    # exit 2), and the probe meant to replace it read the same file first and failed alike.
+    nodes = [node("127.0.0.1", gpus=0), node("127.0.0.2", gpus=0)]
+    probes = _fake_live_cluster(monkeypatch, nodes, "cpu")
+    cached = tmp_path / f"cluster-{cluster_fingerprint(nodes)}-cpu.yaml"
+    cached.write_text(damage)
+    spec = calibrated_live_cluster(tmp_path, use_gpu=False)
+    assert spec.calibration is not None and len(probes) == 1 and probes[0][2] is None  # the damaged file unread
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and said[0].startswith(f"probing the network again: the cached calibration is unusable: "
+                                                 f"{cached}: "), said
+    assert load_cluster(cached).calibration == spec.calibration  # the new probe replaced it
+    caplog.clear()
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert calibrated_live_cluster(blocked / "sub", use_gpu=False).calibration is not None  # a cache it cannot write
+    assert [r.getMessage().split(": ", 1)[0] for r in caplog.records] == ["the network probe is not cached"]
