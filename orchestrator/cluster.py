@@ -325,7 +325,7 @@ def calibrated_live_cluster(cache_dir: str | Path, *, use_gpu: bool | None = Non
     if live.gpus == 1:
         return live
     path = Path(cache_dir) / f"cluster-{cluster_fingerprint(ray.nodes())}-{'gpu' if gpu else 'cpu'}.yaml"
-    cached = _cached_probe(path)
+    cached = _cached_probe(path, live)
     if cached is not None:
         return cached.replace(nodes=live.nodes, gpus_per_node=live.gpus_per_node)
     # Measured afresh: a cache entry's figures are no user's word to keep, as a cluster file's are.
@@ -338,15 +338,20 @@ def calibrated_live_cluster(cache_dir: str | Path, *, use_gpu: bool | None = Non
     return spec
 
 
-def _cached_probe(path: Path) -> ClusterSpec | None:
-    """The calibrated spec cached at `path`; None when there is none, or (said in a warning) when
-    it cannot be read: a damaged cache is probed again, never the end of a job."""
+def _cached_probe(path: Path, live: ClusterSpec) -> ClusterSpec | None:
+    """The calibrated spec cached at `path` for the `live` cluster; None when there is none, or
+    (said in a warning) when it cannot be read or was measured on other GPUs (a file copied or
+    planted under this fingerprint): a damaged cache is probed again, never the end of a job."""
     if not path.is_file():
         return None
     try:
         cached = load_cluster(path)
     except UserError as exc:
         log.warning("probing the network again: the cached calibration is unusable: %s", exc)
+        return None
+    if cached.gpu != live.gpu:
+        log.warning("probing the network again: %s: the cached calibration is of gpu %r, this cluster's is %r",
+                    path, cached.gpu, live.gpu)
         return None
     return cached if cached.calibration is not None else None
 

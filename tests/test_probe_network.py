@@ -222,3 +222,22 @@ def test_a_damaged_cached_probe_is_a_warning_and_probed_again(tmp_path: Path, mo
     blocked.write_text("")
     assert calibrated_live_cluster(blocked / "sub", use_gpu=False).calibration is not None  # a cache it cannot write
     assert [r.getMessage().split(": ", 1)[0] for r in caplog.records] == ["the network probe is not cached"]
+
+
+def test_a_cached_probe_of_other_gpus_is_not_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    # The entry's name is the fingerprint, its content was never checked: an A100 cluster's NVLink
+    # calibration, copied or planted under an H100 cluster's fingerprint, was used without a word.
+    from orchestrator.planner import save_cluster
+
+    nodes = [node("10.0.0.1", gpus=1, gpu_type="H100"), node("10.0.0.2", gpus=1, gpu_type="H100")]
+    probes = _fake_live_cluster(monkeypatch, nodes, "H100")
+    cached = tmp_path / f"cluster-{cluster_fingerprint(nodes)}-gpu.yaml"
+    a100 = clusters.probe_network(None, SIZES, None).replace(gpu="A100", intra_link="nvlink")
+    save_cluster(a100, cached)
+    probes.clear()
+    spec = calibrated_live_cluster(tmp_path, use_gpu=True)
+    assert spec.gpu == "H100" and spec.intra_link is None and len(probes) == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        f"probing the network again: {cached}: the cached calibration is of gpu 'A100', this cluster's is 'H100'"]
+    assert calibrated_live_cluster(tmp_path, use_gpu=True).gpu == "H100" and len(probes) == 1  # cached now
