@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import UserError
-from orchestrator.files import user_cache_dir
+from orchestrator.files import untrusted_cache_file, user_cache_dir
 from orchestrator.redact import redact_uri, scrub, tracking_credentials
 from orchestrator.planner.explain import plural
 from orchestrator.planner import (
@@ -64,7 +64,8 @@ def store(spec: ClusterSpec, root: str | Path | None = None) -> Path:
     current = _read(path)
     if current is not None and _when(current) > _when(spec):
         return path
-    return save_cluster(spec, path)  # whole or not at all (files.write_text): plan and run may read it now
+    # whole or not at all (files.write_text): plan and run may read it now; never through a planted link
+    return save_cluster(spec, path, follow_links=False)
 
 
 def newest(spec: ClusterSpec, root: str | Path | None = None) -> tuple[ClusterSpec, str | None]:
@@ -85,6 +86,9 @@ def newest(spec: ClusterSpec, root: str | Path | None = None) -> tuple[ClusterSp
 
 
 def _read(path: Path) -> ClusterSpec | None:
+    if untrusted := untrusted_cache_file(path):
+        log.warning("ignoring a stored calibration: %s: %s", path, untrusted)
+        return None
     if not path.is_file():
         return None
     try:

@@ -25,6 +25,7 @@ from typing import Any
 
 from orchestrator import constants
 from orchestrator.errors import UserError
+from orchestrator.files import untrusted_cache_file
 from orchestrator.node_facts import node_facts, with_detected_links
 from orchestrator.planner import (
     AllReduceSample,
@@ -332,7 +333,7 @@ def calibrated_live_cluster(cache_dir: str | Path, *, use_gpu: bool | None = Non
     spec = probe_network(None, sizes or QUICK_PROBE_SIZES, None, use_gpu=gpu, cpus_per_worker=cpus_per_worker,
                          repeats=3, warmup=1)
     try:
-        save_cluster(spec, path)
+        save_cluster(spec, path, follow_links=False)  # a link planted here points at what it would clobber
     except UserError as exc:  # the job has its calibration; the next one probes again
         log.warning("the network probe is not cached: %s", exc)
     return spec
@@ -342,6 +343,9 @@ def _cached_probe(path: Path, live: ClusterSpec) -> ClusterSpec | None:
     """The calibrated spec cached at `path` for the `live` cluster; None when there is none, or
     (said in a warning) when it cannot be read or was measured on other GPUs (a file copied or
     planted under this fingerprint): a damaged cache is probed again, never the end of a job."""
+    if untrusted := untrusted_cache_file(path):
+        log.warning("probing the network again: %s: the cached calibration is %s", path, untrusted)
+        return None
     if not path.is_file():
         return None
     try:

@@ -57,16 +57,18 @@ def read_text(path: str | Path, what: str, *, max_bytes: int = MAX_FILE_BYTES) -
                         f"is this the {what} file?") from None
 
 
-def write_text(path: str | Path, text: str) -> Path:
+def write_text(path: str | Path, text: str, *, follow_links: bool = True) -> Path:
     """Write `text` to `path`, its folder made; a place that cannot be written is a one-line error
     naming it. A file is written whole or not at all (staged beside it and renamed over it, its
-    mode kept; through a symbolic link to its target), so a full disk leaves the previous file as
-    it was; a device or pipe (`-o /dev/stdout`) is written in place."""
+    mode kept; through a symbolic link to its target, or with `follow_links=False` over the link
+    itself), so a full disk leaves the previous file as it was; a device or pipe (`-o /dev/stdout`)
+    is written in place."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        target = path.resolve() if path.is_symlink() else path
-        if target.exists() and not target.is_file():
+        link = path.is_symlink()
+        target = path.resolve() if link and follow_links else path
+        if target.exists() and not target.is_file() and not (link and not follow_links):
             target.write_text(text)
             return path
         _replace_with(target, text.encode())
@@ -272,6 +274,21 @@ def user_cache_dir(*parts: str) -> Path:
     """``$XDG_CACHE_HOME/orchestrator/...``, else ``~/.cache/orchestrator/...``: this user's, local."""
     cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(cache, "orchestrator", *parts)
+
+
+def untrusted_cache_file(path: Path) -> str | None:
+    """Why a file in the cache is not this program's own, or None (also when there is none): a
+    symbolic link, or a file another user owns. Where a cache is shared (XDG_CACHE_HOME on a common
+    folder), either may be planted: its figures are not to be used, nor its target written."""
+    try:
+        st = os.lstat(path)
+    except OSError:  # none there, or no folder to hold one: reading it says the rest
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        return "a symbolic link, not a file this program wrote"
+    if st.st_uid != os.geteuid():
+        return f"owned by another user (uid {st.st_uid})"
+    return None
 
 
 def open_no_follow(path: Path, flags: int, *, mode: int) -> int:

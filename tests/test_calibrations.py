@@ -70,3 +70,22 @@ def test_one_observation_is_said_as_one() -> None:
     from orchestrator.calibrations import History
 
     assert History([object()], None, 1, {}).summary() == "1 observation from 1 run(s)"  # was "1 observations"
+
+
+def test_a_planted_link_or_another_users_file_in_a_shared_cache_is_not_used_nor_written_through(
+        tmp_path: Path, monkeypatch) -> None:
+    # With XDG_CACHE_HOME on a shared folder, a link planted at the entry's (predictable) name was
+    # read as this cluster's calibration, and `store` wrote through it, replacing the link's target.
+    import os
+
+    victim = tmp_path / "victim.yaml"
+    store(_calibrated(SPEC, "2026-06-01T00:00:00Z", 0.9), tmp_path / "theirs")
+    victim.write_bytes(stored_path(SPEC, tmp_path / "theirs").read_bytes())
+    before = victim.read_bytes()
+    stored_path(SPEC, tmp_path).symlink_to(victim)
+    assert newest(SPEC, tmp_path) == (SPEC, None)
+    store(_calibrated(SPEC, "2026-07-01T00:00:00Z", 0.5), tmp_path)
+    assert victim.read_bytes() == before and not stored_path(SPEC, tmp_path).is_symlink()
+    assert newest(SPEC, tmp_path)[0].calibration.inter_GBps == 0.5
+    monkeypatch.setattr(os, "geteuid", lambda: os.stat(victim).st_uid + 1)  # the entry is now another user's
+    assert newest(SPEC, tmp_path) == (SPEC, None)

@@ -241,3 +241,24 @@ def test_a_cached_probe_of_other_gpus_is_not_used(tmp_path: Path, monkeypatch: p
     assert [r.getMessage() for r in caplog.records] == [
         f"probing the network again: {cached}: the cached calibration is of gpu 'A100', this cluster's is 'H100'"]
     assert calibrated_live_cluster(tmp_path, use_gpu=True).gpu == "H100" and len(probes) == 1  # cached now
+
+
+def test_a_link_planted_in_a_shared_probe_cache_is_not_used_nor_written_through(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # The probe's cache entry is named by a fingerprint anyone can compute: a link planted there
+    # was read as this cluster's calibration, and a re-probe wrote through it to the link's target.
+    from orchestrator.planner import save_cluster
+
+    nodes = [node("127.0.0.1", gpus=0), node("127.0.0.2", gpus=0)]
+    probes = _fake_live_cluster(monkeypatch, nodes, "cpu")
+    victim = tmp_path / "victim.yaml"
+    save_cluster(clusters.probe_network(None, SIZES, None).replace(inter_link="infiniband"), victim)
+    before = victim.read_bytes()
+    cached = tmp_path / f"cluster-{cluster_fingerprint(nodes)}-cpu.yaml"
+    cached.symlink_to(victim)
+    probes.clear()
+    spec = calibrated_live_cluster(tmp_path, use_gpu=False)
+    assert spec.inter_link is None and len(probes) == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        f"probing the network again: {cached}: the cached calibration is a symbolic link, not a file this program wrote"]
+    assert victim.read_bytes() == before and not cached.is_symlink() and load_cluster(cached).inter_link is None

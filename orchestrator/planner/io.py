@@ -45,9 +45,10 @@ def load_cluster(path: str | Path) -> ClusterSpec:
     return _validated(ClusterSpec, raw, path)
 
 
-def save_cluster(cluster: ClusterSpec, path: str | Path) -> Path:
+def save_cluster(cluster: ClusterSpec, path: str | Path, *, follow_links: bool = True) -> Path:
     """Write `cluster` as YAML; a UserError, nothing written, if it would be more than `load_cluster`
-    reads back (a cluster logged with tens of thousands of all-reduce samples)."""
+    reads back (a cluster logged with tens of thousands of all-reduce samples). `follow_links=False`
+    replaces a symbolic link at `path` rather than its target (a cache entry)."""
     text = yaml.safe_dump(cluster.to_dict(), sort_keys=False)
     size = len(text.encode())
     try:
@@ -56,7 +57,7 @@ def save_cluster(cluster: ClusterSpec, path: str | Path) -> Path:
         load_yaml(text, path, "cluster")  # the value and nesting bounds a reader applies
     except UserError as exc:
         raise UserError(f"{exc}: not written ({len(cluster.allreduce_samples):,} all-reduce samples)") from None
-    return write_text(path, text)
+    return write_text(path, text, follow_links=follow_links)
 
 
 def load_observations(path: str | Path) -> list[Observation]:
