@@ -56,14 +56,15 @@ def stored_path(spec: ClusterSpec, root: str | Path | None = None) -> Path:
     return Path(root or user_cache_dir("clusters")) / f"calibrated-{cluster_key(spec)}.yaml"
 
 
-def store(spec: ClusterSpec, root: str | Path | None = None) -> Path:
-    """Keep `spec` (calibrated) as its cluster's newest calibration, unless a newer one is stored."""
+def store(spec: ClusterSpec, root: str | Path | None = None) -> Path | None:
+    """Keep `spec` (calibrated) as its cluster's newest calibration: the path, or None when a newer
+    one is stored (and stays)."""
     if spec.calibration is None:
         raise ValueError("store: the spec has no calibration")
     path = stored_path(spec, root)
     current = _read(path)
     if current is not None and _when(current) > _when(spec):
-        return path
+        return None
     # whole or not at all (files.write_text): plan and run may read it now; never through a planted link
     return save_cluster(spec, path, follow_links=False)
 

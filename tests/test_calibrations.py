@@ -42,7 +42,8 @@ def test_the_newest_calibration_of_the_cluster_is_used_and_said(tmp_path: Path) 
 
 def test_an_older_calibration_never_replaces_a_stored_newer_one(tmp_path: Path) -> None:
     store(_calibrated(SPEC, "2026-06-01T00:00:00Z", 0.9), tmp_path)
-    store(_calibrated(SPEC, "2026-05-01T00:00:00Z", 0.5), tmp_path)
+    # `calibrate` printed "stored as cluster K's calibration" for the older one it did not store
+    assert store(_calibrated(SPEC, "2026-05-01T00:00:00Z", 0.5), tmp_path) is None
     assert newest(SPEC, tmp_path)[0].calibration.inter_GBps == 0.9
     store(_calibrated(SPEC, "2026-06-02T00:00:00Z", 0.5), tmp_path)
     assert newest(SPEC, tmp_path)[0].calibration.inter_GBps == 0.5

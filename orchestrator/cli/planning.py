@@ -195,5 +195,9 @@ def calibrate(
         out.print(f"not stored as cluster {key}'s calibration: these observations identify nothing", highlight=False)
         return
     stored = calibrations.store(result)
+    if stored is None:  # it said "stored" and kept the newer one
+        out.print(f"not stored as cluster {key}'s calibration: a newer one is; `plan` and `run` use it "
+                  f"({calibrations.newest(result)[1]})", highlight=False)
+        return
     out.print(f"stored as cluster {key}'s calibration ({stored}): `plan` and `run` on this cluster use the "
               "newest one", highlight=False)
