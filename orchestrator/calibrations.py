@@ -205,7 +205,8 @@ def _history(client: Any, experiment: str, cluster: ClusterSpec | None) -> Histo
             except RequestException:  # the server, not the run: said for the whole history
                 raise
             except (UserError, MlflowException, OSError) as exc:  # one damaged run (an artifact that is a
-                log.warning("run %s: %s", run_id, scrub(str(exc)))   # link, a FIFO) stops no other
+                # link, a FIFO) stops no other; said by the artifact's name, not the download gone with tmp
+                log.warning("run %s: %s", run_id, scrub(str(exc).replace(f"{folder}/", "")))
                 left_out["unreadable artifacts"] += 1
                 continue
             logged.append((obs, spec))

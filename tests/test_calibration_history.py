@@ -112,3 +112,39 @@ def test_an_experiment_whose_runs_logged_no_observations_says_so(tmp_path: Path)
             "logs them once it has trained 25 steps); train longer, or give --observations FILE\n"), proc.stderr
         assert proc.stdout == f"short: 0 observations from 0 run(s){' on the cluster given' if extra else ''}\n"
     assert not (tmp_path / "cluster.calibrated.yaml").exists()
+
+
+def test_a_run_with_a_malformed_observations_artifact_is_named_by_run_and_artifact(caplog) -> None:
+    # The warning named the download in a temporary folder gone by the time it was read
+    # ("run r: /tmp/tmpab12/r/plan/observations.json: ..."), not the run's artifact.
+    import json
+
+    from orchestrator.calibrations import _history
+
+    good = json.dumps([o.to_dict() for o in _observations()[:4]])
+    nan = json.loads(good)
+    nan[1]["step_time_s"] = float("nan")
+    logged = {"good": good, "nan": json.dumps(nan), "scalar": "42"}
+
+    class Client:
+        tracking_uri = "sqlite:///mlflow.db"
+
+        def get_experiment_by_name(self, name: str):
+            return SimpleNamespace(experiment_id="1", lifecycle_stage="active")
+
+        def search_runs(self, ids: list[str], **_: object):
+            return _Page([SimpleNamespace(info=SimpleNamespace(run_id=r)) for r in logged], None)
+
+        def list_artifacts(self, run_id: str, folder: str):
+            return [SimpleNamespace(path=OBSERVATIONS_ARTIFACT)]
+
+        def download_artifacts(self, run_id: str, path: str, dst: str) -> str:
+            (Path(dst) / path).parent.mkdir(parents=True, exist_ok=True)
+            (Path(dst) / path).write_text(logged[run_id])
+            return str(Path(dst) / path)
+
+    found = _history(Client(), "jobs", SPEC)
+    assert (len(found.observations), found.runs, found.left_out) == (4, 1, {"unreadable artifacts": 2})
+    assert [r.getMessage() for r in caplog.records] == [
+        f"run nan: {OBSERVATIONS_ARTIFACT}: observations[1].step_time_s: must be finite, got nan",
+        f"run scalar: {OBSERVATIONS_ARTIFACT}: observations[0]: expected a mapping, got int"]
