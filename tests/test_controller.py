@@ -228,6 +228,18 @@ def test_resuming_past_the_runs_last_logged_step_says_which_steps_have_no_metric
     assert "metrics.gap" not in whole.run.tags
 
 
+def test_a_rerun_resumed_at_the_last_step_finishes_at_it_and_registers_once() -> None:
+    # A driver killed after its workers trained the last step: the rerun's group trains nothing. Its
+    # start is the step the job reached: the job is marked finished there (it said "step 0").
+    world = World(job(), [FakeFit([[group(10, resumed=10)], [GroupEnded(step=10, reason="finished")]],
+                                  FitOutcome({"step": 10}))])
+    world.run.resumed, world.run.resume_floor = True, 4
+    controller = run(world)
+    assert controller.state is State.FINISHED and world.run.status == "FINISHED" and world.registered == 1
+    assert controller.result.final_step == 10 and world.identity.finished["step"] == 10
+    assert world.run.tags["metrics.gap"].startswith("steps 5-10 were trained by an earlier driver")
+
+
 def test_a_driver_failure_mid_run_stops_the_worker_group_and_ends_the_run_failed() -> None:
     def fail_after_first_steps(world: World) -> None:
         if world.current and len(world.current.batches) == 2:

@@ -185,6 +185,12 @@ def _start(args: LoopArgs) -> tuple[Worker, Resume | None]:
 
 def _train(w: Worker, resume: Resume | None) -> None:
     cfg, args = w.cfg, w.args
+    if w.state.step >= args.total_steps:
+        # Resumed from the last step's checkpoint: an earlier driver was killed after its workers
+        # finished. Say so and report it again (in a fresh folder: Ray Train may hold an older one as
+        # its latest), so this fit ends at the last step with those weights, the ones registered.
+        w.reporter.started(_group_started(w, resume, ()))
+        _save_and_report(w)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if cfg.data.val_fraction else None  # no held-out rows: no set
     collate = ArrowCollate(cfg.data)

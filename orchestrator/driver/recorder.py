@@ -172,6 +172,7 @@ class Recorder:
         group = Group(event.workers, event.local_batch, event.accumulation, event.step, kind,
                       event.compute_step_times_s, resumed_from=event.resumed_from, started_ms=event.at_ms)
         self.groups.append(group)
+        self.last_step = max(self.last_step, event.step)  # trained that far, whether or not it trains on
         where = (f"resumed from step {event.resumed_from}" if event.resumed_from is not None
                  else "from step 0 (no checkpoint yet)")
         if kind is GroupKind.RESIZE:
