@@ -173,6 +173,18 @@ def test_a_stop_while_preparing_starts_no_workers_and_opens_no_run() -> None:
         "MLflow run: not created yet (tracking server unreachable)"
 
 
+def test_a_stop_while_profiling_starts_no_workers_and_opens_no_run() -> None:
+    # SIGTERM while the job was profiled said "stopping before training starts", then opened an
+    # MLflow run, trained 15 steps and ended it KILLED.
+    stop = threading.Event()
+    world = World(job(workers=2), [finished_fit()])
+    size = world._size
+    world._size = lambda prepared, cap: (stop.set(), size(prepared, cap))[1]
+    controller = run(world, stop=stop)
+    assert controller.state is State.STOPPED and world.run.status is None and not world.started
+    assert world.sized_with == [None]
+
+
 def test_a_stop_while_waiting_for_workers_stops_without_a_run() -> None:
     stop = threading.Event()
     stop.set()

@@ -170,6 +170,8 @@ class JobController:
 
     def _launch(self, sizing: Sizing) -> State:
         assert self.prepared is not None and self.identity is not None
+        if self.stop_event.is_set():
+            return State.STOPPED  # asked while profiling and planning: still no run, no workers
         self.sizing, self.workers = sizing, sizing.workers
         self.profile, self.cluster = sizing.profile, sizing.cluster
         self.run_log = self.ports.open_run(self.prepared, sizing, self.identity)
