@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -15,6 +17,7 @@ from trainers import checkpoint as ckpt
 from trainers import loop
 from trainers.batching import split_global_batch
 from trainers.config import WorkerConfig
+from trainers.errors import UserError
 from trainers.events import CheckpointSaved, GroupEnded, GroupStarted
 
 DIGITS = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
@@ -35,14 +38,23 @@ class Reporter:
         pass
 
 
+def _worker(run_dir: Path, *, step: int, total: int) -> SimpleNamespace:
+    """Rank 0 of one worker on the digits job, at `step` of `total`, its checkpoints in `run_dir`."""
+    cfg = WorkerConfig.model_validate(load_config(DIGITS).localized().worker_config().model_dump(mode="json"))
+    state = loop.TrainState.build(cfg, total, torch.device("cpu"))
+    state.step = step
+    return SimpleNamespace(cfg=cfg, args=loop.LoopArgs(config={}, steps_per_epoch=10, total_steps=total,
+                                                       run_dir=str(run_dir)),
+                           rank=0, split=split_global_batch(64, workers=1, max_local_batch=None), state=state,
+                           reporter=Reporter())
+
+
 def test_a_group_resumed_at_the_last_step_reports_it_again(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # A driver killed after its workers trained the last step (or while it registered the model): the
     # rerun's group resumed from that checkpoint and reported nothing, so its fit ended "at step 0 of
     # 120 without an error" and every rerun failed. Now it reports the step and its weights again.
-    cfg = WorkerConfig.model_validate(load_config(DIGITS).localized().worker_config().model_dump(mode="json"))
-    state = loop.TrainState.build(cfg, 30, torch.device("cpu"))
-    state.step = 30
-    ckpt.write(tmp_path / "checkpoint_000000030", state.to_dict({}), step=30)
+    worker = _worker(tmp_path, step=30, total=30)
+    ckpt.write(tmp_path / "checkpoint_000000030", worker.state.to_dict({}), step=30)
     reported: list[tuple[dict[str, Any], str | None, int]] = []
 
     def report(metrics: dict[str, Any], checkpoint: Any = None, checkpoint_dir_name: str | None = None) -> None:
@@ -51,13 +63,35 @@ def test_a_group_resumed_at_the_last_step_reports_it_again(monkeypatch: pytest.M
 
     monkeypatch.setattr(ray.train, "report", report)
     monkeypatch.setattr(ray.train, "get_dataset_shard", lambda name: SimpleNamespace())  # never read
-    reporter = Reporter()
-    worker = SimpleNamespace(cfg=cfg, args=loop.LoopArgs(config={}, steps_per_epoch=10, total_steps=30,
-                                                         run_dir=str(tmp_path)),
-                             rank=0, split=split_global_batch(64, workers=1, max_local_batch=None), state=state,
-                             reporter=reporter)
     loop._train(worker, loop.Resume(30, "checkpoint_000000030"))
     assert reported == [({"step": 30}, "checkpoint_000000030.1", 30)]
-    started, saved, ended = reporter.events
+    started, saved, ended = worker.reporter.events
     assert isinstance(started, GroupStarted) and started.step == 30 and started.resumed_from == 30
     assert isinstance(saved, CheckpointSaved) and ended == GroupEnded(step=30, reason="finished")
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+def test_a_checkpoint_the_storage_refuses_is_one_line_and_leaves_no_torn_folder(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, code: int
+) -> None:
+    # The storage filled up (or went read-only) while Ray Train copied a checkpoint in: the worker
+    # failed with pyarrow's OSError, Ray Train restarted the group up to max_failures, and each
+    # restart left another torn checkpoint folder before the driver said anything.
+    def report(metrics: dict[str, Any], checkpoint: Any = None, checkpoint_dir_name: str | None = None) -> None:
+        (tmp_path / checkpoint_dir_name).mkdir()
+        (tmp_path / checkpoint_dir_name / "state.pt").write_bytes(b"part")
+        raise OSError(code, f"Error writing bytes to file. Detail: [errno {code}]")
+
+    monkeypatch.setattr(ray.train, "report", report)
+    worker = _worker(tmp_path, step=20, total=30)
+    with pytest.raises(UserError, match=rf"^checkpoint.storage_path: cannot write {tmp_path}/checkpoint_000000020 "
+                                        rf"\({os.strerror(code)}\); free space or make it writable"):
+        loop._save_and_report(worker)
+    assert list(tmp_path.iterdir()) == []
+
+    def unreachable(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError(errno.ECONNREFUSED, "refused")  # not the storage saying no: Ray Train's to handle
+
+    monkeypatch.setattr(ray.train, "report", unreachable)
+    with pytest.raises(ConnectionError):
+        loop._save_and_report(worker)

@@ -16,12 +16,14 @@ before returning) and verified like any other, so resuming from it loses less wo
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import logging
 import os
 import random
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +57,23 @@ def fresh_dir_name(run_dir: Path | None, step: int) -> str:
     while (run_dir / f"{name}.{attempt}").exists():
         attempt += 1
     return f"{name}.{attempt}"
+
+
+# What a storage says when it will not take a checkpoint: full, over quota, read-only, not ours.
+UNWRITABLE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def unwritable(exc: OSError, run_dir: Path | None, name: str) -> UserError | None:
+    """The storage refused checkpoint `name` (`exc`): bad input no restart mends (each one wrote
+    another torn folder), as one line naming it; None for other errors. The part copied is removed:
+    its name was fresh (`fresh_dir_name`), so it holds nothing written before."""
+    if exc.errno not in UNWRITABLE:
+        return None
+    if run_dir is not None:
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    where = run_dir / name if run_dir is not None else name
+    return UserError(f"checkpoint.storage_path: cannot write {where} ({os.strerror(exc.errno)}); free space or make "
+                     "it writable, then run the same command again to resume from the last checkpoint")
 
 
 def rng_state() -> dict[str, Any]:

@@ -381,8 +381,13 @@ def _save_and_report(w: Worker) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         extra = {"local_batch": w.split.local_batch, "accumulation": w.split.accumulation, "workers": w.split.workers}
         ckpt.write(Path(tmp), w.state.to_dict(extra), step=w.state.step)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=ckpt.fresh_dir_name(run_dir, w.state.step))
+        name = ckpt.fresh_dir_name(run_dir, w.state.step)
+        try:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+        except OSError as exc:  # Ray Train's copy into the storage
+            if (refused := ckpt.unwritable(exc, run_dir, name)) is None:
+                raise
+            raise refused from None
     w.reporter.send(CheckpointSaved(step=w.state.step, seconds=time.perf_counter() - start))
 
 
