@@ -14,6 +14,9 @@ import os
 NOISE = (
     ("ray.data._internal.progress", "Progress bars disabled"),  # what RAY_DATA_DISABLE_PROGRESS_BARS asked for
     ("mlflow.utils.requirements_utils", "local version label"),  # torch's +cpu tag, left out on purpose
+    # A traceback per failed write to a sqlite store (deleted, read-only, locked): the tracking path
+    # says it in one line, keeps what was not taken, and says at the end how to send it.
+    ("mlflow.store.db.utils", "SQLAlchemy database error"),
 )
 
 

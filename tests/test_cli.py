@@ -178,6 +178,7 @@ def test_library_noise_is_dropped_and_other_warnings_kept(caplog: pytest.LogCapt
         logging.getLogger("mlflow.utils.requirements_utils").warning(
             "Found torch version (2.13.0+cpu) contains a local version label (+cpu).")
         logging.getLogger("mlflow.utils.requirements_utils").warning("something else")
+        logging.getLogger("mlflow.store.db.utils").error("SQLAlchemy database error. The following exception is caught.")
     assert [r.getMessage() for r in caplog.records] == ["something else"]
 
 

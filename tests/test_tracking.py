@@ -17,6 +17,7 @@ from tracking_fakes import (  # noqa: F401 (fixtures: fake, quick, spill_dir, tr
 
 from orchestrator.errors import UserError
 from orchestrator.tracking import Tracker, default_spill_dir, replay
+from orchestrator.tracking.ops import describe
 from orchestrator.tracking.spill import Progress, SpillWriter, fully_sent, spill_path
 
 
@@ -92,6 +93,15 @@ def test_warnings_say_the_server_is_down_with_what_waits_and_when_it_is_back(fak
     assert "operations and metric points wait to be sent (retrying)" in drained[0]
     assert any("answers again: sent 4 operations and metric points" in w for w in drained)
     assert tracker.drain_warnings() == []
+
+
+def test_a_sqlite_store_that_refuses_a_write_is_said_by_its_error_not_by_how_it_arose() -> None:
+    # The sqlite file deleted (or made read-only) mid-run: the warning and the "model not logged"
+    # line gave only SQLAlchemy's first line, a remark about autoflush, not the error.
+    exc = ValueError("(raised as a result of Query-invoked autoflush; consider using a session.no_autoflush block "
+                     "if this flush is occurring prematurely)\n(sqlite3.OperationalError) attempt to write a "
+                     "readonly database\n[SQL: INSERT INTO metrics ...]")
+    assert describe(exc) == "ValueError: (sqlite3.OperationalError) attempt to write a readonly database"
 
 
 def test_a_refused_operation_is_dropped_and_the_rest_still_goes(fake: FakeStore, tracker: Tracker) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 from orchestrator import constants
 from orchestrator.tracking import bounded_requests
+from orchestrator.tracking.ops import describe
 from orchestrator.driver.ports import FitOutcome, Prepared
 from orchestrator.driver.fit import read_checkpoint
 
@@ -42,8 +43,7 @@ def log_model_now(job: Any, state: dict[str, Any], example: Any, run: Any, *, st
         with bounded_requests():
             return log_and_register(job, state, example, run_id=run.run_id, tracking_uri=run.tracking_uri)
     except Exception as exc:  # noqa: BLE001 - training is done and checkpointed; this is recoverable
-        _tell(status, f"model not logged ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); run the same "
-                      "command again to log and register it")
+        _tell(status, f"model not logged ({describe(exc)}); run the same command again to log and register it")
         return None
 
 

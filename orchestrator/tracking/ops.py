@@ -107,7 +107,8 @@ def server_name(tracking_uri: str) -> str:
 
 def describe(exc: BaseException) -> str:
     """An exception in one short line for a warning, without credentials of any URL in it."""
-    lines = str(exc).strip().splitlines()
+    # SQLAlchemy may lead with a remark on how the error arose (autoflush); the error is the line after.
+    lines = [line for line in str(exc).strip().splitlines() if not line.startswith("(raised as a result of")]
     return f"{type(exc).__name__}: {scrub(lines[0])[:200] if lines else ''}"
 
 
