@@ -114,6 +114,18 @@ def test_a_refused_operation_is_dropped_and_the_rest_still_goes(fake: FakeStore,
     assert any("params operation could not be sent" in w for w in report.warnings)
 
 
+def test_the_refused_operations_of_one_request_are_one_line(fake: FakeStore, tracker: Tracker) -> None:
+    # The sqlite file deleted after a run spilled: its rerun replayed the spill into a fresh store
+    # and said "a metrics operation could not be sent (... Run with id=... not found); dropped" 152
+    # times, once per operation of each request it split to find the refused ones.
+    fake.refuse.add("log_metrics")
+    run = tracker.open_run(experiment="e", run_key="k", run_name="job")
+    log_steps(run, range(3))
+    report = tracker.close(timeout_s=5)
+    assert [w for w in report.warnings if "could not be sent" in w] == [
+        "MLflow: 3 operations could not be sent (MLflow refused it: MlflowException: log_metrics refused); dropped"]
+
+
 def test_a_new_tracker_sends_an_earlier_jobs_spill_before_its_own_run(fake: FakeStore, spill_dir: Path) -> None:
     spill_while_down(fake, spill_dir, "earlier", range(10))
     earlier = spill_path(spill_dir, URI, "earlier")

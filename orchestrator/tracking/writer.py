@@ -48,6 +48,7 @@ class Writer:
         self.skipped_points = 0  # per-step points at or below a resume floor, or a stale handle's cut
         self.kept = 0  # a stale handle's operations that would have overwritten the run's later values
         self.refusals: list[str] = []
+        self._last_refusal: tuple[str, int, str] | None = None  # why, how many in a row, its line
 
     def adopt(self, runs: Mapping[str, Mapping[str, Any]]) -> None:
         """Runs resolved earlier (a spill file's progress record); a run already known wins."""
@@ -74,10 +75,21 @@ class Writer:
             self._refused(batch, f"{'malformed' if malformed else 'MLflow refused it'}: {describe(exc)}")
 
     def _refused(self, batch: list[Op], why: str) -> None:
-        what = f"a {batch[0]['op']} operation" if len(batch) == 1 else f"{len(batch)} {batch[0]['op']} operations"
-        message = f"{what} could not be sent ({why}); dropped"
-        log.warning("%s", message)
-        self.refusals.append(message)
+        """Note what the store would not take. Refusals for one reason in a row, not yet passed on (the
+        operations of one request split to find the refused ones: every one of a run the store no longer
+        has, its sqlite file deleted), are one line, not one per operation."""
+        last = self._last_refusal
+        if last is not None and last[0] == why and self.refusals and self.refusals[-1] == last[2]:
+            count = last[1] + len(batch)
+            message = f"{count} operations could not be sent ({why}); dropped"
+            self.refusals[-1] = message
+        else:
+            count = len(batch)
+            what = f"a {batch[0]['op']} operation" if count == 1 else f"{count} {batch[0]['op']} operations"
+            message = f"{what} could not be sent ({why}); dropped"
+            log.info("%s", message)  # passed on by the tracker, or the replay's lines: a warning said it twice
+            self.refusals.append(message)
+        self._last_refusal = (why, count, message)
 
     def _send(self, batch: list[Op], files: Path) -> None:
         first = batch[0]
