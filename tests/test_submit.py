@@ -187,7 +187,9 @@ def test_second_submission_is_its_own_job_and_stop_ends_it(
     followed = run_cli(["jobs", "logs", second_id, "--follow", "--address", head.address], env=head.env())
     assert followed.returncode == 3, followed.stderr
     assert re.search(rf"^job {second_id}: STOPPED( \(.*\))?; exit code 3$", followed.stderr, re.M), followed.stderr
-    assert f"resume with: orchestrator submit digits.yaml --resume {second_id} --workers 1" in followed.stdout
+    # the command that resumes it goes to the same cluster (--address as given, never its credentials)
+    assert (f"resume with: orchestrator submit digits.yaml --resume {second_id} --address {head.address} "
+            "--workers 1") in followed.stdout
 
     second = _find_run(client, second_id)
     assert second.info.run_id != first.info.run_id
