@@ -71,6 +71,20 @@ def test_a_live_rerun_is_not_taken_for_stale_and_resumes_the_run(tmp_path: Path)
     assert run.info.status == "FINISHED" and run.data.tags["orchestrator.state"] == "done"
 
 
+def test_the_running_driver_is_never_stale_whatever_an_earlier_drivers_clock_said(tmp_path: Path) -> None:
+    """The running driver holds the job: an earlier driver whose clock ran an hour ahead (or a tag
+    edited by hand) must not leave its status, tags and artifacts unwritten."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _driver(uri, tmp_path / "a", range(0, 10), value=0.0, plan="first", state="killed", status="KILLED")
+    client = mlflow.MlflowClient(uri)
+    run_id = client.search_runs([client.get_experiment_by_name("e").experiment_id])[0].info.run_id
+    client.set_tag(run_id, "orchestrator.opened_ms", str(int(time.time() * 1000) + 3_600_000))
+    _driver(uri, tmp_path / "a", range(5, 20), value=1.0, plan="second", state="done", status="FINISHED")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["orchestrator.state"] == "done"
+    assert '"second"' in (Path(run.info.artifact_uri.removeprefix("file://")) / "plan" / "plan.json").read_text()
+
+
 @pytest.mark.parametrize(("tags", "start", "end", "stale"), [
     ({"orchestrator.opened_ms": "200"}, 50, None, True),  # a driver opened it later
     ({"orchestrator.opened_ms": "90"}, 50, 80, False),  # earlier drivers only

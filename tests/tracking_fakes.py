@@ -66,7 +66,7 @@ class FakeStore:
         return next(r for r in self.runs.values() if r.run_key == run_key)
 
     def open_run(self, *, experiment: str, run_key: str, run_name: str, handle: str, floor_key: str,
-                 start_ms: int) -> ResolvedRun:
+                 start_ms: int, may_be_stale: bool = True) -> ResolvedRun:
         self._call("open_run")
         self.opens += 1
         found = [r for r in self.runs.values() if r.run_key == run_key]

@@ -105,9 +105,10 @@ class Store:
         self._artifact_uris: dict[str, str] = {}
 
     def open_run(self, *, experiment: str, run_key: str, run_name: str, handle: str, floor_key: str,
-                 start_ms: int) -> ResolvedRun:
+                 start_ms: int, may_be_stale: bool = True) -> ResolvedRun:
         """Resume the run tagged with `run_key` (set RUNNING again), or create it. A handle opened
-        before the run's latest driver (`later_driver`) leaves the run's status as it is."""
+        before the run's latest driver (`later_driver`; a spill file's, not the running driver's:
+        `may_be_stale`) leaves the run's status as it is."""
         experiment_id = self._experiment_id(experiment)
         found = self._mlflow.search_runs([experiment_id], f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
                                          ViewType.ACTIVE_ONLY, max_results=1)
@@ -121,7 +122,8 @@ class Store:
         self._artifact_uris[run_id] = run.info.artifact_uri
         if run.data.tags.get(HANDLE_TAG) == handle:  # this handle's create, stored before it timed out
             return _resolved(run, resumed=False, floor_key=floor_key)
-        if later_driver(start_ms, tags=run.data.tags, start_ms=run.info.start_time, end_ms=run.info.end_time):
+        if may_be_stale and later_driver(start_ms, tags=run.data.tags, start_ms=run.info.start_time,
+                                         end_ms=run.info.end_time):
             history = [(m.step, m.timestamp) for m in self._mlflow.get_metric_history(run_id, floor_key)]
             floor, cut = floor_and_cut(history, start_ms)
             return replace(_resolved(run, resumed=True, floor_key=floor_key), floor=floor, cut=cut, stale=True)

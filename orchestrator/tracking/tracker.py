@@ -285,7 +285,8 @@ class Tracker:
         if self._writer is None:
             from orchestrator.tracking.store import Store
 
-            self._writer = Writer(Store(self.tracking_uri, timeout_s=constants.TRACKING_REQUEST_TIMEOUT_S))
+            self._writer = Writer(Store(self.tracking_uri, timeout_s=constants.TRACKING_REQUEST_TIMEOUT_S),
+                                  live=lambda handle: self._run is not None and handle == self._run.handle)
         if self._leftovers is None:
             self._leftovers = pending_files(self.spill_dir, self.tracking_uri)
         self._send_leftovers(self._writer)

@@ -7,7 +7,7 @@ new run only (the config file, the dataset input) are dropped when the run was r
 decided here, at send time, because a job may resume while MLflow is down.
 
 A handle opened before the run's latest driver (a spill file replayed after a later run of the job
-logged to MLflow, ResolvedRun.stale) only adds to the run: per-step points between its floor and the
+logged to MLflow, ResolvedRun.stale; never the running driver's own handle) only adds to the run: per-step points between its floor and the
 later driver's first step, params, tags and artifacts the run lacks. Its finish, and values the run
 already has, are the later driver's and are left as they are.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import posixpath
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,10 +36,13 @@ class RunRefused(Exception):
 
 
 class Writer:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, live: Callable[[str], bool] = lambda handle: False) -> None:
+        """`live(handle)`: whether `handle` is the running driver's own (the tracker's run), which
+        holds the job now and so is never stale, whatever the clocks that judge a spill file say."""
         from orchestrator.tracking.store import is_refusal
 
         self.store = store
+        self._live = live
         self._is_refusal = is_refusal
         self.runs: dict[str, ResolvedRun] = {}
         self._param_keys: dict[str, set[str]] = {}
@@ -119,7 +122,7 @@ class Writer:
         try:
             run = self.runs[handle] = self.store.open_run(
                 experiment=op["experiment"], run_key=op["run_key"], run_name=op["run_name"], handle=handle,
-                floor_key=op["floor_key"], start_ms=op["t"])
+                floor_key=op["floor_key"], start_ms=op["t"], may_be_stale=not self._live(handle))
         except Exception as exc:
             if self._is_refusal(exc):
                 raise RunRefused(f"run {op['run_name']!r} in experiment {op['experiment']!r}: "
