@@ -97,6 +97,21 @@ def connect_ray(address: str | None) -> None:
             signal.signal(signal.SIGTERM, sigterm)
 
 
+def shutdown_quietly() -> None:
+    """Ray's exit-time shutdown done now, with Ctrl-C ignored: a second Ctrl-C once a job had ended
+    landed in Ray's atexit callback ("Exception ignored in atexit callback ... KeyboardInterrupt", a
+    traceback, Ray's processes left behind a while). It takes seconds; nothing is left to stop."""
+    if not ray.is_initialized():
+        return
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        ray.shutdown()
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+
+
 def _host_port(address: str) -> tuple[str, str]:
     """(host, port) of `host:port` or `ray://host:port` (an IPv6 host keeps its brackets)."""
     host, _, port = address.removeprefix("ray://").rpartition(":")

@@ -47,3 +47,19 @@ def test_joining_a_cluster_at_a_loopback_address_keeps_it_loopback(monkeypatch: 
         monkeypatch.delenv(ray_session.SINGLE_MACHINE_ENV, raising=False)
         ray_session.connect_ray(address)
         assert seen[-1] == (address, "0" if loopback else None)
+
+
+def test_ray_is_shut_down_with_ctrl_c_ignored(monkeypatch: Any) -> None:
+    """A second Ctrl-C once a job had ended landed in Ray's own atexit shutdown: a traceback."""
+    import signal
+
+    import ray
+
+    from orchestrator import ray_session
+
+    during = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "shutdown", lambda: during.append(signal.getsignal(signal.SIGINT)))
+    before = signal.getsignal(signal.SIGINT)
+    ray_session.shutdown_quietly()
+    assert during == [signal.SIG_IGN] and signal.getsignal(signal.SIGINT) is before

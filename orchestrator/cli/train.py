@@ -84,6 +84,9 @@ def run(
         result = run_job(job, workers=workers, config_path=str(config), ui=ui, stop=stop, new_run=new_run)
     for line in result_lines(result, tracking_uri=resolve_tracking_uri(job)):
         out.print(line, highlight=False)
+    from orchestrator.ray_session import shutdown_quietly
+
+    shutdown_quietly()
     if result.stopped:  # checkpointed, not finished: 128 + the signal, as the shell reports a killed process,
         raise typer.Exit(128 + (received[0] if received else signal.SIGTERM))  # so a scheduler sees it unfinished
 
