@@ -37,7 +37,7 @@ def is_secret_name(name: str) -> bool:
 # Every URI in a text starts at a scheme; its authority runs to the first '/', '?', '#', quote or
 # space. Userinfo is what the authority holds before its last '@' (RFC 3986); a password holding an
 # unescaped '/', '?', '#' or quote cuts the authority short at `user:pass`, so an authority of that
-# shape (a ':' not followed by a port number) with an '@' close after it is userinfo too. Paths
+# shape (a ':' not followed by a port number: `_port_ends`) with an '@' close after it is userinfo too. Paths
 # holding '@' (`file:///data/run@2`, `s3://bucket/v1@2024`, `docker://img@sha256:...`) are kept.
 _SCHEME = re.compile(r"[a-z][a-z0-9+.-]{0,30}://", re.I)
 _AUTHORITY = re.compile(r"[^/?#'\"\s]*")
@@ -57,7 +57,7 @@ def _without_userinfo(text: str) -> str:
         authority, cut = text[start:end], -1
         if "@" in authority:
             cut = start + authority.rindex("@") + 1
-        elif ":" in authority and not authority.startswith("[") and not authority.partition(":")[2].isdigit():
+        elif ":" in authority and not authority.startswith("[") and not _port_ends(text, scheme.start(), end):
             space = _WORD_END.search(text, end, end + USERINFO_REACH)
             found = text.find("@", end, space.start() if space else end + USERINFO_REACH)
             cut = found + 1 if found >= 0 else -1
@@ -65,6 +65,15 @@ def _without_userinfo(text: str) -> str:
             kept.append(text[at:start])
             at = cut
     return "".join(kept) + text[at:]
+
+
+def _port_ends(text: str, uri_start: int, end: int) -> bool:
+    """Whether the authority of the URI at `uri_start`, cut at `end`, ends in `:PORT`: digits after
+    its ':', not cut by a quote that closes none opened just before the URI (a quote inside a
+    password, `user:12"ab@host`, leaves digits that are no port)."""
+    digits = text[uri_start:end].rpartition("://")[2].partition(":")[2].isdigit()
+    quote = text[end:end + 1]
+    return digits and not (quote in ("'", '"') and text[uri_start - 1:uri_start] != quote)
 
 
 def url_error(uri: str, exc: ValueError) -> str:

@@ -82,6 +82,9 @@ def test_resume_keeps_the_job_name_under_a_new_submission_id(tmp_path: Path, mon
     elsewhere = build_submission(CONFIG, staging=tmp_path, address="http://u:s3cret@head.example:8265", insecure=True)
     assert elsewhere.runtime_env["env_vars"][RESUME_HINT_ENV] == (
         f"orchestrator submit {CONFIG} --resume {elsewhere.job_name} --address http://head.example:8265 --insecure")
+    # a password urllib and requests take whole though a quote follows its first digits
+    quoted = build_submission(CONFIG, staging=tmp_path, address='u:12"s3cret@head.example:8265')
+    assert "s3cret" not in quoted.runtime_env["env_vars"][RESUME_HINT_ENV]
 
 
 @pytest.mark.parametrize("kwargs, error", [

@@ -45,6 +45,10 @@ def test_redact_walks_a_config() -> None:
     ("http://h/x?a=1&api_key=zz&b=2", "http://h/x?a=1&api_key=***&b=2"),
     ("sqlite:////tmp/a.db and mail a@b", "sqlite:////tmp/a.db and mail a@b"),
     ("got \"http://alice:s3'cr3t@[::1\"", "got \"http://[::1\""),  # a quote is legal in a password
+    # a password of digits then a quote: the digits are no port (urllib and requests take it whole)
+    ("http://user:12\"34@host:8265", "http://host:8265"), ("got \"http://u:2024'Pw@h:1\"", "got \"http://h:1\""),
+    ("'http://h:5000', mail a@b", "'http://h:5000', mail a@b"),
+    ('{"u":"http://h:5000","m":"a@b"}', '{"u":"http://h:5000","m":"a@b"}'),
     ("?password=a'b end", "?password=*** end"),
     ("got 'http://h/?token=abc'", "got 'http://h/?token=***'"),
     ("http://user:p@ss@host:99999/x", "http://host:99999/x"),
