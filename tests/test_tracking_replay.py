@@ -336,3 +336,28 @@ def test_links_planted_beside_a_spill_file_are_never_written_through(fake: FakeS
     with pytest.raises(OSError):
         SpillWriter(planted).append([{"op": "tags", "handle": "h", "t": 1, "tags": {}}])
     assert victim.read_text() == "precious\n"
+
+
+@pytest.mark.parametrize("fifo", [".jsonl", ".jsonl.offset"])
+def test_a_fifo_planted_in_a_shared_spill_dir_is_passed_over_not_waited_on(spill_dir: Path, fifo: str) -> None:
+    """A FIFO at a spill file's name (beside a planted record naming its first line) or at a progress
+    record's blocked `pending_files`, the sender of every job on that server, for good."""
+    import os
+    import threading
+
+    from orchestrator.tracking.spill import pending_files
+
+    path = spill_path(spill_dir, URI, "k")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"op": "tags"}\n')
+    path.with_name(path.name + ".offset").write_text(json.dumps({"offset": 0, "runs": {}, "head": "0" * 16}))
+    planted = path.with_suffix(fifo)
+    planted.unlink()
+    os.mkfifo(planted)
+    found: list[list[Path]] = []
+    sender = threading.Thread(target=lambda: found.append(pending_files(spill_dir, URI)), daemon=True)
+    sender.start()
+    sender.join(10)
+    if sender.is_alive():  # let it go: a writer opens the FIFO and closes it
+        os.close(os.open(planted, os.O_WRONLY))
+    assert not sender.is_alive() and found == [[]]

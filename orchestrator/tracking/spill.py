@@ -39,6 +39,7 @@ import logging
 import os
 import shlex
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -142,9 +143,20 @@ def _open_own(path: Path, flags: int) -> int:
     return open_no_follow(path, flags, mode=0o600)  # this user's only
 
 
+def _read(path: Path) -> IO[bytes]:
+    """`path` opened to read, unless it is no regular file: in a shared spill_dir a FIFO planted at a
+    spill file's or progress record's name (or swapped in after `pending_files` chose it) would
+    block the sender for good, a device feed it without end."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO opens at once, unread
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UserError(f"{path}: cannot read the file: not a regular file (a spill file and its progress record are)")
+    return os.fdopen(fd, "rb")
+
+
 def _ends_with_newline(path: Path) -> bool:
     """Whether the file's last line is complete (an empty file: no torn line)."""
-    with open(path, "rb") as f:
+    with _read(path) as f:
         if not f.seek(0, os.SEEK_END):
             return True
         f.seek(-1, os.SEEK_END)
@@ -153,7 +165,7 @@ def _ends_with_newline(path: Path) -> bool:
 
 def _head(path: Path) -> str:
     """A digest of the file's first line: a handle's open line, unique to the file."""
-    with open(path, "rb") as f:
+    with _read(path) as f:
         return hashlib.sha256(f.readline(1 << 16)).hexdigest()[:16]
 
 
@@ -193,7 +205,8 @@ class Progress:
         if not record.exists():
             return cls()
         try:
-            data = json.loads(record.read_text())
+            with _read(record) as f:
+                data = json.loads(f.read())
             offset, runs, server, head = data["offset"], dict(data["runs"]), data.get("server"), data.get("head")
             if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset < 2**62:
                 raise ValueError(f"offset {offset!r} is no byte offset")
@@ -266,7 +279,7 @@ def file_lock(path: Path, wait_s: float) -> Iterator[bool]:
 
 def _ops(path: Path, offset: int) -> Iterator[tuple[int, Op | None]]:
     """(end offset, operation) for each complete line after `offset`; None for an unreadable one."""
-    with open(path, "rb") as f:
+    with _read(path) as f:
         f.seek(offset)
         for raw in f:
             if not raw.endswith(b"\n"):
@@ -346,7 +359,7 @@ def send_file(path: Path, writer: Writer, *, wait_s: float = 0.0, stop: Callable
 
 
 def _torn(path: Path, offset: int) -> bool:
-    with open(path, "rb") as f:
+    with _read(path) as f:
         f.seek(offset)
         rest = f.read()
     return bool(rest) and b"\n" not in rest
