@@ -68,7 +68,8 @@ def write_text(path: str | Path, text: str, *, follow_links: bool = True) -> Pat
         path.parent.mkdir(parents=True, exist_ok=True)
         link = path.is_symlink()
         target = path.resolve() if link and follow_links else path
-        if target.exists() and not target.is_file() and not (link and not follow_links):
+        # Not without following links: a link swapped in after the look above would be written through.
+        if follow_links and target.exists() and not target.is_file():
             target.write_text(text)
             return path
         _replace_with(target, text.encode())
@@ -84,12 +85,22 @@ def _replace_with(path: Path, payload: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
-        if path.exists():
-            os.chmod(staged, stat.S_IMODE(path.stat().st_mode))
+        # The file's own mode, never a link's target's (a planted link to a file of mode 0666 would
+        # have the file written world-writable: anyone could then change what it says).
+        if stat.S_ISREG(mode := _lmode(path)):
+            os.chmod(staged, stat.S_IMODE(mode))
         os.replace(staged, path)
     except BaseException:
         staged.unlink(missing_ok=True)
         raise
+
+
+def _lmode(path: Path) -> int:
+    """The mode of `path` itself (0: nothing there)."""
+    try:
+        return os.lstat(path).st_mode
+    except FileNotFoundError:
+        return 0
 
 
 def distinct_outputs(outputs: dict[str, str | Path | None], inputs: dict[str, str | Path | None]) -> None:

@@ -219,3 +219,35 @@ def read_yaml_text(text: str) -> object:
     from orchestrator.files import load_yaml
 
     return load_yaml(text, "x.yaml", "job")
+
+
+def test_a_cache_write_takes_nothing_from_a_planted_link(tmp_path: Path, monkeypatch) -> None:
+    """`write_text(follow_links=False)` (the calibration and probe caches, in a possibly shared
+    folder) replaces a link planted at its name. It gave the new file the link target's mode: a link
+    to another user's file of mode 0666 made this user's entry world-writable, so its figures could
+    be rewritten by anyone and still pass as this user's own. And a link swapped in after it looked
+    (here to a device) was written through in place."""
+    import stat
+
+    from orchestrator.files import write_text
+
+    theirs, entry = tmp_path / "theirs", tmp_path / "calibrated-k.yaml"
+    theirs.write_text("their own\n")
+    theirs.chmod(0o666)
+    entry.symlink_to(theirs)
+    write_text(entry, "ours\n", follow_links=False)
+    assert theirs.read_text() == "their own\n" and not entry.is_symlink() and entry.read_text() == "ours\n"
+    assert not stat.S_IMODE(entry.stat().st_mode) & 0o022
+
+    swapped = tmp_path / "cluster-f-gpu.yaml"
+    looked = Path.is_symlink
+
+    def plant_after_the_look(self: Path) -> bool:
+        seen = looked(self)
+        if self == swapped and not seen:
+            swapped.symlink_to(os.devnull)
+        return seen
+
+    monkeypatch.setattr(Path, "is_symlink", plant_after_the_look)
+    write_text(swapped, "ours\n", follow_links=False)
+    assert not looked(swapped) and swapped.read_text() == "ours\n"
