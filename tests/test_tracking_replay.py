@@ -361,3 +361,20 @@ def test_a_fifo_planted_in_a_shared_spill_dir_is_passed_over_not_waited_on(spill
     if sender.is_alive():  # let it go: a writer opens the FIFO and closes it
         os.close(os.open(planted, os.O_WRONLY))
     assert not sender.is_alive() and found == [[]]
+
+
+def test_a_file_another_user_planted_at_a_spill_files_name_is_never_written(spill_dir: Path, monkeypatch) -> None:
+    """A world-writable file another user planted at this user's (predictable) spill file name was
+    appended to: whatever the job logged went into a file that user reads; a replay ended its line."""
+    import os
+
+    from orchestrator.tracking.spill import _end_dead_line
+
+    path = spill_path(spill_dir, URI, "k")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"torn")
+    path.chmod(0o666)
+    monkeypatch.setattr(os, "geteuid", lambda: path.stat().st_uid + 1)  # the file is now another user's
+    with pytest.raises(PermissionError, match="owned by another user"):
+        SpillWriter(path).append([{"op": "params", "handle": "h", "t": 1, "params": {"lr": "0.1"}}])
+    assert not _end_dead_line(path) and path.read_bytes() == b"torn"

@@ -32,6 +32,7 @@ is torn (and ends it itself), so the two never both end it.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -139,8 +140,14 @@ class SpillWriter:
 
 def _open_own(path: Path, flags: int) -> int:
     """In a shared spill_dir a link planted at a name this program writes (the spill file, its lock,
-    its progress record's staging name) would have it append to or overwrite the link's target."""
-    return open_no_follow(path, flags, mode=0o600)  # this user's only
+    its progress record's staging name) would have it append to or overwrite the link's target; a
+    file another user planted there (mode 0666, at the predictable name of this user's spill file)
+    would be handed what this job logs. Either is refused (OSError)."""
+    fd = open_no_follow(path, flags, mode=0o600)  # this user's only
+    if (owner := os.fstat(fd).st_uid) != os.geteuid():
+        os.close(fd)
+        raise PermissionError(errno.EPERM, f"owned by another user (uid {owner}), not written", str(path))
+    return fd
 
 
 def _read(path: Path) -> IO[bytes]:
