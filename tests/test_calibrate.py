@@ -153,6 +153,10 @@ def test_what_the_observations_cannot_identify_keeps_its_prior() -> None:
     assert "intra_GBps" in section.fitted
     one_gpu = calibrate(SPEC, observe(MODELS, places=((1, 1),)))
     assert one_gpu.calibration.fitted == () and one_gpu.calibration.residuals is None
+    assert one_gpu.calibration.not_fitted["intra_GBps"] == "no observation inside one node with 2 or more GPUs"
+    # a CPU cluster counts workers, as its plan does
+    cpu = calibrate(SPEC.replace(gpu="cpu"), observe(MODELS, places=((2, 1),)))
+    assert cpu.calibration.not_fitted["intra_GBps"] == "no observation inside one node with 2 or more workers"
 
 
 def widths(cluster: ClusterSpec, nodes: int, gpus: int) -> tuple[float, float]:

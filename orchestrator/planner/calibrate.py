@@ -191,8 +191,8 @@ def allreduce_problem(samples: Iterable[AllReduceSample]) -> Problem:
 # The fit
 
 
-def _identifiable(problem: Problem, predict: Any, start: np.ndarray,
-                  allowed: Sequence[int]) -> tuple[list[int], dict[str, str]]:
+def _identifiable(problem: Problem, predict: Any, start: np.ndarray, allowed: Sequence[int],
+                  unit: str = "GPU") -> tuple[list[int], dict[str, str]]:
     """The parameters these observations can tell (module doc), and why the others cannot.
 
     Each network level is told only by observations that exercise it (the intra-node links by
@@ -207,7 +207,7 @@ def _identifiable(problem: Problem, predict: Any, start: np.ndarray,
             why[name] = ("all-reduce timings alone say nothing about the overlap with backward or about "
                          "stragglers")
         elif not level.get(i, problem.nodes > 0).any() or not _shows(predict, start, i, level.get(i)):
-            why[name] = _why_not(problem, name)
+            why[name] = _why_not(problem, name, unit)
         else:
             free.append(i)
     return free, why
@@ -223,14 +223,15 @@ def _shows(predict: Any, start: np.ndarray, index: int, rows: np.ndarray | None)
     return False
 
 
-def _why_not(problem: Problem, name: str) -> str:
+def _why_not(problem: Problem, name: str, unit: str) -> str:
+    """Why parameter `name` was not fitted; `unit`: what the cluster counts (ClusterSpec.unit)."""
     single = (problem.nodes == 1) & (problem.gpus_per_node > 1)
     if name == "intra_GBps" and not single.any():
-        return "no observation inside one node with 2 or more GPUs"
+        return f"no observation inside one node with 2 or more {unit}s"
     if name == "inter_GBps" and not (problem.nodes > 1).any():
         return "no multi-node observation"
     if not len(problem):
-        return "no multi-GPU observation"
+        return f"no multi-{unit} observation"
     return (f"fewer than {MIN_SENSITIVE} observations change by {SENSITIVITY:.0%} at either end of its range "
             f"(it does not show in these steps)")
 
@@ -314,7 +315,7 @@ def _calibrated(cluster: ClusterSpec, problem: Problem, *, allowed: Sequence[int
     start_net = effective_network(cluster)
     start = np.array([0.0, 0.0, 0.0, float(start_net.overlap), float(start_net.jitter)])
     predict = problem.predictor(start_net)
-    free, why = _identifiable(problem, predict, start, allowed)
+    free, why = _identifiable(problem, predict, start, allowed, cluster.unit)
     theta, kept = _fit(problem, start_net, start, free) if len(problem) else (start, True)
     if kept:
         why.update({PARAMETERS[i]: "the fit did not beat the figures given on these observations" for i in free})
