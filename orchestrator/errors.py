@@ -11,7 +11,10 @@ from typing import Any
 
 from trainers.errors import UserError, first_line
 
-__all__ = ["UserError", "given", "shown", "undecodable", "user_error_among", "worker_user_error"]
+__all__ = ["BAD_HOST_NAME", "UserError", "given", "shown", "undecodable", "user_error_among", "worker_user_error"]
+
+# Why socket.create_connection refuses a host name with a UnicodeError (IDNA), not an OSError.
+BAD_HOST_NAME = "a part between its dots is empty or longer than 63 characters"
 
 
 def shown(value: Any) -> str:

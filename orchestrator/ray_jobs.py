@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from orchestrator import constants
-from orchestrator.errors import UserError
+from orchestrator.errors import BAD_HOST_NAME, UserError
 from orchestrator.redact import scrub, url_error
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -164,6 +164,9 @@ class JobsClient:
         except OSError as exc:
             raise UserError(f"--address {shown(self.address)}: cannot reach the Ray dashboard "
                             f"({exc.strerror or type(exc).__name__})") from None
+        except UnicodeError:  # `a..b`, a part past 63 characters: the name is refused before any lookup
+            raise UserError(f"--address {shown(self.address)}: {url.hostname!r} is not a host name "
+                            f"({BAD_HOST_NAME})") from None
 
     @contextmanager
     def _errors(self, job_id: str | None = None) -> Iterator[None]:

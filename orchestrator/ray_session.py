@@ -35,7 +35,7 @@ import ray
 from ray.train.torch import TorchConfig
 from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch_process_group, _TorchBackend
 
-from orchestrator.errors import UserError
+from orchestrator.errors import BAD_HOST_NAME, UserError
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,8 @@ def check_reachable(address: str) -> None:
         reason = exc.strerror or type(exc).__name__
         raise UserError(f"Ray address {address!r}: nothing answers at {host}:{port} ({reason}); is the cluster up?")\
             from None
+    except UnicodeError:  # `a..b`, a part past 63 characters: the name is refused before any lookup
+        raise UserError(f"Ray address {address!r}: {host!r} is not a host name ({BAD_HOST_NAME})") from None
 
 
 def worker_env() -> dict[str, str]:

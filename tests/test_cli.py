@@ -195,6 +195,7 @@ UNREACHABLE = {
     "Ray client": ("ray://127.0.0.1:1", r"nothing answers at 127\.0\.0\.1:1"),
     "dashboard URL": ("http://127.0.0.1:8265", r"that is a dashboard \(Jobs\) URL"),
     "no port": ("127.0.0.1:99999", r"port 99999 is not a port \(1-65535\)"),
+    "no host name": ("a..b:6379", r"'a\.\.b' is not a host name \(a part between its dots is empty"),
 }
 
 

@@ -71,6 +71,15 @@ def test_a_port_that_is_no_dashboard_names_the_dashboard_port() -> None:
             JobsClient(address)
 
 
+@pytest.mark.parametrize("host", ["a..b", "x" * 64], ids=["empty part", "part past 63"])
+def test_a_host_name_that_cannot_be_looked_up_is_one_line(host: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # socket refuses such a name with a UnicodeError (IDNA), not an OSError: it was a traceback
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    with pytest.raises(UserError, match=rf"^--address http://{host}:8265: '{host}' is not a host name \(a part "):
+        JobsClient(f"http://{host}:8265")
+
+
 class _FinishedJob:
     """The part of JobSubmissionClient that `follow` reads, for a job whose log is one line."""
 
