@@ -134,6 +134,7 @@ def history(experiment: str, tracking_uri: str | None, cluster: ClusterSpec | No
     """Every run of the MLflow experiment that logged observations, on `cluster` (by key) or,
     without one, on the cluster of the newest such run. Runs that logged no cluster (older ones)
     count for a given `cluster` and are left out otherwise."""
+    from mlflow import get_tracking_uri
     from mlflow.exceptions import MlflowException
     from requests.exceptions import RequestException
 
@@ -141,14 +142,13 @@ def history(experiment: str, tracking_uri: str | None, cluster: ClusterSpec | No
 
     _existing_store(tracking_uri)
     # Credentials in the URI travel as MLflow's variables, never in a message.
-    client = mlflow_client(redact_uri(tracking_uri) if tracking_uri else None)
-    try:
+    uri = redact_uri(tracking_uri) if tracking_uri else get_tracking_uri()
+    try:  # the client too: MLflow refuses a folder (its file store) as it is made
         with bounded_requests(env=tracking_credentials(tracking_uri or "")):
-            return _history(client, experiment, cluster)
+            return _history(mlflow_client(uri), experiment, cluster)
     except (MlflowException, RequestException, OSError) as exc:
         reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"--tracking-uri {client.tracking_uri}: could not read the experiment's runs "
-                        f"({reason})") from None
+        raise UserError(f"--tracking-uri {uri}: could not read the experiment's runs ({reason})") from None
 
 
 def _existing_store(tracking_uri: str | None) -> None:

@@ -44,6 +44,15 @@ def test_a_sqlite_uri_that_names_no_mlflow_database_is_one_line_and_nothing_is_w
     assert not (tmp_path / "missing.db").exists()
 
 
+def test_a_store_mlflow_refuses_to_open_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # MlflowClient itself refuses a folder (its file store, in maintenance since MLflow 3.7): it was
+    # made outside the try that makes MLflow's errors one line, and calibrate --experiment ended in a traceback
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    with pytest.raises(UserError, match=rf"^--tracking-uri {tmp_path}/mlruns: could not read the experiment's runs "
+                                        r"\(The filesystem tracking backend"):
+        history("jobs", str(tmp_path / "mlruns"), SPEC)
+
+
 class _Page(list):
     """MLflow's PagedList: a list with the next page's token."""
 
