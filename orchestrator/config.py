@@ -112,6 +112,21 @@ def sqlite_store_problem(path: str, *, empty: bool = True) -> str | None:
     return None
 
 
+def sqlite_create_problem(path: str) -> str | None:
+    """Why sqlite could not create the database file `path` on this machine (None: nothing we can
+    tell), where MLflow retried its "unable to open database file" for two minutes, four lines a try."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # a name past 255 bytes, a file where a folder would be
+        return f"cannot create the database file {shown(path)} ({exc.strerror})"
+    folder = next(p for p in Path(os.path.abspath(path)).parents if p.exists())  # MLflow makes the rest
+    if not os.access(folder, os.W_OK):
+        return f"cannot create the database file {shown(path)} ({folder} is not writable)"
+    return None
+
+
 def tracking_uri_problem(uri: str) -> str | None:
     """What is wrong with an MLflow tracking URI, ending in the URI as given less any credentials
     (None: nothing we can tell before sending to it)."""

@@ -93,3 +93,14 @@ def test_a_missing_file_is_created_and_an_mlflow_store_is_used_again(tmp_path: P
     empty = tmp_path / "empty.db"
     empty.touch()  # an empty file holds nothing of anyone's: MLflow may make its store there
     assert tracking_uri_problem(f"sqlite:///{empty}") is None
+
+
+def test_a_database_file_that_cannot_be_created_is_one_line_at_once(tmp_path: Path) -> None:
+    # MLflow retried its "unable to open database file" for two minutes, four warning lines a try,
+    # before `tracking replay` (or the job's tracker) said so
+    spill = _spill(tmp_path)
+    for path, says in ((tmp_path / f"{'x' * 300}.db", "File name too long"),
+                       (spill / "mlflow.db", "Not a directory")):
+        with pytest.raises(UserError, match=rf"^--tracking-uri: cannot create the database file .*\({says}\)$"):
+            replay(spill, f"sqlite:///{path}")
+    assert not (tmp_path / "spill" / "job.jsonl.offset").exists()

@@ -29,7 +29,7 @@ from mlflow.utils.credentials import get_default_host_creds
 from mlflow.utils.proto_json_utils import parse_dict
 from mlflow.utils.rest_utils import http_request, verify_rest_response
 
-from orchestrator.config import tracking_uri_problem
+from orchestrator.config import sqlite_create_problem, sqlite_path, tracking_uri_problem
 from orchestrator.errors import UserError
 from orchestrator.tracking.ops import (
     BATCH_LIMIT, HANDLE_TAG, OPENED_TAG, RUN_KEY_TAG, ResolvedRun, floor_and_cut, later_driver,
@@ -84,7 +84,10 @@ def _mlflow_store(tracking_uri: str, timeout_s: float) -> Any:
         return BoundedRestStore(tracking_uri, timeout_s)
     # Every store opens here (the tracker, a replay called from Python), not only through the
     # checked flags and config: MLflow would add its tables to any sqlite file (an application's own).
-    if problem := tracking_uri_problem(tracking_uri):
+    problem = tracking_uri_problem(tracking_uri)
+    if not problem and urlsplit(tracking_uri).scheme.split("+")[0] == "sqlite":  # checked where it opens, not
+        problem = sqlite_create_problem(sqlite_path(tracking_uri))  # at validation: a config may name another machine's
+    if problem:
         raise UserError(problem)
     from mlflow.tracking._tracking_service.utils import _get_store
 
