@@ -1,29 +1,17 @@
 """Errors a user can fix (`UserError`): one line on the command line, exit code 2, no traceback.
 
-The type lives in `trainers.errors`, so that the trainers raise it without importing the
+The type (and `shown`) lives in `trainers.errors`, so that the trainers raise it without importing the
 orchestrator; this is the name the orchestrator's modules use.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
-from trainers.errors import UserError, first_line
+from trainers.errors import UserError, first_line, shown
 
 __all__ = ["BAD_HOST_NAME", "UserError", "given", "shown", "undecodable", "user_error_among", "worker_user_error"]
 
 # Why socket.create_connection refuses a host name with a UnicodeError (IDNA), not an OSError.
 BAD_HOST_NAME = "a part between its dots is empty or longer than 63 characters"
-
-
-def shown(value: Any) -> str:
-    """A bad value as an error line shows it: `repr`, an integer of hundreds of digits by its size,
-    anything longer cut with its length, so the line stays one short line."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 100:
-        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
-    text = repr(value)
-    return text if len(text) <= 80 else f"{text[:60]}... ({len(text):,} characters)"
 
 
 def undecodable(text: str) -> str | None:

@@ -59,6 +59,8 @@ def test_a_plan_made_on_a_cpu_cluster_renders_cpu_workers(tmp_path: Path) -> Non
     ({}, "plan.choice: missing"),
     ({"choice": {"nodes": 0, "gpus_per_node": 8}}, "plan.choice.nodes: must be a positive integer, got 0"),
     ({"choice": {"nodes": 2, "gpus_per_node": "8"}}, "plan.choice.gpus_per_node"),
+    ({"choice": {"nodes": -10**4000, "gpus_per_node": 8}},  # cut, not 4,001 characters on one line
+     "plan.choice.nodes: must be a positive integer, got an integer of about 4001 digits"),
     ({"workers": 17, "choice": {"nodes": 2, "gpus_per_node": 8}}, "plan.workers: must be between 1 and 16"),
     # Past the planner's bounds (before: replicas: 10**30 rendered, an OverflowError, another version read)
     ({"choice": {"nodes": 10**30, "gpus_per_node": 2}}, "plan.choice.nodes: must be at most 65,536"),

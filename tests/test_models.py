@@ -30,6 +30,18 @@ def test_unknown_model_lists_what_exists() -> None:
     assert str(info.value) == "model.name: unknown model 'vit'; available: cnn, gpt, mlp, resnet"
 
 
+@pytest.mark.parametrize(("name", "kwargs", "message"), [
+    ("v" * 5000, {}, "model.name: unknown model 'vvvv"),
+    ("cnn", {"width": "w" * 5000}, "model.kwargs.width: must be int, got 'wwww"),
+])
+def test_a_long_bad_value_is_cut_in_the_error_line(name: str, kwargs: dict, message: str) -> None:
+    # the whole 5,000 characters were echoed, as no other field's error does (errors.shown)
+    with pytest.raises(UserError) as info:
+        build_model(name, kwargs)
+    assert str(info.value).startswith(message) and "... (5,002 characters)" in str(info.value)
+    assert len(str(info.value)) < 200
+
+
 @pytest.mark.parametrize(
     ("name", "kwargs", "shape"),
     [

@@ -75,6 +75,8 @@ def dgx(line: str) -> str:
     ("1.5: 3", r"cluster: keys must be strings \(field names\), got 1\.5"),
     ("null: 3", r"cluster: keys must be strings \(field names\), got None"),
     ("1: 2", r"cluster: keys must be strings \(field names\), got 1"),
+    (CALIBRATION.replace("'2026-01-01T00:00:00Z'", "t" * 5000) + "}",
+     r"cluster\.calibration\.measured_at: must be an ISO 8601 time .*, got 'tttt*\.\.\. \(5,002 characters\)"),
 ])
 def test_extreme_cluster_figures_and_keys_are_one_line_naming_the_file_and_field(line: str, message: str,
                                                                                   tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
-from trainers.errors import UserError
+from trainers.errors import UserError, shown
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -39,7 +39,7 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         if name not in self._entries:
             available = ", ".join(self.names())
-            raise UserError(f"{self.field}: unknown {self.kind} {name!r}; available: {available}")
+            raise UserError(f"{self.field}: unknown {self.kind} {shown(name)}; available: {available}")
         return self._entries[name]
 
     def names(self) -> list[str]:
@@ -79,4 +79,4 @@ def _check_type(where: str, annotation: Any, value: Any) -> None:
     allowed = _PLAIN_TYPES.get(getattr(annotation, "__name__", ""))
     # bool is an int subclass, but `width: true` in YAML is certainly a mistake.
     if allowed and (isinstance(value, bool) or not isinstance(value, allowed)):
-        raise UserError(f"{where}: must be {annotation.__name__}, got {value!r}")
+        raise UserError(f"{where}: must be {annotation.__name__}, got {shown(value)}")

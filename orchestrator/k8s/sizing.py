@@ -95,7 +95,7 @@ def plan_placement(plan: Mapping[str, Any]) -> tuple[int, int, int]:
 def _positive_int(section: Mapping[str, Any], key: str) -> int:
     value = section.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise UserError(f"plan.choice.{key}: must be a positive integer, got {value!r}")
+        raise UserError(f"plan.choice.{key}: must be a positive integer, got {shown(value)}")
     if value > MAX_PLAN_GPUS:  # before any product: 10**400 nodes is no placement to multiply out
         raise UserError(f"plan.choice.{key}: must be at most {MAX_PLAN_GPUS:,} (the GPUs the planner plans), "
                         f"got {shown(value)}")

@@ -65,7 +65,7 @@ def utc_time(value: str) -> str:
             when = when.replace(tzinfo=datetime.timezone.utc)
         return when.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     except (ValueError, OverflowError):  # OverflowError: an offset that moves it past year 1 or 9999
-        raise ValueError(f"must be an ISO 8601 time such as 2026-12-01T09:00:00Z, got {value!r}") from None
+        raise ValueError(f"must be an ISO 8601 time such as 2026-12-01T09:00:00Z, got {shown(value)}") from None
 
 
 PositiveInt = Annotated[StrictInt, Field(gt=0)]

@@ -150,7 +150,7 @@ class Profile(Document):
 
 def check_version(version: Any, where: str, what: str, expected: int) -> None:
     if version != expected or isinstance(version, bool) or not isinstance(version, int):
-        got = "no version" if version is None else f"version {version!r}"
+        got = "no version" if version is None else f"version {shown(version)}"
         raise UserError(f"{where}.version: this planner reads {what} version {expected}, got {got};"
                         f" re-run `orchestrator {what}` to write a current one")
 
