@@ -128,6 +128,9 @@ def test_predict_and_plan_arguments_past_the_bounds_are_one_line() -> None:
         predict(make_profile(), make_cluster(), nodes=1, gpus_per_node=1, local_batch=2**53, accumulation=2**53)
     with pytest.raises(UserError, match=r"^plan\.deadline_s: must be <= 3,600,000,000, got 1e\+300$"):
         plan(make_profile(), make_cluster(), total_samples=10**6, deadline_s=1e300)
+    for accumulation in (2**64, 2**31 + 1):  # 2**64: pydantic's ValidationError of an int64 row that overflowed
+        with pytest.raises(UserError, match=r"^plan\.accumulation: must be an integer 1 to 2\*\*31 or None, got \d+$"):
+            plan(make_profile(), make_cluster(), accumulation=accumulation)
 
 
 def test_an_observed_step_on_more_gpus_than_the_planner_plans_is_one_line_naming_the_file(tmp_path: Path) -> None:

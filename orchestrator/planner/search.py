@@ -6,8 +6,8 @@ import math
 from dataclasses import dataclass
 import numpy as np
 
-from orchestrator.errors import UserError
-from orchestrator.planner.base import MAX_COUNT, MAX_DEADLINE_S, MAX_INTEGER, check_arguments
+from orchestrator.errors import UserError, shown
+from orchestrator.planner.base import MAX_BATCH, MAX_COUNT, MAX_DEADLINE_S, MAX_INTEGER, check_arguments
 from orchestrator.planner.explain import assumptions, below, duration, explanation, past, plural, usd, warnings
 from orchestrator.planner.model import PerformanceModel, Rows, evaluate, placement_of, predictions
 from orchestrator.planner.results import Candidate, Placement, Plan, Prediction
@@ -196,8 +196,8 @@ def plan(profile: Profile, cluster: ClusterSpec, *, objective: str = "max_throug
                 total_samples=total_samples, deadline_s=deadline_s, budget=budget)
     check_goal(goal, cluster, max_gpus)
     if accumulation is not None and (isinstance(accumulation, bool) or not isinstance(accumulation, int)
-                                     or accumulation < 1):
-        raise UserError(f"plan.accumulation: must be an integer >= 1 or None, got {accumulation!r}")
+                                     or not 1 <= accumulation <= MAX_BATCH):  # past it: no int64 row
+        raise UserError(f"plan.accumulation: must be an integer 1 to 2**31 or None, got {shown(accumulation)}")
     model = PerformanceModel(profile, cluster)
     rows, owner = _rows(model, placements(cluster, max_gpus=max_gpus), global_batch, accumulation)
     if not len(owner):
