@@ -144,6 +144,10 @@ def tracking_uri_problem(uri: str) -> str | None:
                        "database URI (sqlite:///..., postgresql://...) or a local folder")
         elif parts.scheme in ("http", "https") and not parts.hostname:
             problem = "no host; expected http://HOST:PORT"
+        elif parts.scheme in ("", "file") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("true", "1"):
+            # MLflow 3 refuses its folder store when the client opens (the tracker, calibrate, replay)
+            problem = ("a folder is MLflow's file store, which MLflow 3 refuses unless MLFLOW_ALLOW_FILE_STORE=true "
+                       "is set; use a database file (sqlite:///mlflow.db) or a server")
         elif parts.scheme.split("+")[0] == "sqlite" and os.path.isdir(sqlite_path(uri)):
             # MLflow retried "unable to open database file" for minutes (replay), or the run spilled
             # everything it logged as if the server were down

@@ -69,6 +69,9 @@ def write(tmp_path: Path, overrides: list[str], *, drop: str | None = None) -> P
         (["tracking.tracking_uri=http:///x"], "tracking.tracking_uri: no host; expected http://HOST:PORT, got 'http:///x'"),
         # a folder: `tracking replay` retried MLflow's "unable to open database file" for ~2 minutes
         (["tracking.tracking_uri=sqlite:////tmp"], "tracking.tracking_uri: names a folder, not a database file"),
+        # MLflow 3 refuses its folder store when the tracker opens it: said at validation instead
+        (["tracking.tracking_uri=./mlruns"], "tracking.tracking_uri: a folder is MLflow's file store, which MLflow 3 refuses"),
+        (["tracking.tracking_uri=file:///tmp/mlruns"], "tracking.tracking_uri: a folder is MLflow's file store"),
         # the credentials a URI carries are not echoed, even when it is malformed
         (["tracking.tracking_uri=http://alice:s3cret@[::1"],
          "tracking.tracking_uri: not a valid URI (Invalid IPv6 URL), got 'http://[::1'"),
