@@ -31,7 +31,7 @@ ACROSS = Placement(2, 1)
 
 def test_calibrated_on_two_models_predicts_a_third_better_than_the_priors(ray_cluster: Any) -> None:
     workloads = [SMALL, HELD, LARGE]
-    medians = runs.measure(ACROSS, workloads, resources={"GPU": 1}, warmup=3, steps=16)
+    medians = runs.measure(ACROSS, workloads, resources={"GPU": 1}, warmup=5, steps=48)
     profiles = {w.name: runs.profile(w, (w.batch,)) for w in workloads}
     observed = runs.observations(profiles, ACROSS, medians, workloads)
     train = [o for o in observed if o.profile.model != HELD.name]
