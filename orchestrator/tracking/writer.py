@@ -7,9 +7,10 @@ new run only (the config file, the dataset input) are dropped when the run was r
 decided here, at send time, because a job may resume while MLflow is down.
 
 A handle opened before the run's latest driver (a spill file replayed after a later run of the job
-logged to MLflow, ResolvedRun.stale; never the running driver's own handle) only adds to the run: per-step points between its floor and the
-later driver's first step, params, tags and artifacts the run lacks. Its finish, and values the run
-already has, are the later driver's and are left as they are.
+logged to MLflow, ResolvedRun.stale; never the running driver's own handle) only adds to the run:
+per-step points between its floor and the later driver's first step, params, tags and artifacts
+the run lacks. Its finish, and values the run already has, are the later driver's and are left as
+they are.
 """
 
 from __future__ import annotations
