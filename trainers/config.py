@@ -13,6 +13,8 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from trainers.errors import shown
+
 
 class Section(BaseModel):
     """A config section: frozen, unknown keys rejected."""
@@ -140,6 +142,10 @@ class TrainingConfig(Section):
     def _one_length(self) -> TrainingConfig:
         if self.epochs is None and self.max_steps is None:
             raise ValueError("set epochs or max_steps")
+        if isinstance(self.grad_accumulation, int) and self.grad_accumulation > self.global_batch_size:
+            # each micro-batch holds a sample at least: more would train a larger batch than configured
+            raise ValueError(f"grad_accumulation: {shown(self.grad_accumulation)} micro-batches per step is more than "
+                             f"global_batch_size {self.global_batch_size:,} (each holds at least one sample)")
         if self.epochs is None and self.max_steps * self.global_batch_size > MAX_SAMPLES:
             raise ValueError(f"max_steps: {self.max_steps:,} steps of {self.global_batch_size:,} samples is more "
                              "than 2**53 samples; no job runs that long")
