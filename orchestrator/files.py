@@ -18,6 +18,7 @@ A job config, cluster spec, profile or plan is a few kilobytes. What is refused,
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -145,7 +146,8 @@ def check_writable(path: str | Path) -> Path:
 def cannot_write(path: str | Path, exc: OSError) -> UserError:
     """The one-line error for a place `path` that could not be written."""
     blocking = next((p for p in Path(path).parents if p.exists() and not p.is_dir()), None)
-    why = f"{blocking} is a file, not a folder" if blocking else exc.strerror or exc
+    why = (f"{blocking} is a file, not a folder" if blocking
+           else "it is a folder; name a file" if exc.errno == errno.EISDIR else exc.strerror or exc)
     return UserError(f"{path}: cannot write ({why})")
 
 

@@ -92,7 +92,7 @@ def test_a_plot_that_cannot_be_written_leaves_the_plan_file_as_it_was(tmp_path: 
     (tmp_path / "folder").mkdir()
     proc = orchestrator("plan", "--profile", "profile.json", "--cluster", str(DGX), "-o", "plan.json",
                         "--plot", "folder", cwd=tmp_path)
-    assert proc.returncode == 2 and proc.stderr == "error: folder: cannot write (Is a directory)\n", proc.stderr
+    assert proc.returncode == 2 and proc.stderr == "error: folder: cannot write (it is a folder; name a file)\n", proc.stderr
     assert (tmp_path / "plan.json").read_text() == "the plan before\n"
 
 
