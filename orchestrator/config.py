@@ -155,7 +155,7 @@ def tracking_uri_problem(uri: str) -> str | None:
         elif parts.scheme.split("+")[0] == "sqlite" and os.path.isfile(sqlite_path(uri)):
             problem = sqlite_store_problem(sqlite_path(uri))
     # shown without the credentials it may carry, even when malformed
-    return problem and f"{problem}, got {scrub(uri)!r}"
+    return problem and f"{problem}, got {shown(scrub(uri))}"
 
 
 def check_tracking_uri(uri: str | None, where: str) -> str | None:

@@ -70,6 +70,7 @@ def write(tmp_path: Path, overrides: list[str], *, drop: str | None = None) -> P
         (["name=bad name!"], "name: "),
         (["name=" + "x" * 300], "name: must be at most 128 characters, got 300"),
         (["tracking.tracking_uri=ftp://host/x"], "tracking.tracking_uri: scheme 'ftp' is no MLflow tracking store"),
+        ([f"tracking.tracking_uri=ftp://{'h' * 5000}"], "tracking.tracking_uri: scheme 'ftp' is no MLflow tracking store"),
         (["tracking.tracking_uri=http:///x"], "tracking.tracking_uri: no host; expected http://HOST:PORT, got 'http:///x'"),
         # a folder: `tracking replay` retried MLflow's "unable to open database file" for ~2 minutes
         (["tracking.tracking_uri=sqlite:////tmp"], "tracking.tracking_uri: names a folder, not a database file"),
@@ -101,6 +102,7 @@ def test_bad_field_is_one_line_naming_it(tmp_path: Path, overrides: list[str], e
     message = str(err.value)
     assert message.startswith(expected), message
     assert "\n" not in message and "got {'" not in message  # a section-wide check does not echo the section
+    assert len(message) < 400, message  # a long value is shown cut
 
 
 def test_missing_required_section(tmp_path: Path) -> None:

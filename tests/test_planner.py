@@ -389,6 +389,14 @@ def test_a_required_predict_argument_given_none_is_one_line(name: str) -> None:
         predict(make_profile(), make_cluster(), **given)
 
 
+def test_a_long_string_argument_is_shown_cut_in_a_short_line() -> None:
+    with pytest.raises(UserError, match=r"^predict\.nodes: must be an integer, got 'xxxx.*\.\.\. \(5,002 characters\)$") as err:
+        predict(make_profile(), make_cluster(), nodes="x" * 5000, gpus_per_node=1, local_batch=64)
+    assert len(str(err.value)) < 200
+    with pytest.raises(UserError, match=r"^objective: must be one of .*\(5,002 characters\)$"):
+        plan(make_profile(), make_cluster(), objective="x" * 5000)
+
+
 def test_planning_1024_gpus_considers_every_placement() -> None:
     result = plan(make_profile(), make_cluster(nodes=128, gpus_per_node=8),
                   total_samples=100_000_000)

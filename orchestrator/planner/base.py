@@ -312,7 +312,7 @@ def check_arguments(where: str, *, integers: dict[str, Any] | None = None,
                 continue
             ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
             if isinstance(value, bool) or not ok_type:
-                raise UserError(f"{where}.{name}: must be {'an integer' if integer else 'a number'}, got {value!r}")
+                raise UserError(f"{where}.{name}: must be {'an integer' if integer else 'a number'}, got {shown(value)}")
             if value != value or value in (float("inf"), float("-inf")):
                 raise UserError(f"{where}.{name}: must be a finite number, got {value!r}")
             if not value > 0:

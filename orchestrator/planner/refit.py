@@ -16,7 +16,7 @@ import statistics
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from orchestrator.errors import UserError
+from orchestrator.errors import UserError, shown
 from orchestrator.planner.base import Model, as_list, NonNegativeFloat, NonNegativeInt, PositiveFloat, check_arguments
 from orchestrator.planner.calibrate import network_fields, now_utc
 from orchestrator.planner.model import ComputeCurve, Contention, PerformanceModel, Rows
@@ -111,7 +111,7 @@ def _times(values: Any, name: str) -> list[float] | None:
     values = as_list(values, f"refit.{name}", "a list of seconds")
     for i, v in enumerate(values):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise UserError(f"refit.{name}[{i}]: must be a number (seconds), got {v!r}")
+            raise UserError(f"refit.{name}[{i}]: must be a number (seconds), got {shown(v)}")
     return values
 
 
@@ -128,7 +128,7 @@ def refit(profile: Profile, cluster: ClusterSpec, *, placement: Placement, local
     step_times = _times(step_times, "step_times")
     compute_step_times = _times(compute_step_times, "compute_step_times")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise UserError(f"refit.warmup: must be an integer >= 0, got {warmup!r}")
+        raise UserError(f"refit.warmup: must be an integer >= 0, got {shown(warmup)}")
     where = dict(nodes=placement.nodes, gpus_per_node=placement.gpus_per_node, local_batch=local_batch,
                  accumulation=accumulation, reference_batch=profile.max_local_batch)
     before = predict(profile, cluster, **where)

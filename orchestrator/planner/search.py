@@ -114,7 +114,7 @@ class Goal:
 
 def check_goal(goal: Goal, cluster: ClusterSpec, max_gpus: int | None) -> None:
     if goal.objective not in OBJECTIVES:
-        raise UserError(f"objective: must be one of {', '.join(OBJECTIVES)}, got {goal.objective!r}")
+        raise UserError(f"objective: must be one of {', '.join(OBJECTIVES)}, got {shown(goal.objective)}")
     check_arguments("plan", integers={"global_batch": goal.global_batch, "total_samples": goal.total_samples,
                                       "max_gpus": max_gpus},
                     numbers={"min_efficiency": goal.min_efficiency, "deadline_s": goal.deadline_s,
