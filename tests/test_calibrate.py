@@ -21,6 +21,7 @@ from orchestrator.planner import (
     Observation,
     Profile,
     ProfileSample,
+    Residuals,
     calibrate,
     calibrate_allreduce,
     load_cluster,
@@ -179,6 +180,17 @@ def test_too_few_residuals_keep_the_priors_width() -> None:
             # the priors' widths, around a network the one step made slower: no narrower than uncalibrated
             assert step > prior_step / 1.2 and efficiency > prior_efficiency / 1.2
         assert any("residuals are fewer than 10" in a for a in plan(MODELS[0], cal, min_efficiency=0.5).assumptions)
+
+
+def test_residuals_all_below_zero_never_promise_more_than_linear_scaling() -> None:
+    """A calibration that over-predicted every step (all residuals < 0) made the optimistic end
+    of the efficiency interval 1.8 at every placement: faster than perfect scaling."""
+    fitted = calibrate(SPEC, observe(MODELS))
+    fast = fitted.replace(calibration=fitted.calibration.replace(
+        residuals=Residuals(low=-0.6, median=-0.4, high=-0.2, n=20, method="in-sample")))
+    for nodes, gpus in PLACES:
+        p = predict(MODELS[0], fast, nodes=nodes, gpus_per_node=gpus, local_batch=64)
+        assert p.efficiency_low <= p.efficiency <= p.efficiency_high <= max(1.0, p.efficiency)
 
 
 def test_a_level_the_calibration_did_not_fit_keeps_its_prior_width() -> None:

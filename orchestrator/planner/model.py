@@ -301,8 +301,11 @@ def evaluate(model: PerformanceModel, rows: Rows, *, reference_batch: np.ndarray
         "comm_s": s.comm, "exposed_comm_s": s.exposed, "data_s": s.data, "throughput": throughput,
         "throughput_low": samples / high[0], "throughput_high": samples / low[0],
         "efficiency": throughput / linear, "efficiency_low": samples / high[1] / linear,
-        "efficiency_high": samples / low[1] / linear, "statistical_efficiency": stat, "goodput": throughput * stat,
+        "statistical_efficiency": stat, "goodput": throughput * stat,
     }
+    # Residuals all below zero (a calibration that over-predicted) would promise more than linear
+    # scaling: the optimistic end stops at 1, or at the prediction where that is higher.
+    out["efficiency_high"] = np.minimum(samples / low[1] / linear, np.maximum(out["efficiency"], 1.0))
     if total_samples:
         out["time_to_finish_s"] = total_samples / out["goodput"]
         price = model.cluster.gpu_hour_cost
