@@ -21,7 +21,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -99,13 +99,22 @@ def _read(path: Path) -> ClusterSpec | None:
         return None
 
 
+# A stamp further ahead of this clock than this is a clock that ran ahead, not a later measurement:
+# ordered by it, it would win over every calibration measured after it, for ever.
+CLOCK_SLACK = timedelta(days=1)
+
+
 def _when(spec: ClusterSpec) -> datetime:
+    """When `spec`'s calibration was measured, for ordering: unknown (no time, or one past
+    CLOCK_SLACK ahead of now) orders first."""
+    unknown = datetime.min.replace(tzinfo=timezone.utc)
     text = spec.calibration.measured_at if spec.calibration is not None else ""
     try:
         when = datetime.fromisoformat(text)
     except ValueError:
-        return datetime.min.replace(tzinfo=timezone.utc)
-    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+        return unknown
+    when = when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+    return when if when <= datetime.now(timezone.utc) + CLOCK_SLACK else unknown
 
 
 # ---------------------------------------------------------------------------------------------

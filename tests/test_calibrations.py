@@ -50,6 +50,19 @@ def test_an_older_calibration_never_replaces_a_stored_newer_one(tmp_path: Path) 
     assert [p.name for p in tmp_path.iterdir()] == [f"calibrated-{cluster_key(SPEC)}.yaml"]  # no temp files left
 
 
+def test_a_calibration_stamped_by_a_clock_far_ahead_does_not_win_for_ever(tmp_path: Path) -> None:
+    """A calibration stamped 2099 (a clock running ahead) was kept over every later one: `store`
+    refused each as older, and `newest` preferred it to a cluster file's fresh calibration."""
+    store(_calibrated(SPEC, "2099-01-01T00:00:00Z", 0.9), tmp_path)
+    assert store(_calibrated(SPEC, "2026-06-01T00:00:00Z", 0.5), tmp_path) is not None
+    assert newest(SPEC, tmp_path)[0].calibration.inter_GBps == 0.5
+    assert store(_calibrated(SPEC, "2099-01-01T00:00:00Z", 0.9), tmp_path) is None  # nor replaces one
+    store(_calibrated(SPEC, "2099-01-01T00:00:00Z", 0.9), tmp_path / "only")  # the only one stored: still used
+    assert newest(SPEC, tmp_path / "only")[0].calibration.inter_GBps == 0.9
+    own = _calibrated(SPEC, "2026-06-01T00:00:00Z", 0.7)
+    assert newest(own, tmp_path) == (own, None)
+
+
 def test_a_damaged_stored_calibration_is_passed_over(tmp_path: Path) -> None:
     stored_path(SPEC, tmp_path).write_text("nodes: [\n")
     assert newest(SPEC, tmp_path) == (SPEC, None)

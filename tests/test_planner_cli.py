@@ -255,20 +255,24 @@ def test_plan_with_a_config_holds_its_fixed_accumulation(tmp_path: Path) -> None
 
 def test_calibrate_says_when_a_newer_stored_calibration_stays(tmp_path: Path) -> None:
     # It printed "stored as cluster K's calibration (PATH)" for a fit it did not store: the one
-    # stored was measured later (here by a clock ahead), and plan and run went on using that one.
+    # stored was measured later (here by a clock an hour ahead), and plan and run went on using that one.
+    from datetime import datetime, timedelta, timezone
+
     from orchestrator.calibrations import store, stored_path
     from orchestrator.planner import calibrate
+
+    ahead = (datetime.now(timezone.utc) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
     spec = ClusterSpec(nodes=2, gpus_per_node=2, intra_node_GBps=16, inter_node_GBps=1.25)
     spec.save(tmp_path / "c.yaml")
     save_observations(_observations(), tmp_path / "obs.json")
     cache = tmp_path / "cache" / "orchestrator" / "clusters"
-    store(calibrate(spec, _observations(), measured_at="2099-01-01T00:00:00Z"), cache)
+    store(calibrate(spec, _observations(), measured_at=ahead), cache)
     before = stored_path(spec, cache).read_bytes()
     proc = orchestrator("calibrate", "--cluster", "c.yaml", "--observations", "obs.json", cwd=tmp_path,
                         env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
     assert proc.returncode == 0, proc.stderr
     assert "stored as" not in proc.stdout.replace("not stored as", "") and stored_path(spec, cache).read_bytes() == before
     assert (f"not stored as cluster {cluster_key(spec)}'s calibration: a newer one is; `plan` and `run` use it "
-            f"(calibration: the newest of this cluster, from jobs (9 observations, 2099-01-01T00:00:00Z), "
+            f"(calibration: the newest of this cluster, from jobs (9 observations, {ahead}), "
             f"{stored_path(spec, cache)}; newer than the spec's own") in proc.stdout, proc.stdout
