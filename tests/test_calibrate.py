@@ -135,6 +135,25 @@ def test_never_worse_by_the_median_or_the_90th_percentile_either() -> None:
             assert np.quantile(errors(fitted, obs), q) <= np.quantile(errors(given, obs), q) + 1e-9
 
 
+def test_never_worse_as_predict_sees_the_observations_given() -> None:
+    # The fit learns from compute measured without sync, but predict() knows only the profile: a
+    # step whose measured compute is far below the profile's was fitted as a slow network, and
+    # predict() then missed that very step by 49 % where the spec missed it by 3 %.
+    small = MODELS[4]
+    t = predict(small, TRUTH, nodes=1, gpus_per_node=4, local_batch=64).step_time_s
+    one = [Observation(profile=small, nodes=1, gpus_per_node=4, local_batch=64, step_time_s=t,
+                       compute_step_time_s=t * 0.4)]
+    assert errors(calibrate(SPEC, one), one)[0] <= errors(SPEC, one)[0]
+    # Single-GPU steps do not move with the network but count in the quantiles: the fit judged
+    # without them raised the 90th percentile error of all five from 0.727 to 0.743.
+    five = [Observation(profile=MODELS[i], nodes=1, gpus_per_node=g, local_batch=b, step_time_s=s)
+            for i, g, b, s in ((3, 1, 16, 0.151806), (2, 4, 16, 0.164587), (2, 4, 32, 0.105478),
+                               (1, 1, 64, 0.274681), (0, 1, 64, 0.351235))]
+    fitted = calibrate(SPEC, five)
+    for q in (0.5, 0.9):
+        assert np.quantile(errors(fitted, five), q) <= np.quantile(errors(SPEC, five), q) + 1e-9
+
+
 def test_the_order_of_many_observations_does_not_matter() -> None:
     # Past 2,000 observations the search sees a strided sample: of the rows in a canonical order.
     obs = observe(MODELS, seed=3, stragglers=0.05) * 27

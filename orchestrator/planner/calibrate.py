@@ -147,13 +147,15 @@ def _profile_key(o: Observation) -> tuple[Any, ...]:
             tuple((s.gpus_per_node, s.local_batch, s.step_time_s) for s in p.node_samples))
 
 
-def step_problem(cluster: ClusterSpec, observations: Sequence[Observation]) -> Problem:
-    """The multi-GPU observations (one GPU has no all-reduce to learn from) as arrays."""
+def step_problem(cluster: ClusterSpec, observations: Sequence[Observation], *, as_predicted: bool = False) -> Problem:
+    """The multi-GPU observations (one GPU has no all-reduce to learn from) as arrays.
+    `as_predicted`: every observation, as `predict` sees it (the profile's compute, not the one
+    measured without sync): what a calibration is judged by, since that is how it will be used."""
     groups: dict[tuple[Any, ...], list[Observation]] = {}
     for o in observations:
-        if o.nodes * o.gpus_per_node > 1 and o.profile.grad_bytes:
+        if as_predicted or (o.nodes * o.gpus_per_node > 1 and o.profile.grad_bytes):
             groups.setdefault(_profile_key(o), []).append(o)
-    parts = [_group_arrays(cluster, members) for members in groups.values()]
+    parts = [_group_arrays(cluster, members, as_predicted) for members in groups.values()]
     fields = ("nodes", "gpus_per_node", "size", "observed", "models", "buckets", "last_size", "compute", "backward",
               "data", "table", "last_table")
     if not parts:
@@ -161,7 +163,7 @@ def step_problem(cluster: ClusterSpec, observations: Sequence[Observation]) -> P
     return Problem(**{f: np.concatenate([p[f] for p in parts]) for f in fields}, steps=True)
 
 
-def _group_arrays(cluster: ClusterSpec, members: list[Observation]) -> dict[str, np.ndarray]:
+def _group_arrays(cluster: ClusterSpec, members: list[Observation], as_predicted: bool) -> dict[str, np.ndarray]:
     model = PerformanceModel(members[0].profile, cluster)
     splits = [split_global_batch(o.local_batch, workers=1, max_local_batch=model.profile.max_local_batch)
               for o in members]
@@ -169,14 +171,18 @@ def _group_arrays(cluster: ClusterSpec, members: list[Observation]) -> dict[str,
     per_node = np.array([o.gpus_per_node for o in members], dtype=float)
     micro = np.array([s.local_batch for s in splits], dtype=float)
     accum = np.array([o.accumulation * s.accumulation for o, s in zip(members, splits)], dtype=float)
-    measured = np.array([np.nan if o.compute_step_time_s is None else o.compute_step_time_s for o in members])
+    measured = np.array([np.nan if o.compute_step_time_s is None or as_predicted else o.compute_step_time_s
+                         for o in members])
     compute, backward, data = model.compute_terms(per_node, micro, accum, measured)
     n = len(members)
     full, last = float(model.buckets.full_bytes), float(model.buckets.last_bytes)
+    tables = [model.table_per_bucket(nodes, per_node, size) for size in (full, last)]
+    if not model.profile.grad_bytes:  # nothing to all-reduce: no latency either (PerformanceModel.per_bucket)
+        tables = [np.zeros(n), np.zeros(n)]
     return {"nodes": nodes, "gpus_per_node": per_node, "size": np.full(n, full), "last_size": np.full(n, last),
             "observed": np.array([o.step_time_s for o in members]), "models": np.array([model.profile.model] * n),
             "buckets": np.full(n, float(model.buckets.count)), "compute": compute, "backward": backward, "data": data,
-            "table": model.table_per_bucket(nodes, per_node, full), "last_table": model.table_per_bucket(nodes, per_node, last)}
+            "table": tables[0], "last_table": tables[1]}
 
 
 def allreduce_problem(samples: Iterable[AllReduceSample]) -> Problem:
@@ -245,9 +251,11 @@ def _strided(problem: Problem, most: int) -> Problem:
     return problem.subset(np.sort(order[:: -(-len(problem) // most)]))
 
 
-def _fit(problem: Problem, start_net: Network, start: np.ndarray, free: list[int]) -> tuple[np.ndarray, bool]:
-    """(parameters, kept_input): the fit, or the start when the fit is no better on `problem`.
-    Many observations: the search runs on FIT_MAX_ROWS of them, then is polished on all."""
+def _fit(problem: Problem, start_net: Network, start: np.ndarray, free: list[int],
+         judge: Problem | None = None) -> tuple[np.ndarray, bool]:
+    """(parameters, kept_input): the fit, or the start when the fit is no better on `judge`
+    (default: `problem`; step_problem's as_predicted). Many observations: the search runs on
+    FIT_MAX_ROWS of them, then is polished on all."""
     predict = problem.predictor(start_net)
     theta = start
     if free:
@@ -255,10 +263,12 @@ def _fit(problem: Problem, start_net: Network, start: np.ndarray, free: list[int
         theta = minimize(sample.predictor(start_net), sample.observed, start, SPACES, free)
         if sample is not problem:
             theta = polish(predict, problem.observed, start, SPACES, free, theta)
-    given = predict(start)[0]
+    judge = judge or problem
+    judged = predict if judge is problem else judge.predictor(start_net)
+    given = judged(start)[0]
     for share in SHRINK_TOWARDS_GIVEN:  # the fit, else the nearest part of the way to it that is no worse
         candidate = start + share * (theta - start)
-        if _better(predict(candidate)[0], given, problem.observed):
+        if _better(judged(candidate)[0], given, judge.observed):
             return candidate, False
     return start, True
 
@@ -311,12 +321,13 @@ def network_fields(network: Network) -> dict[str, float]:
 
 
 def _calibrated(cluster: ClusterSpec, problem: Problem, *, allowed: Sequence[int], source: str,
-                measured_at: str | None, total: int, models: list[str], placements: list[str]) -> ClusterSpec:
+                measured_at: str | None, total: int, models: list[str], placements: list[str],
+                judge: Problem | None = None) -> ClusterSpec:
     start_net = effective_network(cluster)
     start = np.array([0.0, 0.0, 0.0, float(start_net.overlap), float(start_net.jitter)])
     predict = problem.predictor(start_net)
     free, why = _identifiable(problem, predict, start, allowed, cluster.unit)
-    theta, kept = _fit(problem, start_net, start, free) if len(problem) else (start, True)
+    theta, kept = _fit(problem, start_net, start, free, judge) if len(problem) else (start, True)
     if kept:
         why.update({PARAMETERS[i]: "the fit did not beat the figures given on these observations" for i in free})
         free = []
@@ -358,7 +369,8 @@ def calibrate(cluster: ClusterSpec, observations: Iterable[Observation], *, sour
         raise UserError("calibrate.observations: must be a non-empty list, got []")
     return _calibrated(cluster, step_problem(cluster, items), allowed=range(5), source=source,
                        measured_at=measured_at, total=len(items), models=sorted({o.profile.model for o in items}),
-                       placements=sorted({f"{o.nodes}x{o.gpus_per_node}" for o in items}))
+                       placements=sorted({f"{o.nodes}x{o.gpus_per_node}" for o in items}),
+                       judge=step_problem(cluster, items, as_predicted=True))
 
 
 def calibrate_allreduce(cluster: ClusterSpec, samples: Iterable[AllReduceSample], *, source: str = "probe-network",
