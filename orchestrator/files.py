@@ -204,6 +204,8 @@ def _expanded_values(data: Any, limit: int) -> int:
         known = sizes.get(id(node))
         if known is not None:
             return known
+        # a node met again while it is still being counted holds itself (`a: &a [*a]`): it expands forever
+        sizes[id(node)] = limit + 1
         children = list(node.items()) if isinstance(node, dict) else [(None, v) for v in node]
         total = 1
         for key, value in children:

@@ -28,6 +28,9 @@ def _billion_laughs(levels: int = 12) -> str:
 HOSTILE: dict[str, tuple[bytes, str]] = {
     "binary": (bytes(range(256)) * 8, "not UTF-8 text (byte 128 is 0x80)"),
     "billion-laughs": (_billion_laughs().encode(), "expands to more than 100,000 values"),
+    # an alias inside the collection it names: a list or mapping that holds itself (RecursionError, exit 1)
+    "self-alias": (b"name: x\nmodel: &a [*a]\n", "expands to more than 100,000 values"),
+    "self-alias-mapping": (b"name: x\nmodel: &m {kwargs: *m}\n", "expands to more than 100,000 values"),
     "deep": (b"a: " + b"[" * 20000 + b"]" * 20000 + b"\n", "nested too deeply"),
     "deep-block": (b"- " * 5000 + b"x\n", "nested too deeply"),
     # 4 MB of small values (within the size limit): building them took PyYAML a minute, past the
@@ -65,7 +68,7 @@ def test_hostile_config_is_one_user_error(kind: str, tmp_path: Path) -> None:
     assert "\n" not in text and str(path) in text and message in text, text
 
 
-@pytest.mark.parametrize("kind", ["binary", "billion-laughs", "many-values"])
+@pytest.mark.parametrize("kind", ["binary", "billion-laughs", "many-values", "self-alias"])
 def test_hostile_config_through_the_command_is_one_line_exit_2(kind: str, tmp_path: Path) -> None:
     content, message = HOSTILE[kind]
     path = tmp_path / f"{kind}.yaml"
