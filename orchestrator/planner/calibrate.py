@@ -7,8 +7,8 @@ bandwidth, a common scale of the latencies, the overlap with backward, and the r
 jitter (the wait for the slowest rank, network.py: stragglers). The loss is robust
 (fit.py: Huber on log(predicted / observed)). A parameter the observations cannot identify (no
 multi-node step: the inter-node bandwidth) keeps its prior and is reported as not fitted; a fit
-that does not beat the given figures on the same observations (loss, median and 90th percentile
-error) is not returned (`_better`: part of the way to it, else the input's figures, and the
+that does not beat the given figures on the same observations (loss; mean, median and 90th
+percentile error) is not returned (`_better`: part of the way to it, else the input's figures, and the
 section says so). The residuals give the prediction interval: when the
 observations cover two models or more, each model is predicted by a fit made without it, so the
 interval says how well the calibration carries to a model it has not seen.
@@ -66,7 +66,7 @@ CV_FOLDS = 5  # cross-model residuals: each group of models predicted by a fit w
 FIT_MAX_ROWS = 2000
 # "No worse" allows this much relative error either way: rounding, not a loss of accuracy.
 NO_WORSE_TOLERANCE = 1e-9
-# A fit that lowers the loss but raises the median or 90th percentile error on its own observations
+# A fit that lowers the loss but raises the mean, median or 90th percentile error on its own observations
 # (a few outliers moved it) is taken part of the way from the given figures, the largest share no
 # worse on all three; none: the given figures are kept.
 SHRINK_TOWARDS_GIVEN = (1.0, 0.75, 0.5, 0.25)
@@ -275,11 +275,12 @@ def _fit(problem: Problem, start_net: Network, start: np.ndarray, free: list[int
 
 def _better(fitted: np.ndarray, given: np.ndarray, observed: np.ndarray) -> bool:
     """Does the fit beat the figures given on these observations: a lower loss, and no worse a
-    median or 90th percentile of the relative error (what a user checks a calibration by)?"""
+    mean, median or 90th percentile of the relative error (what a user checks a calibration by)?"""
     if not data_loss(fitted, observed) < data_loss(given, observed):
         return False
-    quantiles = [np.quantile(np.abs(p / observed - 1), [0.5, 0.9]) for p in (fitted, given)]
-    return bool(np.all(quantiles[0] <= quantiles[1] + NO_WORSE_TOLERANCE))
+    summaries = [np.append(np.quantile(e, [0.5, 0.9]), e.mean()) for e in
+                 (np.abs(p / observed - 1) for p in (fitted, given))]
+    return bool(np.all(summaries[0] <= summaries[1] + NO_WORSE_TOLERANCE))
 
 
 def _residuals(problem: Problem, start_net: Network, start: np.ndarray, free: list[int],
