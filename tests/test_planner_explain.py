@@ -40,3 +40,12 @@ def test_the_explanation_shows_efficiency_to_the_digits_of_its_pessimistic_end()
     chosen = plan(make_profile(), make_cluster(nodes=1, inter_link="none"), global_batch=256)
     p = chosen.choice
     assert f"scaling efficiency {p.efficiency:.3f} (pessimistic {p.efficiency_low:.3f})" in chosen.explanation
+
+
+def test_an_objective_without_an_efficiency_floor_says_the_floor_is_not_applied() -> None:
+    # max_goodput chose 0.753 efficiency under min_efficiency 0.9 and said nothing of the floor.
+    chosen = plan(make_profile(gradient_noise_scale=5000), make_cluster(), objective="max_goodput",
+                  min_efficiency=0.9, total_samples=SAMPLES)
+    assert chosen.choice.efficiency < 0.9
+    assert ("objective max_goodput: no scaling efficiency floor (min_efficiency 0.9 holds for max_throughput only)"
+            in chosen.assumptions)

@@ -124,7 +124,9 @@ def assumptions(goal: Goal, model: PerformanceModel) -> tuple[str, ...]:
     cost = (f"cost at {price:g} USD per {unit}-hour (gpu_hour_cost)" if price is not None
             else f"no gpu_hour_cost: cost is counted in {unit}-hours")
     floor = ("scaling efficiency floor checked against the interval's pessimistic end"
-             if goal.objective == "max_throughput" else f"objective {goal.objective}")
+             if goal.objective == "max_throughput" else
+             f"objective {goal.objective}: no scaling efficiency floor (min_efficiency {goal.min_efficiency:g} "
+             "holds for max_throughput only)")
     return (*links, network, interval, batch, cost, floor)
 
 
