@@ -27,7 +27,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_ALREA
 from mlflow.store.tracking.rest_store import RestStore
 from mlflow.utils.credentials import get_default_host_creds
 from mlflow.utils.proto_json_utils import parse_dict
-from mlflow.utils.rest_utils import http_request, verify_rest_response
+from mlflow.utils.rest_utils import MlflowHostCreds, http_request, verify_rest_response
 
 from orchestrator.config import sqlite_create_problem, sqlite_path, tracking_uri_problem
 from orchestrator.errors import UserError
@@ -198,10 +198,34 @@ class Store:
         endpoint = "/mlflow-artifacts/artifacts"
         url, tail = artifacts_url.split(endpoint, maxsplit=1)
         path = posixpath.join(tail.lstrip("/"), folder) if folder else tail.lstrip("/")
-        response = http_request(get_default_host_creds(url), endpoint, "GET", params={"path": path},
+        response = http_request(self._host_creds(url), endpoint, "GET", params={"path": path},
                                 max_retries=0, timeout=self.timeout_s)
         return [(posixpath.basename(f["path"]), bool(f["is_dir"]))
-                for f in verified(response, endpoint).json().get("files", [])]
+                for f in self._artifacts_verified(response, endpoint, url).json().get("files", [])]
+
+    def _host_creds(self, url: str) -> MlflowHostCreds:
+        """MLflow's credentials for the tracking server; none for another host. A run's artifact location
+        is its experiment's, which anyone allowed to create experiments sets (an http URL, or
+        mlflow-artifacts://host:port/...): MLflow's client would hand that host the token or password.
+        The upload still goes there, as MLflow would send it."""
+        creds = get_default_host_creds(url)
+        if not self._elsewhere(url):
+            return creds
+        return MlflowHostCreds(url, ignore_tls_verification=creds.ignore_tls_verification,
+                               server_cert_path=creds.server_cert_path)
+
+    def _elsewhere(self, url: str) -> bool:
+        """Whether `url` is on a host other than the tracking server's (scheme, host and port)."""
+        return _origin(url) != _origin(self.tracking_uri)
+
+    def _artifacts_verified(self, response: Any, endpoint: str, url: str) -> Any:
+        """`verified`, saying why another host wants credentials. Not a refusal: the upload waits in the
+        queue or spill file, for a replay once the experiment's artifact location is fixed."""
+        if response.status_code in (401, 403) and self._elsewhere(url):
+            scheme, host, port = _origin(url)
+            raise MlflowException(f"{scheme}://{host}:{port}, the run's artifact location, answered HTTP "
+                                  f"{response.status_code}: MLflow's credentials go to the tracking server only")
+        return verified(response, endpoint)
 
     def _artifact_uri(self, run_id: str) -> str:
         """The run's artifact URI from the store (asked once per run), not the one a ResolvedRun
@@ -224,10 +248,10 @@ class Store:
 
         endpoint = posixpath.join("/", *[p for p in (artifact_path, local.name) if p])
         with open(local, "rb") as data:
-            response = http_request(get_default_host_creds(artifacts_url), endpoint, "PUT", data=data,
+            response = http_request(self._host_creds(artifacts_url), endpoint, "PUT", data=data,
                                     extra_headers={"Content-Type": _guess_mime_type(local.name)},
                                     max_retries=0, timeout=self.timeout_s)
-        verified(response, endpoint)
+        self._artifacts_verified(response, endpoint, artifacts_url)
 
     def log_dataset(self, run_id: str, *, name: str, uri: str, rows: int, schema: Mapping[str, str]) -> None:
         """A dataset entry (MLflow's run inputs) for the Parquet data the job reads."""
@@ -248,6 +272,13 @@ class Store:
 def _chunks(items: list[Any]) -> Iterable[list[Any]]:
     for i in range(0, len(items), PARAMS_PER_REQUEST):
         yield items[i : i + PARAMS_PER_REQUEST]
+
+
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    """Scheme, host and port, the port as the scheme implies when absent."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, parts.hostname, parts.port or {"http": 80, "https": 443}.get(scheme)
 
 
 def _resolved(run: Any, *, resumed: bool, floor_key: str) -> ResolvedRun:
