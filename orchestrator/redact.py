@@ -37,8 +37,11 @@ def is_secret_name(name: str) -> bool:
 # Every URI in a text starts at a scheme; its authority runs to the first '/', '?', '#', quote or
 # space. Userinfo is what the authority holds before its last '@' (RFC 3986); a password holding an
 # unescaped '/', '?', '#' or quote cuts the authority short at `user:pass`, so an authority of that
-# shape (a ':' not followed by a port number: `_port_ends`) with an '@' close after it is userinfo too. Paths
-# holding '@' (`file:///data/run@2`, `s3://bucket/v1@2024`, `docker://img@sha256:...`) are kept.
+# shape (a ':' not followed by a port number: `_port_ends`) with an '@' close after it is userinfo too.
+# A password starting with digits (`bob:2024/Qz@host`) reads as a port, and RFC 3986 takes it for one
+# (host bob, path /Qz@host): which it is cannot be told, so up to the '@' is masked, not dropped
+# (`http://***@host`), a path holding '@' after a port (`http://h:5000/e/1@x`) shown masked too. Paths
+# holding '@' without a port (`file:///data/run@2`, `s3://bucket/v1@2024`, `docker://img@sha256:...`) are kept.
 _SCHEME = re.compile(r"[a-z][a-z0-9+.-]{0,30}://", re.I)
 _AUTHORITY = re.compile(r"[^/?#'\"\s]*")
 _WORD_END = re.compile(r"\s")
@@ -54,15 +57,17 @@ def _without_userinfo(text: str) -> str:
         if start < at:
             continue  # inside userinfo already cut
         end = _AUTHORITY.match(text, start).end()
-        authority, cut = text[start:end], -1
+        authority, cut, mask = text[start:end], -1, ""
         if "@" in authority:
             cut = start + authority.rindex("@") + 1
-        elif ":" in authority and not authority.startswith("[") and not _port_ends(text, scheme.start(), end):
-            space = _WORD_END.search(text, end, end + USERINFO_REACH)
-            found = text.find("@", end, space.start() if space else end + USERINFO_REACH)
-            cut = found + 1 if found >= 0 else -1
+        elif ":" in authority and not authority.startswith("["):
+            port = _port_ends(text, scheme.start(), end)
+            if not port or text[end:end + 1] in ("/", "?", "#"):  # a port the URI's text goes on after
+                space = _WORD_END.search(text, end, end + USERINFO_REACH)
+                found = text.find("@", end, space.start() if space else end + USERINFO_REACH)
+                cut, mask = (found + 1 if found >= 0 else -1), f"{REDACTED}@" if port else ""
         if cut > 0:
-            kept.append(text[at:start])
+            kept.append(text[at:start] + mask)
             at = cut
     return "".join(kept) + text[at:]
 
