@@ -111,7 +111,9 @@ def redact_uri(uri: str) -> str:
     pairs = parse_qsl(parts.query, keep_blank_values=True)
     kept = [(k, v) for k, v in pairs if not is_secret_name(k)]
     if "@" not in parts.netloc and len(kept) == len(pairs):
-        return uri  # nothing to strip (and urlunsplit would rewrite `sqlite:////abs` paths)
+        # nothing urllib sees to strip (and urlunsplit would rewrite `sqlite:////abs` paths); a password
+        # it reads as a port and path (`bob:2024/Qz@host`) is masked as in any text
+        return _without_userinfo(uri)
     netloc = parts.netloc.rpartition("@")[2]
     return urlunsplit((parts.scheme, netloc, parts.path, urlencode(kept), parts.fragment))
 

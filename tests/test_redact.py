@@ -14,6 +14,7 @@ from orchestrator.redact import REDACTED, is_secret_name, redact, redact_uri, sc
     ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
     ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
     ("runs/local", "runs/local"),
+    ("http://bob:2024/Qz@mlflow.example:5000", "http://***@mlflow.example:5000"),  # k8s render's env, as is
 ])
 def test_redact_uri_drops_userinfo_and_secret_parameters(uri: str, expected: str) -> None:
     assert redact_uri(uri) == expected
