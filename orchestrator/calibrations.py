@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import UserError
-from orchestrator.files import untrusted_cache_file, user_cache_dir
+from orchestrator.files import user_cache_dir
 from orchestrator.redact import redact_uri, scrub, tracking_credentials
 from orchestrator.planner.explain import plural
 from orchestrator.planner import (
@@ -87,14 +88,11 @@ def newest(spec: ClusterSpec, root: str | Path | None = None) -> tuple[ClusterSp
 
 
 def _read(path: Path) -> ClusterSpec | None:
-    if untrusted := untrusted_cache_file(path):
-        log.warning("ignoring a stored calibration: %s: %s", path, untrusted)
+    if not os.path.lexists(path):
         return None
-    if not path.is_file():
-        return None
-    try:
-        return load_cluster(path)
-    except UserError as exc:  # a damaged cache never stops a job: the spec's own figures stand
+    try:  # this user's own file only (a shared cache folder), never through a link
+        return load_cluster(path, own_only=True)
+    except UserError as exc:  # a damaged or planted entry never stops a job: the spec's own figures stand
         log.warning("ignoring a stored calibration: %s", exc)
         return None
 

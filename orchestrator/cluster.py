@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import socket
 import statistics
 import tempfile
@@ -25,7 +26,6 @@ from typing import Any
 
 from orchestrator import constants
 from orchestrator.errors import UserError
-from orchestrator.files import untrusted_cache_file
 from orchestrator.node_facts import node_facts, with_detected_links
 from orchestrator.planner import (
     AllReduceSample,
@@ -343,13 +343,10 @@ def _cached_probe(path: Path, live: ClusterSpec) -> ClusterSpec | None:
     """The calibrated spec cached at `path` for the `live` cluster; None when there is none, or
     (said in a warning) when it cannot be read or was measured on other GPUs (a file copied or
     planted under this fingerprint): a damaged cache is probed again, never the end of a job."""
-    if untrusted := untrusted_cache_file(path):
-        log.warning("probing the network again: %s: the cached calibration is %s", path, untrusted)
+    if not os.path.lexists(path):
         return None
-    if not path.is_file():
-        return None
-    try:
-        cached = load_cluster(path)
+    try:  # this user's own file only (a shared cache folder), never through a link
+        cached = load_cluster(path, own_only=True)
     except UserError as exc:
         log.warning("probing the network again: the cached calibration is unusable: %s", exc)
         return None

@@ -25,7 +25,7 @@ import re
 import stat
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import yaml
 
@@ -37,25 +37,52 @@ MAX_DEPTH = 64
 _Parser = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser where PyYAML was built with it
 
 
-def read_text(path: str | Path, what: str, *, max_bytes: int = MAX_FILE_BYTES) -> tuple[Path, str]:
-    """The path and UTF-8 text of a regular file of at most `max_bytes`, else a one-line error."""
+def read_text(path: str | Path, what: str, *, max_bytes: int = MAX_FILE_BYTES,
+              own_only: bool = False) -> tuple[Path, str]:
+    """The path and UTF-8 text of a regular file of at most `max_bytes`, else a one-line error.
+
+    Checked and read through one descriptor, so the file read is the file checked. `own_only`: a
+    cache entry, at a predictable name in a folder others may write (XDG_CACHE_HOME on a shared
+    folder), read only when it is this user's own file and no symbolic link: a file another user
+    planted there, or a link swapped in, says what a plan or job would take for measured figures.
+    """
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: {what} file not found")
-    if not path.is_file():
-        raise UserError(f"{path}: not a regular file (the {what} must be a file)")
-    try:
-        size = path.stat().st_size
+    with _opened(path, what, own_only=own_only) as file:
+        size = os.fstat(file.fileno()).st_size
         if size > max_bytes:
             raise UserError(f"{path}: {size:,} bytes is too large for a {what} file (at most {max_bytes:,})")
-        payload = path.read_bytes()
-    except OSError as exc:  # no permission, an I/O error
-        raise UserError(f"{path}: cannot read the {what} file ({exc.strerror or exc})") from None
+        try:
+            payload = file.read(max_bytes + 1)
+        except OSError as exc:  # an I/O error
+            raise UserError(f"{path}: cannot read the {what} file ({exc.strerror or exc})") from None
+    if len(payload) > max_bytes:  # grown since
+        raise UserError(f"{path}: more than {max_bytes:,} bytes is too large for a {what} file")
     try:
         return path, payload.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text (byte {exc.start} is 0x{payload[exc.start]:02x}); "
                         f"is this the {what} file?") from None
+
+
+def _opened(path: Path, what: str, *, own_only: bool) -> BinaryIO:
+    """`path` open to read if it is a regular file (and, `own_only`, this user's and no link)."""
+    # Non-blocking: a FIFO opens at once, to be refused, instead of waiting for a writer.
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_NOFOLLOW if own_only else 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise UserError(f"{path}: {what} file not found") from None
+    except OSError as exc:
+        why = "a symbolic link, not a file this program wrote" if exc.errno == errno.ELOOP and own_only else (
+            f"cannot read the {what} file ({exc.strerror or exc})")
+        raise UserError(f"{path}: {why}") from None
+    st = os.fstat(fd)
+    why = (f"not a regular file (the {what} must be a file)" if not stat.S_ISREG(st.st_mode)
+           else f"owned by another user (uid {st.st_uid})" if own_only and st.st_uid != os.geteuid() else None)
+    if why:
+        os.close(fd)
+        raise UserError(f"{path}: {why}")
+    return os.fdopen(fd, "rb")
 
 
 def write_text(path: str | Path, text: str, *, follow_links: bool = True) -> Path:
@@ -246,9 +273,9 @@ def load_yaml(text: str, where: Path | str, what: str) -> Any:
     return data
 
 
-def read_yaml(path: str | Path, what: str) -> Any:
-    """The data of a YAML file (None when it is empty), loaded with a safe loader."""
-    path, text = read_text(path, what)
+def read_yaml(path: str | Path, what: str, *, own_only: bool = False) -> Any:
+    """The data of a YAML file (None when it is empty), loaded with a safe loader (`own_only`: `read_text`'s)."""
+    path, text = read_text(path, what, own_only=own_only)
     try:
         return load_yaml(text, path, what)
     except yaml.YAMLError as exc:
@@ -289,21 +316,6 @@ def user_cache_dir(*parts: str) -> Path:
     """``$XDG_CACHE_HOME/orchestrator/...``, else ``~/.cache/orchestrator/...``: this user's, local."""
     cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(cache, "orchestrator", *parts)
-
-
-def untrusted_cache_file(path: Path) -> str | None:
-    """Why a file in the cache is not this program's own, or None (also when there is none): a
-    symbolic link, or a file another user owns. Where a cache is shared (XDG_CACHE_HOME on a common
-    folder), either may be planted: its figures are not to be used, nor its target written."""
-    try:
-        st = os.lstat(path)
-    except OSError:  # none there, or no folder to hold one: reading it says the rest
-        return None
-    if stat.S_ISLNK(st.st_mode):
-        return "a symbolic link, not a file this program wrote"
-    if st.st_uid != os.geteuid():
-        return f"owned by another user (uid {st.st_uid})"
-    return None
 
 
 def open_no_follow(path: Path, flags: int, *, mode: int) -> int:

@@ -103,3 +103,29 @@ def test_a_planted_link_or_another_users_file_in_a_shared_cache_is_not_used_nor_
     assert newest(SPEC, tmp_path)[0].calibration.inter_GBps == 0.5
     monkeypatch.setattr(os, "geteuid", lambda: os.stat(victim).st_uid + 1)  # the entry is now another user's
     assert newest(SPEC, tmp_path) == (SPEC, None)
+
+
+def test_an_entry_swapped_for_a_link_after_the_check_is_not_read_through(tmp_path: Path, monkeypatch) -> None:
+    # In a cache folder another user can write (XDG_CACHE_HOME on a shared folder, group- or
+    # world-writable, or theirs), the entry was checked (lstat: this user's own file) and then read
+    # again by name: swapped for a link meanwhile, the link's target was read as this cluster's
+    # calibration. The entry is now opened once, never through a link, and checked on what was opened.
+    import os
+
+    store(_calibrated(SPEC, "2026-06-01T00:00:00Z", 0.9), tmp_path)
+    entry = stored_path(SPEC, tmp_path)
+    planted = tmp_path / "planted.yaml"
+    store(_calibrated(SPEC, "2026-07-01T00:00:00Z", 0.001), tmp_path / "theirs")
+    planted.write_bytes(stored_path(SPEC, tmp_path / "theirs").read_bytes())
+    lstat = os.lstat
+
+    def then_swapped(path, *args, **kwargs):  # the other user's move, right after any look at the entry
+        st = lstat(path, *args, **kwargs)
+        if Path(path) == entry and not entry.is_symlink():
+            entry.unlink()
+            entry.symlink_to(planted)
+        return st
+
+    monkeypatch.setattr(os, "lstat", then_swapped)
+    used, _ = newest(SPEC, tmp_path)
+    assert used.calibration is None or used.calibration.inter_GBps != 0.001

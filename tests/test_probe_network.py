@@ -260,5 +260,6 @@ def test_a_link_planted_in_a_shared_probe_cache_is_not_used_nor_written_through(
     spec = calibrated_live_cluster(tmp_path, use_gpu=False)
     assert spec.inter_link is None and len(probes) == 1
     assert [r.getMessage() for r in caplog.records] == [
-        f"probing the network again: {cached}: the cached calibration is a symbolic link, not a file this program wrote"]
+        f"probing the network again: the cached calibration is unusable: {cached}: a symbolic link, not a file this "
+        "program wrote"]
     assert victim.read_bytes() == before and not cached.is_symlink() and load_cluster(cached).inter_link is None

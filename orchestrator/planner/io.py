@@ -37,9 +37,9 @@ def save_json(obj: Model, path: str | Path) -> Path:
     return write_text(path, json.dumps(obj.to_dict(), indent=2) + "\n")
 
 
-def load_cluster(path: str | Path) -> ClusterSpec:
-    """Read a cluster YAML file; errors name the file and the field."""
-    raw = read_yaml(path, "cluster")
+def load_cluster(path: str | Path, *, own_only: bool = False) -> ClusterSpec:
+    """Read a cluster YAML file; errors name the file and the field (`own_only`: a cache entry, `read_text`'s)."""
+    raw = read_yaml(path, "cluster", own_only=own_only)
     if raw is None:
         raise UserError(f"{path}: file is empty")
     return _validated(ClusterSpec, raw, path)
