@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 CLUSTER_ARTIFACT = "plan/cluster.json"  # the spec a run was planned on, its calibration included
 CLUSTER_KEY_TAG = "plan.cluster_key"
+# MLflow's credentials, which its client attaches to every HTTP artifact request, whatever the host
+MLFLOW_CREDENTIALS = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                      "MLFLOW_TRACKING_CLIENT_CERT_PATH")
 KEY_FIELDS = ("nodes", "gpus_per_node", "gpu", "intra_node_GBps", "inter_node_GBps", "intra_link", "inter_link")
 
 
@@ -152,7 +155,7 @@ def history(experiment: str, tracking_uri: str | None, cluster: ClusterSpec | No
     uri = redact_uri(tracking_uri) if tracking_uri else get_tracking_uri()
     try:  # the client too: MLflow refuses a folder (its file store) as it is made
         with bounded_requests(env=tracking_credentials(tracking_uri or "")):
-            return _history(mlflow_client(uri), experiment, cluster)
+            return _history(mlflow_client(uri), experiment, cluster, tracking_uri or "")
     except (MlflowException, RequestException, OSError) as exc:
         reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise UserError(f"--tracking-uri {uri}: could not read the experiment's runs ({reason})") from None
@@ -186,10 +189,15 @@ def _runs(client: Any, experiment_id: str) -> Iterator[Any]:
             return
 
 
-def _history(client: Any, experiment: str, cluster: ClusterSpec | None) -> History:
+def _history(client: Any, experiment: str, cluster: ClusterSpec | None, tracking_uri: str = "") -> History:
+    """`history` read through `client`. A run whose artifacts live on another host is left out when
+    MLflow's credentials are set: MLflow's client would hand them to that host."""
     from mlflow.exceptions import MlflowException
     from requests.exceptions import RequestException
 
+    from orchestrator.tracking.store import artifacts_elsewhere
+
+    guarded = bool(tracking_credentials(tracking_uri)) or any(os.environ.get(v) for v in MLFLOW_CREDENTIALS)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise UserError(f"--experiment: no MLflow experiment named {experiment!r} at {client.tracking_uri}")
@@ -201,6 +209,9 @@ def _history(client: Any, experiment: str, cluster: ClusterSpec | None) -> Histo
     with tempfile.TemporaryDirectory() as tmp:
         for run in _runs(client, found.experiment_id):
             run_id = run.info.run_id
+            if guarded and artifacts_elsewhere(run.info.artifact_uri, client.tracking_uri):
+                left_out["artifacts on a host other than the tracking server's (not sent its credentials)"] += 1
+                continue
             artifacts = {a.path for a in client.list_artifacts(run_id, OBSERVATIONS_ARTIFACT.rsplit("/", 1)[0])}
             if OBSERVATIONS_ARTIFACT not in artifacts:
                 continue

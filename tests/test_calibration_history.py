@@ -157,3 +157,50 @@ def test_a_run_with_a_malformed_observations_artifact_is_named_by_run_and_artifa
     assert [r.getMessage() for r in caplog.records] == [
         f"run nan: {OBSERVATIONS_ARTIFACT}: observations[1].step_time_s: must be finite, got nan",
         f"run scalar: {OBSERVATIONS_ARTIFACT}: observations[0]: expected a mapping, got int"]
+
+
+@pytest.mark.parametrize("token", [True, False])
+def test_runs_whose_artifacts_live_on_another_host_are_not_read_with_the_credentials(
+        token: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # MLflow's client sends MLFLOW_TRACKING_TOKEN (or the basic-auth pair) with every HTTP artifact
+    # request, to whatever host the run's artifact location names: anyone allowed to create an
+    # experiment could collect them through `orchestrator calibrate --experiment`.
+    import json
+
+    from orchestrator.calibrations import _history
+
+    for name in ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    if token:
+        monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "s3cret")
+    locations = {"own": "mlflow-artifacts:/1/own/artifacts", "s3": "s3://bucket/1/s3/artifacts",
+                 "http": "http://evil.example/artifacts", "proxied": "mlflow-artifacts://evil.example:5000/1/x",
+                 "same": "http://127.0.0.1:5000/api/2.0/mlflow-artifacts/artifacts/1/same"}
+    listed: list[str] = []
+    logged = json.dumps([o.to_dict() for o in _observations()[:2]])
+
+    class Client:
+        tracking_uri = "http://127.0.0.1:5000"
+
+        def get_experiment_by_name(self, name: str):
+            return SimpleNamespace(experiment_id="1", lifecycle_stage="active")
+
+        def search_runs(self, ids: list[str], **_: object):
+            return _Page([SimpleNamespace(info=SimpleNamespace(run_id=r, artifact_uri=u)) for r, u in locations.items()],
+                         None)
+
+        def list_artifacts(self, run_id: str, folder: str):
+            listed.append(run_id)
+            return [SimpleNamespace(path=OBSERVATIONS_ARTIFACT)]
+
+        def download_artifacts(self, run_id: str, path: str, dst: str) -> str:
+            (Path(dst) / path).parent.mkdir(parents=True, exist_ok=True)
+            (Path(dst) / path).write_text(logged)
+            return str(Path(dst) / path)
+
+    found = _history(Client(), "jobs", SPEC, "http://127.0.0.1:5000")
+    if token:
+        assert listed == ["own", "s3", "same"] and found.runs == 3
+        assert found.left_out == {"artifacts on a host other than the tracking server's (not sent its credentials)": 2}
+    else:  # no credentials to hand over: every run is read
+        assert listed == list(locations) and found.runs == 5 and not found.left_out

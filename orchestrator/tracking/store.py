@@ -274,6 +274,25 @@ def _chunks(items: list[Any]) -> Iterable[list[Any]]:
         yield items[i : i + PARAMS_PER_REQUEST]
 
 
+def artifacts_elsewhere(artifact_uri: str, tracking_uri: str) -> bool:
+    """Whether a run's artifact location is reached over HTTP on a host other than the tracking
+    server's, where MLflow's own client (`list_artifacts`, `download_artifacts`) would send the
+    tracking credentials. `mlflow-artifacts:/...` is the tracking server's proxy and
+    `mlflow-artifacts://host:port/...` that host; s3://, file: and the like get none of them."""
+    parts = urlsplit(artifact_uri)
+    scheme = parts.scheme.lower()
+    if scheme == "mlflow-artifacts":
+        if not parts.netloc:
+            return False
+        artifact_uri = f"{urlsplit(tracking_uri).scheme or 'http'}://{parts.netloc}"
+    elif scheme not in ("http", "https"):
+        return False
+    try:
+        return _origin(artifact_uri) != _origin(tracking_uri)
+    except ValueError:  # no port number: no host to trust
+        return True
+
+
 def _origin(url: str) -> tuple[str, str | None, int | None]:
     """Scheme, host and port, the port as the scheme implies when absent."""
     parts = urlsplit(url)
