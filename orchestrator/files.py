@@ -113,10 +113,11 @@ def _replace_with(path: Path, payload: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
-        # The file's own mode, never a link's target's (a planted link to a file of mode 0666 would
-        # have the file written world-writable: anyone could then change what it says).
-        if stat.S_ISREG(mode := _lmode(path)):
-            os.chmod(staged, stat.S_IMODE(mode))
+            # The file's own mode, never a link's target's (a planted link to a file of mode 0666 would
+            # have the file written world-writable: anyone could then change what it says). Set on the
+            # file as opened: by name, a link swapped in for the staged file would be followed.
+            if stat.S_ISREG(mode := _lmode(path)):
+                os.fchmod(f.fileno(), stat.S_IMODE(mode))
         os.replace(staged, path)
     except BaseException:
         staged.unlink(missing_ok=True)

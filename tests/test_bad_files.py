@@ -254,3 +254,29 @@ def test_a_cache_write_takes_nothing_from_a_planted_link(tmp_path: Path, monkeyp
     monkeypatch.setattr(Path, "is_symlink", plant_after_the_look)
     write_text(swapped, "ours\n", follow_links=False)
     assert not looked(swapped) and swapped.read_text() == "ours\n"
+
+
+def test_the_staged_copy_swapped_for_a_link_never_changes_the_link_targets_mode(tmp_path: Path, monkeypatch) -> None:
+    """The staged copy's mode was set by name: in a folder another user can write, the staged file
+    swapped for a link (here right after it was written) had the link's target, any file of this
+    user's, set to the cache entry's mode."""
+    import stat
+
+    from orchestrator import files
+
+    entry, victim = tmp_path / "calibrated-k.yaml", tmp_path / "private"
+    entry.write_text("old\n")
+    entry.chmod(0o644)
+    victim.write_text("secret\n")
+    victim.chmod(0o600)
+    looked = files._lmode
+
+    def swap_then_look(path: Path) -> int:
+        staged = next(p for p in tmp_path.iterdir() if p.name.startswith(".calibrated-k.yaml."))
+        staged.unlink()
+        staged.symlink_to(victim)
+        return looked(path)
+
+    monkeypatch.setattr(files, "_lmode", swap_then_look)
+    files.write_text(entry, "new\n", follow_links=False)
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o600 and victim.read_text() == "secret\n"
