@@ -41,3 +41,29 @@ def test_a_job_trained_further_registers_the_new_weights_and_a_retry_of_one_step
     assert {str(v.version) for v in client.search_model_versions("name='m'")} == {"1", "2"}
     loaded = mlflow.pytorch.load_model("models:/m/2").state_dict()
     assert all(torch.equal(loaded[k], v + 20) for k, v in weights.items())  # the weights trained further
+
+
+def test_registering_the_model_leaves_the_run_running_for_the_driver_to_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver ends the run after `job.json` records the job finished: logging the model must not
+    end it first (`mlflow.start_run` as a context did: a kill in between left a FINISHED run whose
+    job had not finished)."""
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+    from test_identity import job
+
+    from orchestrator.driver.registration import log_and_register
+    from trainers.models import build_model
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = job(str(tmp_path))
+    config = config.model_copy(update={"tracking": config.tracking.model_copy(update={"registered_model": "m"})})
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    state = {"step": 5, "model": build_model(config.model.name, config.model.kwargs).state_dict()}
+    assert log_and_register(config, state, np.zeros((2, 64), np.float32), run_id=run_id, tracking_uri=uri) == "1"
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING" and run.info.end_time is None
+    assert [m.source_run_id for m in client.search_logged_models([run.info.experiment_id])] == [run_id]

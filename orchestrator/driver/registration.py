@@ -76,9 +76,12 @@ def log_and_register(job: Any, state: dict[str, Any], example: Any, *, run_id: s
     model.load_state_dict(state["model"])
     model.eval()
     mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(model, name="model", input_example=example, pip_requirements=requirements(),
-                                        tags={STEP_TAG: step})
+    # Into the run by its id, not `start_run`: leaving that context ends the run FINISHED before the
+    # driver records the job finished in job.json; the driver ends the run, last. The logged model
+    # goes to the run's experiment (without an active run MLflow would put it in the default one).
+    mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
+    info = mlflow.pytorch.log_model(model, name="model", input_example=example, pip_requirements=requirements(),
+                                    tags={STEP_TAG: step}, run_id=run_id)
     if not job.tracking.registered_model:
         return None
     return str(mlflow.register_model(info.model_uri, job.tracking.registered_model, tags={STEP_TAG: step}).version)
