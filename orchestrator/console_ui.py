@@ -69,16 +69,23 @@ class RichUI:
         self._progress.update(self._task, completed=step, total=total, info="  ".join(parts) or "starting workers")
 
 
-def result_lines(result: Any, *, tracking_uri: str) -> list[str]:
-    """The closing lines of `orchestrator run` (stdout: scripts parse them)."""
+def result_lines(result: Any, *, tracking_uri: str, registered_model: str | None = None) -> list[str]:
+    """The closing lines of `orchestrator run` (stdout: scripts parse them). `registered_model`:
+    the name the job registers its model under, said when the tracking server did not take it."""
     import os
 
     from orchestrator.submit import RESUME_HINT_ENV
+    from orchestrator.tracking.ops import server_name
+
+    server = server_name(tracking_uri)
+    owed = [f"model not registered as {registered_model!r}: MLflow at {server} did not take it; once it answers, "
+            "run the same command again: it sends what waits first and registers the model"]
     if result.already_complete is not None:
         done = result.already_complete
         return [f"complete: trained to step {done.get('step')} on {done.get('at')}; nothing to do "
                 f"(MLflow run {done.get('run_id')}, model version {done.get('model_version') or 'none'}). "
-                "Use --new-run to train it again from scratch."]
+                "Use --new-run to train it again from scratch.",
+                *(owed if registered_model and not result.model_version else [])]
     lines = []
     if result.stopped:
         again = os.environ.get(RESUME_HINT_ENV)  # a submitted job: the command is `submit --resume`
@@ -86,7 +93,7 @@ def result_lines(result: Any, *, tracking_uri: str) -> list[str]:
                      + (f"resume with: {again}" if again else "run the same command again to resume."))
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and k != "step"}
     none = "none (stopped before training started)" if result.stopped and not result.groups else \
-        "not created yet (tracking server unreachable)"
+        f"none yet (MLflow at {server} did not answer during the job; sending what waits creates it)"
     lines.append(f"MLflow run: {result.run_id or none}")
     shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items()))
     lines.append(f"final step: {result.final_step}" + (f"; {shown}" if shown else ""))
@@ -94,6 +101,8 @@ def result_lines(result: Any, *, tracking_uri: str) -> list[str]:
         lines.append(f"registered model version: {result.model_version}")
     if result.tracking is not None:  # what MLflow did not take, and the command that sends it
         lines += result.tracking.lines()
+    if registered_model and not result.model_version and not result.stopped:
+        lines += owed  # trained and checkpointed: the job is done, its model waits on the server
     lines.append(f"open the UI: {ui_command(tracking_uri)}")
     return lines
 

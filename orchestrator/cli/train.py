@@ -82,7 +82,8 @@ def run(
     stop = threading.Event()
     with RichUI(console) as ui, _graceful_stop(stop, training=ui.training) as received:
         result = run_job(job, workers=workers, config_path=str(config), ui=ui, stop=stop, new_run=new_run)
-    for line in result_lines(result, tracking_uri=resolve_tracking_uri(job)):
+    for line in result_lines(result, tracking_uri=resolve_tracking_uri(job),
+                             registered_model=job.tracking.registered_model):
         out.print(line, highlight=False)
     from orchestrator.ray_session import shutdown_quietly
 

@@ -1,0 +1,36 @@
+"""The closing lines of `orchestrator run` (`orchestrator/console_ui.py`): what a user reads, and
+scripts parse, once a job ends."""
+
+from __future__ import annotations
+
+from orchestrator.console_ui import result_lines
+from orchestrator.driver.policies import State
+from orchestrator.driver.ports import JobResult
+
+
+def test_a_job_trained_through_a_whole_outage_ends_saying_what_waits_and_that_the_model_is_not_registered() -> None:
+    """Trained and checkpointed, nothing taken by MLflow: the closing lines say so plainly, with the
+    spill file, the replay command and the model owed (was: "MLflow run: not created yet")."""
+    from pathlib import Path
+
+    from orchestrator.tracking import CloseReport
+
+    spill = Path("/spill/a-b.jsonl")
+    command = f"orchestrator tracking replay {spill} --tracking-uri http://127.0.0.1:5000"
+    report = CloseReport(0, 0, 326, 15, spill, command, (), ())
+    result = JobResult(State.FINISHED, final_step=60, tracking=report)
+    lines = result_lines(result, tracking_uri="http://127.0.0.1:5000", registered_model="digits-cnn")
+    assert lines[0] == ("MLflow run: none yet (MLflow at http://127.0.0.1:5000 did not answer during the job; "
+                        "sending what waits creates it)")
+    assert lines[1] == "final step: 60"
+    assert lines[2] == (f"MLflow did not take 326 metric points and 15 other operations; they are in {spill}. "
+                        f"Send them with: {command}")
+    assert lines[3] == ("model not registered as 'digits-cnn': MLflow at http://127.0.0.1:5000 did not take it; "
+                        "once it answers, run the same command again: it sends what waits first and registers "
+                        "the model")
+    registered = JobResult(State.FINISHED, run_id="r1", final_step=60, model_version="1")
+    assert not any("model not registered" in line for line in
+                   result_lines(registered, tracking_uri="http://127.0.0.1:5000", registered_model="digits-cnn"))
+    complete = JobResult(State.FINISHED, final_step=60, already_complete={"step": 60, "at": "now"})
+    assert result_lines(complete, tracking_uri="http://127.0.0.1:5000", registered_model="m")[1].startswith(
+        "model not registered as 'm'")
