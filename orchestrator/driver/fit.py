@@ -4,6 +4,7 @@ progress and act on a stop within seconds."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +56,12 @@ def build_trainer(prepared: Prepared, sizing: Sizing, workers: Workers, *, progr
 
 
 class RayFit:
-    """`trainer.fit()` in a daemon thread; `outcome()` once `done()`."""
+    """`trainer.fit()` in a daemon thread, then `after()` (no worker is saving any more);
+    `outcome()` once `done()`."""
 
-    def __init__(self, trainer: TorchTrainer) -> None:
+    def __init__(self, trainer: TorchTrainer, after: Callable[[], None] | None = None) -> None:
         self._outcome: FitOutcome | None = None
+        self._after = after
         self._thread = threading.Thread(target=self._fit, args=(trainer,), name="trainer-fit", daemon=True)
         self._thread.start()
 
@@ -68,6 +71,8 @@ class RayFit:
             self._outcome = FitOutcome(dict(result.metrics or {}), result.checkpoint)
         except BaseException as exc:  # noqa: BLE001 - handed to the driver's thread
             self._outcome = FitOutcome({}, None, exc)
+        if self._after is not None:
+            self._after()
 
     def done(self) -> bool:
         return not self._thread.is_alive()

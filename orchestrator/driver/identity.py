@@ -135,7 +135,7 @@ class JobIdentity:
         name to the folder (an absolute name or '..' leads anywhere) and deletes those past keep_last,
         so one planted in a shared storage would delete any folder the job can. UserError naming it."""
         where = posixpath.join(self.run_prefix, RAY_SNAPSHOT)
-        bad = next((n for n in _snapshot_names(self.storage.read_json(where)) if not _plain_name(n)), None)
+        bad = next((n for n in snapshot_names(self.storage.read_json(where)) if not _plain_name(n)), None)
         if bad is not None:
             raise UserError(f"{self.storage.join(where)}: names checkpoint {bad!r}, outside the run folder; Ray "
                             "Train would read it and delete it as an old checkpoint. Restore or remove the file, "
@@ -189,7 +189,7 @@ class JobIdentity:
                             "drivers never train one job")
 
 
-def _snapshot_names(raw: Any) -> list[Any]:
+def snapshot_names(raw: Any) -> list[Any]:
     """Every checkpoint name a Ray Train snapshot holds (`checkpoint_dir_name` fields and the
     `*_checkpoint_dir_names` lists, wherever they are)."""
     found: list[Any] = []
@@ -200,10 +200,10 @@ def _snapshot_names(raw: Any) -> list[Any]:
             elif isinstance(key, str) and key.endswith("checkpoint_dir_names") and isinstance(value, list):
                 found += value
             else:
-                found += _snapshot_names(value)
+                found += snapshot_names(value)
     elif isinstance(raw, list):
         for value in raw:
-            found += _snapshot_names(value)
+            found += snapshot_names(value)
     return found
 
 

@@ -142,8 +142,11 @@ class RayPorts:
 
             refresh_cluster_view()  # count the workers the driver saw arrive, not those of 20 s ago
         self.identity.check_ray_snapshot()  # each fit reads it back: a file planted since the claim too
-        trainer = build_trainer(prepared, sizing, workers, progress=self.actor, run_dir=self.identity.run_dir)
-        return RayFit(trainer)
+        from orchestrator.driver.pruning import prune_after_fit
+
+        run_dir, keep_last = self.identity.run_dir, prepared.job.checkpoint.keep_last
+        trainer = build_trainer(prepared, sizing, workers, progress=self.actor, run_dir=run_dir)
+        return RayFit(trainer, after=lambda: prune_after_fit(run_dir, keep_last=keep_last))
 
     def drain(self) -> tuple[list[Any], dict[int, dict[str, Any]]]:
         import ray
