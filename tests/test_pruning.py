@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from orchestrator.driver.pruning import prune_after_fit, to_prune
+from orchestrator.driver.pruning import prune_after_fit, prune_untracked, to_prune
 from trainers import checkpoint as ckpt
 
 
@@ -82,3 +82,15 @@ def test_the_fit_thread_prunes_after_the_fit_ends_failed_or_not() -> None:
     calls = []
     fit = RayFit(Trainer(), after=lambda: calls.append("pruned"))
     assert isinstance(fit.outcome().error, RuntimeError) and calls == ["pruned"]
+
+
+def test_no_checkpoint_is_read_when_ray_tracks_every_folder(tmp_path: Path, monkeypatch) -> None:
+    run_dir = tmp_path / "job"
+    for step in (40, 50, 60, 70):
+        _save(run_dir, f"checkpoint_{step:09d}", step)
+
+    def no_read(folder: Path) -> dict:
+        raise AssertionError(f"{folder} read")
+
+    monkeypatch.setattr(ckpt, "read", no_read)
+    assert prune_untracked(run_dir, tracked={p.name for p in run_dir.iterdir()}, keep_last=2) == []
