@@ -83,7 +83,7 @@ def result_lines(result: Any, *, tracking_uri: str, registered_model: str | None
     if result.already_complete is not None:
         done = result.already_complete
         return [f"complete: trained to step {done.get('step')} on {done.get('at')}; nothing to do "
-                f"(MLflow run {done.get('run_id')}, model version {done.get('model_version') or 'none'}). "
+                f"(MLflow run {done.get('run_id') or 'none yet'}, model version {done.get('model_version') or 'none'}). "
                 "Use --new-run to train it again from scratch.",
                 *(owed if registered_model and not result.model_version else [])]
     lines = []

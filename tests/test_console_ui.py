@@ -32,5 +32,6 @@ def test_a_job_trained_through_a_whole_outage_ends_saying_what_waits_and_that_th
     assert not any("model not registered" in line for line in
                    result_lines(registered, tracking_uri="http://127.0.0.1:5000", registered_model="digits-cnn"))
     complete = JobResult(State.FINISHED, final_step=60, already_complete={"step": 60, "at": "now"})
-    assert result_lines(complete, tracking_uri="http://127.0.0.1:5000", registered_model="m")[1].startswith(
-        "model not registered as 'm'")
+    lines = result_lines(complete, tracking_uri="http://127.0.0.1:5000", registered_model="m")
+    assert "(MLflow run none yet, model version none)" in lines[0]  # was "MLflow run None"
+    assert lines[1].startswith("model not registered as 'm'")
