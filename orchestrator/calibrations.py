@@ -43,9 +43,6 @@ log = logging.getLogger(__name__)
 
 CLUSTER_ARTIFACT = "plan/cluster.json"  # the spec a run was planned on, its calibration included
 CLUSTER_KEY_TAG = "plan.cluster_key"
-# MLflow's credentials, which its client attaches to every HTTP artifact request, whatever the host
-MLFLOW_CREDENTIALS = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                      "MLFLOW_TRACKING_CLIENT_CERT_PATH")
 KEY_FIELDS = ("nodes", "gpus_per_node", "gpu", "intra_node_GBps", "inter_node_GBps", "intra_link", "inter_link")
 
 
@@ -195,9 +192,9 @@ def _history(client: Any, experiment: str, cluster: ClusterSpec | None, tracking
     from mlflow.exceptions import MlflowException
     from requests.exceptions import RequestException
 
-    from orchestrator.tracking.store import artifacts_elsewhere
+    from orchestrator.tracking.store import artifacts_elsewhere, credentials_set
 
-    guarded = bool(tracking_credentials(tracking_uri)) or any(os.environ.get(v) for v in MLFLOW_CREDENTIALS)
+    guarded = credentials_set(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise UserError(f"--experiment: no MLflow experiment named {experiment!r} at {client.tracking_uri}")

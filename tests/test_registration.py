@@ -67,3 +67,37 @@ def test_registering_the_model_leaves_the_run_running_for_the_driver_to_end(
     run = client.get_run(run_id)
     assert run.info.status == "RUNNING" and run.info.end_time is None
     assert [m.source_run_id for m in client.search_logged_models([run.info.experiment_id])] == [run_id]
+
+
+def test_a_model_is_not_logged_to_an_artifact_location_on_another_host_with_the_credentials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow's client uploads the logged model to the experiment's artifact location with the
+    tracking credentials attached, whatever its host: an experiment made with an http:// location
+    on another host collected MLFLOW_TRACKING_TOKEN with the model."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+    from test_identity import job
+    from test_tracking_credentials import _stub
+
+    from orchestrator.driver.registration import log_model_now
+    from trainers.models import build_model
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "s3cret")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = job(str(tmp_path))
+    state = {"step": 10, "model": build_model(config.model.name, config.model.kwargs).state_dict()}
+    said: list[str] = []
+    with _stub(lambda path: {}) as (other, seen):
+        client = MlflowClient(uri)
+        run_id = client.create_run(client.create_experiment("e", artifact_location=f"http://{other}/a")).info.run_id
+        run = SimpleNamespace(run_id=run_id, tracking_uri=uri, wait_resolved=lambda timeout: True)
+        assert log_model_now(config, state, np.zeros((2, 64), np.float32), run, status=said.append) is None
+    assert seen == []
+    assert said == [f"model not logged: the run's artifact location http://{other}/a/{run_id}/artifacts is on a host "
+                    "other than the tracking server's, which MLflow would send the tracking credentials; set the "
+                    "experiment's artifact location to the tracking server's (mlflow-artifacts:/) or log without "
+                    "credentials"]

@@ -7,7 +7,9 @@ from typing import Any
 
 from orchestrator import constants
 from orchestrator.tracking import bounded_requests
+from orchestrator.redact import redact_uri
 from orchestrator.tracking.ops import describe
+from orchestrator.tracking.store import artifacts_elsewhere, credentials_set
 from orchestrator.driver.ports import FitOutcome, Prepared
 from orchestrator.driver.fit import read_checkpoint
 
@@ -42,6 +44,9 @@ def log_model_now(job: Any, state: dict[str, Any], example: Any, run: Any, *, st
     try:
         with bounded_requests():
             return log_and_register(job, state, example, run_id=run.run_id, tracking_uri=run.tracking_uri)
+    except ArtifactsElsewhere as exc:  # a rerun meets the same location: no "run it again"
+        _tell(status, f"model not logged: {exc}")
+        return None
     except Exception as exc:  # noqa: BLE001 - training is done and checkpointed; this is recoverable
         _tell(status, f"model not logged ({describe(exc)}); run the same command again to log and register it")
         return None
@@ -53,6 +58,10 @@ def _tell(status: Any, message: str) -> None:
     else:  # shown by the UI: logged at INFO, or the CLI's log handler said it twice
         log.info("%s", message)
         status(message)
+
+
+class ArtifactsElsewhere(Exception):
+    """The run's artifacts go to another host than the tracking server: not sent the credentials."""
 
 
 # On the logged model and its version: the training step whose weights they hold.
@@ -75,11 +84,18 @@ def log_and_register(job: Any, state: dict[str, Any], example: Any, *, run_id: s
     model = build_model(job.model.name, job.model.kwargs)
     model.load_state_dict(state["model"])
     model.eval()
+    run = client.get_run(run_id)
+    if credentials_set(tracking_uri) and artifacts_elsewhere(run.info.artifact_uri, tracking_uri):
+        # MLflow's client hands the tracking credentials to whatever host the artifact location names
+        raise ArtifactsElsewhere(f"the run's artifact location {redact_uri(run.info.artifact_uri)} is on a host other "
+                                 "than the tracking server's, which MLflow would send the tracking credentials; "
+                                 "set the experiment's artifact location to the tracking server's "
+                                 "(mlflow-artifacts:/) or log without credentials")
     mlflow.set_tracking_uri(tracking_uri)
     # Into the run by its id, not `start_run`: leaving that context ends the run FINISHED before the
     # driver records the job finished in job.json; the driver ends the run, last. The logged model
     # goes to the run's experiment (without an active run MLflow would put it in the default one).
-    mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
+    mlflow.set_experiment(experiment_id=run.info.experiment_id)
     info = mlflow.pytorch.log_model(model, name="model", input_example=example, pip_requirements=requirements(),
                                     tags={STEP_TAG: step}, run_id=run_id)
     if not job.tracking.registered_model:

@@ -11,6 +11,7 @@ takes seconds to import.
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import tempfile
 import warnings
@@ -31,6 +32,7 @@ from mlflow.utils.rest_utils import MlflowHostCreds, http_request, verify_rest_r
 
 from orchestrator.config import sqlite_create_problem, sqlite_path, tracking_uri_problem
 from orchestrator.errors import UserError
+from orchestrator.redact import tracking_credentials
 from orchestrator.tracking.ops import (
     BATCH_LIMIT, HANDLE_TAG, OPENED_TAG, RUN_KEY_TAG, ResolvedRun, floor_and_cut, later_driver,
 )
@@ -272,6 +274,16 @@ class Store:
 def _chunks(items: list[Any]) -> Iterable[list[Any]]:
     for i in range(0, len(items), PARAMS_PER_REQUEST):
         yield items[i : i + PARAMS_PER_REQUEST]
+
+
+# MLflow's credentials, which its client attaches to every HTTP artifact request, whatever the host
+MLFLOW_CREDENTIALS = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                      "MLFLOW_TRACKING_CLIENT_CERT_PATH")
+
+
+def credentials_set(tracking_uri: str) -> bool:
+    """Whether MLflow's client has credentials to send: in its variables or the URI's userinfo."""
+    return bool(tracking_credentials(tracking_uri)) or any(os.environ.get(v) for v in MLFLOW_CREDENTIALS)
 
 
 def artifacts_elsewhere(artifact_uri: str, tracking_uri: str) -> bool:
