@@ -375,7 +375,9 @@ class Tracker:
         if self._failures == 1 or waiting_now >= 2 * max(self._warned_at, 1):
             why = (f"MLflow: {exc}" if isinstance(exc, Busy)  # a local lock (`tracking replay`), not the server
                    else f"MLflow at {server_name(self.tracking_uri)} did not take the last request ({describe(exc)})")
-            self._warn(f"{why}; {waiting_now} operations and metric points wait to be sent (retrying)")
+            last = self._closing.is_set() and time.monotonic() >= self._deadline  # the close's time is up
+            self._warn(f"{why}; {waiting_now} operations and metric points wait to be sent "
+                       f"({'kept in the spill file' if last else 'retrying'})")
             self._warned_at = waiting_now
 
     def _answered(self) -> None:

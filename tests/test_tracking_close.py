@@ -1,0 +1,23 @@
+"""What the tracker says as it closes, with an in-memory store (tracking_fakes.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tracking_fakes import URI, FakeStore, fake, spill_dir  # noqa: F401 (fixtures)
+
+from orchestrator.tracking import Tracker
+
+
+def test_a_failure_once_the_close_has_run_out_of_time_does_not_say_retrying(fake: FakeStore, spill_dir: Path) -> None:
+    # Printed just before the close's "N wait in <spill file>" line, "(retrying)" promised a retry
+    # that never came: the job was ending.
+    import time
+
+    tracker = Tracker(URI, spill_dir=spill_dir)
+    tracker._closing.set()
+    tracker._deadline = time.monotonic() - 1
+    tracker._failed(ConnectionError("refused"))
+    assert tracker.drain_warnings()[-1].endswith("wait to be sent (kept in the spill file)")
+    tracker._closing.clear()
+    tracker.close(timeout_s=5)
