@@ -57,11 +57,6 @@ class Stat:
             raise ValueError("no measurements")
         return cls(statistics.median(values), min(values), max(values), len(values))
 
-    @property
-    def spread_pct(self) -> float:
-        """Range as a percentage of the median."""
-        return 100.0 * (self.hi - self.lo) / self.median if self.median else 0.0
-
 
 def paired_ratios(numerators: Sequence[float], denominators: Sequence[float]) -> Stat:
     """Ratio of each repeat's pair, measured back to back, so slow spells on the machine cancel."""

@@ -24,8 +24,6 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -41,25 +39,6 @@ _REQUEST_KEY = b"autoscaler_resource_request"
 # A read-only autoscaler (a cluster started without an autoscaling config) names each node type
 # after the node it mirrors; it can add nothing.
 _READONLY_TYPE = re.compile(r"^node_[0-9a-f]{56}$")
-
-StatusCallback = Callable[[str], None]
-
-
-@dataclass(frozen=True, slots=True)
-class Arrival:
-    """What the autoscaler delivered within the wait."""
-
-    wanted: int
-    arrived: int
-    waited_s: float
-
-    @property
-    def shortfall(self) -> int:
-        return max(self.wanted - self.arrived, 0)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"wanted": self.wanted, "arrived": self.arrived, "shortfall": self.shortfall,
-                "waited_s": round(self.waited_s, 1)}
 
 
 def autoscaler_present() -> bool:
@@ -156,26 +135,6 @@ def pending_request() -> list[dict[str, float]]:
 
 def slots_available(*, use_gpu: bool, cpus_per_worker: float) -> int:
     return worker_slots(ray.nodes(), use_gpu=use_gpu, cpus_per_worker=cpus_per_worker)
-
-
-def wait_for_workers(
-    wanted: int, *, use_gpu: bool, cpus_per_worker: float, timeout_s: float,
-    on_status: StatusCallback | None = None,
-) -> Arrival:
-    """Wait until `wanted` workers fit on the cluster or `timeout_s` passes; report as nodes arrive."""
-    start = time.monotonic()
-    kind = "GPU workers" if use_gpu else "CPU workers"
-    last = -1
-    while True:
-        arrived = slots_available(use_gpu=use_gpu, cpus_per_worker=cpus_per_worker)
-        waited = time.monotonic() - start
-        if arrived != last and on_status is not None:
-            on_status(f"autoscaler: {min(arrived, wanted)}/{wanted} {kind} available "
-                      f"({waited:.0f} s of {timeout_s:g} s)")
-        last = arrived
-        if arrived >= wanted or waited >= timeout_s:
-            return Arrival(wanted, min(arrived, wanted), waited)
-        time.sleep(min(constants.AUTOSCALE_POLL_S, max(timeout_s - waited, 0.0)))
 
 
 def _kv_get(key: bytes) -> bytes | None:
