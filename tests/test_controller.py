@@ -195,7 +195,7 @@ def test_a_resize_stops_at_a_checkpoint_and_goes_on_with_the_new_count(monkeypat
     monkeypatch.setattr(constants, "REPLAN_MIN_STEPS", 4)
     decisions = iter([Resize(1, "resize 2 -> 1 worker: faster"), Keep("keep 1 worker: same count")])
 
-    def fake_replan(sizing, group, **kwargs):
+    def fake_replan(group, **kwargs):
         return Replan(next(decisions), None, None, {"refit": {"scale": 2.0, "compute_scale": 1.0}}, "text")
 
     monkeypatch.setattr(controller_module, "replan", fake_replan)
@@ -380,7 +380,7 @@ def test_a_rerun_of_the_run_adds_its_decisions_and_observations_to_the_earlier_o
     """Continued to a longer training.max_steps, the run held replan.1 and replan.2 tags, but
     replan/decisions.json and plan/observations.json (what `calibrate` learns from) only the rerun's."""
     monkeypatch.setattr(constants, "REPLAN_MIN_STEPS", 4)
-    monkeypatch.setattr(controller_module, "replan", lambda sizing, group, **kwargs: Replan(
+    monkeypatch.setattr(controller_module, "replan", lambda group, **kwargs: Replan(
         Keep("keep 2 workers"), None, None, {"step": 10, "refit": {"scale": 1.0, "compute_scale": 1.0}}, "text"))
     monkeypatch.setattr(controller_module, "predicted_at", lambda *a: object())
     monkeypatch.setattr(controller_module, "comparison", lambda observed, predicted: {})

@@ -107,7 +107,7 @@ def test_the_workers_compute_only_steps_lack_the_optimizer_and_replan_adds_it() 
                       compute_step_times=(truth.compute_s - 0.008,) * 30, placement=placement,
                       observed_step_time_s=truth.step_time_s, observed_steps=40, step_times=(truth.step_time_s,) * 40)
         sizing = Sizing(placement.gpus, 64, profile, cluster=cluster)
-        result = replan(sizing, group, profile=profile, cluster=cluster, step=40, total_steps=1000, global_batch=64,
+        result = replan(group, profile=profile, cluster=cluster, step=40, total_steps=1000, global_batch=64,
                         objective="max_throughput", min_efficiency=0.7, bounds=None, replan_enabled=True, resizes=0,
                         slots=placement.gpus)
         assert result.record["refit"]["changed"] == [], result.text

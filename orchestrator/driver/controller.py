@@ -276,7 +276,7 @@ class JobController:
             return
         group.replanned_at = group.observed_steps
         r = self.job.resources
-        result = replan(sizing, group, profile=self.profile, cluster=self.cluster, step=rec.last_step,
+        result = replan(group, profile=self.profile, cluster=self.cluster, step=rec.last_step,
                         total_steps=self.prepared.total_steps, global_batch=self.job.training.global_batch_size,
                         objective=r.objective, min_efficiency=r.min_efficiency, bounds=self._bounds(),
                         replan_enabled=r.replan, resizes=rec.resizes, slots=self.ports.slots(),

@@ -57,7 +57,7 @@ def compute_steps(profile: Profile, group: Group) -> list[float]:
     return [t + optimizer for t in group.compute_step_times]
 
 
-def replan(sizing: Sizing, group: Group, *, profile: Profile, cluster: ClusterSpec, step: int, total_steps: int,
+def replan(group: Group, *, profile: Profile, cluster: ClusterSpec, step: int, total_steps: int,
            global_batch: int, objective: str, min_efficiency: float, bounds: tuple[int, int] | None,
            replan_enabled: bool, resizes: int, slots: int, accumulation: int | None = None) -> Replan:
     """Refit compute and the network from the group's step times (the planner's robust `refit`:
