@@ -45,7 +45,7 @@ def _data(w: Workload, batch: int) -> tuple[Any, Any]:
     return torch.randn(batch, *w.shape, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
 
 
-def _loss(model: Any, w: Workload, x: Any, y: Any) -> Any:
+def _loss(model: Any, x: Any, y: Any) -> Any:
     import torch.nn.functional as F
 
     out = model(x)
@@ -74,7 +74,7 @@ def profile(w: Workload, batches: tuple[int, ...]) -> Profile:
         fb, op = [], []
         for _ in range(WARMUP + STEPS):
             start = time.perf_counter()
-            _loss(model, w, x, y).backward()
+            _loss(model, x, y).backward()
             mid = time.perf_counter()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -100,7 +100,7 @@ def _timed(model: Any, opt: Any, w: Workload, batch: tuple[Any, Any], *, warmup:
         for sync, times in ((True, synced), (False, alone)):
             start = time.perf_counter()
             with contextlib.nullcontext() if sync else model.no_sync():
-                _loss(model, w, *batch).backward()
+                _loss(model, *batch).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - start)
