@@ -103,7 +103,7 @@ def test_the_workers_compute_only_steps_lack_the_optimizer_and_replan_adds_it() 
     cluster = ClusterSpec(nodes=2, gpus_per_node=4, intra_node_GBps=16, inter_node_GBps=12.5)
     for placement in (Placement(1, 1), Placement(2, 4)):
         truth = predict(profile, cluster, nodes=placement.nodes, gpus_per_node=placement.gpus_per_node, local_batch=64)
-        group = Group(workers=placement.gpus, local_batch=64, accumulation=1, start_step=0, kind=GroupKind.FIRST,
+        group = Group(workers=placement.gpus, local_batch=64, accumulation=1, kind=GroupKind.FIRST,
                       compute_step_times=(truth.compute_s - 0.008,) * 30, placement=placement,
                       observed_step_time_s=truth.step_time_s, observed_steps=40, step_times=(truth.step_time_s,) * 40)
         sizing = Sizing(placement.gpus, 64, profile, cluster=cluster)

@@ -55,7 +55,6 @@ class Group:
     workers: int
     local_batch: int
     accumulation: int
-    start_step: int
     kind: GroupKind
     compute_step_times: tuple[float, ...] = ()  # steps without gradient sync, timed at its start
     placement: Placement | None = None  # known once every rank has registered
@@ -66,7 +65,6 @@ class Group:
     observed_steps: int = 0
     step_times: tuple[float, ...] = ()
     resumed_from: int | None = None
-    started_ms: int = 0  # when its start event was sent
     first_step_ms: int | None = None  # when its first step was measured
 
     @property
@@ -169,8 +167,8 @@ class Recorder:
         self.status(f"worker failure {when}: {event.cause}", warning=True)
 
     def group_started(self, event: GroupStarted, kind: GroupKind, *, resize_reason: str | None = None) -> Group:
-        group = Group(event.workers, event.local_batch, event.accumulation, event.step, kind,
-                      event.compute_step_times_s, resumed_from=event.resumed_from, started_ms=event.at_ms)
+        group = Group(event.workers, event.local_batch, event.accumulation, kind, event.compute_step_times_s,
+                      resumed_from=event.resumed_from)
         self.groups.append(group)
         self.last_step = max(self.last_step, event.step)  # trained that far, whether or not it trains on
         where = (f"resumed from step {event.resumed_from}" if event.resumed_from is not None
