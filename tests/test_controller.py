@@ -51,6 +51,13 @@ def test_a_job_goes_from_preparing_to_finished_and_its_run_is_closed_once() -> N
     assert world.ui.progress_calls[-1][:2] == (10, 10)
 
 
+def test_training_log_every_sets_the_steps_whose_training_metrics_are_logged() -> None:
+    # Accepted and documented, it was read by nothing since the driver's rewrite: every step was logged.
+    world = World(validate({**BASE, "training": {**BASE["training"], "log_every": 4}}), [finished_fit()])
+    run(world)
+    assert world.run.steps_of("train/loss") == [4, 8] and world.run.status == "FINISHED"
+
+
 def test_a_finished_job_run_again_touches_nothing() -> None:
     identity = FakeIdentity(complete=True)
     identity.state.finished = {"step": 10, "run_id": "run-1", "model_version": "3"}

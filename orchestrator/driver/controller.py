@@ -176,7 +176,8 @@ class JobController:
         self.profile, self.cluster = sizing.profile, sizing.cluster
         self.run_log = self.ports.open_run(self.prepared, sizing, self.identity)
         self.recorder = Recorder(self.run_log, status=self._status, global_batch=self.job.training.global_batch_size,
-                                 counts=self.identity.state.counts, save_counts=self.identity.save_counts)
+                                 counts=self.identity.state.counts, save_counts=self.identity.save_counts,
+                                 log_every=self.job.training.log_every)
         if self._autoscale_record is not None:
             self._log_autoscale()
         self.ports.ui.sized(self.prepared, sizing, self.run_log.resumed)

@@ -76,8 +76,9 @@ class Group:
 class Recorder:
     def __init__(self, run: RunLog, *, status: Callable[[str], None], global_batch: int,
                  counts: Mapping[str, int] | None = None,
-                 save_counts: Callable[[dict[str, int]], None] | None = None) -> None:
+                 save_counts: Callable[[dict[str, int]], None] | None = None, log_every: int = 1) -> None:
         self.run, self._status, self.global_batch = run, status, global_batch
+        self.log_every = log_every  # training.log_every: the steps whose training metrics go to MLflow
         # Numbered over the whole run (a rerun continues them): restart.N, resize.N, worker_group.N.
         self.counts: Counter[str] = Counter(counts or {})
         self._save_counts = save_counts or (lambda counts: None)
@@ -122,7 +123,8 @@ class Recorder:
         if self._gap_from is not None and self.run.resumed is not None:  # MLflow answered: say it now
             self._gap_before(self._gap_from)
         for point in event.points:  # steps redone after a failure keep their first record
-            self._log_once(point.metrics, step=point.step, at_ms=point.at_ms, per_step=True)
+            if point.step % self.log_every == 0:
+                self._log_once(point.metrics, step=point.step, at_ms=point.at_ms, per_step=True)
         self.last_step = max(self.last_step, event.step)
         self.last_metrics = dict(event.points[-1].metrics) if event.points else self.last_metrics
         if self.group is not None:
