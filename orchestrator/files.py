@@ -29,7 +29,7 @@ from typing import Any, BinaryIO
 
 import yaml
 
-from orchestrator.errors import UserError
+from orchestrator.errors import UserError, shown
 
 MAX_FILE_BYTES = 4 * 2**20
 MAX_VALUES = 100_000
@@ -72,6 +72,8 @@ def _opened(path: Path, what: str, *, own_only: bool) -> BinaryIO:
         fd = os.open(path, flags)
     except FileNotFoundError:
         raise UserError(f"{path}: {what} file not found") from None
+    except ValueError:  # a NUL byte (YAML's "\0"), which no file name holds
+        raise UserError(f"{shown(str(path))}: not a {what} file name (it holds a NUL byte)") from None
     except OSError as exc:
         why = "a symbolic link, not a file this program wrote" if exc.errno == errno.ELOOP and own_only else (
             f"cannot read the {what} file ({exc.strerror or exc})")

@@ -113,6 +113,16 @@ def test_not_a_regular_file_is_refused_without_reading_it(tmp_path: Path) -> Non
         read_yaml("/proc/self/mem", "config")  # a regular file whose read fails (as no permission would)
 
 
+def test_a_file_name_holding_a_nul_byte_is_one_line_exit_2(tmp_path: Path) -> None:
+    config = tmp_path / "job.yaml"  # YAML's "\0": a name no path holds (os.open raises ValueError)
+    text = (ROOT / "configs" / "digits.yaml").read_text().replace("  use_gpu: auto", '  use_gpu: auto\n  cluster: "a\\0b"')
+    config.write_text(text)
+    result = _validate(config)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert lines == ["error: 'a\\x00b': not a cluster file name (it holds a NUL byte)"], result.stderr[-2000:]
+
+
 def test_json_files_get_the_same_care(tmp_path: Path) -> None:
     deep = tmp_path / "plan.json"
     deep.write_text("[" * 100000 + "]" * 100000)
