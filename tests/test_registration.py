@@ -69,12 +69,14 @@ def test_registering_the_model_leaves_the_run_running_for_the_driver_to_end(
     assert [m.source_run_id for m in client.search_logged_models([run.info.experiment_id])] == [run_id]
 
 
+@pytest.mark.parametrize("where", ["variable", "credentials file"])
 def test_a_model_is_not_logged_to_an_artifact_location_on_another_host_with_the_credentials(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """MLflow's client uploads the logged model to the experiment's artifact location with the
     tracking credentials attached, whatever its host: an experiment made with an http:// location
-    on another host collected MLFLOW_TRACKING_TOKEN with the model."""
+    on another host collected MLFLOW_TRACKING_TOKEN with the model, or the user name and password
+    MLflow reads from ~/.mlflow/credentials when no variable names them."""
     from types import SimpleNamespace
 
     import numpy as np
@@ -86,7 +88,13 @@ def test_a_model_is_not_logged_to_an_artifact_location_on_another_host_with_the_
     from trainers.models import build_model
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "s3cret")
+    if where == "variable":
+        monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "s3cret")
+    else:
+        monkeypatch.setenv("HOME", str(tmp_path))
+        (tmp_path / ".mlflow").mkdir()
+        (tmp_path / ".mlflow" / "credentials").write_text("[mlflow]\nmlflow_tracking_username = bob\n"
+                                                          "mlflow_tracking_password = s3cret\n")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = job(str(tmp_path))
     state = {"step": 10, "model": build_model(config.model.name, config.model.kwargs).state_dict()}

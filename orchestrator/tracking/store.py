@@ -11,7 +11,6 @@ takes seconds to import.
 from __future__ import annotations
 
 import json
-import os
 import posixpath
 import tempfile
 import warnings
@@ -276,14 +275,13 @@ def _chunks(items: list[Any]) -> Iterable[list[Any]]:
         yield items[i : i + PARAMS_PER_REQUEST]
 
 
-# MLflow's credentials, which its client attaches to every HTTP artifact request, whatever the host
-MLFLOW_CREDENTIALS = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                      "MLFLOW_TRACKING_CLIENT_CERT_PATH")
-
-
 def credentials_set(tracking_uri: str) -> bool:
-    """Whether MLflow's client has credentials to send: in its variables or the URI's userinfo."""
-    return bool(tracking_credentials(tracking_uri)) or any(os.environ.get(v) for v in MLFLOW_CREDENTIALS)
+    """Whether MLflow's client has credentials to send, which it attaches to every HTTP artifact request
+    whatever the host: the URI's userinfo, or what MLflow reads itself (its variables, and a user
+    name and password in ~/.mlflow/credentials), an auth plugin or AWS signing included."""
+    creds = get_default_host_creds(tracking_uri or "the default tracking URI")  # the host is only a label here
+    return bool(tracking_credentials(tracking_uri)) or any(
+        (creds.username, creds.password, creds.token, creds.client_cert_path, creds.auth, creds.aws_sigv4))
 
 
 def artifacts_elsewhere(artifact_uri: str, tracking_uri: str) -> bool:
