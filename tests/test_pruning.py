@@ -63,6 +63,23 @@ def test_after_a_fit_untracked_copies_and_torn_folders_go_and_nothing_else(tmp_p
     assert ckpt.restore_newest(run_dir).folder.name == "checkpoint_000000060.1"
 
 
+def test_a_folder_the_trainer_never_names_is_the_users_and_never_pruned(tmp_path: Path) -> None:
+    # sorted among the checkpoints by name: below the verified ones (torn, or a copy past keep_last)
+    run_dir = tmp_path / "job"
+    for step in (40, 50, 60):
+        _save(run_dir, f"checkpoint_{step:09d}", step)
+    _save(run_dir, "checkpoint_000000040.bak", 40)
+    (run_dir / "checkpoint_-notes").mkdir()
+    (run_dir / "checkpoint_-notes" / "mine.txt").write_text("the user's")
+    (run_dir / "checkpoint_manager_snapshot.json").write_text(json.dumps(
+        {"checkpoint_results": [{"checkpoint_dir_name": f"checkpoint_{s:09d}"} for s in (50, 60)]}))
+    prune_after_fit(str(run_dir), keep_last=2)
+    assert sorted(p.name for p in run_dir.glob("checkpoint_*")) == [  # only checkpoint_000000040 pruned
+        "checkpoint_-notes", "checkpoint_000000040.bak", "checkpoint_000000050", "checkpoint_000000060",
+        "checkpoint_manager_snapshot.json"]
+    assert (run_dir / "checkpoint_-notes" / "mine.txt").read_text() == "the user's"
+
+
 def test_nothing_is_pruned_when_the_snapshot_is_unreadable(tmp_path: Path) -> None:
     run_dir = tmp_path / "job"
     _save(run_dir, "checkpoint_000000060.1", 60)

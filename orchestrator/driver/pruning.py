@@ -11,12 +11,14 @@ on local storage, after the fit (no save is under way):
   `keep_last` newest verified ones, except an untracked copy of a step a newer one holds;
 - a folder that fails verification is pruned only below a verified one (a newer one may be a save
   under way, or the user's to look at);
-- only plain `checkpoint_*` folders directly in the run folder, never a symbolic link.
+- only folders named as the trainer names them (`checkpoint_<step>`, `checkpoint_<step>.<n>`) directly
+  in the run folder, never a symbolic link: `checkpoint_000000050.bak` or `checkpoint_notes` is the user's.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -24,6 +26,9 @@ from pathlib import Path
 from trainers import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
+
+# `ckpt.dir_name` and `ckpt.fresh_dir_name`: the only folders a fit writes
+TRAINER_NAMED = re.compile(re.escape(ckpt.DIR_PREFIX) + r"[0-9]{9,}(\.[0-9]+)?")
 
 
 def to_prune(folders: Iterable[str], *, tracked: set[str], step_of: Callable[[str], int | None],
@@ -47,7 +52,7 @@ def to_prune(folders: Iterable[str], *, tracked: set[str], step_of: Callable[[st
 
 def prune_untracked(run_dir: Path, *, tracked: set[str], keep_last: int) -> list[str]:
     """Delete the untracked checkpoint folders `to_prune` names in `run_dir`; their names."""
-    folders = [p for p in ckpt.candidates(run_dir) if not p.is_symlink()]
+    folders = [p for p in ckpt.candidates(run_dir) if not p.is_symlink() and TRAINER_NAMED.fullmatch(p.name)]
     if all(p.name in tracked for p in folders):  # the usual case: nothing to verify (a large model's reads)
         return []
 
