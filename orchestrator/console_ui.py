@@ -101,8 +101,12 @@ def result_lines(result: Any, *, tracking_uri: str, registered_model: str | None
         lines.append(f"registered model version: {result.model_version}")
     if result.tracking is not None:  # what MLflow did not take, and the command that sends it
         lines += result.tracking.lines()
-    if registered_model and not result.model_version and not result.stopped:
-        lines += owed  # trained and checkpointed: the job is done, its model waits on the server
+    report = result.tracking
+    unanswered = result.run_id is None or bool(report and (report.waiting_points or report.waiting_operations))
+    if registered_model and not result.model_version and not result.stopped and unanswered:
+        # trained and checkpointed: the job is done, its model waits on the server (a model refused for
+        # another reason, an artifact location on another host, was said when it was, with no "again")
+        lines += owed
     lines.append(f"open the UI: {ui_command(tracking_uri)}")
     return lines
 
