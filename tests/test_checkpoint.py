@@ -56,6 +56,16 @@ def test_a_damaged_manifest_is_reported(tmp_path: Path, manifest: bytes, says: s
         ckpt.read(folder)
 
 
+def test_a_checkpoint_that_names_no_step_is_corrupt(tmp_path: Path) -> None:
+    # checksums right, but neither the manifest nor the state says a step: it was restored (KeyError
+    # at the resume) and pruning after a fit died on it in the fit's thread
+    write(tmp_path, 60)
+    ckpt.write(tmp_path / ckpt.dir_name(70), {"model": {"w": torch.ones(4)}}, step=None)  # type: ignore[arg-type]
+    with pytest.raises(ckpt.CorruptCheckpoint, match="does not hold the state of step None"):
+        ckpt.read(tmp_path / ckpt.dir_name(70))
+    assert ckpt.restore_newest(tmp_path).folder.name == ckpt.dir_name(60)
+
+
 def test_newest_corrupt_checkpoint_falls_back_to_the_previous(tmp_path: Path) -> None:
     for step in (10, 20, 30):
         write(tmp_path, step)

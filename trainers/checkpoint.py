@@ -148,7 +148,9 @@ def read(folder: Path) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - whatever fails to load is not a checkpoint we can use
         raise CorruptCheckpoint(f"{state_path}: not loadable as tensors ({type(exc).__name__}: "
                                 f"{_first_line(exc)})") from None
-    if not isinstance(state, dict) or state.get("step") != manifest.get("step"):
+    # a step both lack (None == None) is no checkpoint a resume, or the pruning after a fit, can place
+    step = manifest.get("step")
+    if not isinstance(state, dict) or type(step) is not int or state.get("step") != step:
         raise CorruptCheckpoint(f"{state_path}: does not hold the state of step {manifest.get('step')}")
     return state
 
