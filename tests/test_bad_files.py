@@ -115,7 +115,8 @@ def test_not_a_regular_file_is_refused_without_reading_it(tmp_path: Path) -> Non
 
 def test_a_file_name_holding_a_nul_byte_is_one_line_exit_2(tmp_path: Path) -> None:
     config = tmp_path / "job.yaml"  # YAML's "\0": a name no path holds (os.open raises ValueError)
-    text = (ROOT / "configs" / "digits.yaml").read_text().replace("  use_gpu: auto", '  use_gpu: auto\n  cluster: "a\\0b"')
+    text = (ROOT / "configs" / "digits.yaml").read_text()
+    text = text.replace("  use_gpu: auto", '  use_gpu: auto\n  cluster: "a\\0b"')
     config.write_text(text)
     result = _validate(config)
     lines = result.stderr.strip().splitlines()

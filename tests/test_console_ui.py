@@ -32,7 +32,8 @@ def test_a_job_trained_through_a_whole_outage_ends_saying_what_waits_and_that_th
     assert not any("model not registered" in line for line in
                    result_lines(registered, tracking_uri="http://127.0.0.1:5000", registered_model="digits-cnn"))
     # MLflow answered and took everything but the model (refused: an artifact location on another host)
-    refused = JobResult(State.FINISHED, run_id="r1", final_step=60, tracking=CloseReport(9, 4, 0, 0, None, None, (), ()))
+    taken = CloseReport(9, 4, 0, 0, None, None, (), ())
+    refused = JobResult(State.FINISHED, run_id="r1", final_step=60, tracking=taken)
     assert not any("model not registered" in line for line in
                    result_lines(refused, tracking_uri="http://127.0.0.1:5000", registered_model="digits-cnn"))
     complete = JobResult(State.FINISHED, final_step=60, already_complete={"step": 60, "at": "now"})
