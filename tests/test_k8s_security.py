@@ -94,6 +94,18 @@ def test_a_bad_mlflow_uri_is_one_line_without_its_credentials(uri: str, error: s
     assert str(err.value).startswith(error) and "s3cr3t" not in str(err.value), str(err.value)
 
 
+@pytest.mark.parametrize("uri", ["http://mlflow.example:5000/team@a",
+                                 "http://trainer:2024/s3cr3t@mlflow.example:5000"])
+def test_an_mlflow_uri_redaction_can_only_mask_is_refused_not_rendered_as_another_host(uri: str) -> None:
+    # was rendered as MLFLOW_TRACKING_URI http://***@a and tracking_uri http://a: the job's MLflow at host a
+    with pytest.raises(UserError) as err:
+        k8s_render_command(DIGITS, plan_path=None, image=None, output=None, cluster=False, overrides=[],
+                           owner=OWNER, mlflow_uri=uri)
+    assert str(err.value).startswith("--mlflow-uri: an '@' after ':<digits>/' (or '?', '#') reads as a port and "
+                                     "path and as a password's end alike"), str(err.value)
+    assert "s3cr3t" not in str(err.value) and "\n" not in str(err.value)
+
+
 def test_mlflow_has_authentication_and_no_password_on_its_command_line(overlays: dict[str, list[Obj]]) -> None:
     for objs in overlays.values():
         pod = one(objs, "Deployment", "mlflow")["spec"]["template"]["spec"]

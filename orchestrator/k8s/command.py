@@ -22,7 +22,7 @@ from orchestrator.k8s.render import (
     render_rayjob,
 )
 from orchestrator.k8s.sizing import WorkerGroup, plan_placement, predicted_seconds, worker_group
-from orchestrator.redact import userinfo
+from orchestrator.redact import REDACTED, redact_uri, userinfo
 
 # The user names the admission policy accepts as a RayJob's owner (a path component on the
 # shared volume): deploy/k8s/base/admission/rayjobs.yaml checks the same pattern.
@@ -123,6 +123,16 @@ def render_notes(config: JobConfig, group: WorkerGroup, *, plan_path: str | None
     return notes
 
 
+def check_renderable(mlflow_uri: str | None) -> None:
+    """The manifests take `redact_uri(mlflow_uri)` as the job's MLflow: one it can only mask (`:2024/`
+    read as a port and path, or as the start of a password, up to an '@') would send the job to the
+    host after the '@'. A one-line UserError, the URI not shown (it may hold a password)."""
+    if mlflow_uri and REDACTED in redact_uri(mlflow_uri) and REDACTED not in mlflow_uri:
+        raise UserError("--mlflow-uri: an '@' after ':<digits>/' (or '?', '#') reads as a port and path and as "
+                        "a password's end alike; percent-encode the '@' of a path (%40), and give a password "
+                        f"through Secret {MLFLOW_SECRET}, not in the URI")
+
+
 def k8s_render_command(config_path: str, *, plan_path: str | None, image: str | None, output: str | None,
                        cluster: bool, overrides: list[str], owner: str | None = None,
                        mlflow_uri: str | None = None) -> Rendered:
@@ -134,6 +144,7 @@ def k8s_render_command(config_path: str, *, plan_path: str | None, image: str | 
     given(mlflow_uri, "--mlflow-uri", "leave it out for the in-cluster MLflow or give http://HOST:PORT")
     distinct_outputs({"-o": output}, {"the config": config_path, "--plan": plan_path})  # -o CONFIG replaced the config
     check_tracking_uri(mlflow_uri, "--mlflow-uri")
+    check_renderable(mlflow_uri)
     config = load_config(config_path, overrides)
     plan = load_plan(plan_path) if plan_path else None
     group = worker_group(config, plan)
