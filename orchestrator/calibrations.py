@@ -28,7 +28,7 @@ from typing import Any
 
 from orchestrator.errors import UserError
 from orchestrator.files import user_cache_dir
-from orchestrator.redact import redact_uri, scrub, tracking_credentials
+from orchestrator.redact import redact_uri, scrub, tracking_credentials, without_credentials
 from orchestrator.planner.explain import plural
 from orchestrator.planner import (
     OBSERVATIONS_ARTIFACT,
@@ -152,7 +152,8 @@ def history(experiment: str, tracking_uri: str | None, cluster: ClusterSpec | No
     uri = redact_uri(tracking_uri) if tracking_uri else get_tracking_uri()
     try:  # the client too: MLflow refuses a folder (its file store) as it is made
         with bounded_requests(env=tracking_credentials(tracking_uri or "")):
-            return _history(mlflow_client(uri), experiment, cluster, tracking_uri or "")
+            target = without_credentials(tracking_uri) if tracking_uri else uri  # the host urllib reads, unmasked
+            return _history(mlflow_client(target), experiment, cluster, tracking_uri or "")
     except (MlflowException, RequestException, OSError) as exc:
         reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise UserError(f"--tracking-uri {uri}: could not read the experiment's runs ({reason})") from None
@@ -197,9 +198,9 @@ def _history(client: Any, experiment: str, cluster: ClusterSpec | None, tracking
     guarded = credentials_set(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
-        raise UserError(f"--experiment: no MLflow experiment named {experiment!r} at {client.tracking_uri}")
+        raise UserError(f"--experiment: no MLflow experiment named {experiment!r} at {redact_uri(client.tracking_uri)}")
     if found.lifecycle_stage == "deleted":  # its runs are deleted with it: say so, not "0 observations"
-        raise UserError(f"--experiment: {experiment!r} is deleted at {client.tracking_uri}; restore it "
+        raise UserError(f"--experiment: {experiment!r} is deleted at {redact_uri(client.tracking_uri)}; restore it "
                         f"(`mlflow experiments restore --experiment-id {found.experiment_id}`) to learn from its runs")
     logged = []  # (observations, cluster or None), newest run first
     left_out: Counter[str] = Counter()

@@ -104,16 +104,22 @@ def userinfo(uri: str) -> tuple[str, str | None] | None:
 
 
 def redact_uri(uri: str) -> str:
-    """`uri` without its userinfo and without secret-named query parameters."""
+    """`uri` as shown: without its userinfo and secret-named query parameters, and with what only
+    might be a password masked (`bob:2024/Qz@host`, which urllib reads as a port and path)."""
+    stripped = without_credentials(uri)
+    return _without_userinfo(uri) if stripped == uri else stripped
+
+
+def without_credentials(uri: str) -> str:
+    """`uri` as a client connects to it: without the userinfo and secret-named query parameters
+    urllib finds (the credentials travel as MLflow's variables), the host and path as urllib reads them."""
     if "://" not in uri:
         return uri
     parts = urlsplit(uri)
     pairs = parse_qsl(parts.query, keep_blank_values=True)
     kept = [(k, v) for k, v in pairs if not is_secret_name(k)]
     if "@" not in parts.netloc and len(kept) == len(pairs):
-        # nothing urllib sees to strip (and urlunsplit would rewrite `sqlite:////abs` paths); a password
-        # it reads as a port and path (`bob:2024/Qz@host`) is masked as in any text
-        return _without_userinfo(uri)
+        return uri  # nothing to strip (and urlunsplit would rewrite `sqlite:////abs` paths)
     netloc = parts.netloc.rpartition("@")[2]
     return urlunsplit((parts.scheme, netloc, parts.path, urlencode(kept), parts.fragment))
 

@@ -204,3 +204,15 @@ def test_runs_whose_artifacts_live_on_another_host_are_not_read_with_the_credent
         assert found.left_out == {"artifacts on a host other than the tracking server's (not sent its credentials)": 2}
     else:  # no credentials to hand over: every run is read
         assert listed == list(locations) and found.runs == 5 and not found.left_out
+
+
+def test_a_tracking_uri_with_an_at_sign_in_its_path_is_read_from_the_host_urllib_reads() -> None:
+    # `http://h:5000/p@x` has a path holding '@': the client was made from the URI as shown, masked
+    # (`http://***@x`), and asked host `x`. Messages still show it masked.
+    from test_tracking_credentials import _stub
+
+    answer = {"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "no such experiment"}
+    with _stub(lambda path: answer, status=404) as (host, seen), \
+            pytest.raises(UserError, match=r"^--experiment: no MLflow experiment named 'jobs' at http://\*\*\*@x$"):
+        history("jobs", f"http://{host}/p@x")
+    assert [path.split("?")[0] for _, path, _ in seen] == ["/p@x/api/2.0/mlflow/experiments/get-by-name"]
