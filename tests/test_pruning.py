@@ -110,4 +110,22 @@ def test_no_checkpoint_is_read_when_ray_tracks_every_folder(tmp_path: Path, monk
         raise AssertionError(f"{folder} read")
 
     monkeypatch.setattr(ckpt, "read", no_read)
+    monkeypatch.setattr(ckpt, "written_step", no_read)
     assert prune_untracked(run_dir, tracked={p.name for p in run_dir.iterdir()}, keep_last=2) == []
+
+
+def test_untracked_folders_are_checked_against_their_manifests_never_loaded(tmp_path: Path, monkeypatch) -> None:
+    # Each state.pt was loaded whole into the driver's memory to learn its step: a large model's
+    # checkpoints, several of them, on a small head node.
+    run_dir = tmp_path / "job"
+    for step in (40, 50, 60):
+        _save(run_dir, f"checkpoint_{step:09d}", step)
+    torn = _save(run_dir, "checkpoint_000000045", 45)
+    (torn / ckpt.STATE_FILE).write_bytes((torn / ckpt.STATE_FILE).read_bytes()[:-1])
+
+    def no_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a state was loaded")
+
+    monkeypatch.setattr(torch, "load", no_load)
+    pruned = prune_untracked(run_dir, tracked={"checkpoint_000000060", "checkpoint_000000050"}, keep_last=2)
+    assert sorted(pruned) == ["checkpoint_000000040", "checkpoint_000000045"]

@@ -124,8 +124,7 @@ class CorruptCheckpoint(Exception):
     pass
 
 
-def read(folder: Path) -> dict[str, Any]:
-    """Load and verify one checkpoint folder; CorruptCheckpoint says what is wrong."""
+def _manifest(folder: Path) -> dict[str, Any]:
     manifest_path, state_path = folder / MANIFEST_FILE, folder / STATE_FILE
     if not manifest_path.is_file() or not state_path.is_file():
         raise CorruptCheckpoint(f"{folder}: missing {MANIFEST_FILE} or {STATE_FILE}")
@@ -137,6 +136,29 @@ def read(folder: Path) -> dict[str, Any]:
         raise CorruptCheckpoint(f"{manifest_path}: unreadable (nested too deeply)") from None
     if not isinstance(manifest, dict):
         raise CorruptCheckpoint(f"{manifest_path}: not a manifest")
+    return manifest
+
+
+def written_step(folder: Path) -> int:
+    """The step a checkpoint folder holds, its state file checked against the manifest's size and
+    sha256 as written, read in chunks and never loaded (a large model's state is not held in
+    memory); CorruptCheckpoint otherwise. `read` is the full check, for a folder to resume from."""
+    manifest, state_path = _manifest(folder), folder / STATE_FILE
+    digest, size = hashlib.sha256(), 0
+    with open(state_path, "rb") as f:
+        while chunk := f.read(2**24):
+            digest.update(chunk)
+            size += len(chunk)
+    step = manifest.get("step")
+    if size != manifest.get("bytes") or digest.hexdigest() != manifest.get("sha256") or type(step) is not int:
+        raise CorruptCheckpoint(f"{state_path}: does not match its manifest ({size} bytes, manifest says "
+                                f"{manifest.get('bytes')})")
+    return step
+
+
+def read(folder: Path) -> dict[str, Any]:
+    """Load and verify one checkpoint folder; CorruptCheckpoint says what is wrong."""
+    manifest, state_path = _manifest(folder), folder / STATE_FILE
     payload = state_path.read_bytes()
     if len(payload) != manifest.get("bytes") or hashlib.sha256(payload).hexdigest() != manifest.get("sha256"):
         raise CorruptCheckpoint(

@@ -58,8 +58,8 @@ def prune_untracked(run_dir: Path, *, tracked: set[str], keep_last: int) -> list
 
     def step_of(name: str) -> int | None:
         try:
-            return int(ckpt.read(run_dir / name)["step"])
-        except (ckpt.CorruptCheckpoint, OSError, TypeError, ValueError):
+            return ckpt.written_step(run_dir / name)  # not loaded: a large model's state is not held in memory
+        except (ckpt.CorruptCheckpoint, OSError):
             return None
 
     names = to_prune([p.name for p in folders], tracked=tracked, step_of=step_of, keep_last=keep_last)
