@@ -64,7 +64,7 @@ def _without_userinfo(text: str) -> str:
             port = _port_ends(text, scheme.start(), end)
             if not port or text[end:end + 1] in ("/", "?", "#"):  # a port the URI's text goes on after
                 space = _WORD_END.search(text, end, end + USERINFO_REACH)
-                found = text.find("@", end, space.start() if space else end + USERINFO_REACH)
+                found = text.rfind("@", end, space.start() if space else end + USERINFO_REACH)  # a password may hold "@"
                 cut, mask = (found + 1 if found >= 0 else -1), f"{REDACTED}@" if port else ""
         if cut > 0:
             kept.append(text[at:start] + mask)

@@ -61,6 +61,8 @@ def test_redact_walks_a_config() -> None:
     ("http://u:12/ab@host", "http://***@host"), ("--address http://bob:2024/Qz@h:9: no", "--address http://***@h:9: no"),
     ("http://u:12?ab@host http://u:12#ab@host", "http://***@host http://***@host"),
     ("http://h:5000/e/1@x", "http://***@x"), ("http://h:5000/x ok, a@b", "http://h:5000/x ok, a@b"),
+    # a cut-short password holding '@' too: up to the last '@' of the word (it showed `http://ss@host`)
+    ("http://u:p/a@ss@host/x", "http://host/x"), ("http://bob:2024/Qz@h@host:9", "http://***@host:9"),
     ("sqlite:////tmp/run@2/mlflow.db http://[::1]:8080/x@y", "sqlite:////tmp/run@2/mlflow.db http://[::1]:8080/x@y"),
 ])
 def test_scrub_finds_credentials_anywhere_in_a_text(text: str, expected: str) -> None:
