@@ -37,6 +37,12 @@ MAX_DEPTH = 64
 _Parser = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser where PyYAML was built with it
 
 
+def named(path: str | Path) -> str:
+    """A path as an error line names it: whole, or past 120 characters cut, with its length."""
+    name = str(path)
+    return name if len(name) <= 120 else f"{name[:60]}... ({len(name):,} characters)"
+
+
 def read_text(path: str | Path, what: str, *, max_bytes: int = MAX_FILE_BYTES,
               own_only: bool = False) -> tuple[Path, str]:
     """The path and UTF-8 text of a regular file of at most `max_bytes`, else a one-line error.
@@ -50,17 +56,17 @@ def read_text(path: str | Path, what: str, *, max_bytes: int = MAX_FILE_BYTES,
     with _opened(path, what, own_only=own_only) as file:
         size = os.fstat(file.fileno()).st_size
         if size > max_bytes:
-            raise UserError(f"{path}: {size:,} bytes is too large for a {what} file (at most {max_bytes:,})")
+            raise UserError(f"{named(path)}: {size:,} bytes is too large for a {what} file (at most {max_bytes:,})")
         try:
             payload = file.read(max_bytes + 1)
         except OSError as exc:  # an I/O error
-            raise UserError(f"{path}: cannot read the {what} file ({exc.strerror or exc})") from None
+            raise UserError(f"{named(path)}: cannot read the {what} file ({exc.strerror or exc})") from None
     if len(payload) > max_bytes:  # grown since
-        raise UserError(f"{path}: more than {max_bytes:,} bytes is too large for a {what} file")
+        raise UserError(f"{named(path)}: more than {max_bytes:,} bytes is too large for a {what} file")
     try:
         return path, payload.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text (byte {exc.start} is 0x{payload[exc.start]:02x}); "
+        raise UserError(f"{named(path)}: not UTF-8 text (byte {exc.start} is 0x{payload[exc.start]:02x}); "
                         f"is this the {what} file?") from None
 
 
@@ -71,19 +77,19 @@ def _opened(path: Path, what: str, *, own_only: bool) -> BinaryIO:
     try:
         fd = os.open(path, flags)
     except FileNotFoundError:
-        raise UserError(f"{path}: {what} file not found") from None
+        raise UserError(f"{named(path)}: {what} file not found") from None
     except ValueError:  # a NUL byte (YAML's "\0"), which no file name holds
         raise UserError(f"{shown(str(path))}: not a {what} file name (it holds a NUL byte)") from None
     except OSError as exc:
         why = "a symbolic link, not a file this program wrote" if exc.errno == errno.ELOOP and own_only else (
             f"cannot read the {what} file ({exc.strerror or exc})")
-        raise UserError(f"{path}: {why}") from None
+        raise UserError(f"{named(path)}: {why}") from None
     st = os.fstat(fd)
     why = (f"not a regular file (the {what} must be a file)" if not stat.S_ISREG(st.st_mode)
            else f"owned by another user (uid {st.st_uid})" if own_only and st.st_uid != os.geteuid() else None)
     if why:
         os.close(fd)
-        raise UserError(f"{path}: {why}")
+        raise UserError(f"{named(path)}: {why}")
     return os.fdopen(fd, "rb")
 
 

@@ -17,6 +17,7 @@ from rich.markup import escape
 from orchestrator.cli import train, planning, remote  # noqa: F401,I001 - each registers its commands, in this order
 from orchestrator.cli.app import app, console, note
 from orchestrator.errors import UserError
+from orchestrator.files import named
 from orchestrator.quiet import quiet_noise
 
 __all__ = ["app", "main"]
@@ -46,9 +47,7 @@ def main() -> None:
     except OSError as exc:  # a path no check caught: a name past 255 bytes, a link loop, no permission
         if exc.errno not in _PATH_ERRORS or exc.filename is None:
             raise
-        name = str(exc.filename)
-        shown = name if len(name) <= 120 else f"{name[:60]}... ({len(name):,} characters)"
-        note(f"[red]error:[/red] {escape(f'{shown}: {exc.strerror}')}")
+        note(f"[red]error:[/red] {escape(f'{named(exc.filename)}: {exc.strerror}')}")
         code = 2
     except ClickUsageError as exc:  # no or unknown command, unknown option, missing argument, bad value
         _usage_error(exc.ctx, exc.format_message())
