@@ -286,6 +286,9 @@ def test_render_says_what_it_assumed_without_a_plan_or_an_image(tmp_path: Any) -
     ("--image", "Upper/Case:1", "is not a container image reference"),
     ("--owner", "a" * 254, "254 characters is too long (at most 253"),
     ("--image", "ghcr.io/" + "x" * 248 + ":1", "is 256 characters; at most 255"),
+    # rendered with imagePullPolicy IfNotPresent, each node would run the build it pulled first
+    ("--image", "ghcr.io/acme/orch:latest", "'ghcr.io/acme/orch:latest' is not pinned; give a version tag"),
+    ("--image", "registry:5000/acme/orch", "'registry:5000/acme/orch' is not pinned; give a version tag"),
 ])
 def test_render_refuses_an_image_or_owner_a_cluster_could_not_use(option: str, value: str, message: str) -> None:
     args = {"image": "ghcr.io/acme/orch:1.2", "owner": OWNER} | {option.removeprefix("--"): value}

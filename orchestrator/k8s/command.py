@@ -104,6 +104,11 @@ def check_image(image: str) -> str:
     name = _TAG_OR_DIGEST.sub("", image)
     if len(name) > MAX_IMAGE_NAME:  # the reference grammar's NameTotalLengthMax: registries refuse longer
         raise UserError(f"--image: the name {name[:40]}... is {len(name):,} characters; at most {MAX_IMAGE_NAME}")
+    tag = image[len(name):].partition("@")[0].removeprefix(":")
+    if "@" not in image and tag in ("", "latest"):
+        # Pods pull IfNotPresent: a moving tag runs whatever each node pulled first, mixed in one job.
+        raise UserError(f"--image: {image!r} is not pinned; give a version tag (name:1.2) or a digest "
+                        "(name@sha256:...), not :latest or no tag")
     return image
 
 
