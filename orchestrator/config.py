@@ -139,6 +139,8 @@ def tracking_uri_problem(uri: str) -> str | None:
     else:
         if undecodable(uri):  # bytes of no UTF-8 text (argv, environment)
             problem = "not UTF-8 text"
+        elif any(c < " " or c == "\x7f" for c in uri):  # urlsplit drops tabs and newlines; clients (and pods) get them
+            problem = "holds a control character (such as a newline or tab); give the URI on one line"
         elif parts.scheme.split("+")[0] not in TRACKING_SCHEMES:
             problem = (f"scheme {parts.scheme!r} is no MLflow tracking store; use http(s)://HOST:PORT, a "
                        "database URI (sqlite:///..., postgresql://...) or a local folder")

@@ -71,6 +71,7 @@ def write(tmp_path: Path, overrides: list[str], *, drop: str | None = None) -> P
         (["name=" + "x" * 300], "name: must be at most 128 characters, got 300"),
         (["tracking.tracking_uri=ftp://host/x"], "tracking.tracking_uri: scheme 'ftp' is no MLflow tracking store"),
         ([f"tracking.tracking_uri=ftp://{'h' * 5000}"], "tracking.tracking_uri: scheme 'ftp' is no MLflow tracking store"),
+        (['tracking.tracking_uri="http://h\\t:5000"'], "tracking.tracking_uri: holds a control character (such as a newline"),
         (["tracking.tracking_uri=http:///x"], "tracking.tracking_uri: no host; expected http://HOST:PORT, got 'http:///x'"),
         # a folder: `tracking replay` retried MLflow's "unable to open database file" for ~2 minutes
         (["tracking.tracking_uri=sqlite:////tmp"], "tracking.tracking_uri: names a folder, not a database file"),
