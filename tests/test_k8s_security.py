@@ -56,6 +56,17 @@ def test_paths_that_climb_out_of_the_job_storage_are_refused(path: str) -> None:
         render(f"checkpoint.storage_path={path}")
 
 
+@pytest.mark.parametrize("override, shown", [("checkpoint.storage_path=file:///etc", "checkpoint.storage_path: file:///etc"),
+                                              ("data.path=file://localhost/mnt/datasets/../../etc", "data.path: file://")])
+def test_a_file_uri_is_a_path_in_the_pod_and_cannot_climb_out_either(override: str, shown: str) -> None:
+    # was passed through as any URI is: the job read and wrote the pod's /etc, past the storage check
+    with pytest.raises(UserError, match=re.escape(shown) + ".* is outside the job's storage"):
+        render(override)
+    objs = render("checkpoint.storage_path=file:///mnt/shared/a/../ckpt")
+    config = yaml.safe_load(one(objs, "ConfigMap")["data"][names.CONFIG_FILE])
+    assert config["checkpoint"]["storage_path"] == "file:///mnt/shared/ckpt"
+
+
 def test_paths_on_the_job_storage_are_normalized() -> None:
     objs = render("checkpoint.storage_path=/mnt/shared/runs/../ckpt", "data.path=/mnt/datasets/./digits")
     config = yaml.safe_load(one(objs, "ConfigMap")["data"][names.CONFIG_FILE])

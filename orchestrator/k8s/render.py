@@ -67,15 +67,18 @@ def cluster_job_config(config: JobConfig, *, mlflow_uri: str) -> dict[str, Any]:
 
 def _in_pod(path: str, field: str, *, roots: tuple[str, ...]) -> str:
     """`path` as the pod sees it: relative paths land in the job's own storage; the result,
-    normalized (so `..` cannot climb out), must lie under one of `roots`, or be a URI."""
-    if "://" in path:
+    normalized (so `..` cannot climb out), must lie under one of `roots`, or be a remote URI
+    (a file:// URI names a path in the pod, so it is held to the same roots)."""
+    file_uri = path[:7].lower() == "file://"
+    if "://" in path and not file_uri:
         return path
-    resolved = posixpath.normpath(posixpath.join(SHARED_MOUNT, path))
+    local = "/" + path[7:].partition("/")[2] if file_uri else path  # file://[HOST]/PATH: the pod's own PATH
+    resolved = posixpath.normpath(posixpath.join(SHARED_MOUNT, local))
     if not any(resolved == root or resolved.startswith(root + "/") for root in roots):
         allowed = " or ".join(f"{root}/" for root in roots)
         raise UserError(f"{field}: {path} is outside the job's storage; use a relative path, "
                         f"one under {allowed}, or an s3:// URI")
-    return resolved
+    return f"file://{resolved}" if file_uri else resolved
 
 
 def config_map_name(name: str) -> str:
