@@ -97,6 +97,8 @@ def test_credentials_in_a_tracking_uri_never_reach_the_manifests() -> None:
     ("", "--mlflow-uri: empty; leave it out for the in-cluster MLflow"),
     ("ftp://mlflow.example", "--mlflow-uri: scheme 'ftp' is no MLflow tracking store"),
     ("http://trainer:s3cr3t-pw@mlflow.example:99999", "--mlflow-uri: not a valid URI (Port out of range 0-65535), got 'http://mlflow.example:99999'"),
+    # rendered, then denied by the admission policy, which admits a one-word MLFLOW_TRACKING_URI only
+    ("http://mlflow.example:5000/team a", "--mlflow-uri: holds a space; percent-encode it (%20)"),
     # urlsplit drops the newline, so the check passed and the pods' MLFLOW_TRACKING_URI held it
     ("http://trainer:s3cr3t-pw@mlflow.example\n:5000", "--mlflow-uri: holds a control character (such as a newline "
                                                         "or tab); give the URI on one line, got 'http://mlflow.example\\n:5000'"),

@@ -132,6 +132,9 @@ def check_renderable(mlflow_uri: str | None) -> None:
     """The manifests take `redact_uri(mlflow_uri)` as the job's MLflow: one it can only mask (`:2024/`
     read as a port and path, or as the start of a password, up to an '@') would send the job to the
     host after the '@'. A one-line UserError, the URI not shown (it may hold a password)."""
+    if mlflow_uri and any(c.isspace() for c in mlflow_uri):  # the admission policy admits no spaced runtimeEnvYAML
+        raise UserError("--mlflow-uri: holds a space; percent-encode it (%20), as the cluster admits the job's "
+                        "MLFLOW_TRACKING_URI as one word only (deploy/k8s/base/admission/rayjobs.yaml)")
     if mlflow_uri and REDACTED in redact_uri(mlflow_uri) and REDACTED not in mlflow_uri:
         raise UserError("--mlflow-uri: an '@' after ':<digits>/' (or '?', '#') reads as a port and path and as "
                         "a password's end alike; percent-encode the '@' of a path (%40), and give a password "
