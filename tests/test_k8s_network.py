@@ -118,3 +118,11 @@ def test_only_ray_pods_reach_mlflow_and_only_the_operator_the_heads(world: dict[
         ("kuberay", "a-head", 8265, True), ("kuberay", "ray-head", 8265, True), ("kuberay", "a-worker", 8265, False),
         ("kuberay", "a-head", 6379, False), ("postgres", "mlflow", 5000, False),
     ])
+
+
+def test_minio_serves_only_its_s3_port(overlays: dict[str, list[Obj]]) -> None:
+    # its web console listened on 9001 for the root credentials, reachable by port-forward
+    (minio,) = one(overlays["dev"], "StatefulSet", "minio")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in minio["env"]}
+    assert env.get("MINIO_BROWSER") == "off" and not any("console" in a for a in minio["args"]), minio
+    assert [p["containerPort"] for p in minio["ports"]] == [9000]
