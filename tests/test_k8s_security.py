@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 from k8s_fixtures import deploy_dir, manifests, overlays, variants  # noqa: F401 (fixtures)
-from k8s_util import DIGITS, OWNER, all_objects, by_kind, containers, one, pod_templates
+from k8s_util import DEPLOY, DIGITS, OWNER, all_objects, by_kind, containers, one, pod_templates
 
 from orchestrator.errors import UserError
 from orchestrator.k8s import names
@@ -108,6 +108,17 @@ def test_a_bad_mlflow_uri_is_one_line_without_its_credentials(uri: str, error: s
         k8s_render_command(DIGITS, plan_path=None, image=None, output=None, cluster=False, overrides=[],
                            owner=OWNER, mlflow_uri=uri)
     assert str(err.value).startswith(error) and "s3cr3t" not in str(err.value), str(err.value)
+
+
+def test_a_long_mlflow_uri_keeps_the_one_line_runtime_env_the_admission_policy_admits() -> None:
+    # was folded by the YAML emitter at 80 columns (a quoted scalar with escaped line breaks): denied
+    policy, _binding = yaml.safe_load_all((DEPLOY / "base" / "admission" / "rayjobs.yaml").read_text())
+    (expression,) = [v["expression"] for v in policy["spec"]["validations"] if "runtimeEnvYAML.matches" in v["expression"]]
+    admitted = re.search(r"runtimeEnvYAML\.matches\('(.*)'\)", expression).group(1).encode().decode("unicode_escape")
+    uri = "http://mlflow.example:5000/" + "\u00e9quipe" * 20
+    job = one(render(mlflow_uri=uri), "RayJob")
+    assert re.fullmatch(admitted, job["spec"]["runtimeEnvYAML"]), job["spec"]["runtimeEnvYAML"]
+    assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]["MLFLOW_TRACKING_URI"] == uri
 
 
 @pytest.mark.parametrize("uri", ["http://mlflow.example:5000/team@a",

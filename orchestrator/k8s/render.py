@@ -137,7 +137,8 @@ def render_rayjob(config: JobConfig, *, owner: str, config_path: str, plan: Mapp
         "spec": {
             "entrypoint": f"orchestrator run {shlex.quote(config_path)} --workers {group.workers}"
                           + (f" --config-sha256 {config_sha256}" if config_sha256 else ""),
-            "runtimeEnvYAML": yaml.safe_dump({"env_vars": {"MLFLOW_TRACKING_URI": uri}}),
+            # One line whatever its length: the admission policy admits exactly that shape.
+            "runtimeEnvYAML": yaml.safe_dump({"env_vars": {"MLFLOW_TRACKING_URI": uri}}, width=float("inf")),
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": TTL_AFTER_FINISHED_S,
             "activeDeadlineSeconds": deadline_seconds(config, plan),
