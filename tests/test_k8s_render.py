@@ -204,4 +204,5 @@ def test_dockerfile_pins_what_the_project_pins() -> None:
     assert re.fullmatch(r"python:[\d.]+-slim-\w+", args["PYTHON_IMAGE"])
     assert '"mlflow[auth]==${MLFLOW_VERSION}"' in (ROOT / "deploy" / "docker" / "Dockerfile").read_text()
     ignored = (ROOT / ".dockerignore").read_text().split()
-    assert {".venv", ".git", "deploy/k8s/overlays/*/secrets/*.env", "mlflow.db", "mlflow.db-*"} <= set(ignored)  # and its -wal, -journal
+    # mlflow.db-*: the sqlite store's -wal and -journal beside it
+    assert {".venv", ".git", "deploy/k8s/overlays/*/secrets/*.env", "mlflow.db", "mlflow.db-*"} <= set(ignored)
