@@ -47,7 +47,7 @@ _AUTHORITY = re.compile(r"[^/?#'\"\s]*")
 _WORD_END = re.compile(r"\s")
 USERINFO_REACH = 1024  # how far past a cut-short `user:pass` its '@' is looked for
 # a value runs to '&', '#' or a space, and does not end in the punctuation or quote around it
-_SECRET_QUERY = re.compile(r"([?&;])([^=&\s'\"#]+)=((?:[^&\s#]*[^&\s#:,.;)'\"])?)")
+_SECRET_QUERY = re.compile(r"([?&;#])([^=&\s'\"#]+)=((?:[^&\s#]*[^&\s#:,.;)'\"])?)")  # '#': a fragment's too
 
 
 def _without_userinfo(text: str) -> str:
@@ -90,8 +90,7 @@ def url_error(uri: str, exc: ValueError) -> str:
 def scrub(text: str) -> str:
     """`text` (a message, an error, a description) with every URI's userinfo removed and the values
     of secret-named query parameters masked: the last guard before anything is printed or logged."""
-    text = _without_userinfo(text)
-    return _SECRET_QUERY.sub(lambda m: f"{m[1]}{m[2]}={REDACTED}" if is_secret_name(m[2]) else m[0], text)
+    return _mask_secret_values(_without_userinfo(text))
 
 
 def userinfo(uri: str) -> tuple[str, str | None] | None:
@@ -107,7 +106,12 @@ def redact_uri(uri: str) -> str:
     """`uri` as shown: without its userinfo and secret-named query parameters, and with what only
     might be a password masked (`bob:2024/Qz@host`, which urllib reads as a port and path)."""
     stripped = without_credentials(uri)
-    return _without_userinfo(uri) if stripped == uri else stripped
+    shown = _without_userinfo(uri) if stripped == uri else stripped
+    return _mask_secret_values(shown)  # a fragment's too (`#access_token=...`), which urllib's query leaves
+
+
+def _mask_secret_values(text: str) -> str:
+    return _SECRET_QUERY.sub(lambda m: f"{m[1]}{m[2]}={REDACTED}" if is_secret_name(m[2]) else m[0], text)
 
 
 def without_credentials(uri: str) -> str:

@@ -15,6 +15,8 @@ from orchestrator.redact import REDACTED, is_secret_name, redact, redact_uri, sc
     ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
     ("runs/local", "runs/local"),
     ("http://bob:2024/Qz@mlflow.example:5000", "http://***@mlflow.example:5000"),  # k8s render's env, as is
+    ("http://h:5000/#access_token=X", "http://h:5000/#access_token=***"),  # a fragment: in manifests as given
+    ("http://u:p@h:5000/?a=1#token=X", "http://h:5000/?a=1#token=***"),
 ])
 def test_redact_uri_drops_userinfo_and_secret_parameters(uri: str, expected: str) -> None:
     assert redact_uri(uri) == expected
@@ -61,6 +63,7 @@ def test_redact_walks_a_config() -> None:
     ("http://u:12/ab@host", "http://***@host"), ("--address http://bob:2024/Qz@h:9: no", "--address http://***@h:9: no"),
     ("http://u:12?ab@host http://u:12#ab@host", "http://***@host http://***@host"),
     ("http://h:5000/e/1@x", "http://***@x"), ("http://h:5000/x ok, a@b", "http://h:5000/x ok, a@b"),
+    ("http://h:5000/#access_token=X&a=1", "http://h:5000/#access_token=***&a=1"),  # a fragment's secret too
     # a cut-short password holding '@' too: up to the last '@' of the word (it showed `http://ss@host`)
     ("http://u:p/a@ss@host/x", "http://host/x"), ("http://bob:2024/Qz@h@host:9", "http://***@host:9"),
     ("sqlite:////tmp/run@2/mlflow.db http://[::1]:8080/x@y", "sqlite:////tmp/run@2/mlflow.db http://[::1]:8080/x@y"),
