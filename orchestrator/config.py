@@ -144,8 +144,9 @@ def tracking_uri_problem(uri: str) -> str | None:
         elif parts.scheme.split("+")[0] not in TRACKING_SCHEMES:
             problem = (f"scheme {parts.scheme!r} is no MLflow tracking store; use http(s)://HOST:PORT, a "
                        "database URI (sqlite:///..., postgresql://...) or a local folder")
-        elif parts.scheme in ("http", "https") and not parts.hostname:
-            problem = "no host; expected http://HOST:PORT"
+        elif parts.scheme in ("http", "https") and (not parts.hostname or "\\" in parts.netloc):  # urllib, requests differ
+            problem = ("no host; expected http://HOST:PORT" if not parts.hostname else "a backslash in its host part, "
+                       "which clients read as different hosts; percent-encode it (%5C)")
         elif parts.scheme in ("", "file") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("true", "1"):
             # MLflow 3 refuses its folder store when the client opens (the tracker, calibrate, replay)
             problem = ("a folder is MLflow's file store, which MLflow 3 refuses unless MLFLOW_ALLOW_FILE_STORE=true "
