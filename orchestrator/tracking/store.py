@@ -210,19 +210,15 @@ class Store:
         mlflow-artifacts://host:port/...): MLflow's client would hand that host the token or password.
         The upload still goes there, as MLflow would send it."""
         creds = get_default_host_creds(url)
-        if not self._elsewhere(url):
+        if not artifacts_elsewhere(url, self.tracking_uri):
             return creds
         return MlflowHostCreds(url, ignore_tls_verification=creds.ignore_tls_verification,
                                server_cert_path=creds.server_cert_path)
 
-    def _elsewhere(self, url: str) -> bool:
-        """Whether `url` is on a host other than the tracking server's (scheme, host and port)."""
-        return _origin(url) != _origin(self.tracking_uri)
-
     def _artifacts_verified(self, response: Any, endpoint: str, url: str) -> Any:
         """`verified`, saying why another host wants credentials. Not a refusal: the upload waits in the
         queue or spill file, for a replay once the experiment's artifact location is fixed."""
-        if response.status_code in (401, 403) and self._elsewhere(url):
+        if response.status_code in (401, 403) and artifacts_elsewhere(url, self.tracking_uri):
             scheme, host, port = _origin(url)
             raise MlflowException(f"{scheme}://{host}:{port}, the run's artifact location, answered HTTP "
                                   f"{response.status_code}: MLflow's credentials go to the tracking server only")
