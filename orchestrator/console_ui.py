@@ -69,17 +69,20 @@ class RichUI:
         self._progress.update(self._task, completed=step, total=total, info="  ".join(parts) or "starting workers")
 
 
-def result_lines(result: Any, *, tracking_uri: str, registered_model: str | None = None) -> list[str]:
+def result_lines(result: Any, *, tracking_uri: str, registered_model: str | None = None,
+                 new_run: bool = False) -> list[str]:
     """The closing lines of `orchestrator run` (stdout: scripts parse them). `registered_model`:
-    the name the job registers its model under, said when the tracking server did not take it."""
+    the name the job registers its model under, said when the tracking server did not take it.
+    `new_run`: the command had --new-run, which run again would start yet another fresh run."""
     import os
 
     from orchestrator.submit import RESUME_HINT_ENV
     from orchestrator.tracking.ops import server_name
 
     server = server_name(tracking_uri)
+    rerun = "run the command again without --new-run" if new_run else "run the same command again"
     owed = [f"model not registered as {registered_model!r}: MLflow at {server} did not take it; once it answers, "
-            "run the same command again: it sends what waits first and registers the model"]
+            f"{rerun}: it sends what waits first and registers the model"]
     if result.already_complete is not None:
         done = result.already_complete
         return [f"complete: trained to step {done.get('step')} on {done.get('at')}; nothing to do "
@@ -90,7 +93,7 @@ def result_lines(result: Any, *, tracking_uri: str, registered_model: str | None
     if result.stopped:
         again = os.environ.get(RESUME_HINT_ENV)  # a submitted job: the command is `submit --resume`
         lines.append(f"stopped at step {result.final_step}; "
-                     + (f"resume with: {again}" if again else "run the same command again to resume."))
+                     + (f"resume with: {again}" if again else f"{rerun} to resume."))
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and k != "step"}
     none = "none (stopped before training started)" if result.stopped and not result.groups else \
         f"none yet (MLflow at {server} did not answer during the job; sending what waits creates it)"

@@ -40,3 +40,15 @@ def test_a_job_trained_through_a_whole_outage_ends_saying_what_waits_and_that_th
     lines = result_lines(complete, tracking_uri="http://127.0.0.1:5000", registered_model="m")
     assert "(MLflow run none yet, model version none)" in lines[0]  # was "MLflow run None"
     assert lines[1].startswith("model not registered as 'm'")
+
+
+def test_a_run_started_with_new_run_and_stopped_says_to_resume_without_it() -> None:
+    """`run --new-run` stopped by Ctrl-C said "run the same command again to resume": that command
+    starts yet another fresh run, and the stopped one is resumed without --new-run."""
+    stopped = JobResult(State.STOPPED, run_id="r1", final_step=165)
+    lines = result_lines(stopped, tracking_uri="sqlite:///m.db", new_run=True)
+    assert lines[0] == "stopped at step 165; run the command again without --new-run to resume."
+    owed = JobResult(State.FINISHED, final_step=60)
+    lines = result_lines(owed, tracking_uri="http://127.0.0.1:5000", registered_model="m", new_run=True)
+    assert lines[-2].endswith("once it answers, run the command again without --new-run: it sends what waits first "
+                              "and registers the model")

@@ -83,7 +83,7 @@ def run(
     with RichUI(console) as ui, _graceful_stop(stop, training=ui.training) as received:
         result = run_job(job, workers=workers, config_path=str(config), ui=ui, stop=stop, new_run=new_run)
     for line in result_lines(result, tracking_uri=resolve_tracking_uri(job),
-                             registered_model=job.tracking.registered_model):
+                             registered_model=job.tracking.registered_model, new_run=new_run):
         out.print(line, highlight=False)
     from orchestrator.ray_session import shutdown_quietly
 
