@@ -161,6 +161,55 @@ def test_a_finished_job_is_complete_until_its_length_changes(tmp_path: Path) -> 
     assert not claim(job(str(tmp_path), max_steps=20)).complete
 
 
+def test_a_finished_job_rerun_reads_no_data_unless_new_run_changed_or_its_model_is_owed(tmp_path: Path) -> None:
+    """A rerun of a finished job took 4 s to say it is complete, 3 of them importing torch to check
+    data it does not train on (and a removed built-in data set was prepared again)."""
+    from orchestrator.driver.job import RayPorts, SilentUI
+
+    def configured(**changes):
+        raw = job(str(tmp_path), **changes.pop("training", {})).to_dict()
+        raw["data"]["path"] = str(tmp_path / "removed")  # checking the data now fails
+        raw["tracking"].update(changes)
+        return validate(raw)
+
+    identity = claim(configured())
+    identity.mark_finished(step=10, run_id="r", model_version="2")
+    identity.release()
+    ports = RayPorts(configured(), None, None, False, SilentUI())
+    assert ports.claim().complete
+    ports.identity.release()
+    for new_run, changed in ((True, configured()), (False, configured(training={"lr": 0.5}))):
+        with pytest.raises(UserError, match="^data.path: .*removed not found"):
+            RayPorts(changed, None, None, new_run, SilentUI()).claim()
+    owed = claim(configured(registered_model="m"))
+    owed.mark_finished(step=10, run_id="r", model_version=None, checkpoint="c")  # MLflow was down
+    owed.release()
+    with pytest.raises(UserError, match="^data.path: "):  # logging the model reads an input example
+        RayPorts(configured(registered_model="m"), None, None, False, SilentUI()).claim()
+
+
+def test_run_of_a_finished_job_says_so_without_importing_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`orchestrator run` of a complete job: its import of torch (for the data check, and through
+    `ray_session` to shut down a Ray it never started) was 3 of the 4 seconds it took."""
+    import yaml
+
+    from orchestrator.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(job(str(tmp_path)).to_dict()))  # its data, ./data, is not there
+    identity = claim(load_config(config, []).localized())  # as the driver claims it
+    identity.mark_finished(step=10, run_id="r", model_version=None)
+    identity.release()
+    code = ("import sys; from orchestrator.cli import main; sys.argv[1:] = ['run', sys.argv[1]]\n"
+            "try: main()\nexcept SystemExit as exc: assert not exc.code, exc.code\nprint('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code, str(config)], capture_output=True, text=True, cwd=tmp_path,
+                          env={**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+                               "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("complete: trained to step 10") and done.stdout.endswith("False\n")
+
+
 def test_object_storage_is_never_made_absolute_and_takes_a_lease(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(constants, "LOCK_HEARTBEAT_S", 0.2)
     monkeypatch.setattr(constants, "LOCK_SETTLE_S", 0.05)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -85,9 +86,11 @@ def run(
     for line in result_lines(result, tracking_uri=resolve_tracking_uri(job),
                              registered_model=job.tracking.registered_model, new_run=new_run):
         out.print(line, highlight=False)
-    from orchestrator.ray_session import shutdown_quietly
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():  # a complete job started none: ray_session imports torch
+        from orchestrator.ray_session import shutdown_quietly
 
-    shutdown_quietly()
+        shutdown_quietly()
     if result.stopped:  # checkpointed, not finished: 128 + the signal, as the shell reports a killed process,
         raise typer.Exit(128 + (received[0] if received else signal.SIGTERM))  # so a scheduler sees it unfinished
 

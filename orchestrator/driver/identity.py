@@ -159,9 +159,7 @@ class JobIdentity:
     @property
     def model_pending(self) -> bool:
         """Finished, a model name configured, but the model never reached MLflow (it was down)."""
-        finished = self.state.finished or {}
-        return bool(self.job.tracking.registered_model and finished.get("checkpoint")
-                    and finished.get("model_version") is None)
+        return _model_owed(self.job, self.state)
 
     def mark_model(self, version: str, run_id: str | None) -> None:
         assert self.state.finished is not None
@@ -187,6 +185,23 @@ class JobIdentity:
             raise UserError(f"{self.name}: the lock {self.storage.join(self.name, LEASE_FILE)} was taken over by "
                             f"{self.lock.lost} after this driver missed its heartbeats; stopping, so that two "
                             "drivers never train one job")
+
+
+def _model_owed(job: JobConfig, state: JobState) -> bool:
+    finished = state.finished or {}
+    return bool(job.tracking.registered_model and finished.get("checkpoint") and finished.get("model_version") is None)
+
+
+def finished_as_configured(job: JobConfig) -> bool:
+    """Whether `job.json` says this job trained to the end with this very config, its model (if any)
+    in MLflow: a read without the lock, so that a rerun skips the data check (`claim` decides)."""
+    try:
+        raw = Storage(job.checkpoint.storage_path).read_json(posixpath.join(job.name, STATE_FILE))
+        state = JobState.from_dict(raw) if raw is not None else None
+    except UserError:  # `claim` says what is wrong with the record
+        return False
+    return (state is not None and state.finished is not None and state.length == _length(job)
+            and state.config_digest == digest(trained_fields(job)) and not _model_owed(job, state))
 
 
 def snapshot_names(raw: Any) -> list[Any]:
