@@ -225,7 +225,10 @@ class JobsClient:
     def stop(self, job_id: str) -> str:
         """Ask the job to stop (SIGTERM; Ray kills it JOB_STOP_GRACE_S later), then wait for a final status."""
         with self._errors(job_id):
-            self._client.stop_job(job_id)
+            stopping = self._client.stop_job(job_id)
+        if stopping:  # it writes a final checkpoint first: seconds to a minute without a word otherwise
+            print(f"{job_id}: asked to stop; waiting up to {constants.JOB_STOP_WAIT_S:g} s while it writes a "
+                  "final checkpoint", file=sys.stderr)
         return self.wait(job_id, timeout_s=constants.JOB_STOP_WAIT_S)
 
     def wait(self, job_id: str, *, timeout_s: float | None = None) -> str:

@@ -141,3 +141,29 @@ def test_a_failed_entrypoint_says_why_in_one_line() -> None:
     assert format_info(info)[1] == f"  {expected}"
     assert reason(message.splitlines()[0]) == "Job entrypoint command failed with exit code 2"
     assert reason("Job was intentionally stopped.\nmore") == "Job was intentionally stopped."
+
+
+class _StoppedJob:
+    def __init__(self, running: bool) -> None:
+        self.running = running
+
+    def stop_job(self, job_id: str) -> bool:
+        return self.running
+
+    def get_job_info(self, job_id: str) -> SimpleNamespace:
+        return SimpleNamespace(status="STOPPED", message="")
+
+
+@pytest.mark.parametrize("running", [True, False])
+def test_stopping_a_running_job_says_it_waits_for_the_final_checkpoint(running: bool,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    # `jobs stop ID` was silent for the 17 s the job took to checkpoint and end.
+    client = object.__new__(JobsClient)
+    client.address, client._token_source, client._answered = "http://127.0.0.1:8265", "no token", True
+    client._client = _StoppedJob(running)
+    assert client.stop("job-1") == "STOPPED"
+    said = capsys.readouterr().err
+    from orchestrator import constants
+
+    waits = f"job-1: asked to stop; waiting up to {constants.JOB_STOP_WAIT_S:g} s while it writes a final checkpoint\n"
+    assert said == (waits if running else "")
