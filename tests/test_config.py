@@ -64,6 +64,8 @@ def write(tmp_path: Path, overrides: list[str], *, drop: str | None = None) -> P
         (["data.path=[d/p/f.parquet, d/p]"], "data.path: lists d/p/f.parquet inside d/p, also listed"),
         (["data.path=''"], "data.path: every path must name a file or folder, got ''"),
         (["data.path=[a, b]"], "data.path: a built-in data set (digits) is prepared into exactly one folder, got 2"),
+        (["data.dataset=null", "data.dataset_kwargs.rows=3"], "data.dataset_kwargs: options for preparing a built-in "
+         "data set, but data.dataset is not set (rows would be ignored)"),  # were dropped without a word
         (["data.features.dtype=float16"], "data.features.dtype: must be 'float32', 'float64', 'int32' or 'int64'"),
         (["data.features.shape=[1, -8, 8]"], "data.features.shape: must be a non-empty list of positive sizes"),
         (["data.features.shape=[true, 8]"], "data.features.shape: must be a list of integers, got [true, 8]"),

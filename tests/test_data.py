@@ -265,3 +265,21 @@ def test_validate_checks_the_options_a_built_in_set_would_be_prepared_with(tmp_p
                            f"data.path={tmp_path / 'new'}", "--set", "data.dataset_kwargs.bogus=1"],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith("error: data.dataset_kwargs: digits() got an unexpected")
+
+
+def test_a_mistyped_option_of_a_set_already_prepared_is_refused(tmp_path: Path) -> None:
+    """`run` and `validate` took `dataset_kwargs.bogus` without a word once the data was there (only
+    a first run prepares it, so the option was dropped)."""
+    import subprocess
+    import sys
+
+    from trainers.data import ensure_prepared
+
+    ensure_prepared("digits", tmp_path / "d")
+    with pytest.raises(UserError, match=r"^data\.dataset_kwargs: digits\(\) got an unexpected keyword argument 'bogus'"):
+        ensure_prepared("digits", tmp_path / "d", bogus=1)
+    config = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
+    proc = subprocess.run([sys.executable, "-m", "orchestrator", "validate", str(config), "--set",
+                           f"data.path={tmp_path / 'd'}", "--set", "data.dataset_kwargs.bogus=1"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: data.dataset_kwargs: digits() got an unexpected")

@@ -98,6 +98,9 @@ class DataConfig(Section):
         if self.dataset is not None and len(self.paths) != 1:
             raise ValueError(f"path: a built-in data set ({self.dataset}) is prepared into exactly one folder, "
                              f"got {len(self.paths)} paths")
+        if self.dataset is None and self.dataset_kwargs:  # options nothing would use, silently dropped
+            raise ValueError(f"dataset_kwargs: options for preparing a built-in data set, but data.dataset is not "
+                             f"set ({', '.join(map(str, self.dataset_kwargs))} would be ignored)")
         return self
 
     @property

@@ -33,10 +33,11 @@ def validate(config: Path, set_: SetOption = None) -> None:
     from trainers.compat import check_fit, output_classes
     from trainers.data.datasets import check_dataset_kwargs
 
+    if job.data.dataset:  # its options, also where a copy is already there (only a first run prepares it)
+        check_dataset_kwargs(job.data.dataset, job.data.dataset_kwargs)
     if job.data.dataset and not all(Path(p).exists() for p in job.data.paths):
         # A mistyped path validates too: say that the first run prepares a new copy there.
         output_classes(job.model, job.data)  # the model takes the features (a pass on the meta device)
-        check_dataset_kwargs(job.data.dataset, job.data.dataset_kwargs)  # what the first run prepares it with
         data = f"not there yet, a new copy of the built-in {job.data.dataset!r} data set is prepared there on first run"
     else:
         rows = check_fit(job.model, job.data)  # from the Parquet footers

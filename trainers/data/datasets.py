@@ -63,6 +63,7 @@ def ensure_prepared(name: str, path: str | Path, /, **kwargs: Any) -> Path:
     Writes into a hidden sibling folder and renames it into place, so a crash never leaves
     half a data set that a later run would take as complete.
     """
+    check_dataset_kwargs(name, kwargs)  # a mistyped option too, though only a first run prepares the set
     path = Path(path)
     if _has_parquet(path):
         return path
