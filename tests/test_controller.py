@@ -243,6 +243,9 @@ def test_resuming_past_the_runs_last_logged_step_says_which_steps_have_no_metric
     whole.run.resumed, whole.run.resume_floor = True, 200
     run(whole)
     assert "metrics.gap" not in whole.run.tags
+    # a rerun after Ctrl-C said nothing of resuming: it read as a fresh start
+    assert "resumed from step 200, the newest checkpoint" in whole.ui.statuses
+    assert not any(s.startswith("resumed from step 200,") for s in world.ui.statuses)  # said once, with the gap
 
 
 def test_a_rerun_resumed_at_the_last_step_finishes_at_it_and_registers_once() -> None:

@@ -181,8 +181,8 @@ class Recorder:
             cause = self._cause or "the worker group stopped (no cause reported)"
             self._record("restart", event.step, f"{cause}; {where} on {group.shape}")
             self._recovering_since_ms = self._failed_at_ms
-        elif event.resumed_from is not None:
-            self._gap_before(event.resumed_from)
+        elif event.resumed_from is not None and not self._gap_before(event.resumed_from):
+            self.status(f"resumed from step {event.resumed_from}, the newest checkpoint")  # else a rerun looked fresh
         self._cause = self._failed_at_ms = None
         self.run.set_tags({f"worker_group.{self.count('worker_group')}": f"{group.shape}, {where}"})
         self.log_metrics({"elastic/workers": group.workers, "elastic/local_batch": group.local_batch,
@@ -197,19 +197,20 @@ class Recorder:
         self.group = group
         return group
 
-    def _gap_before(self, resumed_from: int) -> None:
+    def _gap_before(self, resumed_from: int) -> bool:
         """A run resumed from a checkpoint past its last logged step: an earlier driver stopped (a
         kill, a second Ctrl-C) while its workers trained on, so those steps' metrics never reached
-        MLflow. Said on the console and as a tag, not left for the charts to hide."""
+        MLflow. Said on the console and as a tag, not left for the charts to hide; True if said."""
         # Resumed while MLflow was down: the run (and what it holds) is known once it answers.
         self._gap_from = resumed_from if self.run.resumed is None else None
         floor = self.run.resume_floor
         if floor is None or floor >= resumed_from:
-            return
+            return False
         text = (f"steps {floor + 1}-{resumed_from} were trained by an earlier driver that stopped before "
                 "sending their metrics; this run has none for them")
         self.run.set_tags({"metrics.gap": text})
         self.status(f"resumed from step {resumed_from}: {text}", warning=True)
+        return True
 
     def _record(self, kind: str, step: int, text: str) -> None:
         n = self.count(kind)
