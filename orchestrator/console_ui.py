@@ -9,6 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Column
 
 # Progress-bar fields: the latest loss and accuracy, and the group's median samples/s.
 _SHOWN = {"train/loss": "loss", "val/accuracy": "val_accuracy", "train/samples_per_s": "samples/s"}
@@ -56,8 +57,11 @@ class RichUI:
         return self._progress is not None
 
     def _start_bar(self) -> None:
-        columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                   TimeElapsedColumn()]
+        # Where the line is short (80 columns: a pipe, `jobs logs`) the bar and then the figures give
+        # way, not the step count: it read "200/2…" at the end of a submitted job's log.
+        whole, cut = Column(no_wrap=True), Column(no_wrap=True, overflow="ellipsis")
+        columns = [TextColumn("[bold]train", table_column=whole), BarColumn(), MofNCompleteColumn(table_column=whole),
+                   TextColumn("{task.fields[info]}", table_column=cut), TimeElapsedColumn(table_column=whole)]
         self._progress = Progress(*columns, console=self.console, transient=False)
         self._task = self._progress.add_task("train", total=None, info="starting workers")
         self._progress.start()

@@ -3,6 +3,8 @@ scripts parse, once a job ends."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from orchestrator.console_ui import result_lines
 from orchestrator.driver.policies import State
 from orchestrator.driver.ports import JobResult
@@ -52,3 +54,24 @@ def test_a_run_started_with_new_run_and_stopped_says_to_resume_without_it() -> N
     lines = result_lines(owed, tracking_uri="http://127.0.0.1:5000", registered_model="m", new_run=True)
     assert lines[-2].endswith("once it answers, run the command again without --new-run: it sends what waits first "
                               "and registers the model")
+
+
+def test_the_last_progress_line_keeps_its_step_count_at_80_columns() -> None:
+    """A pipe or `jobs logs` (80 columns) ended a job's log with "train ━━━ 200/2… loss ...": the
+    step count gave way to the figures beside it."""
+    import io
+
+    from rich.console import Console
+
+    from orchestrator.console_ui import RichUI
+
+    for total in (200, 4400):
+        text = io.StringIO()
+        ui = RichUI(Console(file=text, width=80))
+        ui.sized(SimpleNamespace(job=SimpleNamespace(name="j", training=SimpleNamespace(global_batch_size=64)),
+                                 total_steps=total, steps_per_epoch=22),
+                 SimpleNamespace(profile=None, plan=None, explanation="as configured", workers=1), None)
+        ui.progress(total, total, {"train/loss": 0.005165, "val/accuracy": 0.9971, "train/samples_per_s": 9104.0})
+        ui.__exit__(None, None, None)
+        last = text.getvalue().splitlines()[-1]
+        assert f" {total}/{total} " in last and last.endswith("0:00:00"), last
