@@ -27,6 +27,7 @@ from trainers.config import (
     TrainingConfig,
     WorkerConfig,
     Section,
+    section_keys,
 )
 
 __all__ = ["CheckpointConfig", "ColumnConfig", "DataConfig", "JobConfig", "ModelConfig", "ResourcesConfig",
@@ -302,7 +303,7 @@ _EXPECTED = {
 def _describe(error: dict[str, Any], alternatives: list[str]) -> str:
     where = _format_loc(error["loc"], unknown_key=error["type"] == "extra_forbidden")
     if error["type"] == "extra_forbidden":
-        return f"{where}: unknown key"
+        return f"{where}: unknown key (expected one of {', '.join(section_keys(JobConfig, error['loc'][:-1]))})"
     if error["type"] == "missing":
         return f"{where}: required field is missing"
     msg = error["msg"].removeprefix("Value error, ")

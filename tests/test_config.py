@@ -46,8 +46,11 @@ def write(tmp_path: Path, overrides: list[str], *, drop: str | None = None) -> P
          "training.grad_accumulation: 100 micro-batches per step is more than global_batch_size 64"),
         (["training.grad_accumulation=1000000000000000000000000000000000"],
          "training.grad_accumulation: an integer of about 34 digits micro-batches per step is more than"),
-        (["training.lr_typo=0.1"], "training.lr_typo: unknown key"),
-        (["bogus=1"], "bogus: unknown key"),
+        (["training.lr_typo=0.1"], "training.lr_typo: unknown key (expected one of epochs, max_steps, "),
+        (["bogus=1"], "bogus: unknown key (expected one of name, model, data, training, checkpoint, resources, "
+                      "tracking, ray)"),  # a cluster file's unknown key listed them, a job config's did not
+        (["resources.workers={mni: 1, max: 2}"], "resources.workers.mni: unknown key (expected one of min, max)"),
+        (["data.label={column: y, dtpe: int64}"], "data.label.dtpe: unknown key (expected one of column, dtype, shape)"),
         (["resources.workers=0"], "resources.workers: must be > 0"),
         (["resources.workers={min: 4, max: 2}"], "resources.workers: min must be <= max, got min=4 max=2"),
         (["resources.use_gpu=maybe"], "resources.use_gpu: must be 'auto' or true or false, got 'maybe'"),

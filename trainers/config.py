@@ -34,6 +34,16 @@ class Section(BaseModel):
         return value
 
 
+def section_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys of the section that `loc` leads to from `model` (an unknown key's error lists them);
+    pydantic's union branch names and list indices in `loc` are passed over."""
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        args = (get_args(field.annotation) or (field.annotation,)) if field is not None else ()
+        model = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), model)
+    return list(model.model_fields)
+
+
 class ModelConfig(Section):
     name: str = Field(min_length=1)
     kwargs: dict[str, Any] = Field(default_factory=dict)
