@@ -248,6 +248,11 @@ def test_data_prepare_refuses_an_empty_out_instead_of_writing_here(tmp_path: Pat
     result = run_cli(["data", "prepare", "digits", "--out", ""], env=base_env(), cwd=tmp_path, timeout_s=60)
     assert (result.returncode, result.stderr) == (2, "error: --out: empty; give the folder to write the Parquet files into\n")
     assert not any(tmp_path.iterdir())
+    # the errors named config fields (data.dataset_kwargs.rows, data.path) the user never wrote
+    for args, said in ((["synthetic", "--out", "o", "--set", "rows=0"], "--set rows: must be > 0, got 0"),
+                       (["digitz", "--out", "o"], "NAME: unknown data set 'digitz'; available: corpus, digits, synthetic")):
+        result = run_cli(["data", "prepare", *args], env=base_env(), cwd=tmp_path, timeout_s=60)
+        assert (result.returncode, result.stderr) == (2, f"error: {said}\n")
 
 
 @pytest.mark.parametrize("args, flag", [

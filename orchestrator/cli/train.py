@@ -165,8 +165,19 @@ def data_prepare(
 
     given(out_dir, "--out", "give the folder to write the Parquet files into")  # not the current folder
     kwargs = {".".join(k): v for k, v in (parse_override(s) for s in set_ or [])}
-    path = prepare_dataset(name, Path(out_dir), **kwargs)
+    try:
+        path = prepare_dataset(name, Path(out_dir), **kwargs)
+    except UserError as exc:  # the library names the config's fields; here the user gave flags
+        said = str(exc)
+        for field, flag in _PREPARE_FLAGS.items():
+            said = re.sub(rf"^{re.escape(field)}\b", flag, said)
+        raise UserError(said) from None
     out.print(f"wrote {name} to {path}")
+
+
+# What `data prepare` was given in place of the config fields its errors name.
+_PREPARE_FLAGS = {"data.path": "--out", "data.dataset_kwargs.": "--set ", "data.dataset_kwargs": "--set",
+                  "data.dataset": "NAME"}
 
 
 @app.command()
