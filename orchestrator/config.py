@@ -20,14 +20,7 @@ from orchestrator.errors import UserError, shown, undecodable
 from orchestrator.files import load_yaml, read_yaml
 from orchestrator.redact import scrub, url_error
 from trainers.config import (
-    CheckpointConfig,
-    ColumnConfig,
-    DataConfig,
-    ModelConfig,
-    TrainingConfig,
-    WorkerConfig,
-    Section,
-    section_keys,
+    CheckpointConfig, ColumnConfig, DataConfig, ModelConfig, Section, TrainingConfig, WorkerConfig, fields_at,
 )
 
 __all__ = ["CheckpointConfig", "ColumnConfig", "DataConfig", "JobConfig", "ModelConfig", "ResourcesConfig",
@@ -303,7 +296,7 @@ _EXPECTED = {
 def _describe(error: dict[str, Any], alternatives: list[str]) -> str:
     where = _format_loc(error["loc"], unknown_key=error["type"] == "extra_forbidden")
     if error["type"] == "extra_forbidden":
-        return f"{where}: unknown key (expected one of {', '.join(section_keys(JobConfig, error['loc'][:-1]))})"
+        return f"{where}: unknown key (expected one of {', '.join(fields_at(JobConfig, error['loc'][:-1]))})"
     if error["type"] == "missing":
         return f"{where}: required field is missing"
     msg = error["msg"].removeprefix("Value error, ")

@@ -9,6 +9,8 @@ else.
 from __future__ import annotations
 
 import posixpath
+import types
+import typing
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -34,14 +36,29 @@ class Section(BaseModel):
         return value
 
 
-def section_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """The keys of the section that `loc` leads to from `model` (an unknown key's error lists them);
-    pydantic's union branch names and list indices in `loc` are passed over."""
+def model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that `loc` (a validation error's location) leads to from `model`; list
+    indices and pydantic's union branch names are passed over. None where it leads to no model."""
+    current: type[BaseModel] | None = model
     for part in loc:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
-        args = (get_args(field.annotation) or (field.annotation,)) if field is not None else ()
-        model = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), model)
-    return list(model.model_fields)
+        field = current.model_fields.get(part) if isinstance(part, str) else None
+        if field is not None and (current := _model_in(field.annotation)) is None:
+            return None
+    return current
+
+
+def fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys of the section `loc` leads to (an unknown key's error lists them)."""
+    return list(getattr(model_at(model, loc), "model_fields", {}))
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside `X`, `X | None` or `tuple[X, ...]`, if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) in (typing.Union, tuple):
+        return next((found for arg in typing.get_args(annotation) if (found := _model_in(arg)) is not None), None)
+    return None
 
 
 class ModelConfig(Section):

@@ -7,8 +7,6 @@ from __future__ import annotations
 import contextvars
 import datetime
 import math
-import types
-import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
@@ -26,6 +24,7 @@ from pydantic import (
 from typing_extensions import Self
 
 from orchestrator.errors import UserError, shown
+from trainers.config import fields_at, model_at
 
 # Bounds on what the planner reads: far beyond any real job or cluster, and tight enough that its
 # float64 arithmetic stays finite and above zero. Past them a figure (`grad_bytes: 1e400`, a step of
@@ -214,10 +213,10 @@ def describe(exc: ValidationError, model: type[BaseModel], where: str | None = N
     if isinstance(inner, FieldError):
         return f"{_join(path, inner.path)}: {inner.message}"
     if kind == "extra_forbidden":
-        twin = _alias_of(_model_at(model, loc[:-1]), loc[-1])
+        twin = _alias_of(model_at(model, loc[:-1]), loc[-1])
         if twin:
             return f"{path}: another name for {twin}, which is given under another name too; keep one"
-        allowed = _fields_at(model, loc[:-1])
+        allowed = fields_at(model, loc[:-1])
         return f"{path}: unknown key" + (f" (expected one of {', '.join(allowed)})" if allowed else "")
     if kind == "missing":
         return f"{path}: required field is missing"
@@ -251,44 +250,12 @@ def _join(path: str, below: str) -> str:
     return path + below if below.startswith("[") else f"{path}.{below}"
 
 
-def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The model that `loc` leads to, if any."""
-    current: Any = model
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        field = getattr(current, "model_fields", {}).get(part)
-        if field is None:
-            return None
-        current = _model_in(field.annotation)
-        if current is None:
-            return None
-    return current
-
-
-def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """The field names of the model that `loc` leads to (for "expected one of ...")."""
-    return list(getattr(_model_at(model, loc), "model_fields", {}))
-
-
 def _alias_of(model: type[BaseModel] | None, key: Any) -> str | None:
     """The field of `model` that `key` is another accepted name of (AliasChoices), if any."""
     for name, field in getattr(model, "model_fields", {}).items():
         choices = getattr(field.validation_alias, "choices", ())
         if key != name and key in choices:
             return name
-    return None
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    """The pydantic model inside `X`, `X | None` or `tuple[X, ...]`, if any."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) in (typing.Union, tuple):
-        for arg in typing.get_args(annotation):
-            found = _model_in(arg)
-            if found is not None:
-                return found
     return None
 
 
