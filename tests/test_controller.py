@@ -298,8 +298,12 @@ def test_a_workers_user_error_ends_the_job_at_the_first_failure() -> None:
     assert any("the job cannot go on at step 4" in s for s in world.ui.statuses)
 
 
-def test_the_failure_forwarder_marks_a_user_error_among_the_ranks() -> None:
+def test_the_failure_forwarder_marks_a_user_error_among_the_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator import autoscale
     from orchestrator.driver.fit import FailureForwarder
+
+    # No cluster: the real refresh reached whatever head /tmp/ray/ray_current_cluster named (a dead one hung)
+    monkeypatch.setattr(autoscale, "refresh_cluster_view", lambda: None)
 
     class Remote:
         def __init__(self) -> None:
