@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import os
+import re
 import random
 import shutil
 from collections.abc import Callable
@@ -43,6 +44,10 @@ DIR_PREFIX = "checkpoint_"
 
 def dir_name(step: int) -> str:
     return f"{DIR_PREFIX}{step:09d}"
+
+
+# The names `dir_name` and `fresh_dir_name` give: the only folders a fit writes
+WRITTEN_NAME = re.compile(re.escape(DIR_PREFIX) + r"[0-9]{9,}(\.[0-9]+)?")
 
 
 def fresh_dir_name(run_dir: Path | None, step: int) -> str:

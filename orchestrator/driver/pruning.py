@@ -18,7 +18,6 @@ on local storage, after the fit (no save is under way):
 from __future__ import annotations
 
 import logging
-import re
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -26,10 +25,6 @@ from pathlib import Path
 from trainers import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
-
-# `ckpt.dir_name` and `ckpt.fresh_dir_name`: the only folders a fit writes
-TRAINER_NAMED = re.compile(re.escape(ckpt.DIR_PREFIX) + r"[0-9]{9,}(\.[0-9]+)?")
-
 
 def to_prune(folders: Iterable[str], *, tracked: set[str], step_of: Callable[[str], int | None],
              keep_last: int) -> list[str]:
@@ -52,7 +47,7 @@ def to_prune(folders: Iterable[str], *, tracked: set[str], step_of: Callable[[st
 
 def prune_untracked(run_dir: Path, *, tracked: set[str], keep_last: int) -> list[str]:
     """Delete the untracked checkpoint folders `to_prune` names in `run_dir`; their names."""
-    folders = [p for p in ckpt.candidates(run_dir) if not p.is_symlink() and TRAINER_NAMED.fullmatch(p.name)]
+    folders = [p for p in ckpt.candidates(run_dir) if not p.is_symlink() and ckpt.WRITTEN_NAME.fullmatch(p.name)]
     if all(p.name in tracked for p in folders):  # the usual case: nothing to verify (a large model's reads)
         return []
 
