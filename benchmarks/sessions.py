@@ -33,6 +33,7 @@ WORKERS = 2
 # Waits, in seconds, long enough for a run on a loaded 2-core machine (env vars override).
 RUN_TIMEOUT_S = float(os.environ.get("BENCH_RUN_TIMEOUT_S", 300))
 STOP_TIMEOUT_S = float(os.environ.get("BENCH_STOP_TIMEOUT_S", 120))
+STOPPED_EXIT = 128 + signal.SIGINT
 POLL_S = float(os.environ.get("BENCH_POLL_S", 1.0))
 
 
@@ -81,17 +82,20 @@ def run_orchestrator(workload: Workload, ws: Workspace, *, run_name: str, steps:
     launched = time.time()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=ws.root, env=child_env(), stdout=out, stderr=subprocess.STDOUT)
+        stopped = False
         try:
             _wait_for_step(proc, ws.mlflow_db, run_name, steps)
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)  # the user's Ctrl-C: checkpoint, then stop
+                stopped = True
             proc.wait(timeout=STOP_TIMEOUT_S)
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
     wall = time.time() - launched
-    if proc.returncode != 0:
+    # A run stopped by Ctrl-C exits 130 once its final checkpoint is written (128 + SIGINT, as a shell).
+    if proc.returncode not in ((0, STOPPED_EXIT) if stopped else (0,)):
         raise BenchmarkError(f"orchestrator run exited with {proc.returncode}; see {log}:\n{_tail(log)}")
     created_at, first_at, step_times = _mlflow_steps(ws.tracking_uri, run_name)
     return TrainingRun("ours", step_times[:steps], first_at - launched, wall,
