@@ -283,3 +283,27 @@ def test_a_mistyped_option_of_a_set_already_prepared_is_refused(tmp_path: Path) 
                            f"data.path={tmp_path / 'd'}", "--set", "data.dataset_kwargs.bogus=1"],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith("error: data.dataset_kwargs: digits() got an unexpected")
+
+
+def test_a_set_prepared_with_other_options_is_refused_naming_them(tmp_path: Path) -> None:
+    """A changed `dataset_kwargs` (or data set) over a prepared folder trained on the old rows
+    without a word: the folder was taken as it was. It is refused, the folder left as it was."""
+    path = tmp_path / "syn"
+    ensure_prepared("synthetic", path, rows=20, size=2)
+    stamps = {p: p.stat().st_mtime_ns for p in path.iterdir()}
+    ensure_prepared("synthetic", path, rows=20, size=2, seed=0)  # the default, given: the same set
+    with pytest.raises(UserError, match=rf"^data\.dataset_kwargs: {path} was prepared with rows=20 \(the config "
+                                        r"says 40\); remove the folder to prepare it again, or give data\.path "):
+        ensure_prepared("synthetic", path, rows=40, size=2)
+    with pytest.raises(UserError, match=rf"^data\.dataset: {path} holds the 'synthetic' data set, not 'digits'; "):
+        ensure_prepared("digits", path)
+    assert {p: p.stat().st_mtime_ns for p in path.iterdir()} == stamps
+    assert _read(path).num_rows == 20  # the note beside the files is not read as data
+
+
+def test_parquet_prepared_elsewhere_is_taken_as_it_is(tmp_path: Path) -> None:
+    """A folder without the note (the user's own Parquet, or one prepared by an older version)."""
+    path = tmp_path / "syn"
+    ensure_prepared("synthetic", path, rows=20, size=2)
+    (path / ".prepared.json").unlink()
+    assert ensure_prepared("synthetic", path, rows=40, size=2) == path

@@ -7,6 +7,7 @@ the trainer takes its validation split from the end.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -20,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from trainers.errors import UserError
+from trainers.errors import UserError, shown
 from trainers.registry import Registry, bind_kwargs, call_with_kwargs
 
 DATASETS: Registry[Callable[..., Path]] = Registry(kind="data set", field="data.dataset")
@@ -34,6 +35,8 @@ _CHUNK_ROWS = 1_024
 # fit in the free space where it goes.
 _CHUNK_BYTES = 64 << 20
 _MAX_PATTERN_BYTES = 1 << 30
+# Beside the Parquet files, what they were prepared with (hidden: Ray Data and Arrow skip it).
+PREPARED_WITH = ".prepared.json"
 # Third-party code differs from machine to machine; the corpus must not.
 _CORPUS_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
@@ -47,9 +50,12 @@ def prepare_dataset(name: str, out_dir: str | Path, /, **kwargs: Any) -> Path:
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"data.path: {out_dir} is not a folder")
     try:
-        return call_with_kwargs(prepare, kwargs, field="data.dataset_kwargs", args=(out_dir,))
+        written = call_with_kwargs(prepare, kwargs, field="data.dataset_kwargs", args=(out_dir,))
+        (out_dir / PREPARED_WITH).write_text(
+            json.dumps({"dataset": name, "options": _options(name, kwargs)}, default=str) + "\n")
     except OSError as exc:  # a read-only or missing place, a full disk
         raise UserError(f"data.path: cannot write {out_dir} ({exc.strerror or exc})") from None
+    return written
 
 
 def check_dataset_kwargs(name: str, kwargs: dict[str, Any]) -> None:
@@ -66,6 +72,7 @@ def ensure_prepared(name: str, path: str | Path, /, **kwargs: Any) -> Path:
     check_dataset_kwargs(name, kwargs)  # a mistyped option too, though only a first run prepares the set
     path = Path(path)
     if _has_parquet(path):
+        _check_prepared_as(path, name, kwargs)
         return path
     if path.is_dir() and any(path.iterdir()):
         raise UserError(f"data.path: {path} is not empty but holds no Parquet files")
@@ -84,6 +91,34 @@ def ensure_prepared(name: str, path: str | Path, /, **kwargs: Any) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _options(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Every option `name` is prepared with, its defaults filled in (so `seed: 0` matches no seed)."""
+    bound = bind_kwargs(DATASETS.get(name), kwargs, field="data.dataset_kwargs", args=(Path(),))
+    bound.apply_defaults()
+    return dict(list(bound.arguments.items())[1:])
+
+
+def _check_prepared_as(path: Path, name: str, kwargs: dict[str, Any]) -> None:
+    """A folder prepared by another data set or other options is refused: it was taken as is, so a
+    changed `dataset_kwargs` (more rows, another seed) trained on the old rows without a word. A
+    folder without the note (the user's own Parquet, or prepared before it was kept) is taken."""
+    try:
+        was = json.loads((path / PREPARED_WITH).read_text())
+        was_name, was_options = str(was["dataset"]), dict(was["options"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return
+    fix = "remove the folder to prepare it again, or give data.path another folder"
+    if was_name != name:
+        raise UserError(f"data.dataset: {path} holds the {was_name!r} data set, not {name!r}; {fix}")
+    # As JSON keeps them: a tuple reads back as a list, an int key as a string.
+    options = json.loads(json.dumps(_options(name, kwargs), default=str))
+    changed = [key for key in sorted(set(options) | set(was_options)) if options.get(key) != was_options.get(key)]
+    if changed:
+        said = ", ".join(f"{key}={shown(was_options.get(key))} (the config says {shown(options.get(key))})"
+                         for key in changed)
+        raise UserError(f"data.dataset_kwargs: {path} was prepared with {said}; {fix}")
 
 
 def _move_into_place(tmp: Path, path: Path) -> None:
