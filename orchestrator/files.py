@@ -142,11 +142,14 @@ def _lmode(path: Path) -> int:
 
 def distinct_outputs(outputs: dict[str, str | Path | None], inputs: dict[str, str | Path | None]) -> None:
     """Refuse, naming both flags, an output that is one of the command's inputs or another output
-    (the same file under any spelling or link): writing it would destroy what was read or written."""
+    (the same file under any spelling or link): writing it would destroy what was read or written.
+    '-' is refused too: it is no file name a user means."""
     seen: list[tuple[str, Path]] = [(flag, Path(p)) for flag, p in inputs.items() if p is not None]
     for flag, given in outputs.items():
         if given is None:
             continue
+        if str(given) == "-":  # a file named '-' was written, where '-' reads as stdout to most tools
+            raise UserError(f"{flag} -: name a file; this command prints its summary on stdout")
         path = Path(given)
         for other, before in seen:
             if _same_file(path, before):

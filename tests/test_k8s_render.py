@@ -206,3 +206,16 @@ def test_dockerfile_pins_what_the_project_pins() -> None:
     ignored = (ROOT / ".dockerignore").read_text().split()
     # mlflow.db-*: the sqlite store's -wal and -journal beside it
     assert {".venv", ".git", "deploy/k8s/overlays/*/secrets/*.env", "mlflow.db", "mlflow.db-*"} <= set(ignored)
+
+
+def test_dash_output_is_stdout_for_render_and_refused_where_a_file_is_written(tmp_path: Path) -> None:
+    """`k8s render job.yaml -o -` (kubectl's spelling) wrote a file named '-' in the current folder;
+    `plan -o -` did the same. Render prints to stdout; the commands that write a file say to name one."""
+    from live_servers import base_env, run_cli
+
+    proc = run_cli(["k8s", "render", DIGITS, "--owner", OWNER, "-o", "-"], env=base_env(), cwd=tmp_path, timeout_s=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [o["kind"] for o in yaml.safe_load_all(proc.stdout)] == ["ConfigMap", "NetworkPolicy", "RayJob"]
+    proc = run_cli(["profile", DIGITS, "-o", "-"], env=base_env(), cwd=tmp_path, timeout_s=60)
+    assert (proc.returncode, proc.stderr) == (2, "error: -o -: name a file; this command prints its summary on stdout\n")
+    assert list(tmp_path.iterdir()) == []

@@ -22,7 +22,8 @@ def k8s_render(
                                               "required for a RayJob.")] = None,
     mlflow_uri: Annotated[str | None, typer.Option(help="MLflow for the job; default: the in-cluster "
                                                    "service. Credentials in it are dropped.")] = None,
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write here instead of stdout.")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output",
+                                                help="Write here instead of stdout ('-': stdout).")] = None,
     cluster: Annotated[bool, typer.Option("--cluster", help="A standalone RayCluster sized for the plan.")] = False,
     set_: SetOption = None,
 ) -> None:
@@ -30,7 +31,7 @@ def k8s_render(
     from orchestrator.k8s.command import k8s_render_command
 
     rendered = k8s_render_command(str(config), plan_path=str(plan_path) if plan_path else None, image=image,
-                                  output=str(output) if output else None, cluster=cluster,
+                                  output=str(output) if output and str(output) != "-" else None, cluster=cluster,
                                   overrides=list(set_ or []), owner=owner, mlflow_uri=mlflow_uri)
     for note in rendered.notes:
         typer.echo(f"note: {note}", err=True)
