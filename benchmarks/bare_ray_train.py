@@ -28,7 +28,6 @@ from trainers.events import StepsDone
 from trainers.loop import LoopArgs, train_loop_per_worker
 
 
-@ray.remote(num_cpus=0)
 class StepRecorder:
     """Stands in for the driver's progress actor (orchestrator/driver/progress.py) and keeps when
     each step was reported, and its time. The loop calls these methods; a new call there fails
@@ -52,8 +51,14 @@ class StepRecorder:
     def stop_requested(self) -> bool:
         return False
 
+    def given_up(self) -> str | None:
+        return None
+
     def recorded(self) -> list[tuple[float, int, float]]:
         return list(self.points)
+
+
+Recorder = ray.remote(num_cpus=0)(StepRecorder)
 
 
 def connect(address: str | None) -> None:
@@ -66,7 +71,7 @@ def fit(config: str, overrides: list[str], *, workers: int, steps: int) -> dict[
     job = load_config(config, overrides)
     ds = ray.data.read_parquet([os.path.abspath(p) for p in job.data.paths])
     train, val = ds.train_test_split(test_size=job.data.val_fraction)
-    recorder = StepRecorder.remote()
+    recorder = Recorder.remote()
     args = LoopArgs(config=job.localized().worker_config().model_dump(mode="json"),
                     steps_per_epoch=train.count() // job.training.global_batch_size, total_steps=steps,
                     progress=recorder, push_every_s=constants.PROGRESS_PUSH_S,
