@@ -276,3 +276,34 @@ def test_calibrate_says_when_a_newer_stored_calibration_stays(tmp_path: Path) ->
     assert (f"not stored as cluster {cluster_key(spec)}'s calibration: a newer one is; `plan` and `run` use it "
             f"(calibration: the newest of this cluster, from jobs (9 observations, {ahead}), "
             f"{stored_path(spec, cache)}; newer than the spec's own") in proc.stdout, proc.stdout
+
+
+def test_plan_with_a_config_shows_time_and_cost_for_the_samples_it_trains(tmp_path: Path) -> None:
+    """`plan --config` showed '-' for time to finish and cost unless --total-samples was given,
+    though the config says how long the job trains."""
+    import yaml
+
+    from trainers.data import ensure_prepared
+
+    (tmp_path / "profile.json").write_text(json.dumps(CPU_PROFILE))
+    job = yaml.safe_load((ROOT / "configs" / "digits.yaml").read_text())  # 15 epochs, batch 64, 20 % held out
+    (tmp_path / "epochs.yaml").write_text(yaml.safe_dump(job))
+    job["training"].pop("epochs")
+    job["training"]["max_steps"] = 40
+    (tmp_path / "steps.yaml").write_text(yaml.safe_dump(job))
+
+    def planned(config: str, *extra: str) -> tuple[dict, str]:
+        proc = orchestrator("plan", "--profile", "profile.json", "--cluster", str(DGX), "--config", config,
+                            "--json", *extra, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout), proc.stderr
+
+    plan, said = planned("steps.yaml")
+    assert plan["total_samples"] == 40 * 64 and plan["choice"]["time_to_finish_s"] > 0, plan
+    assert "time and cost for the config's 40 steps of 64 samples" in said
+    plan, said = planned("epochs.yaml")
+    assert plan["total_samples"] is None and "give --total-samples" in said  # no data yet: its rows are unknown
+    ensure_prepared("digits", tmp_path / "data" / "digits")  # 1,797 rows
+    plan, said = planned("epochs.yaml")
+    assert plan["total_samples"] == 15 * (int(1797 * 0.8) // 64) * 64 and plan["choice"]["cost"] is not None, plan
+    assert planned("epochs.yaml", "--total-samples", "999")[0]["total_samples"] == 999

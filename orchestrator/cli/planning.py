@@ -27,7 +27,8 @@ def plan(
                                                      "`orchestrator run` does.")] = None,
     vary_batch: Annotated[bool, typer.Option(help="Let the global batch vary: each placement tries the "
                                                   "profiled local batches.")] = False,
-    total_samples: Annotated[int | None, typer.Option(help="Samples to train (for time to finish and cost).")] = None,
+    total_samples: Annotated[int | None, typer.Option(help="Samples to train (for time to finish and cost); "
+                                                           "default: --config's max_steps x global batch.")] = None,
     deadline_hours: Annotated[float | None, typer.Option(help="min_cost: finish within this many hours.")] = None,
     budget: Annotated[float | None, typer.Option(help="Spend at most this many USD (needs gpu_hour_cost).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
@@ -63,6 +64,8 @@ def plan(
 
         job = load_config(config)
     held = _held_global_batch(profile, global_batch=global_batch, job=job, vary=vary_batch)
+    if total_samples is None and job is not None:
+        total_samples = _config_samples(job)
     accumulation = fixed_accumulation(job) if job is not None else None  # `run` trains that split
     spec, said = newest(planner.load_cluster(cluster))
     if said:
@@ -88,6 +91,37 @@ def plan(
         typer.echo(json.dumps(chosen.to_dict(), indent=2))
         return
     print_plan(out, chosen)  # its caption is the plan's explanation
+
+
+def _config_samples(job: Any) -> int | None:
+    """About the samples `run` trains for the config: max_steps, or fewer by epochs of the local data's
+    rows less the held-out share (what the Parquet footers count; `run` counts the split exactly).
+    The plan showed no time to finish or cost for a --config without --total-samples."""
+    t = job.training
+    steps = t.max_steps  # None: by epochs only (one of the two is set: validated)
+    said = f"{steps:,} steps" if steps is not None else ""
+    if t.epochs is not None:
+        rows = _local_rows(job.data.paths)
+        if rows is None:
+            note("time and cost: training.epochs counts the data's rows, not here yet; give --total-samples")
+            return None
+        per_epoch = max(int(rows * (1 - job.data.val_fraction)) // t.global_batch_size, 1)
+        if steps is None or t.epochs * per_epoch < steps:
+            steps, said = t.epochs * per_epoch, f"{t.epochs:,} epochs of ~{per_epoch:,} steps"
+    note(f"time and cost for the config's {said} of {t.global_batch_size:,} samples (--total-samples to change)")
+    return steps * t.global_batch_size
+
+
+def _local_rows(paths: list[str]) -> int | None:
+    """Rows of the local Parquet at `paths` (None: on object storage, or not there yet)."""
+    from trainers.data import open_dataset
+
+    if any("://" in p for p in paths):
+        return None
+    try:
+        return open_dataset(paths).count_rows()
+    except (UserError, OSError, ValueError):
+        return None
 
 
 def _held_global_batch(profile: Any, *, global_batch: int | None, job: Any, vary: bool) -> int | None:
