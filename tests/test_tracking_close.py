@@ -21,3 +21,19 @@ def test_a_failure_once_the_close_has_run_out_of_time_does_not_say_retrying(fake
     assert tracker.drain_warnings()[-1].endswith("wait to be sent (kept in the spill file)")
     tracker._closing.clear()
     tracker.close(timeout_s=5)
+
+
+def test_a_run_that_sent_everything_leaves_nothing_in_the_spill_folder(fake: FakeStore, spill_dir: Path,
+                                                                      tmp_path: Path) -> None:
+    """Every job left an empty `<key>.artifacts/` folder and a `<key>.jsonl.lock` there for ever."""
+    from tracking_fakes import log_steps
+
+    tracker = Tracker(URI, spill_dir=spill_dir)
+    run = tracker.open_run(experiment="e", run_key="k", run_name="job")
+    (tmp_path / "plot.png").write_text("plot")
+    run.log_artifact(tmp_path / "plot.png", "plan")
+    log_steps(run, range(5))
+    run.finish("FINISHED")
+    report = tracker.close(timeout_s=5)
+    assert report.spill_file is None and fake.run("k").steps() == list(range(5))
+    assert sorted(p.name for p in spill_dir.iterdir()) == []

@@ -33,6 +33,7 @@ is torn (and ends it itself), so the two never both end it.
 from __future__ import annotations
 
 import errno
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -394,9 +395,17 @@ def pending_files(spill_dir: Path, tracking_uri: str) -> list[Path]:
 
 
 def remove_if_sent(path: Path) -> bool:
-    """Delete a file every line of which was sent, with its progress record and artifacts folder."""
+    """Delete a file every line of which was sent, with its progress record and artifacts folder;
+    where it was never written, the empty artifacts folder and the lock a tracker made for it."""
     with file_lock(path, 0.0) as held:
-        if not held or not path.exists() or not fully_sent(path):
+        if not held:
+            return False
+        if not path.exists():
+            with contextlib.suppress(OSError):  # not empty: a copy some sender still has to upload
+                artifacts_dir(path).rmdir()
+            _sibling(path, ".lock").unlink(missing_ok=True)
+            return False
+        if not fully_sent(path):
             return False
         for extra in (path, _sibling(path, ".offset")):
             extra.unlink(missing_ok=True)
