@@ -93,6 +93,18 @@ def test_credentials_in_a_tracking_uri_never_reach_the_manifests() -> None:
         assert env[key]["valueFrom"]["secretKeyRef"] == {"name": names.MLFLOW_SECRET, "key": key}
 
 
+def test_credentials_in_storage_uris_are_removed_and_said() -> None:
+    """They were dropped from the ConfigMap without a word: the job then failed on the cluster to
+    read data its config could read here."""
+    rendered = k8s_render_command(DIGITS, plan_path=None, image=None, output=None, cluster=False, owner=OWNER,
+                                  overrides=["data.path=s3://AKIAKEY:s3cr3t@bucket/digits",
+                                             "checkpoint.storage_path=s3://AKIAKEY:s3cr3t@bucket/runs"])
+    assert "s3cr3t" not in rendered.text and "AKIAKEY" not in rendered.text
+    said = [n for n in rendered.notes if "credentials removed" in n]
+    assert [n.split(":")[0] for n in said] == ["data.path", "checkpoint.storage_path"], rendered.notes
+    assert all("service account" in n for n in said)
+
+
 @pytest.mark.parametrize("uri, error", [
     ("", "--mlflow-uri: empty; leave it out for the in-cluster MLflow"),
     ("ftp://mlflow.example", "--mlflow-uri: scheme 'ftp' is no MLflow tracking store"),

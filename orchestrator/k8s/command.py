@@ -125,6 +125,11 @@ def render_notes(config: JobConfig, group: WorkerGroup, *, plan_path: str | None
     for where, uri in (("--mlflow-uri", mlflow_uri), ("tracking.tracking_uri", config.tracking.tracking_uri)):
         if uri and userinfo(uri):
             notes.append(f"{where}: credentials removed; jobs sign in to MLflow with Secret {MLFLOW_SECRET}")
+    storage = [("data.path", p) for p in config.data.paths]
+    storage.append(("checkpoint.storage_path", config.checkpoint.storage_path))
+    for where in dict.fromkeys(where for where, uri in storage if "://" in uri and userinfo(uri)):
+        notes.append(f"{where}: credentials removed (a ConfigMap is readable by the namespace); the pods reach "
+                     "that storage with their own, e.g. a service account or the image's environment")
     return notes
 
 
