@@ -105,6 +105,19 @@ def test_credentials_in_storage_uris_are_removed_and_said() -> None:
     assert all("service account" in n for n in said)
 
 
+def test_the_job_spills_onto_its_storage_whatever_spill_dir_the_config_names() -> None:
+    """`tracking.spill_dir: /home/alice/spill` went into the ConfigMap as given: on the pod's
+    read-only filesystem the job failed as it opened its run; without it, spills went to an emptyDir
+    gone with the pod."""
+    for overrides in ([], ["tracking.spill_dir=/home/alice/spill"]):
+        rendered = k8s_render_command(DIGITS, plan_path=None, image=None, output=None, cluster=False, owner=OWNER,
+                                      overrides=overrides)
+        config = yaml.safe_load(one(list(yaml.safe_load_all(rendered.text)), "ConfigMap")["data"][names.CONFIG_FILE])
+        assert config["tracking"]["spill_dir"] == f"{names.SHARED_MOUNT}/tracking-spill"
+        assert any(n.startswith("tracking.spill_dir: the job spills to /mnt/shared/tracking-spill") for n in
+                   rendered.notes) == bool(overrides)
+
+
 @pytest.mark.parametrize("uri, error", [
     ("", "--mlflow-uri: empty; leave it out for the in-cluster MLflow"),
     ("ftp://mlflow.example", "--mlflow-uri: scheme 'ftp' is no MLflow tracking store"),

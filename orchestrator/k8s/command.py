@@ -13,7 +13,7 @@ import yaml
 from orchestrator.config import JobConfig, check_tracking_uri, load_config
 from orchestrator.errors import UserError, given
 from orchestrator.files import distinct_outputs, read_json, write_text
-from orchestrator.k8s.names import CONFIG_DIR, CONFIG_FILE, MLFLOW_SECRET, default_image, resource_name
+from orchestrator.k8s.names import CONFIG_DIR, CONFIG_FILE, MLFLOW_SECRET, SPILL_DIR, default_image, resource_name
 from orchestrator.k8s.render import (
     render_cluster_network_policy,
     render_job_configmap,
@@ -127,6 +127,9 @@ def render_notes(config: JobConfig, group: WorkerGroup, *, plan_path: str | None
             notes.append(f"{where}: credentials removed; jobs sign in to MLflow with Secret {MLFLOW_SECRET}")
     storage = [("data.path", p) for p in config.data.paths]
     storage.append(("checkpoint.storage_path", config.checkpoint.storage_path))
+    if config.tracking.spill_dir is not None:
+        notes.append(f"tracking.spill_dir: the job spills to {SPILL_DIR} on its storage, not "
+                     f"{config.tracking.spill_dir} (the pods' own disk is read-only or gone with them)")
     for where in dict.fromkeys(where for where, uri in storage if "://" in uri and userinfo(uri)):
         notes.append(f"{where}: credentials removed (a ConfigMap is readable by the namespace); the pods reach "
                      "that storage with their own, e.g. a service account or the image's environment")

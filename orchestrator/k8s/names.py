@@ -25,6 +25,9 @@ MLFLOW_PORT = 5000
 SHARED_CLAIM = "ray-shared"  # ReadWriteMany: checkpoints of every job, each in its own sub-path
 SHARED_MOUNT = "/mnt/shared"  # a job's own sub-path of the shared volume
 DATASETS_MOUNT = "/mnt/datasets"  # the volume's `datasets` sub-path: read-only in RayJobs
+# What MLflow did not take waits here, on the job's storage: the pod's own disk (read-only, or an
+# emptyDir) is gone with it, and a rerun of the job sends what is here.
+SPILL_DIR = f"{SHARED_MOUNT}/tracking-spill"
 DATASETS_SUBPATH = "datasets"
 CONFIG_DIR = "/etc/orchestrator"  # where the job's ConfigMap is mounted in the head pod
 CONFIG_FILE = "job.yaml"

@@ -29,6 +29,7 @@ from orchestrator.k8s.names import (
     PART_OF,
     RAY_VERSION,
     SHARED_MOUNT,
+    SPILL_DIR,
     WORKER_SERVICE_ACCOUNT,
     cluster_storage_subpath,
     default_mlflow_uri,
@@ -61,6 +62,7 @@ def cluster_job_config(config: JobConfig, *, mlflow_uri: str) -> dict[str, Any]:
     paths = [_in_pod(p, "data.path", roots=(SHARED_MOUNT, DATASETS_MOUNT)) for p in config.data.paths]
     data["data"]["path"] = paths[0] if isinstance(config.data.path, str) else paths
     data["tracking"]["tracking_uri"] = redact_uri(mlflow_uri)
+    data["tracking"]["spill_dir"] = SPILL_DIR  # a path of the submitter's machine is no place in the pod
     data["ray"]["address"] = "auto"  # the job's driver runs on the head of a running cluster
     return redact(data)
 
