@@ -31,7 +31,8 @@ from orchestrator.redact import scrub, url_error
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # `submit --follow` and `jobs logs --follow` exit with the job's outcome (2 stays "bad input").
 EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3}
-TOKEN_HINT = "set RAY_AUTH_TOKEN to the cluster's token (or RAY_AUTH_TOKEN_PATH to a file holding it)"
+TOKEN_HINT = ("set RAY_AUTH_TOKEN to the cluster's token (or RAY_AUTH_TOKEN_PATH to a file holding it; "
+              "without either, ~/.ray/auth_token is read: `ray start` writes it there on the head's machine)")
 JOB_KEY = "orchestrator.job"
 # Ray's JobSubmissionClient replaces the address it is given with either of these: the transport
 # check and the probe would judge one host while the token went to another.

@@ -232,6 +232,7 @@ def test_missing_token_is_one_line_naming_the_variables(head: RayHead, tmp_path:
     env.pop("RAY_AUTH_TOKEN_PATH")
     result = run_cli(["jobs", "list", "--address", head.address], env=env)
     _assert_one_line_error(result, "requires a token; set RAY_AUTH_TOKEN")
+    assert "~/.ray/auth_token is read" in result.stderr  # where a token taken from the head goes
     (tmp_path / "token").write_text("\n")  # a token file written empty: said, not taken for no file
     result = run_cli(["jobs", "list", "--address", head.address], env={**env, "RAY_AUTH_TOKEN_PATH": str(tmp_path / "token")})
     _assert_one_line_error(result, f"requires a token (RAY_AUTH_TOKEN_PATH ({tmp_path / 'token'}, an empty file)); set")
