@@ -307,3 +307,22 @@ def test_plan_with_a_config_shows_time_and_cost_for_the_samples_it_trains(tmp_pa
     plan, said = planned("epochs.yaml")
     assert plan["total_samples"] == 15 * (int(1797 * 0.8) // 64) * 64 and plan["choice"]["cost"] is not None, plan
     assert planned("epochs.yaml", "--total-samples", "999")[0]["total_samples"] == 999
+
+
+def test_plan_with_a_config_of_too_many_epochs_names_the_field(tmp_path: Path) -> None:
+    """A config whose epochs train past 2**53 samples was said of a --total-samples never given
+    (`--total-samples: must be <= 2**53`); it names training.epochs, as `run` does."""
+    import yaml
+
+    from trainers.data import ensure_prepared
+
+    (tmp_path / "profile.json").write_text(json.dumps(CPU_PROFILE))
+    job = yaml.safe_load((ROOT / "configs" / "digits.yaml").read_text())
+    job["training"]["epochs"] = 10**20
+    (tmp_path / "epochs.yaml").write_text(yaml.safe_dump(job))
+    ensure_prepared("digits", tmp_path / "data" / "digits")
+    proc = orchestrator("plan", "--profile", "profile.json", "--cluster", str(DGX), "--config", "epochs.yaml",
+                        cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: training.epochs: 2,200,000,000,000,000,000,000 steps of 64 samples is more than 2**53 samples; "
+        "no job runs that long"], proc.stderr

@@ -97,6 +97,8 @@ def _config_samples(job: Any) -> int | None:
     """About the samples `run` trains for the config: max_steps, or fewer by epochs of the local data's
     rows less the held-out share (what the Parquet footers count; `run` counts the split exactly).
     The plan showed no time to finish or cost for a --config without --total-samples."""
+    from orchestrator.driver.data import total_steps
+
     t = job.training
     steps = t.max_steps  # None: by epochs only (one of the two is set: validated)
     said = f"{steps:,} steps" if steps is not None else ""
@@ -106,8 +108,10 @@ def _config_samples(job: Any) -> int | None:
             note("time and cost: training.epochs counts the data's rows, not here yet; give --total-samples")
             return None
         per_epoch = max(int(rows * (1 - job.data.val_fraction)) // t.global_batch_size, 1)
-        if steps is None or t.epochs * per_epoch < steps:
-            steps, said = t.epochs * per_epoch, f"{t.epochs:,} epochs of ~{per_epoch:,} steps"
+        # past 2**53 samples: said of training.epochs as `run` says it, not of a --total-samples never given
+        steps = total_steps(job, per_epoch)
+        if steps != t.max_steps:
+            said = f"{t.epochs:,} epochs of ~{per_epoch:,} steps"
     note(f"time and cost for the config's {said} of {t.global_batch_size:,} samples (--total-samples to change)")
     return steps * t.global_batch_size
 
