@@ -43,6 +43,14 @@ def named(path: str | Path) -> str:
     return name if len(name) <= 120 else f"{name[:60]}... ({len(name):,} characters)"
 
 
+def a_path(path: Any, what: str) -> Path:
+    """`path` as a Path, else a UserError: a None, number or bytes given to `Profile.load`, `load_cluster`,
+    `save` (Python callers) failed deep inside pathlib with a TypeError."""
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
+        raise UserError(f"{what}: must be a path (a str or pathlib.Path), got {type(path).__name__}")
+    return Path(path)
+
+
 def read_text(path: str | Path, what: str, *, max_bytes: int = MAX_FILE_BYTES,
               own_only: bool = False) -> tuple[Path, str]:
     """The path and UTF-8 text of a regular file of at most `max_bytes`, else a one-line error.
@@ -52,7 +60,7 @@ def read_text(path: str | Path, what: str, *, max_bytes: int = MAX_FILE_BYTES,
     folder), read only when it is this user's own file and no symbolic link: a file another user
     planted there, or a link swapped in, says what a plan or job would take for measured figures.
     """
-    path = Path(path)
+    path = a_path(path, f"the {what} file")
     with _opened(path, what, own_only=own_only) as file:
         size = os.fstat(file.fileno()).st_size
         if size > max_bytes:
@@ -99,7 +107,7 @@ def write_text(path: str | Path, text: str, *, follow_links: bool = True) -> Pat
     mode kept; through a symbolic link to its target, or with `follow_links=False` over the link
     itself), so a full disk leaves the previous file as it was; a device or pipe (`-o /dev/stdout`)
     is written in place."""
-    path = Path(path)
+    path = a_path(path, "the file to write")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         link = path.is_symlink()

@@ -143,3 +143,16 @@ def test_cluster_from_ray_nodes() -> None:
     assert (cpu.nodes, cpu.gpus_per_node, cpu.gpu) == (2, 2, "cpu")
     with pytest.raises(UserError, match="no alive node"):
         spec_from_nodes([node(alive=False, CPU=8)])
+
+
+@pytest.mark.parametrize("path", [None, 5, b"profile.json"])
+def test_a_path_that_is_no_path_is_a_user_error(path: Any) -> None:
+    """`Profile.load(None)`, `load_cluster(5)`, `save(b"...")` raised pathlib's TypeError from deep inside."""
+    from orchestrator.planner import load_observations
+
+    kind = type(path).__name__
+    for load, what in ((Profile.load, "profile"), (load_cluster, "cluster"), (load_observations, "observations")):
+        with pytest.raises(UserError, match=rf"^the {what} file: must be a path \(a str or pathlib.Path\), got {kind}$"):
+            load(path)
+    with pytest.raises(UserError, match=rf"^the file to write: must be a path \(a str or pathlib.Path\), got {kind}$"):
+        make_profile().save(path)
