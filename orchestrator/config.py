@@ -141,6 +141,9 @@ def tracking_uri_problem(uri: str) -> str | None:
         elif parts.scheme in ("http", "https") and (not parts.hostname or "\\" in parts.netloc):  # urllib, requests differ
             problem = ("no host; expected http://HOST:PORT" if not parts.hostname else "a backslash in its host part, "
                        "which clients read as different hosts; percent-encode it (%5C)")
+        elif parts.scheme in ("http", "https") and any(c.isspace() for c in parts.hostname):
+            # passed validation; every request then failed ("Invalid url") and the run spilled all it logged
+            problem = "a space in its host name, which no host name holds"
         elif parts.scheme in ("", "file") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("true", "1"):
             # MLflow 3 refuses its folder store when the client opens (the tracker, calibrate, replay)
             problem = ("a folder is MLflow's file store, which MLflow 3 refuses unless MLFLOW_ALLOW_FILE_STORE=true "

@@ -80,6 +80,9 @@ def write(tmp_path: Path, overrides: list[str], *, drop: str | None = None) -> P
         (["tracking.tracking_uri=http:///x"], "tracking.tracking_uri: no host; expected http://HOST:PORT, got 'http:///x'"),
         # urllib reads host evil.com, requests (WHATWG: '\' is '/') host h: which one the job talks to is a guess
         (["tracking.tracking_uri=http://h:5000\\@evil.com"], "tracking.tracking_uri: a backslash in its host part"),
+        # every request failed ("Invalid url") and the run spilled everything it logged
+        (["tracking.tracking_uri=http://mlflow server:5000"],
+         "tracking.tracking_uri: a space in its host name, which no host name holds, got 'http://mlflow server:5000'"),
         # a folder: `tracking replay` retried MLflow's "unable to open database file" for ~2 minutes
         (["tracking.tracking_uri=sqlite:////tmp"], "tracking.tracking_uri: names a folder, not a database file"),
         # MLflow 3 refuses its folder store when the tracker opens it: said at validation instead
