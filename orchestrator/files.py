@@ -72,10 +72,13 @@ def read_text(path: str | Path, what: str, *, max_bytes: int = MAX_FILE_BYTES,
     if len(payload) > max_bytes:  # grown since
         raise UserError(f"{named(path)}: more than {max_bytes:,} bytes is too large for a {what} file")
     try:
-        return path, payload.decode("utf-8")
+        text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise UserError(f"{named(path)}: not UTF-8 text (byte {exc.start} is 0x{payload[exc.start]:02x}); "
                         f"is this the {what} file?") from None
+    # A UTF-8 byte order mark (Notepad, PowerShell's Out-File): YAML skipped it, but a JSON profile,
+    # plan or observations file with one was refused as "not valid JSON (line 1)".
+    return path, text.removeprefix("\ufeff")
 
 
 def _opened(path: Path, what: str, *, own_only: bool) -> BinaryIO:

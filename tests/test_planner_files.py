@@ -156,3 +156,19 @@ def test_a_path_that_is_no_path_is_a_user_error(path: Any) -> None:
             load(path)
     with pytest.raises(UserError, match=rf"^the file to write: must be a path \(a str or pathlib.Path\), got {kind}$"):
         make_profile().save(path)
+
+
+def test_json_files_with_a_byte_order_mark_are_read(tmp_path: Path) -> None:
+    """A profile, plan or observations file saved with a UTF-8 BOM (Notepad, PowerShell) was refused
+    as 'not valid JSON (line 1)', where a cluster YAML with one was read."""
+    from orchestrator.planner import Observation, load_observations
+
+    profile = make_profile()
+    result = plan(profile, make_cluster())
+    obs = Observation(profile=profile, nodes=2, gpus_per_node=8, local_batch=32, step_time_s=0.2)
+    for name, data, load, expected in (
+            ("p.json", profile.to_dict(), Profile.load, profile),
+            ("plan.json", result.to_dict(), Plan.load, result),
+            ("obs.json", [obs.to_dict()], load_observations, [obs])):
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + json.dumps(data).encode())
+        assert load(tmp_path / name) == expected
