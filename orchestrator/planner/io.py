@@ -73,6 +73,9 @@ def load_observations(path: str | Path) -> list[Observation]:
                 if x.strip():
                     raw.append(json.loads(x, object_pairs_hook=unique_keys))
     except json.JSONDecodeError as exc:
+        if line and _one_document(text):  # valid JSON said "not valid JSON (line 1)"
+            raise UserError(f"{path}: one JSON object over several lines; expected a JSON list of observations "
+                            "or one observation per line (JSON lines)") from None
         raise UserError(f"{path}: not valid JSON (line {line or exc.lineno})") from None
     except ValueError as exc:  # an integer past Python's 4,300 digits
         raise UserError(f"{path}: not valid JSON ({str(exc)[:80]})") from None
@@ -82,6 +85,13 @@ def load_observations(path: str | Path) -> list[Observation]:
         return [Observation.from_dict(o, f"observations[{i}]") for i, o in enumerate(raw)]
     except UserError as exc:
         raise UserError(f"{path}: {exc}") from None
+
+
+def _one_document(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except (ValueError, RecursionError):
+        return False
 
 
 def save_observations(observations: Iterable[Observation], path: str | Path) -> Path:
