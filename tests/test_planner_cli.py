@@ -326,3 +326,22 @@ def test_plan_with_a_config_of_too_many_epochs_names_the_field(tmp_path: Path) -
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: training.epochs: 2,200,000,000,000,000,000,000 steps of 64 samples is more than 2**53 samples; "
         "no job runs that long"], proc.stderr
+
+
+def test_a_bad_flag_on_a_calibrated_cluster_is_one_line(tmp_path: Path) -> None:
+    """With a stored calibration of the cluster, `plan --budget 0` printed the 'calibration: the newest
+    of this cluster' note before its error: two lines for one bad flag."""
+    from orchestrator.calibrations import store
+    from orchestrator.planner import calibrate
+
+    (tmp_path / "profile.json").write_text(json.dumps(CPU_PROFILE))
+    spec = load_cluster(DGX)
+    profile = Profile.from_dict(CPU_PROFILE)
+    obs = [Observation(profile=profile, nodes=1, gpus_per_node=g, local_batch=32, step_time_s=0.005 * g) for g in (2, 4)]
+    assert store(calibrate(spec, obs), tmp_path / "cache" / "orchestrator" / "clusters") is not None
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    base = ("plan", "--profile", "profile.json", "--cluster", str(DGX))
+    proc = orchestrator(*base, "--budget", "0", cwd=tmp_path, env=env)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == ["error: --budget: must be > 0, got 0.0"], proc.stderr
+    proc = orchestrator(*base, "--json", cwd=tmp_path, env=env)  # planned: the note says which calibration
+    assert proc.returncode == 0 and proc.stderr.startswith("calibration: the newest of this cluster"), proc.stderr

@@ -68,8 +68,6 @@ def plan(
         total_samples = _config_samples(job)
     accumulation = fixed_accumulation(job) if job is not None else None  # `run` trains that split
     spec, said = newest(planner.load_cluster(cluster))
-    if said:
-        note(escape(said))
     flags = {"min_efficiency", "total_samples", "budget"} | ({"global_batch"} if global_batch is not None else set())
     try:
         chosen = planner.plan(
@@ -83,6 +81,8 @@ def plan(
         if field is None or field[1] not in flags:
             raise
         raise UserError(f"--{field[1].replace('_', '-')}: {str(exc)[field.end():]}") from None
+    if said:  # once planned: before it, a bad flag's error was a second line under it
+        note(escape(said))
     if output:
         chosen.save(output)
     if plot:
