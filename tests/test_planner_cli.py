@@ -330,7 +330,8 @@ def test_plan_with_a_config_of_too_many_epochs_names_the_field(tmp_path: Path) -
 
 def test_a_bad_flag_on_a_calibrated_cluster_is_one_line(tmp_path: Path) -> None:
     """With a stored calibration of the cluster, `plan --budget 0` printed the 'calibration: the newest
-    of this cluster' note before its error: two lines for one bad flag."""
+    of this cluster' note before its error: two lines for one bad flag; so did --config its 'time and
+    cost for the config's ...' note."""
     from orchestrator.calibrations import store
     from orchestrator.planner import calibrate
 
@@ -345,3 +346,11 @@ def test_a_bad_flag_on_a_calibrated_cluster_is_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2 and proc.stderr.splitlines() == ["error: --budget: must be > 0, got 0.0"], proc.stderr
     proc = orchestrator(*base, "--json", cwd=tmp_path, env=env)  # planned: the note says which calibration
     assert proc.returncode == 0 and proc.stderr.startswith("calibration: the newest of this cluster"), proc.stderr
+    import yaml
+
+    job = yaml.safe_load((ROOT / "configs" / "digits.yaml").read_text())
+    job["training"].pop("epochs")
+    job["training"]["max_steps"] = 40
+    (tmp_path / "steps.yaml").write_text(yaml.safe_dump(job))
+    proc = orchestrator(*base, "--config", "steps.yaml", "--min-efficiency", "2", cwd=tmp_path)  # its 'time and cost' note too
+    assert proc.returncode == 2 and proc.stderr.splitlines() == ["error: --min-efficiency: must be <= 1, got 2.0"], proc.stderr

@@ -64,10 +64,12 @@ def plan(
 
         job = load_config(config)
     held = _held_global_batch(profile, global_batch=global_batch, job=job, vary=vary_batch)
+    notes: list[str] = []  # said once planned: before it, a bad flag's error was a second line under them
     if total_samples is None and job is not None:
-        total_samples = _config_samples(job)
+        total_samples = _config_samples(job, notes)
     accumulation = fixed_accumulation(job) if job is not None else None  # `run` trains that split
     spec, said = newest(planner.load_cluster(cluster))
+    notes += [escape(said)] if said else []
     flags = {"min_efficiency", "total_samples", "budget"} | ({"global_batch"} if global_batch is not None else set())
     try:
         chosen = planner.plan(
@@ -81,8 +83,8 @@ def plan(
         if field is None or field[1] not in flags:
             raise
         raise UserError(f"--{field[1].replace('_', '-')}: {str(exc)[field.end():]}") from None
-    if said:  # once planned: before it, a bad flag's error was a second line under it
-        note(escape(said))
+    for line in notes:
+        note(line)
     if output:
         chosen.save(output)
     if plot:
@@ -93,10 +95,11 @@ def plan(
     print_plan(out, chosen)  # its caption is the plan's explanation
 
 
-def _config_samples(job: Any) -> int | None:
+def _config_samples(job: Any, notes: list[str]) -> int | None:
     """About the samples `run` trains for the config: max_steps, or fewer by epochs of the local data's
     rows less the held-out share (what the Parquet footers count; `run` counts the split exactly).
-    The plan showed no time to finish or cost for a --config without --total-samples."""
+    The plan showed no time to finish or cost for a --config without --total-samples. What it says
+    goes to `notes`, printed once the plan is made."""
     from orchestrator.driver.data import total_steps
 
     t = job.training
@@ -105,14 +108,14 @@ def _config_samples(job: Any) -> int | None:
     if t.epochs is not None:
         rows = _local_rows(job.data.paths)
         if rows is None:
-            note("time and cost: training.epochs counts the data's rows, not here yet; give --total-samples")
+            notes.append("time and cost: training.epochs counts the data's rows, not here yet; give --total-samples")
             return None
         per_epoch = max(int(rows * (1 - job.data.val_fraction)) // t.global_batch_size, 1)
         # past 2**53 samples: said of training.epochs as `run` says it, not of a --total-samples never given
         steps = total_steps(job, per_epoch)
         if steps != t.max_steps:
             said = f"{t.epochs:,} epochs of ~{per_epoch:,} steps"
-    note(f"time and cost for the config's {said} of {t.global_batch_size:,} samples (--total-samples to change)")
+    notes.append(f"time and cost for the config's {said} of {t.global_batch_size:,} samples (--total-samples to change)")
     return steps * t.global_batch_size
 
 
