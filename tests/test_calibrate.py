@@ -316,6 +316,8 @@ def test_observations_round_trip_and_bad_ones_are_one_line(tmp_path: Path) -> No
     assert load_observations(save_observations(obs, tmp_path / "obs.json")) == obs
     (tmp_path / "obs.jsonl").write_text("\n".join(json.dumps(o.to_dict()) for o in obs))
     assert load_observations(tmp_path / "obs.jsonl") == obs
+    (tmp_path / "one.json").write_text(json.dumps(obs[0].to_dict(), indent=1))  # was "not valid JSON (line 1)"
+    assert load_observations(tmp_path / "one.json") == obs[:1]
     bad = {**obs[0].to_dict(), "step_time_s": 0}
     with pytest.raises(UserError, match=r"^observation\.step_time_s: must be > 0, got 0$"):
         Observation.from_dict(bad)
@@ -327,9 +329,6 @@ def test_observations_round_trip_and_bad_ones_are_one_line(tmp_path: Path) -> No
                        r"not valid JSON \(line 4\)"),
         "binary.json": (b"\x00\x01\xff" * 100, r"not UTF-8 text \(byte 2 is 0xff\); is this the observations file\?"),
         "deep.json": ("[" * 100_000 + "]" * 100_000, r"nested too deeply to be an observations file"),
-        # valid JSON, said to be "not valid JSON (line 1)"
-        "pretty.json": (json.dumps(obs[0].to_dict(), indent=1), r"one JSON object over several lines; expected a JSON "
-                        r"list of observations or one observation per line \(JSON lines\)"),
     }
     for name, (content, message) in hostile.items():
         path = tmp_path / name

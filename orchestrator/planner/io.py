@@ -61,7 +61,7 @@ def save_cluster(cluster: ClusterSpec, path: str | Path, *, follow_links: bool =
 
 
 def load_observations(path: str | Path) -> list[Observation]:
-    """Observations from a JSON list, or one JSON object per line."""
+    """Observations from a JSON list, one JSON object per line, or one JSON object (however laid out)."""
     path, text = read_text(path, "observations", max_bytes=MAX_OBSERVATIONS_BYTES)
     line = 0
     try:
@@ -73,10 +73,11 @@ def load_observations(path: str | Path) -> list[Observation]:
                 if x.strip():
                     raw.append(json.loads(x, object_pairs_hook=unique_keys))
     except json.JSONDecodeError as exc:
-        if line and _one_document(text):  # valid JSON said "not valid JSON (line 1)"
-            raise UserError(f"{path}: one JSON object over several lines; expected a JSON list of observations "
-                            "or one observation per line (JSON lines)") from None
-        raise UserError(f"{path}: not valid JSON (line {line or exc.lineno})") from None
+        # One observation pretty-printed (valid JSON) was refused as "not valid JSON (line 1)".
+        if (one := _one_object(text)) is not None:
+            raw = [one]
+        else:
+            raise UserError(f"{path}: not valid JSON (line {line or exc.lineno})") from None
     except ValueError as exc:  # an integer past Python's 4,300 digits
         raise UserError(f"{path}: not valid JSON ({str(exc)[:80]})") from None
     except RecursionError:
@@ -87,11 +88,12 @@ def load_observations(path: str | Path) -> list[Observation]:
         raise UserError(f"{path}: {exc}") from None
 
 
-def _one_document(text: str) -> bool:
+def _one_object(text: str) -> dict | None:
     try:
-        return isinstance(json.loads(text), dict)
-    except (ValueError, RecursionError):
-        return False
+        found = json.loads(text, object_pairs_hook=unique_keys)
+    except (ValueError, RecursionError):  # a duplicated key too: the line's error stands
+        return None
+    return found if isinstance(found, dict) else None
 
 
 def save_observations(observations: Iterable[Observation], path: str | Path) -> Path:
