@@ -105,6 +105,12 @@ def write(tmp_path: Path, overrides: list[str], *, drop: str | None = None) -> P
         # argv bytes of no UTF-8 text (`--set $'name=\xff'`): a 100-line UnicodeEncodeError in the YAML parser
         (["tracking.experiment=a\udcff"], "--set tracking.experiment=a\\udcff: not UTF-8 text (byte 0xff)"),
         (["training.epochs=null", "training.max_steps=null"], "training: set epochs or max_steps"),
+        # validate said ok; run then failed in pyarrow, or prepared a built-in set into a local ./s3:/bucket
+        (["checkpoint.storage_path=s3://"], "checkpoint.storage_path: s3:// names no bucket or host, got 's3://'"),
+        (["data.dataset=null", "data.path=gs:///x"], "data.path: gs:// names no bucket or host, got 'gs:///x'"),
+        (['checkpoint.storage_path="runs\0x"'], "checkpoint.storage_path: holds a NUL byte, which no file name holds"),
+        (["data.path=s3://bucket/digits"], "data.path: a built-in data set (digits) is prepared into a local folder, "
+                                           "got the URI 's3://bucket/digits'"),
     ],
 )
 def test_bad_field_is_one_line_naming_it(tmp_path: Path, overrides: list[str], expected: str) -> None:

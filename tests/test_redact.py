@@ -99,7 +99,8 @@ def test_what_the_command_line_prints_and_logs_holds_no_credential(tmp_path) -> 
 
     digits = str(ROOT / "configs" / "digits.yaml")
     for args, env in (
-        (["validate", digits, "--set", "data.path=s3://AKIA:S3CRETKEY@bucket/digits"], {}),
+        (["validate", digits, "--set", "data.dataset=null", "--set", "data.path=s3://AKIA:S3CRETKEY@bucket/digits"], {}),
+        (["validate", digits, "--set", "data.path=s3://AKIA:S3CRETKEY@bucket/digits"], {}),  # an error line
         (["validate", digits, "--set", "tracking.tracking_uri=http://u:S3CRETKEY/x@host:5000"], {}),
         (["validate", digits], {"MLFLOW_TRACKING_URI": "http://bob:S3CRETKEY/Qz@127.0.0.1:9"}),
         (["jobs", "list", "--address", "http://bob:S3CRETKEY/x@127.0.0.1:9"], {}),

@@ -86,6 +86,17 @@ class ColumnConfig(Section):
         return v
 
 
+def _place_problem(path: str) -> str | None:
+    """What makes `path` no place to read or write: a NUL byte (no file name holds one), or a URI
+    naming no bucket or host (`s3://`, `gs:///x`: `validate` said ok; the job then failed in pyarrow)."""
+    if "\0" in path:
+        return f"holds a NUL byte, which no file name holds, got {path!r}"
+    scheme, sep, rest = path.partition("://")
+    if sep and scheme.lower() != "file" and not rest.split("/", 1)[0].strip():
+        return f"{scheme}:// names no bucket or host, got {path!r}"
+    return None
+
+
 def _path_key(path: str) -> str:
     """One spelling per place: `data/x`, `./data/x` and `data/x/` compare equal (a URI keeps its scheme)."""
     scheme, sep, rest = path.rpartition("://")
@@ -110,6 +121,8 @@ class DataConfig(Section):
         listed = [v] if isinstance(v, str) else v
         if any(not p.strip() for p in listed):  # "" reads the working directory
             raise ValueError(f"every path must name a file or folder, got {v!r}")
+        if problem := next(filter(None, map(_place_problem, listed)), None):
+            raise ValueError(problem)
         keys = [_path_key(p) for p in listed]
         if again := next((k for k in keys if keys.count(k) > 1), None):
             spellings = list(dict.fromkeys(p for p, k in zip(listed, keys) if k == again))
@@ -125,6 +138,9 @@ class DataConfig(Section):
         if self.dataset is not None and len(self.paths) != 1:
             raise ValueError(f"path: a built-in data set ({self.dataset}) is prepared into exactly one folder, "
                              f"got {len(self.paths)} paths")
+        if self.dataset is not None and "://" in self.paths[0]:  # was prepared into a local ./s3:/bucket/x
+            raise ValueError(f"path: a built-in data set ({self.dataset}) is prepared into a local folder, got the URI "
+                             f"{self.paths[0]!r}; give a folder, or leave data.dataset out to read data put there")
         if self.dataset is None and self.dataset_kwargs:  # options nothing would use, silently dropped
             raise ValueError(f"dataset_kwargs: options for preparing a built-in data set, but data.dataset is not "
                              f"set ({', '.join(map(str, self.dataset_kwargs))} would be ignored)")
@@ -186,6 +202,13 @@ class CheckpointConfig(Section):
     every_steps: int = Field(default=100, gt=0)
     keep_last: int = Field(default=3, gt=0)
     storage_path: str = "runs"
+
+    @field_validator("storage_path")
+    @classmethod
+    def _a_place(cls, v: str) -> str:
+        if problem := _place_problem(v):
+            raise ValueError(problem)
+        return v
 
 
 class WorkerConfig(Section):
