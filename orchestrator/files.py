@@ -233,6 +233,22 @@ _StrictLoader.add_implicit_resolver(
     list("-+.0123456789"))
 
 
+# YAML 1.1's base-60 numbers: `deadline_hours: 1:30` was read as 90 (hours), `--set training.epochs=1:30`
+# as 90. YAML 1.2 (and JSON) read them as text, which a number field then refuses, naming it. A
+# signed fraction without its leading zero (`-.5`) is a number, as in YAML 1.2 (1.1 read it as text).
+_NO_BASE_60 = {
+    "tag:yaml.org,2002:int": re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)"
+                                        r"|[-+]?0x[0-9a-fA-F_]+)$"),
+    "tag:yaml.org,2002:float": re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?"
+                                          r"|[-+]?\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+}
+_BASE_60 = {id(r) for rs in yaml.SafeLoader.yaml_implicit_resolvers.values() for tag, r in rs if tag in _NO_BASE_60}
+_StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, _NO_BASE_60[tag] if id(r) in _BASE_60 else r) for tag, r in resolvers]
+    for first, resolvers in _StrictLoader.yaml_implicit_resolvers.items()
+}
+
+
 def _refuse_tag(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
     """Sets and bytes: values no job, profile or plan holds, and JSON (MLflow params, job.json) cannot."""
     raise yaml.constructor.ConstructorError(None, None, f"tag {node.tag.replace('tag:yaml.org,2002:', '!!')} "

@@ -4,6 +4,7 @@ timeout would fail the test long before a "billion laughs" file finished expandi
 
 from __future__ import annotations
 
+import re
 import os
 import subprocess
 import sys
@@ -227,6 +228,18 @@ def test_numbers_in_exponent_form_read_as_numbers_as_in_yaml_1_2(tmp_path: Path)
     spec = load_cluster(path)
     assert (spec.intra_node_GBps, spec.inter_node_GBps) == (30.0, 12.5)
     assert read_yaml_text("a: 1e-4\nb: '1e-4'\nc: e5\nd: 0x10\n") == {"a": 1e-4, "b": "1e-4", "c": "e5", "d": 16}
+
+
+def test_base_60_numbers_are_text_as_in_yaml_1_2(tmp_path: Path) -> None:
+    """YAML 1.1 reads `1:30` as 90: `resources.deadline_hours: 1:30` (an hour and a half) planned for
+    90 hours, `--set training.epochs=1:30` trained 90 epochs, each without a word."""
+    assert read_yaml_text("a: 1:30\nb: 1:30:00.5\nc: -.5\nd: +.5e+3\ne: 010\nf: -.inf\n") == {
+        "a": "1:30", "b": "1:30:00.5", "c": -0.5, "d": 500.0, "e": 8, "f": float("-inf")}
+    config = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
+    for override, field in (("resources.deadline_hours=1:30", "resources.deadline_hours"),
+                            ("training.epochs=1:30", "training.epochs")):
+        with pytest.raises(UserError, match=rf"^{re.escape(field)}: .*got '1:30'"):
+            load_config(config, [override])
 
 
 def read_yaml_text(text: str) -> object:
