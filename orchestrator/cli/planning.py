@@ -28,7 +28,7 @@ def plan(
     vary_batch: Annotated[bool, typer.Option(help="Let the global batch vary: each placement tries the "
                                                   "profiled local batches.")] = False,
     total_samples: Annotated[int | None, typer.Option(help="Samples to train (for time to finish and cost); "
-                                                           "default: --config's max_steps x global batch.")] = None,
+                                                           "default: what --config trains.")] = None,
     deadline_hours: Annotated[float | None, typer.Option(help="min_cost: finish within this many hours.")] = None,
     budget: Annotated[float | None, typer.Option(help="Spend at most this many USD (needs gpu_hour_cost).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
