@@ -237,7 +237,8 @@ def test_base_60_numbers_are_text_as_in_yaml_1_2(tmp_path: Path) -> None:
         "a": "1:30", "b": "1:30:00.5", "c": -0.5, "d": 500.0, "e": 8, "f": float("-inf")}
     config = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
     for override, field in (("resources.deadline_hours=1:30", "resources.deadline_hours"),
-                            ("training.epochs=1:30", "training.epochs")):
+                            ("training.epochs=1:30", "training.epochs"),
+                            ("resources.workers=1:30", "resources.workers")):  # was 90 workers
         with pytest.raises(UserError, match=rf"^{re.escape(field)}: .*got '1:30'"):
             load_config(config, [override])
 
