@@ -35,7 +35,8 @@ from orchestrator.driver.policies import (
 from orchestrator.driver.ports import Fit, FitOutcome, Identity, JobResult, Ports, Prepared, Run
 from orchestrator.driver.recorder import Recorder
 from orchestrator.driver.replan import comparison, observation, predicted_at, replan
-from orchestrator.driver.sizing import Sizing, Workers, fixed_accumulation, fixed_workers, least_workers, most
+from orchestrator.driver.result import job_result
+from orchestrator.driver.sizing import Sizing, Workers, fixed_accumulation, fixed_workers, least_workers
 from orchestrator.errors import UserError, worker_user_error
 from orchestrator.planner import OBSERVATIONS_ARTIFACT, REFIT_MIN_STEPS
 from trainers.events import (
@@ -378,17 +379,6 @@ class JobController:
     def _status(self, message: str) -> None:
         self.ports.ui.status(message)
 
-    def _final_metrics(self) -> dict[str, Any]:
-        """The last loss and evaluation, and the steady step time and rate (not the last step's,
-        which may hold a checkpoint or an epoch's start)."""
-        metrics = {**(self.recorder.last_metrics if self.recorder else {}),
-                   **(self.outcome.metrics if self.outcome else {})}
-        for key in ("train/step_time_s", "train/samples_per_s", "train/lr", "train/epoch"):
-            metrics.pop(key, None)
-        if metrics.get("observed_step_time_s"):
-            metrics["samples_per_s"] = self.job.training.global_batch_size / metrics["observed_step_time_s"]
-        return metrics
-
     def _progress_info(self) -> dict[str, float]:
         info = dict(self.recorder.last_metrics)
         group = self.recorder.group
@@ -398,20 +388,7 @@ class JobController:
         return info
 
     def _result(self) -> JobResult:
-        if self.identity is not None and self.identity.complete and self.prepared is None:
-            finished = dict(self.identity.state.finished or {})
-            return JobResult(State.FINISHED, run_id=finished.get("run_id"), final_step=finished.get("step", 0),
-                             model_version=self.model_version or finished.get("model_version"),
-                             already_complete=finished)
-        rec, outcome = self.recorder, self.outcome
-        checkpoint = outcome.checkpoint if outcome is not None else None
-        group = rec.group if rec else None
-        return JobResult(
-            self.state, run_id=self.run_log.run_id if self.run_log else None, final_step=rec.last_step if rec else 0,
-            metrics=self._final_metrics(),
-            checkpoint_path=checkpoint.path if checkpoint is not None else None, model_version=self.model_version,
-            workers=group.workers if group else most(self.workers) if self.workers else 0,
-            restarts=rec.restarts if rec else 0, resizes=rec.resizes if rec else 0, replans=self.replans,
-            tracking=self.tracking_report, groups=list(rec.groups) if rec else [],
-            failures=list(rec.failures) if rec else [],
-        )
+        return job_result(self.state, identity=self.identity, prepared=self.prepared, recorder=self.recorder,
+                          outcome=self.outcome, run_log=self.run_log, model_version=self.model_version,
+                          workers=self.workers, replans=self.replans, tracking=self.tracking_report,
+                          global_batch=self.job.training.global_batch_size)
