@@ -43,7 +43,7 @@ def test_the_planner_imports_neither_ray_nor_torch(path: Path) -> None:
     assert not top_level(imported_modules(path)) & {"ray", "torch", "mlflow"}
 
 
-@pytest.mark.parametrize("name", ["controller", "policies", "ports", "recorder", "result"])
+@pytest.mark.parametrize("name", ["controller", "ending", "policies", "ports", "recorder", "result"])
 def test_the_controller_and_its_policies_need_no_ray_and_no_mlflow(name: str) -> None:
     path = ROOT / "orchestrator" / "driver" / f"{name}.py"
     assert not top_level(imported_modules(path)) & {"ray", "mlflow"}

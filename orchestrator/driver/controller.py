@@ -12,13 +12,12 @@ transition with fakes in milliseconds. Decisions come from the pure `policies`.
 from __future__ import annotations
 
 import threading
-from datetime import datetime, timezone
 from typing import Any
 
 from orchestrator import constants
 from orchestrator.config import JobConfig, WorkerRange
+from orchestrator.driver.ending import JobEnd
 from orchestrator.driver.policies import (
-    RUN_STATUS,
     GiveUp,
     KeepWaiting,
     Resize,
@@ -38,7 +37,7 @@ from orchestrator.driver.replan import comparison, observation, predicted_at, re
 from orchestrator.driver.result import job_result
 from orchestrator.driver.sizing import Sizing, Workers, fixed_accumulation, fixed_workers, least_workers
 from orchestrator.errors import UserError, worker_user_error
-from orchestrator.planner import OBSERVATIONS_ARTIFACT, REFIT_MIN_STEPS
+from orchestrator.planner import REFIT_MIN_STEPS
 from trainers.events import (
     CheckpointSaved,
     Evaluated,
@@ -51,7 +50,7 @@ from trainers.events import (
 )
 
 
-class JobController:
+class JobController(JobEnd):
     def __init__(self, job: JobConfig, ports: Ports, *, workers: int | None = None,
                  stop: threading.Event | None = None) -> None:
         self.job, self.ports, self.workers_flag = job, ports, workers
@@ -320,51 +319,7 @@ class JobController:
         self.identity.save_records(name, rows)
         return rows
 
-    # -- the end ---------------------------------------------------------------------------------
-
-    def _stop_live_fit(self, exc: BaseException | None) -> None:
-        """The driver failed (`exc`) or was aborted (None: a second Ctrl-C, which does not wait)
-        while its worker group trains: stop the group (at its next stop check, with a final
-        checkpoint) before the run is closed, so it does not train on unrecorded in a process
-        that outlives this call (a notebook, a service, a test session)."""
-        if self.fit is None or self.fit.done():
-            return
-        why = ("aborted" if exc is None else "the job cannot go on" if isinstance(exc, UserError)
-               else f"driver failed ({type(exc).__name__})")
-        self._status(f"{why} at step {self.recorder.last_step if self.recorder else 0}; stopping the worker group")
-        try:
-            self.ports.request_stop()
-        except Exception as stop_error:  # noqa: BLE001 - the original failure is the one to raise
-            self._status(f"could not ask the workers to stop: {stop_error}")
-            return
-        if exc is not None and not self.fit.wait(constants.JOB_STOP_GRACE_S):
-            self._status(f"the worker group did not stop within {constants.JOB_STOP_GRACE_S:g} s")
-
-    def _close(self) -> None:
-        try:
-            if self._requested:
-                self.ports.autoscale.release()
-            if self.run_log is not None:
-                self._final_records()
-                self.run_log.finish(RUN_STATUS[self.state if self.state.terminal else State.FAILED])
-                self.tracking_report = self.run_log.close()
-        finally:
-            if self.identity is not None:
-                self.identity.release()
-
-    def _final_records(self) -> None:
-        rec = self.recorder
-        if self.observations:  # what `orchestrator calibrate --experiment` learns the cluster from
-            self.run_log.log_dict(self.identity.state.records["observations"], OBSERVATIONS_ARTIFACT)
-        if self.state is State.FINISHED and self.outcome is not None:
-            checkpoint = self.outcome.checkpoint.path if self.outcome.checkpoint is not None else None
-            self.identity.mark_finished(step=rec.last_step, run_id=self.run_log.run_id,
-                                        model_version=self.model_version, checkpoint=checkpoint)
-        # One summary per attempt (a rerun adds its own), named by when it ended.
-        ended = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        self.run_log.log_dict({"state": self.state.value, "final_step": rec.last_step, "restarts": rec.restarts,
-                               "resizes": rec.resizes, "replan": self.replans, "ended": ended},
-                              f"summary/{ended}-{self.state.value}.json")
+    # -- records and the result (stopping the workers and closing: JobEnd, in ending.py) ------------
 
     def _log_autoscale(self) -> None:
         record = self._autoscale_record
@@ -375,9 +330,6 @@ class JobController:
             before = self._sizing_before
             if before is not None and before.plan is not None:
                 self.run_log.log_dict(before.plan.to_dict(), "plan/plan_before_autoscale.json")
-
-    def _status(self, message: str) -> None:
-        self.ports.ui.status(message)
 
     def _progress_info(self) -> dict[str, float]:
         info = dict(self.recorder.last_metrics)

@@ -1,0 +1,78 @@
+"""How a job ends, whatever happened: a worker group still training is asked to stop, the MLflow
+run is ended with the true status and closed, the autoscaler request withdrawn and the job's lock
+released. A part of `JobController` (controller.py), on the attributes it declares."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from orchestrator import constants
+from orchestrator.driver.policies import RUN_STATUS, State
+from orchestrator.driver.ports import Fit, FitOutcome, Identity, Ports, Run
+from orchestrator.driver.recorder import Recorder
+from orchestrator.errors import UserError
+from orchestrator.planner import OBSERVATIONS_ARTIFACT
+
+
+class JobEnd:
+    state: State
+    ports: Ports
+    fit: Fit | None
+    recorder: Recorder | None
+    run_log: Run | None
+    identity: Identity | None
+    outcome: FitOutcome | None
+    model_version: str | None
+    replans: list[dict[str, Any]]
+    observations: list[dict[str, Any]]
+    tracking_report: Any
+    _requested: bool
+
+    def _stop_live_fit(self, exc: BaseException | None) -> None:
+        """The driver failed (`exc`) or was aborted (None: a second Ctrl-C, which does not wait)
+        while its worker group trains: stop the group (at its next stop check, with a final
+        checkpoint) before the run is closed, so it does not train on unrecorded in a process
+        that outlives this call (a notebook, a service, a test session)."""
+        if self.fit is None or self.fit.done():
+            return
+        why = ("aborted" if exc is None else "the job cannot go on" if isinstance(exc, UserError)
+               else f"driver failed ({type(exc).__name__})")
+        self._status(f"{why} at step {self.recorder.last_step if self.recorder else 0}; stopping the worker group")
+        try:
+            self.ports.request_stop()
+        except Exception as stop_error:  # noqa: BLE001 - the original failure is the one to raise
+            self._status(f"could not ask the workers to stop: {stop_error}")
+            return
+        if exc is not None and not self.fit.wait(constants.JOB_STOP_GRACE_S):
+            self._status(f"the worker group did not stop within {constants.JOB_STOP_GRACE_S:g} s")
+
+    def _close(self) -> None:
+        try:
+            if self._requested:
+                self.ports.autoscale.release()
+            if self.run_log is not None:
+                self._final_records()
+                self.run_log.finish(RUN_STATUS[self.state if self.state.terminal else State.FAILED])
+                self.tracking_report = self.run_log.close()
+        finally:
+            if self.identity is not None:
+                self.identity.release()
+
+    def _final_records(self) -> None:
+        rec = self.recorder
+        if self.observations:  # what `orchestrator calibrate --experiment` learns the cluster from
+            self.run_log.log_dict(self.identity.state.records["observations"], OBSERVATIONS_ARTIFACT)
+        if self.state is State.FINISHED and self.outcome is not None:
+            checkpoint = self.outcome.checkpoint.path if self.outcome.checkpoint is not None else None
+            self.identity.mark_finished(step=rec.last_step, run_id=self.run_log.run_id,
+                                        model_version=self.model_version, checkpoint=checkpoint)
+        # One summary per attempt (a rerun adds its own), named by when it ended.
+        ended = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        self.run_log.log_dict({"state": self.state.value, "final_step": rec.last_step, "restarts": rec.restarts,
+                               "resizes": rec.resizes, "replan": self.replans, "ended": ended},
+                              f"summary/{ended}-{self.state.value}.json")
+
+
+    def _status(self, message: str) -> None:
+        self.ports.ui.status(message)
