@@ -48,16 +48,41 @@ class JobEnd:
             self._status(f"the worker group did not stop within {constants.JOB_STOP_GRACE_S:g} s")
 
     def _close(self) -> None:
+        """Withdraw the autoscaler request, end and close the run, release the lock: each whatever
+        the ones before it raised (a job.json the disk had no room for left the run RUNNING, what
+        MLflow had not taken unspilled); the first error is raised once all of them ran."""
+        errors: list[BaseException] = []
+        for part in (self._withdraw_request, self._end_run, self._release_lock):
+            try:
+                part()
+            except BaseException as exc:  # noqa: BLE001 - raised below, once every part ran
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def _withdraw_request(self) -> None:
+        if self._requested:
+            self._requested = False
+            self.ports.autoscale.release()
+
+    def _end_run(self) -> None:
+        if self.run_log is None:
+            return
         try:
-            if self._requested:
-                self.ports.autoscale.release()
-            if self.run_log is not None:
-                self._final_records()
-                self.run_log.finish(RUN_STATUS[self.state if self.state.terminal else State.FAILED])
-                self.tracking_report = self.run_log.close()
+            self._final_records()
+        except BaseException as exc:
+            if self.state is State.FINISHED:  # not recorded finished: the command fails, and the run with it
+                self.state = State.STOPPED if isinstance(exc, KeyboardInterrupt) else State.FAILED
+            raise
         finally:
-            if self.identity is not None:
-                self.identity.release()
+            try:
+                self.run_log.finish(RUN_STATUS[self.state if self.state.terminal else State.FAILED])
+            finally:
+                self.tracking_report = self.run_log.close()
+
+    def _release_lock(self) -> None:
+        if self.identity is not None:
+            self.identity.release()
 
     def _final_records(self) -> None:
         rec = self.recorder

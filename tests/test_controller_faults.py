@@ -1,0 +1,60 @@
+"""The driver's controller under injected faults, with fakes (no Ray, no MLflow): whatever fails and
+wherever, the run it opened ends with the true status and is closed, the autoscaler request is
+withdrawn, the job's lock released and a worker group still training asked to stop."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+
+import pytest
+from driver_fakes import FakeFit, FakeScaler, World, finished_fit, group, steps
+
+from orchestrator.config import validate
+from orchestrator.driver.controller import JobController
+from orchestrator.driver.ports import FitOutcome
+from orchestrator.driver.policies import State
+
+BASE = {"name": "job", "model": {"name": "mlp"}, "training": {"max_steps": 10, "global_batch_size": 32},
+        "data": {"path": "data", "features": {"column": "x", "dtype": "float32"}}}
+
+
+def job(**resources):
+    return validate({**BASE, "resources": resources})
+
+
+def fail(exc: BaseException):
+    def raising(*args, **kwargs):
+        raise exc
+    return raising
+
+
+def test_a_job_record_the_disk_has_no_room_for_still_ends_and_closes_the_run() -> None:
+    # Training finished; writing job.json hit a full disk: the run was left RUNNING, never closed
+    # (what MLflow had not taken was neither sent nor spilled), the lock kept.
+    world = World(job(), [finished_fit()])
+    full = OSError(errno.ENOSPC, "No space left on device", "runs/job/job.json")
+    world.identity.mark_finished = fail(full)
+    controller = JobController(world.job, world.ports())
+    with pytest.raises(OSError, match="No space left"):
+        controller.run()
+    assert controller.state is State.FAILED and world.run.status == "FAILED" and world.run.closed
+    assert world.identity.released
+
+
+def test_an_autoscaler_that_cannot_withdraw_its_request_still_ends_the_run_and_releases_the_lock() -> None:
+    scaler = FakeScaler([2])
+    scaler.release = fail(ConnectionError("GCS unreachable"))
+    world = World(job(workers=2), [FakeFit([[steps(1, 3)]], FitOutcome({"step": 3}))], scaler=scaler)
+    ports = dataclasses.replace(world.ports(), start_fit=fail(RuntimeError("no placement group")))
+    with pytest.raises((RuntimeError, ConnectionError)):
+        JobController(world.job, ports).run()
+    assert world.run.status == "FAILED" and world.run.closed and world.identity.released
+
+
+def test_a_run_whose_end_cannot_be_queued_is_still_closed() -> None:
+    world = World(job(), [FakeFit([[group()], [steps(1, 3)]], FitOutcome({}, error=ValueError("boom")))])
+    world.run.finish = fail(RuntimeError("queue broken"))
+    with pytest.raises((ValueError, RuntimeError)):
+        JobController(world.job, world.ports()).run()
+    assert world.run.closed and world.identity.released
