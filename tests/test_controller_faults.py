@@ -58,3 +58,21 @@ def test_a_run_whose_end_cannot_be_queued_is_still_closed() -> None:
     with pytest.raises((ValueError, RuntimeError)):
         JobController(world.job, world.ports()).run()
     assert world.run.closed and world.identity.released
+
+
+def test_a_ui_that_fails_too_does_not_keep_the_workers_training_or_replace_the_failure() -> None:
+    # stderr became a closed pipe: the driver's "stopping the worker group" line raised
+    # BrokenPipeError before the stop was asked for, and that error replaced the driver's own.
+    def broken_pipe(message: str) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def fail_after_first_steps(world: World) -> None:
+        if world.current and len(world.current.batches) == 2:
+            world.ui.status = broken_pipe
+            raise RuntimeError("a progress callback broke")
+
+    fit = FakeFit([[group()], [steps(1, 4)], [steps(5, 8)], [steps(9, 10)]], FitOutcome({"step": 10}))
+    world = World(job(), [fit], on_poll=fail_after_first_steps)
+    with pytest.raises(RuntimeError, match="progress callback"):
+        JobController(world.job, world.ports()).run()
+    assert world.stops == 1 and fit.done() and world.run.status == "FAILED" and world.identity.released

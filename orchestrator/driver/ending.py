@@ -4,6 +4,7 @@ released. A part of `JobController` (controller.py), on the attributes it declar
 
 from __future__ import annotations
 
+import contextlib
 from datetime import datetime, timezone
 from typing import Any
 
@@ -38,14 +39,20 @@ class JobEnd:
             return
         why = ("aborted" if exc is None else "the job cannot go on" if isinstance(exc, UserError)
                else f"driver failed ({type(exc).__name__})")
-        self._status(f"{why} at step {self.recorder.last_step if self.recorder else 0}; stopping the worker group")
-        try:
+        where = f"{why} at step {self.recorder.last_step if self.recorder else 0}"
+        try:  # asked first: a UI that fails too (stderr a closed pipe) neither keeps them training nor is raised
             self.ports.request_stop()
         except Exception as stop_error:  # noqa: BLE001 - the original failure is the one to raise
-            self._status(f"could not ask the workers to stop: {stop_error}")
+            self._say(f"{where}; could not ask the workers to stop: {stop_error}")
             return
+        self._say(f"{where}; stopping the worker group")
         if exc is not None and not self.fit.wait(constants.JOB_STOP_GRACE_S):
-            self._status(f"the worker group did not stop within {constants.JOB_STOP_GRACE_S:g} s")
+            self._say(f"the worker group did not stop within {constants.JOB_STOP_GRACE_S:g} s")
+
+    def _say(self, message: str) -> None:
+        """A status line while a failure is handled: the UI failing too does not replace that failure."""
+        with contextlib.suppress(Exception):
+            self._status(message)
 
     def _close(self) -> None:
         """Withdraw the autoscaler request, end and close the run, release the lock: each whatever
