@@ -76,3 +76,21 @@ def test_a_ui_that_fails_too_does_not_keep_the_workers_training_or_replace_the_f
     with pytest.raises(RuntimeError, match="progress callback"):
         JobController(world.job, world.ports()).run()
     assert world.stops == 1 and fit.done() and world.run.status == "FAILED" and world.identity.released
+
+
+def test_a_failure_while_closing_does_not_replace_the_jobs_own_error() -> None:
+    # The lease was taken over while the storage was down; releasing it (reading the lease back)
+    # failed too, and that traceback replaced the one-line UserError (exit 2).
+    from orchestrator.errors import UserError
+
+    def taken_over(world: World) -> None:
+        if world.current and len(world.current.batches) == 2:
+            world.identity.lost = "pid 7 on other-host"
+
+    fit = FakeFit([[group()], [steps(1, 4)], [steps(5, 8)], [steps(9, 10)]], FitOutcome({"step": 10}))
+    world = World(job(), [fit], on_poll=taken_over)
+    world.identity.release = fail(ConnectionError("storage unreachable"))
+    with pytest.raises(UserError, match="taken over by pid 7"):
+        JobController(world.job, world.ports()).run()
+    assert world.run.status == "FAILED" and world.run.closed
+    assert "could not release the job's lock: storage unreachable" in world.ui.statuses

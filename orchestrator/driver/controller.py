@@ -87,16 +87,15 @@ class JobController(JobEnd):
         try:
             while not self.state.terminal:
                 self.state = self.step()
-        except KeyboardInterrupt:  # a second Ctrl-C: abort without waiting for a checkpoint
-            self.state = State.STOPPED
-            self._stop_live_fit(None)
-            raise
         except BaseException as exc:
-            self.state = State.FAILED
-            self._stop_live_fit(exc)
+            aborted = isinstance(exc, KeyboardInterrupt)  # a second Ctrl-C: abort without waiting for a checkpoint
+            self.state = State.STOPPED if aborted else State.FAILED
+            try:
+                self._stop_live_fit(None if aborted else exc)
+            finally:
+                self._close(raising=False)  # the failure being handled is the one raised
             raise
-        finally:
-            self._close()
+        self._close()
         return self._result()
 
     def step(self) -> State:

@@ -54,18 +54,22 @@ class JobEnd:
         with contextlib.suppress(Exception):
             self._status(message)
 
-    def _close(self) -> None:
+    def _close(self, *, raising: bool = True) -> None:
         """Withdraw the autoscaler request, end and close the run, release the lock: each whatever
         the ones before it raised (a job.json the disk had no room for left the run RUNNING, what
-        MLflow had not taken unspilled); the first error is raised once all of them ran."""
-        errors: list[BaseException] = []
-        for part in (self._withdraw_request, self._end_run, self._release_lock):
+        MLflow had not taken unspilled). The first error is raised once all of them ran, unless
+        not `raising` (a failure is being handled: it is the one to raise); the others are said."""
+        errors: list[tuple[str, BaseException]] = []
+        for what, part in (("withdraw the autoscaler request", self._withdraw_request),
+                           ("end the MLflow run", self._end_run), ("release the job's lock", self._release_lock)):
             try:
                 part()
-            except BaseException as exc:  # noqa: BLE001 - raised below, once every part ran
-                errors.append(exc)
-        if errors:
-            raise errors[0]
+            except BaseException as exc:  # noqa: BLE001 - raised or said below, once every part ran
+                errors.append((what, exc))
+        for what, exc in errors[1 if raising else 0:]:
+            self._say(f"could not {what}: {exc}")
+        if raising and errors:
+            raise errors[0][1]
 
     def _withdraw_request(self) -> None:
         if self._requested:
