@@ -66,6 +66,7 @@ class FakeRun:
     status: str | None = None
     closed: bool = False
     warnings: list[str] = field(default_factory=list)
+    unsent: list[str] = field(default_factory=list)  # the lines of close()'s report: what MLflow did not take
 
     def log_params(self, params: Any) -> None:
         pass
@@ -89,9 +90,9 @@ class FakeRun:
         assert self.status is None, "the run was ended twice"
         self.status = status
 
-    def close(self) -> str:
+    def close(self) -> Any:
         self.closed = True
-        return "report"
+        return SimpleNamespace(lines=lambda: list(self.unsent), waiting_points=len(self.unsent), waiting_operations=0)
 
     def drain_warnings(self) -> list[str]:
         out, self.warnings = self.warnings, []

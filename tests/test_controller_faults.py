@@ -94,3 +94,20 @@ def test_a_failure_while_closing_does_not_replace_the_jobs_own_error() -> None:
         JobController(world.job, world.ports()).run()
     assert world.run.status == "FAILED" and world.run.closed
     assert "could not release the job's lock: storage unreachable" in world.ui.statuses
+
+
+def test_a_failed_job_says_what_mlflow_did_not_take_and_the_replay_command() -> None:
+    # The closing lines that say it are printed from the result, which a failed job never returns:
+    # the replay command was only logged at DEBUG.
+    from orchestrator.errors import UserError
+
+    unsent = "MLflow did not take 12 metric points and 3 other operations; they are in s.jsonl. Send them with: X"
+    world = World(job(), [FakeFit([[group()], [steps(1, 3)]], FitOutcome({}, error=UserError("data: gone")))])
+    world.run.unsent = [unsent]
+    with pytest.raises(UserError, match="data: gone"):
+        JobController(world.job, world.ports()).run()
+    assert world.run.status == "FAILED" and unsent in world.ui.statuses
+    finished = World(job(), [finished_fit()])
+    finished.run.unsent = [unsent]
+    JobController(finished.job, finished.ports()).run()
+    assert unsent not in finished.ui.statuses  # said by the closing lines, from the result

@@ -68,6 +68,9 @@ class JobEnd:
                 errors.append((what, exc))
         for what, exc in errors[1 if raising else 0:]:
             self._say(f"could not {what}: {exc}")
+        if (errors or not raising) and self.tracking_report is not None:  # no result, no closing lines: said here
+            for line in self.tracking_report.lines():  # what MLflow did not take, the replay command
+                self._say(line)
         if raising and errors:
             raise errors[0][1]
 
