@@ -111,3 +111,20 @@ def test_a_failed_job_says_what_mlflow_did_not_take_and_the_replay_command() -> 
     finished.run.unsent = [unsent]
     JobController(finished.job, finished.ports()).run()
     assert unsent not in finished.ui.statuses  # said by the closing lines, from the result
+
+
+def test_a_stop_after_a_restart_that_redid_steps_says_the_step_it_stopped_at() -> None:
+    # Trained to 7, a worker died, the group resumed from the checkpoint at 5 and was stopped at 6:
+    # it said "stopped at step 7" (steps the failed group trained and lost) and the rerun resumed from 6.
+    import threading
+
+    from orchestrator.console_ui import result_lines
+    from trainers.events import GroupEnded, WorkerFailed
+
+    stop = threading.Event()
+    fit = FakeFit([[group()], [steps(1, 7)], [WorkerFailed(step=7, cause="rank 1: KilledError")], [group(5, resumed=5)],
+                   [steps(6, 6)], [GroupEnded(step=6, reason="stopped")]], FitOutcome({"step": 6}))
+    world = World(job(), [fit], on_poll=lambda w: stop.set() if len(w.current.batches) == 1 else None)
+    result = JobController(world.job, world.ports(), stop=stop).run()
+    assert result.stopped and result.final_step == 6 and result.metrics["train/loss"] == 1 / 6
+    assert result_lines(result, tracking_uri="sqlite:///m.db")[0].startswith("stopped at step 6;")

@@ -172,7 +172,9 @@ class Recorder:
         group = Group(event.workers, event.local_batch, event.accumulation, kind, event.compute_step_times_s,
                       resumed_from=event.resumed_from)
         self.groups.append(group)
-        self.last_step = max(self.last_step, event.step)  # trained that far, whether or not it trains on
+        # Where the job is now, whether or not it trains on; a restart from an older checkpoint is back
+        # there (what the failed group trained past it is lost), as in the progress actor.
+        self.last_step = event.step
         where = (f"resumed from step {event.resumed_from}" if event.resumed_from is not None
                  else "from step 0 (no checkpoint yet)")
         if kind is GroupKind.RESIZE:
