@@ -128,3 +128,30 @@ def test_a_stop_after_a_restart_that_redid_steps_says_the_step_it_stopped_at() -
     result = JobController(world.job, world.ports(), stop=stop).run()
     assert result.stopped and result.final_step == 6 and result.metrics["train/loss"] == 1 / 6
     assert result_lines(result, tracking_uri="sqlite:///m.db")[0].startswith("stopped at step 6;")
+
+
+def test_a_stop_while_resizing_starts_no_new_worker_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    # SIGTERM as the group stopped for a resize: a new group was started (placement, processes, a
+    # restore) only to be told to stop at its first stop check.
+    import threading
+
+    from orchestrator import constants
+    from orchestrator.driver import controller as controller_module
+    from orchestrator.driver.policies import Resize
+    from orchestrator.driver.replan import Replan
+    from orchestrator.driver.sizing import Sizing
+    from trainers.events import GroupEnded
+
+    monkeypatch.setattr(constants, "REPLAN_MIN_STEPS", 4)
+    monkeypatch.setattr(controller_module, "replan", lambda group, **kwargs: Replan(
+        Resize(1, "resize 2 -> 1 worker: faster"), None, None, {"refit": {"scale": 1.0, "compute_scale": 1.0}}, "text"))
+    monkeypatch.setattr(controller_module, "predicted_at", lambda *a: object())
+    monkeypatch.setattr(controller_module, "comparison", lambda observed, predicted: {})
+    first = FakeFit([[group()], [steps(1, 5)], [GroupEnded(step=5, reason="stopped")]], FitOutcome({"step": 5}))
+    world = World(job(workers={"min": 1, "max": 2}), [first, finished_fit(workers=1)],
+                  sizing=lambda cap: Sizing((1, 2), 64))
+    stop = threading.Event()
+    ports = dataclasses.replace(world.ports(), clear_stop=stop.set)  # the signal comes as it resizes
+    result = JobController(world.job, ports, stop=stop).run()
+    assert result.stopped and result.final_step == 5 and world.started == [(1, 2)]
+    assert world.run.status == "KILLED"

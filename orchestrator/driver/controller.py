@@ -210,6 +210,8 @@ class JobController(JobEnd):
         self.workers = (bounds[0], self.resize_to)
         self.resize_to, self.stop_requested = None, None
         self.ports.clear_stop()
+        if self.stop_event.is_set():
+            return State.STOPPED  # asked as the group stopped for the resize, at a checkpoint: no new group
         self.fit = self.ports.start_fit(self.prepared, self.sizing, self.workers)
         return State.RUNNING
 
