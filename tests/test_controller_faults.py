@@ -155,3 +155,19 @@ def test_a_stop_while_resizing_starts_no_new_worker_group(monkeypatch: pytest.Mo
     result = JobController(world.job, ports, stop=stop).run()
     assert result.stopped and result.final_step == 5 and world.started == [(1, 2)]
     assert world.run.status == "KILLED"
+
+
+def test_a_stop_while_profiling_asks_the_autoscaler_for_nothing() -> None:
+    # Ctrl-C during the profile (tens of seconds): the plan's GPU nodes were still requested from
+    # the autoscaler, which may launch them, before the job stopped and withdrew the request.
+    import threading
+
+    from orchestrator.driver.sizing import Sizing
+
+    stop = threading.Event()
+    scaler = FakeScaler([4])
+    world = World(job(workers="auto"), [finished_fit()], scaler=scaler, sizing=lambda cap: Sizing(4, 64))
+    size = world._size
+    world._size = lambda prepared, cap: (stop.set(), size(prepared, cap))[1]
+    result = JobController(world.job, world.ports(), stop=stop).run()
+    assert result.stopped and scaler.requested == [] and not world.started and world.run.status is None

@@ -129,6 +129,8 @@ class JobController(JobEnd):
             return self._launch(self.ports.size(self.prepared, None))
         if sizes_before_autoscaling(self.job, self.workers_flag):
             self.sizing = self.ports.size(self.prepared, None)
+            if self.stop_event.is_set():
+                return State.STOPPED  # asked while profiling and planning: no node requested
         r = self.job.resources
         self._wanted = (fixed_workers(self.job, self.workers_flag) or (self.sizing.most if self.sizing else None)
                         or (r.workers.max if isinstance(r.workers, WorkerRange) else 1))
