@@ -171,3 +171,21 @@ def test_a_stop_while_profiling_asks_the_autoscaler_for_nothing() -> None:
     world._size = lambda prepared, cap: (stop.set(), size(prepared, cap))[1]
     result = JobController(world.job, world.ports(), stop=stop).run()
     assert result.stopped and scaler.requested == [] and not world.started and world.run.status is None
+
+
+def test_a_lock_taken_over_while_sizing_starts_no_worker_group() -> None:
+    # The lease was lost while the job was profiled (or waited for nodes): a worker group was started
+    # and trained on the job beside its new holder until the first progress poll noticed.
+    from orchestrator.errors import UserError
+
+    world = World(job(), [finished_fit()])
+    size = world._size
+
+    def lost_while_sizing(prepared, cap):
+        world.identity.lost = "pid 7 on other-host"
+        return size(prepared, cap)
+
+    world._size = lost_while_sizing
+    with pytest.raises(UserError, match="taken over by pid 7"):
+        JobController(world.job, world.ports()).run()
+    assert not world.started and world.run.status is None and world.identity.released

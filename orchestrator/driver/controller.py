@@ -173,6 +173,7 @@ class JobController(JobEnd):
         assert self.prepared is not None and self.identity is not None
         if self.stop_event.is_set():
             return State.STOPPED  # asked while profiling and planning: still no run, no workers
+        self.identity.check_held()  # lost while sizing or waiting for nodes: start nothing beside its new holder
         self.sizing, self.workers = sizing, sizing.workers
         self.profile, self.cluster = sizing.profile, sizing.cluster
         self.run_log = self.ports.open_run(self.prepared, sizing, self.identity)
