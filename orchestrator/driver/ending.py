@@ -112,6 +112,5 @@ class JobEnd:
                                "resizes": rec.resizes, "replan": self.replans, "ended": ended},
                               f"summary/{ended}-{self.state.value}.json")
 
-
     def _status(self, message: str) -> None:
         self.ports.ui.status(message)
