@@ -168,6 +168,13 @@ def test_flatten_for_params() -> None:
     assert flat["model.kwargs.width"] == 32
 
 
+def test_uris_that_name_a_local_path_need_no_host(tmp_path: Path) -> None:
+    # Ray Data reads local:///PATH on the driver's node, pyarrow as a local path: refused as hostless
+    job = load_config(write(tmp_path, ["data.dataset=null", "data.path=local:///data/digits",
+                                       "checkpoint.storage_path=file:///tmp/runs"]))
+    assert (job.data.path, job.checkpoint.storage_path) == ("local:///data/digits", "file:///tmp/runs")
+
+
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")))
 def test_shipped_job_configs_validate(config: Path) -> None:
     if not {"model", "training"} <= set(yaml.safe_load(config.read_text())):

@@ -86,13 +86,18 @@ class ColumnConfig(Section):
         return v
 
 
+# Schemes whose URI names a path on the machine itself, with no host: `file:///data`, and Ray Data's
+# `local:///data` (the driver node's disk; pyarrow reads it as a local path too).
+_HOSTLESS_SCHEMES = ("file", "local")
+
+
 def _place_problem(path: str) -> str | None:
     """What makes `path` no place to read or write: a NUL byte (no file name holds one), or a URI
     naming no bucket or host (`s3://`, `gs:///x`: `validate` said ok; the job then failed in pyarrow)."""
     if "\0" in path:
         return f"holds a NUL byte, which no file name holds, got {path!r}"
     scheme, sep, rest = path.partition("://")
-    if sep and scheme.lower() != "file" and not rest.split("/", 1)[0].strip():
+    if sep and scheme.lower() not in _HOSTLESS_SCHEMES and not rest.split("/", 1)[0].strip():
         return f"{scheme}:// names no bucket or host, got {path!r}"
     return None
 
