@@ -118,6 +118,16 @@ def test_the_job_spills_onto_its_storage_whatever_spill_dir_the_config_names() -
                    rendered.notes) == bool(overrides)
 
 
+def test_a_raycluster_says_nothing_of_a_job_config_it_does_not_hold() -> None:
+    """--cluster renders no ConfigMap: its notes said the job spills to /mnt/shared/tracking-spill and
+    that a ConfigMap's storage URIs lost their credentials, when `submit` runs the config as given."""
+    rendered = k8s_render_command(DIGITS, plan_path=None, image=None, output=None, cluster=True,
+                                  overrides=["tracking.spill_dir=/home/alice/spill", "data.dataset=null",
+                                             "data.path=s3://AKIAKEY:s3cr3t@bucket/digits"])
+    assert "ConfigMap" not in {o["kind"] for o in yaml.safe_load_all(rendered.text) if o}
+    assert not [n for n in rendered.notes if n.startswith(("tracking.spill_dir", "data.path"))], rendered.notes
+
+
 @pytest.mark.parametrize("uri, error", [
     ("", "--mlflow-uri: empty; leave it out for the in-cluster MLflow"),
     ("ftp://mlflow.example", "--mlflow-uri: scheme 'ftp' is no MLflow tracking store"),

@@ -113,8 +113,9 @@ def check_image(image: str) -> str:
 
 
 def render_notes(config: JobConfig, group: WorkerGroup, *, plan_path: str | None, image: str | None,
-                 mlflow_uri: str | None) -> list[str]:
-    """What the manifests assume without being told, and what was left out of them."""
+                 mlflow_uri: str | None, cluster: bool = False) -> list[str]:
+    """What the manifests assume without being told, and what was left out of them. A RayCluster
+    (`cluster`) holds no job config: nothing of its spill_dir or storage URIs is changed there."""
     notes = []
     if plan_path is None:
         notes.append(f"no --plan: {group}, from resources.workers ({config.resources.workers}); "
@@ -125,6 +126,8 @@ def render_notes(config: JobConfig, group: WorkerGroup, *, plan_path: str | None
     for where, uri in (("--mlflow-uri", mlflow_uri), ("tracking.tracking_uri", config.tracking.tracking_uri)):
         if uri and userinfo(uri):
             notes.append(f"{where}: credentials removed; jobs sign in to MLflow with Secret {MLFLOW_SECRET}")
+    if cluster:
+        return notes
     storage = [("data.path", p) for p in config.data.paths]
     storage.append(("checkpoint.storage_path", config.checkpoint.storage_path))
     if config.tracking.spill_dir is not None:
@@ -164,7 +167,7 @@ def k8s_render_command(config_path: str, *, plan_path: str | None, image: str | 
     config = load_config(config_path, overrides)
     plan = load_plan(plan_path) if plan_path else None
     group = worker_group(config, plan)
-    notes = render_notes(config, group, plan_path=plan_path, image=image, mlflow_uri=mlflow_uri)
+    notes = render_notes(config, group, plan_path=plan_path, image=image, mlflow_uri=mlflow_uri, cluster=cluster)
     chosen = image or default_image(gpu=group.gpu)
     name = resource_name(config.name)
     if cluster:
