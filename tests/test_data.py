@@ -307,3 +307,21 @@ def test_parquet_prepared_elsewhere_is_taken_as_it_is(tmp_path: Path) -> None:
     ensure_prepared("synthetic", path, rows=20, size=2)
     (path / ".prepared.json").unlink()
     assert ensure_prepared("synthetic", path, rows=40, size=2) == path
+
+
+def test_a_set_another_process_prepared_first_with_other_options_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two jobs preparing one folder: the one that lost the race took the winner's copy as it was,
+    rows=20 where its config said 40, without a word."""
+    import trainers.data.datasets as datasets
+
+    path, prepare = tmp_path / "syn", datasets.prepare_dataset
+
+    def other_process_first(name: str, out_dir: Path, /, **kwargs: object) -> Path:
+        prepare(name, path, rows=20, size=2)  # the winner, meanwhile
+        return prepare(name, out_dir, **kwargs)
+
+    monkeypatch.setattr(datasets, "prepare_dataset", other_process_first)
+    with pytest.raises(UserError, match=r"was prepared with rows=20 \(the config says 40\)"):
+        ensure_prepared("synthetic", path, rows=40, size=2)
+    assert _read(path).num_rows == 20 and [p.name for p in tmp_path.iterdir()] == ["syn"]

@@ -90,6 +90,7 @@ def ensure_prepared(name: str, path: str | Path, /, **kwargs: Any) -> Path:
         _move_into_place(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _check_prepared_as(path, name, kwargs)  # another process finished first: its copy, if prepared as this one
     return path
 
 
