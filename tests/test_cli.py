@@ -220,7 +220,8 @@ def test_an_unreachable_ray_address_is_one_line_through_the_command(tmp_path: Pa
     (["--max-mib", "100000"], "--max-mib: must be 1 to 1024, got 100000"),
     (["--cpus-per-worker", "nan"], "--cpus-per-worker: must be a number > 0, got nan"),
     (["-o", "configs/digits.yaml/cluster.yaml"], "configs/digits.yaml/cluster.yaml: cannot write (configs/digits.yaml is a file, not a folder)"),
-], ids=["max-mib", "max-mib-huge", "cpus-per-worker", "output"])
+    (["-o", "-"], "-o -: name a file; this command prints its summary on stdout"),  # 748c290 missed it
+], ids=["max-mib", "max-mib-huge", "cpus-per-worker", "output", "output-dash"])
 def test_probe_network_flags_are_checked_before_it_connects(flags: list[str], error: str) -> None:
     # The address answers nothing: an unchecked flag would end in the address's error instead.
     result = run_cli(["probe-network", "--address", "127.0.0.1:1", *flags], env=base_env(), timeout_s=60)

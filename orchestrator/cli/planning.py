@@ -155,7 +155,7 @@ def probe_network(
     import math
 
     from orchestrator.cluster import MAX_PROBE_MIB, probe_network as measure, probe_sizes
-    from orchestrator.files import check_writable
+    from orchestrator.files import check_writable, distinct_outputs
     from orchestrator.planner.explain import above_line_rate, describe_calibration
 
     given(address, "--address")
@@ -163,6 +163,7 @@ def probe_network(
         raise UserError(f"--max-mib: must be 1 to {MAX_PROBE_MIB}, got {max_mib}")
     if not (math.isfinite(cpus_per_worker) and cpus_per_worker > 0):
         raise UserError(f"--cpus-per-worker: must be a number > 0, got {cpus_per_worker}")
+    distinct_outputs({"-o": output}, {})  # '-': a file named '-' was written after the whole probe
     check_writable(output)
     sizes = probe_sizes(max_mib * 2**20)
     spec = measure(address or os.environ.get("RAY_ADDRESS"), sizes, output, cpus_per_worker=cpus_per_worker)
