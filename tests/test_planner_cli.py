@@ -307,6 +307,10 @@ def test_plan_with_a_config_shows_time_and_cost_for_the_samples_it_trains(tmp_pa
     plan, said = planned("epochs.yaml")
     assert plan["total_samples"] == 15 * (int(1797 * 0.8) // 64) * 64 and plan["choice"]["cost"] is not None, plan
     assert planned("epochs.yaml", "--total-samples", "999")[0]["total_samples"] == 999
+    job["training"].update(epochs=15, max_steps=None, global_batch_size=4096)  # more than the 1,437 training rows
+    (tmp_path / "big.yaml").write_text(yaml.safe_dump(job))
+    plan, said = planned("big.yaml")  # timed as 15 steps of a job `run` refuses
+    assert plan["total_samples"] is None and "4,096 is more than the ~1,437 training rows" in said, said
 
 
 def test_plan_with_a_config_of_too_many_epochs_names_the_field(tmp_path: Path) -> None:

@@ -110,7 +110,12 @@ def _config_samples(job: Any, notes: list[str]) -> int | None:
         if rows is None:
             notes.append("time and cost: training.epochs counts the data's rows, not here yet; give --total-samples")
             return None
-        per_epoch = max(int(rows * (1 - job.data.val_fraction)) // t.global_batch_size, 1)
+        train_rows = int(rows * (1 - job.data.val_fraction))
+        if train_rows < t.global_batch_size:  # `run` refuses it (steps_per_epoch): it was timed as 1 step an epoch
+            notes.append(f"time and cost: training.global_batch_size {t.global_batch_size:,} is more than the "
+                         f"~{train_rows:,} training rows, which `run` refuses")
+            return None
+        per_epoch = train_rows // t.global_batch_size
         # past 2**53 samples: said of training.epochs as `run` says it, not of a --total-samples never given
         steps = total_steps(job, per_epoch)
         if steps != t.max_steps:
