@@ -173,6 +173,8 @@ def test_uris_that_name_a_local_path_need_no_host(tmp_path: Path) -> None:
     job = load_config(write(tmp_path, ["data.dataset=null", "data.path=local:///data/digits",
                                        "checkpoint.storage_path=file:///tmp/runs"]))
     assert (job.data.path, job.checkpoint.storage_path) == ("local:///data/digits", "file:///tmp/runs")
+    job = load_config(write(tmp_path, ["data.dataset=null", "data.path=hdfs:///data/digits"]))  # the default namenode
+    assert job.data.path == "hdfs:///data/digits"
 
 
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")))

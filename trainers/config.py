@@ -86,9 +86,9 @@ class ColumnConfig(Section):
         return v
 
 
-# Schemes whose URI names a path on the machine itself, with no host: `file:///data`, and Ray Data's
-# `local:///data` (the driver node's disk; pyarrow reads it as a local path too).
-_HOSTLESS_SCHEMES = ("file", "local")
+# Schemes whose URI may name no host: `file:///data`, Ray Data's `local:///data` (the driver node's
+# disk; pyarrow reads it as a local path too), and HDFS's `hdfs:///data` (the default namenode).
+_HOSTLESS_SCHEMES = ("file", "local", "hdfs", "viewfs")
 
 
 def _place_problem(path: str) -> str | None:
