@@ -67,7 +67,7 @@ class JobEnd:
             except BaseException as exc:  # noqa: BLE001 - raised or said below, once every part ran
                 errors.append((what, exc))
         for what, exc in errors[1 if raising else 0:]:
-            self._say(f"could not {what}: {exc}")
+            self._say(f"could not {what}: {str(exc) or type(exc).__name__}")
         if (errors or not raising) and self.tracking_report is not None:  # no result, no closing lines: said here
             for line in self.tracking_report.lines():  # what MLflow did not take, the replay command
                 self._say(line)
