@@ -79,11 +79,16 @@ def run(
 
     from orchestrator.console_ui import RichUI, result_lines
     from orchestrator.driver import run_job
+    from orchestrator.driver.ports import Aborted
     from orchestrator.driver.run_record import resolve_tracking_uri
 
     stop = threading.Event()
-    with RichUI(console) as ui, _graceful_stop(stop, training=ui.training) as received:
-        result = run_job(job, workers=workers, config_path=str(config), ui=ui, stop=stop, new_run=new_run)
+    aborted = False
+    try:
+        with RichUI(console) as ui, _graceful_stop(stop, training=ui.training) as received:
+            result = run_job(job, workers=workers, config_path=str(config), ui=ui, stop=stop, new_run=new_run)
+    except Aborted as exc:  # a second signal: the run is closed; its closing lines say what MLflow did not take
+        result, aborted = exc.result, True
     for line in result_lines(result, tracking_uri=resolve_tracking_uri(job),
                              registered_model=job.tracking.registered_model, new_run=new_run):
         out.print(line, highlight=False)
@@ -92,8 +97,9 @@ def run(
         from orchestrator.ray_session import shutdown_quietly
 
         shutdown_quietly()
-    if result.stopped:  # checkpointed, not finished: 128 + the signal, as the shell reports a killed process,
-        raise typer.Exit(128 + (received[0] if received else signal.SIGTERM))  # so a scheduler sees it unfinished
+    if result.stopped or aborted:  # checkpointed (or aborted), not finished: 128 + the signal, as the shell
+        # reports a killed process, so a scheduler sees it unfinished
+        raise typer.Exit(128 + (received[0] if received else signal.SIGTERM))
 
 
 def check_digest(config: Path, expected: str) -> None:

@@ -31,7 +31,7 @@ from orchestrator.driver.policies import (
     stop_to_request,
     wait_decision,
 )
-from orchestrator.driver.ports import Fit, FitOutcome, Identity, JobResult, Ports, Prepared, Run
+from orchestrator.driver.ports import Aborted, Fit, FitOutcome, Identity, JobResult, Ports, Prepared, Run
 from orchestrator.driver.recorder import Recorder
 from orchestrator.driver.replan import comparison, observation, predicted_at, replan
 from orchestrator.driver.result import job_result
@@ -93,7 +93,10 @@ class JobController(JobEnd):
             try:
                 self._stop_live_fit(None if aborted else exc)
             finally:
-                self._close(raising=False)  # the failure being handled is the one raised
+                # the failure being handled is the one raised; an abort's result says what MLflow did not take
+                self._close(raising=False, say_unsent=not aborted)
+            if aborted:  # with the result: the CLI prints its closing lines
+                raise Aborted(self._result()) from exc
             raise
         self._close()
         return self._result()

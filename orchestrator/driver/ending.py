@@ -54,11 +54,13 @@ class JobEnd:
         with contextlib.suppress(Exception):
             self._status(message)
 
-    def _close(self, *, raising: bool = True) -> None:
+    def _close(self, *, raising: bool = True, say_unsent: bool = True) -> None:
         """Withdraw the autoscaler request, end and close the run, release the lock: each whatever
         the ones before it raised (a job.json the disk had no room for left the run RUNNING, what
         MLflow had not taken unspilled). The first error is raised once all of them ran, unless
-        not `raising` (a failure is being handled: it is the one to raise); the others are said."""
+        not `raising` (a failure is being handled: it is the one to raise); the others are said.
+        Where no result will follow, what MLflow did not take is said too, unless not `say_unsent`
+        (an abort carries its result in `Aborted`: the CLI prints those lines from it)."""
         errors: list[tuple[str, BaseException]] = []
         for what, part in (("withdraw the autoscaler request", self._withdraw_request),
                            ("end the MLflow run", self._end_run), ("release the job's lock", self._release_lock)):
@@ -68,7 +70,7 @@ class JobEnd:
                 errors.append((what, exc))
         for what, exc in errors[1 if raising else 0:]:
             self._say(f"could not {what}: {str(exc) or type(exc).__name__}")
-        if (errors or not raising) and self.tracking_report is not None:  # no result, no closing lines: said here
+        if (errors or not raising) and say_unsent and self.tracking_report is not None:  # no result, no closing lines: said here
             for line in self.tracking_report.lines():  # what MLflow did not take, the replay command
                 self._say(line)
         if raising and errors:

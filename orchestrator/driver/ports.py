@@ -109,3 +109,13 @@ class JobResult:
     @property
     def stopped(self) -> bool:
         return self.state is State.STOPPED
+
+
+class Aborted(KeyboardInterrupt):
+    """A second stop signal (the CLI raises KeyboardInterrupt) ended the job without waiting for
+    its final checkpoint. `result` is how far it got, its MLflow run and what MLflow did not take
+    (the run was closed first): the CLI still prints the closing lines from it."""
+
+    def __init__(self, result: JobResult) -> None:
+        super().__init__(f"aborted at step {result.final_step}")
+        self.result = result
