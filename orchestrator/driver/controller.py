@@ -249,7 +249,8 @@ class JobController(JobEnd):
                                 "lower training.lr, set training.grad_clip, or look for NaN values in the data")
         elif isinstance(event, GroupStarted):
             self._note_observation()
-            kind = group_kind(groups_before=rec.groups_started, resize_pending=bool(self.resize_reason))
+            kind = group_kind(groups_before=rec.groups_started, resize_pending=bool(self.resize_reason),
+                              failed_before=rec.failure_pending)
             rec.group_started(event, kind, resize_reason=self.resize_reason)
             self.resize_reason = ""
             if self._requested:  # Ray Train keeps its own request from here on

@@ -97,10 +97,13 @@ class GroupKind(enum.Enum):
     RESIZE = "resize"
 
 
-def group_kind(*, groups_before: int, resize_pending: bool) -> GroupKind:
+def group_kind(*, groups_before: int, resize_pending: bool, failed_before: bool = False) -> GroupKind:
+    """`failed_before`: a worker failure was reported since the last group started. The first group
+    of a driver can fail before it says it started (a worker killed while it loads the data or the
+    checkpoint): the group Ray Train starts next is still a restart."""
     if resize_pending:
         return GroupKind.RESIZE
-    return GroupKind.RESTART if groups_before > 0 else GroupKind.FIRST
+    return GroupKind.RESTART if groups_before > 0 or failed_before else GroupKind.FIRST
 
 
 # ---------------------------------------------------------------------------------------------

@@ -99,6 +99,11 @@ class Recorder:
         return len(self.groups)
 
     @property
+    def failure_pending(self) -> bool:
+        """A worker failure was reported and no group has started since."""
+        return self._failed_at_ms is not None or self._cause is not None
+
+    @property
     def restarts(self) -> int:
         return self.counts["restart"]
 
@@ -183,6 +188,8 @@ class Recorder:
             cause = self._cause or "the worker group stopped (no cause reported)"
             self._record("restart", event.step, f"{cause}; {where} on {group.shape}")
             self._recovering_since_ms = self._failed_at_ms
+            if len(self.groups) == 1 and event.resumed_from is not None:  # a rerun's first group: its gap too
+                self._gap_before(event.resumed_from)
         elif event.resumed_from is not None and not self._gap_before(event.resumed_from):
             self.status(f"resumed from step {event.resumed_from}, the newest checkpoint")  # else a rerun looked fresh
         self._cause = self._failed_at_ms = None
