@@ -250,8 +250,6 @@ def test_preparing_into_a_place_that_is_no_folder_is_one_line(tmp_path: Path) ->
 def test_validate_checks_the_options_a_built_in_set_would_be_prepared_with(tmp_path: Path) -> None:
     """`validate` said ok to `dataset_kwargs.bogus` while the data was not there yet; the first run
     then failed preparing it."""
-    import subprocess
-    import sys
 
     from trainers.data.datasets import check_dataset_kwargs
 
@@ -260,29 +258,31 @@ def test_validate_checks_the_options_a_built_in_set_would_be_prepared_with(tmp_p
         check_dataset_kwargs("digits", {"bogus": 1})
     with pytest.raises(UserError, match=r"^data\.dataset_kwargs\.seed: must be int, got 'x'"):
         check_dataset_kwargs("digits", {"seed": "x"})
+    _validate_refuses_a_bogus_option(tmp_path / "new")
+
+
+def _validate_refuses_a_bogus_option(data_path: Path) -> None:
+    """`orchestrator validate` of the digits config with `data.dataset_kwargs.bogus` over `data_path`."""
+    import subprocess
+    import sys
+
     config = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
     proc = subprocess.run([sys.executable, "-m", "orchestrator", "validate", str(config), "--set",
-                           f"data.path={tmp_path / 'new'}", "--set", "data.dataset_kwargs.bogus=1"],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                           f"data.path={data_path}", "--set", "data.dataset_kwargs.bogus=1"],
+                          capture_output=True, text=True, timeout=120, cwd=data_path.parent)
     assert proc.returncode == 2 and proc.stderr.startswith("error: data.dataset_kwargs: digits() got an unexpected")
 
 
 def test_a_mistyped_option_of_a_set_already_prepared_is_refused(tmp_path: Path) -> None:
     """`run` and `validate` took `dataset_kwargs.bogus` without a word once the data was there (only
     a first run prepares it, so the option was dropped)."""
-    import subprocess
-    import sys
 
     from trainers.data import ensure_prepared
 
     ensure_prepared("digits", tmp_path / "d")
     with pytest.raises(UserError, match=r"^data\.dataset_kwargs: digits\(\) got an unexpected keyword argument 'bogus'"):
         ensure_prepared("digits", tmp_path / "d", bogus=1)
-    config = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
-    proc = subprocess.run([sys.executable, "-m", "orchestrator", "validate", str(config), "--set",
-                           f"data.path={tmp_path / 'd'}", "--set", "data.dataset_kwargs.bogus=1"],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: data.dataset_kwargs: digits() got an unexpected")
+    _validate_refuses_a_bogus_option(tmp_path / "d")
 
 
 def test_a_set_prepared_with_other_options_is_refused_naming_them(tmp_path: Path) -> None:
