@@ -97,15 +97,56 @@ def test_a_model_is_not_logged_to_an_artifact_location_on_another_host_with_the_
                                                           "mlflow_tracking_password = s3cret\n")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     config = job(str(tmp_path))
-    state = {"step": 10, "model": build_model(config.model.name, config.model.kwargs).state_dict()}
+    checkpoint = _checkpoint(tmp_path / "ckpt", {"step": 10, "model": build_model(config.model.name,
+                                                                              config.model.kwargs).state_dict()})
     said: list[str] = []
     with _stub(lambda path: {}) as (other, seen):
         client = MlflowClient(uri)
         run_id = client.create_run(client.create_experiment("e", artifact_location=f"http://{other}/a")).info.run_id
         run = SimpleNamespace(run_id=run_id, tracking_uri=uri, wait_resolved=lambda timeout: True)
-        assert log_model_now(config, state, np.zeros((2, 64), np.float32), run, status=said.append) is None
+        example = np.zeros((2, 64), np.float32)
+        assert log_model_now(config, checkpoint, lambda: example, run, status=said.append) is None
     assert seen == []
     assert said == [f"model not logged: the run's artifact location http://{other}/a/{run_id}/artifacts is on a host "
                     "other than the tracking server's, which MLflow would send the tracking credentials; set the "
                     "experiment's artifact location to the tracking server's (mlflow-artifacts:/) or log without "
                     "credentials"]
+
+
+def _checkpoint(folder: Path, state: dict) -> object:
+    import ray.train
+
+    from trainers.checkpoint import write
+
+    return ray.train.Checkpoint(str(write(folder, state, step=state["step"])))
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_final_checkpoint_gone_or_damaged_at_registration_leaves_the_job_finished(damage: str, tmp_path: Path) -> None:
+    """The final checkpoint was read outside the guard that turns a registration failure into a
+    warning: one deleted or truncated after training failed the trained job (its run FAILED, a
+    traceback). Now the job finishes, says why the model was not logged, and its files stay."""
+    from driver_fakes import FakeFit, World, finished_fit
+    from test_controller import job, run
+
+    from orchestrator.driver.ports import FitOutcome
+    from orchestrator.driver.registration import register_model
+
+    checkpoint = _checkpoint(tmp_path / "checkpoint_000010", {"step": 10, "model": {}})
+    state_file = tmp_path / "checkpoint_000010" / "state.pt"
+    if damage == "missing":
+        state_file.unlink()
+    else:
+        state_file.write_bytes(state_file.read_bytes()[:20])
+    left = sorted((p.name, p.read_bytes()) for p in (tmp_path / "checkpoint_000010").iterdir())
+    world = World(job(), [FakeFit(finished_fit().batches, FitOutcome({"step": 10}, checkpoint))])
+    world.run.wait_resolved = lambda timeout_s: True
+    world._register = lambda prepared, outcome, run_log: register_model(prepared, outcome, run_log,
+                                                                       status=world.ui.status)
+    controller = run(world)
+    assert controller.result.state.value == "finished" and world.run.status == "FINISHED"
+    assert world.identity.finished == {"step": 10, "run_id": "run-1", "model_version": None}
+    said = [m for m in world.ui.statuses if "not logged" in m]
+    assert len(said) == 1 and said[0].startswith("trained, but the model was not logged: its final checkpoint "
+                                                 "cannot be read (CorruptCheckpoint: ")
+    assert sorted((p.name, p.read_bytes()) for p in (tmp_path / "checkpoint_000010").iterdir()) == left

@@ -174,15 +174,14 @@ class RayPorts:
         import ray.train
 
         from orchestrator.driver.data import input_example
-        from orchestrator.driver.fit import read_checkpoint
         from orchestrator.driver.registration import log_model_now
         from orchestrator.driver.tracked_run import TrackedRun
 
         tracker = _open_tracker(self.job)  # sends what an earlier run left in its spill first
         run = TrackedRun.open(tracker, self.job, identity)
         try:
-            state = read_checkpoint(ray.train.Checkpoint(identity.state.finished["checkpoint"]))
-            version = log_model_now(self.job, state, input_example(self.job), run, status=self.ui.status)
+            checkpoint = ray.train.Checkpoint(identity.state.finished["checkpoint"])
+            version = log_model_now(self.job, checkpoint, lambda: input_example(self.job), run, status=self.ui.status)
             if version is not None:
                 identity.mark_model(version, run.run_id)
             return version

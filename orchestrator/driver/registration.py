@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from orchestrator import constants
@@ -32,24 +33,47 @@ def register_model(prepared: Prepared, outcome: FitOutcome, run: Any, *, status:
     then the same command, run again, logs and registers it)."""
     if outcome.checkpoint is None:
         return None
-    return log_model_now(prepared.job, read_checkpoint(outcome.checkpoint), prepared.data.example, run, status=status)
+    return log_model_now(prepared.job, outcome.checkpoint, lambda: prepared.data.example, run, status=status)
 
 
-def log_model_now(job: Any, state: dict[str, Any], example: Any, run: Any, *, status: Any = None) -> str | None:
-    """`log_and_register` within bounded requests; a tracking server that cannot take it is said."""
+def log_model_now(job: Any, checkpoint: Any, example: Callable[[], Any], run: Any, *,
+                  status: Any = None) -> str | None:
+    """`log_and_register` within bounded requests; a tracking server that cannot take it is said.
+    The final `checkpoint` (a Ray Train checkpoint) and the input `example` are read under the same
+    guard: either one gone or damaged since training leaves the job trained and FINISHED, its model
+    not logged and said, its checkpoints as they are."""
     if not run.wait_resolved(constants.TRACKING_REQUEST_TIMEOUT_S):
         _tell(status, "model not logged: the tracking server is unreachable; run the same command again once it "
                       "is back to log and register it")
         return None
     try:
+        state, rows = _read(checkpoint, example)
         with bounded_requests():
-            return log_and_register(job, state, example, run_id=run.run_id, tracking_uri=run.tracking_uri)
+            return log_and_register(job, state, rows, run_id=run.run_id, tracking_uri=run.tracking_uri)
+    except Unreadable as exc:  # a rerun meets the same files: no "run it again"
+        _tell(status, f"trained, but the model was not logged: {exc}")
+        return None
     except ArtifactsElsewhere as exc:  # a rerun meets the same location: no "run it again"
         _tell(status, f"model not logged: {exc}")
         return None
     except Exception as exc:  # noqa: BLE001 - training is done and checkpointed; this is recoverable
         _tell(status, f"model not logged ({describe(exc)}); run the same command again to log and register it")
         return None
+
+
+class Unreadable(Exception):
+    """What the model is logged from (the final checkpoint, the input example) cannot be read now."""
+
+
+def _read(checkpoint: Any, example: Callable[[], Any]) -> tuple[dict[str, Any], Any]:
+    try:
+        state = read_checkpoint(checkpoint)
+    except Exception as exc:  # noqa: BLE001 - missing, truncated, unreadable: all said the same way
+        raise Unreadable(f"its final checkpoint cannot be read ({describe(exc)})") from exc
+    try:
+        return state, example()
+    except Exception as exc:  # noqa: BLE001 - the data files, read again for a finished job's model
+        raise Unreadable(f"its input example cannot be read from data.paths ({describe(exc)})") from exc
 
 
 def _tell(status: Any, message: str) -> None:
