@@ -26,6 +26,13 @@ def _env_float(name: str, default: float) -> float:
 
 # Driver polls the training progress actor this often (seconds).
 PROGRESS_POLL_S = _env_float("ORCH_PROGRESS_POLL_S", 0.5)
+# The driver waits this long for the progress actor to answer a drain or a stop's clearing (seconds);
+# one that does not (its node lost, the actor stuck) is a missed poll: the driver stays free to act on
+# a stop, and asks again at the next poll.
+PROGRESS_ANSWER_S = _env_float("ORCH_PROGRESS_ANSWER_S", 5.0)
+# A fit that ended while the progress actor did not answer is polled this many times more for its
+# last events before the job ends on what was drained.
+PROGRESS_MISSES_AT_END = int(_env_float("ORCH_PROGRESS_MISSES_AT_END", 3))
 # Rank 0 pushes its step and metrics to the progress actor at most this often (seconds); the first
 # step of a worker group and every event go at once.
 PROGRESS_PUSH_S = _env_float("ORCH_PROGRESS_PUSH_S", 0.25)

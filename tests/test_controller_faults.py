@@ -8,7 +8,7 @@ import dataclasses
 import errno
 
 import pytest
-from driver_fakes import FakeFit, FakeScaler, World, finished_fit, group, steps
+from driver_fakes import FakeFit, FakeScaler, World, finished_fit, group, resized_once, steps
 
 from orchestrator.config import validate
 from orchestrator.driver.controller import JobController
@@ -135,21 +135,7 @@ def test_a_stop_while_resizing_starts_no_new_worker_group(monkeypatch: pytest.Mo
     # restore) only to be told to stop at its first stop check.
     import threading
 
-    from orchestrator import constants
-    from orchestrator.driver import controller as controller_module
-    from orchestrator.driver.policies import Resize
-    from orchestrator.driver.replan import Replan
-    from orchestrator.driver.sizing import Sizing
-    from trainers.events import GroupEnded
-
-    monkeypatch.setattr(constants, "REPLAN_MIN_STEPS", 4)
-    monkeypatch.setattr(controller_module, "replan", lambda group, **kwargs: Replan(
-        Resize(1, "resize 2 -> 1 worker: faster"), None, None, {"refit": {"scale": 1.0, "compute_scale": 1.0}}, "text"))
-    monkeypatch.setattr(controller_module, "predicted_at", lambda *a: object())
-    monkeypatch.setattr(controller_module, "comparison", lambda observed, predicted: {})
-    first = FakeFit([[group()], [steps(1, 5)], [GroupEnded(step=5, reason="stopped")]], FitOutcome({"step": 5}))
-    world = World(job(workers={"min": 1, "max": 2}), [first, finished_fit(workers=1)],
-                  sizing=lambda cap: Sizing((1, 2), 64))
+    world = resized_once(job(workers={"min": 1, "max": 2}), monkeypatch)
     stop = threading.Event()
     ports = dataclasses.replace(world.ports(), clear_stop=stop.set)  # the signal comes as it resizes
     result = JobController(world.job, ports, stop=stop).run()

@@ -27,11 +27,22 @@ from orchestrator.driver.policies import (
     beyond_cluster,
     diverged,
     group_kind,
+    poll_again,
     replan_ready,
     stop_to_request,
     wait_decision,
 )
-from orchestrator.driver.ports import Aborted, Fit, FitOutcome, Identity, JobResult, Ports, Prepared, Run
+from orchestrator.driver.ports import (
+    Aborted,
+    Fit,
+    FitOutcome,
+    Identity,
+    JobResult,
+    Ports,
+    Prepared,
+    ProgressUnanswered,
+    Run,
+)
 from orchestrator.driver.recorder import Recorder
 from orchestrator.driver.replan import comparison, observation, predicted_at, replan
 from orchestrator.driver.result import job_result
@@ -80,6 +91,7 @@ class JobController(JobEnd):
         self._requested = False
         self._last_arrived = -1
         self._compared_at = -1
+        self._misses = 0  # polls in a row the progress actor did not answer
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -192,8 +204,8 @@ class JobController(JobEnd):
     def _running(self) -> State:
         assert self.fit is not None and self.prepared is not None
         done = self.fit.done()  # read before draining: every event of a finished fit is in this drain
-        self._poll()
-        if not done:
+        drained = self._poll()
+        if poll_again(fit_done=done, drained=drained, misses=self._misses, limit=constants.PROGRESS_MISSES_AT_END):
             self.ports.sleep(constants.PROGRESS_POLL_S)
             return State.RUNNING
         self.outcome = self.fit.outcome()
@@ -211,11 +223,17 @@ class JobController(JobEnd):
 
     def _resize(self) -> State:
         assert self.resize_to is not None and self.prepared is not None and self.sizing is not None
+        if not self.stop_event.is_set():
+            try:
+                self.ports.clear_stop()
+            except ProgressUnanswered as exc:  # asked again: the new group would read the old stop and leave
+                self._missed(exc)
+                self.ports.sleep(constants.PROGRESS_POLL_S)
+                return State.RESIZING
         bounds = self._bounds()
         assert bounds is not None
         self.workers = (bounds[0], self.resize_to)
         self.resize_to, self.stop_requested = None, None
-        self.ports.clear_stop()
         if self.stop_event.is_set():
             return State.STOPPED  # asked as the group stopped for the resize, at a checkpoint: no new group
         self.fit = self.ports.start_fit(self.prepared, self.sizing, self.workers)
@@ -223,10 +241,16 @@ class JobController(JobEnd):
 
     # -- while running ------------------------------------------------------------------------------
 
-    def _poll(self) -> None:
+    def _poll(self) -> bool:
+        """One poll; False where the progress actor did not answer (nothing drained)."""
         assert self.recorder is not None and self.prepared is not None
         self.identity.check_held()  # another driver took the job over: stop before both train it
-        events, ranks = self.ports.drain()
+        try:
+            events, ranks = self.ports.drain()
+            self._misses = 0
+        except ProgressUnanswered as exc:
+            self._missed(exc)
+            events, ranks = [], {}
         for event in events:
             self._handle(event)
         self.recorder.locate(ranks)
@@ -239,6 +263,14 @@ class JobController(JobEnd):
         if wanted is not None:
             self.stop_requested = wanted
             self.ports.request_stop()
+        return self._misses == 0
+
+    def _missed(self, exc: ProgressUnanswered) -> None:
+        """The progress actor did not answer in time (its node lost, the actor stuck): a missed poll,
+        said once, asked again at the next, while a stop is still acted on."""
+        self._misses += 1
+        if self._misses == 1:
+            self._status(f"{exc}; progress is not shown until it answers, a stop is still acted on")
 
     def _handle(self, event: Event) -> None:
         rec = self.recorder

@@ -12,7 +12,7 @@ from orchestrator import autoscale, constants
 from orchestrator.config import JobConfig
 from orchestrator.driver import data as job_data
 from orchestrator.driver.controller import JobController
-from orchestrator.driver.ports import FitOutcome, JobResult, Ports, Prepared
+from orchestrator.driver.ports import FitOutcome, JobResult, Ports, Prepared, ProgressUnanswered
 from orchestrator.driver.identity import JobIdentity, claim, finished_as_configured
 from orchestrator.driver.sizing import Sizing, Workers, autoscale_enabled, size_job, wants_gpu
 
@@ -69,6 +69,7 @@ class RayPorts:
     tracker: Any = None
     run: Any = None
     scaler: _Autoscaler | None = field(default=None, repr=False)
+    pending_drain: Any = field(default=None, repr=False)  # a drain the progress actor has not answered yet
 
     def ports(self) -> Ports:
         return Ports(claim=self.claim, prepare=self.prepare, size=self.size, open_run=self.open_run,
@@ -152,17 +153,19 @@ class RayPorts:
         return RayFit(trainer, after=lambda: prune_after_fit(run_dir, keep_last=keep_last))
 
     def drain(self) -> tuple[list[Any], dict[int, dict[str, Any]]]:
-        import ray
-
-        return ray.get(self.actor.drain.remote())
+        # One not answered in time is awaited again, not sent again: the events it takes when the
+        # actor gets to it would be lost.
+        if self.pending_drain is None:
+            self.pending_drain = self.actor.drain.remote()
+        answer = _answer(self.pending_drain, "answer a drain")
+        self.pending_drain = None
+        return answer
 
     def request_stop(self) -> None:
         self.actor.request_stop.remote()
 
     def clear_stop(self) -> None:
-        import ray
-
-        ray.get(self.actor.clear_stop.remote())
+        _answer(self.actor.clear_stop.remote(), "clear the stop")
 
     def register(self, prepared: Prepared, outcome: FitOutcome, run: Any) -> str | None:
         from orchestrator.driver.registration import register_model
@@ -199,6 +202,18 @@ class RayPorts:
 
             kill_actor(self.actor, self.identity.key)
             self.actor = None
+
+
+def _answer(ref: Any, what: str) -> Any:
+    """The progress actor's answer, within `PROGRESS_ANSWER_S`; ProgressUnanswered otherwise."""
+    import ray
+    from ray.exceptions import GetTimeoutError
+
+    try:
+        return ray.get(ref, timeout=constants.PROGRESS_ANSWER_S)
+    except GetTimeoutError:
+        raise ProgressUnanswered(f"the progress actor did not {what} within {constants.PROGRESS_ANSWER_S:g} s "
+                                 "(its node lost, or the actor stuck)") from None
 
 
 def _open_tracker(job: JobConfig) -> Any:

@@ -168,6 +168,13 @@ def after_fit(*, error: bool, stop: StopReason | None, completed: bool) -> State
     return State.FAILED
 
 
+def poll_again(*, fit_done: bool, drained: bool, misses: int, limit: int) -> bool:
+    """Poll once more before acting on how the fit ended? While it runs, yes. Once it ended, until a
+    drain is answered (it holds the fit's last events) or `limit` polls in a row went unanswered: then
+    the job ends on what was drained, rather than wait on a stuck progress actor forever."""
+    return not fit_done or (not drained and misses <= limit)
+
+
 def stop_to_request(*, user_stop: bool, resize_to: int | None, requested: StopReason | None) -> StopReason | None:
     """Which stop to ask the workers for now (None: nothing new). A user's stop overrides a
     pending resize; a resize is asked for once."""

@@ -33,6 +33,10 @@ class FitOutcome:
     error: BaseException | None = None
 
 
+class ProgressUnanswered(Exception):
+    """The progress actor did not answer within `PROGRESS_ANSWER_S`: a missed poll, not a failure."""
+
+
 class Fit(Protocol):
     def done(self) -> bool: ...
     def wait(self, timeout_s: float) -> bool: ...  # True once ended
