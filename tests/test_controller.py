@@ -236,13 +236,13 @@ def test_resuming_past_the_runs_last_logged_step_says_which_steps_have_no_metric
     world = World(job(), [FakeFit([[group(200, resumed=200)], [steps(201, 210)]], FitOutcome({"step": 210}))])
     world.run.resumed, world.run.resume_floor = True, 125
     run(world)
-    assert world.run.tags["metrics.gap"] == ("steps 126-200 were trained by an earlier driver that stopped before "
+    assert world.run.tags["metrics.gap.1"] == ("steps 126-200 were trained by an earlier driver that stopped before "
                                              "sending their metrics; this run has none for them")
     assert any("resumed from step 200: steps 126-200" in w for w in world.ui.statuses)
     whole = World(job(), [FakeFit([[group(200, resumed=200)], [steps(201, 210)]], FitOutcome({"step": 210}))])
     whole.run.resumed, whole.run.resume_floor = True, 200
     run(whole)
-    assert "metrics.gap" not in whole.run.tags
+    assert "metrics.gap.1" not in whole.run.tags
     # a rerun after Ctrl-C said nothing of resuming: it read as a fresh start
     assert "resumed from step 200, the newest checkpoint" in whole.ui.statuses
     assert not any(s.startswith("resumed from step 200,") for s in world.ui.statuses)  # said once, with the gap
@@ -257,7 +257,7 @@ def test_a_rerun_resumed_at_the_last_step_finishes_at_it_and_registers_once() ->
     controller = run(world)
     assert controller.state is State.FINISHED and world.run.status == "FINISHED" and world.registered == 1
     assert controller.result.final_step == 10 and world.identity.finished["step"] == 10
-    assert world.run.tags["metrics.gap"].startswith("steps 5-10 were trained by an earlier driver")
+    assert world.run.tags["metrics.gap.1"].startswith("steps 5-10 were trained by an earlier driver")
 
 
 def test_a_driver_failure_mid_run_stops_the_worker_group_and_ends_the_run_failed() -> None:
@@ -355,7 +355,7 @@ def test_a_rerun_that_starts_while_mlflow_is_down_still_says_which_steps_have_no
     world = World(job(), [fit], on_poll=mlflow_answers)
     world.run.resumed, world.run.resume_floor = None, None
     run(world)
-    assert world.run.tags["metrics.gap"].startswith("steps 126-200 were trained by an earlier driver")
+    assert world.run.tags["metrics.gap.1"].startswith("steps 126-200 were trained by an earlier driver")
     assert sum("steps 126-200" in w for w in world.ui.statuses) == 1
 
 

@@ -29,6 +29,6 @@ def test_a_worker_killed_before_the_first_group_said_it_started_is_recorded_as_a
     assert result.restarts == 1 and world.run.steps_of("restarts") == [30]
     assert world.run.steps_of("recovery_s") == [31]
     # the rerun's gap is still said when its first group is a restart
-    assert world.run.tags["metrics.gap"].startswith("steps 21-30 were trained by an earlier driver")
+    assert world.run.tags["metrics.gap.1"].startswith("steps 21-30 were trained by an earlier driver")
     assert "worker failure before its first step: rank 0: WorkerHealthCheckFailedError: A worker health check " \
            "failed." in world.ui.statuses

@@ -79,7 +79,8 @@ class Recorder:
                  save_counts: Callable[[dict[str, int]], None] | None = None, log_every: int = 1) -> None:
         self.run, self._status, self.global_batch = run, status, global_batch
         self.log_every = log_every  # training.log_every: the steps whose training metrics go to MLflow
-        # Numbered over the whole run (a rerun continues them): restart.N, resize.N, worker_group.N.
+        # Numbered over the whole run (a rerun continues them): restart.N, resize.N, worker_group.N,
+        # metrics.gap.N.
         self.counts: Counter[str] = Counter(counts or {})
         self._save_counts = save_counts or (lambda counts: None)
         self.session: Counter[str] = Counter()  # the same, this driver's share
@@ -209,7 +210,8 @@ class Recorder:
     def _gap_before(self, resumed_from: int) -> bool:
         """A run resumed from a checkpoint past its last logged step: an earlier driver stopped (a
         kill, a second Ctrl-C) while its workers trained on, so those steps' metrics never reached
-        MLflow. Said on the console and as a tag, not left for the charts to hide; True if said."""
+        MLflow. Said on the console and as a tag, not left for the charts to hide; True if said.
+        One tag per gap, numbered over the run like restart.N: a later outage keeps the earlier ones."""
         # Resumed while MLflow was down: the run (and what it holds) is known once it answers.
         self._gap_from = resumed_from if self.run.resumed is None else None
         floor = self.run.resume_floor
@@ -217,7 +219,7 @@ class Recorder:
             return False
         text = (f"steps {floor + 1}-{resumed_from} were trained by an earlier driver that stopped before "
                 "sending their metrics; this run has none for them")
-        self.run.set_tags({"metrics.gap": text})
+        self.run.set_tags({f"metrics.gap.{self.count('metrics_gap')}": text})
         self.status(f"resumed from step {resumed_from}: {text}", warning=True)
         return True
 
