@@ -36,6 +36,11 @@ class FakeIdentity:
     finished: dict[str, Any] | None = None
     released: bool = False
     lost: str | None = None
+    checkpoint_step: int = 0
+    run_id: str | None = None
+
+    def save_run_id(self, run_id: str) -> None:
+        self.run_id = run_id
 
     def mark_finished(self, *, step: int, run_id: str | None, model_version: str | None,
                       checkpoint: str | None = None) -> None:

@@ -89,6 +89,20 @@ def test_a_ray_snapshot_naming_a_checkpoint_outside_the_run_is_refused(tmp_path:
     claim(job(str(tmp_path / "runs"))).release()  # Ray's own names pass
 
 
+def test_a_rerun_knows_its_checkpoints_step_and_its_mlflow_run_before_its_workers_start(tmp_path: Path) -> None:
+    """What a rerun stopped before its group's first report says it stands at (it said step 0 and no run)."""
+    first = claim(job(str(tmp_path)))
+    assert (first.checkpoint_step, first.run_id) == (0, None)
+    first.save_run_id("run-1")
+    first.release()
+    snapshot = json.loads(_ray_snapshot("checkpoint_000000020", "checkpoint_000000030"))
+    snapshot["latest_checkpoint_result"]["metrics"] = {"step": 30}  # what the loop reports with its checkpoint
+    (tmp_path / "digits" / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
+    again = claim(job(str(tmp_path)))
+    assert (again.checkpoint_step, again.run_id) == (30, "run-1")
+    again.release()
+
+
 def test_a_storage_path_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("kept\n")
     for storage, why in ((tmp_path / "file" / "runs", "Not a directory"), (Path("/proc/orchestrator-test"), ".+")):

@@ -194,7 +194,7 @@ class JobController(JobEnd):
         self.run_log = self.ports.open_run(self.prepared, sizing, self.identity)
         self.recorder = Recorder(self.run_log, status=self._status, global_batch=self.job.training.global_batch_size,
                                  counts=self.identity.state.counts, save_counts=self.identity.save_counts,
-                                 log_every=self.job.training.log_every)
+                                 log_every=self.job.training.log_every, step=self.identity.checkpoint_step)
         if self._autoscale_record is not None:
             self._log_autoscale()
         self.ports.ui.sized(self.prepared, sizing, self.run_log.resumed)
@@ -257,6 +257,7 @@ class JobController(JobEnd):
         self._compare_and_replan()
         for warning in self.run_log.drain_warnings():
             self._status(warning)
+        self._remember_run()
         self.ports.ui.progress(self.recorder.last_step, self.prepared.total_steps, self._progress_info())
         wanted = stop_to_request(user_stop=self.stop_event.is_set(), resize_to=self.resize_to,
                                  requested=self.stop_requested)

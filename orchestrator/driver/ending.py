@@ -63,7 +63,8 @@ class JobEnd:
         (an abort carries its result in `Aborted`: the CLI prints those lines from it)."""
         errors: list[tuple[str, BaseException]] = []
         for what, part in (("withdraw the autoscaler request", self._withdraw_request),
-                           ("end the MLflow run", self._end_run), ("release the job's lock", self._release_lock)):
+                           ("end the MLflow run", self._end_run), ("record the MLflow run", self._remember_run),
+                           ("release the job's lock", self._release_lock)):
             try:
                 part()
             except BaseException as exc:  # noqa: BLE001 - raised or said below, once every part ran
@@ -95,6 +96,12 @@ class JobEnd:
                 self.run_log.finish(RUN_STATUS[self.state if self.state.terminal else State.FAILED])
             finally:
                 self.tracking_report = self.run_log.close()
+
+    def _remember_run(self) -> None:
+        """The MLflow run in job.json once it answered: a rerun stopped before it opens the run names it."""
+        run_id = self.run_log.run_id if self.run_log is not None else None
+        if run_id is not None and run_id != self.identity.run_id:
+            self.identity.save_run_id(run_id)
 
     def _release_lock(self) -> None:
         if self.identity is not None:

@@ -71,6 +71,7 @@ class JobState:
     counts: dict[str, int] = field(default_factory=dict)  # worker groups, restarts, resizes, re-plans so far
     # The run's re-plan decisions and observations so far: a rerun's artifacts hold them and its own.
     records: dict[str, list[Any]] = field(default_factory=dict)
+    run_id: str | None = None  # the MLflow run, once it answered: a rerun stopped before it opens the run names it
 
     @classmethod
     def from_dict(cls, raw: Any, where: str = STATE_FILE) -> JobState:
@@ -90,13 +91,13 @@ class JobState:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "generation": self.generation, "config_digest": self.config_digest,
                 "trained": self.trained, "length": self.length, "finished": self.finished, "counts": self.counts,
-                "records": self.records}
+                "records": self.records, "run_id": self.run_id}
 
 
 MAX_GENERATION = 2**31  # `--new-run`s of one job name
 _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "generation": int, "config_digest": str, "trained": dict, "length": dict, "finished": (dict, type(None)),
-    "counts": dict, "records": dict}
+    "counts": dict, "records": dict, "run_id": (str, type(None))}
 
 
 def _length(job: JobConfig) -> dict[str, Any]:
@@ -111,6 +112,7 @@ class JobIdentity:
     storage: Storage
     state: JobState
     lock: JobLock
+    checkpoint_step: int = 0  # the step of the newest checkpoint Ray Train resumes from (its snapshot's)
 
     @property
     def name(self) -> str:
@@ -135,11 +137,15 @@ class JobIdentity:
         name to the folder (an absolute name or '..' leads anywhere) and deletes those past keep_last,
         so one planted in a shared storage would delete any folder the job can. UserError naming it."""
         where = posixpath.join(self.run_prefix, RAY_SNAPSHOT)
-        bad = next((n for n in snapshot_names(self.storage.read_json(where)) if not _plain_name(n)), None)
+        snapshot = self.storage.read_json(where)
+        bad = next((n for n in snapshot_names(snapshot) if not _plain_name(n)), None)
         if bad is not None:
             raise UserError(f"{self.storage.join(where)}: names checkpoint {bad!r}, outside the run folder; Ray "
                             "Train would read it and delete it as an old checkpoint. Restore or remove the file, "
                             "or start afresh with --new-run")
+        # Where the job stands before its workers say where they resumed: a stop while it prepares or
+        # its group starts ends there, not at step 0.
+        self.checkpoint_step = latest_step(snapshot)
 
     @property
     def complete(self) -> bool:
@@ -169,6 +175,15 @@ class JobIdentity:
     def save_counts(self, counts: dict[str, int]) -> None:
         """The run's numbered records (restart.N, resize.N, ...) continue from here on a rerun."""
         self.state.counts = dict(counts)
+        self.save()
+
+    @property
+    def run_id(self) -> str | None:
+        """The job's MLflow run as last recorded (before this field: as recorded when it finished)."""
+        return self.state.run_id or (self.state.finished or {}).get("run_id")
+
+    def save_run_id(self, run_id: str) -> None:
+        self.state.run_id = run_id
         self.save()
 
     def save_records(self, name: str, rows: list[Any]) -> None:
@@ -220,6 +235,15 @@ def snapshot_names(raw: Any) -> list[Any]:
         for value in raw:
             found += snapshot_names(value)
     return found
+
+
+def latest_step(snapshot: Any) -> int:
+    """The step of the latest checkpoint in a Ray Train snapshot (the loop reports it as `step`); 0
+    without one."""
+    latest = snapshot.get("latest_checkpoint_result") if isinstance(snapshot, dict) else None
+    metrics = latest.get("metrics") if isinstance(latest, dict) else None
+    step = metrics.get("step") if isinstance(metrics, dict) else None
+    return step if type(step) is int and step > 0 else 0
 
 
 def _plain_name(name: Any) -> bool:

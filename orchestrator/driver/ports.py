@@ -59,6 +59,10 @@ class Identity(Protocol):
     model_pending: bool
     key: str
     state: Any  # identity.JobState: `finished` holds what a finished job ended with
+    checkpoint_step: int  # where a rerun resumes (its newest checkpoint's step), 0 for a new job
+    run_id: str | None  # the job's MLflow run as last recorded
+
+    def save_run_id(self, run_id: str) -> None: ...
 
     def mark_finished(self, *, step: int, run_id: str | None, model_version: str | None) -> None: ...
     def save_counts(self, counts: dict[str, int]) -> None: ...

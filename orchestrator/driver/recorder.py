@@ -76,7 +76,8 @@ class Group:
 class Recorder:
     def __init__(self, run: RunLog, *, status: Callable[[str], None], global_batch: int,
                  counts: Mapping[str, int] | None = None,
-                 save_counts: Callable[[dict[str, int]], None] | None = None, log_every: int = 1) -> None:
+                 save_counts: Callable[[dict[str, int]], None] | None = None, log_every: int = 1,
+                 step: int = 0) -> None:
         self.run, self._status, self.global_batch = run, status, global_batch
         self.log_every = log_every  # training.log_every: the steps whose training metrics go to MLflow
         # Numbered over the whole run (a rerun continues them): restart.N, resize.N, worker_group.N,
@@ -87,7 +88,7 @@ class Recorder:
         self.group: Group | None = None
         self.groups: list[Group] = []
         self.failures: list[WorkerFailed] = []
-        self.last_step = 0
+        self.last_step = step  # where the job stands: its checkpoint's step until a group says where it resumed
         self._cause: str | None = None
         self._failed_at_ms: int | None = None
         self._recovering_since_ms: int | None = None

@@ -22,8 +22,11 @@ def job_result(state: State, *, identity: Identity | None, prepared: Prepared | 
     rec = recorder
     checkpoint = outcome.checkpoint if outcome is not None else None
     group = rec.group if rec else None
+    # Stopped before the run was opened: the job stands where its checkpoint is, in the run it had.
+    run_id = run_log.run_id if run_log else identity.run_id if identity else None
+    step = rec.last_step if rec else identity.checkpoint_step if identity else 0
     return JobResult(
-        state, run_id=run_log.run_id if run_log else None, final_step=rec.last_step if rec else 0,
+        state, run_id=run_id, final_step=step,
         metrics=final_metrics(recorder, outcome, global_batch),
         checkpoint_path=checkpoint.path if checkpoint is not None else None, model_version=model_version,
         workers=group.workers if group else most(workers) if workers else 0,
