@@ -9,6 +9,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import ray
 import ray.train
 import torch
 
@@ -95,3 +96,17 @@ def test_a_checkpoint_the_storage_refuses_is_one_line_and_leaves_no_torn_folder(
     monkeypatch.setattr(ray.train, "report", unreachable)
     with pytest.raises(ConnectionError):
         loop._save_and_report(worker)
+
+
+def test_a_group_asked_to_stop_while_it_started_leaves_before_building_anything(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ctrl-C while Ray Train started the group: the workers built the model, started the data and
+    # trained to their first stop check (15 steps) and a checkpoint, some 20 s, before the driver exited.
+    asked: list[str] = []
+    progress = SimpleNamespace(given_up=SimpleNamespace(remote=lambda: None),
+                               stop_requested=SimpleNamespace(remote=lambda: asked.append("stop") or True))
+    monkeypatch.setattr(ray, "get", lambda answer: answer)  # the fake actor answers at once
+    monkeypatch.setattr(ray.train, "get_context", lambda: SimpleNamespace(get_world_rank=lambda: 0))
+    monkeypatch.setattr(loop, "_start", lambda args: pytest.fail("the group started training"))
+    loop.train_loop_per_worker(loop.LoopArgs(config={}, steps_per_epoch=10, total_steps=30, progress=progress).to_dict())
+    assert asked == ["stop"]

@@ -30,7 +30,15 @@ from trainers.data.arrow_collate import ArrowCollate
 from trainers.errors import UserError
 from trainers.events import CheckpointSaved, Evaluated, GroupEnded, GroupStarted
 from trainers.models import build_model
-from trainers.reporting import Reporter, StopSignal, SystemSampler, given_up, observed_step_time, register
+from trainers.reporting import (
+    Reporter,
+    StopSignal,
+    SystemSampler,
+    given_up,
+    observed_step_time,
+    register,
+    stopped_before_start,
+)
 from trainers.step import Batch, TrainStep, compiled, eval_sums, make_optimizer, make_scheduler, seed_everything
 
 
@@ -149,6 +157,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     args = LoopArgs(**config)
     if given_up(args.progress):  # an earlier group failed on bad input: the driver is saying so
         return
+    if stopped_before_start(args.progress, ray.train.get_context().get_world_rank()):
+        return  # the fit ends at the checkpoint it would have resumed from
     worker, resume = _start(args)
     try:
         _train(worker, resume)

@@ -216,6 +216,19 @@ def given_up(progress: Any) -> bool:
     return progress is not None and ray.get(progress.given_up.remote()) is not None
 
 
+def stopped_before_start(progress: Any, rank: int) -> bool:
+    """Whether the driver asked to stop while this group started (a Ctrl-C while Ray Train scheduled
+    it): every rank leaves at once, before building the model and starting the data, with nothing
+    trained to checkpoint, instead of training on to its first stop check. Rank 0's answer, shared
+    with every rank, so that none trains on alone."""
+    if progress is None:
+        return False
+    flag = torch.tensor([1.0 if rank == 0 and ray.get(progress.stop_requested.remote()) else 0.0])
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def register(progress: Any, rank: int) -> None:
     """Tell the driver where this rank runs (process and node): the actual placement, and the
     process a fault-injection test or benchmark kills."""
