@@ -10,7 +10,8 @@ run it resolved to when that was already known. Beside the file:
 - ``….offset``: progress, the byte offset up to which lines were sent, the run each handle
   resolved to (so a second replay neither sends a line again nor creates a second run) and the
   server they went to (the rest of the file goes there too);
-- ``….lock``: held (flock) by whoever is sending the file, so two senders never interleave;
+- ``….lock``: held (flock) by whoever is sending the file, so two senders never interleave; deleted
+  with the file once all is sent, so a sender that waited on it locks the one named then instead;
 - ``….artifacts/``: the copies of artifact files, made when they were logged.
 
 Sending is idempotent: lines go in order and the offset is recorded after each batch, so a
@@ -32,7 +33,6 @@ is torn (and ends it itself), so the two never both end it.
 
 from __future__ import annotations
 
-import errno
 import contextlib
 import fcntl
 import hashlib
@@ -42,17 +42,15 @@ import os
 import shlex
 import shutil
 import stat
-import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from orchestrator import constants
-from orchestrator.files import open_no_follow, user_cache_dir
+from orchestrator.files import user_cache_dir
 from orchestrator.errors import UserError
 from orchestrator.tracking.ops import Op, ResolvedRun, joins, server_name, weight, well_formed
+from orchestrator.tracking.spill_lock import file_lock, lock_path, open_own
 from orchestrator.tracking.writer import Writer, remove_staged
 
 log = logging.getLogger(__name__)
@@ -120,7 +118,7 @@ class SpillWriter:
 
     def _open(self) -> IO[bytes]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        file = os.fdopen(_open_own(self.path, os.O_WRONLY | os.O_APPEND), "ab")
+        file = os.fdopen(open_own(self.path, os.O_WRONLY | os.O_APPEND), "ab")
         # Held until close: no sender takes a torn line for dead meanwhile (see the module docstring).
         # It waits only while a sender ends such a line: one byte, under its exclusive lock.
         try:
@@ -137,18 +135,6 @@ class SpillWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-def _open_own(path: Path, flags: int) -> int:
-    """In a shared spill_dir a link planted at a name this program writes (the spill file, its lock,
-    its progress record's staging name) would have it append to or overwrite the link's target; a
-    file another user planted there (mode 0666, at the predictable name of this user's spill file)
-    would be handed what this job logs. Either is refused (OSError)."""
-    fd = open_no_follow(path, flags, mode=0o600)  # this user's only
-    if (owner := os.fstat(fd).st_uid) != os.geteuid():
-        os.close(fd)
-        raise PermissionError(errno.EPERM, f"owned by another user (uid {owner}), not written", str(path))
-    return fd
 
 
 def _read(path: Path) -> IO[bytes]:
@@ -181,7 +167,7 @@ def _end_dead_line(path: Path) -> bool:
     """End the file's torn last line when no writer has the file open (the module docstring says
     why that is safe); True when it did."""
     try:
-        fd = _open_own(path, os.O_RDWR | os.O_APPEND)
+        fd = open_own(path, os.O_RDWR | os.O_APPEND)
     except OSError:  # not this user's to write, or a link: left as it is
         return False
     try:
@@ -239,7 +225,7 @@ class Progress:
         record = _sibling(path, ".offset")
         tmp = _sibling(path, ".offset.tmp")
         tmp.unlink(missing_ok=True)  # a stale one, or a link planted in its place: never written through
-        with os.fdopen(_open_own(tmp, os.O_WRONLY | os.O_EXCL), "w") as f:
+        with os.fdopen(open_own(tmp, os.O_WRONLY | os.O_EXCL), "w") as f:
             f.write(json.dumps({"offset": self.offset, "runs": self.runs, "server": self.server,
                                 "head": _head(path) if self.offset else None}))
         os.replace(tmp, record)  # never half written
@@ -258,31 +244,6 @@ class Progress:
             handle = op["handle"]
             if handle not in self.runs and handle in writer.runs:
                 self.runs[handle] = writer.runs[handle].to_json()
-
-
-@contextmanager
-def file_lock(path: Path, wait_s: float) -> Iterator[bool]:
-    """Hold the file's send lock; yields False when another sender keeps it past `wait_s`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        lock = os.fdopen(_open_own(_sibling(path, ".lock"), os.O_WRONLY | os.O_APPEND), "a")  # noqa: SIM115 - closed below
-    except OSError as exc:  # a folder in its place, say
-        raise UserError(f"{_sibling(path, '.lock')}: cannot open the send lock ({exc.strerror or exc})") from None
-    with lock:
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    yield False
-                    return
-                time.sleep(constants.TRACKING_LOCK_POLL_S)
-        try:
-            yield True
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _ops(path: Path, offset: int) -> Iterator[tuple[int, Op | None]]:
@@ -403,12 +364,12 @@ def remove_if_sent(path: Path) -> bool:
         if not path.exists():
             with contextlib.suppress(OSError):  # not empty: a copy some sender still has to upload
                 artifacts_dir(path).rmdir()
-            _sibling(path, ".lock").unlink(missing_ok=True)
+            lock_path(path).unlink(missing_ok=True)
             return False
         if not fully_sent(path):
             return False
         for extra in (path, _sibling(path, ".offset")):
             extra.unlink(missing_ok=True)
         shutil.rmtree(artifacts_dir(path), ignore_errors=True)
-        _sibling(path, ".lock").unlink(missing_ok=True)
+        lock_path(path).unlink(missing_ok=True)
         return True

@@ -1,0 +1,56 @@
+"""The spill file's send lock and its removal when every line was sent: one sender at a time,
+whatever the interleaving of a finishing job, a replay and a new job (forced here with events)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from orchestrator.tracking import spill, spill_lock
+
+
+def test_a_sender_waiting_on_a_removed_lock_file_never_holds_it_beside_a_new_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "server-key.jsonl"
+    path.write_bytes(b"")  # every byte sent: remove_if_sent deletes it, with its lock file
+    a_holds, b_waits, go_on, b_moved = (threading.Event() for _ in range(4))
+    outcome: list[str] = []
+    real_fully_sent, sleeps = spill.fully_sent, []
+
+    def finishing_job_checks(p: Path) -> bool:  # the finishing job holds the lock: the replay comes now
+        a_holds.set()
+        assert b_waits.wait(10)
+        return real_fully_sent(p)
+
+    def replay_polls(_: float) -> None:
+        sleeps.append(1)
+        if len(sleeps) == 1:  # the replay waits on the finishing job's lock file
+            b_waits.set()
+            assert go_on.wait(10)
+        elif not b_moved.is_set():
+            outcome.append("waits")
+            b_moved.set()
+
+    def replay() -> None:
+        with spill.file_lock(path, 10.0) as held:
+            outcome.append("holds" if held else "gave up")
+            b_moved.set()
+
+    monkeypatch.setattr(spill, "fully_sent", finishing_job_checks)
+    monkeypatch.setattr(spill_lock.time, "sleep", replay_polls)
+    finishing = threading.Thread(target=spill.remove_if_sent, args=(path,))
+    finishing.start()
+    assert a_holds.wait(10)
+    replaying = threading.Thread(target=replay)
+    replaying.start()
+    finishing.join(10)
+    assert not path.exists()
+    with spill.file_lock(path, 0.0) as new_job_holds:  # a new job locks the lock file at the path now
+        assert new_job_holds
+        go_on.set()
+        assert b_moved.wait(10)
+        assert outcome == ["waits"]  # not "holds": two senders at once
+    replaying.join(10)
+    assert outcome == ["waits", "holds"]
