@@ -54,3 +54,35 @@ def test_a_sender_waiting_on_a_removed_lock_file_never_holds_it_beside_a_new_one
         assert outcome == ["waits"]  # not "holds": two senders at once
     replaying.join(10)
     assert outcome == ["waits", "holds"]
+
+
+def test_lines_a_running_job_appends_while_the_sent_file_is_removed_are_kept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "server-key.jsonl"
+    old = spill.encode({"op": "tag", "handle": "h", "key": "k", "value": "v"})
+    path.write_bytes(old)
+    progress = spill.Progress(offset=len(old))
+    progress.save(path)  # every byte sent: the finishing job removes the file
+    line = {"op": "tag", "handle": "h2", "key": "k", "value": "new"}
+    writer_locks, real_flock, real_fully_sent = threading.Event(), spill.fcntl.flock, spill.fully_sent
+
+    def flock(file: object, how: int) -> None:
+        if how == spill.fcntl.LOCK_SH:
+            writer_locks.set()  # the new job has the file open; its line follows, before or after the removal
+        real_flock(file, how)
+
+    def new_job_appends_meanwhile(p: Path) -> bool:
+        sent = real_fully_sent(p)
+        appending.start()
+        assert writer_locks.wait(10)
+        return sent
+
+    writer = spill.SpillWriter(path)
+    appending = threading.Thread(target=writer.append, args=([line],))
+    monkeypatch.setattr(spill.fcntl, "flock", flock)
+    monkeypatch.setattr(spill, "fully_sent", new_job_appends_meanwhile)
+    spill.remove_if_sent(path)
+    appending.join(10)
+    writer.close()
+    assert path.exists() and spill.encode(line) in path.read_bytes()
+    assert not real_fully_sent(path)

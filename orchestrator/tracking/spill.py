@@ -29,6 +29,8 @@ under that lock (nothing is rewritten), and reads it as any other line: sent whe
 as unreadable otherwise. Before, such a file waited for good ("an incomplete last line is left").
 A writer that opens the file later takes its shared lock before it looks whether the last line
 is torn (and ends it itself), so the two never both end it.
+The same lock keeps a running job's file: `remove_if_sent` deletes a file only under its exclusive
+lock, and a writer that locked a file deleted meanwhile opens the new one at the name.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from typing import IO, Any
 from orchestrator.files import user_cache_dir
 from orchestrator.errors import UserError
 from orchestrator.tracking.ops import Op, ResolvedRun, joins, server_name, weight, well_formed
-from orchestrator.tracking.spill_lock import file_lock, lock_path, open_own
+from orchestrator.tracking.spill_lock import file_lock, lock_path, names, open_own
 from orchestrator.tracking.writer import Writer, remove_staged
 
 log = logging.getLogger(__name__)
@@ -118,13 +120,17 @@ class SpillWriter:
 
     def _open(self) -> IO[bytes]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        file = os.fdopen(open_own(self.path, os.O_WRONLY | os.O_APPEND), "ab")
-        # Held until close: no sender takes a torn line for dead meanwhile (see the module docstring).
-        # It waits only while a sender ends such a line: one byte, under its exclusive lock.
-        try:
-            fcntl.flock(file, fcntl.LOCK_SH)
-        except OSError:  # a filesystem without flock: no sender can lock the file either, nor end a line
-            pass
+        while True:
+            file = os.fdopen(open_own(self.path, os.O_WRONLY | os.O_APPEND), "ab")
+            # Held until close: no sender takes a torn line for dead, nor removes the file, meanwhile
+            # (see the module docstring). It waits only while a sender ends such a line or removes the file.
+            try:
+                fcntl.flock(file, fcntl.LOCK_SH)
+            except OSError:  # a filesystem without flock: no sender can lock the file either, nor end a line
+                pass
+            if names(self.path, file):
+                break
+            file.close()  # removed (all sent) while this waited: what follows goes to a new file there
         if file.tell() and not _ends_with_newline(self.path):
             # A writer died mid-line: end that line, so it stays one unreadable line instead of
             # spoiling the first line written now.
@@ -366,10 +372,15 @@ def remove_if_sent(path: Path) -> bool:
                 artifacts_dir(path).rmdir()
             lock_path(path).unlink(missing_ok=True)
             return False
-        if not fully_sent(path):
-            return False
-        for extra in (path, _sibling(path, ".offset")):
-            extra.unlink(missing_ok=True)
+        with _read(path) as file:
+            try:  # a running job that appends holds a shared lock on the file from its first line on
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # it would append to a deleted file, and its lines be lost
+                return False
+            if not fully_sent(path):
+                return False
+            for extra in (path, _sibling(path, ".offset")):
+                extra.unlink(missing_ok=True)
         shutil.rmtree(artifacts_dir(path), ignore_errors=True)
         lock_path(path).unlink(missing_ok=True)
         return True
