@@ -108,5 +108,8 @@ if STOP_CHECK_EVERY < 1:  # 0 (or 0.5) was `step % 0` in every worker: a ZeroDiv
 LOCK_HEARTBEAT_S = _env_float("ORCH_LOCK_HEARTBEAT_S", 10.0)
 # ...and two drivers racing for a free lease wait this long before reading back who won (seconds).
 LOCK_SETTLE_S = _env_float("ORCH_LOCK_SETTLE_S", 1.0)
+# ...and a lease that reads as no lease (caught mid-write, where the storage's writes are not atomic)
+# is read again for this long before it is refused (seconds).
+LOCK_READ_WAIT_S = _env_float("ORCH_LOCK_READ_WAIT_S", 3.0)
 # probe-network: how long placing the probe's workers, or one of its measurements, may take (seconds).
 PROBE_TIMEOUT_S = _env_float("ORCH_PROBE_TIMEOUT_S", 120.0)

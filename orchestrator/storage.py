@@ -106,6 +106,17 @@ class Storage:
                 raise OSError(exc.errno, exc.strerror, str(path)) from None
             raise
 
+    def modified(self, relative: str) -> float | None:
+        """When the file at `relative` was last written (seconds since the epoch), or None where
+        there is none or the storage does not say."""
+        if not self.remote:
+            try:
+                return Path(self._root, relative).stat().st_mtime
+            except OSError:
+                return None
+        mtime = self._fs.get_file_info(posixpath.join(self._root, relative)).mtime
+        return None if mtime is None else mtime.timestamp()
+
     def delete(self, relative: str) -> None:
         if self.remote:
             self._fs.delete_file(posixpath.join(self._root, relative))

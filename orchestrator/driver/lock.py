@@ -4,7 +4,10 @@ Local storage: `fcntl.flock` on `<prefix>/.lock` (the kernel releases it when th
 however it dies); the holder writes who it is into the file for the refusal message. Object
 storage has no locks: a lease object `<prefix>/.lock.json` (holder, token, heartbeat) that the
 holder renews every `LOCK_HEARTBEAT_S`; a lease whose heartbeat is older than
-`LOCK_STALE_AFTER` heartbeats is taken over (its driver died). Two drivers racing for a free lease
+`LOCK_STALE_AFTER` heartbeats is taken over (its driver died). A lease that reads as no lease
+(torn: storage whose writes are not atomic shows a reader the holder's rewrite half done) is no
+free lock: read again, then refused, unless the file itself was not rewritten for as long (its
+modification time: the driver died mid-write). Two drivers racing for a free lease
 both write it, wait, and read it back: only the one whose token is there goes on.
 A holder that finds another token in its lease at a beat was taken over: it stops renewing and
 says so (`lost`); the driver then stops the job.
@@ -34,6 +37,15 @@ LOCK_STALE_AFTER = 3  # heartbeats
 def holder() -> dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid(),
             "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+class Unreadable(Exception):
+    """The lease stayed no lease while it was read again: why, in a few words."""
+
+
+def _is_lease(info: Any) -> bool:
+    beat = info.get("heartbeat") if isinstance(info, dict) else None
+    return isinstance(beat, (int, float)) and not isinstance(beat, bool) and isinstance(info.get("token"), str)
 
 
 def _describe(info: dict[str, Any] | None) -> str:
@@ -73,7 +85,11 @@ class JobLock:
             self._stop.set()
             self._beat.join(timeout=5)
             self._beat = None
-            if (self._read_lease() or {}).get("token") == self._token:
+            try:
+                info = self._read_lease()
+            except Unreadable:  # not known to be this driver's: left to go stale
+                return
+            if (info or {}).get("token") == self._token:
                 self.storage.delete(self._lease)
 
     # -- local: flock --------------------------------------------------------------------------
@@ -119,30 +135,56 @@ class JobLock:
         return posixpath.join(self.name, LEASE_FILE)
 
     def _read_lease(self) -> dict[str, Any] | None:
-        """The lease, or None where there is none or it is no lease (torn or edited: no driver renews it)."""
-        try:
-            info = self.storage.read_json(self._lease)
-        except UserError:
-            return None
-        return info if isinstance(info, dict) else None
+        """The lease, or None where there is none. One that reads as no lease (caught mid-write where
+        the storage's writes are not atomic, or edited) is read again for LOCK_READ_WAIT_S: it is no
+        free lock, as its holder may be alive and rewriting it. Raises `Unreadable` if it stays so."""
+        deadline = time.monotonic() + constants.LOCK_READ_WAIT_S
+        while True:
+            try:
+                info = self.storage.read_json(self._lease)
+                why = "no heartbeat and token in it"
+            except UserError as exc:
+                info, why = False, str(exc).removeprefix(f"{self.storage.join(self._lease)}: ")
+            if info is None or _is_lease(info):
+                return info
+            if time.monotonic() >= deadline:
+                raise Unreadable(why)
+            time.sleep(constants.LOCK_READ_WAIT_S / 10)
 
-    def _fresh(self, info: dict[str, Any] | None) -> bool:
-        beat = (info or {}).get("heartbeat")
-        if not isinstance(beat, (int, float)) or isinstance(beat, bool):
-            return False
-        return time.time() - beat < LOCK_STALE_AFTER * constants.LOCK_HEARTBEAT_S
+    def _fresh(self, info: dict[str, Any]) -> bool:
+        return time.time() - info["heartbeat"] < LOCK_STALE_AFTER * constants.LOCK_HEARTBEAT_S
 
     def _acquire_lease(self) -> None:
-        info = self._read_lease()
-        if self._fresh(info) and info.get("token") != self._token:
-            raise self._refuse(info, self.storage.join(self._lease))
+        where = self.storage.join(self._lease)
+        try:
+            info = self._read_lease()
+        except Unreadable as exc:
+            self._unless_stale(exc, where)
+            info = None
+        if info is not None and self._fresh(info) and info.get("token") != self._token:
+            raise self._refuse(info, where)
         self._write_lease()
         time.sleep(constants.LOCK_SETTLE_S)  # a racing driver's write lands meanwhile; the last one wins
-        info = self._read_lease()
+        try:
+            info = self._read_lease()
+        except Unreadable:  # a racing driver's write that stays torn: not known to be this one's
+            info = None
         if (info or {}).get("token") != self._token:
-            raise self._refuse(info, self.storage.join(self._lease))
+            raise self._refuse(info, where)
         self._beat = threading.Thread(target=self._heartbeat, name="job-lock", daemon=True)
         self._beat.start()
+
+    def _unless_stale(self, exc: Unreadable, where: str) -> None:
+        """A lease that stays unreadable is taken over only once nothing rewrote it for as long as
+        a readable one goes unrenewed before it is (its driver died mid-write, or long ago)."""
+        stale_s = LOCK_STALE_AFTER * constants.LOCK_HEARTBEAT_S
+        modified = self.storage.modified(self._lease)
+        if modified is not None and time.time() - modified >= stale_s:
+            return
+        written = "" if modified is None else f", rewritten {max(0.0, time.time() - modified):.0f} s ago"
+        raise UserError(f"{where}: not a lease this program can read ({exc}{written}): another driver may be "
+                        f"running {self.name}, so it is not taken over until nothing rewrites it for {stale_s:.0f} s; "
+                        "if no driver runs this job, delete it and run again")
 
     def _write_lease(self) -> None:
         self.storage.write_json(self._lease, {**self._holder, "token": self._token, "heartbeat": time.time()})
