@@ -253,6 +253,7 @@ class JobController(JobEnd):
             events, ranks = [], {}
         for event in events:
             self._handle(event)
+        self.recorder.run_known()
         self.recorder.locate(ranks)
         self._compare_and_replan()
         for warning in self.run_log.drain_warnings():

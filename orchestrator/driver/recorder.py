@@ -126,9 +126,12 @@ class Recorder:
 
     # -- events ------------------------------------------------------------------------------
 
-    def steps(self, event: StepsDone) -> None:
-        if self._gap_from is not None and self.run.resumed is not None:  # MLflow answered: say it now
+    def run_known(self) -> None:
+        """At every poll: a gap that waited for MLflow to answer is said once it has."""
+        if self._gap_from is not None and self.run.resumed is not None:
             self._gap_before(self._gap_from)
+
+    def steps(self, event: StepsDone) -> None:
         for point in event.points:  # steps redone after a failure keep their first record
             if point.step % self.log_every == 0:
                 self._log_once(point.metrics, step=point.step, at_ms=point.at_ms, per_step=True)
@@ -215,8 +218,12 @@ class Recorder:
         One tag per gap, numbered over the run like restart.N: a later outage keeps the earlier ones."""
         # Resumed while MLflow was down: the run (and what it holds) is known once it answers.
         self._gap_from = resumed_from if self.run.resumed is None else None
-        floor = self.run.resume_floor
-        if floor is None or floor >= resumed_from:
+        if self._gap_from is not None:
+            return False
+        # No floor: the run holds no training step (created by this rerun: MLflow never saw the
+        # earlier driver's records, which died with it or wait in a spill file elsewhere).
+        floor = self.run.resume_floor or 0
+        if floor >= resumed_from:
             return False
         text = (f"steps {floor + 1}-{resumed_from} were trained by an earlier driver that stopped before "
                 "sending their metrics; this run has none for them")
