@@ -37,3 +37,23 @@ def test_a_run_that_sent_everything_leaves_nothing_in_the_spill_folder(fake: Fak
     report = tracker.close(timeout_s=5)
     assert report.spill_file is None and fake.run("k").steps() == list(range(5))
     assert sorted(p.name for p in spill_dir.iterdir()) == []
+
+
+def test_an_operation_after_close_leaves_no_open_spill_file_behind(fake: FakeStore, spill_dir: Path) -> None:
+    """A log after close reopened the spill writer and never closed it: its shared lock on the file
+    lasted the process, so the next run of the job in that process (a notebook, a `submit` of many
+    jobs) sent the late line but could not remove the sent file, which was left in the spill folder."""
+    from tracking_fakes import log_steps
+
+    first = Tracker(URI, spill_dir=spill_dir)
+    run = first.open_run(experiment="e", run_key="k", run_name="job")
+    log_steps(run, range(5))
+    first.close(timeout_s=5)
+    run.set_tags({"late": "yes"})  # after close: written to the spill file, never lost
+    again = Tracker(URI, spill_dir=spill_dir)
+    rerun = again.open_run(experiment="e", run_key="k", run_name="job")
+    log_steps(rerun, range(5, 10))
+    report = again.close(timeout_s=5)
+    assert report.spill_file is None and fake.run("k").tags["late"] == "yes"
+    assert fake.run("k").steps() == list(range(10))
+    assert sorted(p.name for p in spill_dir.iterdir()) == []

@@ -127,6 +127,8 @@ class Tracker:
         with self._lock:
             if self._stopped:  # after close: straight to the file, never lost
                 self._spill_at_close([op])
+                # and closed again: its shared lock kept the file from removal for the rest of the process
+                self._spill.close()
                 log.warning("MLflow: a %s operation after the tracker closed went to %s", op["op"], self.spill_file)
                 return
             self._queue.append(op)
