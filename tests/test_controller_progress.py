@@ -148,3 +148,14 @@ def test_poll_again_waits_for_a_finished_fits_last_drain_a_bounded_number_of_pol
     assert not poll_again(fit_done=True, drained=True, misses=0, limit=3)
     assert poll_again(fit_done=True, drained=False, misses=3, limit=3)
     assert not poll_again(fit_done=True, drained=False, misses=4, limit=3)
+
+
+def test_a_fit_whose_last_drains_went_unanswered_ends_at_the_step_its_final_report_reached() -> None:
+    """The job ended on what it drained: job.json, the result and the run's summary said step 5 of
+    a fit that reported step 10, the last, as its end (Ray Train's final metrics)."""
+    fit = FakeFit([[group()], [steps(1, 5)], [steps(6, 10)]], FitOutcome({"step": 10}))
+    fit.done = lambda: len(fit.batches) <= 1
+    world = World(job(), [fit])
+    result = JobController(world.job, dataclasses.replace(world.ports(), drain=answering(world, set(range(3, 99))))).run()
+    summary = next(v for k, v in world.run.dicts.items() if k.startswith("summary/"))
+    assert (result.final_step, world.identity.finished["step"], summary["final_step"]) == (10, 10, 10)

@@ -209,8 +209,9 @@ class JobController(JobEnd):
             self.ports.sleep(constants.PROGRESS_POLL_S)
             return State.RUNNING
         self.outcome = self.fit.outcome()
+        reached = self.recorder.fit_ended(self.outcome.metrics)
         self._note_observation()
-        completed = int(self.outcome.metrics.get("step", 0)) >= self.prepared.total_steps
+        completed = reached >= self.prepared.total_steps
         state = after_fit(error=self.outcome.error is not None, stop=self.stop_requested, completed=completed)
         if state is State.FAILED and self.outcome.error is not None:
             raise worker_user_error(self.outcome.error) or self.outcome.error

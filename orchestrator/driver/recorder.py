@@ -149,6 +149,14 @@ class Recorder:
             self.log_metrics({"recovery_s": seconds}, step=event.points[0].step)
             self.status(f"training again {seconds:.1f} s after the failure was reported")
 
+    def fit_ended(self, metrics: Mapping[str, Any]) -> int:
+        """The step the fit's own final report reached (Ray Train's last metrics): past `last_step`
+        where the last drains went unanswered. Only this raises it beyond what was drained: a group
+        that resumed from an older checkpoint moved it back on purpose (`group_started`)."""
+        reached = int(metrics.get("step", 0))
+        self.last_step = max(self.last_step, reached)
+        return reached
+
     def evaluated(self, event: Evaluated) -> None:
         self._log_once(event.metrics, step=event.step, at_ms=event.at_ms, per_step=True)
         self.last_metrics.update(event.metrics)
