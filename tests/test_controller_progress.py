@@ -159,3 +159,16 @@ def test_a_fit_whose_last_drains_went_unanswered_ends_at_the_step_its_final_repo
     result = JobController(world.job, dataclasses.replace(world.ports(), drain=answering(world, set(range(3, 99))))).run()
     summary = next(v for k, v in world.run.dicts.items() if k.startswith("summary/"))
     assert (result.final_step, world.identity.finished["step"], summary["final_step"]) == (10, 10, 10)
+
+
+def test_misses_while_the_fit_ran_do_not_cut_short_the_polls_for_its_last_events() -> None:
+    """The actor stuck a while as the group trained, answering again once it ended: the end's polls
+    were counted from the first miss, so the job ended at once on what was drained, its last steps lost."""
+    fit = FakeFit([[group()], [steps(1, 5)], [steps(6, 10)]], FitOutcome({"step": 10}))
+    world = World(job(), [fit])
+    stuck = constants.PROGRESS_MISSES_AT_END + 1  # polls missed while it trained
+    drain = answering(world, set(range(3, 3 + stuck + constants.PROGRESS_MISSES_AT_END)))
+    fit.done = lambda: drain.calls[0] >= 2 + stuck  # ended while the actor was still stuck
+    result = JobController(world.job, dataclasses.replace(world.ports(), drain=drain)).run()
+    assert result.state.value == "finished" and result.final_step == 10
+    assert world.run.steps_of("train/loss") == list(range(1, 11))

@@ -92,6 +92,7 @@ class JobController(JobEnd):
         self._last_arrived = -1
         self._compared_at = -1
         self._misses = 0  # polls in a row the progress actor did not answer
+        self._misses_at_end = 0  # ...of those, the ones since the fit ended: its last events are awaited that often
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -205,7 +206,9 @@ class JobController(JobEnd):
         assert self.fit is not None and self.prepared is not None
         done = self.fit.done()  # read before draining: every event of a finished fit is in this drain
         drained = self._poll()
-        if poll_again(fit_done=done, drained=drained, misses=self._misses, limit=constants.PROGRESS_MISSES_AT_END):
+        self._misses_at_end = self._misses_at_end + 1 if done and not drained else 0
+        if poll_again(fit_done=done, drained=drained, misses=self._misses_at_end,
+                      limit=constants.PROGRESS_MISSES_AT_END):
             self.ports.sleep(constants.PROGRESS_POLL_S)
             return State.RUNNING
         self.outcome = self.fit.outcome()
