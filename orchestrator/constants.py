@@ -31,7 +31,8 @@ PROGRESS_POLL_S = _env_float("ORCH_PROGRESS_POLL_S", 0.5)
 # a stop, and asks again at the next poll.
 PROGRESS_ANSWER_S = _env_float("ORCH_PROGRESS_ANSWER_S", 5.0)
 # A fit that ended while the progress actor did not answer is polled this many times more for its
-# last events before the job ends on what was drained.
+# last events before the job ends on what was drained; a resize's stop that it does not clear is asked
+# again as often before the job fails (no new group while the old stop stands).
 PROGRESS_MISSES_AT_END = int(_env_float("ORCH_PROGRESS_MISSES_AT_END", 3))
 # Rank 0 pushes its step and metrics to the progress actor at most this often (seconds); the first
 # step of a worker group and every event go at once.

@@ -41,6 +41,23 @@ def answering(world: World, missed: set[int]) -> Any:
     return drain
 
 
+def unanswered_clears(world: World, times: int, *, lose_lease: bool = False) -> Any:
+    """The world's clear_stop, unanswered at its first `times` calls (each notes the groups started so
+    far); `lose_lease`: the driver's heartbeats are missed meanwhile, its lease taken over."""
+    calls: list[int] = []
+
+    def clear_stop() -> None:
+        calls.append(len(world.started))
+        assert len(calls) <= 50, "asked forever"
+        if lose_lease:
+            world.identity.lost = "driver-2"
+        if len(calls) <= times:
+            raise ProgressUnanswered("the progress actor did not clear the stop within 5 s")
+
+    clear_stop.calls = calls
+    return clear_stop
+
+
 def missed_lines(world: World) -> list[str]:
     return [m for m in world.ui.statuses if m.endswith("progress is not shown until it answers, a stop is still acted on")]
 
@@ -128,13 +145,8 @@ def test_a_resize_whose_stop_is_not_cleared_in_time_asks_again_before_the_new_gr
 ) -> None:
     """`clear_stop` unanswered: the new group would read the old group's stop and leave at once."""
     world = resized_once(job(workers={"min": 1, "max": 2}), monkeypatch)
-    clears: list[int] = []
-
-    def clear_stop() -> None:
-        clears.append(len(world.started))
-        if len(clears) < 3:
-            raise ProgressUnanswered("the progress actor did not clear the stop within 5 s")
-
+    clear_stop = unanswered_clears(world, 2)
+    clears = clear_stop.calls
     result = JobController(world.job, dataclasses.replace(world.ports(), clear_stop=clear_stop)).run()
     assert clears == [1, 1, 1] and world.started == [(1, 2), (1, 1)]
     assert result.state.value == "finished" and result.resizes == 1 and len(missed_lines(world)) == 1
@@ -172,3 +184,26 @@ def test_misses_while_the_fit_ran_do_not_cut_short_the_polls_for_its_last_events
     result = JobController(world.job, dataclasses.replace(world.ports(), drain=drain)).run()
     assert result.state.value == "finished" and result.final_step == 10
     assert world.run.steps_of("train/loss") == list(range(1, 11))
+
+
+def test_a_resize_whose_stop_is_never_cleared_fails_the_job_instead_of_asking_forever(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """RESIZING asked a stuck actor to clear the stop at every poll, for good: nothing else can end that state."""
+    world = resized_once(job(workers={"min": 1, "max": 2}), monkeypatch)
+    clear_stop = unanswered_clears(world, 50)
+    with pytest.raises(RuntimeError, match="did not clear the stop"):
+        JobController(world.job, dataclasses.replace(world.ports(), clear_stop=clear_stop)).run()
+    assert len(clear_stop.calls) == constants.PROGRESS_MISSES_AT_END + 1 and world.started == [(1, 2)]
+    assert world.run.status == "FAILED"
+
+
+def test_a_lease_lost_while_the_stop_is_cleared_again_starts_no_new_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    world = resized_once(job(workers={"min": 1, "max": 2}), monkeypatch)
+    ports = dataclasses.replace(world.ports(), clear_stop=unanswered_clears(world, 50, lose_lease=True))
+    monkeypatch.setattr(constants, "PROGRESS_MISSES_AT_END", 99)
+    from orchestrator.errors import UserError
+
+    with pytest.raises(UserError, match="taken over by driver-2"):
+        JobController(world.job, ports).run()
+    assert world.started == [(1, 2)]

@@ -92,7 +92,8 @@ class JobController(JobEnd):
         self._last_arrived = -1
         self._compared_at = -1
         self._misses = 0  # polls in a row the progress actor did not answer
-        self._misses_at_end = 0  # ...of those, the ones since the fit ended: its last events are awaited that often
+        # ...of those, the ones since the fit ended: its last events, or a resize's cleared stop, awaited that often
+        self._misses_at_end = 0
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -228,10 +229,15 @@ class JobController(JobEnd):
     def _resize(self) -> State:
         assert self.resize_to is not None and self.prepared is not None and self.sizing is not None
         if not self.stop_event.is_set():
+            self.identity.check_held()  # lost while the stop was cleared again: start no group beside its new holder
             try:
                 self.ports.clear_stop()
             except ProgressUnanswered as exc:  # asked again: the new group would read the old stop and leave
                 self._missed(exc)
+                self._misses_at_end += 1
+                if self._misses_at_end > constants.PROGRESS_MISSES_AT_END:  # nothing else ends this state
+                    raise RuntimeError(f"{exc}, {self._misses_at_end} times in a row, for a resize at step "
+                                       f"{self.recorder.last_step}; run the same command again to resume there") from None
                 self.ports.sleep(constants.PROGRESS_POLL_S)
                 return State.RESIZING
         bounds = self._bounds()
