@@ -3,8 +3,12 @@ whatever the interleaving of a finishing job, a replay and a new job (forced her
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -86,3 +90,46 @@ def test_lines_a_running_job_appends_while_the_sent_file_is_removed_are_kept(
     writer.close()
     assert path.exists() and spill.encode(line) in path.read_bytes()
     assert not real_fully_sent(path)
+
+
+def nfs_flock(real: Any) -> Any:
+    """flock as an NFS client does it (emulated with byte-range locks the server checks against the
+    open mode): an exclusive lock needs the file open to write, a shared one open to read (EBADF)."""
+
+    def flock(file: Any, how: int) -> None:
+        mode = fcntl.fcntl(file.fileno(), fcntl.F_GETFL) & os.O_ACCMODE
+        if (how & fcntl.LOCK_EX and mode == os.O_RDONLY) or (how & fcntl.LOCK_SH and mode == os.O_WRONLY):
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        real(file, how)
+
+    return flock
+
+
+def sent_file(path: Path, *lines: dict[str, Any]) -> None:
+    """Every line of the file at `path` sent (its progress record at its end)."""
+    with path.open("ab") as f:
+        f.write(b"".join(spill.encode(line) for line in lines))
+    spill.Progress(offset=path.stat().st_size).save(path)
+
+
+def test_on_nfs_a_sent_file_is_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The remover locked the file opened only to read: on NFS that exclusive lock always failed, so no
+    spill file was ever removed there (a home directory on NFS holds the default spill_dir)."""
+    monkeypatch.setattr(fcntl, "flock", nfs_flock(fcntl.flock))
+    path = tmp_path / "server-key.jsonl"
+    sent_file(path, {"op": "tag", "handle": "h", "key": "k", "value": "v"})
+    assert spill.remove_if_sent(path) and not path.exists()
+
+
+def test_on_nfs_a_running_jobs_file_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer's shared lock, on a file opened only to write, failed on NFS without a word: nothing
+    kept a remover from deleting the file it appends to."""
+    monkeypatch.setattr(fcntl, "flock", nfs_flock(fcntl.flock))
+    path = tmp_path / "server-key.jsonl"
+    writer = spill.SpillWriter(path)
+    writer.append([{"op": "tag", "handle": "h", "key": "k", "value": "v"}])
+    try:
+        sent_file(path)  # a replay sent what it wrote so far; the job runs on
+        assert not spill.remove_if_sent(path) and path.exists()
+    finally:
+        writer.close()

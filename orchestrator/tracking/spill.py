@@ -121,7 +121,8 @@ class SpillWriter:
     def _open(self) -> IO[bytes]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            file = os.fdopen(open_own(self.path, os.O_WRONLY | os.O_APPEND), "ab")
+            # Open to read as well: NFS grants a shared flock only so, and it is what keeps the file.
+            file = os.fdopen(open_own(self.path, os.O_RDWR | os.O_APPEND), "ab")
             # Held until close: no sender takes a torn line for dead, nor removes the file, meanwhile
             # (see the module docstring). It waits only while a sender ends such a line or removes the file.
             try:
@@ -372,7 +373,11 @@ def remove_if_sent(path: Path) -> bool:
                 artifacts_dir(path).rmdir()
             lock_path(path).unlink(missing_ok=True)
             return False
-        with _read(path) as file:
+        try:  # open to write: NFS grants an exclusive flock only so
+            file = os.fdopen(open_own(path, os.O_RDWR | os.O_APPEND), "rb")
+        except OSError:  # not this user's, or a link: left as it is
+            return False
+        with file:
             try:  # a running job that appends holds a shared lock on the file from its first line on
                 fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:  # it would append to a deleted file, and its lines be lost
