@@ -69,3 +69,22 @@ def test_the_run_is_recorded_for_the_next_rerun_once_mlflow_answers() -> None:
     world.run.run_id = None
     JobController(world.job, world.ports(), workers=1, stop=stop).run()
     assert world.identity.run_id == "run-1"
+
+
+def test_a_driver_whose_lease_was_taken_over_leaves_job_json_to_its_new_holder(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """MLflow answers only as the run is closed, after the lease was lost: recording the run then
+    wrote this driver's stale job.json over the one the new holder keeps."""
+    from orchestrator.errors import UserError
+
+    world = rerun(fits=[FakeFit([[], [], []], FitOutcome({}))],
+                  on_poll=lambda w: setattr(w.identity, "lost", "driver-2"))
+    world.run.run_id = None
+    saved: list[str] = []
+    monkeypatch.setattr(world.identity, "save_run_id", saved.append)
+    close = world.run.close
+    monkeypatch.setattr(world.run, "close", lambda: (setattr(world.run, "run_id", "run-1"), close())[1])
+    with pytest.raises(UserError, match="taken over by driver-2"):
+        JobController(world.job, world.ports(), workers=1).run()
+    assert saved == []

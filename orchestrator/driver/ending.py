@@ -100,8 +100,13 @@ class JobEnd:
     def _remember_run(self) -> None:
         """The MLflow run in job.json once it answered: a rerun stopped before it opens the run names it."""
         run_id = self.run_log.run_id if self.run_log is not None else None
-        if run_id is not None and run_id != self.identity.run_id:
-            self.identity.save_run_id(run_id)
+        if run_id is None or run_id == self.identity.run_id:
+            return
+        try:
+            self.identity.check_held()
+        except UserError:  # taken over (said where it was found): job.json is the new holder's to write
+            return
+        self.identity.save_run_id(run_id)
 
     def _release_lock(self) -> None:
         if self.identity is not None:
