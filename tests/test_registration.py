@@ -4,8 +4,10 @@ on a real MLflow sqlite store."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from tracking_fakes import URI, FakeStore, fake  # noqa: F401 (fixture: fake)
 
 
 def test_a_job_trained_further_registers_the_new_weights_and_a_retry_of_one_step_does_not(
@@ -77,7 +79,6 @@ def test_a_model_is_not_logged_to_an_artifact_location_on_another_host_with_the_
     tracking credentials attached, whatever its host: an experiment made with an http:// location
     on another host collected MLFLOW_TRACKING_TOKEN with the model, or the user name and password
     MLflow reads from ~/.mlflow/credentials when no variable names them."""
-    from types import SimpleNamespace
 
     import numpy as np
     from mlflow.tracking import MlflowClient
@@ -105,7 +106,7 @@ def test_a_model_is_not_logged_to_an_artifact_location_on_another_host_with_the_
         run_id = client.create_run(client.create_experiment("e", artifact_location=f"http://{other}/a")).info.run_id
         run = SimpleNamespace(run_id=run_id, tracking_uri=uri, wait_resolved=lambda timeout: True)
         example = np.zeros((2, 64), np.float32)
-        assert log_model_now(config, checkpoint, lambda: example, run, status=said.append) is None
+        assert log_model_now(config, lambda: checkpoint, lambda: example, run, status=said.append) is None
     assert seen == []
     assert said == [f"model not logged: the run's artifact location http://{other}/a/{run_id}/artifacts is on a host "
                     "other than the tracking server's, which MLflow would send the tracking credentials; set the "
@@ -150,3 +151,31 @@ def test_a_final_checkpoint_gone_or_damaged_at_registration_leaves_the_job_finis
     assert len(said) == 1 and said[0].startswith("trained, but the model was not logged: its final checkpoint "
                                                  "cannot be read (CorruptCheckpoint: ")
     assert sorted((p.name, p.read_bytes()) for p in (tmp_path / "checkpoint_000010").iterdir()) == left
+
+
+@pytest.mark.parametrize("recorded", ["moved/ckpt", 123])
+def test_a_complete_jobs_owed_model_whose_recorded_checkpoint_is_no_path_is_said_not_raised(
+    fake: FakeStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recorded: object
+) -> None:
+    """job.json's final checkpoint (edited, or a folder gone relative) made Ray Train's Checkpoint
+    raise outside the guard that turns a model-logging failure into a warning: a traceback."""
+    from test_identity import job
+
+    from orchestrator.driver import data
+    from orchestrator.driver.identity import claim
+    from orchestrator.driver.job import RayPorts
+
+    config = job(str(tmp_path))
+    config = config.model_copy(update={"tracking": config.tracking.model_copy(update={
+        "registered_model": "m", "tracking_uri": URI, "spill_dir": str(tmp_path / "spill")})})
+    identity = claim(config)
+    identity.mark_finished(step=10, run_id=None, model_version=None, checkpoint=recorded)
+    monkeypatch.setattr(data, "input_example", lambda job: None)
+    said: list[str] = []
+    try:
+        assert RayPorts(config, None, None, False, SimpleNamespace(status=said.append)).register_finished(identity) is None
+    finally:
+        identity.release()
+    assert [m for m in said if "not logged" in m][0].startswith(
+        "trained, but the model was not logged: its final checkpoint cannot be read (")
+    assert fake.run(identity.key).status == "FINISHED"

@@ -183,8 +183,9 @@ class RayPorts:
         tracker = _open_tracker(self.job)  # sends what an earlier run left in its spill first
         run = TrackedRun.open(tracker, self.job, identity)
         try:
-            checkpoint = ray.train.Checkpoint(identity.state.finished["checkpoint"])
-            version = log_model_now(self.job, checkpoint, lambda: input_example(self.job), run, status=self.ui.status)
+            recorded = identity.state.finished["checkpoint"]  # job.json's: made a Checkpoint under the guard
+            version = log_model_now(self.job, lambda: ray.train.Checkpoint(recorded), lambda: input_example(self.job),
+                                    run, status=self.ui.status)
             if version is not None:
                 identity.mark_model(version, run.run_id)
             return version

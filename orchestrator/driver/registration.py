@@ -33,14 +33,14 @@ def register_model(prepared: Prepared, outcome: FitOutcome, run: Any, *, status:
     then the same command, run again, logs and registers it)."""
     if outcome.checkpoint is None:
         return None
-    return log_model_now(prepared.job, outcome.checkpoint, lambda: prepared.data.example, run, status=status)
+    return log_model_now(prepared.job, lambda: outcome.checkpoint, lambda: prepared.data.example, run, status=status)
 
 
-def log_model_now(job: Any, checkpoint: Any, example: Callable[[], Any], run: Any, *,
+def log_model_now(job: Any, checkpoint: Callable[[], Any], example: Callable[[], Any], run: Any, *,
                   status: Any = None) -> str | None:
     """`log_and_register` within bounded requests; a tracking server that cannot take it is said.
-    The final `checkpoint` (a Ray Train checkpoint) and the input `example` are read under the same
-    guard: either one gone or damaged since training leaves the job trained and FINISHED, its model
+    The final `checkpoint` (a Ray Train checkpoint, made from the path job.json records) and the input
+    `example` are made and read under the same guard: either one gone or damaged since training leaves the job trained and FINISHED, its model
     not logged and said, its checkpoints as they are."""
     if not run.wait_resolved(constants.TRACKING_REQUEST_TIMEOUT_S):
         _tell(status, "model not logged: the tracking server is unreachable; run the same command again once it "
@@ -65,9 +65,9 @@ class Unreadable(Exception):
     """What the model is logged from (the final checkpoint, the input example) cannot be read now."""
 
 
-def _read(checkpoint: Any, example: Callable[[], Any]) -> tuple[dict[str, Any], Any]:
+def _read(checkpoint: Callable[[], Any], example: Callable[[], Any]) -> tuple[dict[str, Any], Any]:
     try:
-        state = read_checkpoint(checkpoint)
+        state = read_checkpoint(checkpoint())
     except Exception as exc:  # noqa: BLE001 - missing, truncated, unreadable: all said the same way
         raise Unreadable(f"its final checkpoint cannot be read ({describe(exc)})") from exc
     try:
