@@ -55,7 +55,9 @@ def test_a_live_lease_read_mid_write_is_read_again_and_refuses(tmp_path: Path) -
     holder.release()
 
 
-@pytest.mark.parametrize("content", ['{"token": "x", "heartb', '{"token": "x", "heartbeat": "now"}', "[]", ""])
+@pytest.mark.parametrize("content", ['{"token": "x", "heartb', '{"token": "x", "heartbeat": "now"}', "[]", "",
+                                     '{"token": "x", "heartbeat": Infinity}', '{"token": "x", "heartbeat": NaN}',
+                                     '{"token": "x", "heartbeat": 1e12}'])  # fresh for good, or for 30,000 years
 def test_a_lease_that_stays_unreadable_refuses_naming_it_until_it_is_stale(tmp_path: Path, content: str) -> None:
     storage = Storage("s3://bucket/runs", filesystem=fs.SubTreeFileSystem(str(tmp_path), fs.LocalFileSystem()))
     lease = tmp_path / "bucket" / "runs" / "digits" / ".lock.json"

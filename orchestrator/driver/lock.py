@@ -15,6 +15,7 @@ says so (`lost`); the driver then stops the job.
 
 from __future__ import annotations
 
+import math
 import os
 import posixpath
 import secrets
@@ -44,8 +45,11 @@ class Unreadable(Exception):
 
 
 def _is_lease(info: Any) -> bool:
+    """A heartbeat this program could have written: a time no later than a stale lease's age from now
+    (Infinity or a far-future time, edited in or from a clock far ahead, would be fresh for good)."""
     beat = info.get("heartbeat") if isinstance(info, dict) else None
-    return isinstance(beat, (int, float)) and not isinstance(beat, bool) and isinstance(info.get("token"), str)
+    return (isinstance(beat, (int, float)) and not isinstance(beat, bool) and isinstance(info.get("token"), str)
+            and math.isfinite(beat) and beat < time.time() + LOCK_STALE_AFTER * constants.LOCK_HEARTBEAT_S)
 
 
 def _describe(info: dict[str, Any] | None) -> str:
