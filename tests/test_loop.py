@@ -71,6 +71,30 @@ def test_a_group_resumed_at_the_last_step_reports_it_again(monkeypatch: pytest.M
     assert isinstance(saved, CheckpointSaved) and ended == GroupEnded(step=30, reason="finished")
 
 
+
+@pytest.mark.parametrize("registered", [20, 30])
+def test_a_group_resumed_at_the_last_step_ray_train_holds_copies_no_checkpoint(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, registered: int) -> None:
+    # A driver SIGKILLed while it registered the model, again and again: each rerun's group reported
+    # the last step's checkpoint again as checkpoint_<step>.1, .2, ..., which Ray Train tracked, so
+    # with keep_last they pushed the older distinct checkpoints out. A copy is reported only where
+    # Ray Train's latest is older (a driver killed before it registered the last one).
+    worker = _worker(tmp_path, step=0, total=30)
+    for step in (20, 30):
+        worker.state.step = step
+        ckpt.write(tmp_path / ckpt.dir_name(step), worker.state.to_dict({}), step=step)
+    latest = ray.train.Checkpoint(str(tmp_path / ckpt.dir_name(registered)))
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: latest)
+    resume = loop.restore(worker.state, tmp_path)
+    assert resume is not None and (resume.checkpoint, resume.latest) == ("checkpoint_000000030", registered == 30)
+    reported: list[tuple[dict[str, Any], str | None]] = []
+    monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None, checkpoint_dir_name=None:
+                        reported.append((metrics, checkpoint_dir_name)))
+    monkeypatch.setattr(ray.train, "get_dataset_shard", lambda name: SimpleNamespace())  # never read
+    loop._train(worker, resume)
+    copy = None if registered == 30 else "checkpoint_000000030.1"
+    assert reported == [({"step": 30}, copy)]
+
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
 def test_a_checkpoint_the_storage_refuses_is_one_line_and_leaves_no_torn_folder(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, code: int

@@ -112,6 +112,7 @@ class Resume:
     step: int
     checkpoint: str
     skipped: tuple[str, ...] = ()
+    latest: bool = False  # the folder is Ray Train's latest checkpoint: its fit's result unless another is reported
 
 
 def restore(state: TrainState, run_dir: Path | None) -> Resume | None:
@@ -122,7 +123,7 @@ def restore(state: TrainState, run_dir: Path | None) -> Resume | None:
     if latest is not None and latest.filesystem.type_name != "local":
         with latest.as_directory() as folder:
             ckpt.apply_state(state.load, ckpt.read(Path(folder)), Path(latest.path))
-        return Resume(state.step, Path(latest.path).name)
+        return Resume(state.step, Path(latest.path).name, latest=True)
     folder = Path(latest.path).parent if latest is not None else run_dir
     restored = ckpt.restore_newest(folder, state.load) if folder is not None else None
     if restored is None:
@@ -130,7 +131,8 @@ def restore(state: TrainState, run_dir: Path | None) -> Resume | None:
             raise UserError(f"checkpoint: Ray Train registered {latest.path}, but no checkpoint folder is left "
                             f"under {folder}; start afresh with --new-run")
         return None
-    return Resume(state.step, restored.folder.name, restored.skipped)
+    return Resume(state.step, restored.folder.name, restored.skipped,
+                  latest=latest is not None and restored.folder.name == Path(latest.path).name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,10 +199,15 @@ def _train(w: Worker, resume: Resume | None) -> None:
     cfg, args = w.cfg, w.args
     if w.state.step >= args.total_steps:
         # Resumed from the last step's checkpoint: an earlier driver was killed after its workers
-        # finished. Say so and report it again (in a fresh folder: Ray Train may hold an older one as
-        # its latest), so this fit ends at the last step with those weights, the ones registered.
+        # finished (or while it registered the model). Say so and report the step, so this fit ends
+        # at it with those weights, the ones registered. Their checkpoint is reported again (in a
+        # fresh folder) only where Ray Train holds an older one as its latest: a copy of the one it
+        # holds would be tracked too, and push an older distinct checkpoint out of keep_last.
         w.reporter.started(_group_started(w, resume, ()))
-        _save_and_report(w)
+        if resume is not None and resume.latest:
+            ray.train.report({"step": w.state.step})
+        else:
+            _save_and_report(w)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if cfg.data.val_fraction else None  # no held-out rows: no set
     collate = ArrowCollate(cfg.data)
