@@ -71,6 +71,32 @@ def test_registering_the_model_leaves_the_run_running_for_the_driver_to_end(
     assert [m.source_run_id for m in client.search_logged_models([run.info.experiment_id])] == [run_id]
 
 
+def test_a_logged_model_left_pending_by_a_driver_killed_inside_log_model_is_marked_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGKILL inside MLflow's `log_model` left its logged model PENDING (MLflow sets READY or FAILED
+    only when it returns or raises) beside the rerun's READY one, looking in progress forever."""
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+    from test_identity import job
+
+    from orchestrator.driver.registration import STEP_TAG, log_and_register
+    from trainers.models import build_model
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = job(str(tmp_path))
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("e")
+    run_id, other = (client.create_run(experiment).info.run_id for _ in range(2))
+    torn = client.create_logged_model(experiment, name="model", source_run_id=run_id, tags={STEP_TAG: "5"})
+    busy = client.create_logged_model(experiment, name="model", source_run_id=other)  # another run's: not ours
+    state = {"step": 5, "model": build_model(config.model.name, config.model.kwargs).state_dict()}
+    log_and_register(config, state, np.zeros((2, 64), np.float32), run_id=run_id, tracking_uri=uri)
+    statuses = {m.model_id: str(m.status) for m in client.search_logged_models([experiment])}
+    assert statuses.pop(torn.model_id) == "FAILED" and statuses.pop(busy.model_id) == "PENDING"
+    assert list(statuses.values()) == ["READY"]
+
 @pytest.mark.parametrize("where", ["variable", "credentials file"])
 def test_a_model_is_not_logged_to_an_artifact_location_on_another_host_with_the_credentials(
     where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -115,6 +115,7 @@ def log_and_register(job: Any, state: dict[str, Any], example: Any, *, run_id: s
                                  "than the tracking server's, which MLflow would send the tracking credentials; "
                                  "set the experiment's artifact location to the tracking server's "
                                  "(mlflow-artifacts:/) or log without credentials")
+    fail_torn_models(client, run)
     mlflow.set_tracking_uri(tracking_uri)
     # Into the run by its id, not `start_run`: leaving that context ends the run FINISHED before the
     # driver records the job finished in job.json; the driver ends the run, last. The logged model
@@ -125,3 +126,14 @@ def log_and_register(job: Any, state: dict[str, Any], example: Any, *, run_id: s
     if not job.tracking.registered_model:
         return None
     return str(mlflow.register_model(info.model_uri, job.tracking.registered_model, tags={STEP_TAG: step}).version)
+
+
+def fail_torn_models(client: Any, run: Any) -> None:
+    """The run's logged models left PENDING: a driver killed inside `log_model`, before MLflow marked
+    the model READY (or FAILED, had it raised). Their artifacts may be partial; they are marked FAILED,
+    as MLflow would have, not deleted (only the driver holding the job's lock logs the run's model)."""
+    # the status is checked here: a filter on it matches nothing on a sqlite store (MLflow 3.17)
+    for model in client.search_logged_models([run.info.experiment_id],
+                                             filter_string=f"source_run_id = '{run.info.run_id}'"):
+        if str(model.status) == "PENDING":
+            client.finalize_logged_model(model.model_id, "FAILED")
