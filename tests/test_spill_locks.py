@@ -133,3 +133,18 @@ def test_on_nfs_a_running_jobs_file_is_kept(tmp_path: Path, monkeypatch: pytest.
         assert not spill.remove_if_sent(path) and path.exists()
     finally:
         writer.close()
+
+
+def test_removing_a_sent_file_keeps_the_copies_a_running_tracker_staged_since(tmp_path: Path) -> None:
+    """The whole artifacts folder went with a sent file: a tracker of the same key (a rerun) that had
+    staged a copy for its first line, not yet written to a new file at that name, lost the artifact."""
+    path = tmp_path / "server-key.jsonl"
+    sent_file(path, {"op": "tag", "handle": "h", "key": "k", "value": "v"})
+    files = spill.artifacts_dir(path)
+    for name, age_s in (("leftover", 60), ("running", -60)):  # staged before, and after, its last line
+        (files / name).mkdir(parents=True)
+        (files / name / "config.yaml").write_text(name)
+        when = path.stat().st_mtime - age_s
+        os.utime(files / name, (when, when))
+    assert spill.remove_if_sent(path) and not path.exists()
+    assert [p.name for p in files.iterdir()] == ["running"]

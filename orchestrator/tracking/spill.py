@@ -363,8 +363,8 @@ def pending_files(spill_dir: Path, tracking_uri: str) -> list[Path]:
 
 
 def remove_if_sent(path: Path) -> bool:
-    """Delete a file every line of which was sent, with its progress record and artifacts folder;
-    where it was never written, the empty artifacts folder and the lock a tracker made for it."""
+    """Delete a file every line of which was sent, with its progress record and the artifact copies
+    staged before its last line (`_remove_copies`); where it was never written, the empty artifacts folder and the lock a tracker made for it."""
     with file_lock(path, 0.0) as held:
         if not held:
             return False
@@ -384,8 +384,26 @@ def remove_if_sent(path: Path) -> bool:
                 return False
             if not fully_sent(path):
                 return False
+            written_ns = os.fstat(file.fileno()).st_mtime_ns  # its last line: no writer holds it now
             for extra in (path, _sibling(path, ".offset")):
                 extra.unlink(missing_ok=True)
-        shutil.rmtree(artifacts_dir(path), ignore_errors=True)
+        _remove_copies(artifacts_dir(path), staged_by_ns=written_ns)
         lock_path(path).unlink(missing_ok=True)
         return True
+
+
+def _remove_copies(files: Path, *, staged_by_ns: int) -> None:
+    """The removed file's leftover artifact copies (those of lines skipped as unreadable, or of a
+    tracker that died before it wrote their line): staged before its last line was. A copy staged
+    later is a running tracker's, staged before its first line reaches a new file at this name;
+    it stays (the folder too)."""
+    try:
+        folders = list(files.iterdir())
+    except OSError:
+        return
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            if folder.lstat().st_mtime_ns <= staged_by_ns:
+                shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):  # not empty: a running tracker's copies
+        files.rmdir()
