@@ -20,6 +20,7 @@ class RichUI:
         self.console = console
         self._progress: Progress | None = None
         self._task: Any = None
+        self._stepped = False  # a step's metrics were shown: a stop now checkpoints
 
     def __enter__(self) -> RichUI:
         return self
@@ -52,9 +53,15 @@ class RichUI:
                            + (" [dim](resuming MLflow run)[/dim]" if resumed else ""))
         self._start_bar()
 
-    def training(self) -> bool:
-        """Whether the job was sized and its workers are starting or training (a stop checkpoints)."""
-        return self._progress is not None
+    def on_stop(self) -> str:
+        """What a first stop signal does now: before the job is sized it just stops; while the workers
+        start they leave without a checkpoint unless they began training; once steps are seen, a
+        final checkpoint is written."""
+        if self._progress is None:
+            return "stopping before training starts"
+        if not self._stepped:
+            return "stopping (with a final checkpoint if the workers have begun training)"
+        return "writing a final checkpoint, then stopping"
 
     def _start_bar(self) -> None:
         # Where the line is short (80 columns: a pipe, `jobs logs`) the bar and then the figures give
@@ -70,6 +77,7 @@ class RichUI:
         if self._progress is None:
             return
         parts = [f"{name} {info[key]:,.4g}" for key, name in _SHOWN.items() if isinstance(info.get(key), float)]
+        self._stepped = self._stepped or bool(parts)  # a step's metrics: the workers train
         self._progress.update(self._task, completed=step, total=total, info="  ".join(parts) or "starting workers")
 
 

@@ -75,3 +75,27 @@ def test_the_last_progress_line_keeps_its_step_count_at_80_columns() -> None:
         ui.__exit__(None, None, None)
         last = text.getvalue().splitlines()[-1]
         assert f" {total}/{total} " in last and last.endswith("0:00:00"), last
+
+
+def test_a_stop_says_a_checkpoint_only_once_the_workers_train() -> None:
+    """A stop while the workers start leaves without a checkpoint (they check at the top of their
+    training function), yet the console said "writing a final checkpoint" as soon as the job was sized."""
+    import io
+
+    from rich.console import Console
+
+    from orchestrator.console_ui import RichUI
+
+    ui = RichUI(Console(file=io.StringIO(), width=80))
+    said = [ui.on_stop()]
+    ui.sized(SimpleNamespace(job=SimpleNamespace(name="j", training=SimpleNamespace(global_batch_size=64)),
+                             total_steps=10, steps_per_epoch=5),
+             SimpleNamespace(profile=None, plan=None, explanation="as configured", workers=1), None)
+    ui.progress(4, 10, {})  # a rerun at its checkpoint's step, its workers starting
+    said.append(ui.on_stop())
+    ui.progress(5, 10, {"train/loss": 0.5})
+    said.append(ui.on_stop())
+    ui.__exit__(None, None, None)
+    assert said == ["stopping before training starts",
+                    "stopping (with a final checkpoint if the workers have begun training)",
+                    "writing a final checkpoint, then stopping"]

@@ -85,7 +85,7 @@ def run(
     stop = threading.Event()
     aborted = False
     try:
-        with RichUI(console) as ui, _graceful_stop(stop, training=ui.training) as received:
+        with RichUI(console) as ui, _graceful_stop(stop, then=ui.on_stop) as received:
             result = run_job(job, workers=workers, config_path=str(config), ui=ui, stop=stop, new_run=new_run)
     except Aborted as exc:  # a second signal: the run is closed; its closing lines say what MLflow did not take
         result, aborted = exc.result, True
@@ -138,7 +138,7 @@ def check_job_files(job: Any) -> None:
 
 
 @contextmanager
-def _graceful_stop(stop: threading.Event, *, training: Callable[[], bool]):
+def _graceful_stop(stop: threading.Event, *, then: Callable[[], str]):
     """First SIGTERM/Ctrl-C: checkpoint and stop cleanly (before training starts: just stop); a
     second one exits at once. Yields the list the first signal's number is appended to."""
     received: list[int] = []
@@ -146,8 +146,7 @@ def _graceful_stop(stop: threading.Event, *, training: Callable[[], bool]):
     def handler(signum: int, _frame: Any) -> None:
         if stop.is_set():
             raise KeyboardInterrupt
-        then = "writing a final checkpoint, then stopping" if training() else "stopping before training starts"
-        console.print(f"[yellow]{signal.Signals(signum).name}: {then} (again to abort)[/yellow]")
+        console.print(f"[yellow]{signal.Signals(signum).name}: {then()} (again to abort)[/yellow]")
         received.append(signum)
         stop.set()
 
