@@ -40,8 +40,8 @@ def log_model_now(job: Any, checkpoint: Callable[[], Any], example: Callable[[],
                   status: Any = None) -> str | None:
     """`log_and_register` within bounded requests; a tracking server that cannot take it is said.
     The final `checkpoint` (a Ray Train checkpoint, made from the path job.json records) and the input
-    `example` are made and read under the same guard: either one gone or damaged since training leaves the job trained and FINISHED, its model
-    not logged and said, its checkpoints as they are."""
+    `example` are made and read under the same guard: either one gone or damaged since training
+    leaves the job trained and FINISHED, its model not logged and said, its checkpoints as they are."""
     if not run.wait_resolved(constants.TRACKING_REQUEST_TIMEOUT_S):
         _tell(status, "model not logged: the tracking server is unreachable; run the same command again once it "
                       "is back to log and register it")

@@ -364,7 +364,8 @@ def pending_files(spill_dir: Path, tracking_uri: str) -> list[Path]:
 
 def remove_if_sent(path: Path) -> bool:
     """Delete a file every line of which was sent, with its progress record and the artifact copies
-    staged before its last line (`_remove_copies`); where it was never written, the empty artifacts folder and the lock a tracker made for it."""
+    staged before its last line (`_remove_copies`); where it was never written, the empty artifacts
+    folder and the lock a tracker made for it."""
     with file_lock(path, 0.0) as held:
         if not held:
             return False
