@@ -35,6 +35,11 @@ LEASE_FILE = ".lock.json"
 LOCK_STALE_AFTER = 3  # heartbeats
 
 
+def _stale_s() -> float:
+    """How long a lease goes unrenewed (or unrewritten) before it is taken over (seconds)."""
+    return LOCK_STALE_AFTER * constants.LOCK_HEARTBEAT_S
+
+
 def holder() -> dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid(),
             "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -49,7 +54,7 @@ def _is_lease(info: Any) -> bool:
     (Infinity or a far-future time, edited in or from a clock far ahead, would be fresh for good)."""
     beat = info.get("heartbeat") if isinstance(info, dict) else None
     return (isinstance(beat, (int, float)) and not isinstance(beat, bool) and isinstance(info.get("token"), str)
-            and math.isfinite(beat) and beat < time.time() + LOCK_STALE_AFTER * constants.LOCK_HEARTBEAT_S)
+            and math.isfinite(beat) and beat < time.time() + _stale_s())
 
 
 def _describe(info: dict[str, Any] | None) -> str:
@@ -156,7 +161,7 @@ class JobLock:
             time.sleep(constants.LOCK_READ_WAIT_S / 10)
 
     def _fresh(self, info: dict[str, Any]) -> bool:
-        return time.time() - info["heartbeat"] < LOCK_STALE_AFTER * constants.LOCK_HEARTBEAT_S
+        return time.time() - info["heartbeat"] < _stale_s()
 
     def _acquire_lease(self) -> None:
         where = self.storage.join(self._lease)
@@ -181,7 +186,7 @@ class JobLock:
     def _unless_stale(self, exc: Unreadable, where: str) -> None:
         """A lease that stays unreadable is taken over only once nothing rewrote it for as long as
         a readable one goes unrenewed before it is (its driver died mid-write, or long ago)."""
-        stale_s = LOCK_STALE_AFTER * constants.LOCK_HEARTBEAT_S
+        stale_s = _stale_s()
         modified = self.storage.modified(self._lease)
         if modified is not None and time.time() - modified >= stale_s:
             return
