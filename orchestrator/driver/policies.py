@@ -171,8 +171,8 @@ def after_fit(*, error: bool, stop: StopReason | None, completed: bool) -> State
 def poll_again(*, fit_done: bool, drained: bool, misses: int, limit: int) -> bool:
     """Poll once more before acting on how the fit ended? While it runs, yes. Once it ended, until a
     drain is answered (it holds the fit's last events) or `limit` polls since it ended (`misses`, not
-    those missed while it ran) went unanswered: then
-    the job ends on what was drained, rather than wait on a stuck progress actor forever."""
+    those missed while it ran) went unanswered: then the job ends on what was drained, rather than
+    wait on a stuck progress actor forever."""
     return not fit_done or (not drained and misses <= limit)
 
 
