@@ -52,7 +52,7 @@ from typing import IO, Any
 from orchestrator.files import user_cache_dir
 from orchestrator.errors import UserError
 from orchestrator.tracking.ops import Op, ResolvedRun, joins, server_name, weight, well_formed
-from orchestrator.tracking.spill_lock import file_lock, lock_path, names, open_own
+from orchestrator.tracking.spill_lock import file_lock, lock_path, names, open_own, sibling
 from orchestrator.tracking.writer import Writer, remove_staged
 
 log = logging.getLogger(__name__)
@@ -75,10 +75,6 @@ def spill_path(spill_dir: str | Path, tracking_uri: str, run_key: str) -> Path:
 
 def artifacts_dir(path: Path) -> Path:
     return path.with_suffix(".artifacts")
-
-
-def _sibling(path: Path, suffix: str) -> Path:
-    return path.with_name(path.name + suffix)
 
 
 def replay_command(path: Path, tracking_uri: str) -> str:
@@ -202,7 +198,7 @@ class Progress:
 
     @classmethod
     def load(cls, path: Path) -> Progress:
-        record = _sibling(path, ".offset")
+        record = sibling(path, ".offset")
         if not record.exists():
             return cls()
         try:
@@ -229,8 +225,8 @@ class Progress:
                             "(MLflow drops metric points it already has)") from None
 
     def save(self, path: Path) -> None:
-        record = _sibling(path, ".offset")
-        tmp = _sibling(path, ".offset.tmp")
+        record = sibling(path, ".offset")
+        tmp = sibling(path, ".offset.tmp")
         tmp.unlink(missing_ok=True)  # a stale one, or a link planted in its place: never written through
         with os.fdopen(open_own(tmp, os.O_WRONLY | os.O_EXCL), "w") as f:
             f.write(json.dumps({"offset": self.offset, "runs": self.runs, "server": self.server,
@@ -242,7 +238,7 @@ class Progress:
         another refused every later line for them (each dropped, the file then taken for sent)."""
         if self.offset and self.server not in (None, server):
             raise UserError(f"{path}: its first {self.offset} bytes were sent to {self.server}, not {server}: send "
-                            f"the rest there (--tracking-uri {self.server}), or delete {_sibling(path, '.offset')} "
+                            f"the rest there (--tracking-uri {self.server}), or delete {sibling(path, '.offset')} "
                             f"to send the whole file to {server}")
         self.server = server
 
@@ -386,7 +382,7 @@ def remove_if_sent(path: Path) -> bool:
             if not fully_sent(path):
                 return False
             written_ns = os.fstat(file.fileno()).st_mtime_ns  # its last line: no writer holds it now
-            for extra in (path, _sibling(path, ".offset")):
+            for extra in (path, sibling(path, ".offset")):
                 extra.unlink(missing_ok=True)
         _remove_copies(artifacts_dir(path), staged_by_ns=written_ns)
         lock_path(path).unlink(missing_ok=True)

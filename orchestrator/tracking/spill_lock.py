@@ -29,8 +29,13 @@ def open_own(path: Path, flags: int) -> int:
     return fd
 
 
+def sibling(path: Path, suffix: str) -> Path:
+    """The file beside a spill file that its name plus `suffix` names (its lock, progress record)."""
+    return path.with_name(path.name + suffix)
+
+
 def lock_path(path: Path) -> Path:
-    return path.with_name(path.name + ".lock")
+    return sibling(path, ".lock")
 
 
 @contextmanager
