@@ -26,3 +26,19 @@ def test_every_gap_of_a_run_with_several_outages_is_kept() -> None:
     assert [s for s in said if "trained by an earlier driver" in s] == [
         f"resumed from step {resumed}: steps {floor + 1}-{resumed} were trained by an earlier driver that stopped "
         "before sending their metrics; this run has none for them" for floor, resumed in ((125, 200), (260, 300))]
+
+
+def test_steps_that_log_every_never_logs_are_no_gap() -> None:
+    """training.log_every 10, checkpoint at 25, the run's last step 20: steps 21-25 were never to be
+    logged, so no gap is said; resumed from 35, step 30 is missing, and that is said."""
+    said: list[str] = []
+    for resumed, gap in ((25, False), (35, True)):
+        run = FakeRun()
+        run.resumed, run.resume_floor = True, 20
+        Recorder(run, status=said.append, global_batch=32, log_every=10).group_started(
+            group(resumed, resumed=resumed), GroupKind.FIRST)
+        assert ("metrics.gap.1" in run.tags) is gap, resumed
+    assert [s for s in said if "earlier driver" in s] == [
+        "resumed from step 35: steps 21-35 were trained by an earlier driver that stopped before sending their "
+        "metrics; this run has none for them"]
+    assert "resumed from step 25, the newest checkpoint" in said

@@ -231,7 +231,8 @@ class Recorder:
         # No floor: the run holds no training step (created by this rerun: MLflow never saw the
         # earlier driver's records, which died with it or wait in a spill file elsewhere).
         floor = self.run.resume_floor or 0
-        if floor >= resumed_from:
+        # Only every log_every-th step is logged: steps past the last such one were never to be.
+        if floor >= resumed_from - resumed_from % self.log_every:
             return False
         text = (f"steps {floor + 1}-{resumed_from} were trained by an earlier driver that stopped before "
                 "sending their metrics; this run has none for them")
