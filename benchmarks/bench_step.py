@@ -7,8 +7,9 @@ polling); raw DDP on tensors in memory. MLflow alone is isolated in bench_tracki
 measures it; steps/s is one over the median after the loop's warm-up (its
 ``observed_step_time_s``). The mean over the same steps, which includes the checkpoint saves and
 the first batch of each epoch, is shown for ours vs raw too. On the ResNet, raw DDP also runs
-alone and beside one busy-looping process, to show what a little background CPU costs two
-single-threaded ranks that wait for each other every step (the gap on a 2-core machine).
+alone, beside one busy-looping process (what a little background CPU costs two single-threaded
+ranks that wait for each other every step) and beside as many processes as Ray keeps beside a job's
+ranks, each only waking every 10 ms as Ray's workers do (the gap on a 2-core machine).
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ GOAL = 1.02
 # The background load beside raw DDP: the share of one core Ray's own processes and the driver
 # were measured to take beside the training workers here (py-spy and /proc, 2026-12-01).
 BACKGROUND_DUTY = 0.25
+# Ray worker processes beside the two ranks during a job (Ray Train's controller and helpers, Ray
+# Data's coordinators, idle workers, the progress actor: counted here with sched_sample,
+# 2026-12-07); each wakes every 10 ms (Ray's core worker checks for signals on that timer).
+RAY_WORKER_PROCESSES = 14
+WAKE_PERIOD_S = 0.01
 
 
 def _step(runs: Sequence[TrainingRun], center: Callable[[list[float]], float]) -> list[float]:
@@ -60,18 +66,46 @@ def summarize_resnet(runs: dict[str, list[TrainingRun]], background: dict[str, l
         notes.append(f"ResNet, background: a nice-0 process busy {BACKGROUND_DUTY:.0%} of every 10 ms (what Ray's "
                      "raylet, GCS, dashboard and ~15 idle helper actors add up to here); both DDP ranks wait for "
                      "whichever one it preempts")
+        if "wakers" in background:
+            woken = _step(background["wakers"], statistics.median)
+            rows.append(Row(section=SECTION, measure=f"ResNet: raw DDP beside {RAY_WORKER_PROCESSES} processes waking "
+                                                     f"every {WAKE_PERIOD_S * 1000:.0f} ms vs alone", unit="steps/s",
+                            ours=_rate(woken), baseline=_rate(quiet), baseline_label="raw DDP alone",
+                            ratio=paired_ratios(woken, quiet), ratio_label="alone/beside"))
+            notes.append(f"ResNet, wakers: {RAY_WORKER_PROCESSES} processes at Ray's worker niceness that only wake "
+                         f"every {WAKE_PERIOD_S * 1000:.0f} ms, as the Ray worker processes beside a job's ranks do "
+                         "(their signal-check timer), doing nothing else")
         details["resnet_background_step_times_s"] = {k: [r.step_times for r in rs] for k, rs in background.items()}
     return SectionResult(rows=rows, notes=notes, details=details)
 
 
 def measure_background(workload: Workload, ws: Workspace, *, repeats: int, steps: int) -> dict[str, list[TrainingRun]]:
-    """raw DDP alone and beside a busy-looping process, in turns (`repeats` pairs)."""
-    runs: dict[str, list[TrainingRun]] = {"alone": [], "beside": []}
+    """raw DDP alone, beside a busy-looping process and beside processes that only wake, in turns
+    (`repeats` rounds)."""
+    kinds = ("alone", "beside", "wakers")
+    runs: dict[str, list[TrainingRun]] = {k: [] for k in kinds}
     for i in range(repeats):
-        for kind in ("alone", "beside") if i % 2 == 0 else ("beside", "alone"):
-            with busy_process(BACKGROUND_DUTY if kind == "beside" else 0.0):
+        for kind in kinds[i % 3:] + kinds[:i % 3]:
+            with busy_process(BACKGROUND_DUTY if kind == "beside" else 0.0), \
+                    waking_processes(RAY_WORKER_PROCESSES if kind == "wakers" else 0):
                 runs[kind].append(run_raw(workload, ws, steps=steps))
     return runs
+
+
+@contextmanager
+def waking_processes(count: int) -> Iterator[None]:
+    """`count` processes at Ray's worker niceness that wake every WAKE_PERIOD_S and do nothing else."""
+    from benchmarks.raw_ddp import RAY_WORKER_NICENESS
+
+    code = (f"import os, signal, time\nos.nice({RAY_WORKER_NICENESS})\nwhile True:\n"
+            f"    time.sleep({WAKE_PERIOD_S})\n    signal.getsignal(signal.SIGINT)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 @contextmanager
