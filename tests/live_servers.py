@@ -15,7 +15,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +30,17 @@ os.environ.update(NO_TELEMETRY)
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))  # every server a test starts listens on loopback only
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: each socket stays bound until all are chosen (ports chosen one
+    at a time can repeat: a head's GCS and dashboard once got the same one, and `ray start` failed)."""
+    with ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))  # every server a test starts listens on loopback only
+        return [s.getsockname()[1] for s in sockets]
 
 
 def short_tmpdir(prefix: str) -> Path:
@@ -148,6 +156,12 @@ def mlflow_server(prefix: str = "orch-mlflow-") -> Iterator[MlflowServer]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+# Every server of a head beside the GCS and the dashboard: their fixed default ports would clash
+# with the other heads that tests start on this machine.
+OTHER_PORTS = ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+               "--metrics-export-port", "--ray-client-server-port", "--node-manager-port", "--object-manager-port")
+
+
 @dataclass
 class RayHead:
     """`ray start --head` with token auth, every port chosen free, its own temp dir."""
@@ -176,22 +190,13 @@ class RayHead:
 
     def start(self, *, num_cpus: int = 4) -> RayHead:
         self.token_file.write_text(self.token)
-        self.dashboard_port = free_port()
-        ports = {"--port": free_port(), "--dashboard-port": self.dashboard_port, **self._other_ports()}
+        gcs, self.dashboard_port, *others = free_ports(2 + len(OTHER_PORTS))
+        ports = {"--port": gcs, "--dashboard-port": self.dashboard_port, **dict(zip(OTHER_PORTS, others))}
         args = [str(BIN / "ray"), "start", "--head", "--dashboard-host", "127.0.0.1", "--temp-dir",
                 str(self.root / "ray"), "--num-cpus", str(num_cpus), "--include-dashboard=true",
                 "--disable-usage-stats", *(f"{k}={v}" for k, v in ports.items())]
         self.proc = start(args, log=self.log, env=self.env(), cwd=self.root)
         return self._wait_ready()
-
-    @staticmethod
-    def _other_ports() -> dict[str, int]:
-        """Free ports for every server of a head beside the GCS and the dashboard: their fixed
-        defaults would clash with the other heads that tests start on this machine."""
-        return {"--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
-                "--runtime-env-agent-port": free_port(), "--metrics-export-port": free_port(),
-                "--ray-client-server-port": free_port(), "--node-manager-port": free_port(),
-                "--object-manager-port": free_port()}
 
     def _wait_ready(self) -> RayHead:
         auth = {"Authorization": f"Bearer {self.token}"}
@@ -203,10 +208,9 @@ class RayHead:
         (Ray is started as `.venv/bin/ray`, the environment not activated) and HOME in this head's
         folder (the token goes to ~/.ray/auth_token). Only ports change: free ones replace the
         documented GCS and dashboard ports, and `ray start` gets free ports for its other servers."""
-        self.dashboard_port = free_port()
-        script = block.replace(f"={gcs_port}", f"={free_port()}").replace(f"={dashboard_port}",
-                                                                            f"={self.dashboard_port}")
-        extra = " ".join(f"{k}={v}" for k, v in self._other_ports().items())
+        gcs, self.dashboard_port, *others = free_ports(2 + len(OTHER_PORTS))
+        script = block.replace(f"={gcs_port}", f"={gcs}").replace(f"={dashboard_port}", f"={self.dashboard_port}")
+        extra = " ".join(f"{k}={v}" for k, v in zip(OTHER_PORTS, others))
         script = re.sub(r"(ray start --head[^\n]*)", lambda m: f"{m.group(1)} {extra}", shell_lines(script))
         env = {k: v for k, v in self.env().items() if not k.startswith("RAY_AUTH_TOKEN")}  # a user's shell
         env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if Path(p) != BIN)

@@ -13,7 +13,6 @@ import itertools
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from live_servers import free_ports
 from mlflow.tracking import MlflowClient
 
 
@@ -45,12 +45,6 @@ def wait_until_idle(timeout_s: float = 120) -> None:
         return all(free.get(k, 0) >= total.get(k, 0) for k in ("CPU", "GPU"))
 
     wait_for(idle, timeout_s=timeout_s, what="the session cluster to be idle", every_s=0.25)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate: Any, *, timeout_s: float, what: str, every_s: float = 0.5) -> Any:
@@ -92,7 +86,8 @@ class AutoscalingHead:
         import ray
 
         self.folder = tempfile.mkdtemp(prefix="orch-as-", dir="/tmp")  # short: Ray's socket paths
-        self.address = f"{ray.util.get_node_ip_address()}:{free_port()}"
+        gcs, *self._ports = free_ports(5)  # chosen together: none repeats
+        self.address = f"{ray.util.get_node_ip_address()}:{gcs}"
         config = _autoscaling_config(head_cpus=head_cpus, gcs_address=self.address, worker_types=worker_types)
         self.config_path = Path(self.folder) / "autoscaling.json"
         self.config_path.write_text(json.dumps(config))
@@ -101,8 +96,8 @@ class AutoscalingHead:
 
     def start(self, timeout_s: float = 120) -> str:
         ray_cli = str(Path(sys.executable).with_name("ray"))
-        ports = {flag: free_port() for flag in ("dashboard-port", "ray-client-server-port",
-                                                 "dashboard-agent-listen-port", "metrics-export-port")}
+        ports = dict(zip(("dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
+                          "metrics-export-port"), self._ports))
         cmd = [ray_cli, "start", "--head", "--block", f"--port={self.address.rsplit(':', 1)[1]}",
                f"--autoscaling-config={self.config_path}", f"--num-cpus={self.head_cpus}", "--num-gpus=0",
                f"--temp-dir={self.folder}", "--include-dashboard=false", "--disable-usage-stats",
