@@ -18,7 +18,7 @@ import statistics
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 from benchmarks.harness import Row, SectionResult, Stat, Workspace, after_warmup, paired_ratios
 from benchmarks.sessions import TrainingRun, run_raw
@@ -63,16 +63,16 @@ def summarize_resnet(runs: dict[str, list[TrainingRun]], background: dict[str, l
                                                  "of a core vs alone", unit="steps/s",
                         ours=_rate(busy), baseline=_rate(quiet), baseline_label="raw DDP alone",
                         ratio=paired_ratios(busy, quiet), ratio_label="alone/beside"))
-        notes.append(f"ResNet, background: a nice-0 process busy {BACKGROUND_DUTY:.0%} of every 10 ms (what Ray's "
-                     "raylet, GCS, dashboard and ~15 idle helper actors add up to here); both DDP ranks wait for "
-                     "whichever one it preempts")
+        notes.append(f"ResNet, background: a process at the benchmark's niceness busy {BACKGROUND_DUTY:.0%} of "
+                     "every 10 ms (what Ray's raylet, GCS, dashboard and ~15 idle helper actors add up to here); "
+                     "both DDP ranks wait for whichever one it preempts")
         if "wakers" in background:
             woken = _step(background["wakers"], statistics.median)
             rows.append(Row(section=SECTION, measure=f"ResNet: raw DDP beside {RAY_WORKER_PROCESSES} processes waking "
                                                      f"every {WAKE_PERIOD_S * 1000:.0f} ms vs alone", unit="steps/s",
                             ours=_rate(woken), baseline=_rate(quiet), baseline_label="raw DDP alone",
                             ratio=paired_ratios(woken, quiet), ratio_label="alone/beside"))
-            notes.append(f"ResNet, wakers: {RAY_WORKER_PROCESSES} processes at Ray's worker niceness that only wake "
+            notes.append(f"ResNet, wakers: {RAY_WORKER_PROCESSES} processes niced as Ray's workers that only wake "
                          f"every {WAKE_PERIOD_S * 1000:.0f} ms, as the Ray worker processes beside a job's ranks do "
                          "(their signal-check timer), doing nothing else")
         details["resnet_background_step_times_s"] = {k: [r.step_times for r in rs] for k, rs in background.items()}
@@ -86,19 +86,32 @@ def measure_background(workload: Workload, ws: Workspace, *, repeats: int, steps
     runs: dict[str, list[TrainingRun]] = {k: [] for k in kinds}
     for i in range(repeats):
         for kind in kinds[i % 3:] + kinds[:i % 3]:
-            with busy_process(BACKGROUND_DUTY if kind == "beside" else 0.0), \
-                    waking_processes(RAY_WORKER_PROCESSES if kind == "wakers" else 0):
+            with background_processes(kind):
                 runs[kind].append(run_raw(workload, ws, steps=steps))
     return runs
 
 
-@contextmanager
-def waking_processes(count: int) -> Iterator[None]:
-    """`count` processes at Ray's worker niceness that wake every WAKE_PERIOD_S and do nothing else."""
+def background_processes(kind: str) -> AbstractContextManager[None]:
+    """What runs beside raw DDP: nothing ("alone"); a process at the benchmark's own niceness (as
+    Ray's raylet, GCS and dashboard run) that spins BACKGROUND_DUTY of every 10 ms and sleeps the
+    rest ("beside"); RAY_WORKER_PROCESSES processes niced as Ray's workers and raw DDP's ranks are,
+    that wake every WAKE_PERIOD_S and do nothing else ("wakers")."""
     from benchmarks.raw_ddp import RAY_WORKER_NICENESS
 
-    code = (f"import os, signal, time\nos.nice({RAY_WORKER_NICENESS})\nwhile True:\n"
-            f"    time.sleep({WAKE_PERIOD_S})\n    signal.getsignal(signal.SIGINT)\n")
+    if kind == "beside":
+        return _python_processes("import time\nwhile True:\n    t = time.perf_counter()\n"
+                                 f"    while time.perf_counter() - t < {0.01 * BACKGROUND_DUTY}: pass\n"
+                                 f"    time.sleep({0.01 * (1 - BACKGROUND_DUTY)})\n", count=1)
+    if kind == "wakers":
+        return _python_processes(f"import os, signal, time\nos.nice({RAY_WORKER_NICENESS})\nwhile True:\n"
+                                 f"    time.sleep({WAKE_PERIOD_S})\n    signal.getsignal(signal.SIGINT)\n",
+                                 count=RAY_WORKER_PROCESSES)
+    return nullcontext()
+
+
+@contextmanager
+def _python_processes(code: str, *, count: int) -> Iterator[None]:
+    """`count` Python processes running `code`, killed on leaving."""
     procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(count)]
     try:
         yield
@@ -106,22 +119,6 @@ def waking_processes(count: int) -> Iterator[None]:
         for proc in procs:
             proc.kill()
             proc.wait()
-
-
-@contextmanager
-def busy_process(duty: float) -> Iterator[None]:
-    """A process at niceness 0 that spins `duty` of every 10 ms and sleeps the rest."""
-    if duty <= 0:
-        yield
-        return
-    code = ("import time\nwhile True:\n    t = time.perf_counter()\n"
-            f"    while time.perf_counter() - t < {0.01 * duty}: pass\n    time.sleep({0.01 * (1 - duty)})\n")
-    proc = subprocess.Popen([sys.executable, "-c", code])
-    try:
-        yield
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def summarize(runs: dict[str, list[TrainingRun]]) -> SectionResult:
