@@ -229,15 +229,15 @@ def resized_once(job: Any, monkeypatch: Any) -> World:
     """A job of 1 to 2 workers whose first group is re-planned down to 1 worker at step 5 and stops
     there for the resize; its second group trains to step 10."""
     from orchestrator import constants
-    from orchestrator.driver import controller as controller_module
+    from orchestrator.driver import replan as replan_module
     from orchestrator.driver.policies import Resize
     from orchestrator.driver.replan import Replan
 
     monkeypatch.setattr(constants, "REPLAN_MIN_STEPS", 4)
-    monkeypatch.setattr(controller_module, "replan", lambda group, **kwargs: Replan(
+    monkeypatch.setattr(replan_module, "replan", lambda group, **kwargs: Replan(
         Resize(1, "resize 2 -> 1 worker: faster"), None, None, {"refit": {"scale": 1.0, "compute_scale": 1.0}}, "text"))
-    monkeypatch.setattr(controller_module, "predicted_at", lambda *a: object())
-    monkeypatch.setattr(controller_module, "comparison", lambda observed, predicted: {})
+    monkeypatch.setattr(replan_module, "predicted_at", lambda *a: object())
+    monkeypatch.setattr(replan_module, "comparison", lambda observed, predicted: {})
     first = FakeFit([[group()], [steps(1, 5)], [GroupEnded(step=5, reason="stopped")]], FitOutcome({"step": 5}))
     return World(job, [first, finished_fit(workers=1)], sizing=lambda cap: Sizing((1, 2), 64))
 

@@ -10,7 +10,7 @@ from driver_fakes import FakeFit, FakeIdentity, FakeScaler, World, finished_fit,
 
 from orchestrator import constants
 from orchestrator.config import validate
-from orchestrator.driver import controller as controller_module
+from orchestrator.driver import replan as replan_module
 from orchestrator.driver.controller import JobController
 from orchestrator.console_ui import result_lines
 from orchestrator.driver.ports import FitOutcome, JobResult
@@ -205,18 +205,18 @@ def test_a_resize_stops_at_a_checkpoint_and_goes_on_with_the_new_count(monkeypat
     def fake_replan(group, **kwargs):
         return Replan(next(decisions), None, None, {"refit": {"scale": 2.0, "compute_scale": 1.0}}, "text")
 
-    monkeypatch.setattr(controller_module, "replan", fake_replan)
-    monkeypatch.setattr(controller_module, "predicted_at", lambda *a: None)
+    monkeypatch.setattr(replan_module, "replan", fake_replan)
+    monkeypatch.setattr(replan_module, "predicted_at", lambda *a: None)
     first = FakeFit([[group()], [steps(1, 5)], [GroupEnded(step=5, reason="stopped")]], FitOutcome({"step": 5}))
     second = FakeFit([[group(5, 1, resumed=5)], [steps(6, 10)]], FitOutcome({"step": 10}))
     world = World(job(workers={"min": 1, "max": 2}), [first, second], sizing=lambda cap: Sizing((1, 2), 64))
-    monkeypatch.setattr(controller_module, "predicted_at", lambda *a: object())
-    monkeypatch.setattr(controller_module, "comparison", lambda observed, predicted: {"plan/observed_step_time_s": observed})
+    monkeypatch.setattr(replan_module, "predicted_at", lambda *a: object())
+    monkeypatch.setattr(replan_module, "comparison", lambda observed, predicted: {"plan/observed_step_time_s": observed})
     controller = run(world)
     assert world.started == [(1, 2), (1, 1)] and world.stops == 1 and world.clears == 1
     assert controller.result.resizes == 1 and controller.result.restarts == 0
     assert world.run.tags["resize.1"].startswith("resize 2 -> 1 worker: faster (stopped at step 5); resumed from step 5")
-    assert world.run.status == "FINISHED" and len(controller.replans) == 2
+    assert world.run.status == "FINISHED" and len(controller.replanner.replans) == 2
 
 
 def test_a_second_ctrl_c_aborts_and_ends_the_run_killed() -> None:
@@ -394,11 +394,11 @@ def test_a_rerun_of_the_run_adds_its_decisions_and_observations_to_the_earlier_o
     """Continued to a longer training.max_steps, the run held replan.1 and replan.2 tags, but
     replan/decisions.json and plan/observations.json (what `calibrate` learns from) only the rerun's."""
     monkeypatch.setattr(constants, "REPLAN_MIN_STEPS", 4)
-    monkeypatch.setattr(controller_module, "replan", lambda group, **kwargs: Replan(
+    monkeypatch.setattr(replan_module, "replan", lambda group, **kwargs: Replan(
         Keep("keep 2 workers"), None, None, {"step": 10, "refit": {"scale": 1.0, "compute_scale": 1.0}}, "text"))
-    monkeypatch.setattr(controller_module, "predicted_at", lambda *a: object())
-    monkeypatch.setattr(controller_module, "comparison", lambda observed, predicted: {})
-    monkeypatch.setattr(controller_module, "observation", lambda sizing, group, run_id: {"step_time_s": 0.02})
+    monkeypatch.setattr(replan_module, "predicted_at", lambda *a: object())
+    monkeypatch.setattr(replan_module, "comparison", lambda observed, predicted: {})
+    monkeypatch.setattr(replan_module, "observation", lambda sizing, group, run_id: {"step_time_s": 0.02})
     world = World(job(), [FakeFit([[group(5, 2, resumed=5)], [steps(6, 10)]], FitOutcome({"step": 10}))])
     world.identity.state.records = {"replans": [{"step": 5}], "observations": [{"step_time_s": 0.05}]}
     world.identity.state.counts = {"replan": 1}

@@ -20,7 +20,6 @@ from orchestrator.driver.ending import JobEnd
 from orchestrator.driver.policies import (
     GiveUp,
     KeepWaiting,
-    Resize,
     State,
     StopReason,
     after_fit,
@@ -28,7 +27,6 @@ from orchestrator.driver.policies import (
     diverged,
     group_kind,
     poll_again,
-    replan_ready,
     stop_to_request,
     wait_decision,
 )
@@ -44,11 +42,10 @@ from orchestrator.driver.ports import (
     Run,
 )
 from orchestrator.driver.recorder import Recorder
-from orchestrator.driver.replan import comparison, observation, predicted_at, replan
+from orchestrator.driver.replan import Replanner
 from orchestrator.driver.result import job_result
-from orchestrator.driver.sizing import Sizing, Workers, fixed_accumulation, fixed_workers, least_workers
+from orchestrator.driver.sizing import Sizing, Workers, elastic_bounds, fixed_workers, least_workers
 from orchestrator.errors import UserError, worker_user_error
-from orchestrator.planner import REFIT_MIN_STEPS
 from trainers.events import (
     CheckpointSaved,
     Evaluated,
@@ -78,10 +75,7 @@ class JobController(JobEnd):
         self.stop_requested: StopReason | None = None
         self.resize_to: int | None = None
         self.resize_reason = ""
-        self.replans: list[dict[str, Any]] = []
-        self.observations: list[dict[str, Any]] = []
-        self.profile = None  # compute as refit online (starts as the sizing's profile)
-        self.cluster = None  # the network as refit online (starts as the sizing's)
+        self.replanner: Replanner | None = None
         self.model_version: str | None = None
         self._waiting_since: float | None = None
         self._autoscale_record: dict[str, Any] | None = None
@@ -90,7 +84,6 @@ class JobController(JobEnd):
         self._wanted = 0
         self._requested = False
         self._last_arrived = -1
-        self._compared_at = -1
         self._misses = 0  # polls in a row the progress actor did not answer
         # ...of those, the ones since the fit ended: its last events, or a resize's cleared stop, awaited that often
         self._misses_at_end = 0
@@ -192,8 +185,9 @@ class JobController(JobEnd):
             return State.STOPPED  # asked while profiling and planning: still no run, no workers
         self.identity.check_held()  # lost while sizing or waiting for nodes: start nothing beside its new holder
         self.sizing, self.workers = sizing, sizing.workers
-        self.profile, self.cluster = sizing.profile, sizing.cluster
         self.run_log = self.ports.open_run(self.prepared, sizing, self.identity)
+        self.replanner = Replanner(self.job, sizing, identity=self.identity, run_log=self.run_log,
+                                   slots=self.ports.slots, status=self._status)
         self.recorder = Recorder(self.run_log, status=self._status, global_batch=self.job.training.global_batch_size,
                                  counts=self.identity.state.counts, save_counts=self.identity.save_counts,
                                  log_every=self.job.training.log_every, step=self.identity.checkpoint_step)
@@ -214,7 +208,7 @@ class JobController(JobEnd):
             return State.RUNNING
         self.outcome = self.fit.outcome()
         reached = self.recorder.fit_ended(self.outcome.metrics)
-        self._note_observation()
+        self.replanner.note_observation(self.recorder.group)
         completed = reached >= self.prepared.total_steps
         state = after_fit(error=self.outcome.error is not None, stop=self.stop_requested, completed=completed)
         if state is State.FAILED and self.outcome.error is not None:
@@ -240,7 +234,7 @@ class JobController(JobEnd):
                                        f"{self.recorder.last_step}; run the same command again to resume there") from None
                 self.ports.sleep(constants.PROGRESS_POLL_S)
                 return State.RESIZING
-        bounds = self._bounds()
+        bounds = elastic_bounds(self.job, self.sizing)
         assert bounds is not None
         self.workers = (bounds[0], self.resize_to)
         self.resize_to, self.stop_requested = None, None
@@ -265,7 +259,9 @@ class JobController(JobEnd):
             self._handle(event)
         self.recorder.run_known()
         self.recorder.locate(ranks)
-        self._compare_and_replan()
+        if (resize := self.replanner.check(self.recorder, self.prepared.total_steps)) is not None:
+            self.resize_to = resize.workers
+            self.resize_reason = f"{resize.reason} (stopped at step {self.recorder.last_step})"
         for warning in self.run_log.drain_warnings():
             self._status(warning)
         self._remember_run()
@@ -292,7 +288,7 @@ class JobController(JobEnd):
                 raise UserError(f"train/loss: {bad.metrics['train/loss']} at step {bad.step}: training diverged; "
                                 "lower training.lr, set training.grad_clip, or look for NaN values in the data")
         elif isinstance(event, GroupStarted):
-            self._note_observation()
+            self.replanner.note_observation(self.recorder.group)
             kind = group_kind(groups_before=rec.groups_started, resize_pending=bool(self.resize_reason),
                               failed_before=rec.failure_pending)
             rec.group_started(event, kind, resize_reason=self.resize_reason)
@@ -312,64 +308,6 @@ class JobController(JobEnd):
             rec.failed(event)
             if event.user_error is not None:  # bad input: the restarted group leaves at once (given_up)
                 raise UserError(event.user_error)
-
-    def _compare_and_replan(self) -> None:
-        rec, sizing = self.recorder, self.sizing
-        group = rec.group
-        if group is None or group.observed_step_time_s is None or group.observed_steps < constants.REPLAN_MIN_STEPS:
-            return
-        predicted = predicted_at(sizing, group, self.job.training.global_batch_size)
-        if predicted is None:
-            return
-        if rec.last_step >= self._compared_at + constants.REPLAN_MIN_STEPS:
-            self._compared_at = rec.last_step
-            rec.log_metrics(comparison(group.observed_step_time_s, predicted), step=rec.last_step)
-        if not replan_ready(observed_steps=group.observed_steps, min_steps=constants.REPLAN_MIN_STEPS,
-                            last_at=group.replanned_at, settled=group.settled):
-            return
-        group.replanned_at = group.observed_steps
-        r = self.job.resources
-        result = replan(group, profile=self.profile, cluster=self.cluster, step=rec.last_step,
-                        total_steps=self.prepared.total_steps, global_batch=self.job.training.global_batch_size,
-                        objective=r.objective, min_efficiency=r.min_efficiency, bounds=self._bounds(),
-                        replan_enabled=r.replan, resizes=rec.resizes, slots=self.ports.slots(),
-                        accumulation=fixed_accumulation(self.job))
-        self.profile, self.cluster = result.profile, result.cluster
-        refit = result.record["refit"]
-        # Settled once a refit over enough steps learned nothing new (too few steps: try again later).
-        group.settled = not refit.get("changed") and refit.get("steps", 0) >= REFIT_MIN_STEPS
-        self.run_log.set_tags({f"replan.{rec.count('replan')}": result.text[:5000]})
-        rec.log_metrics({"plan/refit_network_scale": result.record["refit"]["scale"],
-                         "plan/refit_compute_scale": result.record["refit"]["compute_scale"]}, step=rec.last_step)
-        self.replans.append(result.record)
-        self.run_log.log_dict(self._run_records("replans", result.record), "replan/decisions.json")
-        self._status(f"re-plan: {result.text}")
-        if isinstance(result.decision, Resize):
-            self.resize_to = result.decision.workers
-            self.resize_reason = f"{result.decision.reason} (stopped at step {rec.last_step})"
-
-    def _bounds(self) -> tuple[int, int] | None:
-        """The worker range the job may run in: the configured one, else the elastic launch's."""
-        if isinstance(self.sizing.workers, int):
-            return None
-        configured = self.job.resources.workers
-        return (configured.min, configured.max) if isinstance(configured, WorkerRange) else self.sizing.workers
-
-    def _note_observation(self) -> None:
-        group = self.recorder.group if self.recorder else None
-        if group is None or group.observed:
-            return
-        found = observation(self.sizing, group, run_id=self.run_log.run_id if self.run_log else None)
-        if found is not None:
-            group.observed = True
-            self.observations.append(found)
-            self._run_records("observations", found)
-
-    def _run_records(self, name: str, row: dict[str, Any]) -> list[dict[str, Any]]:
-        """The run's rows so far, this driver's `row` added: a rerun continues the run's artifacts."""
-        rows = [*self.identity.state.records.get(name, []), row]
-        self.identity.save_records(name, rows)
-        return rows
 
     # -- records and the result (stopping the workers and closing: JobEnd, in ending.py) ------------
 
@@ -394,5 +332,5 @@ class JobController(JobEnd):
     def _result(self) -> JobResult:
         return job_result(self.state, identity=self.identity, prepared=self.prepared, recorder=self.recorder,
                           outcome=self.outcome, run_log=self.run_log, model_version=self.model_version,
-                          workers=self.workers, replans=self.replans, tracking=self.tracking_report,
-                          global_batch=self.job.training.global_batch_size)
+                          workers=self.workers, replans=self.replanner.replans if self.replanner else [],
+                          tracking=self.tracking_report, global_batch=self.job.training.global_batch_size)

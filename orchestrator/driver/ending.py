@@ -12,6 +12,7 @@ from orchestrator import constants
 from orchestrator.driver.policies import RUN_STATUS, State
 from orchestrator.driver.ports import Fit, FitOutcome, Identity, Ports, Run
 from orchestrator.driver.recorder import Recorder
+from orchestrator.driver.replan import Replanner
 from orchestrator.errors import UserError
 from orchestrator.planner import OBSERVATIONS_ARTIFACT
 
@@ -25,8 +26,7 @@ class JobEnd:
     identity: Identity | None
     outcome: FitOutcome | None
     model_version: str | None
-    replans: list[dict[str, Any]]
-    observations: list[dict[str, Any]]
+    replanner: Replanner | None
     tracking_report: Any
     _requested: bool
 
@@ -113,8 +113,8 @@ class JobEnd:
             self.identity.release()
 
     def _final_records(self) -> None:
-        rec = self.recorder
-        if self.observations:  # what `orchestrator calibrate --experiment` learns the cluster from
+        rec, replanner = self.recorder, self.replanner
+        if replanner is not None and replanner.observations:  # what `calibrate --experiment` learns the cluster from
             self.run_log.log_dict(self.identity.state.records["observations"], OBSERVATIONS_ARTIFACT)
         if self.state is State.FINISHED and self.outcome is not None:
             checkpoint = self.outcome.checkpoint.path if self.outcome.checkpoint is not None else None
@@ -123,7 +123,7 @@ class JobEnd:
         # One summary per attempt (a rerun adds its own), named by when it ended.
         ended = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         self.run_log.log_dict({"state": self.state.value, "final_step": rec.last_step, "restarts": rec.restarts,
-                               "resizes": rec.resizes, "replan": self.replans, "ended": ended},
+                               "resizes": rec.resizes, "replan": replanner.replans if replanner else [], "ended": ended},
                               f"summary/{ended}-{self.state.value}.json")
 
     def _status(self, message: str) -> None:

@@ -1,17 +1,21 @@
 """Observed against predicted, online re-planning and the observations a job leaves for
-calibration: what the driver asks the planner while a worker group trains (planner calls only;
-the controller acts on the result)."""
+calibration: what the driver asks the planner while a worker group trains. `Replanner` keeps the
+job's refit model and records; the controller acts on the resize it returns."""
 
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from orchestrator import constants
-from orchestrator.driver.policies import Keep, ReplanDecision, Resize, replan_guard
-from orchestrator.driver.recorder import Group
-from orchestrator.driver.sizing import Sizing
+from orchestrator.driver.policies import Keep, ReplanDecision, Resize, replan_guard, replan_ready
+from orchestrator.config import JobConfig
+from orchestrator.driver.ports import Identity, Run
+from orchestrator.driver.recorder import Group, Recorder
+from orchestrator.driver.sizing import Sizing, elastic_bounds, fixed_accumulation
+from orchestrator.planner import REFIT_MIN_STEPS
 from orchestrator.planner import ClusterSpec, Observation, Prediction, Profile, decide_resize, predict, refit
 from orchestrator.planner.explain import plural
 from orchestrator.planner.model import optimizer_share
@@ -101,3 +105,68 @@ def observation(sizing: Sizing, group: Group, *, run_id: str | None) -> dict[str
                        local_batch=group.local_batch, accumulation=group.accumulation,
                        step_time_s=group.observed_step_time_s, compute_step_time_s=compute, source="job",
                        run_id=run_id).to_dict()
+
+
+class Replanner:
+    """A launched job's online model: each group's steps compared with the prediction (plan/
+    metrics), the model refit and a resize decided (replan.N tags, replan/decisions.json), and one
+    observation per group for `orchestrator calibrate`. The run's records so far are continued, so
+    a rerun's artifacts hold the earlier drivers' rows and its own."""
+
+    def __init__(self, job: JobConfig, sizing: Sizing, *, identity: Identity, run_log: Run,
+                 slots: Callable[[], int], status: Callable[[str], None]) -> None:
+        self.job, self.sizing, self.identity, self.run_log = job, sizing, identity, run_log
+        self.slots, self.status = slots, status
+        self.profile, self.cluster = sizing.profile, sizing.cluster  # as refit online
+        self.replans: list[dict[str, Any]] = []
+        self.observations: list[dict[str, Any]] = []
+        self._compared_at = -1
+
+    def check(self, rec: Recorder, total_steps: int) -> Resize | None:
+        """Compare and, once the group has run enough steps, re-plan: the resize to make, if any."""
+        group, sizing = rec.group, self.sizing
+        if group is None or group.observed_step_time_s is None or group.observed_steps < constants.REPLAN_MIN_STEPS:
+            return None
+        predicted = predicted_at(sizing, group, self.job.training.global_batch_size)
+        if predicted is None:
+            return None
+        if rec.last_step >= self._compared_at + constants.REPLAN_MIN_STEPS:
+            self._compared_at = rec.last_step
+            rec.log_metrics(comparison(group.observed_step_time_s, predicted), step=rec.last_step)
+        if not replan_ready(observed_steps=group.observed_steps, min_steps=constants.REPLAN_MIN_STEPS,
+                            last_at=group.replanned_at, settled=group.settled):
+            return None
+        group.replanned_at = group.observed_steps
+        r = self.job.resources
+        result = replan(group, profile=self.profile, cluster=self.cluster, step=rec.last_step,
+                        total_steps=total_steps, global_batch=self.job.training.global_batch_size,
+                        objective=r.objective, min_efficiency=r.min_efficiency,
+                        bounds=elastic_bounds(self.job, sizing), replan_enabled=r.replan, resizes=rec.resizes,
+                        slots=self.slots(), accumulation=fixed_accumulation(self.job))
+        self.profile, self.cluster = result.profile, result.cluster
+        refit = result.record["refit"]
+        # Settled once a refit over enough steps learned nothing new (too few steps: try again later).
+        group.settled = not refit.get("changed") and refit.get("steps", 0) >= REFIT_MIN_STEPS
+        self.run_log.set_tags({f"replan.{rec.count('replan')}": result.text[:5000]})
+        rec.log_metrics({"plan/refit_network_scale": refit["scale"],
+                         "plan/refit_compute_scale": refit["compute_scale"]}, step=rec.last_step)
+        self.replans.append(result.record)
+        self.run_log.log_dict(self._records("replans", result.record), "replan/decisions.json")
+        self.status(f"re-plan: {result.text}")
+        return result.decision if isinstance(result.decision, Resize) else None
+
+    def note_observation(self, group: Group | None) -> None:
+        """The group's observation, once it has one (logged with the run's others as it ends)."""
+        if group is None or group.observed:
+            return
+        found = observation(self.sizing, group, run_id=self.run_log.run_id)
+        if found is not None:
+            group.observed = True
+            self.observations.append(found)
+            self._records("observations", found)
+
+    def _records(self, name: str, row: dict[str, Any]) -> list[dict[str, Any]]:
+        """The run's rows so far, this driver's `row` added."""
+        rows = [*self.identity.state.records.get(name, []), row]
+        self.identity.save_records(name, rows)
+        return rows

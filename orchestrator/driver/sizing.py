@@ -70,6 +70,15 @@ def fixed_accumulation(job: JobConfig) -> int | None:
     return None if accumulation == "auto" else accumulation
 
 
+def elastic_bounds(job: JobConfig, sizing: Sizing) -> tuple[int, int] | None:
+    """The worker range a launched job may run in: the configured one, else the elastic launch's
+    (None for a fixed count)."""
+    if isinstance(sizing.workers, int):
+        return None
+    configured = job.resources.workers
+    return (configured.min, configured.max) if isinstance(configured, WorkerRange) else sizing.workers
+
+
 def least_workers(job: JobConfig, workers: int | None) -> int:
     """The fewest workers the job can run on: a fixed count does not shrink."""
     fixed = fixed_workers(job, workers)
