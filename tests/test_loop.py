@@ -16,6 +16,7 @@ import torch
 from orchestrator.config import load_config
 from trainers import checkpoint as ckpt
 from trainers import loop
+from trainers import state as state_module
 from trainers.batching import split_global_batch
 from trainers.config import WorkerConfig
 from trainers.errors import UserError
@@ -42,7 +43,7 @@ class Reporter:
 def _worker(run_dir: Path, *, step: int, total: int) -> SimpleNamespace:
     """Rank 0 of one worker on the digits job, at `step` of `total`, its checkpoints in `run_dir`."""
     cfg = WorkerConfig.model_validate(load_config(DIGITS).localized().worker_config().model_dump(mode="json"))
-    state = loop.TrainState.build(cfg, total, torch.device("cpu"))
+    state = state_module.TrainState.build(cfg, total, torch.device("cpu"))
     state.step = step
     return SimpleNamespace(cfg=cfg, args=loop.LoopArgs(config={}, steps_per_epoch=10, total_steps=total,
                                                        run_dir=str(run_dir)),
@@ -64,7 +65,7 @@ def test_a_group_resumed_at_the_last_step_reports_it_again(monkeypatch: pytest.M
 
     monkeypatch.setattr(ray.train, "report", report)
     monkeypatch.setattr(ray.train, "get_dataset_shard", lambda name: SimpleNamespace())  # never read
-    loop._train(worker, loop.Resume(30, "checkpoint_000000030"))
+    loop._train(worker, state_module.Resume(30, "checkpoint_000000030"))
     assert reported == [({"step": 30}, "checkpoint_000000030.1", 30)]
     started, saved, ended = worker.reporter.events
     assert isinstance(started, GroupStarted) and started.step == 30 and started.resumed_from == 30
@@ -85,7 +86,7 @@ def test_a_group_resumed_at_the_last_step_ray_train_holds_copies_no_checkpoint(
         ckpt.write(tmp_path / ckpt.dir_name(step), worker.state.to_dict({}), step=step)
     latest = ray.train.Checkpoint(str(tmp_path / ckpt.dir_name(registered)))
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: latest)
-    resume = loop.restore(worker.state, tmp_path)
+    resume = state_module.restore(worker.state, tmp_path)
     assert resume is not None and (resume.checkpoint, resume.latest) == ("checkpoint_000000030", registered == 30)
     reported: list[tuple[dict[str, Any], str | None]] = []
     monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None, checkpoint_dir_name=None:
