@@ -25,7 +25,7 @@ import jsonschema
 import k8s_util
 import pytest
 import yaml
-from k8s_fixtures import deploy_dir, manifests, overlays, variants  # noqa: F401 (fixtures)
+from k8s_fixtures import CRD_FILES, crd_validators, deploy_dir, manifests, overlays, variants  # noqa: F401 (fixtures)
 from k8s_util import OVERLAYS, PLAN, VARIANTS, all_objects, by_kind, containers, mlflow_uris, one, pod_templates
 
 from orchestrator.k8s import names
@@ -34,8 +34,6 @@ from orchestrator.redact import is_secret_name
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = k8s_util.DEPLOY
-CRD_DIR = ROOT.parent / "shared" / "k8s-schemas"
-CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
 CHECKOV_VERSION = "3.3.30"
 SKIPS_FILE = DEPLOY / "checkov-skips.yaml"
 
@@ -77,32 +75,6 @@ def test_core_objects_match_the_kubernetes_api(manifests: dict[str, list[Obj]]) 
         except kv.SchemaNotFoundError as exc:
             errors.append(f"{where}: {exc.message}")
     assert not errors, "\n".join(errors)
-
-
-def closed_schema(schema: Any) -> Any:
-    """The schema with unknown fields rejected wherever it declares properties."""
-    if isinstance(schema, list):
-        return [closed_schema(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    closed = {k: closed_schema(v) for k, v in schema.items()}
-    if "properties" in schema and "additionalProperties" not in schema \
-            and not schema.get("x-kubernetes-preserve-unknown-fields"):
-        closed["additionalProperties"] = False
-    return closed
-
-
-@pytest.fixture(scope="module")
-def crd_validators() -> dict[str, jsonschema.protocols.Validator]:
-    if not CRD_DIR.is_dir():
-        pytest.skip(f"{CRD_DIR} is absent (a clone without ../shared): KubeRay CRDs not checked")
-    validators = {}
-    for kind, filename in CRD_FILES.items():
-        crd = yaml.safe_load((CRD_DIR / filename).read_text())
-        (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-        schema = closed_schema(v1["schema"]["openAPIV3Schema"])
-        validators[kind] = jsonschema.Draft202012Validator(schema)
-    return validators
 
 
 def test_kuberay_objects_match_the_crds(manifests: dict[str, list[Obj]],

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 import yaml
-from k8s_util import DIGITS, OWNER, SMALL_PLAN, containers, mlflow_uris, pod_templates
+from k8s_fixtures import crd_validators  # noqa: F401 (fixture)
+from k8s_util import DIGITS, OWNER, SMALL_PLAN, containers, mlflow_uris, one, pod_templates
 from packaging.requirements import Requirement
 
 from orchestrator.errors import UserError
@@ -91,7 +92,18 @@ def test_a_deadline_past_a_million_hours_is_one_line() -> None:
     with pytest.raises(UserError, match=r"^resources\.deadline_hours: must be <= 1e\+06, got 1e\+306$"):
         k8s_render_command(DIGITS, plan_path=None, image=None, output=None, cluster=False, owner=OWNER,
                            overrides=["resources.deadline_hours=1e306"])
-    assert deadline_seconds(load_config(DIGITS, ["resources.deadline_hours=1e6"]), None) == 2 * 3600 * 10**6 + 900
+    # 2 x 1e6 h + 15 min is 7,200,000,900 s, past the int32 of activeDeadlineSeconds (rendered before)
+    assert deadline_seconds(load_config(DIGITS, ["resources.deadline_hours=1e6"]), None) == 2**31 - 1
+    assert deadline_seconds(load_config(DIGITS, ["resources.deadline_hours=2"]), None) == 2 * 7200 + 900
+
+
+def test_a_deadline_of_a_million_hours_renders_a_rayjob_the_crd_admits(crd_validators: Any) -> None:
+    text = k8s_render_command(DIGITS, plan_path=None, image=None, output=None, cluster=False, owner=OWNER,
+                              overrides=["resources.deadline_hours=1e6"]).text
+    job = one([o for o in yaml.safe_load_all(text) if o], "RayJob")
+    assert [e.message for e in crd_validators["RayJob"].iter_errors(job)] == []
+    job["spec"]["activeDeadlineSeconds"] += 1  # the check sees the int32
+    assert not crd_validators["RayJob"].is_valid(job)
 
 
 def test_command_errors_name_the_field_or_file(tmp_path: Path) -> None:

@@ -23,6 +23,9 @@ DEFAULT_DEADLINE_S = 24 * 3600  # without a plan or a resources.deadline_hours
 # deadline beyond a million hours is no schedule (and no integer activeDeadlineSeconds).
 MAX_PLAN_GPUS = 65_536
 MAX_DEADLINE_S = 3600 * 10**6
+# RayJob's activeDeadlineSeconds is an int32 (the CRD's format, KubeRay's *int32): past it (68 years)
+# the API server and the operator refuse the RayJob, so a longer deadline is that one.
+MAX_ACTIVE_DEADLINE_S = 2**31 - 1
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -120,7 +123,7 @@ def deadline_seconds(config: JobConfig, plan: Mapping[str, Any] | None) -> int:
         expected = _within_deadline(hours, "resources.deadline_hours", "h") * 3600
     if expected is None:
         return DEFAULT_DEADLINE_S
-    return math.ceil(DEADLINE_FACTOR * expected + DEADLINE_MARGIN_S)
+    return min(math.ceil(DEADLINE_FACTOR * expected + DEADLINE_MARGIN_S), MAX_ACTIVE_DEADLINE_S)
 
 
 def _within_deadline(value: float, where: str, unit: str) -> float:
