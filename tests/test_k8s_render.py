@@ -106,6 +106,18 @@ def test_a_deadline_of_a_million_hours_renders_a_rayjob_the_crd_admits(crd_valid
     assert not crd_validators["RayJob"].is_valid(job)
 
 
+def test_a_config_too_large_for_kubectl_apply_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    # Rendered before: `kubectl apply -f` refused the ConfigMap (annotations past 256 KiB) and created
+    # the RayJob, which ran without its config.
+    shards = [f"s3://bucket/corpus/2026-12/train/part-{i:05d}-of-04000.snappy.parquet" for i in range(4000)]
+    out = tmp_path / "job.yaml"
+    with pytest.raises(UserError, match=rf"^{re.escape(DIGITS)}: the job's config is [0-9,]+ bytes in its "
+                                        r"ConfigMap; `kubectl apply` takes at most 258,048 \(list folders"):
+        k8s_render_command(DIGITS, plan_path=None, image=None, output=str(out), cluster=False, owner=OWNER,
+                           overrides=["data.dataset=null", f"data.path=[{', '.join(shards)}]"])
+    assert not out.exists()
+
+
 def test_command_errors_name_the_field_or_file(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{nope")
     cases = [

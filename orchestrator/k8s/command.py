@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,9 @@ _TAG_AND_DIGEST = r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{6
 IMAGE_PATTERN = re.compile(rf"(?:[A-Za-z0-9.-]+(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*{_TAG_AND_DIGEST}")
 _TAG_OR_DIGEST = re.compile(rf"{_TAG_AND_DIGEST}$")
 MAX_IMAGE_NAME = 255
+# `kubectl apply` keeps each object whole in its last-applied-configuration annotation, and the API
+# server holds an object's annotations to 256 KiB (kubectl's own annotation is counted with the rest).
+MAX_APPLIED_BYTES = 256 * 1024 - 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +143,15 @@ def render_notes(config: JobConfig, group: WorkerGroup, *, plan_path: str | None
     return notes
 
 
+def check_applicable(config_map: dict[str, Any], config_path: str) -> None:
+    """Past MAX_APPLIED_BYTES `kubectl apply -f` refuses the ConfigMap but creates the RayJob beside
+    it, which then runs without its config: a one-line error here instead."""
+    size = len(json.dumps(config_map, separators=(",", ":"), ensure_ascii=False).encode())
+    if size > MAX_APPLIED_BYTES:
+        raise UserError(f"{config_path}: the job's config is {size:,} bytes in its ConfigMap; `kubectl apply` "
+                        f"takes at most {MAX_APPLIED_BYTES:,} (list folders in data.path rather than their files)")
+
+
 def check_renderable(mlflow_uri: str | None) -> None:
     """The manifests take `redact_uri(mlflow_uri)` as the job's MLflow: one it can only mask (`:2024/`
     read as a port and path, or as the start of a password, up to an '@') would send the job to the
@@ -176,6 +189,7 @@ def k8s_render_command(config_path: str, *, plan_path: str | None, image: str | 
     else:
         owner = check_owner(owner)
         config_map = render_job_configmap(config, owner=owner, mlflow_uri=mlflow_uri)
+        check_applicable(config_map, config_path)
         digest = hashlib.sha256(config_map["data"][CONFIG_FILE].encode()).hexdigest()
         objs = [config_map, render_job_network_policy(name, owner=owner),
                 render_rayjob(config, owner=owner, config_path=f"{CONFIG_DIR}/{CONFIG_FILE}", plan=plan,
