@@ -346,6 +346,10 @@ def test_render_says_what_it_assumed_without_a_plan_or_an_image(tmp_path: Any) -
 @pytest.mark.parametrize(("option", "value", "message"), [
     ("--image", "evil;rm -rf /", "is not a container image reference"),
     ("--image", "Upper/Case:1", "is not a container image reference"),
+    # registry host names the runtime refuses (InvalidImageName once the pods were scheduled)
+    ("--image", "registry..example.com/acme/orch:1.2", "is not a container image reference"),
+    ("--image", "-registry-/acme/orch:1.2", "is not a container image reference"),
+    ("--image", ".example.com/acme/orch:1.2", "is not a container image reference"),
     ("--owner", "a" * 254, "254 characters is too long (at most 253"),
     ("--image", "ghcr.io/" + "x" * 248 + ":1", "is 256 characters; at most 255"),
     # rendered with imagePullPolicy IfNotPresent, each node would run the build it pulled first

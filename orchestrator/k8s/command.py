@@ -33,8 +33,10 @@ OWNER_MAX = 253  # the owner is one directory name on the shared volume (filesys
 # A container image reference: [registry[:port]/]path[:tag][@sha256:digest] (the distribution
 # project's reference grammar, lower-case path components).
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_DOMAIN_PART = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"  # a host name's part: no '-' at its ends
+_DOMAIN = rf"{_DOMAIN_PART}(?:\.{_DOMAIN_PART})*(?::[0-9]+)?"
 _TAG_AND_DIGEST = r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?"
-IMAGE_PATTERN = re.compile(rf"(?:[A-Za-z0-9.-]+(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*{_TAG_AND_DIGEST}")
+IMAGE_PATTERN = re.compile(rf"(?:{_DOMAIN}/)?{_COMPONENT}(?:/{_COMPONENT})*{_TAG_AND_DIGEST}")
 _TAG_OR_DIGEST = re.compile(rf"{_TAG_AND_DIGEST}$")
 MAX_IMAGE_NAME = 255
 # `kubectl apply` keeps each object whole in its last-applied-configuration annotation, and the API
