@@ -61,6 +61,10 @@ RAYJOB_ATTACKS: dict[str, Callable[[Obj], None]] = {
     "another scheduler": lambda j: worker(j).update(schedulerName="my-scheduler"),
     "preempting priority": lambda j: head(j).update(priorityClassName="system-cluster-critical"),
     "another runtime": lambda j: head(j).update(runtimeClassName="runc-unsandboxed"),
+    # with a nodeSelector, onto the control plane or another team's tainted pool
+    "tolerates every taint": lambda j: worker(j).update(tolerations=[{"operator": "Exists"}]),
+    "tolerates the control plane": lambda j: head(j).update(tolerations=[
+        {"key": "node-role.kubernetes.io/control-plane", "operator": "Exists", "effect": "NoSchedule"}]),
     "another job's ConfigMap": lambda j: head(j)["volumes"].append({"name": "x", "configMap": {"name": "bob-config"}}),
     "secretKeyRef to another Secret": lambda j: head(j)["containers"][0]["env"].append(
         {"name": "MLFLOW_TRACKING_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "ray-auth-token", "key": "auth_token"}}}),
