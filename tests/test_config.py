@@ -108,6 +108,8 @@ def write(tmp_path: Path, overrides: list[str], *, drop: str | None = None) -> P
         # validate said ok; run then failed in pyarrow, or prepared a built-in set into a local ./s3:/bucket
         (["checkpoint.storage_path=s3://"], "checkpoint.storage_path: s3:// names no bucket or host, got 's3://'"),
         (["data.dataset=null", "data.path=gs:///x"], "data.path: gs:// names no bucket or host, got 'gs:///x'"),
+        # credentials but no bucket: passed, and `k8s render` wrote the local path s3:/x for it
+        (["checkpoint.storage_path=s3://KEY:SECRET@/x"], "checkpoint.storage_path: s3:// names no bucket or host"),
         (['checkpoint.storage_path="runs\0x"'], "checkpoint.storage_path: holds a NUL byte, which no file name holds"),
         (["data.path=s3://bucket/digits"], "data.path: a built-in data set (digits) is prepared into a local folder, "
                                            "got the URI 's3://bucket/digits'"),

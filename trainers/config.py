@@ -97,7 +97,8 @@ def _place_problem(path: str) -> str | None:
     if "\0" in path:
         return f"holds a NUL byte, which no file name holds, got {path!r}"
     scheme, sep, rest = path.partition("://")
-    if sep and scheme.lower() not in _HOSTLESS_SCHEMES and not rest.split("/", 1)[0].strip():
+    # the host after any user:password@ (s3://KEY:SECRET@/x names no bucket either)
+    if sep and scheme.lower() not in _HOSTLESS_SCHEMES and not rest.split("/", 1)[0].rpartition("@")[2].strip():
         return f"{scheme}:// names no bucket or host, got {path!r}"
     return None
 
