@@ -183,6 +183,8 @@ def test_what_the_observations_cannot_identify_keeps_its_prior() -> None:
     one_gpu = calibrate(SPEC, observe(MODELS, places=((1, 1),)))
     assert one_gpu.calibration.fitted == () and one_gpu.calibration.residuals is None
     assert one_gpu.calibration.not_fitted["intra_GBps"] == "no observation inside one node with 2 or more GPUs"
+    # nothing was fitted, so no fit lost to the figures given (it said "the fit did not beat" them)
+    assert not one_gpu.calibration.kept_input and "did not beat" not in explain_calibration(one_gpu.calibration)
     # a CPU cluster counts workers, as its plan does
     cpu = calibrate(SPEC.replace(gpu="cpu"), observe(MODELS, places=((2, 1),)))
     assert cpu.calibration.not_fitted["intra_GBps"] == "no observation inside one node with 2 or more workers"

@@ -328,7 +328,8 @@ def _calibrated(cluster: ClusterSpec, problem: Problem, *, allowed: Sequence[int
     start = np.array([0.0, 0.0, 0.0, float(start_net.overlap), float(start_net.jitter)])
     predict = problem.predictor(start_net)
     free, why = _identifiable(problem, predict, start, allowed, cluster.unit)
-    theta, kept = _fit(problem, start_net, start, free, judge) if len(problem) else (start, True)
+    # Nothing to fit (one-GPU steps only, or nothing that shows) is no fit that lost to the input.
+    theta, kept = _fit(problem, start_net, start, free, judge) if free else (start, False)
     if kept:
         why.update({PARAMETERS[i]: "the fit did not beat the figures given on these observations" for i in free})
         free = []
