@@ -305,3 +305,17 @@ def test_the_staged_copy_swapped_for_a_link_never_changes_the_link_targets_mode(
     monkeypatch.setattr(files, "_lmode", swap_then_look)
     files.write_text(entry, "new\n", follow_links=False)
     assert stat.S_IMODE(victim.stat().st_mode) == 0o600 and victim.read_text() == "secret\n"
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_a_worker_count_the_cluster_file_cannot_hold_is_said_before_anything_starts(command: str, tmp_path: Path) -> None:
+    """`workers: 64` on a 4 x 8 cluster file (or 17: no even spread) passed `validate`; `run` said it
+    only after starting Ray and profiling the model (driver.sizing places a fixed count)."""
+    config, cluster = ROOT / "configs" / "digits.yaml", ROOT / "configs" / "clusters" / "dgx_a100.yaml"
+    for workers, message in (("64", "resources.workers: must be between 1 and the cluster's 32 GPUs, got 64"),
+                             ("17", "resources.workers: 17 workers cannot be spread evenly over 4 nodes of 8 GPUs")):
+        result = subprocess.run([str(BIN / "orchestrator"), command, str(config), "--set", f"resources.cluster={cluster}",
+                                 "--set", f"resources.workers={workers}"], capture_output=True, text=True, timeout=60,
+                                cwd=tmp_path, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        assert (result.returncode, result.stderr) == (2, f"error: {message}\n"), result.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []

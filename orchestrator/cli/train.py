@@ -26,7 +26,7 @@ def validate(config: Path, set_: SetOption = None) -> None:
 
     job = load_config(config, set_ or [])  # before torch's import: a bad file is said within a second
     job.resolved_tracking_uri()  # MLFLOW_TRACKING_URI, when the config names no tracking_uri
-    check_job_files(job)
+    check_job_files(job, placing=True)
 
     from orchestrator.driver.data import check_batch_fits
     from orchestrator.storage import is_remote
@@ -75,7 +75,7 @@ def run(
     if workers is not None and workers <= 0:
         raise UserError(f"--workers: must be > 0, got {workers}")
     job = load_config(config, overrides)  # before the driver's imports (torch, Ray): a bad file fails fast
-    check_job_files(job)
+    check_job_files(job, placing=True, workers=workers)
 
     from orchestrator.console_ui import RichUI, result_lines
     from orchestrator.driver import run_job
@@ -119,15 +119,21 @@ def check_digest(config: Path, expected: str) -> None:
                         "someone else created); nothing was run")
 
 
-def check_job_files(job: Any) -> None:
+def check_job_files(job: Any, *, placing: bool = False, workers: int | None = None) -> None:
     """The local files a job names beside its data, checked now: a missing or broken
     `resources.cluster` file passed `validate` and was said by `run` and `profile` only once an
     embedded Ray had started; so was a `tracking.spill_dir` that is a file (and the default
-    tracking store, ./mlflow.db, is checked as a given tracking_uri is)."""
+    tracking store, ./mlflow.db, is checked as a given tracking_uri is). `placing` (validate, run):
+    a fixed worker count (`workers`, else the config's) that the cluster file cannot hold, which
+    `run` said only after profiling."""
     if job.resources.cluster:
-        from orchestrator.planner import load_cluster
+        from orchestrator.driver.sizing import fixed_workers
+        from orchestrator.planner import load_cluster, placement_for
 
-        load_cluster(job.resources.cluster)
+        spec = load_cluster(job.resources.cluster)
+        fixed = fixed_workers(job, workers)
+        if placing and fixed and job.resources.profile:  # size_job places it on the file's nodes
+            placement_for(spec, fixed)
     spill = job.tracking.spill_dir
     if spill and Path(spill).exists() and not Path(spill).is_dir():
         raise UserError(f"tracking.spill_dir: cannot write to {spill} (not a folder)")
