@@ -99,6 +99,19 @@ def test_ring_allreduce_formula() -> None:
     assert extra == pytest.approx(3 * 2 * 31 * 10e-6)
 
 
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"messages": 0}, "ring_allreduce_s.messages: must be > 0, got 0"),  # was a ZeroDivisionError
+    ({"nbytes": float("nan")}, "ring_allreduce_s.nbytes: must be a finite number, got nan"),  # was a nan
+    ({"nodes": -2}, "ring_allreduce_s.nodes: must be > 0, got -2"),  # was a negative time
+    ({"gpus_per_node": 2.5}, "ring_allreduce_s.gpus_per_node: must be an integer, got 2.5"),
+])
+def test_ring_allreduce_arguments_are_checked(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(UserError) as raised:
+        ring_allreduce_s(make_cluster(), **{"nodes": 2, "gpus_per_node": 8, "nbytes": 1e9, **kwargs})
+    assert str(raised.value) == message
+
+
 def test_throughput_scales_when_communication_is_cheap() -> None:
     profile = make_profile(grad_bytes=1_000_000)
     cluster = make_cluster()

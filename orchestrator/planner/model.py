@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator.planner.base import MAX_BYTES, MAX_COUNT, check_arguments
 from orchestrator.planner.network import AllReduceTable, Buckets, Network, allreduce_s, exposed_s, straggler_factor
 from orchestrator.planner.priors import LinkKinds, link_kinds, prior_network, prior_width
 from orchestrator.planner.results import Placement, Prediction
@@ -70,6 +71,11 @@ def effective_network(cluster: ClusterSpec, kinds: LinkKinds | None = None) -> N
 
 def ring_allreduce_s(cluster: ClusterSpec, *, nodes: int, gpus_per_node: int, nbytes: float, messages: int = 1) -> float:
     """Seconds to all-reduce `nbytes` split into `messages` all-reduces, from the cluster's figures."""
+    # checked as predict's arguments are: messages=0 was a ZeroDivisionError, nbytes=nan a nan
+    check_arguments("ring_allreduce_s", integers={"nodes": nodes, "gpus_per_node": gpus_per_node, "messages": messages},
+                    numbers={"nbytes": nbytes}, at_most={"nodes": MAX_COUNT, "gpus_per_node": MAX_COUNT, "nbytes": MAX_BYTES},
+                    required=("nodes", "gpus_per_node", "nbytes", "messages"))
+    cluster = ClusterSpec.coerce(cluster, "ring_allreduce_s.cluster")
     return messages * float(allreduce_s(nbytes / messages, nodes, gpus_per_node, effective_network(cluster)))
 
 
