@@ -172,3 +172,16 @@ def test_json_files_with_a_byte_order_mark_are_read(tmp_path: Path) -> None:
             ("obs.json", [obs.to_dict()], load_observations, [obs])):
         (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + json.dumps(data).encode())
         assert load(tmp_path / name) == expected
+
+
+def test_the_python_example_of_docs_planner_md_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its `profile` was never defined and its observation list ended in `...` (an Ellipsis that
+    calibrate refuses): copied into Python, it failed on its third line."""
+    code = (REPO / "docs" / "planner.md").read_text().split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "profile.json").write_text(json.dumps(profile_dict()))
+    (tmp_path / "configs" / "clusters").mkdir(parents=True)
+    (tmp_path / "configs" / "clusters" / "dgx_a100.yaml").write_text((REPO / "configs" / "clusters" / "dgx_a100.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    names: dict[str, Any] = {}
+    exec(compile(code, "docs/planner.md", "exec"), names)
+    assert names["cluster2"].calibration.observations == 1 and names["best"].to_dict()["global_batch"] == 256
