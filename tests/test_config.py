@@ -65,6 +65,7 @@ def write(tmp_path: Path, overrides: list[str], *, drop: str | None = None) -> P
         (["resources.cpus_per_worker=1.0e308"], "resources.cpus_per_worker: must be <= 4096"),
         (["data.path=[d/p, ./d/p/, s3://b/x, s3://b/x/]"], "data.path: lists d/p and ./d/p/ (one place): its rows would be read twice"),
         (["data.path=[d/p/f.parquet, d/p]"], "data.path: lists d/p/f.parquet inside d/p, also listed"),
+        (["data.path=[/, /]"], "data.path: lists / more than once"),  # '/' is the place '', which read as no repeat
         (["data.path=''"], "data.path: every path must name a file or folder, got ''"),
         (["data.path=[a, b]"], "data.path: a built-in data set (digits) is prepared into exactly one folder, got 2"),
         (["data.dataset=null", "data.dataset_kwargs.rows=3"], "data.dataset_kwargs: options for preparing a built-in "
