@@ -118,6 +118,18 @@ def test_a_config_too_large_for_kubectl_apply_is_one_line_and_writes_nothing(tmp
     assert not out.exists()
 
 
+def test_a_cluster_file_of_this_machine_is_left_out_of_the_job_with_a_note() -> None:
+    cluster_file = Path(DIGITS).parent / "clusters" / "dgx_a100.yaml"
+    # Copied as it was, the pod's `orchestrator run` looked for the submitter's file and failed
+    # once the job's GPUs were scheduled.
+    rendered = k8s_render_command(DIGITS, plan_path=None, image=None, output=None, cluster=False, owner=OWNER,
+                                  overrides=[f"resources.cluster={cluster_file}"])
+    config_map = one([o for o in yaml.safe_load_all(rendered.text) if o], "ConfigMap")
+    assert yaml.safe_load(config_map["data"]["job.yaml"])["resources"]["cluster"] is None
+    assert any(n.startswith(f"resources.cluster: {cluster_file} is a file of this machine")
+               for n in rendered.notes)
+
+
 def test_command_errors_name_the_field_or_file(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{nope")
     cases = [

@@ -136,6 +136,9 @@ def render_notes(config: JobConfig, group: WorkerGroup, *, plan_path: str | None
         return notes
     storage = [("data.path", p) for p in config.data.paths]
     storage.append(("checkpoint.storage_path", config.checkpoint.storage_path))
+    if config.resources.cluster is not None:
+        notes.append(f"resources.cluster: {config.resources.cluster} is a file of this machine, not of the pods; the "
+                     "job's re-planning uses the cluster it runs on, its network probed there")
     if config.tracking.spill_dir is not None:
         notes.append(f"tracking.spill_dir: the job spills to {SPILL_DIR} on its storage, not "
                      f"{config.tracking.spill_dir} (the pods' own disk is read-only or gone with them)")

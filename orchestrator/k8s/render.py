@@ -64,6 +64,9 @@ def cluster_job_config(config: JobConfig, *, mlflow_uri: str) -> dict[str, Any]:
     data["tracking"]["tracking_uri"] = redact_uri(mlflow_uri)
     data["tracking"]["spill_dir"] = SPILL_DIR  # a path of the submitter's machine is no place in the pod
     data["ray"]["address"] = "auto"  # the job's driver runs on the head of a running cluster
+    # A file of the submitter's machine, not in the pod (the job failed once its GPUs were scheduled):
+    # the job sizes on the cluster it runs on, its network probed there (render_notes says so).
+    data["resources"]["cluster"] = None
     return redact(data)
 
 
