@@ -380,6 +380,12 @@ def test_a_missing_or_broken_cluster_file_or_spill_dir_is_said_before_anything_s
     proc = run_cli([command[0], config, *command[1:], "--set", "tracking.spill_dir=broken.yaml"], env=base_env(),
                    cwd=tmp_path, timeout_s=60)
     assert proc.returncode == 2 and proc.stderr == "error: tracking.spill_dir: cannot write to broken.yaml (not a folder)\n"
+    # issue 13: a spill "to ./s3:/..." stayed in the worker's working directory, lost with the pod
+    proc = run_cli([command[0], config, *command[1:], "--set", "tracking.spill_dir=s3://bucket/spill"], env=base_env(),
+                   cwd=tmp_path, timeout_s=60)
+    assert proc.returncode == 2 and proc.stderr == ("error: tracking.spill_dir: must be a local folder (what MLflow could "
+                                                    "not take waits on this machine's disk), not a URI, got 's3://bucket/spill'\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.yaml"]
 
 
 @pytest.mark.parametrize("args, error", [

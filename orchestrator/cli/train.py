@@ -15,7 +15,7 @@ import typer
 from rich.markup import escape
 
 from orchestrator.cli.app import SetOption, app, console, data_app, note, out
-from orchestrator.errors import UserError, given
+from orchestrator.errors import UserError, given, shown
 from orchestrator.redact import scrub
 
 
@@ -135,6 +135,9 @@ def check_job_files(job: Any, *, placing: bool = False, workers: int | None = No
         if placing and fixed and job.resources.profile:  # size_job places it on the file's nodes
             placement_for(spec, fixed)
     spill = job.tracking.spill_dir
+    if spill and "://" in spill:  # as a Path, s3://b/x is ./s3:/b/x: the spill stayed in a pod's working dir
+        raise UserError("tracking.spill_dir: must be a local folder (what MLflow could not take waits on this "
+                        f"machine's disk), not a URI, got {shown(spill)}")
     if spill and Path(spill).exists() and not Path(spill).is_dir():
         raise UserError(f"tracking.spill_dir: cannot write to {spill} (not a folder)")
     if job.resolved_tracking_uri() is None:  # the default store, ./mlflow.db: checked as a given one is
