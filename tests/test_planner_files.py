@@ -174,14 +174,28 @@ def test_json_files_with_a_byte_order_mark_are_read(tmp_path: Path) -> None:
         assert load(tmp_path / name) == expected
 
 
-def test_the_python_example_of_docs_planner_md_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Its `profile` was never defined and its observation list ended in `...` (an Ellipsis that
-    calibrate refuses): copied into Python, it failed on its third line."""
-    code = (REPO / "docs" / "planner.md").read_text().split("```python\n", 1)[1].split("```", 1)[0]
+def _run_example(doc: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Runs the first Python block of `doc` in a folder with profile.json and the DGX cluster file."""
+    code = (REPO / doc).read_text().split("```python\n", 1)[1].split("```", 1)[0]
     (tmp_path / "profile.json").write_text(json.dumps(profile_dict()))
     (tmp_path / "configs" / "clusters").mkdir(parents=True)
     (tmp_path / "configs" / "clusters" / "dgx_a100.yaml").write_text((REPO / "configs" / "clusters" / "dgx_a100.yaml").read_text())
     monkeypatch.chdir(tmp_path)
     names: dict[str, Any] = {}
-    exec(compile(code, "docs/planner.md", "exec"), names)
+    exec(compile(code, doc, "exec"), names)
+    return names
+
+
+def test_the_python_example_of_docs_planner_md_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its `profile` was never defined and its observation list ended in `...` (an Ellipsis that
+    calibrate refuses): copied into Python, it failed on its third line."""
+    names = _run_example("docs/planner.md", tmp_path, monkeypatch)
     assert names["cluster2"].calibration.observations == 1 and names["best"].to_dict()["global_batch"] == 256
+
+
+def test_the_python_api_of_the_readme_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 3 asks for the planner's stable Python API "documented in README (other tools will call
+    it)"; README named no Python API at all, only a link to docs/planner.md."""
+    names = _run_example("README.md", tmp_path, monkeypatch)
+    assert names["p"].step_time_s > 0 and names["best"].workers >= 1
+    assert type(names["cluster2"]) is type(names["cluster"]) and names["cluster2"].calibration.observations == 1
