@@ -130,6 +130,22 @@ def test_a_cluster_file_of_this_machine_is_left_out_of_the_job_with_a_note() -> 
                for n in rendered.notes)
 
 
+def test_without_owner_the_job_is_rendered_for_the_login_name_with_a_note(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Issue 6 spells `orchestrator k8s render CONFIG [--plan plan.json] [--image IMG] [-o FILE]`: it
+    # ended in "--owner: required". The cluster admits the RayJob only from the user it names.
+    import getpass
+
+    monkeypatch.setattr(getpass, "getuser", lambda: "alice")
+    rendered = k8s_render_command(DIGITS, plan_path=None, image=None, output=None, cluster=False, overrides=[])
+    job = one([o for o in yaml.safe_load_all(rendered.text) if o], "RayJob")
+    assert job["metadata"]["annotations"]["ray-gpu-orchestrator/owner"] == "alice"
+    assert any(n.startswith("no --owner: rendered for 'alice', this machine's login name") for n in rendered.notes)
+    for login in ("", "../bob"):  # none known, or none the cluster takes: asked for
+        monkeypatch.setattr(getpass, "getuser", lambda: login)
+        with pytest.raises(UserError, match=re.escape("--owner: required for a RayJob")):
+            k8s_render_command(DIGITS, plan_path=None, image=None, output=None, cluster=False, overrides=[])
+
+
 def test_command_errors_name_the_field_or_file(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{nope")
     cases = [
@@ -139,7 +155,6 @@ def test_command_errors_name_the_field_or_file(tmp_path: Path) -> None:
          "checkpoint.storage_path: /data/ckpt is outside the job's storage"),
         (dict(plan_path=None), ["data.path=../../etc"], "data.path: ../../etc is outside the job's storage"),
         (dict(plan_path=None, output=str(tmp_path / "bad.json" / "dir.yaml")), [], "cannot write ("),
-        (dict(plan_path=None, owner=None), [], "--owner: required for a RayJob"),
         (dict(plan_path=None, owner="../bob"), [], "--owner: '../bob' is not a user name"),
         (dict(plan_path=None), ["model.kwargs.private_key=PRIV"], "model.kwargs.private_key: a secret would be written "
                                                                    "into the job's ConfigMap"),

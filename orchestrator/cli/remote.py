@@ -19,7 +19,7 @@ def k8s_render(
     plan_path: Annotated[Path | None, typer.Option("--plan", help="plan.json to size the worker group.")] = None,
     image: Annotated[str | None, typer.Option(help="Job image; default: the -cpu or -cuda tag of ours.")] = None,
     owner: Annotated[str | None, typer.Option(help="Your Kubernetes user name (kubectl auth whoami); "
-                                              "required for a RayJob.")] = None,
+                                              "default: this machine's login name.")] = None,
     mlflow_uri: Annotated[str | None, typer.Option(help="MLflow for the job; default: the in-cluster "
                                                    "service. Credentials in it are dropped.")] = None,
     output: Annotated[Path | None, typer.Option("-o", "--output",

@@ -91,10 +91,24 @@ def load_plan(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def check_owner(owner: str | None) -> str:
-    if owner is None:
+def default_owner(notes: list[str]) -> str:
+    """Without --owner, this machine's login name, said in a note: the cluster admits the RayJob only
+    when it is the Kubernetes user who creates it, so a wrong guess is refused there, not run."""
+    import getpass
+
+    try:
+        login = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no login name known (a container's bare uid)
+        login = ""
+    if not (OWNER_PATTERN.fullmatch(login) and ".." not in login and len(login) <= OWNER_MAX):
         raise UserError(f"--owner: required for a RayJob: your Kubernetes user name, e.g. --owner \"$({WHOAMI})\" "
                         f"(the cluster admits RayJobs annotated with the user who creates them)")
+    notes.append(f"no --owner: rendered for {login!r}, this machine's login name; the cluster admits the RayJob only "
+                 f"if that is your Kubernetes user name (--owner \"$({WHOAMI})\")")
+    return login
+
+
+def check_owner(owner: str) -> str:
     if not OWNER_PATTERN.fullmatch(owner) or ".." in owner:
         raise UserError(f"--owner: {owner!r} is not a user name the cluster accepts "
                         f"(letters, digits and . _ @ : - only, starting with a letter or digit)")
@@ -192,7 +206,7 @@ def k8s_render_command(config_path: str, *, plan_path: str | None, image: str | 
         objs = [render_raycluster(config, plan=plan, image=chosen, mlflow_uri=mlflow_uri),
                 render_cluster_network_policy(name)]
     else:
-        owner = check_owner(owner)
+        owner = check_owner(owner) if owner is not None else default_owner(notes)
         config_map = render_job_configmap(config, owner=owner, mlflow_uri=mlflow_uri)
         check_applicable(config_map, config_path)
         digest = hashlib.sha256(config_map["data"][CONFIG_FILE].encode()).hexdigest()
