@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from orchestrator.errors import shown
 from orchestrator.redact import redact, redact_uri, scrub
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ CHANGED_PARAMS_TAG = "params.changed"
 MAX_TAG_LEN = 8000  # MLflow's limit on a tag value
 BATCH_LIMIT = 1000  # metric points per request (MLflow's log_batch limit)
 STATUSES = ("FINISHED", "FAILED", "KILLED")
+NAME_MAX = 255  # bytes in a file name, on every common file system
 
 
 def run_key(job_name: str, storage_path: str) -> str:
@@ -116,6 +118,12 @@ def _op(kind: str, handle: str, **fields: Any) -> Op:
     return {"op": kind, "handle": handle, "t": now_ms(), **fields}
 
 
+def utf8(value: Any) -> str:
+    """`str(value)` as UTF-8 can carry it: a lone surrogate (YAML's "\\udcff", a path's undecodable
+    byte) shown escaped. MLflow cannot store one, and the request would fail, and be retried, for good."""
+    return str(value).encode("utf-8", "backslashreplace").decode()
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -127,7 +135,7 @@ def open_op(handle: str, *, experiment: str, run_key: str, run_name: str, floor_
     only trusted by a replay into the same server."""
     if not re.fullmatch(r"[\w.:-]+", run_key):
         raise ValueError(f"run key must be letters, digits and . _ : -, got {run_key!r}")
-    return _op("open", handle, experiment=experiment, run_key=run_key, run_name=run_name,
+    return _op("open", handle, experiment=utf8(experiment), run_key=run_key, run_name=utf8(run_name),
                floor_key=floor_key, tracking_uri=tracking_uri, resolved=None)
 
 
@@ -140,7 +148,7 @@ def metrics_op(handle: str, metrics: Mapping[str, Any], *, step: int, timestamp_
         try:
             # A tuple of plain values: the garbage collector stops tracking it (a long queue of
             # lists would lengthen every full collection in the driver).
-            points.append((str(key), float(value), stamp, int(step)))
+            points.append((utf8(key), float(value), stamp, int(step)))
         except (TypeError, ValueError):
             log.debug("metric %s=%r is not a number; not logged", key, value)
     return _op("metrics", handle, points=points, per_step=per_step) if points else None
@@ -149,15 +157,15 @@ def metrics_op(handle: str, metrics: Mapping[str, Any], *, step: int, timestamp_
 def params_op(handle: str, params: Mapping[str, Any]) -> Op:
     """Secret-named keys masked, URIs stripped of credentials, values cut to MLflow's limit."""
     safe = redact(dict(params))
-    return _op("params", handle, params={str(k): str(v)[:MAX_PARAM_LEN] for k, v in safe.items()})
+    return _op("params", handle, params={utf8(k): utf8(v)[:MAX_PARAM_LEN] for k, v in safe.items()})
 
 
 def tags_op(handle: str, tags: Mapping[str, Any]) -> Op:
-    return _op("tags", handle, tags={str(k): str(v) for k, v in redact(dict(tags)).items()})
+    return _op("tags", handle, tags={utf8(k): utf8(v) for k, v in redact(dict(tags)).items()})
 
 
-def text_op(handle: str, text: str, name: str, *, new_run_only: bool) -> Op:
-    return _op("text", handle, text=text, name=artifact_name(name), new_run_only=new_run_only)
+def text_op(handle: str, content: str, name: str, *, new_run_only: bool) -> Op:
+    return _op("text", handle, text=utf8(content), name=artifact_name(name), new_run_only=new_run_only)
 
 
 def dict_text(data: Any) -> str:
@@ -172,8 +180,8 @@ def file_op(handle: str, staged: str, artifact_path: str | None, *, new_run_only
 
 def dataset_op(handle: str, *, name: str, uri: str, rows: int, schema: Mapping[str, str],
                new_run_only: bool) -> Op:
-    return _op("dataset", handle, name=name, uri=scrub(uri), rows=int(rows),
-               schema={str(k): str(v) for k, v in schema.items()}, new_run_only=new_run_only)
+    return _op("dataset", handle, name=utf8(name), uri=utf8(scrub(uri)), rows=int(rows),
+               schema={utf8(k): utf8(v) for k, v in schema.items()}, new_run_only=new_run_only)
 
 
 def finish_op(handle: str, status: str) -> Op:
@@ -187,6 +195,8 @@ def artifact_name(name: str) -> str:
     clean = posixpath.normpath(name) if name else ""
     if clean in ("", ".", "..") or clean.startswith(("/", "../")):
         raise ValueError(f"artifact name must be a relative file path, got {name!r}")
+    if any(len(utf8(part).encode()) > NAME_MAX for part in clean.split("/")):  # no file system takes it
+        raise ValueError(f"artifact name parts must be at most {NAME_MAX} bytes, got {shown(name)}")
     return clean
 
 
@@ -198,32 +208,47 @@ FIELDS = {
 }
 
 
+INT64 = 2**63  # MLflow stores steps and times in 64-bit columns: a larger one fails, and is retried, for good
+
+
 def _integer(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int64(v: object) -> bool:
+    return _integer(v) and -INT64 <= v < INT64
 
 
 def _number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _time(v: object) -> bool:
+    return _number(v) and -INT64 <= v < INT64  # NaN compares false: no time either
+
+
+def _str(v: object) -> bool:
+    """Text MLflow can store: a lone surrogate (a JSON "\\udcff" escape) it cannot."""
+    return isinstance(v, str) and (v.isascii() or utf8(v) == v)
+
+
 def _strings(v: object) -> bool:
-    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str) for k, x in v.items())
+    return isinstance(v, dict) and all(_str(k) and _str(x) for k, x in v.items())
 
 
 def _point(p: object) -> bool:
-    return (isinstance(p, list) and len(p) == 4 and isinstance(p[0], str) and _number(p[1])
-            and _integer(p[2]) and _integer(p[3]))
+    return (isinstance(p, list) and len(p) == 4 and _str(p[0]) and _number(p[1])
+            and _int64(p[2]) and _int64(p[3]))
 
 
-# What each field of a line read back must be (a line edited by hand, or planted, is skipped).
+# What each field of a line read back must be (a line edited by hand, or planted, is skipped: one
+# MLflow cannot store would otherwise be sent again and again, every later line waiting behind it).
 _TYPES = {
-    "handle": lambda v: isinstance(v, str), "t": _number, "experiment": lambda v: isinstance(v, str),
-    "run_key": lambda v: isinstance(v, str), "run_name": lambda v: isinstance(v, str),
-    "floor_key": lambda v: isinstance(v, str), "per_step": lambda v: isinstance(v, bool),
-    "points": lambda v: isinstance(v, list) and all(_point(p) for p in v), "params": _strings, "tags": _strings,
-    "text": lambda v: isinstance(v, str), "name": lambda v: isinstance(v, str), "staged": lambda v: isinstance(v, str),
-    "artifact_path": lambda v: v is None or isinstance(v, str), "uri": lambda v: isinstance(v, str),
-    "rows": _integer, "schema": _strings, "status": lambda v: v in STATUSES,
+    "handle": _str, "t": _time, "experiment": _str, "run_key": _str, "run_name": _str, "floor_key": _str,
+    "per_step": lambda v: isinstance(v, bool), "points": lambda v: isinstance(v, list) and all(map(_point, v)),
+    "params": _strings, "tags": _strings, "text": _str, "name": _str, "staged": _str,
+    "artifact_path": lambda v: v is None or _str(v), "uri": _str, "rows": _integer, "schema": _strings,
+    "status": lambda v: v in STATUSES,
 }
 
 
