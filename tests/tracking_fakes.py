@@ -82,6 +82,11 @@ class FakeStore:
         return ResolvedRun(run.run_id, "1", f"file:///fake/{run.run_id}", resumed,
                            last.get(floor_key) if resumed else None, dict(run.params), dict(run.tags), last)
 
+    def run_key(self, run_id: str) -> str | None:
+        self._call("run_key")
+        run = self.runs.get(run_id)
+        return None if run is None else run.run_key
+
     def log_metrics(self, run_id: str, points: list) -> None:
         self._call("log_metrics")
         run = self.runs[run_id]

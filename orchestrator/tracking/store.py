@@ -135,6 +135,17 @@ class Store:
         self._mlflow.set_tag(run_id, RunTag(OPENED_TAG, str(start_ms)))
         return _resolved(run, resumed=True, floor_key=floor_key)
 
+    def run_key(self, run_id: str) -> str | None:
+        """The run-key tag of run `run_id`; None when the store has no such run, or it has none."""
+        try:
+            run = self._mlflow.get_run(run_id)
+        except MlflowException as exc:
+            if is_refusal(exc):
+                return None
+            raise
+        self._artifact_uris[run_id] = run.info.artifact_uri
+        return run.data.tags.get(RUN_KEY_TAG)
+
     def _experiment_id(self, name: str) -> str:
         existing = self._mlflow.get_experiment_by_name(name)
         if existing is not None:

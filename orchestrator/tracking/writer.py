@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.tracking.ops import (
-    CHANGED_PARAMS_TAG, MAX_TAG_LEN, Op, ResolvedRun, artifact_name, describe, server_name,
+    CHANGED_PARAMS_TAG, MAX_TAG_LEN, RUN_KEY_TAG, Op, ResolvedRun, artifact_name, describe, server_name,
 )
 
 if TYPE_CHECKING:
@@ -46,6 +46,7 @@ class Writer:
         self._live = live
         self._is_refusal = is_refusal
         self.runs: dict[str, ResolvedRun] = {}
+        self._unchecked: set[str] = set()  # handles whose run was read back from disk: see `_ours`
         self._param_keys: dict[str, set[str]] = {}
         self.sent_points = 0
         self.sent_operations = 0
@@ -57,7 +58,9 @@ class Writer:
     def adopt(self, runs: Mapping[str, Mapping[str, Any]]) -> None:
         """Runs resolved earlier (a spill file's progress record); a run already known wins."""
         for handle, data in runs.items():
-            self.runs.setdefault(handle, ResolvedRun.from_json(data))
+            if handle not in self.runs:
+                self.runs[handle] = ResolvedRun.from_json(data)
+                self._unchecked.add(handle)
 
     def apply(self, batch: list[Op], *, files: Path) -> None:
         """Send one batch (`files`: the folder staged artifact copies are relative to).
@@ -100,7 +103,7 @@ class Writer:
         if first["op"] == "open":
             self._open(first)
             return
-        run = self.runs.get(first["handle"])
+        run = self._checked(first["handle"])
         if run is None:  # its open line was lost (an unreadable line): no run to send it to
             self._refused(batch, f"no run is known for handle {first['handle']}")
         elif first.get("new_run_only") and run.resumed:
@@ -118,8 +121,10 @@ class Writer:
             return
         recorded = op.get("resolved")
         if recorded and op.get("tracking_uri") == server_name(self.store.tracking_uri):
-            self.runs[handle] = ResolvedRun.from_json(recorded)
-            return
+            run = ResolvedRun.from_json(recorded)
+            if self._ours(run, op["run_key"]):
+                self.runs[handle] = run
+                return
         try:
             run = self.runs[handle] = self.store.open_run(
                 experiment=op["experiment"], run_key=op["run_key"], run_name=op["run_name"], handle=handle,
@@ -136,6 +141,23 @@ class Writer:
                 f"run {op['run_name']!r} was logged to by a later driver after this one opened it: only what "
                 f"it lacks is sent (per-step points{upto}, params, tags and artifacts it has not got); "
                 "its status and the values it has are left as they are")
+
+    def _checked(self, handle: str) -> ResolvedRun | None:
+        """The run behind `handle`; None when none is known, or the one read back from disk is not its job's."""
+        run = self.runs.get(handle)
+        if run is not None and handle in self._unchecked:
+            self._unchecked.discard(handle)
+            if not self._ours(run, run.tags.get(RUN_KEY_TAG)):
+                del self.runs[handle]
+                return None
+        return run
+
+    def _ours(self, run: ResolvedRun, run_key: str | None) -> bool:
+        """Whether the store's run `run.run_id` is one this program made for `run_key` (any run key
+        when None). A run read back from a spill file or its progress record is not trusted: a line
+        planted or edited there would send its metrics, tags and status into any run on the server."""
+        found = self.store.run_key(run.run_id)
+        return found is not None and found == (run_key or found)
 
     def _metrics(self, run: ResolvedRun, batch: list[Op]) -> None:
         floor = -1 if run.floor is None else run.floor

@@ -1,0 +1,56 @@
+"""A run named in a spill file (an open line's recorded resolution) or its progress record is read
+back from disk, so not trusted: a planted or edited one sent its metrics, tags and status into any
+run on the server, one this program never made included. Against a real sqlite store."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from orchestrator.tracking import replay
+from orchestrator.tracking.ops import server_name
+
+
+def _victim(uri: str) -> str:
+    client = MlflowClient(uri)
+    run = client.create_run("0", run_name="someone-elses")
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def _resolved(run_id: str) -> dict:
+    return {"run_id": run_id, "experiment_id": "0", "artifact_uri": "file:///elsewhere", "resumed": False,
+            "floor": None}
+
+
+@pytest.mark.parametrize("where", ["open line", "progress record"])
+def test_a_run_read_back_from_disk_that_is_not_the_jobs_is_never_written(tmp_path: Path, monkeypatch,
+                                                                         where: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    victim = _victim(uri)
+    opened = {"op": "open", "handle": "h1", "t": 1, "experiment": "e", "run_key": "k", "run_name": "job",
+              "floor_key": "train/loss", "tracking_uri": server_name(uri),
+              "resolved": _resolved(victim) if where == "open line" else None}
+    rest = [{"op": "metrics", "handle": "h1", "t": 2, "points": [["planted", 1.0, 2, 1]], "per_step": False},
+            {"op": "tags", "handle": "h1", "t": 2, "tags": {"mlflow.runName": "planted"}},
+            {"op": "finish", "handle": "h1", "t": 3, "status": "FAILED"}]
+    spill = tmp_path / "job.jsonl"
+    first = json.dumps(opened) + "\n"
+    spill.write_text(first + "".join(json.dumps(op) + "\n" for op in rest))
+    if where == "progress record":  # the open line taken for sent, with the run it resolved to
+        head = hashlib.sha256(first.encode()).hexdigest()[:16]
+        record = {"offset": len(first), "runs": {"h1": _resolved(victim)}, "server": server_name(uri), "head": head}
+        spill.with_name(spill.name + ".offset").write_text(json.dumps(record))
+    result = replay(spill, uri)
+    run = MlflowClient(uri).get_run(victim)
+    assert (run.info.run_name, run.info.status, run.data.metrics) == ("someone-elses", "FINISHED", {})
+    if where == "open line":  # the job's own run, found by its run key, gets them instead
+        assert result.points == 1 and result.refusals == ()
+    else:
+        assert result.points == 0 and all("no run is known for handle h1" in r for r in result.refusals)
+
