@@ -54,3 +54,17 @@ def test_a_run_read_back_from_disk_that_is_not_the_jobs_is_never_written(tmp_pat
     else:
         assert result.points == 0 and all("no run is known for handle h1" in r for r in result.refusals)
 
+
+def test_a_tracker_never_sends_another_users_spill_file_from_a_shared_spill_dir(tmp_path: Path, monkeypatch) -> None:
+    """A job sends the spill files it finds for its server first, with its own credentials: one another
+    user planted in a shared spill_dir resumed, renamed and failed any run of a job whose key it named."""
+    import os
+
+    from orchestrator.tracking.spill import pending_files, spill_path
+
+    uri = "http://127.0.0.1:9"
+    path = spill_path(tmp_path, uri, "k")
+    path.write_text(json.dumps({"op": "finish", "handle": "h1", "t": 3, "status": "FAILED"}) + "\n")
+    assert pending_files(tmp_path, uri) == [path]
+    monkeypatch.setattr(os, "geteuid", lambda: path.stat().st_uid + 1)  # the file is now another user's
+    assert pending_files(tmp_path, uri) == []

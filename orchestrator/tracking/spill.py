@@ -346,12 +346,16 @@ def fully_sent(path: Path) -> bool:
 
 
 def pending_files(spill_dir: Path, tracking_uri: str) -> list[Path]:
-    """Spill files for this tracking server with lines not yet sent, oldest first."""
+    """Spill files for this tracking server with lines not yet sent, oldest first. Only this user's:
+    in a shared spill_dir another user's file (planted, even) would be sent with this user's
+    credentials, into whatever run its lines name; its owner's next job, or a replay, sends it."""
     unsent: list[tuple[float, Path]] = []
     for path in Path(spill_dir).glob(f"{_digest(server_name(tracking_uri))}-*{SUFFIX}"):
         try:
             stat = path.stat()
-            if stat.st_size > Progress.load(path).offset:
+            if stat.st_uid != os.geteuid():
+                log.info("%s: not sent: owned by another user (uid %d)", path, stat.st_uid)
+            elif stat.st_size > Progress.load(path).offset:
                 unsent.append((stat.st_mtime, path))
         except (OSError, UserError) as exc:  # removed meanwhile, or a broken progress record
             log.warning("%s: not sent (%s)", path, exc)
