@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from orchestrator.errors import UserError
 from orchestrator.tracking import replay
 from orchestrator.tracking.ops import server_name
 
@@ -68,3 +70,25 @@ def test_a_tracker_never_sends_another_users_spill_file_from_a_shared_spill_dir(
     assert pending_files(tmp_path, uri) == [path]
     monkeypatch.setattr(os, "geteuid", lambda: path.stat().st_uid + 1)  # the file is now another user's
     assert pending_files(tmp_path, uri) == []
+
+
+def test_a_spill_file_this_user_cannot_read_is_one_line_that_does_not_blame_mlflow(tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    """It read "MLflow at ... did not take it (PermissionError ...): run the same command again"."""
+    import errno
+    import os
+
+    from orchestrator.tracking import spill
+
+    path = tmp_path / "job.jsonl"
+    path.write_text("{}\n")
+    real_open = os.open
+
+    def refused(name, flags, *args):  # as chmod 000 would for a user other than root
+        if Path(name) == path:
+            raise PermissionError(errno.EACCES, "Permission denied", str(name))
+        return real_open(name, flags, *args)
+
+    monkeypatch.setattr(spill.os, "open", refused)
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))}: cannot read the file \(Permission denied\)$"):
+        replay(path, f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -144,7 +144,10 @@ def _read(path: Path) -> IO[bytes]:
     """`path` opened to read, unless it is no regular file: in a shared spill_dir a FIFO planted at a
     spill file's or progress record's name (or swapped in after `pending_files` chose it) would
     block the sender for good, a device feed it without end."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO opens at once, unread
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO opens at once, unread
+    except OSError as exc:  # not this user's to read, say: no failure of MLflow's, nor one a retry mends
+        raise UserError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise UserError(f"{path}: cannot read the file: not a regular file (a spill file and its progress record are)")
