@@ -62,3 +62,16 @@ def test_a_config_value_that_is_no_utf8_is_logged_escaped_and_holds_nothing_up(t
     assert (report.waiting_points, report.waiting_operations, report.spill_file) == (0, 0, None)
     assert _rows(db, "SELECT key, value FROM params") == [("data", "/data/\\udcff.parquet")]
     assert ("note", "\\udcff") in _rows(db, "SELECT key, value FROM tags")
+
+
+def test_a_spill_lines_run_key_that_would_break_the_search_filter_is_skipped(tmp_path: Path, monkeypatch) -> None:
+    """A quote in it made MLflow refuse the run's lookup: the replay stopped there, for good, and the
+    file's other runs were never sent."""
+    monkeypatch.chdir(tmp_path)
+    planted = {**OPEN, "handle": "h0", "run_key": "k' AND tags.x = 'y"}
+    lines = [planted, {**_point(1), "handle": "h0"}, OPEN, _point(1)]
+    spill = tmp_path / "job.jsonl"
+    spill.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = replay(spill, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert (result.points, result.unreadable) == (1, 1)
+    assert [r for r in result.refusals if "no run is known for handle h0" in r] and len(result.refusals) == 1

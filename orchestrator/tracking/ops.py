@@ -40,6 +40,8 @@ CHANGED_PARAMS_TAG = "params.changed"
 MAX_TAG_LEN = 8000  # MLflow's limit on a tag value
 BATCH_LIMIT = 1000  # metric points per request (MLflow's log_batch limit)
 STATUSES = ("FINISHED", "FAILED", "KILLED")
+# A run key is looked up in an MLflow search filter (store.py): a quote in it would break the filter.
+RUN_KEY = re.compile(r"[\w.:-]+")
 NAME_MAX = 255  # bytes in a file name, on every common file system
 
 
@@ -133,7 +135,7 @@ def open_op(handle: str, *, experiment: str, run_key: str, run_name: str, floor_
     """Find the run by its run-key tag and resume it, or create it (and the experiment).
     `tracking_uri` is the redacted server this handle talks to: a resolution recorded with it is
     only trusted by a replay into the same server."""
-    if not re.fullmatch(r"[\w.:-]+", run_key):
+    if not RUN_KEY.fullmatch(run_key):
         raise ValueError(f"run key must be letters, digits and . _ : -, got {run_key!r}")
     return _op("open", handle, experiment=utf8(experiment), run_key=run_key, run_name=utf8(run_name),
                floor_key=floor_key, tracking_uri=tracking_uri, resolved=None)
@@ -244,7 +246,8 @@ def _point(p: object) -> bool:
 # What each field of a line read back must be (a line edited by hand, or planted, is skipped: one
 # MLflow cannot store would otherwise be sent again and again, every later line waiting behind it).
 _TYPES = {
-    "handle": _str, "t": _time, "experiment": _str, "run_key": _str, "run_name": _str, "floor_key": _str,
+    "handle": _str, "t": _time, "experiment": _str, "run_key": lambda v: _str(v) and bool(RUN_KEY.fullmatch(v)),
+    "run_name": _str, "floor_key": _str,
     "per_step": lambda v: isinstance(v, bool), "points": lambda v: isinstance(v, list) and all(map(_point, v)),
     "params": _strings, "tags": _strings, "text": _str, "name": _str, "staged": _str,
     "artifact_path": lambda v: v is None or _str(v), "uri": _str, "rows": _integer, "schema": _strings,
