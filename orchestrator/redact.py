@@ -46,6 +46,10 @@ _SCHEME = re.compile(r"[a-z][a-z0-9+.-]{0,30}://", re.I)
 _AUTHORITY = re.compile(r"[^/?#'\"\s]*")
 _WORD_END = re.compile(r"\s")
 USERINFO_REACH = 1024  # how far past a cut-short `user:pass` its '@' is looked for
+# A password holding '@' and then '/', '?' or '#' (`user:p@ss/w0rd@host:5000`): urllib takes `ss` for the
+# host, and the rest of the password for the path. An '@' later in the word that a `host:port` follows
+# ends the userinfo; masked, as a path holding '@' before a host and port cannot be told from it.
+_LATER_HOST = re.compile(r"[/?#][^\s'\"]*@(?=[\w.-]+:\d+(?:[/?#\s'\"]|$))")
 # a value runs to '&', '#' or a space, and does not end in the punctuation or quote around it
 _SECRET_QUERY = re.compile(r"([?&;#])([^=&\s'\"#]+)=((?:[^&\s#]*[^&\s#:,.;)'\"])?)")  # '#': a fragment's too
 
@@ -60,6 +64,8 @@ def _without_userinfo(text: str) -> str:
         authority, cut, mask = text[start:end], -1, ""
         if "@" in authority:
             cut = start + authority.rindex("@") + 1
+            if (later := _LATER_HOST.match(text, end)) is not None:
+                cut, mask = later.end(), f"{REDACTED}@"
         elif ":" in authority and not authority.startswith("["):
             port = _port_ends(text, scheme.start(), end)
             if not port or text[end:end + 1] in ("/", "?", "#"):  # a port the URI's text goes on after
@@ -105,8 +111,8 @@ def userinfo(uri: str) -> tuple[str, str | None] | None:
 def redact_uri(uri: str) -> str:
     """`uri` as shown: without its userinfo and secret-named query parameters, and with what only
     might be a password masked (`bob:2024/Qz@host`, which urllib reads as a port and path)."""
-    stripped = without_credentials(uri)
-    shown = _without_userinfo(uri) if stripped == uri else stripped
+    stripped, masked = without_credentials(uri), _without_userinfo(uri)
+    shown = masked if stripped == uri or f"{REDACTED}@" in masked else stripped
     return _mask_secret_values(shown)  # a fragment's too (`#access_token=...`), which urllib's query leaves
 
 

@@ -17,6 +17,11 @@ from orchestrator.redact import REDACTED, is_secret_name, redact, redact_uri, sc
     ("http://bob:2024/Qz@mlflow.example:5000", "http://***@mlflow.example:5000"),  # k8s render's env, as is
     ("http://h:5000/#access_token=X", "http://h:5000/#access_token=***"),  # a fragment: in manifests as given
     ("http://u:p@h:5000/?a=1#token=X", "http://h:5000/?a=1#token=***"),
+    # a password holding '@' then '/' (urllib: host `ss`), or cut short beside a secret parameter: it
+    # showed `http://ss/w0rd@h:5000` and `http://bob:2024/Qz@h:5000?token=***`
+    ("http://user:p@ss/w0rd@h:5000", "http://***@h:5000"), ("http://user:p@ss?w0rd@h:5000/x", "http://***@h:5000/x"),
+    ("http://bob:2024/Qz@h:5000?token=X", "http://***@h:5000?token=***"),
+    ("s3://A:K@bucket/v1@2024/m.pt", "s3://bucket/v1@2024/m.pt"),
 ])
 def test_redact_uri_drops_userinfo_and_secret_parameters(uri: str, expected: str) -> None:
     assert redact_uri(uri) == expected
@@ -66,6 +71,7 @@ def test_redact_walks_a_config() -> None:
     ("http://h:5000/#access_token=X&a=1", "http://h:5000/#access_token=***&a=1"),  # a fragment's secret too
     # a cut-short password holding '@' too: up to the last '@' of the word (it showed `http://ss@host`)
     ("http://u:p/a@ss@host/x", "http://host/x"), ("http://bob:2024/Qz@h@host:9", "http://***@host:9"),
+    ("got 'http://user:p@ss/w0rd@127.0.0.1:5000' now", "got 'http://***@127.0.0.1:5000' now"),
     ("sqlite:////tmp/run@2/mlflow.db http://[::1]:8080/x@y", "sqlite:////tmp/run@2/mlflow.db http://[::1]:8080/x@y"),
 ])
 def test_scrub_finds_credentials_anywhere_in_a_text(text: str, expected: str) -> None:
