@@ -44,7 +44,8 @@ TRACKING_RETRY_MAX_S = _env_float("ORCH_TRACKING_RETRY_MAX_S", 30.0)
 AUTOSCALE_TIMEOUT_S = _env_float("ORCH_AUTOSCALE_TIMEOUT_S", 300.0)
 # Ray Jobs: poll interval while following a submitted job (seconds).
 JOB_POLL_S = _env_float("ORCH_JOB_POLL_S", 1.0)
-# Ray Jobs: how long to wait for a TCP answer from the dashboard before calling it unreachable (seconds).
+# Ray Jobs: how long to wait for the dashboard to take the connection, then to answer, before calling it
+# unreachable (seconds).
 RAY_CONNECT_TIMEOUT_S = _env_float("ORCH_RAY_CONNECT_TIMEOUT_S", 5.0)
 # Ray Jobs: after `jobs stop`, the driver's time to write a final checkpoint before Ray kills it (seconds).
 JOB_STOP_GRACE_S = _env_float("ORCH_JOB_STOP_GRACE_S", 60.0)

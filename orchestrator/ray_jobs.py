@@ -145,8 +145,8 @@ class JobsClient:
         self.address = resolve_address(address)
         token, self._token_source = auth_token()
         check_transport(self.address, token_source=self._token_source if token else None, insecure=insecure)
-        self._probe()
         headers = {"Authorization": f"Bearer {token}"} if token else None
+        self._probe(headers)
         from ray.job_submission import JobSubmissionClient
 
         for name in QUIET_LOGGERS:  # Ray sets them to INFO: a line per upload and per log stream
@@ -156,7 +156,7 @@ class JobsClient:
             self._client = JobSubmissionClient(self.address, headers=headers)
         self._answered = True
 
-    def _probe(self) -> None:
+    def _probe(self, headers: dict[str, str] | None) -> None:
         # requests waits minutes on an address that drops packets; a TCP connect says it in seconds.
         url = urlsplit(self.address)
         port = url.port or (443 if url.scheme == "https" else 80)
@@ -168,6 +168,22 @@ class JobsClient:
         except UnicodeError:  # `a..b`, a part past 63 characters: the name is refused before any lookup
             raise UserError(f"--address {shown(self.address)}: {url.hostname!r} is not a host name "
                             f"({BAD_HOST_NAME})") from None
+        self._answers(headers)
+
+    def _answers(self, headers: dict[str, str] | None) -> None:
+        # Ray's client sends its version check with no timeout: a port that takes the connection and
+        # never answers (a hung dashboard, another service) held the command forever.
+        import requests
+
+        try:
+            requests.get(f"{self.address}/api/version", headers=headers, timeout=constants.RAY_CONNECT_TIMEOUT_S
+                         ).close()
+        except requests.exceptions.Timeout:
+            raise UserError(f"--address {shown(self.address)}: no Ray dashboard answered within "
+                            f"{constants.RAY_CONNECT_TIMEOUT_S:g} s; give the dashboard's http://HOST:PORT "
+                            "(usually 8265)") from None
+        except requests.exceptions.RequestException:
+            pass  # Ray's own version check, next, says what is wrong
 
     @contextmanager
     def _errors(self, job_id: str | None = None) -> Iterator[None]:

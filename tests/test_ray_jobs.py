@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from orchestrator import constants
 from orchestrator.errors import UserError
 from orchestrator.ray_jobs import ADDRESS_OVERRIDES, JobsClient, auth_token, format_info, reason
 
@@ -52,7 +53,7 @@ def test_the_token_goes_only_to_the_checked_address(dashboards: list[http.server
     monkeypatch.setenv(variable, other)
     with pytest.raises(UserError, match=rf"--address {given}: "):
         JobsClient(given)
-    assert dashboards[0].seen == [("/api/version", "Bearer the-token")]  # type: ignore[attr-defined]
+    assert set(dashboards[0].seen) == {("/api/version", "Bearer the-token")}  # type: ignore[attr-defined]
     assert dashboards[1].seen == []  # type: ignore[attr-defined]
 
 
@@ -69,6 +70,26 @@ def test_a_port_that_is_no_dashboard_names_the_dashboard_port() -> None:
         address = f"http://127.0.0.1:{listener.getsockname()[1]}"
         with pytest.raises(UserError, match=rf"^--address {address}: no Ray dashboard answers there .*usually 8265"):
             JobsClient(address)
+
+
+def test_a_port_that_never_answers_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A port that takes the connection and never answers (a hung dashboard, another service): Ray's
+    # version check has no timeout, and `jobs list` waited forever. The stand-in lets go after 60 s,
+    # so without the probe's timeout this fails (Ray's client then sees the connection close).
+    monkeypatch.setattr(constants, "RAY_CONNECT_TIMEOUT_S", 0.5)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        held: list[socket.socket] = []
+        threading.Thread(target=lambda: [held.append(listener.accept()[0]) for _ in range(4)], daemon=True).start()
+        let_go = threading.Timer(60, lambda: [c.close() for c in held])
+        let_go.daemon = True
+        let_go.start()
+        address = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        with pytest.raises(UserError, match=rf"^--address {address}: no Ray dashboard answered within 0.5 s"):
+            JobsClient(address)
+        let_go.cancel()
+        for c in held:
+            c.close()
 
 
 @pytest.mark.parametrize("host", ["a..b", "x" * 64], ids=["empty part", "part past 63"])
