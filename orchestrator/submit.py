@@ -44,7 +44,7 @@ import orchestrator
 import trainers
 from orchestrator import constants
 from orchestrator.config import JobConfig, load_config
-from orchestrator.errors import UserError, given
+from orchestrator.errors import UserError, given, undecodable
 from orchestrator.files import read_yaml
 from orchestrator.job_entry import entrypoint, write_entry
 from orchestrator.ray_jobs import JOB_KEY, JobsClient, Write, shown
@@ -159,6 +159,7 @@ def _without_credentials(override: str) -> str:
 def _stage_config(config_path: Path, staging: Path) -> bool:
     """Copy the config into `staging`, rewritten without URI credentials if it has any; True then."""
     raw = read_yaml(config_path, "config")
+    _utf8_name(Path(config_path.name), config_path)
     clean = _strip_uris(raw)
     if clean == raw:
         shutil.copy2(config_path, staging / config_path.name)  # byte for byte, comments kept
@@ -222,7 +223,19 @@ def shipped_files(field: str, path: Path, root: Path, ancestors: frozenset[Path]
         return [f for child in sorted(path.iterdir()) for f in shipped_files(field, child, root, ancestors | {real})]
     if not real.exists():
         raise UserError(f"{field}: {path} is a broken link")
-    return [(real, path)] if real.is_file() and path.name not in UPLOAD_IGNORE_FILES else []
+    if not real.is_file() or path.name in UPLOAD_IGNORE_FILES:
+        return []
+    return [(real, _utf8_name(path, f"{field}: {path}"))]
+
+
+def _utf8_name(path: Path, label: object) -> Path:
+    # Ray zips the upload under UTF-8 names: a name holding a byte of no UTF-8 text (a lone surrogate
+    # here) failed the upload with a traceback.
+    if bad := undecodable(str(path)):
+        shown_label = os.fsencode(str(label)).decode(errors="backslashreplace")  # the bytes as `ls -b` shows them
+        raise UserError(f"{shown_label}: the name holds byte {bad}, which is not UTF-8 text; rename it "
+                        "(Ray uploads a job's files under UTF-8 names)")
+    return path
 
 
 def _inputs(job: JobConfig) -> list[tuple[str, str]]:

@@ -247,6 +247,22 @@ def test_size_limit_counts_what_a_linked_folder_ships(
         build_submission("digits.yaml", staging=staging)
 
 
+@pytest.mark.parametrize("which", ["data file", "config"])
+def test_a_name_that_is_not_utf8_is_one_line_naming_it(project: Path, staging: Path, which: str) -> None:
+    # Ray zips the upload under UTF-8 names: a file named with a Latin-1 byte was staged as it is
+    # and the upload failed with a traceback (UnicodeEncodeError, then "must be an existing directory").
+    odd = os.fsdecode(b"caf\xe9")
+    if which == "config":
+        config = (project / "digits.yaml").rename(project / f"{odd}.yaml").name
+        expected = r"^caf\\xe9\.yaml: the name holds byte 0xe9, which is not UTF-8 text; rename it"
+    else:
+        config = "digits.yaml"
+        (project / "data" / "digits" / f"{odd}.parquet").write_bytes(b"")
+        expected = r"^data.path: data/digits/caf\\xe9\.parquet: the name holds byte 0xe9, which is not UTF-8 text"
+    with pytest.raises(UserError, match=expected):
+        build_submission(config, staging=staging)
+
+
 # ---------------------------------------------------------------------------------------------
 # The entry script: which Python runs the job on the head
 
