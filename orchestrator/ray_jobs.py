@@ -37,6 +37,7 @@ JOB_KEY = "orchestrator.job"
 # Ray's JobSubmissionClient replaces the address it is given with either of these: the transport
 # check and the probe would judge one host while the token went to another.
 ADDRESS_OVERRIDES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+NO_PROXY = ("no_proxy", "NO_PROXY")
 QUIET_LOGGERS = ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk",
                  "ray._private.runtime_env.packaging")
 
@@ -128,14 +129,25 @@ def _read_token(path: Path, flag: str) -> str:
 
 
 @contextmanager
-def _address_as_given() -> Iterator[None]:
-    """Hide the variables by which Ray would override the checked address (RAY_ADDRESS is already
-    `resolve_address`'s default), restoring them after."""
-    saved = {name: os.environ.pop(name) for name in ADDRESS_OVERRIDES if name in os.environ}
+def _address_as_given(address: str) -> Iterator[None]:
+    """Requests go to the checked address and nowhere else: hide the variables by which Ray would
+    override it (RAY_ADDRESS is already `resolve_address`'s default), and keep a loopback address
+    off any proxy of the environment (HTTP_PROXY carried the token in plain http to the proxy's
+    host, which cannot reach this machine's loopback anyway). The environment is restored after."""
+    saved = {name: os.environ.get(name) for name in (*ADDRESS_OVERRIDES, *NO_PROXY)}
+    for name in ADDRESS_OVERRIDES:
+        os.environ.pop(name, None)
+    if is_loopback(host := urlsplit(address).hostname):
+        for name in NO_PROXY:  # requests reads no_proxy, then NO_PROXY
+            os.environ[name] = ",".join(filter(None, (saved[name], host)))
     try:
         yield
     finally:
-        os.environ.update(saved)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 class JobsClient:
@@ -152,7 +164,7 @@ class JobsClient:
         for name in QUIET_LOGGERS:  # Ray sets them to INFO: a line per upload and per log stream
             logging.getLogger(name).setLevel(logging.WARNING)
         self._answered = False
-        with self._errors(), _address_as_given():
+        with self._errors():
             self._client = JobSubmissionClient(self.address, headers=headers)
         self._answered = True
 
@@ -176,8 +188,9 @@ class JobsClient:
         import requests
 
         try:
-            requests.get(f"{self.address}/api/version", headers=headers, timeout=constants.RAY_CONNECT_TIMEOUT_S
-                         ).close()
+            with _address_as_given(self.address):
+                requests.get(f"{self.address}/api/version", headers=headers,
+                             timeout=constants.RAY_CONNECT_TIMEOUT_S).close()
         except requests.exceptions.Timeout:
             raise UserError(f"--address {shown(self.address)}: no Ray dashboard answered within "
                             f"{constants.RAY_CONNECT_TIMEOUT_S:g} s; give the dashboard's http://HOST:PORT "
@@ -191,7 +204,8 @@ class JobsClient:
         from ray.exceptions import AuthenticationError
 
         try:
-            yield
+            with _address_as_given(self.address):
+                yield
         except AuthenticationError as exc:
             if "Authentication failed" in exc.message:  # 403: a token was sent and refused
                 raise UserError(f"{shown(self.address)}: the Ray cluster rejected the token from "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import http.server
+import os
 import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -55,6 +56,23 @@ def test_the_token_goes_only_to_the_checked_address(dashboards: list[http.server
         JobsClient(given)
     assert set(dashboards[0].seen) == {("/api/version", "Bearer the-token")}  # type: ignore[attr-defined]
     assert dashboards[1].seen == []  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("variable", ["HTTP_PROXY", "http_proxy"])
+def test_a_loopback_dashboard_is_reached_directly_not_through_a_proxy(
+        dashboards: list[http.server.HTTPServer], variable: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # With HTTP_PROXY set (and no NO_PROXY), requests for http://127.0.0.1:8265 went to the proxy,
+    # the token with them in plain http, to a host that cannot reach this machine's loopback.
+    given, proxy = (f"http://127.0.0.1:{server.server_port}" for server in dashboards)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "the-token")
+    monkeypatch.setenv(variable, proxy)
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(UserError, match=rf"--address {given}: "):
+        JobsClient(given)
+    assert dashboards[1].seen == []  # type: ignore[attr-defined]
+    assert set(dashboards[0].seen) == {("/api/version", "Bearer the-token")}  # type: ignore[attr-defined]
+    assert "no_proxy" not in os.environ and "NO_PROXY" not in os.environ  # restored
 
 
 def test_a_port_that_is_no_dashboard_names_the_dashboard_port() -> None:
