@@ -146,8 +146,9 @@ class Writer:
         """The run behind `handle`; None when none is known, or the one read back from disk is not its job's."""
         run = self.runs.get(handle)
         if run is not None and handle in self._unchecked:
+            ours = self._ours(run, run.tags.get(RUN_KEY_TAG))  # a store that does not answer raises: checked again
             self._unchecked.discard(handle)
-            if not self._ours(run, run.tags.get(RUN_KEY_TAG)):
+            if not ours:
                 del self.runs[handle]
                 return None
         return run
