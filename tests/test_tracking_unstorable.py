@@ -75,3 +75,21 @@ def test_a_spill_lines_run_key_that_would_break_the_search_filter_is_skipped(tmp
     result = replay(spill, f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert (result.points, result.unreadable) == (1, 1)
     assert [r for r in result.refusals if "no run is known for handle h0" in r] and len(result.refusals) == 1
+
+
+def test_a_step_past_64_bits_logged_live_is_left_out_and_holds_nothing_up(tmp_path: Path) -> None:
+    """The read-back side skipped such a line, but the live tracker sent it: MLflow failed the request,
+    retried for good, and every later point and the run's status waited behind it in the spill file."""
+    db = tmp_path / "mlflow.db"
+    tracker = Tracker(f"sqlite:///{db}", spill_dir=tmp_path / "spill")
+    try:
+        run = tracker.open_run(experiment="e", run_key="k", run_name="job")
+        run.log_metrics({"train/loss": 0.5}, step=2**63)
+        run.log_metrics({"train/loss": 0.5}, step=2, timestamp_ms=float("inf"))
+        run.log_metrics({"train/loss": 0.5}, step=1)
+        run.finish("FINISHED")
+    finally:
+        report = tracker.close(timeout_s=60)
+    assert (report.waiting_points, report.waiting_operations, report.spill_file) == (0, 0, None)
+    assert _rows(db, "SELECT step FROM metrics") == [(1,)]
+    assert _rows(db, "SELECT status FROM runs") == [("FINISHED",)]

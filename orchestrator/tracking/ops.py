@@ -143,14 +143,22 @@ def open_op(handle: str, *, experiment: str, run_key: str, run_name: str, floor_
 
 def metrics_op(handle: str, metrics: Mapping[str, Any], *, step: int, timestamp_ms: int | None,
                per_step: bool) -> Op | None:
-    """Points at one step; None when no value is a number."""
-    stamp = now_ms() if timestamp_ms is None else int(timestamp_ms)
+    """Points at one step; None when no value is a number, or the step or time is past what MLflow stores."""
+    try:
+        at = (int(step), now_ms() if timestamp_ms is None else int(timestamp_ms))
+    except (TypeError, ValueError, OverflowError):  # nan, inf
+        at = (None, None)
+    if not all(map(_int64, at)):  # a request MLflow fails, retried for good, all else waiting behind it
+        log.warning("metrics at step %r, time %r ms: not 64-bit integers, as MLflow stores; not logged",
+                    step, timestamp_ms)
+        return None
+    step, stamp = at
     points = []
     for key, value in metrics.items():
         try:
             # A tuple of plain values: the garbage collector stops tracking it (a long queue of
             # lists would lengthen every full collection in the driver).
-            points.append((utf8(key), float(value), stamp, int(step)))
+            points.append((utf8(key), float(value), stamp, step))
         except (TypeError, ValueError):
             log.debug("metric %s=%r is not a number; not logged", key, value)
     return _op("metrics", handle, points=points, per_step=per_step) if points else None
