@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from orchestrator.tracking import Tracker, replay
+from tracking_fakes import URI, fake, quick  # noqa: F401 (fixtures)
 
 OPEN = {"op": "open", "handle": "h1", "t": 1, "experiment": "e", "run_key": "k", "run_name": "job",
         "floor_key": "train/loss", "tracking_uri": "elsewhere", "resolved": None}
@@ -93,3 +94,24 @@ def test_a_step_past_64_bits_logged_live_is_left_out_and_holds_nothing_up(tmp_pa
     assert (report.waiting_points, report.waiting_operations, report.spill_file) == (0, 0, None)
     assert _rows(db, "SELECT step FROM metrics") == [(1,)]
     assert _rows(db, "SELECT status FROM runs") == [("FINISHED",)]
+
+
+def test_an_artifact_name_that_is_no_utf8_is_spilled_as_a_line_the_replay_reads(tmp_path: Path, fake) -> None:
+    """A config file's name with an undecodable byte (the run logs it as config/<name>): the tracker
+    wrote its text and artifact lines with the lone surrogate, which the read-back side skipped as
+    unreadable, so what waited in the spill file was never sent."""
+    lone = yaml.safe_load('"\\udcff"')
+    source = tmp_path / f"cfg{lone}.yaml"
+    source.write_text("a: 1\n")
+    fake.down = True
+    tracker = Tracker(URI, spill_dir=tmp_path / "spill")
+    try:
+        run = tracker.open_run(experiment="e", run_key="k", run_name="job")
+        run.log_text("a: 1\n", f"config/{source.name}")
+        run.log_artifact(source, f"more{lone}")
+    finally:
+        report = tracker.close(timeout_s=0.2)
+    fake.down = False
+    result = replay(report.spill_file, URI)
+    assert (result.unreadable, result.operations) == (0, 3)
+    assert sorted(fake.run("k").artifacts) == ["config/cfg\\udcff.yaml", "more\\udcff/cfg\\udcff.yaml"]

@@ -175,7 +175,7 @@ def tags_op(handle: str, tags: Mapping[str, Any]) -> Op:
 
 
 def text_op(handle: str, content: str, name: str, *, new_run_only: bool) -> Op:
-    return _op("text", handle, text=utf8(content), name=artifact_name(name), new_run_only=new_run_only)
+    return _op("text", handle, text=utf8(content), name=artifact_name(utf8(name)), new_run_only=new_run_only)
 
 
 def dict_text(data: Any) -> str:
@@ -185,7 +185,8 @@ def dict_text(data: Any) -> str:
 
 def file_op(handle: str, staged: str, artifact_path: str | None, *, new_run_only: bool) -> Op:
     """`staged`: the copy made at call time, relative to the spill file's artifacts folder."""
-    return _op("file", handle, staged=staged, artifact_path=artifact_path, new_run_only=new_run_only)
+    return _op("file", handle, staged=staged, artifact_path=artifact_path and utf8(artifact_path),
+               new_run_only=new_run_only)
 
 
 def dataset_op(handle: str, *, name: str, uri: str, rows: int, schema: Mapping[str, str],

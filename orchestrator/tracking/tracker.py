@@ -23,7 +23,7 @@ from pathlib import Path
 from orchestrator import constants
 from orchestrator.errors import UserError
 from orchestrator.tracking.handle import CloseReport, RunHandle
-from orchestrator.tracking.ops import BATCH_LIMIT, Op, describe, leading_batch, open_op, server_name, weight
+from orchestrator.tracking.ops import BATCH_LIMIT, Op, describe, leading_batch, open_op, server_name, utf8, weight
 from orchestrator.tracking.spill import (
     Pass, SpillWriter, artifacts_dir, pending_files, fully_sent, remove_if_sent, replay_command, send_file,
     spill_path,
@@ -181,7 +181,7 @@ class Tracker:
         if not source.is_file():
             self._warn(f"MLflow: artifact {source} is not a file; not logged")
             return None
-        name = f"{uuid.uuid4().hex}/{source.name}"
+        name = f"{uuid.uuid4().hex}/{utf8(source.name)}"  # as a spill line can carry it (ops.utf8)
         target = artifacts_dir(self._spill.path) / name
         try:
             target.parent.mkdir(parents=True)
