@@ -130,6 +130,19 @@ def test_a_cluster_file_of_this_machine_is_left_out_of_the_job_with_a_note() -> 
                for n in rendered.notes)
 
 
+def test_a_line_break_in_a_config_value_a_note_echoes_adds_no_object_to_the_manifests() -> None:
+    """The notes are comments on top of what `kubectl apply -f` reads: a resources.cluster or
+    spill_dir holding a line break ended the comment, and the rest was applied as an object."""
+    planted = "---\napiVersion: v1\nkind: Secret\nmetadata: {name: planted, namespace: ray-training}\n---\n#"
+    for field in ("resources.cluster", "tracking.spill_dir"):
+        for brk in ("\n", "\r", "\u2028"):
+            value = "x.yaml\n" + planted
+            rendered = k8s_render_command(DIGITS, plan_path=None, image=None, output=None, cluster=False,
+                                          owner=OWNER, overrides=[f"{field}={value.replace(chr(10), brk)}"])
+            kinds = [o["kind"] for o in yaml.safe_load_all(rendered.text) if o]
+            assert "Secret" not in kinds and kinds[0] == "ConfigMap", (field, repr(brk), kinds)
+
+
 def test_without_owner_the_job_is_rendered_for_the_login_name_with_a_note(monkeypatch: pytest.MonkeyPatch) -> None:
     # Issue 6 spells `orchestrator k8s render CONFIG [--plan plan.json] [--image IMG] [-o FILE]`: it
     # ended in "--owner: required". The cluster admits the RayJob only from the user it names.

@@ -69,8 +69,10 @@ _Dumper.add_representer(str, _represent_str)
 
 
 def dump_manifests(objs: list[dict[str, Any]], notes: list[str] | None = None) -> str:
-    """Objects as one multi-document YAML stream for `kubectl apply -f`, the notes on top as comments."""
-    header = "".join(f"# {note}\n" for note in notes or [])
+    """Objects as one multi-document YAML stream for `kubectl apply -f`, the notes on top as comments.
+    Each line of a note is commented: a note echoes config values (resources.cluster, spill_dir),
+    and a line break in one would start YAML of the config's choosing, an object kubectl applies."""
+    header = "".join(f"# {line}\n" for note in notes or [] for line in note.splitlines() or [""])
     return header + "---\n".join(yaml.dump(o, Dumper=_Dumper, sort_keys=False, width=4096) for o in objs)
 
 
