@@ -5,6 +5,7 @@ run on the server, one this program never made included. Against a real sqlite s
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 import re
 from pathlib import Path
@@ -91,4 +92,23 @@ def test_a_spill_file_this_user_cannot_read_is_one_line_that_does_not_blame_mlfl
 
     monkeypatch.setattr(spill.os, "open", refused)
     with pytest.raises(UserError, match=rf"^{re.escape(str(path))}: cannot read the file \(Permission denied\)$"):
+        replay(path, f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a file another user's takes root")
+def test_a_progress_record_another_user_planted_never_has_the_file_taken_for_sent(tmp_path: Path) -> None:
+    """In a shared spill_dir another user could create FILE.offset beside this user's unsent spill
+    file: its offset, the file's size, had every line taken for sent, and the file deleted unsent."""
+    from orchestrator.tracking.spill import fully_sent, pending_files, remove_if_sent, spill_path
+
+    uri = "http://127.0.0.1:9"
+    path = spill_path(tmp_path, uri, "k")
+    path.write_text(json.dumps({"op": "finish", "handle": "h1", "t": 3, "status": "FAILED"}) + "\n")
+    record = path.with_name(path.name + ".offset")
+    record.write_text(json.dumps({"offset": path.stat().st_size, "runs": {}, "server": None}))
+    os.chown(record, path.stat().st_uid + 1, -1)
+    assert not fully_sent(path) and not remove_if_sent(path) and path.exists()
+    assert pending_files(tmp_path, uri) == []  # said, and left: not sent past its planted offset either
+    planted = r"\.offset: not a progress record \(it is uid \d+'s, the spill file uid \d+'s\)"
+    with pytest.raises(UserError, match=planted):
         replay(path, f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -206,7 +206,11 @@ class Progress:
             return cls()
         try:
             with _read(record) as f:
-                data = json.loads(f.read())
+                owner, data = os.fstat(f.fileno()).st_uid, json.loads(f.read())
+            # Another user's, beside the file in a shared spill_dir: its offset would have every line
+            # taken for sent, and the file deleted unsent. (One this user's replay of the file wrote is kept.)
+            if path.exists() and owner not in ((writer := path.stat().st_uid), os.geteuid()):
+                raise ValueError(f"it is uid {owner}'s, the spill file uid {writer}'s")
             offset, runs, server, head = data["offset"], dict(data["runs"]), data.get("server"), data.get("head")
             if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset < 2**62:
                 raise ValueError(f"offset {offset!r} is no byte offset")
