@@ -112,3 +112,33 @@ def test_a_progress_record_another_user_planted_never_has_the_file_taken_for_sen
     planted = r"\.offset: not a progress record \(it is uid \d+'s, the spill file uid \d+'s\)"
     with pytest.raises(UserError, match=planted):
         replay(path, f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+@pytest.mark.parametrize("owner", ["another job", "the job"])
+def test_a_progress_record_names_only_a_run_of_the_job_whose_spill_file_it_is(tmp_path: Path, owner: str) -> None:
+    """A record naming a run this program made for another job (its run-key tag is that job's) was
+    taken: only the tag's presence was checked, so a planted record wrote into any job's run."""
+    from orchestrator.tracking.ops import RUN_KEY_TAG
+    from orchestrator.tracking.spill import spill_path
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    target = client.create_run("0", run_name="target", tags={RUN_KEY_TAG: "other" if owner == "another job" else "k"})
+    target_id = target.info.run_id
+    opened = {"op": "open", "handle": "h1", "t": 1, "experiment": "e", "run_key": "k", "run_name": "job",
+              "floor_key": "train/loss", "tracking_uri": server_name(uri), "resolved": None}
+    first = json.dumps(opened) + "\n"
+    spill = spill_path(tmp_path, uri, "k")
+    spill.write_text(first + json.dumps({"op": "metrics", "handle": "h1", "t": 2, "points": [["m", 1.0, 2, 1]],
+                                         "per_step": False}) + "\n")
+    head = hashlib.sha256(first.encode()).hexdigest()[:16]
+    # no tag of its own in the record (one naming "other" would be as good): the store's tag is what counts
+    record = {"offset": len(first), "runs": {"h1": _resolved(target_id)}, "server": server_name(uri), "head": head}
+    spill.with_name(spill.name + ".offset").write_text(json.dumps(record))
+    result = replay(spill, uri)
+    sent = MlflowClient(uri).get_run(target_id).data.metrics
+    if owner == "another job":
+        assert sent == {} and result.points == 0
+        assert all("no run is known for handle h1" in r for r in result.refusals)
+    else:
+        assert sent == {"m": 1.0} and result.points == 1 and result.refusals == ()

@@ -120,6 +120,18 @@ def _op(kind: str, handle: str, **fields: Any) -> Op:
     return {"op": kind, "handle": handle, "t": now_ms(), **fields}
 
 
+def digest(text: str) -> str:
+    """The short hash a spill file's name holds of its server and of its job's run key."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def key_digest(file_name: str, suffix: str) -> str | None:
+    """The run key's digest in a spill file's name (`<server digest>-<key digest><suffix>`, as
+    spill.spill_path names it); None for a name of another shape."""
+    server, _, key = file_name.removesuffix(suffix).partition("-")
+    return key if file_name.endswith(suffix) and len(server) == len(key) == 16 else None
+
+
 def utf8(value: Any) -> str:
     """`str(value)` as UTF-8 can carry it: a lone surrogate (YAML's "\\udcff", a path's undecodable
     byte) shown escaped. MLflow cannot store one, and the request would fail, and be retried, for good."""

@@ -51,7 +51,7 @@ from typing import IO, Any
 
 from orchestrator.files import user_cache_dir
 from orchestrator.errors import UserError
-from orchestrator.tracking.ops import Op, ResolvedRun, joins, server_name, weight, well_formed
+from orchestrator.tracking.ops import Op, ResolvedRun, digest, joins, key_digest, server_name, weight, well_formed
 from orchestrator.tracking.spill_lock import file_lock, lock_path, names, open_own, sibling
 from orchestrator.tracking.writer import Writer, remove_staged
 
@@ -65,12 +65,8 @@ def default_spill_dir() -> Path:
     return user_cache_dir("tracking")
 
 
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def spill_path(spill_dir: str | Path, tracking_uri: str, run_key: str) -> Path:
-    return Path(spill_dir) / f"{_digest(server_name(tracking_uri))}-{_digest(run_key)}{SUFFIX}"
+    return Path(spill_dir) / f"{digest(server_name(tracking_uri))}-{digest(run_key)}{SUFFIX}"
 
 
 def artifacts_dir(path: Path) -> Path:
@@ -316,7 +312,7 @@ def send_file(path: Path, writer: Writer, *, wait_s: float = 0.0, stop: Callable
             return None
         progress = Progress.load(path)
         progress.claim(path, server_name(writer.store.tracking_uri))
-        writer.adopt(progress.runs)
+        writer.adopt(progress.runs, key_digest=key_digest(path.name, SUFFIX))
         ended = not _ends_with_newline(path) and _end_dead_line(path)
         files, unreadable, first, unsaved = artifacts_dir(path), 0, None, False
         for batch, end in _batches(path, progress.offset):
@@ -357,7 +353,7 @@ def pending_files(spill_dir: Path, tracking_uri: str) -> list[Path]:
     in a shared spill_dir another user's file (planted, even) would be sent with this user's
     credentials, into whatever run its lines name; its owner's next job, or a replay, sends it."""
     unsent: list[tuple[float, Path]] = []
-    for path in Path(spill_dir).glob(f"{_digest(server_name(tracking_uri))}-*{SUFFIX}"):
+    for path in Path(spill_dir).glob(f"{digest(server_name(tracking_uri))}-*{SUFFIX}"):
         try:
             stat = path.stat()
             if stat.st_uid != os.geteuid():

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.tracking.ops import (
-    CHANGED_PARAMS_TAG, MAX_TAG_LEN, RUN_KEY_TAG, Op, ResolvedRun, artifact_name, describe, server_name,
+    CHANGED_PARAMS_TAG, MAX_TAG_LEN, RUN_KEY_TAG, Op, ResolvedRun, artifact_name, describe, digest, server_name,
 )
 
 if TYPE_CHECKING:
@@ -46,7 +46,8 @@ class Writer:
         self._live = live
         self._is_refusal = is_refusal
         self.runs: dict[str, ResolvedRun] = {}
-        self._unchecked: set[str] = set()  # handles whose run was read back from disk: see `_ours`
+        # handles whose run was read back from a progress record, each with its job's run-key digest: see `_ours`
+        self._unchecked: dict[str, str | None] = {}
         self._param_keys: dict[str, set[str]] = {}
         self.sent_points = 0
         self.sent_operations = 0
@@ -55,12 +56,13 @@ class Writer:
         self.refusals: list[str] = []
         self._last_refusal: tuple[str, int, str] | None = None  # why, how many in a row, its line
 
-    def adopt(self, runs: Mapping[str, Mapping[str, Any]]) -> None:
-        """Runs resolved earlier (a spill file's progress record); a run already known wins."""
+    def adopt(self, runs: Mapping[str, Mapping[str, Any]], *, key_digest: str | None = None) -> None:
+        """Runs resolved earlier (a spill file's progress record); a run already known wins.
+        `key_digest`: the job's run key as the spill file's name holds it; each run must be that job's."""
         for handle, data in runs.items():
             if handle not in self.runs:
                 self.runs[handle] = ResolvedRun.from_json(data)
-                self._unchecked.add(handle)
+                self._unchecked[handle] = key_digest
 
     def apply(self, batch: list[Op], *, files: Path) -> None:
         """Send one batch (`files`: the folder staged artifact copies are relative to).
@@ -146,19 +148,22 @@ class Writer:
         """The run behind `handle`; None when none is known, or the one read back from disk is not its job's."""
         run = self.runs.get(handle)
         if run is not None and handle in self._unchecked:
-            ours = self._ours(run, run.tags.get(RUN_KEY_TAG))  # a store that does not answer raises: checked again
-            self._unchecked.discard(handle)
+            # a store that does not answer raises: checked again
+            ours = self._ours(run, run.tags.get(RUN_KEY_TAG), key_digest=self._unchecked[handle])
+            del self._unchecked[handle]
             if not ours:
                 del self.runs[handle]
                 return None
         return run
 
-    def _ours(self, run: ResolvedRun, run_key: str | None) -> bool:
+    def _ours(self, run: ResolvedRun, run_key: str | None, *, key_digest: str | None = None) -> bool:
         """Whether the store's run `run.run_id` is one this program made for `run_key` (any run key
-        when None). A run read back from a spill file or its progress record is not trusted: a line
-        planted or edited there would send its metrics, tags and status into any run on the server."""
+        when None) and, given `key_digest`, for the job whose spill file it is. A run read back from a
+        spill file or its progress record is not trusted: a line planted or edited there would send
+        its metrics, tags and status into any run on the server."""
         found = self.store.run_key(run.run_id)
-        return found is not None and found == (run_key or found)
+        return (found is not None and found == (run_key or found)
+                and (key_digest is None or digest(found) == key_digest))
 
     def _metrics(self, run: ResolvedRun, batch: list[Op]) -> None:
         floor = -1 if run.floor is None else run.floor
