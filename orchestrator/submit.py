@@ -29,6 +29,7 @@ a name to continue that job's run and checkpoints. User-facing notes: docs/clust
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -52,6 +53,8 @@ from orchestrator.redact import is_secret_name, redact, secret_fields
 
 PASSED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK")
 PASSED_ENV_PREFIX = "ORCH_"
+SECRET_VARIABLE_WORDS = {"token", "tokens", "key", "keys", "apikey", "pass", "passwd", "password", "passphrase", "pwd",
+                         "auth", "secret", "secrets", "credential", "credentials", "pat", "sig", "signature", "private"}
 # What the job's driver prints, instead of "run the same command again", when it stops early.
 RESUME_HINT_ENV = "ORCH_RESUME_HINT"
 # Ray's dashboard accepts working_dir uploads up to 100 MiB.
@@ -250,10 +253,17 @@ def _passed_env() -> tuple[dict[str, str], list[str]]:
     secret-named one (`ORCH_HF_TOKEN`) never travels, as anyone who can reach the dashboard reads a
     job's runtime_env."""
     wanted = sorted(k for k in os.environ if k in PASSED_ENV or k.startswith(PASSED_ENV_PREFIX))
-    env = {k: _strip(os.environ[k]) for k in wanted if not is_secret_name(k)}
+    env = {k: _strip(os.environ[k]) for k in wanted if not _secret_variable(k)}
     # Ray sends SIGTERM on `jobs stop`; the driver then writes a final checkpoint before this runs out.
     env["RAY_JOB_STOP_WAIT_TIME_S"] = str(int(constants.JOB_STOP_GRACE_S))
-    return env, [k for k in wanted if is_secret_name(k)]
+    return env, [k for k in wanted if _secret_variable(k)]
+
+
+def _secret_variable(name: str) -> bool:
+    """A variable's name with a secret's word anywhere (ORCH_AUTH_TOKEN_VALUE, ORCH_TOKEN_2,
+    ORCH_GITHUB_PAT): stricter than for config keys, which `pad_token_id` must pass; no setting of
+    this program's own holds such a word, and one held back is said, not lost."""
+    return is_secret_name(name) or bool(SECRET_VARIABLE_WORDS.intersection(re.split(r"[^a-z]+", name.lower())))
 
 
 def _held_back(held: list[str]) -> tuple[str, ...]:

@@ -126,10 +126,13 @@ def test_secret_named_variables_stay_here_and_are_said(project: Path, staging: P
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ORCH_HF_TOKEN", PASSWORD)
     monkeypatch.setenv("ORCH_SIGNING_KEY", PASSWORD)
+    for name in ("ORCH_AUTH_TOKEN_VALUE", "ORCH_TOKEN_2", "ORCH_GITHUB_PAT", "ORCH_API_KEYS"):  # a secret's word inside
+        monkeypatch.setenv(name, PASSWORD)
     monkeypatch.setenv("ORCH_LOG_LEVEL", "INFO")
     sub = build_submission("digits.yaml", staging=staging)
     assert PASSWORD not in str(sub.runtime_env) and sub.runtime_env["env_vars"]["ORCH_LOG_LEVEL"] == "INFO"
-    assert any(n.startswith("ORCH_HF_TOKEN, ORCH_SIGNING_KEY: not shipped") for n in sub.notes), sub.notes
+    assert any(n.startswith("ORCH_API_KEYS, ORCH_AUTH_TOKEN_VALUE, ORCH_GITHUB_PAT, ORCH_HF_TOKEN, ORCH_SIGNING_KEY, "
+                            "ORCH_TOKEN_2: not shipped") for n in sub.notes), sub.notes
 
 
 def test_a_secret_named_config_value_is_refused_not_shipped(project: Path, staging: Path) -> None:
