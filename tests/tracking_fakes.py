@@ -21,6 +21,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from orchestrator import constants
 from orchestrator.tracking import ResolvedRun, Tracker, store
+from orchestrator.tracking.ops import RUN_KEY_TAG
 
 URI = "http://127.0.0.1:9/fake"
 
@@ -79,8 +80,9 @@ class FakeStore:
         last = {}
         for key, _, _, step in run.points:
             last[key] = max(step, last.get(key, step))
-        return ResolvedRun(run.run_id, "1", f"file:///fake/{run.run_id}", resumed,
-                           last.get(floor_key) if resumed else None, dict(run.params), dict(run.tags), last)
+        # as MLflow answers: the run's tags hold the run key it was made with
+        return ResolvedRun(run.run_id, "1", f"file:///fake/{run.run_id}", resumed, last.get(floor_key) if resumed
+                           else None, dict(run.params), {RUN_KEY_TAG: run.run_key, **run.tags}, last)
 
     def run_key(self, run_id: str) -> str | None:
         self._call("run_key")
