@@ -47,15 +47,19 @@ _AUTHORITY = re.compile(r"[^/?#'\"\s]*")
 _WORD_END = re.compile(r"\s")
 USERINFO_REACH = 1024  # how far past a cut-short `user:pass` its '@' is looked for
 # A password holding '@' and then '/', '?' or '#' (`user:p@ss/w0rd@host:5000`): urllib takes `ss` for the
-# host, and the rest of the password for the path. An '@' later in the word that a `host:port` follows
-# ends the userinfo; masked, as a path holding '@' before a host and port cannot be told from it.
-_LATER_HOST = re.compile(r"[/?#][^\s'\"]*@(?=[\w.-]+:\d+(?:[/?#\s'\"]|$))")
+# host, and the rest of the password for the path. In a URI with userinfo, the last '@' later in the word
+# that a host follows (`host:port`, a dotted name, `[ipv6]`) ends the userinfo; masked, as a path holding
+# '@' before a host cannot be told from it (`s3://k:s@bucket/v1@2024` is kept: `2024` reads as no host).
+_HOST = r"(?:\[[\w:.%]+\]|[\w-]+(?:\.[\w-]+)+)(?::\d+)?|[\w.-]+:\d+"
+_HOST_AT = re.compile(rf"@(?=(?:{_HOST})(?:[/?#]|$))")  # searched up to the word's end, which `$` then is
+_WORD = re.compile(r"[^\s'\"]*")
+MASK = f"{REDACTED}@"
 # a value runs to '&', '#' or a space, and does not end in the punctuation or quote around it
 _SECRET_QUERY = re.compile(r"([?&;#])([^=&\s'\"#]+)=((?:[^&\s#]*[^&\s#:,.;)'\"])?)")  # '#': a fragment's too
 
 
 def _without_userinfo(text: str) -> str:
-    kept, at = [], 0
+    kept, at, word = [], 0, (-1, -1)
     for scheme in _SCHEME.finditer(text):
         start = scheme.end()
         if start < at:
@@ -64,18 +68,28 @@ def _without_userinfo(text: str) -> str:
         authority, cut, mask = text[start:end], -1, ""
         if "@" in authority:
             cut = start + authority.rindex("@") + 1
-            if (later := _LATER_HOST.match(text, end)) is not None:
-                cut, mask = later.end(), f"{REDACTED}@"
+            if end >= word[0]:  # a word searched once, however many URIs it holds (else quadratic)
+                word = _last_host_at(text, end)
+            if word[1] > end:
+                cut, mask = word[1] + 1, MASK
         elif ":" in authority and not authority.startswith("["):
             port = _port_ends(text, scheme.start(), end)
             if not port or text[end:end + 1] in ("/", "?", "#"):  # a port the URI's text goes on after
                 space = _WORD_END.search(text, end, end + USERINFO_REACH)
                 found = text.rfind("@", end, space.start() if space else end + USERINFO_REACH)  # a password may hold "@"
-                cut, mask = (found + 1 if found >= 0 else -1), f"{REDACTED}@" if port else ""
+                cut, mask = (found + 1 if found >= 0 else -1), MASK if port else ""
         if cut > 0:
             kept.append(text[at:start] + mask)
             at = cut
     return "".join(kept) + text[at:]
+
+
+def _last_host_at(text: str, end: int) -> tuple[int, int]:
+    """The end of the word that goes on at `end`, and where its last '@' that a host follows is (-1: none)."""
+    word_end, last = _WORD.match(text, end).end(), -1
+    for found in _HOST_AT.finditer(text, end, word_end):
+        last = found.start()
+    return word_end, last
 
 
 def _port_ends(text: str, uri_start: int, end: int) -> bool:
@@ -112,7 +126,7 @@ def redact_uri(uri: str) -> str:
     """`uri` as shown: without its userinfo and secret-named query parameters, and with what only
     might be a password masked (`bob:2024/Qz@host`, which urllib reads as a port and path)."""
     stripped, masked = without_credentials(uri), _without_userinfo(uri)
-    shown = masked if stripped == uri or f"{REDACTED}@" in masked else stripped
+    shown = masked if stripped == uri or MASK in masked else stripped
     return _mask_secret_values(shown)  # a fragment's too (`#access_token=...`), which urllib's query leaves
 
 

@@ -22,6 +22,13 @@ from orchestrator.redact import REDACTED, is_secret_name, redact, redact_uri, sc
     ("http://user:p@ss/w0rd@h:5000", "http://***@h:5000"), ("http://user:p@ss?w0rd@h:5000/x", "http://***@h:5000/x"),
     ("http://bob:2024/Qz@h:5000?token=X", "http://***@h:5000?token=***"),
     ("s3://A:K@bucket/v1@2024/m.pt", "s3://bucket/v1@2024/m.pt"),
+    # ... then a host with no port, or an IPv6 one: it showed `https://ss/w0rd@mlflow.example.com/x`
+    ("https://user:p@ss/w0rd@mlflow.example.com/x", "https://***@mlflow.example.com/x"),
+    ("http://user:p@ss/w0rd@[::1]:5000", "http://***@[::1]:5000"),
+    ("https://user:p@ss?w0rd@mlflow.example.com", "https://***@mlflow.example.com"),
+    # paths holding '@' stay as they are without userinfo, whatever follows the '@'
+    ("s3://bucket/v1@2024", "s3://bucket/v1@2024"), ("file:///data/run@2", "file:///data/run@2"),
+    ("http://h/users/a@b.com/x", "http://h/users/a@b.com/x"), ("s3://bucket/m@v1.2", "s3://bucket/m@v1.2"),
 ])
 def test_redact_uri_drops_userinfo_and_secret_parameters(uri: str, expected: str) -> None:
     assert redact_uri(uri) == expected
@@ -73,15 +80,27 @@ def test_redact_walks_a_config() -> None:
     ("http://u:p/a@ss@host/x", "http://host/x"), ("http://bob:2024/Qz@h@host:9", "http://***@host:9"),
     ("got 'http://user:p@ss/w0rd@127.0.0.1:5000' now", "got 'http://***@127.0.0.1:5000' now"),
     ("sqlite:////tmp/run@2/mlflow.db http://[::1]:8080/x@y", "sqlite:////tmp/run@2/mlflow.db http://[::1]:8080/x@y"),
+    ("see https://user:p@ss/w0rd@mlflow.example.com/x, 'http://user:p@ss/w0rd@[::1]:5000' or http://u:p@ss#w@a.b",
+     "see https://***@mlflow.example.com/x, 'http://***@[::1]:5000' or http://***@a.b"),
+    ("s3://bucket/v1@2024.01/m docker://r/img@sha256:ab file:///d/run@2.1 http://h/a@b.com",
+     "s3://bucket/v1@2024.01/m docker://r/img@sha256:ab file:///d/run@2.1 http://h/a@b.com"),
 ])
 def test_scrub_finds_credentials_anywhere_in_a_text(text: str, expected: str) -> None:
     assert scrub(text) == expected
 
 
+@pytest.mark.parametrize("uri", ["https://user:p@ss/w0rd@mlflow.example.com/x", "http://user:p@ss/w0rd@[::1]:5000"])
+def test_the_tracking_servers_name_holds_no_part_of_a_password(uri: str) -> None:
+    """The name said in every tracking message (and digested into spill files' names)."""
+    from orchestrator.tracking.ops import server_name
+
+    assert "w0rd" not in server_name(uri) and "ss" not in server_name(uri).removeprefix("https")
+
+
 def test_scrub_is_linear_on_adversarial_text() -> None:
     """The first regex backtracked: 100,000 characters of 'a://' took 43 s (every error line is scrubbed).
     Here 400,000 characters of each pattern: seconds in all at worst, not hours; no timing asserted."""
-    for pattern in ("a://", "a://b:c", "a://b:1/", "a://x", "?a=", "@", "a://b:c@"):
+    for pattern in ("a://", "a://b:c", "a://b:1/", "a://x", "?a=", "@", "a://b:c@", "a://b@/@x", "a://b@/@x.y"):
         assert len(scrub(pattern * 100_000)) <= len(pattern) * 100_000
 
 
