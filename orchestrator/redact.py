@@ -10,7 +10,7 @@ credentials travel, where they must, as those variables.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
@@ -54,6 +54,9 @@ _HOST = r"(?:\[[\w:.%]+\]|[\w-]+(?:\.[\w-]+)+)(?::\d+)?|[\w.-]+:\d+"
 _HOST_AT = re.compile(rf"@(?=(?:{_HOST})(?:[/?#]|$))")  # searched up to the word's end, which `$` then is
 _WORD = re.compile(r"[^\s'\"]*")
 MASK = f"{REDACTED}@"
+# Why a value that only a mask can show is refused where it would be worked with (manifests, a shipped job)
+AMBIGUOUS_AT = ("an '@' after a '/', '?' or '#' reads as a path's and as a password's end alike; percent-encode "
+                "the '@' of a path (%40), and give credentials elsewhere than in the URI")
 # a value runs to '&', '#' or a space, and does not end in the punctuation or quote around it
 _SECRET_QUERY = re.compile(r"([?&;#])([^=&\s'\"#]+)=((?:[^&\s#]*[^&\s#:,.;)'\"])?)")  # '#': a fragment's too
 
@@ -157,18 +160,27 @@ def tracking_credentials(uri: str) -> dict[str, str]:
     return {"MLFLOW_TRACKING_USERNAME": user, **({"MLFLOW_TRACKING_PASSWORD": password} if password else {})}
 
 
-def secret_fields(value: Any, path: str = "") -> list[str]:
+def secret_fields(value: Any) -> list[str]:
     """The dotted paths of secret-named keys holding a value, in a config mapping (lists walked,
     as `redact` walks them: `kwargs.mirrors[0].hf_token`)."""
+    return _fields(value, "", lambda key, v: is_secret_name(key) and v not in (None, ""))
+
+
+def masked_fields(value: Any) -> list[str]:
+    """The dotted paths of the values in a config mapping that `redact` can only mask (`***@host`:
+    an '@' after a '/', '?' or '#' that ends a password or sits in a path, which cannot be told apart).
+    Such a value is shown, never worked with: stripped of the mask, it names the host after the '@'."""
+    return _fields(value, "", lambda _key, v: isinstance(v, str) and MASK in scrub(v) and MASK not in v)
+
+
+def _fields(value: Any, path: str, found: Callable[[str, Any], bool]) -> list[str]:
     if isinstance(value, list):
-        return [f for i, v in enumerate(value) for f in secret_fields(v, f"{path}[{i}]")]
-    if not isinstance(value, Mapping):
+        items = [(f"{path}[{i}]", "", v) for i, v in enumerate(value)]
+    elif isinstance(value, Mapping):
+        items = [(f"{path}.{k}" if path else str(k), str(k), v) for k, v in value.items()]
+    else:
         return []
-    found = []
-    for k, v in value.items():
-        where = f"{path}.{k}" if path else str(k)
-        found += [where] if is_secret_name(str(k)) and v not in (None, "") else secret_fields(v, where)
-    return found
+    return [f for where, key, v in items for f in ([where] if found(key, v) else _fields(v, where, found))]
 
 
 def redact(value: Any, key: str = "") -> Any:

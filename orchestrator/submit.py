@@ -49,7 +49,7 @@ from orchestrator.errors import UserError, given, undecodable
 from orchestrator.files import read_yaml
 from orchestrator.job_entry import entrypoint, write_entry
 from orchestrator.ray_jobs import JOB_KEY, JobsClient, Write, shown
-from orchestrator.redact import is_secret_name, redact, secret_fields
+from orchestrator.redact import AMBIGUOUS_AT, is_secret_name, masked_fields, redact, secret_fields
 
 PASSED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK")
 PASSED_ENV_PREFIX = "ORCH_"
@@ -116,6 +116,9 @@ def build_submission(
     if found := secret_fields(job.to_dict()):  # the entrypoint, config and runtime_env are the dashboard's to read
         raise UserError(f"{found[0]}: a secret would be shipped where anyone who can reach the Ray dashboard reads "
                         "it; give the job its secrets in the cluster's own environment")
+    shipped_env = {k: os.environ[k] for k in _passed_names() if not _secret_variable(k)}
+    if found := masked_fields({**job.to_dict(), **shipped_env}):
+        raise UserError(f"{found[0]}: {AMBIGUOUS_AT}")  # stripped, the job would get the host after the '@'
     if requirements is not None and not requirements.is_file():
         why = "is not a file" if requirements.exists() else "not found"
         raise UserError(f"--pip: {requirements} {why} (a requirements.txt)")
@@ -252,11 +255,15 @@ def _passed_env() -> tuple[dict[str, str], list[str]]:
     """The variables a job takes along, URIs stripped of credentials, and the names held back: a
     secret-named one (`ORCH_HF_TOKEN`) never travels, as anyone who can reach the dashboard reads a
     job's runtime_env."""
-    wanted = sorted(k for k in os.environ if k in PASSED_ENV or k.startswith(PASSED_ENV_PREFIX))
+    wanted = _passed_names()
     env = {k: _strip(os.environ[k]) for k in wanted if not _secret_variable(k)}
     # Ray sends SIGTERM on `jobs stop`; the driver then writes a final checkpoint before this runs out.
     env["RAY_JOB_STOP_WAIT_TIME_S"] = str(int(constants.JOB_STOP_GRACE_S))
     return env, [k for k in wanted if _secret_variable(k)]
+
+
+def _passed_names() -> list[str]:
+    return sorted(k for k in os.environ if k in PASSED_ENV or k.startswith(PASSED_ENV_PREFIX))
 
 
 def _secret_variable(name: str) -> bool:

@@ -157,15 +157,28 @@ def test_a_long_mlflow_uri_keeps_the_one_line_runtime_env_the_admission_policy_a
 
 
 @pytest.mark.parametrize("uri", ["http://mlflow.example:5000/team@a",
-                                 "http://trainer:2024/s3cr3t@mlflow.example:5000"])
+                                 "http://trainer:2024/s3cr3t@mlflow.example:5000",
+                                 "https://trainer:p@s3cr3t/x@mlflow.example.com/x", "http://u:p@s3cr3t/x@[::1]:5000"])
 def test_an_mlflow_uri_redaction_can_only_mask_is_refused_not_rendered_as_another_host(uri: str) -> None:
     # was rendered as MLFLOW_TRACKING_URI http://***@a and tracking_uri http://a: the job's MLflow at host a
     with pytest.raises(UserError) as err:
         k8s_render_command(DIGITS, plan_path=None, image=None, output=None, cluster=False, overrides=[],
                            owner=OWNER, mlflow_uri=uri)
-    assert str(err.value).startswith("--mlflow-uri: an '@' after ':<digits>/' (or '?', '#') reads as a port and "
-                                     "path and as a password's end alike"), str(err.value)
+    assert str(err.value).startswith("--mlflow-uri: an '@' after a '/', '?' or '#' reads as a path's and as a "
+                                     "password's end alike"), str(err.value)
     assert "s3cr3t" not in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("override", ["data.path=s3://AKIA:s3cr3t@bucket/model@v1.2/x",
+                                      "checkpoint.storage_path=s3://AKIA:s3cr3t@bucket/ck@h:5000"])
+def test_a_config_value_redaction_can_only_mask_is_refused_not_rendered_as_another_bucket(override: str) -> None:
+    # was written into the ConfigMap as s3://v1.2/x and s3://h:5000: the job read and wrote another bucket
+    with pytest.raises(UserError) as err:
+        render("data.dataset=null", override)
+    assert str(err.value).startswith(f"{override.partition('=')[0]}: an '@' after a '/'"), str(err.value)
+    assert "s3cr3t" not in str(err.value)
+    assert "path: s3://bucket/v1@2024/x" in yaml.safe_dump_all(render("data.dataset=null",
+                                                                      "data.path=s3://AKIA:s3cr3t@bucket/v1@2024/x"))
 
 
 def test_mlflow_has_authentication_and_no_password_on_its_command_line(overlays: dict[str, list[Obj]]) -> None:

@@ -151,6 +151,37 @@ def test_the_data_sets_name_in_mlflow_holds_no_credential(path: str) -> None:
     assert "S3" not in dataset_name(job) and dataset_name(job)
 
 
+@pytest.mark.parametrize(("override", "env"), [
+    ("data.path=s3://AKIA:S3CRETKEY@bucket/model@v1.2/x", {}),  # shipped as s3://v1.2/x: another bucket
+    ("tracking.tracking_uri=https://u:p@S3CRETKEY/x@mlflow.example.com/x", {}),
+    ("training.epochs=1", {"MLFLOW_TRACKING_URI": "http://u:p@S3CRETKEY/x@[::1]:5000"}),
+    ("training.epochs=1", {"ORCH_MIRROR": "see http://mlflow.example:5000/team@a"}),  # shipped as `see http://a`
+])
+def test_a_value_redaction_can_only_mask_is_refused_not_shipped_as_another_host(
+        override: str, env: dict[str, str], tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from live_servers import ROOT
+
+    from orchestrator.errors import UserError
+    from orchestrator.submit import build_submission
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UserError) as err:
+        build_submission(ROOT / "configs" / "digits.yaml", staging=tmp_path, overrides=["data.dataset=null", "data.path=s3://b/d", override])
+    assert f"{[*env, override.partition('=')[0]][0]}: an '@' after a '/', '?' or '#'" in str(err.value)
+    assert "S3CRETKEY" not in str(err.value) and not list(tmp_path.iterdir())
+
+
+def test_a_value_with_an_at_sign_in_its_path_is_shipped_as_it_is(tmp_path) -> None:
+    from live_servers import ROOT
+
+    from orchestrator.submit import build_submission
+
+    sub = build_submission(ROOT / "configs" / "digits.yaml", staging=tmp_path,
+                           overrides=["data.dataset=null", "data.path=s3://AKIA:S3CRETKEY@bucket/v1@2024/x"])
+    assert "--set data.path=s3://bucket/v1@2024/x" in sub.entrypoint
+
+
 def test_no_name_this_program_writes_reads_as_a_secret() -> None:
     """A tag or param masked as '***' loses what it says: `plan.cluster_key` (which calibrate groups
     runs by) was masked when names ending in 'key' became secret. Every tag this program sets and

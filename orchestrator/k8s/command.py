@@ -23,7 +23,7 @@ from orchestrator.k8s.render import (
     render_rayjob,
 )
 from orchestrator.k8s.sizing import WorkerGroup, plan_placement, predicted_seconds, worker_group
-from orchestrator.redact import REDACTED, redact_uri, userinfo
+from orchestrator.redact import AMBIGUOUS_AT, REDACTED, redact_uri, userinfo
 
 # The user names the admission policy accepts as a RayJob's owner (a path component on the
 # shared volume): deploy/k8s/base/admission/rayjobs.yaml checks the same pattern.
@@ -175,15 +175,14 @@ def check_applicable(config_map: dict[str, Any], config_path: str) -> None:
 
 def check_renderable(mlflow_uri: str | None) -> None:
     """The manifests take `redact_uri(mlflow_uri)` as the job's MLflow: one it can only mask (`:2024/`
-    read as a port and path, or as the start of a password, up to an '@') would send the job to the
-    host after the '@'. A one-line UserError, the URI not shown (it may hold a password)."""
+    read as a port and path, or as the start of a password, up to an '@'; `user:p@ss/w0rd@host`)
+    would send the job to the host after the '@'. A one-line UserError, the URI not shown (it may
+    hold a password)."""
     if mlflow_uri and any(c.isspace() for c in mlflow_uri):  # the admission policy admits no spaced runtimeEnvYAML
         raise UserError("--mlflow-uri: holds a space; percent-encode it (%20), as the cluster admits the job's "
                         "MLFLOW_TRACKING_URI as one word only (deploy/k8s/base/admission/rayjobs.yaml)")
     if mlflow_uri and REDACTED in redact_uri(mlflow_uri) and REDACTED not in mlflow_uri:
-        raise UserError("--mlflow-uri: an '@' after ':<digits>/' (or '?', '#') reads as a port and path and as "
-                        "a password's end alike; percent-encode the '@' of a path (%40), and give a password "
-                        f"through Secret {MLFLOW_SECRET}, not in the URI")
+        raise UserError(f"--mlflow-uri: {AMBIGUOUS_AT} (through Secret {MLFLOW_SECRET})")
 
 
 def k8s_render_command(config_path: str, *, plan_path: str | None, image: str | None, output: str | None,

@@ -37,7 +37,7 @@ from orchestrator.k8s.names import (
     resource_name,
 )
 from orchestrator.k8s.sizing import WorkerGroup, deadline_seconds, worker_group
-from orchestrator.redact import redact, redact_uri, secret_fields
+from orchestrator.redact import AMBIGUOUS_AT, masked_fields, redact, redact_uri, secret_fields
 
 HEAD_CPUS, HEAD_MEMORY_GI, HEAD_SHM_GI = 2, 8, 2
 AUTOSCALER_IDLE_S = 300
@@ -67,6 +67,8 @@ def cluster_job_config(config: JobConfig, *, mlflow_uri: str) -> dict[str, Any]:
     # A file of the submitter's machine, not in the pod (the job failed once its GPUs were scheduled):
     # the job sizes on the cluster it runs on, its network probed there (render_notes says so).
     data["resources"]["cluster"] = None
+    if found := masked_fields(data):  # `redact` would write the host after the '@' in its place
+        raise UserError(f"{found[0]}: {AMBIGUOUS_AT}")
     return redact(data)
 
 
