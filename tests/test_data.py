@@ -202,7 +202,7 @@ def test_missing_or_empty_path(tmp_path: Path) -> None:
 
 
 def test_a_path_that_is_no_parquet_data_is_one_line(tmp_path: Path) -> None:
-    text = tmp_path / "notes.txt"
+    text = tmp_path / "notes.parquet"
     text.write_text("hello\n")
     with pytest.raises(UserError, match=rf"^data\.path: {text} is not a readable Parquet data set \(.*\)$"):
         check_columns([str(text)], PIXELS, LABEL)
@@ -211,6 +211,34 @@ def test_a_path_that_is_no_parquet_data_is_one_line(tmp_path: Path) -> None:
     for path in (fifo, Path("/dev/zero")):
         with pytest.raises(UserError, match=rf"^data\.path: {path} is neither a Parquet file nor a folder of them$"):
             check_columns([str(path)], PIXELS, LABEL)
+
+
+def test_the_files_checked_are_the_files_ray_data_reads(digits_dir: Path, tmp_path: Path) -> None:
+    # Ray Data reads *.PARQUET too and skips only a first part below data.path starting with "." or
+    # "_"; it reads no file given by another name, and its listing fails on a FIFO (FileType.UNKNOWN).
+    data = tmp_path / "data"
+    data.mkdir()
+    one = next(digits_dir.glob("*.parquet"))
+    rows = pq.read_metadata(one).num_rows
+    (data / "a.parquet").write_bytes(one.read_bytes())
+    (data / "B.PARQUET").write_bytes(one.read_bytes())
+    (data / "_SUCCESS").write_bytes(b"")
+    os.mkfifo(data / ".pipe")
+    (data / "_temporary" / "0").mkdir(parents=True)
+    (data / "_temporary" / "0" / "part.parquet").write_bytes(b"half")
+    assert check_columns([str(data)], PIXELS, LABEL) == 2 * rows
+    (data / "day=1" / "_temporary").mkdir(parents=True)
+    (data / "day=1" / "_temporary" / "part.parquet").write_bytes(b"half")  # an unfinished write Ray Data reads
+    with pytest.raises(UserError, match=rf"^data\.path: {data}/day=1/_temporary/part\.parquet is not a readable"):
+        check_columns([str(data)], PIXELS, LABEL)
+    (data / "day=1" / "_temporary" / "part.parquet").unlink()
+    os.mkfifo(data / "day=1" / "pipe")
+    with pytest.raises(UserError, match=rf"^data\.path: {data}/day=1/pipe is neither a file nor a folder \(a FIFO"):
+        check_columns([str(data)], PIXELS, LABEL)
+    renamed = tmp_path / "digits.dat"
+    renamed.write_bytes(one.read_bytes())
+    with pytest.raises(UserError, match=rf"^data\.path: {renamed} is not named \*\.parquet, and Ray Data reads only"):
+        check_columns([str(renamed)], PIXELS, LABEL)
 
 
 def test_linked_folders_are_read_but_a_link_loop_or_a_huge_tree_is_one_line(

@@ -125,6 +125,9 @@ def _parquet_files(path: str) -> list[str]:
     if info.type == pafs.FileType.NotFound:
         raise UserError(f"data.path: {path} not found")
     if info.type == pafs.FileType.File:
+        if not _parquet_name(root):  # Ray Data drops it from the listing: `run` would find no files
+            raise UserError(f"data.path: {path} is not named *.parquet, and Ray Data reads only files that are; "
+                            "rename it")
         return [root]
     if info.type != pafs.FileType.Directory:  # a device, a FIFO, a socket: listing or reading it fails or blocks
         raise UserError(f"data.path: {path} is neither a Parquet file nor a folder of them")
@@ -160,22 +163,33 @@ def _local_data_files(root: str, path: str) -> list[str]:
                 if listed > MAX_LISTED:
                     raise UserError(f"data.path: {path} holds more than {MAX_LISTED:,} files and folders; "
                                     "point it at the folder of Parquet files")
-                if entry.is_dir():  # hidden ones too: Ray Data's own listing walks them
+                if entry.is_dir():  # hidden ones too: a link loop there is refused all the same
                     stack.append((entry.path, here))
-                elif entry.is_file() and entry.name.endswith(".parquet") and not _hidden(entry.path, root):
-                    files.append(entry.path)
+                elif _hidden(entry.path, root):
+                    continue
+                elif entry.is_file():
+                    if _parquet_name(entry.name):
+                        files.append(entry.path)
+                elif os.path.exists(entry.path):  # a dangling link is not listed by pyarrow; these are,
+                    # and Ray Data's listing fails on them (FileType.UNKNOWN) once the job has started
+                    raise UserError(f"data.path: {entry.path} is neither a file nor a folder (a FIFO, socket or "
+                                    "device); remove it from the data folder")
     return files
 
 
 def _is_data_file(info: pafs.FileInfo, root: str) -> bool:
-    return info.type == pafs.FileType.File and info.path.endswith(".parquet") and not _hidden(info.path, root)
+    return info.type == pafs.FileType.File and _parquet_name(info.path) and not _hidden(info.path, root)
+
+
+def _parquet_name(path: str) -> bool:
+    return path.lower().endswith(".parquet")  # as Ray Data's extension filter: b.PARQUET is read too
 
 
 def _hidden(path: str, root: str) -> bool:
-    # Same rule as pyarrow and Ray Data: names starting with "." or "_" are metadata or
-    # unfinished writes, not data.
+    # Ray Data's rule, which decides what `run` reads: a path whose first part below data.path starts
+    # with "." or "_" is metadata or an unfinished write; deeper ones (sub/_tmp/x.parquet) are read.
     parts = PurePosixPath(path).relative_to(PurePosixPath(root)).parts
-    return any(p.startswith((".", "_")) for p in parts)
+    return parts[0].startswith((".", "_"))
 
 
 def _column_type(schema: pa.Schema, column: ColumnConfig, field: str, where: str) -> pa.DataType:
