@@ -358,3 +358,21 @@ def test_a_bad_flag_on_a_calibrated_cluster_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "steps.yaml").write_text(yaml.safe_dump(job))
     proc = orchestrator(*base, "--config", "steps.yaml", "--min-efficiency", "2", cwd=tmp_path)  # its 'time and cost' note too
     assert proc.returncode == 2 and proc.stderr.splitlines() == ["error: --min-efficiency: must be <= 1, got 2.0"], proc.stderr
+
+
+def test_plan_with_a_config_whose_data_is_not_parquet_refuses_it_as_validate_does(tmp_path: Path) -> None:
+    """A truncated file under data.path was taken for data 'not here yet' (exit 0, no time or cost);
+    it is there, and `run` refuses it: `plan --config` says so, in `validate`'s one line."""
+    import yaml
+
+    (tmp_path / "profile.json").write_text(json.dumps(CPU_PROFILE))
+    job = yaml.safe_load((ROOT / "configs" / "digits.yaml").read_text())
+    del job["data"]["dataset"]
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    (tmp_path / "data" / "digits").mkdir(parents=True)
+    (tmp_path / "data" / "digits" / "part-0000.parquet").write_bytes(b"PAR1 cut short")
+    proc = orchestrator("plan", "--profile", "profile.json", "--cluster", str(DGX), "--config", "job.yaml",
+                        cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
+    assert proc.stderr.startswith("error: data.path: data/digits is not a readable Parquet data set ("), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

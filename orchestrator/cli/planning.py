@@ -106,7 +106,7 @@ def _config_samples(job: Any, notes: list[str]) -> int | None:
     steps = t.max_steps  # None: by epochs only (one of the two is set: validated)
     said = f"{steps:,} steps" if steps is not None else ""
     if t.epochs is not None:
-        rows = _local_rows(job.data.paths)
+        rows = _local_rows(job.data)
         if rows is None:
             notes.append("time and cost: training.epochs counts the data's rows, not here yet; give --total-samples")
             return None
@@ -124,16 +124,15 @@ def _config_samples(job: Any, notes: list[str]) -> int | None:
     return steps * t.global_batch_size
 
 
-def _local_rows(paths: list[str]) -> int | None:
-    """Rows of the local Parquet at `paths` (None: on object storage, or not there yet)."""
-    from trainers.data import open_dataset
+def _local_rows(data: Any) -> int | None:
+    """Rows of the local Parquet at data.path (None: on object storage, or not there yet), from its
+    footers as `validate` counts them: data there that `run` refuses (a truncated file, a missing
+    column) is refused here too, not said to be 'not here yet'."""
+    from trainers.data import check_columns
 
-    if any("://" in p for p in paths):
+    if any("://" in p for p in data.paths) or not all(os.path.exists(p) for p in data.paths):
         return None
-    try:
-        return open_dataset(paths).count_rows()
-    except (UserError, OSError, ValueError):
-        return None
+    return check_columns(data.paths, data.features, data.label)
 
 
 def _held_global_batch(profile: Any, *, global_batch: int | None, job: Any, vary: bool) -> int | None:
