@@ -70,6 +70,8 @@ def write(tmp_path: Path, overrides: list[str], *, drop: str | None = None) -> P
         (["data.path=[a, b]"], "data.path: a built-in data set (digits) is prepared into exactly one folder, got 2"),
         (["data.dataset=null", "data.dataset_kwargs.rows=3"], "data.dataset_kwargs: options for preparing a built-in "
          "data set, but data.dataset is not set (rows would be ignored)"),  # were dropped without a word
+        (["data.label.dtype=float32"], "data.label: dtype must be int32 or int64: labels are class ids, and float "
+         "ones would be cut (2.7 trains as class 2), got float32"),  # validate said ok; training cut 2.7 to class 2
         (["data.features.dtype=float16"], "data.features.dtype: must be 'float32', 'float64', 'int32' or 'int64'"),
         (["data.features.shape=[1, -8, 8]"], "data.features.shape: must be a non-empty list of positive sizes"),
         (["data.features.shape=[true, 8]"], "data.features.shape: must be a list of integers, got [true, 8]"),

@@ -145,6 +145,14 @@ class DataConfig(Section):
                 raise ValueError(f"lists {inner} inside {listed[min(holders)]}, also listed (its rows would be read twice)")
         return v
 
+    @field_validator("label")
+    @classmethod
+    def _class_ids(cls, v: ColumnConfig | None) -> ColumnConfig | None:
+        if v is not None and v.dtype.startswith("float"):  # the collate casts labels to int64 for cross-entropy
+            raise ValueError(f"dtype must be int32 or int64: labels are class ids, and float ones would be cut "
+                             f"(2.7 trains as class 2), got {v.dtype}")
+        return v
+
     @model_validator(mode="after")
     def _one_folder_for_a_built_in_set(self) -> DataConfig:
         if self.dataset is not None and len(self.paths) != 1:
