@@ -119,3 +119,34 @@ def test_validate_names_a_corrupt_second_file_in_one_line_exit_2(tmp_path: Path)
                          timeout=120)
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
     assert out.stderr.startswith(f"error: data.path: {bad} is not a readable Parquet file (")
+
+
+def test_features_of_no_configured_shape_are_checked_as_the_rows_are_stored(tmp_path: Path) -> None:
+    """Without data.features.shape, validate ran no model pass and no token range check: tokens past
+    the vocabulary, rows longer than the context, a CNN fed flat rows or files of two row lengths
+    each said ok, and each failed on every worker once the job ran."""
+    gpt = ModelConfig(name="gpt", kwargs={"vocab_size": 256, "context": 16, "n_layer": 1, "n_head": 1, "n_embd": 8})
+
+    def tokens(name: str, high: int, length: int) -> DataConfig:
+        (tmp_path / name).mkdir()
+        rows = np.random.randint(0, high, (20, length)).astype(np.int64)
+        rows[0, 0] = high - 1
+        pq.write_table(pa.table({"tokens": pa.array(list(rows), type=pa.list_(pa.int64()))}),
+                       tmp_path / name / "part-0.parquet")
+        return DataConfig(path=str(tmp_path / name), features={"column": "tokens", "dtype": "int64"}, label=None)
+
+    assert check_fit(gpt, tokens("ok", 256, 9)) == 20
+    with pytest.raises(UserError, match=r"^data\.features: column 'tokens' holds token ids \d+\.\.999 in .+, but "
+                                        r"model gpt predicts 256 classes"):
+        check_fit(gpt, tokens("vocab", 1000, 9))
+    with pytest.raises(UserError, match=r"^model\.kwargs\.context: sequence length 39 exceeds context 16"):
+        check_fit(gpt, tokens("long", 256, 40))
+    flat = DataConfig(path=str(tmp_path / "flat"), features={"column": "pixels", "dtype": "float32"}, label=LABEL)
+    _, second = two_files(tmp_path / "flat", table(pixels=pa.array([[0.5] * 32] * 20, type=pa.list_(F32))))
+    with pytest.raises(UserError, match=rf"^data\.features\.shape: \[64\] holds 64 values but column 'pixels' has 32 "
+                                        rf"per row in {second}$"):
+        check_fit(ModelConfig(name="mlp", kwargs={"in_features": 64}), flat)
+    second.unlink()
+    with pytest.raises(UserError, match=r"^model: cnn with kwargs .+ does not take data\.features \(column 'pixels', "
+                                        r"float32, shape \[64\]\): Expected 3D \(unbatched\) or 4D"):
+        check_fit(CNN, flat)

@@ -17,7 +17,7 @@ import torch
 
 from trainers.config import ColumnConfig, DataConfig, ModelConfig
 from trainers.data.collate import INPUT_DTYPES
-from trainers.data.schema import check_schema, leaf_columns, open_dataset
+from trainers.data.schema import check_schema, leaf_columns, open_dataset, row_shape
 from trainers.errors import UserError, first_line
 from trainers.models import build_model
 
@@ -25,8 +25,14 @@ from trainers.models import build_model
 def check_fit(model: ModelConfig, data: DataConfig) -> int:
     """The model takes the features, the columns are as configured, the targets in range; returns
     the row count. Every failure is a UserError naming the field."""
-    dataset = open_dataset(data.paths)
-    rows = check_schema(dataset, ", ".join(data.paths), data.features, data.label)
+    dataset, where = open_dataset(data.paths), ", ".join(data.paths)
+    rows = check_schema(dataset, where, data.features, data.label)
+    if data.features.shape is None:
+        # the model is then handed (rows, length) or (rows,): checked as such, and every file's rows
+        # too; unchecked, a token past the vocabulary or two lengths in a batch failed on a worker
+        shape = row_shape(dataset, data.features.column)
+        data = data.model_copy(update={"features": data.features.model_copy(update={"shape": shape})})
+        check_schema(dataset, where, data.features, data.label)
     classes = output_classes(model, data)
     check_targets(dataset, data, model.name, classes)
     return rows

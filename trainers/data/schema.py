@@ -66,6 +66,24 @@ def _check_file(fragment: pads.ParquetFileFragment, schema: pa.Schema, first: st
     return meta.num_rows
 
 
+def row_shape(dataset: pads.Dataset, name: str) -> list[int]:
+    """The shape of one row of column `name` as the collate hands it to the model when
+    data.features.shape is not given: ``[]`` for a scalar column, ``[length]`` for a list, its
+    length from the footer of the first file holding rows (the other files are checked against it)."""
+    for fragment in dataset.get_fragments():
+        meta, schema = fragment.metadata, fragment.physical_schema
+        found = schema.field(name).type
+        if not _is_list(found):
+            return []
+        if pa.types.is_fixed_size_list(found):
+            return [found.list_size]
+        if meta.num_rows:
+            leaf = leaf_columns(schema, name)[0]
+            values = sum(meta.row_group(g).column(leaf).num_values for g in range(meta.num_row_groups))
+            return [max(1, values // meta.num_rows)]
+    return []
+
+
 def _kind(t: pa.DataType) -> object:
     # What the collate sees: the list's kind and element type, not the element's name or nullability,
     # which writers set differently; a worker reads either alike.
