@@ -241,6 +241,29 @@ def test_the_files_checked_are_the_files_ray_data_reads(digits_dir: Path, tmp_pa
         check_columns([str(renamed)], PIXELS, LABEL)
 
 
+def test_run_reads_the_files_own_columns_as_validate_checks_them(
+    digits_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray Data's default hive partitioning put a key=value folder's value over the files' own column
+    of that name: under /data/label=7/ every label trained as 7 (a value no number failed every
+    worker), while validate checked the files' own labels (as Ray Data's own reader shows)."""
+    import shutil
+
+    import ray.data
+
+    from orchestrator.config import load_config
+    from orchestrator.driver import data
+
+    folder = tmp_path / "label=7" / "digits"
+    shutil.copytree(digits_dir, folder)
+    config = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
+    job = load_config(config, ["data.dataset=null", f"data.path={folder}", "data.val_fraction=0"])
+    read: dict = {}
+    monkeypatch.setattr(ray.data, "read_parquet", lambda paths, **kwargs: read.update(paths=paths, **kwargs) or "ds")
+    assert data.load_datasets(job).train == "ds"
+    assert read == {"paths": [str(folder)], "partitioning": None}
+
+
 def test_linked_folders_are_read_but_a_link_loop_or_a_huge_tree_is_one_line(
     digits_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

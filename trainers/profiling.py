@@ -180,8 +180,8 @@ def data_rate(cfg: WorkerConfig, *, batch_size: int, seconds: float) -> float:
 
     collate = ArrowCollate(cfg.data)
     count, start = 0, None
-    for x, _ in ray.data.read_parquet(cfg.data.paths).iter_torch_batches(batch_size=batch_size, collate_fn=collate,
-                                                                          device="cpu"):
+    ds = ray.data.read_parquet(cfg.data.paths, partitioning=None)  # as the job reads it (driver.data)
+    for x, _ in ds.iter_torch_batches(batch_size=batch_size, collate_fn=collate, device="cpu"):
         if start is None:  # the first batch pays for starting the pipeline
             start = time.perf_counter()
             continue

@@ -40,7 +40,10 @@ def load_datasets(job: JobConfig) -> Datasets:
     from trainers.data import open_dataset
     from trainers.data.split import Side, count_sides
 
-    ds = ray.data.read_parquet(job.data.paths)
+    # No hive partitioning (Ray Data's default): it reads every key=value folder on the path as a
+    # column, and puts the folder's value over a file's own column of that name (all labels 7 under
+    # /data/label=7/), which `validate` never sees; the files' own columns are what it checks.
+    ds = ray.data.read_parquet(job.data.paths, partitioning=None)
     if not job.data.val_fraction:
         return Datasets(ds, None, open_dataset(job.data.paths).count_rows(), input_example(job))
     seed = job.training.seed
