@@ -49,12 +49,13 @@ from orchestrator.errors import UserError, given, undecodable
 from orchestrator.files import read_yaml
 from orchestrator.job_entry import entrypoint, write_entry
 from orchestrator.ray_jobs import JOB_KEY, JobsClient, Write, shown
-from orchestrator.redact import AMBIGUOUS_AT, is_secret_name, masked_fields, redact, secret_fields
+from orchestrator.redact import AMBIGUOUS_AT, SECRET_LAST, SECRET_WORDS, masked_fields, redact, secret_fields
 
 PASSED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK")
 PASSED_ENV_PREFIX = "ORCH_"
-SECRET_VARIABLE_WORDS = {"token", "tokens", "key", "keys", "apikey", "pass", "passwd", "password", "passphrase", "pwd",
-                         "auth", "secret", "secrets", "credential", "credentials", "pat", "sig", "signature", "private"}
+# A shipped variable is held back on any of a secret's words anywhere in its name (redact's words, a
+# config key's last words, their plurals and a personal access token's PAT).
+SECRET_VARIABLE_WORDS = SECRET_WORDS | SECRET_LAST | {"tokens", "keys", "secrets", "pat"}
 # What the job's driver prints, instead of "run the same command again", when it stops early.
 RESUME_HINT_ENV = "ORCH_RESUME_HINT"
 # Ray's dashboard accepts working_dir uploads up to 100 MiB.
@@ -270,7 +271,7 @@ def _secret_variable(name: str) -> bool:
     """A variable's name with a secret's word anywhere (ORCH_AUTH_TOKEN_VALUE, ORCH_TOKEN_2,
     ORCH_GITHUB_PAT): stricter than for config keys, which `pad_token_id` must pass; no setting of
     this program's own holds such a word, and one held back is said, not lost."""
-    return is_secret_name(name) or bool(SECRET_VARIABLE_WORDS.intersection(re.split(r"[^a-z]+", name.lower())))
+    return bool(SECRET_VARIABLE_WORDS.intersection(re.split(r"[^a-z]+", name.lower())))
 
 
 def _held_back(held: list[str]) -> tuple[str, ...]:
